@@ -1,0 +1,16 @@
+//! Compiles the node-to-node wire (`proto/mesh.proto`) with a protoc shipped inside a crate,
+//! so a fresh machine needs no system protoc.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut config = prost_build::Config::new();
+    config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    // `bytes::Bytes` for every bytes field: payloads are sliced out of the received batch,
+    // never copied.
+    config.bytes(["."]);
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_with_config(config, &["proto/mesh.proto"], &["proto"])?;
+    println!("cargo:rerun-if-changed=proto/mesh.proto");
+    Ok(())
+}

@@ -1,0 +1,200 @@
+//! Limits and timeouts of a node. Every capacity, window and timeout lives here with its default.
+
+use std::time::Duration;
+
+/// Environment variable that holds the cluster secret when none is set in code.
+pub const SECRET_ENV: &str = "CLUSTERGO_SECRET";
+
+/// The secret used when neither [`NodeConfig::secret`] nor [`SECRET_ENV`] is set.
+///
+/// It is public, so it keeps nothing out: fine on a developer's machine, never in production.
+/// A node that falls back to it logs a warning at start.
+pub const DEV_SECRET: &[u8] = b"clustergo-development-secret";
+
+/// Configuration of a [`Node`](crate::Node). Build it with the `#[must_use]` setters, starting
+/// from [`NodeConfig::default`].
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct NodeConfig {
+    /// Timeout of [`Node::call`](crate::Node::call) when none is given. Default 5 s.
+    pub call_timeout: Duration,
+    /// How long a one-way message may wait, dial included, before it is dropped with a counted,
+    /// logged reason; also how long `send_*` waits for room in a full queue. Default 1 s.
+    pub send_timeout: Duration,
+    /// Time to connect and be admitted by the peer. Default 3 s.
+    pub dial_timeout: Duration,
+    /// After a failed dial, sends to that peer fail at once for this long (doubling up to
+    /// [`NodeConfig::redial_backoff_max`]) instead of dialing again. Default 100 ms.
+    pub redial_backoff: Duration,
+    /// Upper bound of the redial backoff. Default 2 s.
+    pub redial_backoff_max: Duration,
+    /// How long [`Node::start`](crate::Node::start) waits for the first membership snapshot.
+    /// Default 10 s.
+    pub start_timeout: Duration,
+    /// How long shutdown lets in-flight RPC handlers finish. Default 5 s.
+    pub shutdown_grace: Duration,
+    /// Envelopes queued per peer, dialing or connected. A full queue fails `try_send_*` at once
+    /// and makes `send_*` / calls wait up to their deadline. Default 8192.
+    pub peer_queue: usize,
+    /// Largest payload of one RPC request, response or message, in bytes. Larger sends fail with
+    /// `TooLarge` at the sender; a larger envelope from a peer closes that link. Default 1 MiB.
+    /// Keep it the same on every node of a cluster.
+    pub max_envelope: usize,
+    /// A writer stops adding envelopes to a batch once it holds this many bytes. Default 64 KiB.
+    pub batch_bytes: usize,
+    /// A writer puts at most this many envelopes in one batch. Default 1024.
+    pub batch_envelopes: usize,
+    /// RPC handlers running at once; a request over the limit is answered `Busy` at once.
+    /// Default 10 000.
+    pub max_concurrent_requests: usize,
+    /// Interval of HTTP/2 keepalive pings on links. Default 10 s.
+    pub keepalive_interval: Duration,
+    /// A link whose ping is not answered within this is closed. Default 20 s.
+    pub keepalive_timeout: Duration,
+    /// Largest clock difference accepted in a link hello (limits replay of a captured hello).
+    /// Default 5 min.
+    pub hello_max_skew: Duration,
+    /// The cluster secret every node of the mesh shares. `None`: read [`SECRET_ENV`], else
+    /// fall back to [`DEV_SECRET`] with a warning.
+    pub secret: Option<Vec<u8>>,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            call_timeout: Duration::from_secs(5),
+            send_timeout: Duration::from_secs(1),
+            dial_timeout: Duration::from_secs(3),
+            redial_backoff: Duration::from_millis(100),
+            redial_backoff_max: Duration::from_secs(2),
+            start_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(5),
+            peer_queue: 8192,
+            max_envelope: 1 << 20,
+            batch_bytes: 64 << 10,
+            batch_envelopes: 1024,
+            max_concurrent_requests: 10_000,
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(20),
+            hello_max_skew: Duration::from_secs(300),
+            secret: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for NodeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeConfig")
+            .field("call_timeout", &self.call_timeout)
+            .field("send_timeout", &self.send_timeout)
+            .field("dial_timeout", &self.dial_timeout)
+            .field("redial_backoff", &self.redial_backoff)
+            .field("redial_backoff_max", &self.redial_backoff_max)
+            .field("start_timeout", &self.start_timeout)
+            .field("shutdown_grace", &self.shutdown_grace)
+            .field("peer_queue", &self.peer_queue)
+            .field("max_envelope", &self.max_envelope)
+            .field("batch_bytes", &self.batch_bytes)
+            .field("batch_envelopes", &self.batch_envelopes)
+            .field("max_concurrent_requests", &self.max_concurrent_requests)
+            .field("keepalive_interval", &self.keepalive_interval)
+            .field("keepalive_timeout", &self.keepalive_timeout)
+            .field("hello_max_skew", &self.hello_max_skew)
+            .field("secret", &self.secret.as_ref().map(|_| "<set>"))
+            .finish()
+    }
+}
+
+macro_rules! setters {
+    ($($(#[$doc:meta])* $name:ident: $ty:ty;)*) => {
+        impl NodeConfig {
+            $(
+                $(#[$doc])*
+                #[must_use]
+                pub fn $name(mut self, value: $ty) -> Self {
+                    self.$name = value;
+                    self
+                }
+            )*
+        }
+    };
+}
+
+setters! {
+    /// Sets [`NodeConfig::call_timeout`].
+    call_timeout: Duration;
+    /// Sets [`NodeConfig::send_timeout`].
+    send_timeout: Duration;
+    /// Sets [`NodeConfig::dial_timeout`].
+    dial_timeout: Duration;
+    /// Sets [`NodeConfig::redial_backoff`].
+    redial_backoff: Duration;
+    /// Sets [`NodeConfig::redial_backoff_max`].
+    redial_backoff_max: Duration;
+    /// Sets [`NodeConfig::start_timeout`].
+    start_timeout: Duration;
+    /// Sets [`NodeConfig::shutdown_grace`].
+    shutdown_grace: Duration;
+    /// Sets [`NodeConfig::peer_queue`].
+    peer_queue: usize;
+    /// Sets [`NodeConfig::max_envelope`].
+    max_envelope: usize;
+    /// Sets [`NodeConfig::batch_bytes`].
+    batch_bytes: usize;
+    /// Sets [`NodeConfig::batch_envelopes`].
+    batch_envelopes: usize;
+    /// Sets [`NodeConfig::max_concurrent_requests`].
+    max_concurrent_requests: usize;
+    /// Sets [`NodeConfig::keepalive_interval`].
+    keepalive_interval: Duration;
+    /// Sets [`NodeConfig::keepalive_timeout`].
+    keepalive_timeout: Duration;
+    /// Sets [`NodeConfig::hello_max_skew`].
+    hello_max_skew: Duration;
+}
+
+impl NodeConfig {
+    /// Sets the cluster secret shared by every node of the mesh.
+    #[must_use]
+    pub fn secret(mut self, secret: impl Into<Vec<u8>>) -> Self {
+        self.secret = Some(secret.into());
+        self
+    }
+
+    /// Largest gRPC message (one batch) this node accepts: a full batch plus one envelope at
+    /// the size limit, with room for headers.
+    pub(crate) fn max_batch_message(&self) -> usize {
+        self.batch_bytes + self.max_envelope + (64 << 10)
+    }
+
+    /// The secret in force, and whether it is the public development fallback.
+    pub(crate) fn resolve_secret(&self) -> (Vec<u8>, bool) {
+        if let Some(s) = &self.secret {
+            return (s.clone(), false);
+        }
+        match std::env::var(SECRET_ENV) {
+            Ok(s) if !s.is_empty() => (s.into_bytes(), false),
+            _ => (DEV_SECRET.to_vec(), true),
+        }
+    }
+
+    /// Checks the values that would make a node misbehave.
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("peer_queue", self.peer_queue),
+            ("max_envelope", self.max_envelope),
+            ("batch_bytes", self.batch_bytes),
+            ("batch_envelopes", self.batch_envelopes),
+            ("max_concurrent_requests", self.max_concurrent_requests),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                return Err(format!("{name} must be greater than 0"));
+            }
+        }
+        if self.max_envelope > (1 << 30) {
+            return Err("max_envelope must be at most 1 GiB".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,241 @@
+//! Errors, one enum per layer. Every message names the thing and the cause.
+
+use std::time::Duration;
+
+use crate::addr::LogicAddr;
+
+/// Error code carried in an RPC error response. Codes below 100 are the framework's own;
+/// applications use 100 and above.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ErrorCode(pub u32);
+
+impl ErrorCode {
+    /// No handler is registered for the method.
+    pub const NO_METHOD: ErrorCode = ErrorCode(1);
+    /// The server is at its concurrency limit.
+    pub const BUSY: ErrorCode = ErrorCode(2);
+    /// The server is shutting down.
+    pub const SHUTDOWN: ErrorCode = ErrorCode(3);
+    /// The handler returned an error without a code of its own.
+    pub const HANDLER: ErrorCode = ErrorCode(4);
+    /// The handler panicked.
+    pub const PANICKED: ErrorCode = ErrorCode(5);
+    /// The handler dropped its [`Replyer`](crate::Replyer) without replying.
+    pub const NO_REPLY: ErrorCode = ErrorCode(6);
+    /// The response did not fit in the envelope size limit.
+    pub const TOO_LARGE: ErrorCode = ErrorCode(7);
+    /// No route to the target from some hop.
+    pub const NO_ROUTE: ErrorCode = ErrorCode(8);
+    /// First code free for applications.
+    pub const APPLICATION: ErrorCode = ErrorCode(100);
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// The error an RPC handler answers with; the caller sees it as [`RpcError::Remote`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("error {code}: {message}")]
+pub struct HandlerError {
+    /// The code; use [`ErrorCode::APPLICATION`] and above for your own.
+    pub code: ErrorCode,
+    /// Text for the caller.
+    pub message: String,
+}
+
+impl HandlerError {
+    /// An error with an application code.
+    pub fn new(code: u32, message: impl Into<String>) -> Self {
+        HandlerError {
+            code: ErrorCode(code),
+            message: message.into(),
+        }
+    }
+
+    /// An error with code [`ErrorCode::HANDLER`].
+    pub fn msg(message: impl Into<String>) -> Self {
+        HandlerError {
+            code: ErrorCode::HANDLER,
+            message: message.into(),
+        }
+    }
+}
+
+/// Why an RPC call, or a send, failed. Callers match on the variant.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RpcError {
+    /// The local node has not been started.
+    #[error("node {node} is not started")]
+    NotStarted {
+        /// The local node.
+        node: LogicAddr,
+    },
+    /// A node is shutting down: the local one (nothing can be sent) or the target (it refused
+    /// new requests).
+    #[error("node {node} is shutting down")]
+    Shutdown {
+        /// The node that is shutting down.
+        node: LogicAddr,
+    },
+    /// No outcome within the deadline.
+    #[error("call {method:?} to {to} timed out after {after:?}")]
+    Timeout {
+        /// The target.
+        to: LogicAddr,
+        /// The method called, or `"<message>"` for a one-way message.
+        method: String,
+        /// The deadline that passed.
+        after: Duration,
+    },
+    /// The target is not reachable from here.
+    #[error("no route to {to}: {reason}")]
+    NoRoute {
+        /// The target.
+        to: LogicAddr,
+        /// Why, e.g. `not in membership`.
+        reason: String,
+    },
+    /// The link to the peer failed (dial error, or dropped while waiting).
+    #[error("link to {peer} lost: {cause}")]
+    PeerLost {
+        /// The peer.
+        peer: LogicAddr,
+        /// What happened.
+        cause: String,
+    },
+    /// The peer's acceptor refused the link (secret, membership).
+    #[error("link to {peer} refused: {reason}")]
+    Refused {
+        /// The peer.
+        peer: LogicAddr,
+        /// The reason the peer gave.
+        reason: String,
+    },
+    /// The target has no handler for the method.
+    #[error("{to} has no handler for method {method:?}")]
+    NoMethod {
+        /// The target.
+        to: LogicAddr,
+        /// The method.
+        method: String,
+    },
+    /// The handler answered with an error, panicked, or dropped its reply.
+    #[error("{to} answered error {code}: {message}")]
+    Remote {
+        /// The target.
+        to: LogicAddr,
+        /// The code (see [`ErrorCode`]).
+        code: ErrorCode,
+        /// The text.
+        message: String,
+    },
+    /// The target is at its concurrency limit.
+    #[error("{to} is busy: at its limit of concurrent requests")]
+    Busy {
+        /// The target.
+        to: LogicAddr,
+    },
+    /// The payload is over the envelope size limit.
+    #[error("payload of {size} bytes is over the limit of {limit} bytes")]
+    TooLarge {
+        /// Size of the payload.
+        size: usize,
+        /// The limit ([`NodeConfig::max_envelope`](crate::NodeConfig::max_envelope)).
+        limit: usize,
+    },
+    /// The queue to the peer is full.
+    #[error("queue to {peer} is full ({capacity} envelopes)")]
+    QueueFull {
+        /// The peer.
+        peer: LogicAddr,
+        /// The queue's capacity.
+        capacity: usize,
+    },
+}
+
+/// Why [`Node::start`](crate::Node::start) failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// `start` was called twice.
+    #[error("node {0} was already started")]
+    AlreadyStarted(LogicAddr),
+    /// The configuration is invalid.
+    #[error("invalid configuration of node {node}: {reason}")]
+    Config {
+        /// The node.
+        node: LogicAddr,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The first membership snapshot did not arrive in time.
+    #[error("node {node}: no membership snapshot within {after:?}")]
+    MembershipTimeout {
+        /// The node.
+        node: LogicAddr,
+        /// The start timeout.
+        after: Duration,
+    },
+    /// The membership source failed.
+    #[error("node {node}: membership source failed: {source}")]
+    Discovery {
+        /// The node.
+        node: LogicAddr,
+        /// The cause.
+        source: DiscoveryError,
+    },
+    /// The node is not listed in membership.
+    #[error("node {0} is not in membership")]
+    NotInMembership(LogicAddr),
+    /// Binding the listen address failed.
+    #[error("node {node}: cannot listen on {net_addr}: {source}")]
+    Bind {
+        /// The node.
+        node: LogicAddr,
+        /// The address.
+        net_addr: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// A membership source failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum DiscoveryError {
+    /// A membership file could not be read.
+    #[error("cannot read membership file {path}: {reason}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The cause.
+        reason: String,
+    },
+    /// A membership document is malformed.
+    #[error("malformed membership in {source_name}: {reason}")]
+    Malformed {
+        /// Where it came from (a file path, a key).
+        source_name: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The source ended.
+    #[error("membership source ended")]
+    Ended,
+}
+
+/// Why no node could be selected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SelectError {
+    /// The node is not running.
+    #[error("node {0} is not running")]
+    NotRunning(LogicAddr),
+    /// No available, visible node of that type.
+    #[error("no available node of type {0}")]
+    NoneAvailable(u8),
+}

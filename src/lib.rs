@@ -1,0 +1,67 @@
+//! clustergo: a framework for game-server clusters.
+//!
+//! Every node has a 32-bit logical address (`cluster.type.server`, see [`LogicAddr`]). Nodes
+//! call each other by address — RPC ([`Node::call`], [`Node::call_with_callback`],
+//! [`Node::post`]) and one-way messages ([`Node::send_cmd`], [`Node::send_message`]) — over
+//! long-lived gRPC links that open on first use and carry batches of envelopes both ways.
+//! Membership (address, network address, export, available) comes from a [`Discovery`]
+//! source.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use bytes::Bytes;
+//! use clustergo::{HandlerError, LogicAddr, Member, MemoryDiscovery, Node};
+//!
+//! let (a, b): (LogicAddr, LogicAddr) = ("1.1.1".parse()?, "1.2.1".parse()?);
+//! let members = MemoryDiscovery::new([
+//!     Member::new(a, "127.0.0.1:9001"),
+//!     Member::new(b, "127.0.0.1:9002"),
+//! ]);
+//! let server = Node::builder(b)
+//!     .discovery(members.clone())
+//!     .rpc("echo", |_ctx, payload| async move { Ok::<_, HandlerError>(payload) })
+//!     .build();
+//! server.start().await?;
+//! let client = Node::builder(a).discovery(members).build();
+//! client.start().await?;
+//! let reply = client.call(b, "echo", Bytes::from_static(b"hi")).await?;
+//! assert_eq!(&reply[..], b"hi");
+//! # Ok(()) }
+//! ```
+//!
+//! # Layout
+//! - `addr`: logical addresses.
+//! - `config`: limits and timeouts of a node.
+//! - `error`: the error types, one per layer.
+//! - `membership`: members, visibility, discovery sources (memory, file) and the node's view.
+//! - `link`: per-peer queues, the batching writer, the reader, the link hello.
+//! - `rpc`: handlers, call context, the replyer.
+//! - `message`: one-way message handlers.
+//! - `node`: the public handle; start, dispatch, links, shutdown.
+//! - `stats`: counters.
+//! - `proto`: the generated wire types.
+
+#![forbid(unsafe_code)]
+
+mod addr;
+mod config;
+mod error;
+mod link;
+pub mod membership;
+mod message;
+mod node;
+mod proto;
+mod rpc;
+mod stats;
+
+pub use addr::{AddrError, AddrField, HARBOR_TYPE, LogicAddr, MAX_CLUSTER, MAX_SERVER, MAX_TYPE};
+pub use config::{DEV_SECRET, NodeConfig, SECRET_ENV};
+pub use error::{DiscoveryError, ErrorCode, HandlerError, RpcError, SelectError, StartError};
+pub use membership::{Discovery, FileDiscovery, Member, MembershipEvent, MemoryDiscovery};
+pub use message::{Cmd, MessageContext};
+pub use node::{Node, NodeBuilder};
+pub use rpc::{CallContext, Replyer};
+pub use stats::StatsSnapshot;
+
+/// Re-exported so handlers and callers name the same `Bytes`.
+pub use bytes::Bytes;

@@ -1,0 +1,215 @@
+//! One peer: its bounded queue, the calls waiting on it, and the state of its link.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::addr::LogicAddr;
+use crate::error::RpcError;
+use crate::proto::{Envelope, envelope::Body};
+use crate::stats::Stats;
+
+/// An envelope waiting in a peer's queue, with the time after which it is useless.
+#[derive(Debug)]
+pub(crate) struct Outbound {
+    pub(crate) env: Envelope,
+    pub(crate) deadline: Instant,
+}
+
+/// How a call ended, as far as the link knows; the caller turns it into an [`RpcError`]
+/// with its own context.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    Reply(Bytes),
+    Remote { code: u32, message: String },
+    Failed(RpcError),
+}
+
+/// The cancellation handles of one link.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct LinkTokens {
+    /// Ends the link now.
+    pub(crate) kill: CancellationToken,
+    /// Ends the link once the queue is empty.
+    pub(crate) close: CancellationToken,
+}
+
+#[derive(Debug)]
+pub(crate) enum LinkState {
+    /// No link. Sends before `retry_at` fail fast with `last_error`.
+    Idle {
+        retry_at: Option<Instant>,
+        backoff: Duration,
+        last_error: Option<RpcError>,
+    },
+    Dialing {
+        link_gen: u64,
+    },
+    Up {
+        link_gen: u64,
+        tokens: LinkTokens,
+        dialed: bool,
+        incarnation: u64,
+    },
+    /// The peer left membership or the node shut down; the slot is dead.
+    Closed,
+}
+
+impl LinkState {
+    pub(crate) fn idle() -> Self {
+        LinkState::Idle {
+            retry_at: None,
+            backoff: Duration::ZERO,
+            last_error: None,
+        }
+    }
+}
+
+pub(crate) struct Peer {
+    pub(crate) addr: LogicAddr,
+    tx: mpsc::Sender<Outbound>,
+    rx: Mutex<mpsc::Receiver<Outbound>>,
+    capacity: usize,
+    pending: Mutex<HashMap<u64, oneshot::Sender<Outcome>>>,
+    state: Mutex<LinkState>,
+    /// Mirrors `state` being `Up`: the send path reads it without the lock.
+    up: AtomicBool,
+    /// Signalled on every state change.
+    pub(crate) changed: Notify,
+}
+
+impl std::fmt::Debug for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peer").field("addr", &self.addr).finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing here panics while holding a lock; if it ever did, the data is still usable.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Peer {
+    pub(crate) fn new(addr: LogicAddr, capacity: usize) -> Arc<Self> {
+        let (tx, rx) = mpsc::channel(capacity);
+        Arc::new(Peer {
+            addr,
+            tx,
+            rx: Mutex::new(rx),
+            capacity,
+            pending: Mutex::new(HashMap::new()),
+            state: Mutex::new(LinkState::idle()),
+            up: AtomicBool::new(false),
+            changed: Notify::new(),
+        })
+    }
+
+    pub(crate) fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn state(&self) -> MutexGuard<'_, LinkState> {
+        lock(&self.state)
+    }
+
+    /// Replaces the state; the caller holds the guard from [`Peer::state`].
+    pub(crate) fn set_state(&self, guard: &mut MutexGuard<'_, LinkState>, next: LinkState) {
+        self.up.store(matches!(next, LinkState::Up { .. }), Ordering::Release);
+        **guard = next;
+        self.changed.notify_waiters();
+    }
+
+    pub(crate) fn rx(&self) -> MutexGuard<'_, mpsc::Receiver<Outbound>> {
+        lock(&self.rx)
+    }
+
+    /// Queues without waiting.
+    pub(crate) fn try_enqueue(&self, item: Outbound) -> Result<(), (RpcError, Outbound)> {
+        self.tx.try_send(item).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(item) => (
+                RpcError::QueueFull {
+                    peer: self.addr,
+                    capacity: self.capacity,
+                },
+                item,
+            ),
+            // The receiver lives as long as the peer, so the channel cannot close.
+            mpsc::error::TrySendError::Closed(item) => (
+                RpcError::PeerLost {
+                    peer: self.addr,
+                    cause: "queue closed".into(),
+                },
+                item,
+            ),
+        })
+    }
+
+    /// Queues, waiting for room until the item's deadline.
+    pub(crate) async fn enqueue(&self, item: Outbound) -> Result<(), RpcError> {
+        let item = match self.try_enqueue(item) {
+            Ok(()) => return Ok(()),
+            Err((RpcError::QueueFull { .. }, item)) => item,
+            Err((e, _)) => return Err(e),
+        };
+        let deadline = item.deadline;
+        match tokio::time::timeout_at(deadline, self.tx.reserve()).await {
+            Ok(Ok(permit)) => {
+                permit.send(item);
+                Ok(())
+            }
+            Ok(Err(_)) => Err(RpcError::PeerLost {
+                peer: self.addr,
+                cause: "queue closed".into(),
+            }),
+            Err(_) => Err(RpcError::QueueFull {
+                peer: self.addr,
+                capacity: self.capacity,
+            }),
+        }
+    }
+
+    pub(crate) fn add_pending(&self, id: u64, tx: oneshot::Sender<Outcome>) {
+        lock(&self.pending).insert(id, tx);
+    }
+
+    pub(crate) fn take_pending(&self, id: u64) -> Option<oneshot::Sender<Outcome>> {
+        lock(&self.pending).remove(&id)
+    }
+
+    /// Fails every waiting call and drops everything queued, counting what is lost.
+    pub(crate) fn fail_all(&self, error: &RpcError, stats: &Stats) {
+        let waiting: Vec<_> = lock(&self.pending).drain().map(|(_, tx)| tx).collect();
+        for tx in waiting {
+            // A caller that gave up already has dropped its receiver; nothing to tell it.
+            let _ = tx.send(Outcome::Failed(error.clone()));
+        }
+        let mut rx = self.rx();
+        while let Ok(item) = rx.try_recv() {
+            if !matches!(item.env.body, Some(Body::Request(_))) {
+                Stats::incr(&stats.envelopes_lost);
+            }
+        }
+    }
+
+    /// Fails one queued item that expired before it could be written.
+    pub(crate) fn expire(&self, item: Outbound, stats: &Stats) {
+        Stats::incr(&stats.envelopes_expired);
+        if let Some(Body::Request(req)) = &item.env.body {
+            if let Some(tx) = self.take_pending(req.id) {
+                let _ = tx.send(Outcome::Failed(RpcError::Timeout {
+                    to: self.addr,
+                    method: req.method.clone(),
+                    after: Duration::ZERO,
+                }));
+            }
+        } else {
+            tracing::debug!(peer = %self.addr, "envelope expired in the queue before it could be sent");
+        }
+    }
+}

@@ -1,0 +1,44 @@
+//! The reader half of a link: decodes batches and hands each envelope to the node.
+
+use std::sync::Arc;
+
+use tonic::Streaming;
+
+use super::peer::{LinkTokens, Peer};
+use crate::proto::{Batch, Envelope};
+
+/// Where a reader delivers envelopes: the node's dispatcher.
+pub(crate) trait Deliver: Send + Sync + 'static {
+    /// Handles one envelope that arrived from `peer`. Returns an error to close the link.
+    fn deliver(&self, peer: &Arc<Peer>, env: Envelope) -> Result<(), String>;
+}
+
+/// Reads until the peer closes, the transport fails, the node closes the link or delivery
+/// fails; returns why the link ended.
+pub(crate) async fn run(
+    mut inbound: Streaming<Batch>,
+    peer: Arc<Peer>,
+    tokens: LinkTokens,
+    deliver: Arc<dyn Deliver>,
+) -> String {
+    let kill = tokens.kill.cancelled();
+    tokio::pin!(kill);
+    loop {
+        let batch = tokio::select! {
+            biased;
+            _ = &mut kill => return "closed by this node".into(),
+            m = inbound.message() => m,
+        };
+        match batch {
+            Ok(Some(batch)) => {
+                for env in batch.envelopes {
+                    if let Err(reason) = deliver.deliver(&peer, env) {
+                        return reason;
+                    }
+                }
+            }
+            Ok(None) => return "closed by the peer".into(),
+            Err(status) => return format!("transport error: {}", status.message()),
+        }
+    }
+}

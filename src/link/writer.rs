@@ -1,0 +1,133 @@
+//! The writer half of a link: a `Stream` of batches that tonic polls directly, so no task of
+//! ours sits between the queue and the transport.
+//!
+//! Each poll takes everything queued (up to the batch limits) and yields it as one gRPC
+//! message. With one envelope queued, that envelope goes out at once: batching never waits.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tokio_stream::Stream;
+use tokio_util::sync::WaitForCancellationFutureOwned;
+
+use super::peer::{LinkTokens, Peer};
+use crate::proto::{Batch, envelope::Body};
+use crate::stats::Stats;
+
+pub(crate) struct Writer {
+    peer: Arc<Peer>,
+    stats: Arc<Stats>,
+    /// Until the peer has admitted the link, nothing is taken from the queue: a refused dial
+    /// must leave the queue whole for the link that wins.
+    gate: Option<oneshot::Receiver<()>>,
+    kill: Pin<Box<WaitForCancellationFutureOwned>>,
+    close: Pin<Box<WaitForCancellationFutureOwned>>,
+    max_bytes: usize,
+    max_envelopes: usize,
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer").field("peer", &self.peer.addr).finish_non_exhaustive()
+    }
+}
+
+impl Writer {
+    pub(crate) fn new(
+        peer: Arc<Peer>,
+        stats: Arc<Stats>,
+        tokens: &LinkTokens,
+        gate: Option<oneshot::Receiver<()>>,
+        max_bytes: usize,
+        max_envelopes: usize,
+    ) -> Self {
+        Writer {
+            peer,
+            stats,
+            gate,
+            kill: Box::pin(tokens.kill.clone().cancelled_owned()),
+            close: Box::pin(tokens.close.clone().cancelled_owned()),
+            max_bytes,
+            max_envelopes,
+        }
+    }
+}
+
+/// Rough wire size of an envelope, for the batch byte limit.
+pub(crate) fn approx_size(body: &Option<Body>) -> usize {
+    const HEADER: usize = 24;
+    HEADER
+        + match body {
+            Some(Body::Request(r)) => r.payload.len() + r.method.len(),
+            Some(Body::Response(r)) => match &r.result {
+                Some(crate::proto::response::Result::Payload(p)) => p.len(),
+                Some(crate::proto::response::Result::Error(e)) => e.message.len(),
+                None => 0,
+            },
+            Some(Body::Message(m)) => {
+                m.payload.len()
+                    + match &m.kind {
+                        Some(crate::proto::message::Kind::TypeName(t)) => t.len(),
+                        _ => 0,
+                    }
+            }
+            _ => 0,
+        }
+}
+
+impl Stream for Writer {
+    type Item = Batch;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Batch>> {
+        let this = &mut *self;
+        if let Some(gate) = &mut this.gate {
+            match ready!(Pin::new(gate).poll(cx)) {
+                Ok(()) => this.gate = None,
+                Err(_) => return Poll::Ready(None),
+            }
+        }
+        if this.kill.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(None);
+        }
+        let mut rx = this.peer.rx();
+        let first = match rx.poll_recv(cx) {
+            Poll::Ready(Some(item)) => item,
+            // The peer holds the sender, so the queue never closes while the writer lives.
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => {
+                drop(rx);
+                // Graceful close: end only once nothing is left to write.
+                if this.close.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(None);
+                }
+                return Poll::Pending;
+            }
+        };
+        let now = Instant::now();
+        let mut envelopes = Vec::with_capacity(rx.len().min(this.max_envelopes) + 1);
+        let mut bytes = 0;
+        let mut next = Some(first);
+        while let Some(item) = next.take() {
+            if item.deadline <= now {
+                this.peer.expire(item, &this.stats);
+            } else {
+                bytes += approx_size(&item.env.body);
+                envelopes.push(item.env);
+            }
+            if envelopes.len() < this.max_envelopes && bytes < this.max_bytes {
+                next = rx.try_recv().ok();
+            }
+        }
+        drop(rx);
+        if envelopes.is_empty() {
+            // Everything taken had expired; look again (and register for a wake-up).
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        Poll::Ready(Some(Batch { envelopes }))
+    }
+}

@@ -1,0 +1,105 @@
+//! Membership: who is in the mesh, where they listen, and who may see whom.
+//!
+//! A [`Discovery`] source yields a [`MembershipStream`]: always an initial
+//! [`MembershipEvent::Snapshot`] (even an empty one), then changes in the order they happened.
+//! Sources here: [`MemoryDiscovery`] (mutable at run time; tests and the embedded default) and
+//! [`FileDiscovery`] (a TOML file, reloaded when it changes).
+
+mod file;
+mod memory;
+pub(crate) mod view;
+mod watch;
+
+use std::pin::Pin;
+
+use serde::{Deserialize, Serialize};
+use tokio_stream::Stream;
+
+use crate::addr::LogicAddr;
+use crate::error::DiscoveryError;
+
+pub use file::{FileDiscovery, format_members, parse_members};
+pub use memory::MemoryDiscovery;
+
+/// One node as membership describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Member {
+    /// Logical address.
+    pub addr: LogicAddr,
+    /// Network address the node listens on and peers dial, `host:port`.
+    pub net_addr: String,
+    /// Visible to other clusters.
+    #[serde(default)]
+    pub export: bool,
+    /// May be picked by [`Node::get_addr_by_type`](crate::Node::get_addr_by_type) and as a
+    /// harbor. Direct sends to an unavailable node still work.
+    #[serde(default = "yes")]
+    pub available: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Member {
+    /// A member that is available and not exported.
+    pub fn new(addr: LogicAddr, net_addr: impl Into<String>) -> Self {
+        Member {
+            addr,
+            net_addr: net_addr.into(),
+            export: false,
+            available: true,
+        }
+    }
+
+    /// Sets `export`.
+    #[must_use]
+    pub fn with_export(mut self, export: bool) -> Self {
+        self.export = export;
+        self
+    }
+
+    /// Sets `available`.
+    #[must_use]
+    pub fn with_available(mut self, available: bool) -> Self {
+        self.available = available;
+        self
+    }
+}
+
+/// Whether a node at `viewer` may see `member`: same cluster, exported, or harbor to harbor.
+pub fn visible(viewer: LogicAddr, member: &Member) -> bool {
+    viewer.cluster() == member.addr.cluster()
+        || member.export
+        || (viewer.is_harbor() && member.addr.is_harbor())
+}
+
+/// One item of a membership stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MembershipEvent {
+    /// The whole membership; the first item of every stream, and after a resync.
+    Snapshot(Vec<Member>),
+    /// A member was added or changed.
+    Upsert(Member),
+    /// A member was removed.
+    Remove(LogicAddr),
+}
+
+/// The stream a [`Discovery`] source yields. An `Err` item is reported and the last known view
+/// is kept; the stream goes on.
+pub type MembershipStream =
+    Pin<Box<dyn Stream<Item = Result<MembershipEvent, DiscoveryError>> + Send + 'static>>;
+
+/// A source of membership.
+pub trait Discovery: Send + Sync + 'static {
+    /// Starts a subscription: an initial snapshot, then changes in order.
+    fn subscribe(&self) -> MembershipStream;
+}
+
+impl<D: Discovery + ?Sized> Discovery for std::sync::Arc<D> {
+    fn subscribe(&self) -> MembershipStream {
+        (**self).subscribe()
+    }
+}

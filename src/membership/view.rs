@@ -1,0 +1,185 @@
+//! A node's view of membership: the members it may see, and the selection indexes.
+
+use std::collections::HashMap;
+
+use super::{Member, visible};
+use crate::addr::LogicAddr;
+
+/// What one node sees. Rebuilt on every change; changes are rare next to lookups.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct View {
+    members: HashMap<LogicAddr, Member>,
+    /// Available, non-harbor nodes by type, sorted by address.
+    by_type: HashMap<u8, Vec<LogicAddr>>,
+}
+
+/// What applying an event did to one member.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Change {
+    Added,
+    Removed,
+    NetAddrChanged,
+    FlagsChanged,
+}
+
+impl View {
+    pub(crate) fn new(viewer: LogicAddr, members: impl IntoIterator<Item = Member>) -> Self {
+        let mut v = View::default();
+        for m in members {
+            if visible(viewer, &m) {
+                v.members.insert(m.addr, m);
+            }
+        }
+        v.reindex();
+        v
+    }
+
+    fn reindex(&mut self) {
+        self.by_type.clear();
+        for m in self.members.values() {
+            if m.available && !m.addr.is_harbor() {
+                self.by_type.entry(m.addr.node_type()).or_default().push(m.addr);
+            }
+        }
+        for list in self.by_type.values_mut() {
+            list.sort_unstable();
+        }
+    }
+
+    pub(crate) fn get(&self, addr: LogicAddr) -> Option<&Member> {
+        self.members.get(&addr)
+    }
+
+    /// Every address whose entry differs between `self` and `next`, with what changed.
+    pub(crate) fn changes(&self, next: &View) -> Vec<(LogicAddr, Change)> {
+        let mut out = Vec::new();
+        for (addr, old) in &self.members {
+            match next.members.get(addr) {
+                None => out.push((*addr, Change::Removed)),
+                Some(new) if new.net_addr != old.net_addr => {
+                    out.push((*addr, Change::NetAddrChanged))
+                }
+                Some(new) if new != old => out.push((*addr, Change::FlagsChanged)),
+                Some(_) => {}
+            }
+        }
+        for addr in next.members.keys() {
+            if !self.members.contains_key(addr) {
+                out.push((*addr, Change::Added));
+            }
+        }
+        out
+    }
+
+    /// The view after an upsert (a member not visible to `viewer` is dropped from it).
+    pub(crate) fn with_upsert(&self, viewer: LogicAddr, m: Member) -> View {
+        let mut v = self.clone();
+        if visible(viewer, &m) {
+            v.members.insert(m.addr, m);
+        } else {
+            v.members.remove(&m.addr);
+        }
+        v.reindex();
+        v
+    }
+
+    pub(crate) fn with_remove(&self, addr: LogicAddr) -> View {
+        let mut v = self.clone();
+        v.members.remove(&addr);
+        v.reindex();
+        v
+    }
+
+    /// A random available node of `node_type`.
+    pub(crate) fn pick_random(&self, node_type: u8) -> Option<LogicAddr> {
+        let list = self.by_type.get(&node_type)?;
+        (!list.is_empty()).then(|| list[fastrand::usize(..list.len())])
+    }
+
+    /// The node of `node_type` that `key` maps to by rendezvous hashing: the same key gets the
+    /// same node while the set holds, and when a node leaves only its keys move.
+    pub(crate) fn pick_sticky(&self, node_type: u8, key: u64) -> Option<LogicAddr> {
+        self.by_type
+            .get(&node_type)?
+            .iter()
+            .copied()
+            .max_by_key(|a| score(key, *a))
+    }
+}
+
+fn score(key: u64, addr: LogicAddr) -> u64 {
+    // splitmix64 over the pair: fixed, so every process and build ranks nodes the same way.
+    let mut z = (key ^ u64::from(addr.as_u32()).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+        .wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(s: &str) -> LogicAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn visibility_same_cluster_export_or_harbor_pair() {
+        let me = a("1.1.1");
+        let v = View::new(
+            me,
+            [
+                Member::new(a("1.2.1"), "h:1"),
+                Member::new(a("2.2.1"), "h:2"),
+                Member::new(a("2.2.2"), "h:3").with_export(true),
+                Member::new(a("2.255.1"), "h:4"),
+            ],
+        );
+        assert!(v.get(a("1.2.1")).is_some());
+        assert!(v.get(a("2.2.1")).is_none());
+        assert!(v.get(a("2.2.2")).is_some());
+        assert!(v.get(a("2.255.1")).is_none());
+        let harbor = View::new(a("1.255.1"), [Member::new(a("2.255.1"), "h:4")]);
+        assert!(harbor.get(a("2.255.1")).is_some());
+    }
+
+    #[test]
+    fn selection_skips_unavailable_and_harbors() {
+        let me = a("1.1.1");
+        let v = View::new(
+            me,
+            [
+                Member::new(a("1.2.1"), "h:1").with_available(false),
+                Member::new(a("1.2.2"), "h:2"),
+                Member::new(a("1.255.1"), "h:3"),
+            ],
+        );
+        for _ in 0..50 {
+            assert_eq!(v.pick_random(2), Some(a("1.2.2")));
+        }
+        assert_eq!(v.pick_random(255), None);
+        assert_eq!(v.pick_random(3), None);
+    }
+
+    #[test]
+    fn sticky_pick_is_stable_and_moves_only_removed_keys() {
+        let me = a("1.1.1");
+        let all: Vec<_> = (1..=5).map(|s| Member::new(LogicAddr::new(1, 2, s).unwrap(), "h:1")).collect();
+        let v = View::new(me, all.clone());
+        let before: Vec<_> = (0..1000u64).map(|k| v.pick_sticky(2, k).unwrap()).collect();
+        assert_eq!(before, (0..1000u64).map(|k| v.pick_sticky(2, k).unwrap()).collect::<Vec<_>>());
+        let gone = a("1.2.3");
+        let v2 = v.with_remove(gone);
+        for (k, was) in before.iter().enumerate() {
+            let now = v2.pick_sticky(2, k as u64).unwrap();
+            if *was != gone {
+                assert_eq!(now, *was, "key {k} moved although its node stayed");
+            }
+        }
+        // Spread: every node gets some keys.
+        for m in &all {
+            assert!(before.contains(&m.addr));
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! Building a node: address, membership source, configuration, handlers.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::Node;
+use super::inner::Inner;
+use crate::addr::LogicAddr;
+use crate::config::NodeConfig;
+use crate::error::HandlerError;
+use crate::membership::{Discovery, MemoryDiscovery};
+use crate::message::{self, Cmd, MessageContext, MsgHandlers};
+use crate::rpc::{CallContext, Replyer, RpcHandler};
+
+/// Builds a [`Node`]. Handlers are registered here, before the node starts; a duplicate
+/// registration makes [`Node::start`] fail with a configuration error naming it.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use clustergo::{Cmd, HandlerError, LogicAddr, Member, MemoryDiscovery, Node};
+/// let me: LogicAddr = "1.1.1".parse()?;
+/// let members = MemoryDiscovery::new([Member::new(me, "127.0.0.1:9001")]);
+/// let node = Node::builder(me)
+///     .discovery(members)
+///     .rpc("echo", |_ctx, payload| async move { Ok::<_, HandlerError>(payload) })
+///     .on_cmd(Cmd(1), |ctx, bytes| println!("{} sent {} bytes", ctx.from(), bytes.len()))
+///     .build();
+/// node.start().await?;
+/// # Ok(()) }
+/// ```
+#[must_use]
+pub struct NodeBuilder {
+    addr: LogicAddr,
+    config: NodeConfig,
+    discovery: Option<Arc<dyn Discovery>>,
+    listener: Option<std::net::TcpListener>,
+    rpcs: HashMap<String, RpcHandler>,
+    messages: MsgHandlers,
+    duplicates: Vec<String>,
+}
+
+impl std::fmt::Debug for NodeBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeBuilder")
+            .field("addr", &self.addr)
+            .field("config", &self.config)
+            .field("rpcs", &self.rpcs.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl NodeBuilder {
+    pub(crate) fn new(addr: LogicAddr) -> Self {
+        NodeBuilder {
+            addr,
+            config: NodeConfig::default(),
+            discovery: None,
+            listener: None,
+            rpcs: HashMap::new(),
+            messages: MsgHandlers::default(),
+            duplicates: Vec::new(),
+        }
+    }
+
+    /// The membership source. Default: an empty [`MemoryDiscovery`] (the node will not find
+    /// itself, so set one).
+    pub fn discovery(mut self, discovery: impl Discovery) -> Self {
+        self.discovery = Some(Arc::new(discovery));
+        self
+    }
+
+    /// Limits and timeouts.
+    pub fn config(mut self, config: NodeConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Serves on an already bound listener instead of binding the network address membership
+    /// gives. Tests bind `127.0.0.1:0`, put the port in membership, then pass the listener, so
+    /// no port can be taken in between.
+    pub fn listener(mut self, listener: std::net::TcpListener) -> Self {
+        self.listener = Some(listener);
+        self
+    }
+
+    fn add_rpc(mut self, method: &str, handler: RpcHandler) -> Self {
+        if self.rpcs.insert(method.to_owned(), handler).is_some() {
+            self.duplicates.push(format!("RPC method {method:?}"));
+        }
+        self
+    }
+
+    /// Registers an async RPC handler: its output is the answer. Each request runs as its own
+    /// task, at most [`NodeConfig::max_concurrent_requests`] at once.
+    pub fn rpc<F, Fut>(self, method: &str, handler: F) -> Self
+    where
+        F: Fn(CallContext, Bytes) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Bytes, HandlerError>> + Send + 'static,
+    {
+        self.add_rpc(method, RpcHandler::from_async(handler))
+    }
+
+    /// Registers an RPC handler that answers through a [`Replyer`], now or later, from any
+    /// thread. It runs on the link's reader, so it must not block: a game server moves the
+    /// replyer into its game loop.
+    pub fn rpc_with_replyer<F>(self, method: &str, handler: F) -> Self
+    where
+        F: Fn(CallContext, Bytes, Replyer) + Send + Sync + 'static,
+    {
+        self.add_rpc(method, RpcHandler::Replyer(Arc::new(handler)))
+    }
+
+    /// Registers the handler of raw-bytes messages with command `cmd`.
+    pub fn on_cmd<F>(mut self, cmd: Cmd, handler: F) -> Self
+    where
+        F: Fn(MessageContext, Bytes) + Send + Sync + 'static,
+    {
+        let h: message::MsgHandler = Arc::new(move |ctx, payload| {
+            handler(ctx, payload);
+            Ok(())
+        });
+        if self.messages.by_cmd.insert(cmd.0, h).is_some() {
+            self.duplicates.push(format!("message {cmd}"));
+        }
+        self
+    }
+
+    /// Registers the handler of protobuf messages of type `M` (keyed by `M`'s full name).
+    pub fn on_message<M, F>(mut self, handler: F) -> Self
+    where
+        M: prost::Message + prost::Name + Default + 'static,
+        F: Fn(MessageContext, M) + Send + Sync + 'static,
+    {
+        let name = M::full_name();
+        if self
+            .messages
+            .by_type
+            .insert(name.clone(), message::typed(handler))
+            .is_some()
+        {
+            self.duplicates.push(format!("message type {name}"));
+        }
+        self
+    }
+
+    /// Builds the node. It does nothing until [`Node::start`].
+    pub fn build(self) -> Node {
+        let discovery = self
+            .discovery
+            .unwrap_or_else(|| Arc::new(MemoryDiscovery::default()));
+        Node {
+            inner: Inner::new(
+                self.addr,
+                self.config,
+                discovery,
+                self.listener,
+                self.rpcs,
+                self.messages,
+                self.duplicates,
+            ),
+        }
+    }
+}

@@ -1,0 +1,174 @@
+//! Delivery of arriving envelopes: responses to waiting calls, requests to RPC handlers,
+//! messages to message handlers. Also the local loop that carries self-sends, and the gRPC
+//! service that admits links.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use tokio::time::Instant;
+
+use super::inner::{Inner, Phase};
+use crate::addr::LogicAddr;
+use crate::error::{ErrorCode, HandlerError};
+use crate::link::{Outcome, Peer, reader::Deliver};
+use crate::message::MessageContext;
+use crate::proto::{Envelope, envelope::Body, message::Kind, response};
+use crate::rpc::CallContext;
+use crate::stats::Stats;
+
+impl Deliver for Inner {
+    fn deliver(&self, peer: &Arc<Peer>, env: Envelope) -> Result<(), String> {
+        if env.to != self.addr.as_u32() || env.from != peer.addr.as_u32() {
+            Stats::incr(&self.stats.envelopes_misaddressed);
+            tracing::debug!(
+                peer = %peer.addr, to = env.to, from = env.from,
+                "dropped an envelope not addressed from this link's peer to this node"
+            );
+            return Ok(());
+        }
+        let limit = self.config.max_envelope;
+        let oversize = |len: usize| -> Result<(), String> {
+            if len > limit {
+                Err(format!(
+                    "{} sent an envelope of {len} bytes, over the limit of {limit} bytes",
+                    peer.addr
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        match env.body {
+            Some(Body::Response(r)) => {
+                if let Some(response::Result::Payload(p)) = &r.result {
+                    oversize(p.len())?;
+                }
+                let outcome = match r.result {
+                    Some(response::Result::Payload(p)) => Outcome::Reply(p),
+                    Some(response::Result::Error(e)) => Outcome::Remote {
+                        code: e.code,
+                        message: e.message,
+                    },
+                    None => Outcome::Remote {
+                        code: ErrorCode::HANDLER.0,
+                        message: "empty response".into(),
+                    },
+                };
+                match peer.take_pending(r.id) {
+                    // The caller may have stopped waiting between lookup and send.
+                    Some(tx) => drop(tx.send(outcome)),
+                    None => Stats::incr(&self.stats.responses_orphaned),
+                }
+            }
+            Some(Body::Request(r)) => {
+                oversize(r.payload.len())?;
+                self.serve_request(peer, r);
+            }
+            Some(Body::Message(m)) => {
+                oversize(m.payload.len())?;
+                self.handle_message(peer.addr, m);
+            }
+            Some(Body::Cancel(_)) => {
+                // Handlers are not interrupted; the caller has already stopped waiting.
+            }
+            None => Stats::incr(&self.stats.envelopes_misaddressed),
+        }
+        Ok(())
+    }
+}
+
+impl Inner {
+    fn serve_request(&self, peer: &Arc<Peer>, r: crate::proto::Request) {
+        Stats::incr(&self.stats.requests_received);
+        let ctx = CallContext {
+            from: peer.addr,
+            deadline: (r.timeout_ms > 0)
+                .then(|| Instant::now() + std::time::Duration::from_millis(r.timeout_ms.into())),
+            oneway: r.oneway,
+            method: r.method,
+        };
+        if self.phase() != Phase::Running {
+            if !ctx.oneway {
+                self.server.respond(
+                    peer,
+                    ctx.from,
+                    r.id,
+                    ctx.deadline,
+                    Err(HandlerError {
+                        code: ErrorCode::SHUTDOWN,
+                        message: format!("{} is shutting down", self.addr),
+                    }),
+                );
+            }
+            return;
+        }
+        let handler = self.rpcs.get(&ctx.method);
+        self.server
+            .serve(handler, peer, ctx, r.id, r.payload, &self.tracker);
+    }
+
+    fn handle_message(&self, from: LogicAddr, m: crate::proto::Message) {
+        let handler = match &m.kind {
+            Some(Kind::Cmd(c)) => self.messages.by_cmd.get(c),
+            Some(Kind::TypeName(t)) => self.messages.by_type.get(t),
+            None => None,
+        };
+        let Some(handler) = handler else {
+            Stats::incr(&self.stats.messages_unknown);
+            tracing::warn!(%from, kind = ?m.kind, "no handler for message; dropped");
+            return;
+        };
+        Stats::incr(&self.stats.messages_received);
+        let ctx = MessageContext { from };
+        match std::panic::catch_unwind(AssertUnwindSafe(|| handler(ctx, m.payload))) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                Stats::incr(&self.stats.messages_undecodable);
+                tracing::warn!(%from, kind = ?m.kind, error = %e, "message did not decode; dropped");
+            }
+            Err(_) => tracing::error!(%from, kind = ?m.kind, "message handler panicked"),
+        }
+    }
+
+    /// Carries what this node sends to itself: same queue, same order, same dispatch as a link,
+    /// without a network hop and without running handlers inside the sender's call.
+    pub(crate) async fn local_loop(self: Arc<Self>) {
+        let peer = self.self_peer.clone();
+        let mut buf = Vec::with_capacity(self.config.batch_envelopes);
+        loop {
+            let n = tokio::select! {
+                _ = self.root.cancelled() => return,
+                n = std::future::poll_fn(|cx| {
+                    peer.rx().poll_recv_many(cx, &mut buf, self.config.batch_envelopes)
+                }) => n,
+            };
+            if n == 0 {
+                return;
+            }
+            let now = Instant::now();
+            for item in buf.drain(..) {
+                if item.deadline <= now {
+                    peer.expire(item, &self.stats);
+                } else if let Err(reason) = self.deliver(&peer, item.env) {
+                    tracing::warn!(reason, "dropped a self-sent envelope");
+                }
+            }
+        }
+    }
+}
+
+/// The gRPC face of a node: admits links.
+pub(crate) struct MeshService {
+    pub(crate) inner: Arc<Inner>,
+}
+
+#[tonic::async_trait]
+impl crate::proto::mesh_server::Mesh for MeshService {
+    type LinkStream = super::links::LinkStream;
+
+    async fn link(
+        &self,
+        req: tonic::Request<tonic::Streaming<crate::proto::Batch>>,
+    ) -> Result<tonic::Response<Self::LinkStream>, tonic::Status> {
+        self.inner.accept(req)
+    }
+}

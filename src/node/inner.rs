@@ -1,0 +1,261 @@
+//! The node's shared state and its send path.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::addr::LogicAddr;
+use crate::config::NodeConfig;
+use crate::error::RpcError;
+use crate::link::{LinkState, Outbound, Peer};
+use crate::membership::Discovery;
+use crate::membership::view::View;
+use crate::message::MsgHandlers;
+use crate::proto::{Envelope, envelope::Body};
+use crate::rpc::{RpcHandler, ServerShared};
+use crate::stats::Stats;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum Phase {
+    Created = 0,
+    Starting = 1,
+    Running = 2,
+    Draining = 3,
+    Closed = 4,
+}
+
+impl Phase {
+    fn from_u8(v: u8) -> Phase {
+        match v {
+            0 => Phase::Created,
+            1 => Phase::Starting,
+            2 => Phase::Running,
+            3 => Phase::Draining,
+            _ => Phase::Closed,
+        }
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) addr: LogicAddr,
+    pub(crate) config: NodeConfig,
+    pub(crate) secret: Vec<u8>,
+    pub(crate) dev_secret: bool,
+    pub(crate) incarnation: u64,
+    pub(crate) rpcs: HashMap<String, RpcHandler>,
+    pub(crate) messages: MsgHandlers,
+    pub(crate) duplicates: Vec<String>,
+    pub(crate) discovery: Arc<dyn Discovery>,
+    phase: AtomicU8,
+    pub(crate) view: RwLock<Arc<View>>,
+    pub(crate) peers: RwLock<HashMap<LogicAddr, Arc<Peer>>>,
+    pub(crate) self_peer: Arc<Peer>,
+    pub(crate) server: Arc<ServerShared>,
+    pub(crate) stats: Arc<Stats>,
+    next_id: AtomicU64,
+    pub(crate) next_gen: AtomicU64,
+    /// Cancelled last in shutdown: ends every task and link.
+    pub(crate) root: CancellationToken,
+    /// Cancelled first in shutdown: stops accepting connections.
+    pub(crate) accept_stop: CancellationToken,
+    pub(crate) tracker: TaskTracker,
+    pub(crate) closed: watch::Sender<bool>,
+    pub(crate) listener: Mutex<Option<std::net::TcpListener>>,
+    pub(crate) local_addr: OnceLock<std::net::SocketAddr>,
+    /// Signalled when a link comes up or goes down.
+    pub(crate) links_changed: Notify,
+    /// Signalled when the view changes.
+    pub(crate) view_changed: Notify,
+}
+
+impl Inner {
+    pub(crate) fn new(
+        addr: LogicAddr,
+        config: NodeConfig,
+        discovery: Arc<dyn Discovery>,
+        listener: Option<std::net::TcpListener>,
+        rpcs: HashMap<String, RpcHandler>,
+        messages: MsgHandlers,
+        duplicates: Vec<String>,
+    ) -> Arc<Self> {
+        let (secret, dev_secret) = config.resolve_secret();
+        let stats = Arc::new(Stats::default());
+        let server = Arc::new(ServerShared {
+            addr,
+            inflight: Default::default(),
+            limit: config.max_concurrent_requests,
+            drained: Notify::new(),
+            max_envelope: config.max_envelope,
+            default_timeout: config.call_timeout,
+            stats: stats.clone(),
+            runtime: OnceLock::new(),
+        });
+        Arc::new(Inner {
+            addr,
+            self_peer: Peer::new(addr, config.peer_queue.max(1)),
+            config,
+            secret,
+            dev_secret,
+            incarnation: fastrand::u64(1..),
+            rpcs,
+            messages,
+            duplicates,
+            discovery,
+            phase: AtomicU8::new(Phase::Created as u8),
+            view: RwLock::new(Arc::new(View::default())),
+            peers: RwLock::new(HashMap::new()),
+            server,
+            stats,
+            next_id: AtomicU64::new(1),
+            next_gen: AtomicU64::new(1),
+            root: CancellationToken::new(),
+            accept_stop: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            closed: watch::channel(false).0,
+            listener: Mutex::new(listener),
+            local_addr: OnceLock::new(),
+            links_changed: Notify::new(),
+            view_changed: Notify::new(),
+        })
+    }
+
+    pub(crate) fn phase(&self) -> Phase {
+        Phase::from_u8(self.phase.load(Ordering::Acquire))
+    }
+
+    pub(crate) fn set_phase(&self, p: Phase) {
+        self.phase.store(p as u8, Ordering::Release);
+    }
+
+    /// Moves from `from` to `to`; false if the phase was not `from`.
+    pub(crate) fn transition(&self, from: Phase, to: Phase) -> bool {
+        self.phase
+            .compare_exchange(from as u8, to as u8, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    pub(crate) fn view(&self) -> Arc<View> {
+        self.view.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub(crate) fn check_running(&self) -> Result<(), RpcError> {
+        match self.phase() {
+            Phase::Running => Ok(()),
+            Phase::Created | Phase::Starting => Err(RpcError::NotStarted { node: self.addr }),
+            Phase::Draining | Phase::Closed => Err(RpcError::Shutdown { node: self.addr }),
+        }
+    }
+
+    pub(crate) fn check_size(&self, len: usize) -> Result<(), RpcError> {
+        if len > self.config.max_envelope {
+            return Err(RpcError::TooLarge {
+                size: len,
+                limit: self.config.max_envelope,
+            });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn next_call_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The peer slot for `to`, created on first use for a member this node may see.
+    pub(crate) fn peer_for(&self, to: LogicAddr) -> Result<Arc<Peer>, RpcError> {
+        if to == self.addr {
+            return Ok(self.self_peer.clone());
+        }
+        if let Some(p) = self.peers.read().unwrap_or_else(|e| e.into_inner()).get(&to) {
+            return Ok(p.clone());
+        }
+        if to.cluster() != self.addr.cluster() {
+            return Err(RpcError::NoRoute {
+                to,
+                reason: format!(
+                    "{to} is in cluster {}, and this node has no harbor route to other clusters",
+                    to.cluster()
+                ),
+            });
+        }
+        if self.view().get(to).is_none() {
+            return Err(RpcError::NoRoute {
+                to,
+                reason: "not in membership".into(),
+            });
+        }
+        let mut peers = self.peers.write().unwrap_or_else(|e| e.into_inner());
+        Ok(peers
+            .entry(to)
+            .or_insert_with(|| Peer::new(to, self.config.peer_queue))
+            .clone())
+    }
+
+    pub(crate) fn envelope(&self, to: LogicAddr, body: Body) -> Envelope {
+        Envelope {
+            to: to.as_u32(),
+            from: self.addr.as_u32(),
+            hops: 0,
+            trace: Bytes::new(),
+            body: Some(body),
+        }
+    }
+
+    /// Makes sure a link to `peer` is up or being dialed.
+    pub(crate) fn ensure_link(self: &Arc<Self>, peer: &Arc<Peer>) -> Result<(), RpcError> {
+        if peer.is_up() {
+            return Ok(());
+        }
+        let mut st = peer.state();
+        let backoff = match &*st {
+            LinkState::Up { .. } | LinkState::Dialing { .. } => return Ok(()),
+            LinkState::Closed => {
+                return Err(RpcError::NoRoute {
+                    to: peer.addr,
+                    reason: "left membership".into(),
+                });
+            }
+            LinkState::Idle {
+                retry_at: Some(at),
+                last_error: Some(e),
+                ..
+            } if Instant::now() < *at => return Err(e.clone()),
+            LinkState::Idle { backoff, .. } => *backoff,
+        };
+        let link_gen = self.next_gen.fetch_add(1, Ordering::Relaxed);
+        peer.set_state(&mut st, LinkState::Dialing { link_gen });
+        drop(st);
+        let this = self.clone();
+        let peer = peer.clone();
+        self.tracker.spawn(async move { this.dial(peer, link_gen, backoff).await });
+        Ok(())
+    }
+
+    /// Queues `body` for `to`; `wait` waits for room until `deadline` instead of failing at once.
+    pub(crate) async fn send(
+        self: &Arc<Self>,
+        peer: &Arc<Peer>,
+        env: Envelope,
+        deadline: Instant,
+        wait: bool,
+    ) -> Result<(), RpcError> {
+        self.ensure_link(peer)?;
+        let item = Outbound { env, deadline };
+        if wait {
+            peer.enqueue(item).await
+        } else {
+            peer.try_enqueue(item).map_err(|(e, _)| e)
+        }
+    }
+
+    pub(crate) fn deadline_in(&self, d: Duration) -> Instant {
+        Instant::now() + d
+    }
+}

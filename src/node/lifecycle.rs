@@ -1,0 +1,255 @@
+//! Start, membership updates, and shutdown.
+//!
+//! Shutdown order: stop accepting → let in-flight RPC handlers finish within the grace period
+//! → close links after their queues are written → cancel every task → report closed.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use super::dispatch::MeshService;
+use super::inner::{Inner, Phase};
+use crate::error::{DiscoveryError, RpcError, StartError};
+use crate::link::LinkState;
+use crate::membership::view::{Change, View};
+use crate::membership::{MembershipEvent, MembershipStream};
+use crate::proto::mesh_server::MeshServer;
+
+impl Inner {
+    pub(crate) async fn start(self: &Arc<Self>) -> Result<(), StartError> {
+        if !self.transition(Phase::Created, Phase::Starting) {
+            return Err(StartError::AlreadyStarted(self.addr));
+        }
+        match self.try_start().await {
+            Ok(()) => {
+                self.set_phase(Phase::Running);
+                tracing::info!(node = %self.addr, listen = ?self.local_addr.get(), "node started");
+                Ok(())
+            }
+            Err(e) => {
+                self.set_phase(Phase::Created);
+                Err(e)
+            }
+        }
+    }
+
+    async fn try_start(self: &Arc<Self>) -> Result<(), StartError> {
+        let node = self.addr;
+        if let Some(dup) = self.duplicates.first() {
+            return Err(StartError::Config {
+                node,
+                reason: format!("{dup} is registered twice"),
+            });
+        }
+        self.config
+            .validate()
+            .map_err(|reason| StartError::Config { node, reason })?;
+        if self.dev_secret {
+            tracing::warn!(%node, "no cluster secret configured (NodeConfig::secret or CLUSTERGO_SECRET): using the public development secret");
+        }
+        let _ = self.server.runtime.set(tokio::runtime::Handle::current());
+        let mut stream = self.discovery.subscribe();
+        let first = match tokio::time::timeout(self.config.start_timeout, stream.next()).await {
+            Err(_) => {
+                return Err(StartError::MembershipTimeout {
+                    node,
+                    after: self.config.start_timeout,
+                });
+            }
+            Ok(None) => {
+                return Err(StartError::Discovery {
+                    node,
+                    source: DiscoveryError::Ended,
+                });
+            }
+            Ok(Some(Err(source))) => return Err(StartError::Discovery { node, source }),
+            Ok(Some(Ok(MembershipEvent::Snapshot(members)))) => members,
+            Ok(Some(Ok(other))) => {
+                return Err(StartError::Discovery {
+                    node,
+                    source: DiscoveryError::Malformed {
+                        source_name: "membership stream".into(),
+                        reason: format!("first item must be a snapshot, got {other:?}"),
+                    },
+                });
+            }
+        };
+        let view = View::new(node, first);
+        let Some(me) = view.get(node).cloned() else {
+            return Err(StartError::NotInMembership(node));
+        };
+        let listener = match self.listener.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            Some(l) => l,
+            None => std::net::TcpListener::bind(&me.net_addr).map_err(|source| StartError::Bind {
+                node,
+                net_addr: me.net_addr.clone(),
+                source,
+            })?,
+        };
+        let bind_err = |source| StartError::Bind {
+            node,
+            net_addr: me.net_addr.clone(),
+            source,
+        };
+        listener.set_nonblocking(true).map_err(bind_err)?;
+        let local = listener.local_addr().map_err(bind_err)?;
+        let listener = tokio::net::TcpListener::from_std(listener).map_err(bind_err)?;
+        let _ = self.local_addr.set(local);
+        *self.view.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(view);
+        {
+            let mut st = self.self_peer.state();
+            self.self_peer.set_state(
+                &mut st,
+                LinkState::Up {
+                    link_gen: 0,
+                    tokens: Default::default(),
+                    dialed: false,
+                    incarnation: self.incarnation,
+                },
+            );
+        }
+
+        let max = self.config.max_batch_message();
+        let service = MeshServer::new(MeshService {
+            inner: self.clone(),
+        })
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+        let serve = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(self.config.keepalive_interval))
+            .http2_keepalive_timeout(Some(self.config.keepalive_timeout))
+            .add_service(service)
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(listener),
+                self.accept_stop.clone().cancelled_owned(),
+            );
+        let root = self.root.clone();
+        self.tracker.spawn(async move {
+            tokio::select! {
+                r = serve => if let Err(e) = r { tracing::error!(%node, error = %e, "server failed") },
+                _ = root.cancelled() => {}
+            }
+        });
+        self.tracker.spawn(self.clone().local_loop());
+        self.tracker.spawn(self.clone().follow_membership(stream));
+        Ok(())
+    }
+
+    async fn follow_membership(self: Arc<Self>, mut stream: MembershipStream) {
+        loop {
+            let event = tokio::select! {
+                _ = self.root.cancelled() => return,
+                e = stream.next() => e,
+            };
+            match event {
+                Some(Ok(e)) => self.apply(e),
+                Some(Err(e)) => {
+                    tracing::warn!(node = %self.addr, error = %e, "membership source error; keeping the last known membership")
+                }
+                None => {
+                    tracing::warn!(node = %self.addr, "membership source ended; keeping the last known membership");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn apply(self: &Arc<Self>, event: MembershipEvent) {
+        let old = self.view();
+        let new = match event {
+            MembershipEvent::Snapshot(ms) => View::new(self.addr, ms),
+            MembershipEvent::Upsert(m) => old.with_upsert(self.addr, m),
+            MembershipEvent::Remove(a) => old.with_remove(a),
+        };
+        let changes = old.changes(&new);
+        *self.view.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
+        self.view_changed.notify_waiters();
+        for (addr, change) in changes {
+            if addr == self.addr {
+                let why = match change {
+                    Change::Removed => "removed from membership",
+                    Change::NetAddrChanged => "its network address changed in membership",
+                    _ => continue,
+                };
+                tracing::warn!(node = %self.addr, "shutting down: {why}");
+                let this = self.clone();
+                // Not tracked: shutdown waits for the tracked tasks, this one among them.
+                tokio::spawn(async move { this.shutdown().await });
+                return;
+            }
+            match change {
+                Change::Removed => self.drop_peer(addr, "removed from membership"),
+                Change::NetAddrChanged => self.drop_peer(addr, "its network address changed"),
+                Change::Added | Change::FlagsChanged => {}
+            }
+        }
+    }
+
+    pub(crate) async fn shutdown(self: &Arc<Self>) {
+        if self.transition(Phase::Created, Phase::Closed) {
+            self.closed.send_replace(true);
+            return;
+        }
+        if self.transition(Phase::Running, Phase::Draining) {
+            self.drain().await;
+        }
+        let mut closed = self.closed.subscribe();
+        // The sender lives in `self`, so this ends when the node closes.
+        let _ = closed.wait_for(|c| *c).await;
+    }
+
+    async fn drain(self: &Arc<Self>) {
+        let grace_end = Instant::now() + self.config.shutdown_grace;
+        tracing::info!(node = %self.addr, "shutting down");
+        self.accept_stop.cancel();
+        loop {
+            let drained = self.server.drained.notified();
+            tokio::pin!(drained);
+            drained.as_mut().enable();
+            let n = self.server.inflight.load(Ordering::Acquire);
+            if n == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(grace_end, drained).await.is_err() {
+                tracing::warn!(node = %self.addr, in_flight = n, "grace period over with handlers still running");
+                break;
+            }
+        }
+        // Close links once their queues (replies included) are written.
+        let peers: Vec<_> = self.peers.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        for p in &peers {
+            if let LinkState::Up { tokens, .. } = &*p.state() {
+                tokens.close.cancel();
+            }
+        }
+        let flush_end = grace_end.max(Instant::now() + Duration::from_millis(100));
+        loop {
+            let changed = self.links_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if peers.iter().all(|p| !p.is_up()) {
+                break;
+            }
+            if tokio::time::timeout_at(flush_end, changed).await.is_err() {
+                break;
+            }
+        }
+        self.set_phase(Phase::Closed);
+        self.root.cancel();
+        let error = RpcError::Shutdown { node: self.addr };
+        for p in peers.iter().chain(std::iter::once(&self.self_peer)) {
+            p.fail_all(&error, &self.stats);
+        }
+        self.tracker.close();
+        if tokio::time::timeout(Duration::from_secs(5), self.tracker.wait()).await.is_err() {
+            tracing::warn!(node = %self.addr, "some tasks did not end within 5 s of shutdown");
+        }
+        tracing::info!(node = %self.addr, "node closed");
+        self.closed.send_replace(true);
+    }
+}

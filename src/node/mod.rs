@@ -1,0 +1,360 @@
+//! The public handle: [`Node`].
+
+mod builder;
+mod dispatch;
+mod inner;
+mod lifecycle;
+mod links;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+pub use builder::NodeBuilder;
+use inner::{Inner, Phase};
+
+use crate::addr::LogicAddr;
+use crate::error::{ErrorCode, RpcError, SelectError, StartError};
+use crate::link::{Outbound, Outcome, Peer};
+use crate::membership::Member;
+use crate::message::Cmd;
+use crate::proto::{self, envelope::Body, message::Kind};
+use crate::stats::StatsSnapshot;
+
+/// A node of the mesh: one logical address, one listener, links to the peers it talks to.
+///
+/// `Node` is a cheap `Clone` handle; many nodes can live in one process. Build one with
+/// [`Node::builder`], then [`Node::start`] it. A started node runs until [`Node::shutdown`]
+/// or until membership removes it (or changes its network address).
+///
+/// Every call returns a typed outcome within its deadline; none waits forever.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("addr", &self.inner.addr)
+            .field("phase", &self.inner.phase())
+            .finish()
+    }
+}
+
+/// Removes a call's waiting slot if the caller stops waiting first.
+struct PendingGuard<'a> {
+    peer: &'a Peer,
+    id: u64,
+    armed: bool,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.peer.take_pending(self.id);
+        }
+    }
+}
+
+fn millis(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX).max(1)
+}
+
+impl Node {
+    /// Starts building the node at `addr`.
+    pub fn builder(addr: LogicAddr) -> NodeBuilder {
+        NodeBuilder::new(addr)
+    }
+
+    /// This node's logical address.
+    pub fn addr(&self) -> LogicAddr {
+        self.inner.addr
+    }
+
+    /// The socket address the node listens on, once started.
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        self.inner.local_addr.get().copied()
+    }
+
+    /// Whether the node is started and not shutting down.
+    pub fn is_running(&self) -> bool {
+        self.inner.phase() == Phase::Running
+    }
+
+    /// Starts the node: waits for the first membership snapshot (up to
+    /// [`NodeConfig::start_timeout`](crate::NodeConfig::start_timeout)), finds itself in it,
+    /// and listens on its network address (or the listener given to the builder).
+    ///
+    /// A failed start leaves the node as it was, so it can be started again.
+    pub async fn start(&self) -> Result<(), StartError> {
+        self.inner.start().await
+    }
+
+    /// Shuts the node down and waits until it is closed: stops accepting links, lets in-flight
+    /// RPC handlers finish within the grace period, writes what is queued, closes links. Calls
+    /// made meanwhile fail with [`RpcError::Shutdown`]. Calling it again just waits.
+    pub async fn shutdown(&self) {
+        self.inner.shutdown().await
+    }
+
+    /// Resolves once the node is closed (by [`Node::shutdown`] or by membership).
+    pub async fn closed(&self) {
+        let mut rx = self.inner.closed.subscribe();
+        // The sender lives as long as the node.
+        let _ = rx.wait_for(|c| *c).await;
+    }
+
+    /// Calls `method` on `to` with the default timeout
+    /// ([`NodeConfig::call_timeout`](crate::NodeConfig::call_timeout)).
+    pub async fn call(&self, to: LogicAddr, method: &str, payload: Bytes) -> Result<Bytes, RpcError> {
+        self.call_timeout(to, method, payload, self.inner.config.call_timeout)
+            .await
+    }
+
+    /// Calls `method` on `to`; the timeout travels with the request, so the handler sees it as
+    /// its deadline.
+    pub async fn call_timeout(
+        &self,
+        to: LogicAddr,
+        method: &str,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Bytes, RpcError> {
+        let inner = &self.inner;
+        inner.check_running()?;
+        inner.check_size(payload.len())?;
+        let peer = inner.peer_for(to)?;
+        let id = inner.next_call_id();
+        let deadline = inner.deadline_in(timeout);
+        let (tx, rx) = oneshot::channel();
+        peer.add_pending(id, tx);
+        let mut guard = PendingGuard {
+            peer: &peer,
+            id,
+            armed: true,
+        };
+        let env = inner.envelope(
+            to,
+            Body::Request(proto::Request {
+                id,
+                method: method.to_owned(),
+                payload,
+                timeout_ms: millis(timeout),
+                oneway: false,
+            }),
+        );
+        inner.send(&peer, env, deadline, true).await?;
+        let outcome = match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(o)) => o,
+            Ok(Err(_)) => Outcome::Failed(RpcError::PeerLost {
+                peer: to,
+                cause: "the call was abandoned".into(),
+            }),
+            Err(_) => Outcome::Failed(RpcError::Timeout {
+                to,
+                method: method.into(),
+                after: timeout,
+            }),
+        };
+        guard.armed = false;
+        match outcome {
+            Outcome::Reply(p) => Ok(p),
+            Outcome::Failed(RpcError::Timeout { .. }) => Err(RpcError::Timeout {
+                to,
+                method: method.into(),
+                after: timeout,
+            }),
+            Outcome::Failed(e) => Err(e),
+            Outcome::Remote { code, message } => Err(match ErrorCode(code) {
+                ErrorCode::NO_METHOD => RpcError::NoMethod {
+                    to,
+                    method: method.into(),
+                },
+                ErrorCode::BUSY => RpcError::Busy { to },
+                ErrorCode::SHUTDOWN => RpcError::Shutdown { node: to },
+                ErrorCode::NO_ROUTE => RpcError::NoRoute { to, reason: message },
+                code => RpcError::Remote { to, code, message },
+            }),
+        }
+    }
+
+    /// Calls `method` on `to` and runs `callback` with the outcome, for code that must not
+    /// await (a game loop). The callback runs exactly once, on one of the node's runtime
+    /// threads, also when the call fails before it is sent; forward the result into your loop
+    /// from there.
+    pub fn call_with_callback<F>(&self, to: LogicAddr, method: &str, payload: Bytes, timeout: Duration, callback: F)
+    where
+        F: FnOnce(Result<Bytes, RpcError>) + Send + 'static,
+    {
+        let node = self.clone();
+        let method = method.to_owned();
+        let fut = async move { callback(node.call_timeout(to, &method, payload, timeout).await) };
+        match self.inner.server.runtime.get() {
+            Some(rt) => drop(rt.spawn(fut)),
+            None => match tokio::runtime::Handle::try_current() {
+                Ok(rt) => drop(rt.spawn(fut)),
+                // Not started and not on a runtime: the call fails before any await.
+                Err(_) => futures_util::FutureExt::now_or_never(fut).unwrap_or(()),
+            },
+        }
+    }
+
+    /// Calls `method` on `to` without waiting for an answer (one-way RPC). `Ok` means queued;
+    /// it waits for room in a full queue up to
+    /// [`NodeConfig::send_timeout`](crate::NodeConfig::send_timeout).
+    pub async fn post(&self, to: LogicAddr, method: &str, payload: Bytes) -> Result<(), RpcError> {
+        self.inner.check_size(payload.len())?;
+        let body = Body::Request(proto::Request {
+            id: 0,
+            method: method.to_owned(),
+            payload,
+            timeout_ms: millis(self.inner.config.send_timeout),
+            oneway: true,
+        });
+        self.push(to, body, true).await
+    }
+
+    async fn push(&self, to: LogicAddr, body: Body, wait: bool) -> Result<(), RpcError> {
+        let inner = &self.inner;
+        inner.check_running()?;
+        let peer = inner.peer_for(to)?;
+        let deadline = inner.deadline_in(inner.config.send_timeout);
+        inner.send(&peer, inner.envelope(to, body), deadline, wait).await
+    }
+
+    fn try_push(&self, to: LogicAddr, body: Body) -> Result<(), RpcError> {
+        let inner = &self.inner;
+        inner.check_running()?;
+        let peer = inner.peer_for(to)?;
+        inner.ensure_link(&peer)?;
+        let item = Outbound {
+            env: inner.envelope(to, body),
+            deadline: inner.deadline_in(inner.config.send_timeout),
+        };
+        peer.try_enqueue(item).map_err(|(e, _)| e)
+    }
+
+    /// Sends raw bytes as message `cmd` to `to`, waiting for room in a full queue up to
+    /// [`NodeConfig::send_timeout`](crate::NodeConfig::send_timeout). `Ok` means queued:
+    /// messages of one sender reach one receiver in order.
+    pub async fn send_cmd(&self, to: LogicAddr, cmd: Cmd, payload: Bytes) -> Result<(), RpcError> {
+        self.inner.check_size(payload.len())?;
+        self.push(to, cmd_body(cmd, payload), true).await
+    }
+
+    /// Like [`Node::send_cmd`], but fails with [`RpcError::QueueFull`] at once instead of
+    /// waiting; never blocks, so it suits a game loop.
+    pub fn try_send_cmd(&self, to: LogicAddr, cmd: Cmd, payload: Bytes) -> Result<(), RpcError> {
+        self.inner.check_size(payload.len())?;
+        self.try_push(to, cmd_body(cmd, payload))
+    }
+
+    /// Sends a protobuf message to `to`; the receiver's handler for `M` gets it.
+    pub async fn send_message<M: prost::Message + prost::Name>(&self, to: LogicAddr, msg: &M) -> Result<(), RpcError> {
+        let payload = Bytes::from(msg.encode_to_vec());
+        self.inner.check_size(payload.len())?;
+        self.push(to, type_body(M::full_name(), payload), true).await
+    }
+
+    /// Like [`Node::send_message`], failing at once when the queue is full.
+    pub fn try_send_message<M: prost::Message + prost::Name>(&self, to: LogicAddr, msg: &M) -> Result<(), RpcError> {
+        let payload = Bytes::from(msg.encode_to_vec());
+        self.inner.check_size(payload.len())?;
+        self.try_push(to, type_body(M::full_name(), payload))
+    }
+
+    /// A random available node of `node_type` among those this node sees (its cluster and
+    /// exported nodes); harbors are never picked. May return this node itself.
+    pub fn get_addr_by_type(&self, node_type: u8) -> Result<LogicAddr, SelectError> {
+        self.select(node_type, |v| v.pick_random(node_type))
+    }
+
+    /// Like [`Node::get_addr_by_type`], but the same `key` (e.g. a player id) maps to the same
+    /// node while the set of available nodes holds; when a node leaves, only its keys move.
+    pub fn get_addr_by_type_sticky(&self, node_type: u8, key: u64) -> Result<LogicAddr, SelectError> {
+        self.select(node_type, |v| v.pick_sticky(node_type, key))
+    }
+
+    fn select(
+        &self,
+        node_type: u8,
+        pick: impl FnOnce(&crate::membership::view::View) -> Option<LogicAddr>,
+    ) -> Result<LogicAddr, SelectError> {
+        if self.inner.phase() != Phase::Running {
+            return Err(SelectError::NotRunning(self.inner.addr));
+        }
+        pick(&self.inner.view()).ok_or(SelectError::NoneAvailable(node_type))
+    }
+
+    /// The member `addr` as this node sees it now (`None` if absent or not visible).
+    pub fn member(&self, addr: LogicAddr) -> Option<Member> {
+        self.inner.view().get(addr).cloned()
+    }
+
+    /// Waits until `check` holds for this node's view of member `addr` (`None`: absent or not
+    /// visible), up to `timeout`; returns whether it did. For tools and tests that must wait
+    /// for a membership change to arrive.
+    pub async fn wait_for_member(
+        &self,
+        addr: LogicAddr,
+        check: impl Fn(Option<&Member>) -> bool,
+        timeout: Duration,
+    ) -> bool {
+        let inner = &self.inner;
+        wait_until(&inner.view_changed, timeout, || check(inner.view().get(addr))).await
+    }
+
+    /// Whether a link to `peer` is up now.
+    pub fn is_linked(&self, peer: LogicAddr) -> bool {
+        self.inner
+            .peers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&peer)
+            .is_some_and(|p| p.is_up())
+    }
+
+    /// Waits until a link to `peer` is up or down (`up`), up to `timeout`; returns whether it
+    /// got there.
+    pub async fn wait_linked(&self, peer: LogicAddr, up: bool, timeout: Duration) -> bool {
+        wait_until(&self.inner.links_changed, timeout, || self.is_linked(peer) == up).await
+    }
+
+    /// The node's counters.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.inner.stats.snapshot()
+    }
+}
+
+/// Waits until `cond` holds, re-checking each time `signal` fires, up to `timeout`.
+async fn wait_until(signal: &tokio::sync::Notify, timeout: Duration, cond: impl Fn() -> bool) -> bool {
+    let end = tokio::time::Instant::now() + timeout;
+    loop {
+        let changed = signal.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        if cond() {
+            return true;
+        }
+        if tokio::time::timeout_at(end, changed).await.is_err() {
+            return cond();
+        }
+    }
+}
+
+fn cmd_body(cmd: Cmd, payload: Bytes) -> Body {
+    Body::Message(proto::Message {
+        kind: Some(Kind::Cmd(cmd.0)),
+        payload,
+    })
+}
+
+fn type_body(name: String, payload: Bytes) -> Body {
+    Body::Message(proto::Message {
+        kind: Some(Kind::TypeName(name)),
+        payload,
+    })
+}

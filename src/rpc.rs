@@ -1,0 +1,294 @@
+//! RPC: handlers, the context they see, and the [`Replyer`] that answers exactly once.
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use futures_util::FutureExt;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::addr::LogicAddr;
+use crate::error::{ErrorCode, HandlerError};
+use crate::link::{Outbound, Peer};
+use crate::proto::{self, Envelope, envelope::Body, response};
+use crate::stats::Stats;
+
+/// What a handler knows about the request it serves.
+#[derive(Debug, Clone)]
+pub struct CallContext {
+    pub(crate) from: LogicAddr,
+    pub(crate) method: String,
+    pub(crate) deadline: Option<Instant>,
+    pub(crate) oneway: bool,
+}
+
+impl CallContext {
+    /// The caller's address.
+    pub fn from(&self) -> LogicAddr {
+        self.from
+    }
+
+    /// The method called.
+    pub fn method(&self) -> &str {
+        &self.method
+    }
+
+    /// When the caller stops waiting, as sent by the caller; `None` for no deadline.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// Whether the caller expects no answer ([`Node::post`](crate::Node::post)).
+    pub fn is_oneway(&self) -> bool {
+        self.oneway
+    }
+}
+
+type BoxFuture = Pin<Box<dyn Future<Output = Result<Bytes, HandlerError>> + Send + 'static>>;
+
+/// A registered RPC handler.
+#[derive(Clone)]
+pub(crate) enum RpcHandler {
+    /// Answers through a [`Replyer`], now or later, from any thread.
+    Replyer(Arc<dyn Fn(CallContext, Bytes, Replyer) + Send + Sync>),
+    /// Answers with the future's output; runs as its own task.
+    Async(Arc<dyn Fn(CallContext, Bytes) -> BoxFuture + Send + Sync>),
+}
+
+impl RpcHandler {
+    pub(crate) fn from_async<F, Fut>(f: F) -> Self
+    where
+        F: Fn(CallContext, Bytes) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Bytes, HandlerError>> + Send + 'static,
+    {
+        RpcHandler::Async(Arc::new(move |ctx, payload| Box::pin(f(ctx, payload))))
+    }
+}
+
+/// Server-side state shared by every reply: the concurrency limit and the drain signal.
+#[derive(Debug)]
+pub(crate) struct ServerShared {
+    pub(crate) addr: LogicAddr,
+    pub(crate) inflight: AtomicUsize,
+    pub(crate) limit: usize,
+    pub(crate) drained: Notify,
+    pub(crate) max_envelope: usize,
+    pub(crate) default_timeout: std::time::Duration,
+    pub(crate) stats: Arc<Stats>,
+    pub(crate) runtime: std::sync::OnceLock<tokio::runtime::Handle>,
+}
+
+impl ServerShared {
+    fn try_acquire(&self) -> bool {
+        self.inflight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.limit).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn release(&self) {
+        if self.inflight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.drained.notify_waiters();
+        }
+    }
+
+    /// Queues a response toward `to` through `peer`.
+    pub(crate) fn respond(
+        self: &Arc<Self>,
+        peer: &Arc<Peer>,
+        to: LogicAddr,
+        id: u64,
+        deadline: Option<Instant>,
+        result: Result<Bytes, HandlerError>,
+    ) {
+        let result = match result {
+            Ok(p) if p.len() > self.max_envelope => response::Result::Error(proto::Error {
+                code: ErrorCode::TOO_LARGE.0,
+                message: format!(
+                    "response of {} bytes is over the limit of {} bytes",
+                    p.len(),
+                    self.max_envelope
+                ),
+            }),
+            Ok(p) => response::Result::Payload(p),
+            Err(e) => response::Result::Error(proto::Error {
+                code: e.code.0,
+                message: e.message,
+            }),
+        };
+        let item = Outbound {
+            env: Envelope {
+                to: to.as_u32(),
+                from: self.addr.as_u32(),
+                hops: 0,
+                trace: Bytes::new(),
+                body: Some(Body::Response(proto::Response {
+                    id,
+                    result: Some(result),
+                })),
+            },
+            deadline: deadline.unwrap_or_else(|| Instant::now() + self.default_timeout),
+        };
+        match peer.try_enqueue(item) {
+            Ok(()) => {}
+            Err((crate::RpcError::QueueFull { .. }, item)) => {
+                // The queue is full: wait for room off the handler's thread.
+                let peer = peer.clone();
+                let spawn = |fut| match self.runtime.get() {
+                    Some(rt) => drop(rt.spawn(fut)),
+                    None => tracing::warn!(%to, "response dropped: node has no runtime"),
+                };
+                spawn(async move {
+                    if let Err(e) = peer.enqueue(item).await {
+                        tracing::warn!(%to, error = %e, "response dropped");
+                    }
+                });
+            }
+            Err((e, _)) => {
+                Stats::incr(&self.stats.envelopes_lost);
+                tracing::warn!(%to, error = %e, "response dropped");
+            }
+        }
+    }
+
+    /// Dispatches one request to its handler (or answers the error that prevents it).
+    pub(crate) fn serve(
+        self: &Arc<Self>,
+        handler: Option<&RpcHandler>,
+        peer: &Arc<Peer>,
+        ctx: CallContext,
+        id: u64,
+        payload: Bytes,
+        tracker: &tokio_util::task::TaskTracker,
+    ) {
+        let refuse = |code: ErrorCode, message: String| {
+            if !ctx.oneway {
+                self.respond(peer, ctx.from, id, ctx.deadline, Err(HandlerError { code, message }));
+            }
+        };
+        let Some(handler) = handler else {
+            return refuse(
+                ErrorCode::NO_METHOD,
+                format!("no handler for method {:?}", ctx.method),
+            );
+        };
+        if !self.try_acquire() {
+            Stats::incr(&self.stats.requests_busy);
+            return refuse(ErrorCode::BUSY, "at the concurrency limit".into());
+        }
+        let replyer = Replyer {
+            shared: Some(self.clone()),
+            peer: peer.clone(),
+            to: ctx.from,
+            id,
+            oneway: ctx.oneway,
+            deadline: ctx.deadline,
+        };
+        match handler {
+            RpcHandler::Replyer(f) => {
+                // A panic drops the replyer while unwinding, which answers PANICKED.
+                if std::panic::catch_unwind(AssertUnwindSafe(|| f(ctx, payload, replyer))).is_err() {
+                    tracing::error!(peer = %peer.addr, "RPC handler panicked");
+                }
+            }
+            RpcHandler::Async(f) => {
+                let method = ctx.method.clone();
+                let fut = match std::panic::catch_unwind(AssertUnwindSafe(|| f(ctx, payload))) {
+                    Ok(fut) => fut,
+                    Err(p) => return replyer.reply(Err(panicked(&method, p))),
+                };
+                tracker.spawn(async move {
+                    let result = match AssertUnwindSafe(fut).catch_unwind().await {
+                        Ok(r) => r,
+                        Err(p) => {
+                            tracing::error!(%method, "RPC handler panicked");
+                            Err(panicked(&method, p))
+                        }
+                    };
+                    replyer.reply(result);
+                });
+            }
+        }
+    }
+}
+
+fn panicked(method: &str, payload: Box<dyn std::any::Any + Send>) -> HandlerError {
+    let text = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic".into());
+    HandlerError {
+        code: ErrorCode::PANICKED,
+        message: format!("handler for {method:?} panicked: {text}"),
+    }
+}
+
+/// Answers one RPC request, exactly once.
+///
+/// [`Replyer::reply`] consumes it, so a second reply does not compile. Dropping it without
+/// replying answers the caller with [`ErrorCode::NO_REPLY`] (or [`ErrorCode::PANICKED`] when
+/// dropped by a panic), so no caller waits for a reply that will never come. It can be moved to
+/// any thread, e.g. into a game loop that answers on its next tick. For a one-way request
+/// ([`Node::post`](crate::Node::post)) replying does nothing.
+pub struct Replyer {
+    shared: Option<Arc<ServerShared>>,
+    peer: Arc<Peer>,
+    to: LogicAddr,
+    id: u64,
+    oneway: bool,
+    deadline: Option<Instant>,
+}
+
+impl std::fmt::Debug for Replyer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replyer")
+            .field("to", &self.to)
+            .field("id", &self.id)
+            .field("oneway", &self.oneway)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Replyer {
+    /// The caller's address.
+    pub fn caller(&self) -> LogicAddr {
+        self.to
+    }
+
+    /// Sends the answer.
+    pub fn reply(mut self, result: Result<Bytes, HandlerError>) {
+        self.finish(result);
+    }
+
+    fn finish(&mut self, result: Result<Bytes, HandlerError>) {
+        let Some(shared) = self.shared.take() else {
+            return;
+        };
+        if !self.oneway {
+            shared.respond(&self.peer, self.to, self.id, self.deadline, result);
+        }
+        shared.release();
+    }
+}
+
+impl Drop for Replyer {
+    fn drop(&mut self) {
+        if self.shared.is_some() {
+            let (code, message) = if std::thread::panicking() {
+                (ErrorCode::PANICKED, "the handler panicked")
+            } else {
+                (ErrorCode::NO_REPLY, "the handler dropped its reply without answering")
+            };
+            self.finish(Err(HandlerError {
+                code,
+                message: message.into(),
+            }));
+        }
+    }
+}

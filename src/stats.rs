@@ -1,0 +1,64 @@
+//! Counters an operator asks for first. Cheap relaxed atomics, read as a [`StatsSnapshot`].
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($($(#[$doc:meta])* $name:ident,)*) => {
+        #[derive(Debug, Default)]
+        pub(crate) struct Stats {
+            $(pub(crate) $name: AtomicU64,)*
+        }
+
+        impl Stats {
+            pub(crate) fn snapshot(&self) -> StatsSnapshot {
+                StatsSnapshot {
+                    $($name: self.$name.load(Ordering::Relaxed),)*
+                }
+            }
+        }
+
+        /// A copy of a node's counters at one moment.
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+        #[non_exhaustive]
+        pub struct StatsSnapshot {
+            $($(#[$doc])* pub $name: u64,)*
+        }
+    };
+}
+
+counters! {
+    /// Links that came up (dialed or accepted).
+    links_opened,
+    /// Links that went down.
+    links_closed,
+    /// Inbound links refused (secret, membership, shutting down).
+    links_refused,
+    /// Dials that failed.
+    dials_failed,
+    /// RPC requests this node's handlers received.
+    requests_received,
+    /// Requests answered `Busy` (over the concurrency limit).
+    requests_busy,
+    /// Requests dropped because their deadline had passed on arrival.
+    requests_expired,
+    /// Responses that matched no waiting call (it had timed out or been cancelled).
+    responses_orphaned,
+    /// One-way messages handed to a handler.
+    messages_received,
+    /// Messages with no handler for their type or command.
+    messages_unknown,
+    /// Messages whose payload did not decode as the handler's type.
+    messages_undecodable,
+    /// Envelopes dropped because they expired in a queue.
+    envelopes_expired,
+    /// Envelopes dropped when their link went down or their peer left membership.
+    envelopes_lost,
+    /// Envelopes dropped as misaddressed (wrong `to`, or `from` not the link's peer).
+    envelopes_misaddressed,
+}
+
+impl Stats {
+    pub(crate) fn incr(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
