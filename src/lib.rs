@@ -63,5 +63,10 @@ pub use node::{Node, NodeBuilder};
 pub use rpc::{CallContext, Replyer};
 pub use stats::StatsSnapshot;
 
+/// The README's examples, compiled as doc tests so the README stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 /// Re-exported so handlers and callers name the same `Bytes`.
 pub use bytes::Bytes;

@@ -80,6 +80,9 @@ pub(crate) struct ServerShared {
     pub(crate) default_timeout: std::time::Duration,
     pub(crate) stats: Arc<Stats>,
     pub(crate) runtime: std::sync::OnceLock<tokio::runtime::Handle>,
+    /// Fires at the end of shutdown: handlers still running then are dropped (their callers
+    /// have been told `Shutdown` or `PeerLost` by then).
+    pub(crate) cancel: tokio_util::sync::CancellationToken,
 }
 
 impl ServerShared {
@@ -202,14 +205,22 @@ impl ServerShared {
                     Ok(fut) => fut,
                     Err(p) => return replyer.reply(Err(panicked(&method, p))),
                 };
+                let cancel = self.cancel.clone();
                 tracker.spawn(async move {
-                    let result = match AssertUnwindSafe(fut).catch_unwind().await {
-                        Ok(r) => r,
-                        Err(p) => {
-                            tracing::error!(%method, "RPC handler panicked");
-                            Err(panicked(&method, p))
+                    // Biased: a handler that finishes on its first poll never registers with
+                    // the token.
+                    let outcome = tokio::select! {
+                        biased;
+                        r = AssertUnwindSafe(fut).catch_unwind() => r,
+                        _ = cancel.cancelled() => {
+                            tracing::warn!(%method, "RPC handler dropped at the end of shutdown");
+                            return;
                         }
                     };
+                    let result = outcome.unwrap_or_else(|p| {
+                        tracing::error!(%method, "RPC handler panicked");
+                        Err(panicked(&method, p))
+                    });
                     replyer.reply(result);
                 });
             }

@@ -228,3 +228,35 @@ async fn a_removed_peer_is_dropped_while_it_keeps_running() {
     let e = within(nb.call(na.addr(), "echo", Bytes::new())).await.unwrap_err();
     assert!(matches!(&e, RpcError::Refused { reason, .. } if reason.contains("not in 1.1.1's membership")), "{e}");
 }
+
+#[tokio::test]
+async fn calls_waiting_on_a_dropped_link_fail_at_once() {
+    let mut c = Cluster::new(&["1.1.1", "1.2.1"]);
+    let (entered_tx, mut entered) = mpsc::channel::<()>(1);
+    let server = c
+        .start("1.2.1", move |b| {
+            b.config(test_config().shutdown_grace(Duration::from_millis(100)))
+                .rpc("forever", move |_, _| {
+                    let entered = entered_tx.clone();
+                    async move {
+                        entered.send(()).await.unwrap();
+                        std::future::pending::<()>().await;
+                        Ok::<_, HandlerError>(Bytes::new())
+                    }
+                })
+        })
+        .await;
+    let client = c.start("1.1.1", |b| b).await;
+    let to = server.addr();
+    let started = tokio::time::Instant::now();
+    let call = tokio::spawn({
+        let client = client.clone();
+        async move { client.call_timeout(to, "forever", Bytes::new(), Duration::from_secs(30)).await }
+    });
+    within(entered.recv()).await.unwrap();
+    // The server gives up on its stuck handler after the grace period and closes its links.
+    server.shutdown().await;
+    let e = within(call).await.unwrap().unwrap_err();
+    assert!(matches!(e, RpcError::PeerLost { peer, .. } if peer == to), "{e:?}");
+    assert!(started.elapsed() < Duration::from_secs(10), "waited {:?}", started.elapsed());
+}

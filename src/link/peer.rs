@@ -129,7 +129,8 @@ impl Peer {
         lock(&self.rx)
     }
 
-    /// Queues without waiting.
+    /// Queues without waiting; on failure the item comes back with the error.
+    #[allow(clippy::result_large_err)]
     pub(crate) fn try_enqueue(&self, item: Outbound) -> Result<(), (RpcError, Outbound)> {
         self.tx.try_send(item).map_err(|e| match e {
             mpsc::error::TrySendError::Full(item) => (

@@ -88,6 +88,7 @@ impl Inner {
     ) -> Arc<Self> {
         let (secret, dev_secret) = config.resolve_secret();
         let stats = Arc::new(Stats::default());
+        let root = CancellationToken::new();
         let server = Arc::new(ServerShared {
             addr,
             inflight: Default::default(),
@@ -97,6 +98,7 @@ impl Inner {
             default_timeout: config.call_timeout,
             stats: stats.clone(),
             runtime: OnceLock::new(),
+            cancel: root.clone(),
         });
         Arc::new(Inner {
             addr,
@@ -116,7 +118,7 @@ impl Inner {
             stats,
             next_id: AtomicU64::new(1),
             next_gen: AtomicU64::new(1),
-            root: CancellationToken::new(),
+            root,
             accept_stop: CancellationToken::new(),
             tracker: TaskTracker::new(),
             closed: watch::channel(false).0,
