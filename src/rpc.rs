@@ -200,27 +200,32 @@ impl ServerShared {
                 }
             }
             RpcHandler::Async(f) => {
-                let method = ctx.method.clone();
-                let fut = match std::panic::catch_unwind(AssertUnwindSafe(|| f(ctx, payload))) {
+                let from = ctx.from;
+                let mut fut = match std::panic::catch_unwind(AssertUnwindSafe(|| f(ctx, payload))) {
                     Ok(fut) => fut,
-                    Err(p) => return replyer.reply(Err(panicked(&method, p))),
+                    Err(p) => return replyer.reply(Err(panicked(from, p))),
                 };
+                // Poll once here: a handler that answers without waiting (most do) costs no
+                // task. A pending one moves to a task, whose first poll registers the real
+                // waker, so the throwaway waker used here is never relied on.
+                let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                match std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(&mut cx))) {
+                    Ok(std::task::Poll::Ready(result)) => return replyer.reply(result),
+                    Ok(std::task::Poll::Pending) => {}
+                    Err(p) => return replyer.reply(Err(panicked(from, p))),
+                }
                 let cancel = self.cancel.clone();
                 tracker.spawn(async move {
-                    // Biased: a handler that finishes on its first poll never registers with
-                    // the token.
+                    // Biased: the handler is polled before the token is registered with.
                     let outcome = tokio::select! {
                         biased;
                         r = AssertUnwindSafe(fut).catch_unwind() => r,
                         _ = cancel.cancelled() => {
-                            tracing::warn!(%method, "RPC handler dropped at the end of shutdown");
+                            tracing::warn!(%from, id, "RPC handler dropped at the end of shutdown");
                             return;
                         }
                     };
-                    let result = outcome.unwrap_or_else(|p| {
-                        tracing::error!(%method, "RPC handler panicked");
-                        Err(panicked(&method, p))
-                    });
+                    let result = outcome.unwrap_or_else(|p| Err(panicked(from, p)));
                     replyer.reply(result);
                 });
             }
@@ -228,15 +233,16 @@ impl ServerShared {
     }
 }
 
-fn panicked(method: &str, payload: Box<dyn std::any::Any + Send>) -> HandlerError {
+fn panicked(from: LogicAddr, payload: Box<dyn std::any::Any + Send>) -> HandlerError {
     let text = payload
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "non-string panic".into());
+    tracing::error!(caller = %from, panic = %text, "RPC handler panicked");
     HandlerError {
         code: ErrorCode::PANICKED,
-        message: format!("handler for {method:?} panicked: {text}"),
+        message: format!("the handler panicked: {text}"),
     }
 }
 

@@ -127,7 +127,12 @@ impl Inner {
     }
 
     pub(crate) async fn dial(self: Arc<Self>, peer: Arc<Peer>, link_gen: u64, backoff: Duration) {
-        let error = match self.try_dial(&peer).await {
+        let attempt = tokio::select! {
+            r = self.try_dial(&peer) => r,
+            // Shutdown fails whatever waits on this peer; nothing more to do here.
+            _ = self.root.cancelled() => return,
+        };
+        let error = match attempt {
             Ok(d) => return self.dialed_up(peer, link_gen, d),
             Err(DialError::Simultaneous) => {
                 // The peer keeps the link it dialed; it will reach us shortly.
