@@ -1,1 +1,872 @@
-fn main(){}
+//! Two-process mesh benchmark: a clustergo node in this process talks to a clustergo node in a
+//! re-executed copy of this binary (the peer), and every mode is compared with a raw tokio TCP
+//! baseline that does the same work with `u32` big-endian length-prefixed frames.
+//!
+//! Modes:
+//! - `rpc-c1`: echo RPC of 64 bytes, one caller in a closed loop.
+//! - `rpc-c128`: the same with 128 concurrent callers.
+//! - `msg`: one-way 64-byte messages from one sender, counted at the receiver.
+//!
+//! Flags: `--multi-thread` (2-worker runtime in both processes; default current_thread),
+//! `--secs <f64>` (measured seconds per mode, default 3), `--smoke` (0.2 s per mode),
+//! `--mode <name>` (one mode only). Unknown arguments (cargo's `--bench`) are ignored.
+//!
+//! Peer process: `peer --listen-port 0 --other 127.0.0.1:PORT [--multi-thread]`. It prints
+//! `READY <node port> <raw port>` and exits by itself when its stdin closes.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clustergo::{Bytes, Cmd, HandlerError, LogicAddr, Member, MemoryDiscovery, Node, NodeConfig};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, mpsc};
+
+/// The secret both processes use.
+const SECRET: &[u8] = b"clustergo-bench-secret";
+/// Payload of every request and message.
+static PAYLOAD: [u8; 64] = [0x5a; 64];
+/// The message that carries payload.
+const CMD_DATA: Cmd = Cmd(1);
+/// The message that resets the receiver's counters (ordered with the data messages).
+const CMD_RESET: Cmd = Cmd(2);
+/// Concurrent callers of `rpc-c128`.
+const CONCURRENCY: usize = 128;
+/// All modes, in run order.
+const MODES: [&str; 3] = ["rpc-c1", "rpc-c128", "msg"];
+/// Largest raw frame accepted.
+const MAX_FRAME: usize = 1 << 20;
+/// Slack on top of warm-up + measurement before a mode is abandoned as hung.
+const MODE_SLACK: Duration = Duration::from_secs(15);
+
+/// Settings of one run.
+#[derive(Debug, Clone)]
+struct Opts {
+    peer: bool,
+    multi_thread: bool,
+    measure: Duration,
+    warmup: Duration,
+    mode: Option<String>,
+    other: Option<String>,
+    listen_port: u16,
+}
+
+fn parse(args: &[String]) -> Result<Opts, String> {
+    let mut o = Opts {
+        peer: args.get(1).is_some_and(|a| a == "peer"),
+        multi_thread: false,
+        measure: Duration::from_secs(3),
+        warmup: Duration::from_millis(500),
+        mode: None,
+        other: None,
+        listen_port: 0,
+    };
+    let mut secs = None;
+    let mut smoke = false;
+    let mut it = args.iter().skip(1);
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| it.next().cloned().ok_or(format!("{name} needs a value"));
+        match a.as_str() {
+            "--multi-thread" => o.multi_thread = true,
+            "--smoke" => smoke = true,
+            "--secs" => {
+                let v = value("--secs")?;
+                let s: f64 = v
+                    .parse()
+                    .map_err(|_| format!("--secs: not a number: {v}"))?;
+                if !(s.is_finite() && s > 0.0 && s < 3600.0) {
+                    return Err(format!("--secs must be in (0, 3600), got {s}"));
+                }
+                secs = Some(s);
+            }
+            "--mode" => o.mode = Some(value("--mode")?),
+            "--other" => o.other = Some(value("--other")?),
+            "--listen-port" => {
+                let v = value("--listen-port")?;
+                o.listen_port = v
+                    .parse()
+                    .map_err(|_| format!("--listen-port: bad port {v}"))?;
+            }
+            _ => {} // cargo passes --bench and friends
+        }
+    }
+    if smoke {
+        o.measure = Duration::from_millis(200);
+        o.warmup = Duration::from_millis(50);
+    }
+    if let Some(s) = secs {
+        o.measure = Duration::from_secs_f64(s);
+    }
+    if let Some(m) = &o.mode
+        && !MODES.contains(&m.as_str())
+    {
+        return Err(format!("unknown mode {m:?}; modes: {}", MODES.join(", ")));
+    }
+    Ok(o)
+}
+
+/// Throughput and latency of one side (clustergo or raw) of a mode.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Measure {
+    /// Operations counted.
+    pub(crate) ops: u64,
+    /// Operations per second.
+    pub(crate) ops_per_sec: f64,
+    /// Median latency in µs (`None` for one-way messages).
+    pub(crate) p50_us: Option<f64>,
+    /// 99th percentile latency in µs.
+    pub(crate) p99_us: Option<f64>,
+}
+
+/// One table row.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Row {
+    /// Through clustergo.
+    pub(crate) mesh: Measure,
+    /// Through raw TCP.
+    pub(crate) raw: Measure,
+}
+
+/// The outcome of one mode.
+#[derive(Debug)]
+pub(crate) struct ModeOutcome {
+    /// Mode name.
+    pub(crate) name: &'static str,
+    /// The row, or why the mode failed.
+    pub(crate) result: Result<Row, String>,
+}
+
+/// Runs the benchmark with command-line `args` (program name first). As the peer (`args[1] ==
+/// "peer"`) it serves until stdin closes and then exits the process. As the orchestrator it
+/// prints the table and returns one outcome per mode run.
+pub(crate) fn entry(args: Vec<String>) -> Result<Vec<ModeOutcome>, String> {
+    let opts = parse(&args)?;
+    let rt = if opts.multi_thread {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    }
+    .map_err(|e| format!("runtime: {e}"))?;
+    if opts.peer {
+        rt.block_on(peer_main(opts))?;
+        return Ok(Vec::new());
+    }
+    Ok(rt.block_on(orchestrate(opts)))
+}
+
+#[allow(dead_code)] // unused when this file is a module of the smoke test
+fn main() {
+    match entry(std::env::args().collect()) {
+        Ok(outcomes) => {
+            let failed: Vec<&str> = outcomes
+                .iter()
+                .filter(|o| o.result.is_err())
+                .map(|o| o.name)
+                .collect();
+            if !failed.is_empty() {
+                eprintln!("bench: failed modes: {}", failed.join(", "));
+                std::process::exit(1);
+            }
+        }
+        Err(e) => {
+            eprintln!("bench: {e}");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn addr(text: &str) -> LogicAddr {
+    text.parse().expect("valid logical address")
+}
+
+fn config() -> NodeConfig {
+    NodeConfig::default().secret(SECRET)
+}
+
+fn members(orchestrator: &str, peer: &str) -> MemoryDiscovery {
+    MemoryDiscovery::new([
+        Member::new(addr("1.1.1"), orchestrator),
+        Member::new(addr("1.2.1"), peer),
+    ])
+}
+
+// ---------------------------------------------------------------------------------------------
+// Peer process
+
+/// Receiver-side counters of one-way messages: count and first/last arrival (ns since `base`).
+#[derive(Debug)]
+struct SinkStats {
+    base: Instant,
+    count: AtomicU64,
+    first_ns: AtomicU64,
+    last_ns: AtomicU64,
+}
+
+impl SinkStats {
+    fn hit(&self) {
+        let t = self.base.elapsed().as_nanos() as u64 + 1; // 0 means "none yet"
+        if self.count.fetch_add(1, Ordering::Relaxed) == 0 {
+            self.first_ns.store(t, Ordering::Relaxed);
+        }
+        self.last_ns.store(t, Ordering::Relaxed);
+    }
+
+    fn reset(&self) {
+        self.count.store(0, Ordering::Relaxed);
+        self.first_ns.store(0, Ordering::Relaxed);
+        self.last_ns.store(0, Ordering::Relaxed);
+    }
+
+    /// Count and elapsed ns between first and last arrival, big-endian.
+    fn encode(&self) -> [u8; 16] {
+        let count = self.count.load(Ordering::Relaxed);
+        let span = self
+            .last_ns
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.first_ns.load(Ordering::Relaxed));
+        let mut out = [0; 16];
+        out[..8].copy_from_slice(&count.to_be_bytes());
+        out[8..].copy_from_slice(&span.to_be_bytes());
+        out
+    }
+}
+
+async fn peer_main(opts: Opts) -> Result<(), String> {
+    // Exit as soon as the orchestrator goes away (its end of our stdin closes).
+    std::thread::spawn(|| {
+        let mut stdin = std::io::stdin();
+        let mut buf = [0u8; 256];
+        while let Ok(n) = stdin.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+        }
+        std::process::exit(0);
+    });
+    let other = opts.other.ok_or("peer: --other is required")?;
+    let node_listener = std::net::TcpListener::bind(("127.0.0.1", opts.listen_port))
+        .map_err(|e| format!("peer: bind: {e}"))?;
+    let node_port = node_listener
+        .local_addr()
+        .map_err(|e| e.to_string())?
+        .port();
+    let raw_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| format!("peer: bind raw: {e}"))?;
+    let raw_port = raw_listener.local_addr().map_err(|e| e.to_string())?.port();
+
+    let sink = Arc::new(SinkStats {
+        base: Instant::now(),
+        count: AtomicU64::new(0),
+        first_ns: AtomicU64::new(0),
+        last_ns: AtomicU64::new(0),
+    });
+    let (s_data, s_reset, s_stats) = (sink.clone(), sink.clone(), sink.clone());
+    let node = Node::builder(addr("1.2.1"))
+        .discovery(members(&other, &format!("127.0.0.1:{node_port}")))
+        .config(config())
+        .listener(node_listener)
+        .rpc("echo", |_ctx, p| async move { Ok::<_, HandlerError>(p) })
+        .rpc("msg-stats", move |_ctx, _| {
+            let bytes = Bytes::copy_from_slice(&s_stats.encode());
+            async move { Ok::<_, HandlerError>(bytes) }
+        })
+        .on_cmd(CMD_DATA, move |_ctx, _p| s_data.hit())
+        .on_cmd(CMD_RESET, move |_ctx, _p| s_reset.reset())
+        .build();
+    node.start()
+        .await
+        .map_err(|e| format!("peer: start: {e}"))?;
+
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "READY {node_port} {raw_port}").map_err(|e| e.to_string())?;
+    out.flush().map_err(|e| e.to_string())?;
+    drop(out);
+
+    loop {
+        match raw_listener.accept().await {
+            Ok((s, _)) => {
+                tokio::spawn(async move {
+                    if let Err(e) = raw_conn(s).await {
+                        eprintln!("peer: raw connection: {e}");
+                    }
+                });
+            }
+            Err(e) => {
+                eprintln!("peer: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+/// Reads one frame body into `buf`; `Ok(false)` at a clean end of stream.
+async fn read_frame<R: AsyncReadExt + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<bool> {
+    let len = match r.read_u32().await {
+        Ok(n) => n as usize,
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if len > MAX_FRAME {
+        return Err(std::io::Error::other(format!("frame of {len} bytes")));
+    }
+    buf.resize(len, 0);
+    r.read_exact(buf).await?;
+    Ok(true)
+}
+
+/// One raw connection: first byte `E` (echo every frame) or `S` (sink: count frames; a 1-byte
+/// frame `R` resets, `Q` answers count and elapsed).
+async fn raw_conn(s: TcpStream) -> std::io::Result<()> {
+    s.set_nodelay(true)?;
+    let (r, w) = s.into_split();
+    let mut r = BufReader::with_capacity(64 << 10, r);
+    let mut w = BufWriter::with_capacity(64 << 10, w);
+    let kind = r.read_u8().await?;
+    let mut buf = Vec::with_capacity(1024);
+    let sink = SinkStats {
+        base: Instant::now(),
+        count: AtomicU64::new(0),
+        first_ns: AtomicU64::new(0),
+        last_ns: AtomicU64::new(0),
+    };
+    while read_frame(&mut r, &mut buf).await? {
+        match kind {
+            b'E' => {
+                w.write_u32(buf.len() as u32).await?;
+                w.write_all(&buf).await?;
+                // Flush once nothing more is already received: answers go out in batches.
+                if r.buffer().is_empty() {
+                    w.flush().await?;
+                }
+            }
+            b'S' => match &buf[..] {
+                b"R" => sink.reset(),
+                b"Q" => {
+                    w.write_u32(16).await?;
+                    w.write_all(&sink.encode()).await?;
+                    w.flush().await?;
+                }
+                _ => sink.hit(),
+            },
+            k => {
+                return Err(std::io::Error::other(format!(
+                    "unknown connection kind {k}"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Orchestrator
+
+/// The peer process and the addresses it serves on.
+struct PeerProc {
+    child: tokio::process::Child,
+    stdin: Option<tokio::process::ChildStdin>,
+    raw: SocketAddr,
+}
+
+async fn spawn_peer(opts: &Opts, own_port: u16) -> Result<(PeerProc, u16), String> {
+    let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.args(["peer", "--listen-port", "0", "--other"])
+        .arg(format!("127.0.0.1:{own_port}"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    if opts.multi_thread {
+        cmd.arg("--multi-thread");
+    }
+    let mut child = cmd.spawn().map_err(|e| format!("spawn peer: {e}"))?;
+    let stdin = child.stdin.take();
+    let stdout = child.stdout.take().ok_or("peer stdout")?;
+    let mut proc = PeerProc {
+        child,
+        stdin,
+        raw: SocketAddr::from(([127, 0, 0, 1], 0)),
+    };
+    let mut lines = BufReader::new(stdout).lines();
+    let line = match tokio::time::timeout(Duration::from_secs(20), lines.next_line()).await {
+        Ok(Ok(Some(line))) => line,
+        other => {
+            stop_peer(&mut proc).await;
+            return Err(format!("peer did not report READY: {other:?}"));
+        }
+    };
+    let ports: Vec<u16> = line
+        .strip_prefix("READY ")
+        .map(|rest| {
+            rest.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let [node_port, raw_port] = ports[..] else {
+        stop_peer(&mut proc).await;
+        return Err(format!("bad READY line from peer: {line:?}"));
+    };
+    proc.raw = SocketAddr::from(([127, 0, 0, 1], raw_port));
+    Ok((proc, node_port))
+}
+
+async fn stop_peer(p: &mut PeerProc) {
+    drop(p.stdin.take()); // the peer exits by itself on EOF ...
+    let _ = p.child.kill().await; // ... and is killed and reaped regardless
+}
+
+async fn orchestrate(opts: Opts) -> Vec<ModeOutcome> {
+    let runtime = if opts.multi_thread {
+        "multi-thread (2 workers)"
+    } else {
+        "current_thread"
+    };
+    println!(
+        "clustergo mesh bench: runtime {runtime} in both processes, {:.2} s measured per mode after {:.2} s warm-up, 64-byte payloads, 127.0.0.1",
+        opts.measure.as_secs_f64(),
+        opts.warmup.as_secs_f64()
+    );
+    println!(
+        "{:<9} | {:>10} | {:>6} | {:>6} | {:>10} | {:>7} | {:>7} | {:>5}",
+        "mode", "ops/s", "p50 µs", "p99 µs", "raw ops/s", "raw p50", "raw p99", "ratio"
+    );
+    println!("{}", "-".repeat(86));
+    let mut outcomes = Vec::new();
+    for name in MODES {
+        if opts.mode.as_deref().is_some_and(|m| m != name) {
+            continue;
+        }
+        let limit = opts.warmup * 2 + opts.measure * 2 + MODE_SLACK;
+        let result = match tokio::time::timeout(limit, run_mode(&opts, name)).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("hung: not done within {limit:?}")),
+        };
+        match &result {
+            Ok(row) => println!(
+                "{:<9} | {:>10.0} | {:>6} | {:>6} | {:>10.0} | {:>7} | {:>7} | {:>5.2}",
+                name,
+                row.mesh.ops_per_sec,
+                us(row.mesh.p50_us),
+                us(row.mesh.p99_us),
+                row.raw.ops_per_sec,
+                us(row.raw.p50_us),
+                us(row.raw.p99_us),
+                row.mesh.ops_per_sec / row.raw.ops_per_sec.max(f64::MIN_POSITIVE),
+            ),
+            Err(e) => println!("{name:<9} | FAILED: {e}"),
+        }
+        outcomes.push(ModeOutcome { name, result });
+    }
+    println!("bench: {} modes ran", outcomes.len());
+    outcomes
+}
+
+fn us(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{v:.1}"))
+}
+
+/// One mode: a fresh peer process, the clustergo run, then the raw run, then teardown.
+async fn run_mode(opts: &Opts, name: &str) -> Result<Row, String> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
+    let own_port = listener.local_addr().map_err(|e| e.to_string())?.port();
+    let (mut peer, peer_port) = spawn_peer(opts, own_port).await?;
+    let node = Node::builder(addr("1.1.1"))
+        .discovery(members(
+            &format!("127.0.0.1:{own_port}"),
+            &format!("127.0.0.1:{peer_port}"),
+        ))
+        .config(config())
+        .listener(listener)
+        .build();
+    let result = async {
+        node.start().await.map_err(|e| format!("start: {e}"))?;
+        let to = addr("1.2.1");
+        let (warmup, measure) = (opts.warmup, opts.measure);
+        let mesh = match name {
+            "rpc-c1" => mesh_rpc(&node, to, 1, warmup, measure).await,
+            "rpc-c128" => mesh_rpc(&node, to, CONCURRENCY, warmup, measure).await,
+            _ => mesh_msg(&node, to, warmup, measure).await,
+        }
+        .map_err(|e| format!("clustergo: {e}"))?;
+        let raw = match name {
+            "rpc-c1" => raw_rpc_c1(peer.raw, warmup, measure).await,
+            "rpc-c128" => raw_rpc_concurrent(peer.raw, CONCURRENCY, warmup, measure).await,
+            _ => raw_msg(peer.raw, warmup, measure).await,
+        }
+        .map_err(|e| format!("raw: {e}"))?;
+        Ok(Row { mesh, raw })
+    }
+    .await;
+    if tokio::time::timeout(Duration::from_secs(10), node.shutdown())
+        .await
+        .is_err()
+    {
+        eprintln!("bench: node shutdown took over 10 s");
+    }
+    stop_peer(&mut peer).await;
+    result
+}
+
+/// Latencies recorded by one caller: u32 nanoseconds.
+fn latency_vec(measure: Duration, callers: usize) -> Vec<u32> {
+    // A guess of the calls one caller completes; growth beyond it is amortized.
+    let guess = (measure.as_secs_f64() * 200_000.0 / callers as f64) as usize;
+    Vec::with_capacity(guess.clamp(1024, 4 << 20))
+}
+
+fn nanos(d: Duration) -> u32 {
+    u32::try_from(d.as_nanos()).unwrap_or(u32::MAX)
+}
+
+/// Builds a measure from per-call latencies taken in `elapsed`.
+fn summarize(mut lat: Vec<u32>, elapsed: Duration) -> Measure {
+    lat.sort_unstable();
+    let pct = |p: f64| -> Option<f64> {
+        if lat.is_empty() {
+            return None;
+        }
+        let rank = ((p / 100.0) * lat.len() as f64).ceil() as usize;
+        Some(f64::from(lat[rank.clamp(1, lat.len()) - 1]) / 1000.0)
+    };
+    Measure {
+        ops: lat.len() as u64,
+        ops_per_sec: lat.len() as f64 / elapsed.as_secs_f64().max(1e-9),
+        p50_us: pct(50.0),
+        p99_us: pct(99.0),
+    }
+}
+
+/// Closed-loop echo calls from `callers` tasks; latencies of calls started in the measured
+/// window are kept.
+async fn mesh_rpc(
+    node: &Node,
+    to: LogicAddr,
+    callers: usize,
+    warmup: Duration,
+    measure: Duration,
+) -> Result<Measure, String> {
+    let start = Instant::now() + warmup;
+    let end = start + measure;
+    let mut tasks = Vec::with_capacity(callers);
+    for _ in 0..callers {
+        let node = node.clone();
+        tasks.push(tokio::spawn(async move {
+            let payload = Bytes::from_static(&PAYLOAD);
+            let mut lat = latency_vec(measure, callers);
+            loop {
+                let t0 = Instant::now();
+                if t0 >= end {
+                    return Ok(lat);
+                }
+                let reply = node
+                    .call(to, "echo", payload.clone())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if reply.len() != PAYLOAD.len() {
+                    return Err(format!("echo returned {} bytes", reply.len()));
+                }
+                if t0 >= start {
+                    lat.push(nanos(t0.elapsed()));
+                }
+            }
+        }));
+    }
+    let all = join_latencies(tasks).await?;
+    Ok(summarize(
+        all,
+        Instant::now().saturating_duration_since(start),
+    ))
+}
+
+async fn join_latencies(
+    tasks: Vec<tokio::task::JoinHandle<Result<Vec<u32>, String>>>,
+) -> Result<Vec<u32>, String> {
+    let mut all = Vec::new();
+    let mut first_err = None;
+    for t in tasks {
+        match t.await {
+            Ok(Ok(lat)) => all.extend_from_slice(&lat),
+            Ok(Err(e)) => {
+                first_err.get_or_insert(e);
+            }
+            Err(e) => {
+                first_err.get_or_insert(format!("caller task: {e}"));
+            }
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(all),
+    }
+}
+
+/// One-way messages as fast as `send_cmd` takes them; the rate is the receiver's.
+async fn mesh_msg(
+    node: &Node,
+    to: LogicAddr,
+    warmup: Duration,
+    measure: Duration,
+) -> Result<Measure, String> {
+    let payload = Bytes::from_static(&PAYLOAD);
+    let send_for = |d: Duration| {
+        let payload = payload.clone();
+        async move {
+            let end = Instant::now() + d;
+            let mut sent = 0u64;
+            loop {
+                if sent % 32 == 0 && Instant::now() >= end {
+                    return Ok::<_, String>(sent);
+                }
+                node.send_cmd(to, CMD_DATA, payload.clone())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                sent += 1;
+            }
+        }
+    };
+    send_for(warmup).await?;
+    node.send_cmd(to, CMD_RESET, Bytes::new())
+        .await
+        .map_err(|e| e.to_string())?;
+    let sent = send_for(measure).await?;
+    // Requests travel the same ordered link, so every message is handled before this.
+    let stats = node
+        .call(to, "msg-stats", Bytes::new())
+        .await
+        .map_err(|e| format!("msg-stats: {e}"))?;
+    let m = receiver_measure(&stats)?;
+    if m.ops != sent {
+        eprintln!("bench: msg: {sent} sent, {} received", m.ops);
+    }
+    Ok(m)
+}
+
+fn receiver_measure(stats: &[u8]) -> Result<Measure, String> {
+    let stats: [u8; 16] = stats
+        .try_into()
+        .map_err(|_| format!("stats of {} bytes", stats.len()))?;
+    let count = u64::from_be_bytes(stats[..8].try_into().expect("8 bytes"));
+    let span_ns = u64::from_be_bytes(stats[8..].try_into().expect("8 bytes"));
+    let ops_per_sec = if count > 1 && span_ns > 0 {
+        (count - 1) as f64 / (span_ns as f64 / 1e9)
+    } else {
+        0.0
+    };
+    Ok(Measure {
+        ops: count,
+        ops_per_sec,
+        p50_us: None,
+        p99_us: None,
+    })
+}
+
+async fn raw_connect(
+    to: SocketAddr,
+    kind: u8,
+) -> std::io::Result<(
+    BufReader<tokio::net::tcp::OwnedReadHalf>,
+    BufWriter<tokio::net::tcp::OwnedWriteHalf>,
+)> {
+    let s = TcpStream::connect(to).await?;
+    s.set_nodelay(true)?;
+    let (r, w) = s.into_split();
+    let mut w = BufWriter::with_capacity(64 << 10, w);
+    w.write_u8(kind).await?;
+    Ok((BufReader::with_capacity(64 << 10, r), w))
+}
+
+/// Writes one echo request frame: length, 8-byte id, payload.
+async fn write_request<W: AsyncWriteExt + Unpin>(
+    w: &mut W,
+    id: u64,
+    payload: &[u8],
+) -> std::io::Result<()> {
+    w.write_u32((8 + payload.len()) as u32).await?;
+    w.write_u64(id).await?;
+    w.write_all(payload).await
+}
+
+/// Raw baseline of `rpc-c1`: one request/response outstanding on one connection.
+async fn raw_rpc_c1(
+    to: SocketAddr,
+    warmup: Duration,
+    measure: Duration,
+) -> Result<Measure, String> {
+    let io = |e: std::io::Error| e.to_string();
+    let (mut r, mut w) = raw_connect(to, b'E').await.map_err(io)?;
+    let start = Instant::now() + warmup;
+    let end = start + measure;
+    let mut lat = latency_vec(measure, 1);
+    let mut buf = Vec::with_capacity(128);
+    let mut id = 0u64;
+    loop {
+        let t0 = Instant::now();
+        if t0 >= end {
+            break;
+        }
+        id += 1;
+        write_request(&mut w, id, &PAYLOAD).await.map_err(io)?;
+        w.flush().await.map_err(io)?;
+        if !read_frame(&mut r, &mut buf).await.map_err(io)? {
+            return Err("server closed".into());
+        }
+        if buf.len() != 8 + PAYLOAD.len() || buf[..8] != id.to_be_bytes() {
+            return Err("bad echo".into());
+        }
+        if t0 >= start {
+            lat.push(nanos(t0.elapsed()));
+        }
+    }
+    w.shutdown().await.map_err(io)?;
+    Ok(summarize(
+        lat,
+        Instant::now().saturating_duration_since(start),
+    ))
+}
+
+/// Raw baseline of `rpc-c128`: `callers` tasks share one connection; a writer task drains
+/// their requests into a `BufWriter` and flushes when the queue is empty; a reader task routes
+/// each answer by its id (caller index in the high 32 bits) to the caller's `Notify`.
+async fn raw_rpc_concurrent(
+    to: SocketAddr,
+    callers: usize,
+    warmup: Duration,
+    measure: Duration,
+) -> Result<Measure, String> {
+    let io = |e: std::io::Error| e.to_string();
+    let (mut r, mut w) = raw_connect(to, b'E').await.map_err(io)?;
+    let (tx, mut rx) = mpsc::channel::<(u64, Bytes)>(callers * 2);
+    let writer = tokio::spawn(async move {
+        while let Some((id, p)) = rx.recv().await {
+            write_request(&mut w, id, &p).await?;
+            while let Ok((id, p)) = rx.try_recv() {
+                write_request(&mut w, id, &p).await?;
+            }
+            w.flush().await?;
+        }
+        w.shutdown().await
+    });
+    let slots: Arc<Vec<(Notify, AtomicU64)>> = Arc::new(
+        (0..callers)
+            .map(|_| (Notify::new(), AtomicU64::new(0)))
+            .collect(),
+    );
+    let reader_slots = slots.clone();
+    let reader = tokio::spawn(async move {
+        let mut buf = Vec::with_capacity(128);
+        while read_frame(&mut r, &mut buf).await? {
+            if buf.len() < 8 {
+                return Err(std::io::Error::other("short echo"));
+            }
+            let id = u64::from_be_bytes(buf[..8].try_into().expect("8 bytes"));
+            let Some((notify, got)) = reader_slots.get((id >> 32) as usize) else {
+                return Err(std::io::Error::other("echo for an unknown caller"));
+            };
+            got.store(id, Ordering::Release);
+            notify.notify_one();
+        }
+        Ok(())
+    });
+    let start = Instant::now() + warmup;
+    let end = start + measure;
+    let mut tasks = Vec::with_capacity(callers);
+    for i in 0..callers {
+        let (tx, slots) = (tx.clone(), slots.clone());
+        tasks.push(tokio::spawn(async move {
+            let payload = Bytes::from_static(&PAYLOAD);
+            let mut lat = latency_vec(measure, callers);
+            let (notify, got) = &slots[i];
+            let mut seq = 0u64;
+            loop {
+                let t0 = Instant::now();
+                if t0 >= end {
+                    return Ok(lat);
+                }
+                seq += 1;
+                let id = ((i as u64) << 32) | seq;
+                tx.send((id, payload.clone()))
+                    .await
+                    .map_err(|_| "writer stopped".to_string())?;
+                if tokio::time::timeout(Duration::from_secs(5), notify.notified())
+                    .await
+                    .is_err()
+                {
+                    return Err("raw echo timed out".to_string());
+                }
+                if got.load(Ordering::Acquire) != id {
+                    return Err("raw echo answered the wrong request".to_string());
+                }
+                if t0 >= start {
+                    lat.push(nanos(t0.elapsed()));
+                }
+            }
+        }));
+    }
+    drop(tx);
+    let result = join_latencies(tasks).await;
+    let elapsed = Instant::now().saturating_duration_since(start);
+    // All callers are done, so the writer drains, shuts the connection, and the reader sees EOF.
+    let w = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    let r = tokio::time::timeout(Duration::from_secs(5), reader).await;
+    let all = result?;
+    match (w, r) {
+        (Ok(Ok(Ok(()))), Ok(Ok(Ok(())))) => {}
+        other => return Err(format!("raw connection tasks: {other:?}")),
+    }
+    Ok(summarize(all, elapsed))
+}
+
+/// Raw baseline of `msg`: frames written back to back through a `BufWriter`; the rate is the
+/// receiver's.
+async fn raw_msg(to: SocketAddr, warmup: Duration, measure: Duration) -> Result<Measure, String> {
+    let io = |e: std::io::Error| e.to_string();
+    let (mut r, mut w) = raw_connect(to, b'S').await.map_err(io)?;
+    async fn send_for<W: AsyncWriteExt + Unpin>(w: &mut W, d: Duration) -> std::io::Result<u64> {
+        let end = Instant::now() + d;
+        let mut sent = 0u64;
+        loop {
+            if sent % 32 == 0 && Instant::now() >= end {
+                return Ok(sent);
+            }
+            w.write_u32(PAYLOAD.len() as u32).await?;
+            w.write_all(&PAYLOAD).await?;
+            sent += 1;
+        }
+    }
+    send_for(&mut w, warmup).await.map_err(io)?;
+    w.write_u32(1).await.map_err(io)?;
+    w.write_all(b"R").await.map_err(io)?;
+    let sent = send_for(&mut w, measure).await.map_err(io)?;
+    w.write_u32(1).await.map_err(io)?;
+    w.write_all(b"Q").await.map_err(io)?;
+    w.flush().await.map_err(io)?;
+    let mut buf = Vec::with_capacity(16);
+    let got = tokio::time::timeout(Duration::from_secs(10), read_frame(&mut r, &mut buf))
+        .await
+        .map_err(|_| "sink stats timed out".to_string())?
+        .map_err(io)?;
+    if !got {
+        return Err("sink closed".into());
+    }
+    let m = receiver_measure(&buf)?;
+    if m.ops != sent {
+        return Err(format!("raw msg: {sent} sent, {} received", m.ops));
+    }
+    w.shutdown().await.map_err(io)?;
+    Ok(m)
+}

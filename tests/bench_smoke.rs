@@ -1,1 +1,58 @@
-fn main(){}
+//! Smoke test of the mesh benchmark: runs every mode for a fraction of a second in two
+//! processes and fails if a mode fails or measures nothing. When re-executed by the
+//! benchmark as its peer (first argument `peer`), it serves as the peer instead.
+
+#[path = "../benches/mesh.rs"]
+mod mesh;
+
+fn main() {
+    let mut args: Vec<String> = std::env::args().collect();
+    if args.get(1).is_some_and(|a| a == "peer") {
+        if let Err(e) = mesh::entry(args) {
+            eprintln!("bench smoke peer: {e}");
+            std::process::exit(2);
+        }
+        return;
+    }
+    // Only the binary name is kept: cargo's test arguments mean nothing here.
+    args.truncate(1);
+    args.push("--smoke".into());
+    let started = std::time::Instant::now();
+    let outcomes = match mesh::entry(args) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("bench smoke: {e}");
+            std::process::exit(2);
+        }
+    };
+    let (mut passed, mut failed) = (0, 0);
+    for o in &outcomes {
+        match &o.result {
+            Ok(row)
+                if row.mesh.ops > 0
+                    && row.raw.ops > 0
+                    && row.mesh.ops_per_sec > 0.0
+                    && row.raw.ops_per_sec > 0.0 =>
+            {
+                passed += 1
+            }
+            Ok(row) => {
+                failed += 1;
+                eprintln!("bench smoke: {} measured zero operations: {row:?}", o.name);
+            }
+            Err(e) => {
+                failed += 1;
+                eprintln!("bench smoke: {} failed: {e}", o.name);
+            }
+        }
+    }
+    if outcomes.len() != 3 {
+        failed += 1;
+        eprintln!("bench smoke: expected 3 modes, {} ran", outcomes.len());
+    }
+    println!("bench smoke: took {:.1} s", started.elapsed().as_secs_f64());
+    println!("bench smoke: {passed} passed, {failed} failed");
+    if failed > 0 {
+        std::process::exit(1);
+    }
+}

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 use tokio_stream::StreamExt;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 use super::dispatch::MeshService;
 use super::inner::{Inner, Phase};
@@ -124,8 +124,10 @@ impl Inner {
             .http2_keepalive_interval(Some(self.config.keepalive_interval))
             .http2_keepalive_timeout(Some(self.config.keepalive_timeout))
             .add_service(service)
+            // Accepted sockets get their options here: the builder's `tcp_nodelay` does not
+            // reach a listener we bring ourselves, and Nagle's delay would stall small batches.
             .serve_with_incoming_shutdown(
-                TcpListenerStream::new(listener),
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
                 self.accept_stop.clone().cancelled_owned(),
             );
         let root = self.root.clone();
