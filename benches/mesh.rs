@@ -202,40 +202,64 @@ fn members(orchestrator: &str, peer: &str) -> MemoryDiscovery {
 // ---------------------------------------------------------------------------------------------
 // Peer process
 
-/// Receiver-side counters of one-way messages: count and first/last arrival (ns since `base`).
+/// Receiver-side counters of one-way messages: count, first arrival, and the latest sampled
+/// arrival with the count at that moment (ns since `base`). The clock is read once per
+/// `SAMPLE` messages so that reading it does not dominate what is measured.
 #[derive(Debug)]
 struct SinkStats {
     base: Instant,
     count: AtomicU64,
     first_ns: AtomicU64,
     last_ns: AtomicU64,
+    last_count: AtomicU64,
 }
 
+/// Messages between clock reads at the receiver.
+const SAMPLE: u64 = 256;
+
 impl SinkStats {
-    fn hit(&self) {
-        let t = self.base.elapsed().as_nanos() as u64 + 1; // 0 means "none yet"
-        if self.count.fetch_add(1, Ordering::Relaxed) == 0 {
-            self.first_ns.store(t, Ordering::Relaxed);
+    fn new() -> Self {
+        SinkStats {
+            base: Instant::now(),
+            count: AtomicU64::new(0),
+            first_ns: AtomicU64::new(0),
+            last_ns: AtomicU64::new(0),
+            last_count: AtomicU64::new(0),
         }
-        self.last_ns.store(t, Ordering::Relaxed);
+    }
+
+    fn hit(&self) {
+        let n = self.count.fetch_add(1, Ordering::Relaxed);
+        if n % SAMPLE == 0 {
+            let t = self.base.elapsed().as_nanos() as u64 + 1; // 0 means "none yet"
+            if n == 0 {
+                self.first_ns.store(t, Ordering::Relaxed);
+            }
+            self.last_ns.store(t, Ordering::Relaxed);
+            self.last_count.store(n, Ordering::Relaxed);
+        }
     }
 
     fn reset(&self) {
         self.count.store(0, Ordering::Relaxed);
+        self.last_count.store(0, Ordering::Relaxed);
         self.first_ns.store(0, Ordering::Relaxed);
         self.last_ns.store(0, Ordering::Relaxed);
     }
 
-    /// Count and elapsed ns between first and last arrival, big-endian.
-    fn encode(&self) -> [u8; 16] {
+    /// Big-endian: messages received, the index of the last sampled arrival (messages that
+    /// arrived after the first and up to it), and the ns between the two samples.
+    fn encode(&self) -> [u8; 24] {
         let count = self.count.load(Ordering::Relaxed);
+        let sampled = self.last_count.load(Ordering::Relaxed);
         let span = self
             .last_ns
             .load(Ordering::Relaxed)
             .saturating_sub(self.first_ns.load(Ordering::Relaxed));
-        let mut out = [0; 16];
+        let mut out = [0; 24];
         out[..8].copy_from_slice(&count.to_be_bytes());
-        out[8..].copy_from_slice(&span.to_be_bytes());
+        out[8..16].copy_from_slice(&sampled.to_be_bytes());
+        out[16..].copy_from_slice(&span.to_be_bytes());
         out
     }
 }
@@ -264,12 +288,7 @@ async fn peer_main(opts: Opts) -> Result<(), String> {
         .map_err(|e| format!("peer: bind raw: {e}"))?;
     let raw_port = raw_listener.local_addr().map_err(|e| e.to_string())?.port();
 
-    let sink = Arc::new(SinkStats {
-        base: Instant::now(),
-        count: AtomicU64::new(0),
-        first_ns: AtomicU64::new(0),
-        last_ns: AtomicU64::new(0),
-    });
+    let sink = Arc::new(SinkStats::new());
     let (s_data, s_reset, s_stats) = (sink.clone(), sink.clone(), sink.clone());
     let node = Node::builder(addr("1.2.1"))
         .discovery(members(&other, &format!("127.0.0.1:{node_port}")))
@@ -336,12 +355,7 @@ async fn raw_conn(s: TcpStream) -> std::io::Result<()> {
     let mut w = BufWriter::with_capacity(64 << 10, w);
     let kind = r.read_u8().await?;
     let mut buf = Vec::with_capacity(1024);
-    let sink = SinkStats {
-        base: Instant::now(),
-        count: AtomicU64::new(0),
-        first_ns: AtomicU64::new(0),
-        last_ns: AtomicU64::new(0),
-    };
+    let sink = SinkStats::new();
     while read_frame(&mut r, &mut buf).await? {
         match kind {
             b'E' => {
@@ -355,7 +369,7 @@ async fn raw_conn(s: TcpStream) -> std::io::Result<()> {
             b'S' => match &buf[..] {
                 b"R" => sink.reset(),
                 b"Q" => {
-                    w.write_u32(16).await?;
+                    w.write_u32(24).await?;
                     w.write_all(&sink.encode()).await?;
                     w.flush().await?;
                 }
@@ -657,13 +671,13 @@ async fn mesh_msg(
 }
 
 fn receiver_measure(stats: &[u8]) -> Result<Measure, String> {
-    let stats: [u8; 16] = stats
+    let stats: [u8; 24] = stats
         .try_into()
         .map_err(|_| format!("stats of {} bytes", stats.len()))?;
-    let count = u64::from_be_bytes(stats[..8].try_into().expect("8 bytes"));
-    let span_ns = u64::from_be_bytes(stats[8..].try_into().expect("8 bytes"));
-    let ops_per_sec = if count > 1 && span_ns > 0 {
-        (count - 1) as f64 / (span_ns as f64 / 1e9)
+    let word = |i: usize| u64::from_be_bytes(stats[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+    let (count, sampled, span_ns) = (word(0), word(1), word(2));
+    let ops_per_sec = if sampled > 0 && span_ns > 0 {
+        sampled as f64 / (span_ns as f64 / 1e9)
     } else {
         0.0
     };
@@ -855,7 +869,7 @@ async fn raw_msg(to: SocketAddr, warmup: Duration, measure: Duration) -> Result<
     w.write_u32(1).await.map_err(io)?;
     w.write_all(b"Q").await.map_err(io)?;
     w.flush().await.map_err(io)?;
-    let mut buf = Vec::with_capacity(16);
+    let mut buf = Vec::with_capacity(24);
     let got = tokio::time::timeout(Duration::from_secs(10), read_frame(&mut r, &mut buf))
         .await
         .map_err(|_| "sink stats timed out".to_string())?

@@ -46,6 +46,7 @@
 mod addr;
 mod config;
 mod error;
+mod hash;
 mod link;
 pub mod membership;
 mod message;

@@ -4,12 +4,12 @@
 //! messages of one sender are handled in the order they were sent. A handler that has slow
 //! work to do hands it to a task or a channel of its own.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
 
 use crate::addr::LogicAddr;
+use crate::hash::FastMap;
 
 /// An application-defined message number for raw-bytes messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -40,8 +40,8 @@ pub(crate) type MsgHandler =
 /// Handlers by key, filled by the builder and read-only once the node runs.
 #[derive(Default, Clone)]
 pub(crate) struct MsgHandlers {
-    pub(crate) by_cmd: HashMap<u32, MsgHandler>,
-    pub(crate) by_type: HashMap<String, MsgHandler>,
+    pub(crate) by_cmd: FastMap<u32, MsgHandler>,
+    pub(crate) by_type: FastMap<String, MsgHandler>,
 }
 
 pub(crate) fn typed<M, F>(f: F) -> MsgHandler

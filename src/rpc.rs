@@ -135,19 +135,20 @@ impl ServerShared {
                     result: Some(result),
                 })),
             },
-            deadline: deadline.unwrap_or_else(|| Instant::now() + self.default_timeout),
+            deadline,
         };
         match peer.try_enqueue(item) {
             Ok(()) => {}
             Err((crate::RpcError::QueueFull { .. }, item)) => {
                 // The queue is full: wait for room off the handler's thread.
                 let peer = peer.clone();
+                let wait = self.default_timeout;
                 let spawn = |fut| match self.runtime.get() {
                     Some(rt) => drop(rt.spawn(fut)),
                     None => tracing::warn!(%to, "response dropped: node has no runtime"),
                 };
                 spawn(async move {
-                    if let Err(e) = peer.enqueue(item).await {
+                    if let Err(e) = peer.enqueue(item, wait).await {
                         tracing::warn!(%to, error = %e, "response dropped");
                     }
                 });

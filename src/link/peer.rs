@@ -1,6 +1,5 @@
 //! One peer: its bounded queue, the calls waiting on it, and the state of its link.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -12,14 +11,16 @@ use tokio_util::sync::CancellationToken;
 
 use crate::addr::LogicAddr;
 use crate::error::RpcError;
+use crate::hash::FastMap;
 use crate::proto::{Envelope, envelope::Body};
 use crate::stats::Stats;
 
-/// An envelope waiting in a peer's queue, with the time after which it is useless.
+/// An envelope waiting in a peer's queue, with the time after which it is useless (`None`:
+/// it is written whenever the link gets to it).
 #[derive(Debug)]
 pub(crate) struct Outbound {
     pub(crate) env: Envelope,
-    pub(crate) deadline: Instant,
+    pub(crate) deadline: Option<Instant>,
 }
 
 /// How a call ended, as far as the link knows; the caller turns it into an [`RpcError`]
@@ -76,7 +77,7 @@ pub(crate) struct Peer {
     tx: mpsc::Sender<Outbound>,
     rx: Mutex<mpsc::Receiver<Outbound>>,
     capacity: usize,
-    pending: Mutex<HashMap<u64, oneshot::Sender<Outcome>>>,
+    pending: Mutex<FastMap<u64, oneshot::Sender<Outcome>>>,
     state: Mutex<LinkState>,
     /// Mirrors `state` being `Up`: the send path reads it without the lock.
     up: AtomicBool,
@@ -103,7 +104,7 @@ impl Peer {
             tx,
             rx: Mutex::new(rx),
             capacity,
-            pending: Mutex::new(HashMap::new()),
+            pending: Mutex::new(FastMap::default()),
             state: Mutex::new(LinkState::idle()),
             up: AtomicBool::new(false),
             changed: Notify::new(),
@@ -151,14 +152,14 @@ impl Peer {
         })
     }
 
-    /// Queues, waiting for room until the item's deadline.
-    pub(crate) async fn enqueue(&self, item: Outbound) -> Result<(), RpcError> {
+    /// Queues, waiting for room until the item's deadline (or for `wait` if it has none).
+    pub(crate) async fn enqueue(&self, item: Outbound, wait: Duration) -> Result<(), RpcError> {
         let item = match self.try_enqueue(item) {
             Ok(()) => return Ok(()),
             Err((RpcError::QueueFull { .. }, item)) => item,
             Err((e, _)) => return Err(e),
         };
-        let deadline = item.deadline;
+        let deadline = item.deadline.unwrap_or_else(|| Instant::now() + wait);
         match tokio::time::timeout_at(deadline, self.tx.reserve()).await {
             Ok(Ok(permit)) => {
                 permit.send(item);

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use tokio_stream::Stream;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
-use super::peer::{LinkTokens, Peer};
+use super::peer::{LinkTokens, Outbound, Peer};
 use crate::proto::{Batch, envelope::Body};
 use crate::stats::Stats;
 
@@ -28,6 +28,8 @@ pub(crate) struct Writer {
     close: Pin<Box<WaitForCancellationFutureOwned>>,
     max_bytes: usize,
     max_envelopes: usize,
+    /// Taken from the queue, not yet written (left over when a batch hit the byte limit).
+    buf: Vec<Outbound>,
 }
 
 impl std::fmt::Debug for Writer {
@@ -53,6 +55,7 @@ impl Writer {
             close: Box::pin(tokens.close.clone().cancelled_owned()),
             max_bytes,
             max_envelopes,
+            buf: Vec::new(),
         }
     }
 }
@@ -93,41 +96,54 @@ impl Stream for Writer {
         if this.kill.as_mut().poll(cx).is_ready() {
             return Poll::Ready(None);
         }
-        let mut rx = this.peer.rx();
-        let first = match rx.poll_recv(cx) {
-            Poll::Ready(Some(item)) => item,
-            // The peer holds the sender, so the queue never closes while the writer lives.
-            Poll::Ready(None) => return Poll::Ready(None),
-            Poll::Pending => {
-                drop(rx);
-                // Graceful close: end only once nothing is left to write.
-                if this.close.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(None);
+        loop {
+            if this.buf.is_empty() {
+                // One receive takes everything queued (up to the envelope limit) and returns
+                // the queue's permits in one step.
+                let polled = this.peer.rx().poll_recv_many(cx, &mut this.buf, this.max_envelopes);
+                match polled {
+                    // The peer holds the sender, so the queue never closes while we live.
+                    Poll::Ready(0) => return Poll::Ready(None),
+                    Poll::Ready(_) => {}
+                    Poll::Pending => {
+                        // Graceful close: end only once nothing is left to write.
+                        if this.close.as_mut().poll(cx).is_ready() {
+                            return Poll::Ready(None);
+                        }
+                        return Poll::Pending;
+                    }
                 }
-                return Poll::Pending;
             }
-        };
-        let now = Instant::now();
-        let mut envelopes = Vec::with_capacity(rx.len().min(this.max_envelopes) + 1);
-        let mut bytes = 0;
-        let mut next = Some(first);
-        while let Some(item) = next.take() {
-            if item.deadline <= now {
-                this.peer.expire(item, &this.stats);
-            } else {
+            // Cut at the byte limit; the rest waits in `buf` for the next poll.
+            let mut bytes = 0;
+            let mut cut = this.buf.len();
+            for (i, item) in this.buf.iter().enumerate() {
                 bytes += approx_size(&item.env.body);
-                envelopes.push(item.env);
+                if bytes >= this.max_bytes {
+                    cut = i + 1;
+                    break;
+                }
             }
-            if envelopes.len() < this.max_envelopes && bytes < this.max_bytes {
-                next = rx.try_recv().ok();
+            let rest = if cut < this.buf.len() {
+                this.buf.split_off(cut)
+            } else {
+                Vec::new()
+            };
+            let mut now = None;
+            let mut envelopes = Vec::with_capacity(this.buf.len());
+            for item in this.buf.drain(..) {
+                match item.deadline {
+                    Some(d) if d <= *now.get_or_insert_with(Instant::now) => {
+                        this.peer.expire(item, &this.stats)
+                    }
+                    _ => envelopes.push(item.env),
+                }
             }
+            this.buf = rest;
+            if !envelopes.is_empty() {
+                return Poll::Ready(Some(Batch { envelopes }));
+            }
+            // Everything taken had expired: look again.
         }
-        drop(rx);
-        if envelopes.is_empty() {
-            // Everything taken had expired; look again (and register for a wake-up).
-            cx.waker().wake_by_ref();
-            return Poll::Pending;
-        }
-        Poll::Ready(Some(Batch { envelopes }))
     }
 }

@@ -1,6 +1,5 @@
 //! Building a node: address, membership source, configuration, handlers.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 
@@ -11,6 +10,7 @@ use super::inner::Inner;
 use crate::addr::LogicAddr;
 use crate::config::NodeConfig;
 use crate::error::HandlerError;
+use crate::hash::FastMap;
 use crate::membership::{Discovery, MemoryDiscovery};
 use crate::message::{self, Cmd, MessageContext, MsgHandlers};
 use crate::rpc::{CallContext, Replyer, RpcHandler};
@@ -37,7 +37,7 @@ pub struct NodeBuilder {
     config: NodeConfig,
     discovery: Option<Arc<dyn Discovery>>,
     listener: Option<std::net::TcpListener>,
-    rpcs: HashMap<String, RpcHandler>,
+    rpcs: FastMap<String, RpcHandler>,
     messages: MsgHandlers,
     duplicates: Vec<String>,
 }
@@ -59,7 +59,7 @@ impl NodeBuilder {
             config: NodeConfig::default(),
             discovery: None,
             listener: None,
-            rpcs: HashMap::new(),
+            rpcs: FastMap::default(),
             messages: MsgHandlers::default(),
             duplicates: Vec::new(),
         }

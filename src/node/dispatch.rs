@@ -146,7 +146,7 @@ impl Inner {
             }
             let now = Instant::now();
             for item in buf.drain(..) {
-                if item.deadline <= now {
+                if item.deadline.is_some_and(|d| d <= now) {
                     peer.expire(item, &self.stats);
                 } else if let Err(reason) = self.deliver(&peer, item.env) {
                     tracing::warn!(reason, "dropped a self-sent envelope");

@@ -1,9 +1,7 @@
 //! The node's shared state and its send path.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
-use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::{Notify, watch};
@@ -14,6 +12,7 @@ use tokio_util::task::TaskTracker;
 use crate::addr::LogicAddr;
 use crate::config::NodeConfig;
 use crate::error::RpcError;
+use crate::hash::FastMap;
 use crate::link::{LinkState, Outbound, Peer};
 use crate::membership::Discovery;
 use crate::membership::view::View;
@@ -50,13 +49,13 @@ pub(crate) struct Inner {
     pub(crate) secret: Vec<u8>,
     pub(crate) dev_secret: bool,
     pub(crate) incarnation: u64,
-    pub(crate) rpcs: HashMap<String, RpcHandler>,
+    pub(crate) rpcs: FastMap<String, RpcHandler>,
     pub(crate) messages: MsgHandlers,
     pub(crate) duplicates: Vec<String>,
     pub(crate) discovery: Arc<dyn Discovery>,
     phase: AtomicU8,
     pub(crate) view: RwLock<Arc<View>>,
-    pub(crate) peers: RwLock<HashMap<LogicAddr, Arc<Peer>>>,
+    pub(crate) peers: RwLock<FastMap<LogicAddr, Arc<Peer>>>,
     pub(crate) self_peer: Arc<Peer>,
     pub(crate) server: Arc<ServerShared>,
     pub(crate) stats: Arc<Stats>,
@@ -82,7 +81,7 @@ impl Inner {
         config: NodeConfig,
         discovery: Arc<dyn Discovery>,
         listener: Option<std::net::TcpListener>,
-        rpcs: HashMap<String, RpcHandler>,
+        rpcs: FastMap<String, RpcHandler>,
         messages: MsgHandlers,
         duplicates: Vec<String>,
     ) -> Arc<Self> {
@@ -113,7 +112,7 @@ impl Inner {
             discovery,
             phase: AtomicU8::new(Phase::Created as u8),
             view: RwLock::new(Arc::new(View::default())),
-            peers: RwLock::new(HashMap::new()),
+            peers: RwLock::new(FastMap::default()),
             server,
             stats,
             next_id: AtomicU64::new(1),
@@ -240,24 +239,30 @@ impl Inner {
         Ok(())
     }
 
-    /// Queues `body` for `to`; `wait` waits for room until `deadline` instead of failing at once.
+    /// Queues `env` for `peer`; `wait` waits for room (until the deadline, or `send_timeout`)
+    /// instead of failing at once.
     pub(crate) async fn send(
         self: &Arc<Self>,
         peer: &Arc<Peer>,
         env: Envelope,
-        deadline: Instant,
+        deadline: Option<Instant>,
         wait: bool,
     ) -> Result<(), RpcError> {
         self.ensure_link(peer)?;
         let item = Outbound { env, deadline };
-        if wait {
-            peer.enqueue(item).await
-        } else {
-            peer.try_enqueue(item).map_err(|(e, _)| e)
+        match peer.try_enqueue(item) {
+            Ok(()) => Ok(()),
+            Err((RpcError::QueueFull { .. }, item)) if wait => {
+                peer.enqueue(item, self.config.send_timeout).await
+            }
+            Err((e, _)) => Err(e),
         }
     }
 
-    pub(crate) fn deadline_in(&self, d: Duration) -> Instant {
-        Instant::now() + d
+    /// The deadline of a one-way item: none while the link is up (the writer is draining the
+    /// queue, and reading the clock per message is measurable), `send_timeout` from now while
+    /// the link is being dialed.
+    pub(crate) fn oneway_deadline(&self, peer: &Peer) -> Option<Instant> {
+        (!peer.is_up()).then(|| Instant::now() + self.config.send_timeout)
     }
 }

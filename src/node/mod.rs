@@ -128,7 +128,7 @@ impl Node {
         inner.check_size(payload.len())?;
         let peer = inner.peer_for(to)?;
         let id = inner.next_call_id();
-        let deadline = inner.deadline_in(timeout);
+        let deadline = tokio::time::Instant::now() + timeout;
         let (tx, rx) = oneshot::channel();
         peer.add_pending(id, tx);
         let mut guard = PendingGuard {
@@ -146,7 +146,7 @@ impl Node {
                 oneway: false,
             }),
         );
-        inner.send(&peer, env, deadline, true).await?;
+        inner.send(&peer, env, Some(deadline), true).await?;
         let outcome = match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(o)) => o,
             Ok(Err(_)) => Outcome::Failed(RpcError::PeerLost {
@@ -221,7 +221,7 @@ impl Node {
         let inner = &self.inner;
         inner.check_running()?;
         let peer = inner.peer_for(to)?;
-        let deadline = inner.deadline_in(inner.config.send_timeout);
+        let deadline = inner.oneway_deadline(&peer);
         inner.send(&peer, inner.envelope(to, body), deadline, wait).await
     }
 
@@ -232,7 +232,7 @@ impl Node {
         inner.ensure_link(&peer)?;
         let item = Outbound {
             env: inner.envelope(to, body),
-            deadline: inner.deadline_in(inner.config.send_timeout),
+            deadline: inner.oneway_deadline(&peer),
         };
         peer.try_enqueue(item).map_err(|(e, _)| e)
     }
