@@ -13,7 +13,7 @@ use crate::addr::LogicAddr;
 use crate::config::NodeConfig;
 use crate::error::RpcError;
 use crate::hash::FastMap;
-use crate::link::{LinkState, Outbound, Peer};
+use crate::link::{LinkState, Peer};
 use crate::membership::Discovery;
 use crate::membership::view::View;
 use crate::message::MsgHandlers;
@@ -237,26 +237,6 @@ impl Inner {
         let peer = peer.clone();
         self.tracker.spawn(async move { this.dial(peer, link_gen, backoff).await });
         Ok(())
-    }
-
-    /// Queues `env` for `peer`; `wait` waits for room (until the deadline, or `send_timeout`)
-    /// instead of failing at once.
-    pub(crate) async fn send(
-        self: &Arc<Self>,
-        peer: &Arc<Peer>,
-        env: Envelope,
-        deadline: Option<Instant>,
-        wait: bool,
-    ) -> Result<(), RpcError> {
-        self.ensure_link(peer)?;
-        let item = Outbound { env, deadline };
-        match peer.try_enqueue(item) {
-            Ok(()) => Ok(()),
-            Err((RpcError::QueueFull { .. }, item)) if wait => {
-                peer.enqueue(item, self.config.send_timeout).await
-            }
-            Err((e, _)) => Err(e),
-        }
     }
 
     /// The deadline of a one-way item: none while the link is up (the writer is draining the

@@ -44,6 +44,13 @@ impl std::fmt::Debug for Node {
     }
 }
 
+/// Why a one-way body was not queued at once.
+enum Pushback {
+    /// The queue is full; the item to wait with.
+    Full(Arc<Peer>, Box<Outbound>),
+    Failed(RpcError),
+}
+
 /// Removes a call's waiting slot if the caller stops waiting first.
 struct PendingGuard<'a> {
     peer: &'a Peer,
@@ -123,30 +130,16 @@ impl Node {
         payload: Bytes,
         timeout: Duration,
     ) -> Result<Bytes, RpcError> {
-        let inner = &self.inner;
-        inner.check_running()?;
-        inner.check_size(payload.len())?;
-        let peer = inner.peer_for(to)?;
-        let id = inner.next_call_id();
         let deadline = tokio::time::Instant::now() + timeout;
-        let (tx, rx) = oneshot::channel();
-        peer.add_pending(id, tx);
+        let (peer, id, rx, full) = self.begin_call(to, method, payload, timeout, deadline)?;
         let mut guard = PendingGuard {
             peer: &peer,
             id,
             armed: true,
         };
-        let env = inner.envelope(
-            to,
-            Body::Request(proto::Request {
-                id,
-                method: method.to_owned(),
-                payload,
-                timeout_ms: millis(timeout),
-                oneway: false,
-            }),
-        );
-        inner.send(&peer, env, Some(deadline), true).await?;
+        if let Some(item) = full {
+            peer.enqueue(*item, timeout).await?;
+        }
         let outcome = match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(o)) => o,
             Ok(Err(_)) => Outcome::Failed(RpcError::PeerLost {
@@ -178,6 +171,48 @@ impl Node {
                 ErrorCode::NO_ROUTE => RpcError::NoRoute { to, reason: message },
                 code => RpcError::Remote { to, code, message },
             }),
+        }
+    }
+
+    /// Registers a call and queues its request without waiting (see [`Node::push_now`]); a full
+    /// queue hands the request back to wait with.
+    #[allow(clippy::type_complexity)]
+    fn begin_call(
+        &self,
+        to: LogicAddr,
+        method: &str,
+        payload: Bytes,
+        timeout: Duration,
+        deadline: tokio::time::Instant,
+    ) -> Result<(Arc<Peer>, u64, oneshot::Receiver<Outcome>, Option<Box<Outbound>>), RpcError> {
+        let inner = &self.inner;
+        inner.check_running()?;
+        inner.check_size(payload.len())?;
+        let peer = inner.peer_for(to)?;
+        inner.ensure_link(&peer)?;
+        let id = inner.next_call_id();
+        let (tx, rx) = oneshot::channel();
+        peer.add_pending(id, tx);
+        let item = Outbound {
+            env: inner.envelope(
+                to,
+                Body::Request(proto::Request {
+                    id,
+                    method: method.to_owned(),
+                    payload,
+                    timeout_ms: millis(timeout),
+                    oneway: false,
+                }),
+            ),
+            deadline: Some(deadline),
+        };
+        match peer.try_enqueue(item) {
+            Ok(()) => Ok((peer, id, rx, None)),
+            Err((RpcError::QueueFull { .. }, item)) => Ok((peer, id, rx, Some(Box::new(item)))),
+            Err((e, _)) => {
+                peer.take_pending(id);
+                Err(e)
+            }
         }
     }
 
@@ -214,27 +249,45 @@ impl Node {
             timeout_ms: millis(self.inner.config.send_timeout),
             oneway: true,
         });
-        self.push(to, body, true).await
+        self.push(to, body).await
     }
 
-    async fn push(&self, to: LogicAddr, body: Body, wait: bool) -> Result<(), RpcError> {
+    /// Queues a one-way body without waiting. Built in a plain function, so the envelope is
+    /// constructed in place rather than moved through async state machines; on a full queue
+    /// the item comes back for [`Node::push`] to wait with.
+    fn push_now(&self, to: LogicAddr, body: Body) -> Result<(), Pushback> {
         let inner = &self.inner;
-        inner.check_running()?;
-        let peer = inner.peer_for(to)?;
-        let deadline = inner.oneway_deadline(&peer);
-        inner.send(&peer, inner.envelope(to, body), deadline, wait).await
-    }
-
-    fn try_push(&self, to: LogicAddr, body: Body) -> Result<(), RpcError> {
-        let inner = &self.inner;
-        inner.check_running()?;
-        let peer = inner.peer_for(to)?;
-        inner.ensure_link(&peer)?;
+        inner.check_running().map_err(Pushback::Failed)?;
+        let peer = inner.peer_for(to).map_err(Pushback::Failed)?;
+        inner.ensure_link(&peer).map_err(Pushback::Failed)?;
         let item = Outbound {
             env: inner.envelope(to, body),
             deadline: inner.oneway_deadline(&peer),
         };
-        peer.try_enqueue(item).map_err(|(e, _)| e)
+        match peer.try_enqueue(item) {
+            Ok(()) => Ok(()),
+            Err((RpcError::QueueFull { .. }, item)) => Err(Pushback::Full(peer, Box::new(item))),
+            Err((e, _)) => Err(Pushback::Failed(e)),
+        }
+    }
+
+    async fn push(&self, to: LogicAddr, body: Body) -> Result<(), RpcError> {
+        match self.push_now(to, body) {
+            Ok(()) => Ok(()),
+            Err(Pushback::Full(peer, item)) => peer.enqueue(*item, self.inner.config.send_timeout).await,
+            Err(Pushback::Failed(e)) => Err(e),
+        }
+    }
+
+    fn try_push(&self, to: LogicAddr, body: Body) -> Result<(), RpcError> {
+        match self.push_now(to, body) {
+            Ok(()) => Ok(()),
+            Err(Pushback::Full(peer, _)) => Err(RpcError::QueueFull {
+                peer: peer.addr,
+                capacity: self.inner.config.peer_queue,
+            }),
+            Err(Pushback::Failed(e)) => Err(e),
+        }
     }
 
     /// Sends raw bytes as message `cmd` to `to`, waiting for room in a full queue up to
@@ -242,7 +295,7 @@ impl Node {
     /// messages of one sender reach one receiver in order.
     pub async fn send_cmd(&self, to: LogicAddr, cmd: Cmd, payload: Bytes) -> Result<(), RpcError> {
         self.inner.check_size(payload.len())?;
-        self.push(to, cmd_body(cmd, payload), true).await
+        self.push(to, cmd_body(cmd, payload)).await
     }
 
     /// Like [`Node::send_cmd`], but fails with [`RpcError::QueueFull`] at once instead of
@@ -256,7 +309,7 @@ impl Node {
     pub async fn send_message<M: prost::Message + prost::Name>(&self, to: LogicAddr, msg: &M) -> Result<(), RpcError> {
         let payload = Bytes::from(msg.encode_to_vec());
         self.inner.check_size(payload.len())?;
-        self.push(to, type_body(M::full_name(), payload), true).await
+        self.push(to, type_body(M::full_name(), payload)).await
     }
 
     /// Like [`Node::send_message`], failing at once when the queue is full.
