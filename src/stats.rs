@@ -39,8 +39,6 @@ counters! {
     requests_received,
     /// Requests answered `Busy` (over the concurrency limit).
     requests_busy,
-    /// Requests dropped because their deadline had passed on arrival.
-    requests_expired,
     /// Responses that matched no waiting call (it had timed out or been cancelled).
     responses_orphaned,
     /// One-way messages handed to a handler.

@@ -67,9 +67,6 @@ impl Deliver for Inner {
                 oversize(m.payload.len())?;
                 self.handle_message(peer.addr, m);
             }
-            Some(Body::Cancel(_)) => {
-                // Handlers are not interrupted; the caller has already stopped waiting.
-            }
             None => Stats::incr(&self.stats.envelopes_misaddressed),
         }
         Ok(())
