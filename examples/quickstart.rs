@@ -31,7 +31,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .config(config.clone())
         .listener(game_listener)
         .rpc("echo", move |ctx, payload| async move {
-            println!("[{game}] echo from {}: {:?}", ctx.from(), String::from_utf8_lossy(&payload));
+            println!(
+                "[{game}] echo from {}: {:?}",
+                ctx.from(),
+                String::from_utf8_lossy(&payload)
+            );
             Ok::<_, HandlerError>(payload)
         })
         .on_cmd(CHAT, move |ctx, payload| {
@@ -57,18 +61,32 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // The callback form, for code that must not await.
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    gate_node.call_with_callback(target, "echo", Bytes::from_static(b"by callback"), Duration::from_secs(1), |r| {
-        let _ = done_tx.send(r);
-    });
+    gate_node.call_with_callback(
+        target,
+        "echo",
+        Bytes::from_static(b"by callback"),
+        Duration::from_secs(1),
+        |r| {
+            let _ = done_tx.send(r);
+        },
+    );
     let reply = done_rx.await??;
-    println!("[{gate}] callback reply: {:?}", String::from_utf8_lossy(&reply));
+    println!(
+        "[{gate}] callback reply: {:?}",
+        String::from_utf8_lossy(&reply)
+    );
 
     // A one-way message.
-    gate_node.send_cmd(target, CHAT, Bytes::from_static(b"a chat line")).await?;
+    gate_node
+        .send_cmd(target, CHAT, Bytes::from_static(b"a chat line"))
+        .await?;
     let (from, line) = tokio::time::timeout(Duration::from_secs(5), chat_rx.recv())
         .await?
         .ok_or("chat handler went away")?;
-    println!("[{game}] chat from {from}: {:?}", String::from_utf8_lossy(&line));
+    println!(
+        "[{game}] chat from {from}: {:?}",
+        String::from_utf8_lossy(&line)
+    );
 
     // Typed errors: a method nobody registered.
     match gate_node.call(target, "missing", Bytes::new()).await {

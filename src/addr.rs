@@ -174,7 +174,13 @@ impl LogicAddr {
 
 impl fmt::Display for LogicAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}.{}", self.cluster(), self.node_type(), self.server())
+        write!(
+            f,
+            "{}.{}.{}",
+            self.cluster(),
+            self.node_type(),
+            self.server()
+        )
     }
 }
 
@@ -191,7 +197,8 @@ impl FromStr for LogicAddr {
     /// `c.255.s` parses to a harbor address, as harbors appear in membership like any node.
     fn from_str(text: &str) -> Result<Self, AddrError> {
         let mut parts = text.split('.');
-        let (Some(c), Some(t), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+        let (Some(c), Some(t), Some(s), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
         else {
             return Err(AddrError::Format { text: text.into() });
         };
@@ -261,12 +268,24 @@ mod tests {
             "invalid logical address: cluster 0 is out of range 1..=4095"
         );
         let e = "1.0.1".parse::<LogicAddr>().unwrap_err();
-        assert!(e.to_string().contains("type 0 is out of range 1..=255"), "{e}");
+        assert!(
+            e.to_string().contains("type 0 is out of range 1..=255"),
+            "{e}"
+        );
         let e = "1.1.4096".parse::<LogicAddr>().unwrap_err();
         assert!(e.to_string().contains("server 4096"), "{e}");
         let e = "1.x.1".parse::<LogicAddr>().unwrap_err();
-        assert!(matches!(e, AddrError::NotANumber { field: AddrField::Type, .. }));
-        assert!(matches!("1.2".parse::<LogicAddr>(), Err(AddrError::Format { .. })));
+        assert!(matches!(
+            e,
+            AddrError::NotANumber {
+                field: AddrField::Type,
+                ..
+            }
+        ));
+        assert!(matches!(
+            "1.2".parse::<LogicAddr>(),
+            Err(AddrError::Format { .. })
+        ));
         assert!(matches!(LogicAddr::from_u32(0), Err(AddrError::Raw(0))));
     }
 

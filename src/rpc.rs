@@ -172,7 +172,13 @@ impl ServerShared {
     ) {
         let refuse = |code: ErrorCode, message: String| {
             if !ctx.oneway {
-                self.respond(peer, ctx.from, id, ctx.deadline, Err(HandlerError { code, message }));
+                self.respond(
+                    peer,
+                    ctx.from,
+                    id,
+                    ctx.deadline,
+                    Err(HandlerError { code, message }),
+                );
             }
         };
         let Some(handler) = handler else {
@@ -196,7 +202,8 @@ impl ServerShared {
         match handler {
             RpcHandler::Replyer(f) => {
                 // A panic drops the replyer while unwinding, which answers PANICKED.
-                if std::panic::catch_unwind(AssertUnwindSafe(|| f(ctx, payload, replyer))).is_err() {
+                if std::panic::catch_unwind(AssertUnwindSafe(|| f(ctx, payload, replyer))).is_err()
+                {
                     tracing::error!(peer = %peer.addr, "RPC handler panicked");
                 }
             }
@@ -301,7 +308,10 @@ impl Drop for Replyer {
             let (code, message) = if std::thread::panicking() {
                 (ErrorCode::PANICKED, "the handler panicked")
             } else {
-                (ErrorCode::NO_REPLY, "the handler dropped its reply without answering")
+                (
+                    ErrorCode::NO_REPLY,
+                    "the handler dropped its reply without answering",
+                )
             };
             self.finish(Err(HandlerError {
                 code,

@@ -12,10 +12,14 @@ use support::*;
 use tokio::sync::mpsc;
 
 /// A handler that forwards every cmd-1 payload (as u32) with its sender into a channel.
-fn collector(b: clustergo::NodeBuilder, tx: mpsc::Sender<(clustergo::LogicAddr, u32)>) -> clustergo::NodeBuilder {
+fn collector(
+    b: clustergo::NodeBuilder,
+    tx: mpsc::Sender<(clustergo::LogicAddr, u32)>,
+) -> clustergo::NodeBuilder {
     b.on_cmd(Cmd(1), move |ctx, p| {
         let n = u32::from_be_bytes(p[..4].try_into().unwrap());
-        tx.try_send((ctx.from(), n)).expect("collector channel has room");
+        tx.try_send((ctx.from(), n))
+            .expect("collector channel has room");
     })
 }
 
@@ -36,14 +40,15 @@ async fn simultaneous_dial_loses_nothing_and_leaves_one_link() {
         let nb = c.start("1.1.2", |b| collector(b, tx_b)).await;
         // Both send first, at the same moment, on fresh nodes.
         let barrier = Arc::new(tokio::sync::Barrier::new(2));
-        let send_all = |from: Node, to: clustergo::LogicAddr, barrier: Arc<tokio::sync::Barrier>| {
-            tokio::spawn(async move {
-                barrier.wait().await;
-                for i in 0..EACH {
-                    from.send_cmd(to, Cmd(1), n(i)).await.unwrap();
-                }
-            })
-        };
+        let send_all =
+            |from: Node, to: clustergo::LogicAddr, barrier: Arc<tokio::sync::Barrier>| {
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    for i in 0..EACH {
+                        from.send_cmd(to, Cmd(1), n(i)).await.unwrap();
+                    }
+                })
+            };
         let ha = send_all(na.clone(), nb.addr(), barrier.clone());
         let hb = send_all(nb.clone(), na.addr(), barrier);
         within(ha).await.unwrap();
@@ -51,10 +56,17 @@ async fn simultaneous_dial_loses_nothing_and_leaves_one_link() {
         for (rx, from) in [(&mut rx_b, na.addr()), (&mut rx_a, nb.addr())] {
             for i in 0..EACH {
                 let got = within(rx.recv()).await.unwrap();
-                assert_eq!(got, (from, i), "round {round}: message lost or out of order");
+                assert_eq!(
+                    got,
+                    (from, i),
+                    "round {round}: message lost or out of order"
+                );
             }
         }
-        assert!(na.is_linked(nb.addr()) && nb.is_linked(na.addr()), "round {round}");
+        assert!(
+            na.is_linked(nb.addr()) && nb.is_linked(na.addr()),
+            "round {round}"
+        );
         // Exactly one link survives: the loser never came up, or was closed.
         let (sa, sb) = (na.stats(), nb.stats());
         assert_eq!(
@@ -62,7 +74,11 @@ async fn simultaneous_dial_loses_nothing_and_leaves_one_link() {
             1,
             "round {round}: {sa:?}"
         );
-        assert_eq!(sb.links_opened - sb.links_closed, 1, "round {round}: {sb:?}");
+        assert_eq!(
+            sb.links_opened - sb.links_closed,
+            1,
+            "round {round}: {sb:?}"
+        );
         raced += (sa.links_refused + sb.links_refused > 0) as u32;
         na.shutdown().await;
         nb.shutdown().await;
@@ -90,7 +106,10 @@ async fn a_hundred_thousand_messages_arrive_in_order() {
     }
     let sender = within(send).await.unwrap();
     assert_eq!(receiver.stats().messages_received, u64::from(COUNT));
-    assert_eq!(sender.stats().envelopes_lost + sender.stats().envelopes_expired, 0);
+    assert_eq!(
+        sender.stats().envelopes_lost + sender.stats().envelopes_expired,
+        0
+    );
 }
 
 #[tokio::test]
@@ -104,7 +123,12 @@ async fn a_full_queue_is_an_error_to_the_sender_never_a_hang() {
     members.upsert(Member::new(a("1.2.1"), nb));
     let node = Node::builder(a("1.1.1"))
         .discovery(members)
-        .config(test_config().peer_queue(16).send_timeout(Duration::from_millis(200)).dial_timeout(Duration::from_secs(3)))
+        .config(
+            test_config()
+                .peer_queue(16)
+                .send_timeout(Duration::from_millis(200))
+                .dial_timeout(Duration::from_secs(3)),
+        )
         .listener(la)
         .build();
     within(node.start()).await.unwrap();
@@ -112,13 +136,26 @@ async fn a_full_queue_is_an_error_to_the_sender_never_a_hang() {
         node.try_send_cmd(a("1.2.1"), Cmd(1), n(i)).unwrap();
     }
     let e = node.try_send_cmd(a("1.2.1"), Cmd(1), n(16)).unwrap_err();
-    assert_eq!(e, RpcError::QueueFull { peer: a("1.2.1"), capacity: 16 });
+    assert_eq!(
+        e,
+        RpcError::QueueFull {
+            peer: a("1.2.1"),
+            capacity: 16
+        }
+    );
     // The waiting form gives up at its deadline with the same error.
-    let e = within(node.send_cmd(a("1.2.1"), Cmd(1), n(17))).await.unwrap_err();
+    let e = within(node.send_cmd(a("1.2.1"), Cmd(1), n(17)))
+        .await
+        .unwrap_err();
     assert!(matches!(e, RpcError::QueueFull { .. }), "{e:?}");
     // A call waits no longer than its own deadline either.
-    let e = within(node.call_timeout(a("1.2.1"), "x", Bytes::new(), Duration::from_millis(300))).await.unwrap_err();
-    assert!(matches!(e, RpcError::QueueFull { .. } | RpcError::Timeout { .. }), "{e:?}");
+    let e = within(node.call_timeout(a("1.2.1"), "x", Bytes::new(), Duration::from_millis(300)))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, RpcError::QueueFull { .. } | RpcError::Timeout { .. }),
+        "{e:?}"
+    );
     // Other peers and the node itself are unaffected.
     assert!(node.try_send_cmd(a("1.1.1"), Cmd(9), Bytes::new()).is_ok());
     drop(silent);
@@ -160,11 +197,35 @@ async fn messages_by_protobuf_type_and_unknown_types() {
         })
         .await;
     let sender = c.start("1.1.1", |b| b).await;
-    sender.send_message(receiver.addr(), &Unhandled { y: 1 }).await.unwrap();
-    sender.send_cmd(receiver.addr(), Cmd(77), Bytes::from_static(b"?")).await.unwrap();
-    sender.send_message(receiver.addr(), &Move { x: 3, who: "p1".into() }).await.unwrap();
+    sender
+        .send_message(receiver.addr(), &Unhandled { y: 1 })
+        .await
+        .unwrap();
+    sender
+        .send_cmd(receiver.addr(), Cmd(77), Bytes::from_static(b"?"))
+        .await
+        .unwrap();
+    sender
+        .send_message(
+            receiver.addr(),
+            &Move {
+                x: 3,
+                who: "p1".into(),
+            },
+        )
+        .await
+        .unwrap();
     within(rx.recv()).await.unwrap();
-    assert_eq!(got.lock().unwrap()[0], (sender.addr(), Move { x: 3, who: "p1".into() }));
+    assert_eq!(
+        got.lock().unwrap()[0],
+        (
+            sender.addr(),
+            Move {
+                x: 3,
+                who: "p1".into()
+            }
+        )
+    );
     // The unknown ones were counted (they arrived first, in order) and the link stayed up.
     assert_eq!(receiver.stats().messages_unknown, 2);
     assert_eq!(receiver.stats().links_closed, 0);
@@ -212,13 +273,21 @@ async fn admission_checks_secret_and_membership() {
     let wrong_secret = start("1.1.2", l2, "not-the-secret").await;
     let unlisted = start("1.1.3", l3, "test-secret").await;
 
-    assert!(within(good.call(server.addr(), "echo", Bytes::new())).await.is_ok());
-    let e = within(wrong_secret.call(server.addr(), "echo", Bytes::new())).await.unwrap_err();
+    assert!(
+        within(good.call(server.addr(), "echo", Bytes::new()))
+            .await
+            .is_ok()
+    );
+    let e = within(wrong_secret.call(server.addr(), "echo", Bytes::new()))
+        .await
+        .unwrap_err();
     assert!(
         matches!(&e, RpcError::Refused { reason, .. } if reason.contains("cluster secret mismatch")),
         "{e}"
     );
-    let e = within(unlisted.call(server.addr(), "echo", Bytes::new())).await.unwrap_err();
+    let e = within(unlisted.call(server.addr(), "echo", Bytes::new()))
+        .await
+        .unwrap_err();
     assert!(
         matches!(&e, RpcError::Refused { reason, .. } if reason.contains("1.1.3: not in 1.2.1's membership")),
         "{e}"

@@ -8,12 +8,26 @@ fn quickstart_runs() {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().parent().unwrap().join("examples");
     let bin = dir.join(format!("quickstart{}", std::env::consts::EXE_SUFFIX));
-    assert!(bin.exists(), "quickstart example not built at {}", bin.display());
+    assert!(
+        bin.exists(),
+        "quickstart example not built at {}",
+        bin.display()
+    );
     let out = Command::new(&bin).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "quickstart failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "quickstart failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("reply: \"hello, game server\""), "{stdout}");
-    assert!(stdout.contains("chat from 1.1.1: \"a chat line\""), "{stdout}");
-    assert!(stdout.contains("has no handler for method \"missing\""), "{stdout}");
+    assert!(
+        stdout.contains("chat from 1.1.1: \"a chat line\""),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("has no handler for method \"missing\""),
+        "{stdout}"
+    );
     assert!(stdout.trim_end().ends_with("quickstart: ok"), "{stdout}");
 }

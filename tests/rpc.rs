@@ -40,7 +40,9 @@ async fn call_callback_and_post_between_two_nodes() {
 
     let reply = within(client.call(server.addr(), "echo", Bytes::from_static(b"hello"))).await;
     assert_eq!(reply.unwrap(), Bytes::from_static(b"hello"));
-    let who = within(client.call(server.addr(), "whoami", Bytes::new())).await.unwrap();
+    let who = within(client.call(server.addr(), "whoami", Bytes::new()))
+        .await
+        .unwrap();
     assert_eq!(who, Bytes::from_static(b"1.1.1"));
     assert!(client.is_linked(server.addr()) && server.is_linked(client.addr()));
 
@@ -52,10 +54,18 @@ async fn call_callback_and_post_between_two_nodes() {
         Duration::from_secs(5),
         move |r| tx.send(r).unwrap(),
     );
-    assert_eq!(within(rx).await.unwrap().unwrap(), Bytes::from_static(b"cb"));
+    assert_eq!(
+        within(rx).await.unwrap().unwrap(),
+        Bytes::from_static(b"cb")
+    );
 
-    within(client.post(server.addr(), "note", Bytes::from_static(b"one-way"))).await.unwrap();
-    assert_eq!(within(post_rx.recv()).await.unwrap(), Bytes::from_static(b"one-way"));
+    within(client.post(server.addr(), "note", Bytes::from_static(b"one-way")))
+        .await
+        .unwrap();
+    assert_eq!(
+        within(post_rx.recv()).await.unwrap(),
+        Bytes::from_static(b"one-way")
+    );
     // One link serves both directions.
     let reply = within(server.call(client.addr(), "echo", Bytes::new())).await;
     assert!(matches!(reply, Err(RpcError::NoMethod { .. })), "{reply:?}");
@@ -75,9 +85,14 @@ async fn the_deadline_travels_with_the_request() {
         })
         .await;
     let client = c.start("1.1.1", |b| b).await;
-    let left = within(client.call_timeout(server.addr(), "left", Bytes::new(), Duration::from_millis(1500)))
-        .await
-        .unwrap();
+    let left = within(client.call_timeout(
+        server.addr(),
+        "left",
+        Bytes::new(),
+        Duration::from_millis(1500),
+    ))
+    .await
+    .unwrap();
     let ms: u64 = std::str::from_utf8(&left).unwrap().parse().unwrap();
     assert!((1000..=1500).contains(&ms), "handler saw {ms} ms left");
 }
@@ -88,18 +103,20 @@ async fn handler_failures_give_typed_errors() {
     let mut c = Cluster::new(&["1.1.1", "1.2.1"]);
     let server = c
         .start("1.2.1", |b| {
-            b.rpc("fail", |_, _| async move { Err::<Bytes, _>(HandlerError::new(150, "no gold")) })
-                .rpc("panic", |_, _| async move {
-                    if true {
-                        panic!("async boom");
-                    }
-                    Ok::<_, HandlerError>(Bytes::new())
-                })
-                .rpc_with_replyer("drop", |_, _, replyer| drop(replyer))
-                .rpc_with_replyer("panic-sync", |_, _, _replyer| panic!("sync boom"))
-                .rpc_with_replyer("later", |_, p, replyer| {
-                    std::thread::spawn(move || replyer.reply(Ok(p)));
-                })
+            b.rpc("fail", |_, _| async move {
+                Err::<Bytes, _>(HandlerError::new(150, "no gold"))
+            })
+            .rpc("panic", |_, _| async move {
+                if true {
+                    panic!("async boom");
+                }
+                Ok::<_, HandlerError>(Bytes::new())
+            })
+            .rpc_with_replyer("drop", |_, _, replyer| drop(replyer))
+            .rpc_with_replyer("panic-sync", |_, _, _replyer| panic!("sync boom"))
+            .rpc_with_replyer("later", |_, p, replyer| {
+                std::thread::spawn(move || replyer.reply(Ok(p)));
+            })
         })
         .await;
     let client = c.start("1.1.1", |b| b).await;
@@ -112,7 +129,11 @@ async fn handler_failures_give_typed_errors() {
     let e = call("fail").await.unwrap_err();
     assert_eq!(
         e,
-        RpcError::Remote { to, code: ErrorCode(150), message: "no gold".into() }
+        RpcError::Remote {
+            to,
+            code: ErrorCode(150),
+            message: "no gold".into()
+        }
     );
     let e = call("panic").await.unwrap_err();
     assert!(
@@ -120,12 +141,36 @@ async fn handler_failures_give_typed_errors() {
         "{e:?}"
     );
     let e = call("drop").await.unwrap_err();
-    assert!(matches!(e, RpcError::Remote { code: ErrorCode::NO_REPLY, .. }), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            RpcError::Remote {
+                code: ErrorCode::NO_REPLY,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
     let e = call("panic-sync").await.unwrap_err();
-    assert!(matches!(e, RpcError::Remote { code: ErrorCode::PANICKED, .. }), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            RpcError::Remote {
+                code: ErrorCode::PANICKED,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
     assert_eq!(call("later").await.unwrap(), Bytes::from_static(b"x"));
     let e = call("missing").await.unwrap_err();
-    assert_eq!(e, RpcError::NoMethod { to, method: "missing".into() });
+    assert_eq!(
+        e,
+        RpcError::NoMethod {
+            to,
+            method: "missing".into()
+        }
+    );
     assert_eq!(e.to_string(), "1.2.1 has no handler for method \"missing\"");
     // The link survived all of it.
     assert_eq!(call("later").await.unwrap(), Bytes::from_static(b"x"));
@@ -140,15 +185,16 @@ async fn over_the_concurrency_limit_the_caller_gets_busy() {
     let r2 = release.clone();
     let server = c
         .start("1.2.1", move |b| {
-            b.config(test_config().max_concurrent_requests(1)).rpc("hold", move |_, _| {
-                let started = started_tx.clone();
-                let release = r2.clone();
-                async move {
-                    started.send(()).await.unwrap();
-                    release.notified().await;
-                    Ok::<_, HandlerError>(Bytes::from_static(b"done"))
-                }
-            })
+            b.config(test_config().max_concurrent_requests(1))
+                .rpc("hold", move |_, _| {
+                    let started = started_tx.clone();
+                    let release = r2.clone();
+                    async move {
+                        started.send(()).await.unwrap();
+                        release.notified().await;
+                        Ok::<_, HandlerError>(Bytes::from_static(b"done"))
+                    }
+                })
         })
         .await;
     let client = c.start("1.1.1", |b| b).await;
@@ -158,10 +204,15 @@ async fn over_the_concurrency_limit_the_caller_gets_busy() {
         async move { client.call(to, "hold", Bytes::new()).await }
     });
     within(started_rx.recv()).await.unwrap();
-    let e = within(client.call(server.addr(), "hold", Bytes::new())).await.unwrap_err();
+    let e = within(client.call(server.addr(), "hold", Bytes::new()))
+        .await
+        .unwrap_err();
     assert_eq!(e, RpcError::Busy { to: server.addr() });
     release.notify_one();
-    assert_eq!(within(first).await.unwrap().unwrap(), Bytes::from_static(b"done"));
+    assert_eq!(
+        within(first).await.unwrap().unwrap(),
+        Bytes::from_static(b"done")
+    );
 }
 
 #[tokio::test]
@@ -170,19 +221,46 @@ async fn oversize_payloads_fail_at_the_sender() {
     let cfg = test_config().max_envelope(1024);
     let server = c
         .start("1.2.1", |b| {
-            b.config(cfg.clone())
-                .rpc("big", |_, _| async move { Ok::<_, HandlerError>(Bytes::from(vec![0u8; 2048])) })
+            b.config(cfg.clone()).rpc("big", |_, _| async move {
+                Ok::<_, HandlerError>(Bytes::from(vec![0u8; 2048]))
+            })
         })
         .await;
     let client = c.start("1.1.1", |b| echo(b.config(cfg.clone()))).await;
     let big = Bytes::from(vec![0u8; 1025]);
-    let e = client.call(server.addr(), "echo", big.clone()).await.unwrap_err();
-    assert_eq!(e, RpcError::TooLarge { size: 1025, limit: 1024 });
-    assert!(matches!(client.post(server.addr(), "x", big.clone()).await, Err(RpcError::TooLarge { .. })));
-    assert!(matches!(client.try_send_cmd(server.addr(), clustergo::Cmd(1), big), Err(RpcError::TooLarge { .. })));
+    let e = client
+        .call(server.addr(), "echo", big.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e,
+        RpcError::TooLarge {
+            size: 1025,
+            limit: 1024
+        }
+    );
+    assert!(matches!(
+        client.post(server.addr(), "x", big.clone()).await,
+        Err(RpcError::TooLarge { .. })
+    ));
+    assert!(matches!(
+        client.try_send_cmd(server.addr(), clustergo::Cmd(1), big),
+        Err(RpcError::TooLarge { .. })
+    ));
     // A response over the limit turns into an error response, not a broken link.
-    let e = within(client.call(server.addr(), "big", Bytes::new())).await.unwrap_err();
-    assert!(matches!(e, RpcError::Remote { code: ErrorCode::TOO_LARGE, .. }), "{e:?}");
+    let e = within(client.call(server.addr(), "big", Bytes::new()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            RpcError::Remote {
+                code: ErrorCode::TOO_LARGE,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
     // Exactly at the limit is fine.
     let ok = within(server.call(client.addr(), "echo", Bytes::from(vec![1u8; 1024]))).await;
     assert_eq!(ok.unwrap().len(), 1024);
@@ -193,17 +271,38 @@ async fn an_oversize_envelope_from_a_peer_closes_only_that_link() {
     init_tracing();
     let mut c = Cluster::new(&["1.1.1", "1.2.1", "1.3.1"]);
     let server = c
-        .start("1.2.1", |b| echo(b.config(test_config().max_envelope(1024))))
+        .start("1.2.1", |b| {
+            echo(b.config(test_config().max_envelope(1024)))
+        })
         .await;
     // This sender allows more than the server does, so the server sees an oversize envelope.
-    let loose = c.start("1.1.1", |b| b.config(test_config().max_envelope(1 << 20))).await;
+    let loose = c
+        .start("1.1.1", |b| b.config(test_config().max_envelope(1 << 20)))
+        .await;
     let other = c.start("1.3.1", |b| b).await;
-    assert!(within(other.call(server.addr(), "echo", Bytes::from_static(b"a"))).await.is_ok());
-    let e = within(loose.call(server.addr(), "echo", Bytes::from(vec![0u8; 4096]))).await.unwrap_err();
-    assert!(matches!(&e, RpcError::PeerLost { cause, .. } if cause.contains("closed by the peer") || cause.contains("transport")), "{e:?}");
+    assert!(
+        within(other.call(server.addr(), "echo", Bytes::from_static(b"a")))
+            .await
+            .is_ok()
+    );
+    let e = within(loose.call(server.addr(), "echo", Bytes::from(vec![0u8; 4096])))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, RpcError::PeerLost { cause, .. } if cause.contains("closed by the peer") || cause.contains("transport")),
+        "{e:?}"
+    );
     // The other link is untouched, and the offender can reconnect with small payloads.
-    assert!(within(other.call(server.addr(), "echo", Bytes::from_static(b"b"))).await.is_ok());
-    assert!(within(loose.call(server.addr(), "echo", Bytes::from_static(b"c"))).await.is_ok());
+    assert!(
+        within(other.call(server.addr(), "echo", Bytes::from_static(b"b")))
+            .await
+            .is_ok()
+    );
+    assert!(
+        within(loose.call(server.addr(), "echo", Bytes::from_static(b"c")))
+            .await
+            .is_ok()
+    );
     assert_eq!(other.stats().links_opened, 1);
 }
 
@@ -217,14 +316,28 @@ async fn a_listed_peer_that_is_not_running_fails_within_the_deadline() {
     let e = within(client.call_timeout(a("1.2.1"), "echo", Bytes::new(), Duration::from_secs(2)))
         .await
         .unwrap_err();
-    assert!(matches!(e, RpcError::PeerLost { .. } | RpcError::Timeout { .. }), "{e:?}");
+    assert!(
+        matches!(e, RpcError::PeerLost { .. } | RpcError::Timeout { .. }),
+        "{e:?}"
+    );
     assert!(started.elapsed() <= Duration::from_millis(2100));
     // During the redial backoff, sends fail at once with the same cause.
-    let e2 = client.try_send_cmd(a("1.2.1"), clustergo::Cmd(1), Bytes::new()).unwrap_err();
+    let e2 = client
+        .try_send_cmd(a("1.2.1"), clustergo::Cmd(1), Bytes::new())
+        .unwrap_err();
     assert!(matches!(e2, RpcError::PeerLost { .. }), "{e2:?}");
     // Unknown addresses are no route.
-    let e3 = client.call(a("1.9.9"), "echo", Bytes::new()).await.unwrap_err();
-    assert_eq!(e3, RpcError::NoRoute { to: a("1.9.9"), reason: "not in membership".into() });
+    let e3 = client
+        .call(a("1.9.9"), "echo", Bytes::new())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e3,
+        RpcError::NoRoute {
+            to: a("1.9.9"),
+            reason: "not in membership".into()
+        }
+    );
 }
 
 #[tokio::test]
@@ -234,10 +347,16 @@ async fn callbacks_run_exactly_once_even_when_the_call_cannot_be_sent() {
     let count = Arc::new(AtomicUsize::new(0));
     let (tx, rx) = oneshot::channel();
     let n = count.clone();
-    node.call_with_callback(a("1.1.1"), "x", Bytes::new(), Duration::from_secs(1), move |r| {
-        n.fetch_add(1, Ordering::SeqCst);
-        tx.send(r).unwrap();
-    });
+    node.call_with_callback(
+        a("1.1.1"),
+        "x",
+        Bytes::new(),
+        Duration::from_secs(1),
+        move |r| {
+            n.fetch_add(1, Ordering::SeqCst);
+            tx.send(r).unwrap();
+        },
+    );
     let r = within(rx).await.unwrap();
     assert_eq!(r, Err(RpcError::NotStarted { node: a("1.1.1") }));
     assert_eq!(count.load(Ordering::SeqCst), 1);

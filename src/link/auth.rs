@@ -82,7 +82,13 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
 }
 
 /// Writes a signed hello into `md`.
-pub(crate) fn sign(md: &mut MetadataMap, secret: &[u8], from: LogicAddr, to: LogicAddr, incarnation: u64) {
+pub(crate) fn sign(
+    md: &mut MetadataMap,
+    secret: &[u8],
+    from: LogicAddr,
+    to: LogicAddr,
+    incarnation: u64,
+) {
     let h = Hello {
         from,
         to,
@@ -95,11 +101,18 @@ pub(crate) fn sign(md: &mut MetadataMap, secret: &[u8], from: LogicAddr, to: Log
     md.insert(TO, num(to.as_u32().into()));
     md.insert(INCARNATION, num(incarnation));
     md.insert(TIME, num(h.time_ms));
-    md.insert(MAC, MetadataValue::try_from(tag).expect("hex is valid metadata"));
+    md.insert(
+        MAC,
+        MetadataValue::try_from(tag).expect("hex is valid metadata"),
+    );
 }
 
 /// Reads and checks a hello. Membership and target checks are the caller's.
-pub(crate) fn verify(md: &MetadataMap, secret: &[u8], max_skew: Duration) -> Result<Hello, HelloError> {
+pub(crate) fn verify(
+    md: &MetadataMap,
+    secret: &[u8],
+    max_skew: Duration,
+) -> Result<Hello, HelloError> {
     let field = |key: &'static str| -> Result<&str, HelloError> {
         md.get(key)
             .and_then(|v| v.to_str().ok())
@@ -151,15 +164,27 @@ mod tests {
             verify(&md, b"k2", Duration::from_secs(5)),
             Err(HelloError::BadSecret { from: a("1.1.1") })
         );
-        md.insert(TO, MetadataValue::try_from(a("1.1.3").as_u32().to_string()).unwrap());
-        assert!(matches!(verify(&md, b"k1", Duration::from_secs(5)), Err(HelloError::BadSecret { .. })));
+        md.insert(
+            TO,
+            MetadataValue::try_from(a("1.1.3").as_u32().to_string()).unwrap(),
+        );
+        assert!(matches!(
+            verify(&md, b"k1", Duration::from_secs(5)),
+            Err(HelloError::BadSecret { .. })
+        ));
         md.remove(MAC);
-        assert_eq!(verify(&md, b"k1", Duration::from_secs(5)), Err(HelloError::Malformed(MAC)));
+        assert_eq!(
+            verify(&md, b"k1", Duration::from_secs(5)),
+            Err(HelloError::Malformed(MAC))
+        );
     }
 
     #[test]
     fn hex_round_trip() {
-        assert_eq!(unhex(&hex(&[0, 1, 0xab, 0xff])).unwrap(), vec![0, 1, 0xab, 0xff]);
+        assert_eq!(
+            unhex(&hex(&[0, 1, 0xab, 0xff])).unwrap(),
+            vec![0, 1, 0xab, 0xff]
+        );
         assert!(unhex("abc").is_none());
         assert!(unhex("zz").is_none());
     }

@@ -87,7 +87,9 @@ pub(crate) struct Peer {
 
 impl std::fmt::Debug for Peer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Peer").field("addr", &self.addr).finish_non_exhaustive()
+        f.debug_struct("Peer")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
     }
 }
 
@@ -121,7 +123,8 @@ impl Peer {
 
     /// Replaces the state; the caller holds the guard from [`Peer::state`].
     pub(crate) fn set_state(&self, guard: &mut MutexGuard<'_, LinkState>, next: LinkState) {
-        self.up.store(matches!(next, LinkState::Up { .. }), Ordering::Release);
+        self.up
+            .store(matches!(next, LinkState::Up { .. }), Ordering::Release);
         **guard = next;
         self.changed.notify_waiters();
     }

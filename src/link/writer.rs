@@ -34,7 +34,9 @@ pub(crate) struct Writer {
 
 impl std::fmt::Debug for Writer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Writer").field("peer", &self.peer.addr).finish_non_exhaustive()
+        f.debug_struct("Writer")
+            .field("peer", &self.peer.addr)
+            .finish_non_exhaustive()
     }
 }
 
@@ -100,7 +102,10 @@ impl Stream for Writer {
             if this.buf.is_empty() {
                 // One receive takes everything queued (up to the envelope limit) and returns
                 // the queue's permits in one step.
-                let polled = this.peer.rx().poll_recv_many(cx, &mut this.buf, this.max_envelopes);
+                let polled = this
+                    .peer
+                    .rx()
+                    .poll_recv_many(cx, &mut this.buf, this.max_envelopes);
                 match polled {
                     // The peer holds the sender, so the queue never closes while we live.
                     Poll::Ready(0) => return Poll::Ready(None),

@@ -46,10 +46,16 @@ pub fn parse_members(text: &str, source_name: &str) -> Result<Vec<Member>, Disco
                 reason: format!("member {} is listed twice", m.addr),
             });
         }
-        if m.net_addr.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()) {
+        if m.net_addr
+            .rsplit_once(':')
+            .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+        {
             return Err(DiscoveryError::Malformed {
                 source_name: source_name.into(),
-                reason: format!("member {}: net_addr {:?} is not host:port", m.addr, m.net_addr),
+                reason: format!(
+                    "member {}: net_addr {:?} is not host:port",
+                    m.addr, m.net_addr
+                ),
             });
         }
     }
@@ -213,25 +219,51 @@ mod tests {
         assert_eq!(members.len(), 2);
         assert!(members[1].addr.is_harbor() && members[1].export && !members[1].available);
         assert!(members[0].available && !members[0].export);
-        assert_eq!(parse_members(&format_members(&members), "t").unwrap(), members);
+        assert_eq!(
+            parse_members(&format_members(&members), "t").unwrap(),
+            members
+        );
     }
 
     #[test]
     fn malformed_files_name_the_cause() {
         let dup = "[[member]]\naddr=\"1.1.1\"\nnet_addr=\"a:1\"\n[[member]]\naddr=\"1.1.1\"\nnet_addr=\"a:2\"\n";
-        assert!(parse_members(dup, "f").unwrap_err().to_string().contains("1.1.1 is listed twice"));
+        assert!(
+            parse_members(dup, "f")
+                .unwrap_err()
+                .to_string()
+                .contains("1.1.1 is listed twice")
+        );
         let bad_addr = "[[member]]\naddr=\"0.1.1\"\nnet_addr=\"a:1\"\n";
-        assert!(parse_members(bad_addr, "f").unwrap_err().to_string().contains("cluster 0"));
+        assert!(
+            parse_members(bad_addr, "f")
+                .unwrap_err()
+                .to_string()
+                .contains("cluster 0")
+        );
         let bad_net = "[[member]]\naddr=\"1.1.1\"\nnet_addr=\"nowhere\"\n";
-        assert!(parse_members(bad_net, "f").unwrap_err().to_string().contains("not host:port"));
+        assert!(
+            parse_members(bad_net, "f")
+                .unwrap_err()
+                .to_string()
+                .contains("not host:port")
+        );
     }
 
     #[tokio::test]
     async fn reloads_when_the_file_changes() {
-        let dir = std::env::temp_dir().join(format!("cg-file-{}-{}", std::process::id(), fastrand::u64(..)));
+        let dir = std::env::temp_dir().join(format!(
+            "cg-file-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("members.toml");
-        std::fs::write(&path, "[[member]]\naddr=\"1.1.1\"\nnet_addr=\"127.0.0.1:1\"\n").unwrap();
+        std::fs::write(
+            &path,
+            "[[member]]\naddr=\"1.1.1\"\nnet_addr=\"127.0.0.1:1\"\n",
+        )
+        .unwrap();
         let d = FileDiscovery::open_with_interval(&path, Duration::from_millis(20)).unwrap();
         let mut s = d.subscribe();
         let MembershipEvent::Snapshot(first) = s.next().await.unwrap().unwrap() else {
@@ -239,11 +271,18 @@ mod tests {
         };
         assert_eq!(first.len(), 1);
         std::fs::write(&path, "[[member]]\naddr=\"1.1.1\"\nnet_addr=\"127.0.0.1:1\"\n[[member]]\naddr=\"1.1.2\"\nnet_addr=\"127.0.0.1:2\"\n").unwrap();
-        let next = tokio::time::timeout(Duration::from_secs(5), s.next()).await.unwrap().unwrap().unwrap();
+        let next = tokio::time::timeout(Duration::from_secs(5), s.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         assert!(matches!(next, MembershipEvent::Upsert(m) if m.addr.to_string() == "1.1.2"));
         // A broken file is reported and the last good membership stays.
         std::fs::write(&path, "this is not toml [").unwrap();
-        let next = tokio::time::timeout(Duration::from_secs(5), s.next()).await.unwrap().unwrap();
+        let next = tokio::time::timeout(Duration::from_secs(5), s.next())
+            .await
+            .unwrap()
+            .unwrap();
         assert!(next.is_err());
         std::fs::remove_dir_all(&dir).ok();
     }

@@ -38,7 +38,10 @@ impl View {
         self.by_type.clear();
         for m in self.members.values() {
             if m.available && !m.addr.is_harbor() {
-                self.by_type.entry(m.addr.node_type()).or_default().push(m.addr);
+                self.by_type
+                    .entry(m.addr.node_type())
+                    .or_default()
+                    .push(m.addr);
             }
         }
         for list in self.by_type.values_mut() {
@@ -165,10 +168,17 @@ mod tests {
     #[test]
     fn sticky_pick_is_stable_and_moves_only_removed_keys() {
         let me = a("1.1.1");
-        let all: Vec<_> = (1..=5).map(|s| Member::new(LogicAddr::new(1, 2, s).unwrap(), "h:1")).collect();
+        let all: Vec<_> = (1..=5)
+            .map(|s| Member::new(LogicAddr::new(1, 2, s).unwrap(), "h:1"))
+            .collect();
         let v = View::new(me, all.clone());
         let before: Vec<_> = (0..1000u64).map(|k| v.pick_sticky(2, k).unwrap()).collect();
-        assert_eq!(before, (0..1000u64).map(|k| v.pick_sticky(2, k).unwrap()).collect::<Vec<_>>());
+        assert_eq!(
+            before,
+            (0..1000u64)
+                .map(|k| v.pick_sticky(2, k).unwrap())
+                .collect::<Vec<_>>()
+        );
         let gone = a("1.2.3");
         let v2 = v.with_remove(gone);
         for (k, was) in before.iter().enumerate() {

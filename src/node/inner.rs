@@ -174,7 +174,12 @@ impl Inner {
         if to == self.addr {
             return Ok(self.self_peer.clone());
         }
-        if let Some(p) = self.peers.read().unwrap_or_else(|e| e.into_inner()).get(&to) {
+        if let Some(p) = self
+            .peers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&to)
+        {
             return Ok(p.clone());
         }
         if to.cluster() != self.addr.cluster() {
@@ -235,7 +240,11 @@ impl Inner {
         drop(st);
         let this = self.clone();
         let peer = peer.clone();
-        self.tracker.spawn(async move { this.dial(peer, link_gen, backoff).await });
+        let span = tracing::info_span!("dial", node = %self.addr, peer = %peer.addr, link_gen);
+        self.tracker.spawn(tracing::Instrument::instrument(
+            async move { this.dial(peer, link_gen, backoff).await },
+            span,
+        ));
         Ok(())
     }
 

@@ -82,13 +82,20 @@ impl Inner {
         let Some(me) = view.get(node).cloned() else {
             return Err(StartError::NotInMembership(node));
         };
-        let listener = match self.listener.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        let listener = match self
+            .listener
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
             Some(l) => l,
-            None => std::net::TcpListener::bind(&me.net_addr).map_err(|source| StartError::Bind {
-                node,
-                net_addr: me.net_addr.clone(),
-                source,
-            })?,
+            None => {
+                std::net::TcpListener::bind(&me.net_addr).map_err(|source| StartError::Bind {
+                    node,
+                    net_addr: me.net_addr.clone(),
+                    source,
+                })?
+            }
         };
         let bind_err = |source| StartError::Bind {
             node,
@@ -137,8 +144,15 @@ impl Inner {
                 _ = root.cancelled() => {}
             }
         });
-        self.tracker.spawn(self.clone().local_loop());
-        self.tracker.spawn(self.clone().follow_membership(stream));
+        let span = |name: &'static str| tracing::info_span!("node", %node, task = name);
+        self.tracker.spawn(tracing::Instrument::instrument(
+            self.clone().local_loop(),
+            span("local"),
+        ));
+        self.tracker.spawn(tracing::Instrument::instrument(
+            self.clone().follow_membership(stream),
+            span("membership"),
+        ));
         Ok(())
     }
 
@@ -223,7 +237,13 @@ impl Inner {
             }
         }
         // Close links once their queues (replies included) are written.
-        let peers: Vec<_> = self.peers.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        let peers: Vec<_> = self
+            .peers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
         for p in &peers {
             if let LinkState::Up { tokens, .. } = &*p.state() {
                 tokens.close.cancel();
@@ -248,7 +268,10 @@ impl Inner {
             p.fail_all(&error, &self.stats);
         }
         self.tracker.close();
-        if tokio::time::timeout(Duration::from_secs(5), self.tracker.wait()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(5), self.tracker.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!(node = %self.addr, "some tasks did not end within 5 s of shutdown");
         }
         tracing::info!(node = %self.addr, "node closed");

@@ -56,7 +56,12 @@ impl Inner {
         }
     }
 
-    fn writer(&self, peer: &Arc<Peer>, tokens: &LinkTokens, gate: Option<oneshot::Receiver<()>>) -> Writer {
+    fn writer(
+        &self,
+        peer: &Arc<Peer>,
+        tokens: &LinkTokens,
+        gate: Option<oneshot::Receiver<()>>,
+    ) -> Writer {
         Writer::new(
             peer.clone(),
             self.stats.clone(),
@@ -68,7 +73,12 @@ impl Inner {
     }
 
     async fn try_dial(&self, peer: &Arc<Peer>) -> Result<Dialed, DialError> {
-        let lost = |cause: String| DialError::Failed(RpcError::PeerLost { peer: peer.addr, cause });
+        let lost = |cause: String| {
+            DialError::Failed(RpcError::PeerLost {
+                peer: peer.addr,
+                cause,
+            })
+        };
         let Some(net_addr) = self.view().get(peer.addr).map(|m| m.net_addr.clone()) else {
             return Err(DialError::Failed(RpcError::NoRoute {
                 to: peer.addr,
@@ -95,18 +105,27 @@ impl Inner {
         let tokens = self.tokens();
         let (gate_tx, gate_rx) = oneshot::channel();
         let mut req = Request::new(self.writer(peer, &tokens, Some(gate_rx)));
-        auth::sign(req.metadata_mut(), &self.secret, self.addr, peer.addr, self.incarnation);
+        auth::sign(
+            req.metadata_mut(),
+            &self.secret,
+            self.addr,
+            peer.addr,
+            self.incarnation,
+        );
         let resp = match tokio::time::timeout_at(deadline, client.link(req)).await {
             Ok(Ok(resp)) => resp,
-            Ok(Err(status)) if status.code() == Code::Aborted => return Err(DialError::Simultaneous),
+            Ok(Err(status)) if status.code() == Code::Aborted => {
+                return Err(DialError::Simultaneous);
+            }
             Ok(Err(status)) => {
                 return Err(match status.code() {
-                    Code::Unauthenticated | Code::PermissionDenied | Code::FailedPrecondition | Code::Unavailable => {
-                        DialError::Failed(RpcError::Refused {
-                            peer: peer.addr,
-                            reason: status.message().to_owned(),
-                        })
-                    }
+                    Code::Unauthenticated
+                    | Code::PermissionDenied
+                    | Code::FailedPrecondition
+                    | Code::Unavailable => DialError::Failed(RpcError::Refused {
+                        peer: peer.addr,
+                        reason: status.message().to_owned(),
+                    }),
                     _ => lost(format!("link call failed: {}", status.message())),
                 });
             }
@@ -141,7 +160,8 @@ impl Inner {
                     let changed = peer.changed.notified();
                     tokio::pin!(changed);
                     changed.as_mut().enable();
-                    if !matches!(&*peer.state(), LinkState::Dialing { link_gen: g, .. } if *g == link_gen) {
+                    if !matches!(&*peer.state(), LinkState::Dialing { link_gen: g, .. } if *g == link_gen)
+                    {
                         return;
                     }
                     if tokio::time::timeout_at(until, changed).await.is_err() {
@@ -212,19 +232,28 @@ impl Inner {
         tracing::debug!(peer = %peer.addr, link_gen, "link up");
         self.links_changed.notify_waiters();
         let this = self.clone();
-        self.tracker.spawn(async move {
-            // Keeps the dialed connection open for the life of the link.
-            let _channel = channel;
-            let deliver: Arc<dyn reader::Deliver> = this.clone();
-            let why = reader::run(inbound, peer.clone(), tokens, deliver).await;
-            this.link_down(&peer, link_gen, &why);
-        });
+        let span = tracing::info_span!("link", node = %self.addr, peer = %peer.addr, link_gen);
+        self.tracker.spawn(tracing::Instrument::instrument(
+            async move {
+                // Keeps the dialed connection open for the life of the link.
+                let _channel = channel;
+                let deliver: Arc<dyn reader::Deliver> = this.clone();
+                let why = reader::run(inbound, peer.clone(), tokens, deliver).await;
+                this.link_down(&peer, link_gen, &why);
+            },
+            span,
+        ));
     }
 
     /// Ends link `link_gen` of `peer` (if it is still the current one) and fails what waits on it.
     pub(crate) fn link_down(&self, peer: &Arc<Peer>, link_gen: u64, why: &str) {
         let mut st = peer.state();
-        let LinkState::Up { link_gen: g, tokens, .. } = &*st else {
+        let LinkState::Up {
+            link_gen: g,
+            tokens,
+            ..
+        } = &*st
+        else {
             return;
         };
         if *g != link_gen {
@@ -286,18 +315,27 @@ impl Inner {
             Err(status)
         };
         if self.phase() != Phase::Running {
-            return refuse(Status::unavailable(format!("{} is not running (starting or shutting down)", self.addr)));
+            return refuse(Status::unavailable(format!(
+                "{} is not running (starting or shutting down)",
+                self.addr
+            )));
         }
-        let hello: Hello = match auth::verify(req.metadata(), &self.secret, self.config.hello_max_skew) {
-            Ok(h) => h,
-            Err(auth::HelloError::BadSecret { from }) => {
-                return refuse(Status::unauthenticated(format!(
-                    "{} refused {from}: cluster secret mismatch (HMAC check failed)",
-                    self.addr
-                )));
-            }
-            Err(e) => return refuse(Status::unauthenticated(format!("{} refused the link: {e}", self.addr))),
-        };
+        let hello: Hello =
+            match auth::verify(req.metadata(), &self.secret, self.config.hello_max_skew) {
+                Ok(h) => h,
+                Err(auth::HelloError::BadSecret { from }) => {
+                    return refuse(Status::unauthenticated(format!(
+                        "{} refused {from}: cluster secret mismatch (HMAC check failed)",
+                        self.addr
+                    )));
+                }
+                Err(e) => {
+                    return refuse(Status::unauthenticated(format!(
+                        "{} refused the link: {e}",
+                        self.addr
+                    )));
+                }
+            };
         if hello.to != self.addr {
             return refuse(Status::failed_precondition(format!(
                 "link meant for {} reached {}",
@@ -365,12 +403,16 @@ impl Inner {
         );
         drop(st);
         let writer = self.writer(&peer, &tokens, None);
-        self.clone().link_up(peer, link_gen, req.into_inner(), tokens, None);
+        self.clone()
+            .link_up(peer, link_gen, req.into_inner(), tokens, None);
         let stream: LinkStream = Box::pin(writer.map(Ok));
         let mut resp = Response::new(stream);
         resp.metadata_mut().insert(
             INCARNATION,
-            self.incarnation.to_string().parse().expect("digits are valid metadata"),
+            self.incarnation
+                .to_string()
+                .parse()
+                .expect("digits are valid metadata"),
         );
         Ok(resp)
     }

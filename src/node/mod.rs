@@ -116,7 +116,12 @@ impl Node {
 
     /// Calls `method` on `to` with the default timeout
     /// ([`NodeConfig::call_timeout`](crate::NodeConfig::call_timeout)).
-    pub async fn call(&self, to: LogicAddr, method: &str, payload: Bytes) -> Result<Bytes, RpcError> {
+    pub async fn call(
+        &self,
+        to: LogicAddr,
+        method: &str,
+        payload: Bytes,
+    ) -> Result<Bytes, RpcError> {
         self.call_timeout(to, method, payload, self.inner.config.call_timeout)
             .await
     }
@@ -168,7 +173,10 @@ impl Node {
                 },
                 ErrorCode::BUSY => RpcError::Busy { to },
                 ErrorCode::SHUTDOWN => RpcError::Shutdown { node: to },
-                ErrorCode::NO_ROUTE => RpcError::NoRoute { to, reason: message },
+                ErrorCode::NO_ROUTE => RpcError::NoRoute {
+                    to,
+                    reason: message,
+                },
                 code => RpcError::Remote { to, code, message },
             }),
         }
@@ -184,7 +192,15 @@ impl Node {
         payload: Bytes,
         timeout: Duration,
         deadline: tokio::time::Instant,
-    ) -> Result<(Arc<Peer>, u64, oneshot::Receiver<Outcome>, Option<Box<Outbound>>), RpcError> {
+    ) -> Result<
+        (
+            Arc<Peer>,
+            u64,
+            oneshot::Receiver<Outcome>,
+            Option<Box<Outbound>>,
+        ),
+        RpcError,
+    > {
         let inner = &self.inner;
         inner.check_running()?;
         inner.check_size(payload.len())?;
@@ -220,8 +236,14 @@ impl Node {
     /// await (a game loop). The callback runs exactly once, on one of the node's runtime
     /// threads, also when the call fails before it is sent; forward the result into your loop
     /// from there.
-    pub fn call_with_callback<F>(&self, to: LogicAddr, method: &str, payload: Bytes, timeout: Duration, callback: F)
-    where
+    pub fn call_with_callback<F>(
+        &self,
+        to: LogicAddr,
+        method: &str,
+        payload: Bytes,
+        timeout: Duration,
+        callback: F,
+    ) where
         F: FnOnce(Result<Bytes, RpcError>) + Send + 'static,
     {
         let node = self.clone();
@@ -274,7 +296,9 @@ impl Node {
     async fn push(&self, to: LogicAddr, body: Body) -> Result<(), RpcError> {
         match self.push_now(to, body) {
             Ok(()) => Ok(()),
-            Err(Pushback::Full(peer, item)) => peer.enqueue(*item, self.inner.config.send_timeout).await,
+            Err(Pushback::Full(peer, item)) => {
+                peer.enqueue(*item, self.inner.config.send_timeout).await
+            }
             Err(Pushback::Failed(e)) => Err(e),
         }
     }
@@ -306,14 +330,22 @@ impl Node {
     }
 
     /// Sends a protobuf message to `to`; the receiver's handler for `M` gets it.
-    pub async fn send_message<M: prost::Message + prost::Name>(&self, to: LogicAddr, msg: &M) -> Result<(), RpcError> {
+    pub async fn send_message<M: prost::Message + prost::Name>(
+        &self,
+        to: LogicAddr,
+        msg: &M,
+    ) -> Result<(), RpcError> {
         let payload = Bytes::from(msg.encode_to_vec());
         self.inner.check_size(payload.len())?;
         self.push(to, type_body(M::full_name(), payload)).await
     }
 
     /// Like [`Node::send_message`], failing at once when the queue is full.
-    pub fn try_send_message<M: prost::Message + prost::Name>(&self, to: LogicAddr, msg: &M) -> Result<(), RpcError> {
+    pub fn try_send_message<M: prost::Message + prost::Name>(
+        &self,
+        to: LogicAddr,
+        msg: &M,
+    ) -> Result<(), RpcError> {
         let payload = Bytes::from(msg.encode_to_vec());
         self.inner.check_size(payload.len())?;
         self.try_push(to, type_body(M::full_name(), payload))
@@ -327,7 +359,11 @@ impl Node {
 
     /// Like [`Node::get_addr_by_type`], but the same `key` (e.g. a player id) maps to the same
     /// node while the set of available nodes holds; when a node leaves, only its keys move.
-    pub fn get_addr_by_type_sticky(&self, node_type: u8, key: u64) -> Result<LogicAddr, SelectError> {
+    pub fn get_addr_by_type_sticky(
+        &self,
+        node_type: u8,
+        key: u64,
+    ) -> Result<LogicAddr, SelectError> {
         self.select(node_type, |v| v.pick_sticky(node_type, key))
     }
 
@@ -357,7 +393,10 @@ impl Node {
         timeout: Duration,
     ) -> bool {
         let inner = &self.inner;
-        wait_until(&inner.view_changed, timeout, || check(inner.view().get(addr))).await
+        wait_until(&inner.view_changed, timeout, || {
+            check(inner.view().get(addr))
+        })
+        .await
     }
 
     /// Whether a link to `peer` is up now.
@@ -373,7 +412,10 @@ impl Node {
     /// Waits until a link to `peer` is up or down (`up`), up to `timeout`; returns whether it
     /// got there.
     pub async fn wait_linked(&self, peer: LogicAddr, up: bool, timeout: Duration) -> bool {
-        wait_until(&self.inner.links_changed, timeout, || self.is_linked(peer) == up).await
+        wait_until(&self.inner.links_changed, timeout, || {
+            self.is_linked(peer) == up
+        })
+        .await
     }
 
     /// The node's counters.
@@ -383,7 +425,11 @@ impl Node {
 }
 
 /// Waits until `cond` holds, re-checking each time `signal` fires, up to `timeout`.
-async fn wait_until(signal: &tokio::sync::Notify, timeout: Duration, cond: impl Fn() -> bool) -> bool {
+async fn wait_until(
+    signal: &tokio::sync::Notify,
+    timeout: Duration,
+    cond: impl Fn() -> bool,
+) -> bool {
     let end = tokio::time::Instant::now() + timeout;
     loop {
         let changed = signal.notified();
