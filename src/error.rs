@@ -47,10 +47,17 @@ pub struct HandlerError {
 }
 
 impl HandlerError {
-    /// An error with an application code.
+    /// An error with an application code (100 and above). Codes below 100 are the
+    /// framework's: given one, `new` uses [`ErrorCode::HANDLER`] instead, so a caller never
+    /// mistakes an application error for `Busy` or `Shutdown`. (Build the struct directly to
+    /// send a framework code on purpose, e.g. `ErrorCode::BUSY` from an overloaded handler.)
     pub fn new(code: u32, message: impl Into<String>) -> Self {
         HandlerError {
-            code: ErrorCode(code),
+            code: if code < ErrorCode::APPLICATION.0 {
+                ErrorCode::HANDLER
+            } else {
+                ErrorCode(code)
+            },
             message: message.into(),
         }
     }

@@ -77,7 +77,10 @@ pub(crate) struct ServerShared {
     pub(crate) limit: usize,
     pub(crate) drained: Notify,
     pub(crate) max_envelope: usize,
-    pub(crate) default_timeout: std::time::Duration,
+    pub(crate) send_timeout: std::time::Duration,
+    /// Responses waiting for room in a full queue.
+    pub(crate) waiting_replies: AtomicUsize,
+    pub(crate) tracker: tokio_util::task::TaskTracker,
     pub(crate) stats: Arc<Stats>,
     pub(crate) runtime: std::sync::OnceLock<tokio::runtime::Handle>,
     /// Fires at the end of shutdown: handlers still running then are dropped (their callers
@@ -100,7 +103,15 @@ impl ServerShared {
         }
     }
 
-    /// Queues a response toward `to` through `peer`.
+    /// Queues a response toward `to` through `peer`. `holds_permit`: the request counted
+    /// against the concurrency limit, released once the response is queued (so shutdown's
+    /// drain covers replies still waiting for room).
+    ///
+    /// A full queue (the peer reads slower than it asks) gets a bounded wait: at most
+    /// `limit` responses wait at once, each at most `send_timeout`; beyond that the response
+    /// is dropped, counted in `responses_dropped` and logged. A peer can never make this node
+    /// hold more than that.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn respond(
         self: &Arc<Self>,
         peer: &Arc<Peer>,
@@ -108,6 +119,7 @@ impl ServerShared {
         id: u64,
         deadline: Option<Instant>,
         result: Result<Bytes, HandlerError>,
+        holds_permit: bool,
     ) {
         let result = match result {
             Ok(p) if p.len() > self.max_envelope => response::Result::Error(proto::Error {
@@ -121,7 +133,7 @@ impl ServerShared {
             Ok(p) => response::Result::Payload(p),
             Err(e) => response::Result::Error(proto::Error {
                 code: e.code.0,
-                message: e.message,
+                message: clip(e.message),
             }),
         };
         let item = Outbound {
@@ -137,27 +149,49 @@ impl ServerShared {
             },
             deadline,
         };
-        match peer.try_enqueue(item) {
-            Ok(()) => {}
-            Err((crate::RpcError::QueueFull { .. }, item)) => {
-                // The queue is full: wait for room off the handler's thread.
-                let peer = peer.clone();
-                let wait = self.default_timeout;
-                let spawn = |fut| match self.runtime.get() {
-                    Some(rt) => drop(rt.spawn(fut)),
-                    None => tracing::warn!(%to, "response dropped: node has no runtime"),
-                };
-                spawn(async move {
-                    if let Err(e) = peer.enqueue(item, wait).await {
-                        tracing::warn!(%to, error = %e, "response dropped");
-                    }
-                });
-            }
-            Err((e, _)) => {
-                Stats::incr(&self.stats.envelopes_lost);
+        let done = move |this: &ServerShared, error: Option<crate::RpcError>| {
+            if let Some(e) = error {
+                Stats::incr(&this.stats.responses_dropped);
                 tracing::warn!(%to, error = %e, "response dropped");
             }
-        }
+            if holds_permit {
+                this.release();
+            }
+        };
+        let mut item = match peer.try_enqueue(item) {
+            Ok(()) => return done(self, None),
+            Err((crate::RpcError::QueueFull { .. }, item)) => item,
+            Err((e, _)) => return done(self, Some(e)),
+        };
+        let (Some(rt), true) = (self.runtime.get(), self.reserve_waiting()) else {
+            return done(
+                self,
+                Some(crate::RpcError::QueueFull {
+                    peer: peer.addr,
+                    capacity: self.limit,
+                }),
+            );
+        };
+        let until = Instant::now() + self.send_timeout;
+        item.deadline = Some(deadline.map_or(until, |d| d.min(until)));
+        let this = self.clone();
+        let peer = peer.clone();
+        self.tracker.spawn_on(
+            async move {
+                let r = peer.enqueue(item, this.send_timeout).await;
+                this.waiting_replies.fetch_sub(1, Ordering::AcqRel);
+                done(&this, r.err());
+            },
+            rt,
+        );
+    }
+
+    fn reserve_waiting(&self) -> bool {
+        self.waiting_replies
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.limit).then_some(n + 1)
+            })
+            .is_ok()
     }
 
     /// Dispatches one request to its handler (or answers the error that prevents it).
@@ -168,7 +202,6 @@ impl ServerShared {
         ctx: CallContext,
         id: u64,
         payload: Bytes,
-        tracker: &tokio_util::task::TaskTracker,
     ) {
         let refuse = |code: ErrorCode, message: String| {
             if !ctx.oneway {
@@ -178,6 +211,7 @@ impl ServerShared {
                     id,
                     ctx.deadline,
                     Err(HandlerError { code, message }),
+                    false,
                 );
             }
         };
@@ -223,7 +257,7 @@ impl ServerShared {
                     Err(p) => return replyer.reply(Err(panicked(from, p))),
                 }
                 let cancel = self.cancel.clone();
-                tracker.spawn(async move {
+                self.tracker.spawn(async move {
                     // Biased: the handler is polled before the token is registered with.
                     let outcome = tokio::select! {
                         biased;
@@ -239,6 +273,21 @@ impl ServerShared {
             }
         }
     }
+}
+
+/// Longest error text sent back to a caller; longer texts are cut (on a char boundary), so an
+/// error can never outgrow the batch limit and take its link down.
+pub(crate) const MAX_ERROR_TEXT: usize = 4096;
+
+fn clip(mut text: String) -> String {
+    if text.len() > MAX_ERROR_TEXT {
+        let mut end = MAX_ERROR_TEXT;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
 }
 
 fn panicked(from: LogicAddr, payload: Box<dyn std::any::Any + Send>) -> HandlerError {
@@ -295,10 +344,11 @@ impl Replyer {
         let Some(shared) = self.shared.take() else {
             return;
         };
-        if !self.oneway {
-            shared.respond(&self.peer, self.to, self.id, self.deadline, result);
+        if self.oneway {
+            shared.release();
+        } else {
+            shared.respond(&self.peer, self.to, self.id, self.deadline, result, true);
         }
-        shared.release();
     }
 }
 

@@ -39,6 +39,8 @@ counters! {
     requests_received,
     /// Requests answered `Busy` (over the concurrency limit).
     requests_busy,
+    /// Responses this node could not queue back to the caller (its queue stayed full).
+    responses_dropped,
     /// Responses that matched no waiting call (it had timed out or been cancelled).
     responses_orphaned,
     /// One-way messages handed to a handler.

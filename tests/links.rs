@@ -84,6 +84,7 @@ async fn simultaneous_dial_loses_nothing_and_leaves_one_link() {
         nb.shutdown().await;
     }
     eprintln!("simultaneous dials refused by the smaller node in {raced} of 100 rounds");
+    assert!(raced > 0, "no round exercised a simultaneous dial");
 }
 
 #[tokio::test]
@@ -149,12 +150,18 @@ async fn a_full_queue_is_an_error_to_the_sender_never_a_hang() {
         .unwrap_err();
     assert!(matches!(e, RpcError::QueueFull { .. }), "{e:?}");
     // A call waits no longer than its own deadline either.
+    let started = tokio::time::Instant::now();
     let e = within(node.call_timeout(a("1.2.1"), "x", Bytes::new(), Duration::from_millis(300)))
         .await
         .unwrap_err();
     assert!(
         matches!(e, RpcError::QueueFull { .. } | RpcError::Timeout { .. }),
         "{e:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(800),
+        "{:?}",
+        started.elapsed()
     );
     // Other peers and the node itself are unaffected.
     assert!(node.try_send_cmd(a("1.1.1"), Cmd(9), Bytes::new()).is_ok());

@@ -232,10 +232,11 @@ async fn oversize_payloads_fail_at_the_sender() {
         .call(server.addr(), "echo", big.clone())
         .await
         .unwrap_err();
+    // The method name rides in the same envelope and counts too.
     assert_eq!(
         e,
         RpcError::TooLarge {
-            size: 1025,
+            size: 1025 + "echo".len(),
             limit: 1024
         }
     );
@@ -262,8 +263,8 @@ async fn oversize_payloads_fail_at_the_sender() {
         "{e:?}"
     );
     // Exactly at the limit is fine.
-    let ok = within(server.call(client.addr(), "echo", Bytes::from(vec![1u8; 1024]))).await;
-    assert_eq!(ok.unwrap().len(), 1024);
+    let ok = within(server.call(client.addr(), "echo", Bytes::from(vec![1u8; 1020]))).await;
+    assert_eq!(ok.unwrap().len(), 1020);
 }
 
 #[tokio::test]
@@ -309,7 +310,12 @@ async fn an_oversize_envelope_from_a_peer_closes_only_that_link() {
 #[tokio::test]
 async fn a_listed_peer_that_is_not_running_fails_within_the_deadline() {
     let mut c = Cluster::new(&["1.1.1", "1.2.1"]);
-    let client = c.start("1.1.1", |b| b).await;
+    // A long redial backoff, so the fail-fast check below cannot race its end.
+    let client = c
+        .start("1.1.1", |b| {
+            b.config(test_config().redial_backoff(Duration::from_secs(30)))
+        })
+        .await;
     // 1.2.1's port is held by the harness but nobody serves it: drop it so dials are refused.
     drop(c.builder("1.2.1"));
     let started = tokio::time::Instant::now();
@@ -361,4 +367,89 @@ async fn callbacks_run_exactly_once_even_when_the_call_cannot_be_sent() {
     assert_eq!(r, Err(RpcError::NotStarted { node: a("1.1.1") }));
     assert_eq!(count.load(Ordering::SeqCst), 1);
     let _ = NodeConfig::default();
+}
+
+#[tokio::test]
+async fn a_callback_call_keeps_its_place_among_the_callers_sends() {
+    let mut c = Cluster::new(&["1.1.1", "1.2.1"]);
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (tx, mut rx) = mpsc::channel(4);
+    let (s1, s2, t2) = (seen.clone(), seen.clone(), tx.clone());
+    let server = c
+        .start("1.2.1", move |b| {
+            b.rpc_with_replyer("reserve", move |_, _, replyer| {
+                s1.lock().unwrap().push("reserve");
+                replyer.reply(Ok(Bytes::new()));
+            })
+            .on_cmd(clustergo::Cmd(1), move |_, _| {
+                s2.lock().unwrap().push("commit");
+                t2.try_send(()).unwrap();
+            })
+        })
+        .await;
+    let client = c.start("1.1.1", |b| b).await;
+    for _ in 0..20 {
+        seen.lock().unwrap().clear();
+        client.call_with_callback(
+            server.addr(),
+            "reserve",
+            Bytes::new(),
+            Duration::from_secs(5),
+            |r| {
+                r.unwrap();
+            },
+        );
+        client
+            .try_send_cmd(server.addr(), clustergo::Cmd(1), Bytes::new())
+            .unwrap();
+        within(rx.recv()).await.unwrap();
+        assert_eq!(*seen.lock().unwrap(), ["reserve", "commit"]);
+    }
+}
+
+#[tokio::test]
+async fn application_codes_never_pose_as_framework_codes() {
+    let mut c = Cluster::new(&["1.1.1", "1.2.1"]);
+    let server = c
+        .start("1.2.1", |b| {
+            b.rpc("shutdown-code", |_, _| async move {
+                Err::<Bytes, _>(HandlerError::new(3, "no gold"))
+            })
+            .rpc("busy-on-purpose", |_, _| async move {
+                Err::<Bytes, _>(HandlerError {
+                    code: ErrorCode::BUSY,
+                    message: "overloaded".into(),
+                })
+            })
+            .rpc("long-error", |_, _| async move {
+                Err::<Bytes, _>(HandlerError::new(100, "x".repeat(1 << 20)))
+            })
+        })
+        .await;
+    let client = c.start("1.1.1", |b| b).await;
+    let to = server.addr();
+    let e = within(client.call(to, "shutdown-code", Bytes::new()))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e,
+        RpcError::Remote {
+            to,
+            code: ErrorCode::HANDLER,
+            message: "no gold".into()
+        }
+    );
+    let e = within(client.call(to, "busy-on-purpose", Bytes::new()))
+        .await
+        .unwrap_err();
+    assert_eq!(e, RpcError::Busy { to });
+    // An error text far over the batch limit is cut, and the link survives it.
+    let e = within(client.call(to, "long-error", Bytes::new()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, RpcError::Remote { message, .. } if message.len() == 4096),
+        "{e:?}"
+    );
+    assert_eq!(client.stats().links_closed, 0);
 }

@@ -57,6 +57,8 @@ pub(crate) enum LinkState {
         tokens: LinkTokens,
         dialed: bool,
         incarnation: u64,
+        /// When the link came up.
+        since: Instant,
     },
     /// The peer left membership or the node shut down; the slot is dead.
     Closed,

@@ -84,6 +84,18 @@ pub(crate) fn approx_size(body: &Option<Body>) -> usize {
         }
 }
 
+impl Drop for Writer {
+    fn drop(&mut self) {
+        // Taken from the queue but never written: the link ended under them. Waiting calls
+        // among them are failed by the link's end; count the rest.
+        for item in self.buf.drain(..) {
+            if !matches!(item.env.body, Some(Body::Request(_))) {
+                Stats::incr(&self.stats.envelopes_lost);
+            }
+        }
+    }
+}
+
 impl Stream for Writer {
     type Item = Batch;
 

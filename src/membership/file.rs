@@ -163,7 +163,16 @@ impl Inner {
         let mut last_error: Option<String> = None;
         loop {
             tokio::select! {
-                _ = self.tx.closed() => break,
+                _ = self.tx.closed() => {
+                    // Decide under the lock `subscribe` takes after creating its receiver:
+                    // either it sees the loop running, or the loop sees its receiver.
+                    let mut polling = self.polling.lock().unwrap_or_else(|e| e.into_inner());
+                    if self.tx.receiver_count() == 0 {
+                        *polling = false;
+                        return;
+                    }
+                    continue;
+                }
                 _ = tokio::time::sleep(self.poll) => {}
             }
             match self.reload() {
@@ -177,7 +186,6 @@ impl Inner {
                 }
             }
         }
-        *self.polling.lock().unwrap_or_else(|e| e.into_inner()) = false;
     }
 }
 

@@ -94,13 +94,13 @@ impl Inner {
                         code: ErrorCode::SHUTDOWN,
                         message: format!("{} is shutting down", self.addr),
                     }),
+                    false,
                 );
             }
             return;
         }
         let handler = self.rpcs.get(&ctx.method);
-        self.server
-            .serve(handler, peer, ctx, r.id, r.payload, &self.tracker);
+        self.server.serve(handler, peer, ctx, r.id, r.payload);
     }
 
     fn handle_message(&self, from: LogicAddr, m: crate::proto::Message) {

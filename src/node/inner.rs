@@ -73,6 +73,8 @@ pub(crate) struct Inner {
     pub(crate) links_changed: Notify,
     /// Signalled when the view changes.
     pub(crate) view_changed: Notify,
+    /// Signalled when the phase changes.
+    pub(crate) phase_changed: Notify,
 }
 
 impl Inner {
@@ -88,13 +90,16 @@ impl Inner {
         let (secret, dev_secret) = config.resolve_secret();
         let stats = Arc::new(Stats::default());
         let root = CancellationToken::new();
+        let tracker = TaskTracker::new();
         let server = Arc::new(ServerShared {
             addr,
             inflight: Default::default(),
             limit: config.max_concurrent_requests,
             drained: Notify::new(),
             max_envelope: config.max_envelope,
-            default_timeout: config.call_timeout,
+            send_timeout: config.send_timeout,
+            waiting_replies: Default::default(),
+            tracker: tracker.clone(),
             stats: stats.clone(),
             runtime: OnceLock::new(),
             cancel: root.clone(),
@@ -119,12 +124,13 @@ impl Inner {
             next_gen: AtomicU64::new(1),
             root,
             accept_stop: CancellationToken::new(),
-            tracker: TaskTracker::new(),
+            tracker,
             closed: watch::channel(false).0,
             listener: Mutex::new(listener),
             local_addr: OnceLock::new(),
             links_changed: Notify::new(),
             view_changed: Notify::new(),
+            phase_changed: Notify::new(),
         })
     }
 
@@ -134,13 +140,19 @@ impl Inner {
 
     pub(crate) fn set_phase(&self, p: Phase) {
         self.phase.store(p as u8, Ordering::Release);
+        self.phase_changed.notify_waiters();
     }
 
     /// Moves from `from` to `to`; false if the phase was not `from`.
     pub(crate) fn transition(&self, from: Phase, to: Phase) -> bool {
-        self.phase
+        let moved = self
+            .phase
             .compare_exchange(from as u8, to as u8, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
+            .is_ok();
+        if moved {
+            self.phase_changed.notify_waiters();
+        }
+        moved
     }
 
     pub(crate) fn view(&self) -> Arc<View> {
@@ -246,6 +258,15 @@ impl Inner {
             span,
         ));
         Ok(())
+    }
+
+    /// If the link went down between [`Inner::ensure_link`] and queueing, what was just queued
+    /// would wait for some later send to dial; dial now instead.
+    pub(crate) fn after_enqueue(self: &Arc<Self>, peer: &Arc<Peer>) {
+        if !peer.is_up() {
+            // A failure here (backoff, left membership) has already failed the queue.
+            let _ = self.ensure_link(peer);
+        }
     }
 
     /// The deadline of a one-way item: none while the link is up (the writer is draining the

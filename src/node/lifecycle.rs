@@ -116,6 +116,7 @@ impl Inner {
                     tokens: Default::default(),
                     dialed: false,
                     incarnation: self.incarnation,
+                    since: Instant::now(),
                 },
             );
         }
@@ -207,12 +208,25 @@ impl Inner {
     }
 
     pub(crate) async fn shutdown(self: &Arc<Self>) {
-        if self.transition(Phase::Created, Phase::Closed) {
-            self.closed.send_replace(true);
-            return;
-        }
-        if self.transition(Phase::Running, Phase::Draining) {
-            self.drain().await;
+        loop {
+            let changed = self.phase_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            match self.phase() {
+                Phase::Created if self.transition(Phase::Created, Phase::Closed) => {
+                    self.closed.send_replace(true);
+                    return;
+                }
+                Phase::Running if self.transition(Phase::Running, Phase::Draining) => {
+                    self.drain().await;
+                    break;
+                }
+                // A start in progress ends either way; shut down what it leaves.
+                Phase::Starting => changed.await,
+                Phase::Draining | Phase::Closed => break,
+                // Lost a race with another transition: look again.
+                Phase::Created | Phase::Running => {}
+            }
         }
         let mut closed = self.closed.subscribe();
         // The sender lives in `self`, so this ends when the node closes.

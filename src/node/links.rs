@@ -164,8 +164,9 @@ impl Inner {
                     {
                         return;
                     }
-                    if tokio::time::timeout_at(until, changed).await.is_err() {
-                        break;
+                    tokio::select! {
+                        r = tokio::time::timeout_at(until, changed) => if r.is_err() { break },
+                        _ = self.root.cancelled() => return,
                     }
                 }
                 RpcError::PeerLost {
@@ -194,7 +195,7 @@ impl Inner {
                 last_error: Some(error.clone()),
             },
         );
-        drop(st);
+        // Under the state lock: a send that starts a new dial cannot queue in between.
         peer.fail_all(&error, &self.stats);
     }
 
@@ -212,6 +213,7 @@ impl Inner {
                 tokens: d.tokens.clone(),
                 dialed: true,
                 incarnation: d.incarnation,
+                since: Instant::now(),
             },
         );
         drop(st);
@@ -261,10 +263,6 @@ impl Inner {
         }
         tokens.kill.cancel();
         peer.set_state(&mut st, LinkState::idle());
-        drop(st);
-        Stats::incr(&self.stats.links_closed);
-        self.links_changed.notify_waiters();
-        tracing::info!(peer = %peer.addr, reason = why, "link down");
         let error = if matches!(self.phase(), Phase::Draining | Phase::Closed) {
             RpcError::Shutdown { node: self.addr }
         } else {
@@ -273,7 +271,13 @@ impl Inner {
                 cause: why.to_owned(),
             }
         };
+        // Under the state lock: a new link or dial cannot start before the old link's
+        // leftovers are failed, so nothing meant for the new link is swept away.
         peer.fail_all(&error, &self.stats);
+        drop(st);
+        Stats::incr(&self.stats.links_closed);
+        self.links_changed.notify_waiters();
+        tracing::info!(peer = %peer.addr, reason = why, "link down");
     }
 
     /// Forgets a peer that left membership or moved: closes its link and fails what waits.
@@ -292,9 +296,6 @@ impl Inner {
             Stats::incr(&self.stats.links_closed);
         }
         peer.set_state(&mut st, LinkState::Closed);
-        drop(st);
-        self.links_changed.notify_waiters();
-        tracing::info!(peer = %addr, reason = why, "peer dropped");
         peer.fail_all(
             &RpcError::PeerLost {
                 peer: addr,
@@ -302,6 +303,9 @@ impl Inner {
             },
             &self.stats,
         );
+        drop(st);
+        self.links_changed.notify_waiters();
+        tracing::info!(peer = %addr, reason = why, "peer dropped");
     }
 
     /// Admits or refuses an inbound link.
@@ -365,20 +369,44 @@ impl Inner {
                     self.addr
                 )));
             }
+            // Both dialed and ours was admitted first. A dial that raced ours started before
+            // our link came up, so it arrives within a dial timeout of it; a later dial means
+            // the peer lost its side of our link, and is served below.
             LinkState::Up {
                 dialed: true,
                 incarnation,
+                since,
                 ..
-            } if smaller && *incarnation == hello.incarnation => {
+            } if smaller
+                && *incarnation == hello.incarnation
+                && since.elapsed() < self.config.dial_timeout =>
+            {
                 drop(st);
                 return refuse(Status::aborted(format!(
                     "simultaneous dial: {} keeps the link it dialed",
                     self.addr
                 )));
             }
-            LinkState::Up { tokens, .. } => {
-                // The peer dials although a link is up: its side of that link is gone.
+            LinkState::Up {
+                tokens,
+                incarnation,
+                ..
+            } => {
+                // The peer dials although a link is up: it restarted, or its side of the
+                // link is gone. What waits on the old link will not be answered on it.
+                let cause = if *incarnation == hello.incarnation {
+                    "the peer replaced the link"
+                } else {
+                    "the peer restarted"
+                };
                 tokens.kill.cancel();
+                peer.fail_all(
+                    &RpcError::PeerLost {
+                        peer: peer.addr,
+                        cause: cause.into(),
+                    },
+                    &self.stats,
+                );
                 Stats::incr(&self.stats.links_closed);
             }
             LinkState::Closed => {
@@ -399,6 +427,7 @@ impl Inner {
                 tokens: tokens.clone(),
                 dialed: false,
                 incarnation: hello.incarnation,
+                since: Instant::now(),
             },
         );
         drop(st);

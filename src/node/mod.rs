@@ -44,6 +44,15 @@ impl std::fmt::Debug for Node {
     }
 }
 
+/// A call whose request is queued (or, when the queue was full, handed back to wait with):
+/// the peer, the call id, and where the outcome arrives.
+type Started = (
+    Arc<Peer>,
+    u64,
+    oneshot::Receiver<Outcome>,
+    Option<Box<Outbound>>,
+);
+
 /// Why a one-way body was not queued at once.
 enum Pushback {
     /// The queue is full; the item to wait with.
@@ -136,7 +145,20 @@ impl Node {
         timeout: Duration,
     ) -> Result<Bytes, RpcError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let (peer, id, rx, full) = self.begin_call(to, method, payload, timeout, deadline)?;
+        let started = self.begin_call(to, method, payload, timeout, deadline)?;
+        self.finish_call(started, to, method, timeout, deadline)
+            .await
+    }
+
+    /// Waits for the outcome of a call [`Node::begin_call`] started.
+    async fn finish_call(
+        &self,
+        (peer, id, rx, full): Started,
+        to: LogicAddr,
+        method: &str,
+        timeout: Duration,
+        deadline: tokio::time::Instant,
+    ) -> Result<Bytes, RpcError> {
         let mut guard = PendingGuard {
             peer: &peer,
             id,
@@ -144,6 +166,7 @@ impl Node {
         };
         if let Some(item) = full {
             peer.enqueue(*item, timeout).await?;
+            self.inner.after_enqueue(&peer);
         }
         let outcome = match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(o)) => o,
@@ -184,7 +207,6 @@ impl Node {
 
     /// Registers a call and queues its request without waiting (see [`Node::push_now`]); a full
     /// queue hands the request back to wait with.
-    #[allow(clippy::type_complexity)]
     fn begin_call(
         &self,
         to: LogicAddr,
@@ -203,7 +225,8 @@ impl Node {
     > {
         let inner = &self.inner;
         inner.check_running()?;
-        inner.check_size(payload.len())?;
+        // The method name rides in the same envelope, so it counts against the limit.
+        inner.check_size(payload.len() + method.len())?;
         let peer = inner.peer_for(to)?;
         inner.ensure_link(&peer)?;
         let id = inner.next_call_id();
@@ -223,7 +246,10 @@ impl Node {
             deadline: Some(deadline),
         };
         match peer.try_enqueue(item) {
-            Ok(()) => Ok((peer, id, rx, None)),
+            Ok(()) => {
+                inner.after_enqueue(&peer);
+                Ok((peer, id, rx, None))
+            }
             Err((RpcError::QueueFull { .. }, item)) => Ok((peer, id, rx, Some(Box::new(item)))),
             Err((e, _)) => {
                 peer.take_pending(id);
@@ -246,16 +272,23 @@ impl Node {
     ) where
         F: FnOnce(Result<Bytes, RpcError>) + Send + 'static,
     {
+        // Queue the request now, so it keeps its place among this caller's other sends.
+        let deadline = tokio::time::Instant::now() + timeout;
+        let started = self.begin_call(to, method, payload, timeout, deadline);
         let node = self.clone();
         let method = method.to_owned();
-        let fut = async move { callback(node.call_timeout(to, &method, payload, timeout).await) };
-        match self.inner.server.runtime.get() {
-            Some(rt) => drop(rt.spawn(fut)),
-            None => match tokio::runtime::Handle::try_current() {
-                Ok(rt) => drop(rt.spawn(fut)),
-                // Not started and not on a runtime: the call fails before any await.
-                Err(_) => futures_util::FutureExt::now_or_never(fut).unwrap_or(()),
-            },
+        let fut = async move {
+            let result = match started {
+                Ok(s) => node.finish_call(s, to, &method, timeout, deadline).await,
+                Err(e) => Err(e),
+            };
+            callback(result)
+        };
+        let rt = self.inner.server.runtime.get().cloned();
+        match rt.or_else(|| tokio::runtime::Handle::try_current().ok()) {
+            Some(rt) => drop(self.inner.tracker.spawn_on(fut, &rt)),
+            // Not started and not on a runtime: the call failed before any await.
+            None => futures_util::FutureExt::now_or_never(fut).unwrap_or(()),
         }
     }
 
@@ -263,7 +296,7 @@ impl Node {
     /// it waits for room in a full queue up to
     /// [`NodeConfig::send_timeout`](crate::NodeConfig::send_timeout).
     pub async fn post(&self, to: LogicAddr, method: &str, payload: Bytes) -> Result<(), RpcError> {
-        self.inner.check_size(payload.len())?;
+        self.inner.check_size(payload.len() + method.len())?;
         let body = Body::Request(proto::Request {
             id: 0,
             method: method.to_owned(),
@@ -287,7 +320,10 @@ impl Node {
             deadline: inner.oneway_deadline(&peer),
         };
         match peer.try_enqueue(item) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                inner.after_enqueue(&peer);
+                Ok(())
+            }
             Err((RpcError::QueueFull { .. }, item)) => Err(Pushback::Full(peer, Box::new(item))),
             Err((e, _)) => Err(Pushback::Failed(e)),
         }
@@ -296,8 +332,14 @@ impl Node {
     async fn push(&self, to: LogicAddr, body: Body) -> Result<(), RpcError> {
         match self.push_now(to, body) {
             Ok(()) => Ok(()),
-            Err(Pushback::Full(peer, item)) => {
-                peer.enqueue(*item, self.inner.config.send_timeout).await
+            Err(Pushback::Full(peer, mut item)) => {
+                // Waiting for room can take a while: from here on the item can expire.
+                let wait = self.inner.config.send_timeout;
+                item.deadline
+                    .get_or_insert_with(|| tokio::time::Instant::now() + wait);
+                peer.enqueue(*item, wait).await?;
+                self.inner.after_enqueue(&peer);
+                Ok(())
             }
             Err(Pushback::Failed(e)) => Err(e),
         }
@@ -336,7 +378,8 @@ impl Node {
         msg: &M,
     ) -> Result<(), RpcError> {
         let payload = Bytes::from(msg.encode_to_vec());
-        self.inner.check_size(payload.len())?;
+        self.inner
+            .check_size(payload.len() + M::full_name().len())?;
         self.push(to, type_body(M::full_name(), payload)).await
     }
 
@@ -347,7 +390,8 @@ impl Node {
         msg: &M,
     ) -> Result<(), RpcError> {
         let payload = Bytes::from(msg.encode_to_vec());
-        self.inner.check_size(payload.len())?;
+        self.inner
+            .check_size(payload.len() + M::full_name().len())?;
         self.try_push(to, type_body(M::full_name(), payload))
     }
 
