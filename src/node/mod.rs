@@ -44,14 +44,14 @@ impl std::fmt::Debug for Node {
     }
 }
 
-/// A call whose request is queued (or, when the queue was full, handed back to wait with):
-/// the peer, the call id, and where the outcome arrives.
-type Started = (
-    Arc<Peer>,
-    u64,
-    oneshot::Receiver<Outcome>,
-    Option<Box<Outbound>>,
-);
+/// A call whose request is queued (or, when the queue was full, handed back to wait with).
+struct Started {
+    peer: Arc<Peer>,
+    id: u64,
+    rx: oneshot::Receiver<Outcome>,
+    /// The request, when the queue was full and it still has to wait for room.
+    full: Option<Box<Outbound>>,
+}
 
 /// Why a one-way body was not queued at once.
 enum Pushback {
@@ -153,7 +153,7 @@ impl Node {
     /// Waits for the outcome of a call [`Node::begin_call`] started.
     async fn finish_call(
         &self,
-        (peer, id, rx, full): Started,
+        Started { peer, id, rx, full }: Started,
         to: LogicAddr,
         method: &str,
         timeout: Duration,
@@ -214,15 +214,7 @@ impl Node {
         payload: Bytes,
         timeout: Duration,
         deadline: tokio::time::Instant,
-    ) -> Result<
-        (
-            Arc<Peer>,
-            u64,
-            oneshot::Receiver<Outcome>,
-            Option<Box<Outbound>>,
-        ),
-        RpcError,
-    > {
+    ) -> Result<Started, RpcError> {
         let inner = &self.inner;
         inner.check_running()?;
         // The method name rides in the same envelope, so it counts against the limit.
@@ -248,9 +240,19 @@ impl Node {
         match peer.try_enqueue(item) {
             Ok(()) => {
                 inner.after_enqueue(&peer);
-                Ok((peer, id, rx, None))
+                Ok(Started {
+                    peer,
+                    id,
+                    rx,
+                    full: None,
+                })
             }
-            Err((RpcError::QueueFull { .. }, item)) => Ok((peer, id, rx, Some(Box::new(item)))),
+            Err((RpcError::QueueFull { .. }, item)) => Ok(Started {
+                peer,
+                id,
+                rx,
+                full: Some(Box::new(item)),
+            }),
             Err((e, _)) => {
                 peer.take_pending(id);
                 Err(e)
