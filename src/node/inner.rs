@@ -159,11 +159,14 @@ impl Inner {
         self.view.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// Whether this node may send. While draining it still may: handlers finishing within
+    /// the grace period often call out (a game server saving a player to a database node).
+    /// New requests *to* a draining node are refused instead.
     pub(crate) fn check_running(&self) -> Result<(), RpcError> {
         match self.phase() {
-            Phase::Running => Ok(()),
+            Phase::Running | Phase::Draining => Ok(()),
             Phase::Created | Phase::Starting => Err(RpcError::NotStarted { node: self.addr }),
-            Phase::Draining | Phase::Closed => Err(RpcError::Shutdown { node: self.addr }),
+            Phase::Closed => Err(RpcError::Shutdown { node: self.addr }),
         }
     }
 

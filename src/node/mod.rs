@@ -109,9 +109,11 @@ impl Node {
         self.inner.start().await
     }
 
-    /// Shuts the node down and waits until it is closed: stops accepting links, lets in-flight
-    /// RPC handlers finish within the grace period, writes what is queued, closes links. Calls
-    /// made meanwhile fail with [`RpcError::Shutdown`]. Calling it again just waits.
+    /// Shuts the node down and waits until it is closed: stops accepting links, answers new
+    /// requests with [`RpcError::Shutdown`], lets in-flight RPC handlers finish within the
+    /// grace period (they may still call other nodes meanwhile), writes what is queued, closes
+    /// links. Once closed, every send fails with [`RpcError::Shutdown`]. Calling it again, or
+    /// during [`Node::start`], just waits for the same end.
     pub async fn shutdown(&self) {
         self.inner.shutdown().await
     }
