@@ -1,5 +1,5 @@
 //! Compiles the node-to-node wire (`proto/mesh.proto`) with a protoc shipped inside a crate,
-//! so a fresh machine needs no system protoc.
+//! so a fresh machine needs no system protoc, and the example service with `clustergo-build`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = prost_build::Config::new();
@@ -12,5 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .compile_with_config(config, &["proto/mesh.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto/mesh.proto");
+    // The example service, through the same generator users run (`examples/` include it).
+    clustergo_build::compile(&["proto/examples/echo.proto"], &["proto/examples"])?;
     Ok(())
 }

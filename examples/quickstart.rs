@@ -1,14 +1,39 @@
-//! Two nodes in one process on the embedded in-memory membership: an echo RPC and a message
-//! handler on one, calls and a message from the other. Exits 0 when everything arrived.
+//! Two nodes in one process on the embedded in-memory membership: the generated echo service
+//! (`proto/examples/echo.proto`) on one, calls and a typed one-way message from the other.
+//! Exits 0 when everything arrived.
 //!
 //! Run: `cargo run --example quickstart`
 
 use std::time::Duration;
 
-use clustergo::{Bytes, Cmd, HandlerError, LogicAddr, Member, MemoryDiscovery, Node, NodeConfig};
+use clustergo::{CallContext, HandlerError, LogicAddr, Member, MemoryDiscovery, Node, NodeConfig};
 use tokio::sync::mpsc;
 
-const CHAT: Cmd = Cmd(1);
+// Generated at build time by clustergo-build (see build.rs).
+#[allow(dead_code, unreachable_pub)]
+mod echo {
+    include!(concat!(env!("OUT_DIR"), "/examples.echo.v1.rs"));
+}
+use echo::{ChatLine, EchoClient, EchoReply, EchoRequest, EchoServer, register_echo};
+
+/// The game server's side of the echo service.
+struct Echo {
+    me: LogicAddr,
+}
+
+impl EchoServer for Echo {
+    async fn call(
+        &self,
+        ctx: CallContext,
+        request: EchoRequest,
+    ) -> Result<EchoReply, HandlerError> {
+        println!("[{}] echo from {}: {:?}", self.me, ctx.from(), request.text);
+        Ok(EchoReply {
+            text: request.text,
+            served_by: self.me.to_string(),
+        })
+    }
+}
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -26,23 +51,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let config = NodeConfig::default().secret("quickstart-secret");
 
     let (chat_tx, mut chat_rx) = mpsc::channel(8);
-    let game_node = Node::builder(game)
+    let builder = Node::builder(game)
         .discovery(members.clone())
         .config(config.clone())
         .listener(game_listener)
-        .rpc("echo", move |ctx, payload| async move {
-            println!(
-                "[{game}] echo from {}: {:?}",
-                ctx.from(),
-                String::from_utf8_lossy(&payload)
-            );
-            Ok::<_, HandlerError>(payload)
-        })
-        .on_cmd(CHAT, move |ctx, payload| {
+        .on_message(move |ctx, line: ChatLine| {
             // Message handlers run in arrival order and must not block: hand work off.
-            let _ = chat_tx.try_send((ctx.from(), payload));
-        })
-        .build();
+            let _ = chat_tx.try_send((ctx.from(), line));
+        });
+    let game_node = register_echo(builder, Echo { me: game }).build();
     game_node.start().await?;
 
     let gate_node = Node::builder(gate)
@@ -54,42 +71,44 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // Pick a game server by type, then call it. The link opens on this first call.
     let target = gate_node.get_addr_by_type(2)?;
-    let reply = gate_node
-        .call(target, "echo", Bytes::from_static(b"hello, game server"))
+    let echo = EchoClient::new(&gate_node, target);
+    let reply = echo
+        .call(&EchoRequest {
+            text: "hello, game server".into(),
+        })
         .await?;
-    println!("[{gate}] reply: {:?}", String::from_utf8_lossy(&reply));
+    println!("[{gate}] reply from {}: {:?}", reply.served_by, reply.text);
 
     // The callback form, for code that must not await.
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    gate_node.call_with_callback(
-        target,
-        "echo",
-        Bytes::from_static(b"by callback"),
+    echo.call_with_callback(
+        &EchoRequest {
+            text: "by callback".into(),
+        },
         Duration::from_secs(1),
         |r| {
             let _ = done_tx.send(r);
         },
     );
     let reply = done_rx.await??;
-    println!(
-        "[{gate}] callback reply: {:?}",
-        String::from_utf8_lossy(&reply)
-    );
+    println!("[{gate}] callback reply: {:?}", reply.text);
 
-    // A one-way message.
-    gate_node
-        .send_cmd(target, CHAT, Bytes::from_static(b"a chat line"))
-        .await?;
+    // A typed one-way message.
+    let line = ChatLine {
+        from_player: "player-7".into(),
+        text: "a chat line".into(),
+    };
+    gate_node.send_message(target, &line).await?;
     let (from, line) = tokio::time::timeout(Duration::from_secs(5), chat_rx.recv())
         .await?
         .ok_or("chat handler went away")?;
-    println!(
-        "[{game}] chat from {from}: {:?}",
-        String::from_utf8_lossy(&line)
-    );
+    println!("[{game}] chat from {from}: {:?}", line.text);
 
     // Typed errors: a method nobody registered.
-    match gate_node.call(target, "missing", Bytes::new()).await {
+    match gate_node
+        .call(target, "missing", clustergo::Bytes::new())
+        .await
+    {
         Err(e) => println!("[{gate}] expected error: {e}"),
         Ok(_) => return Err("a missing method answered".into()),
     }

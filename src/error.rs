@@ -26,6 +26,8 @@ impl ErrorCode {
     pub const TOO_LARGE: ErrorCode = ErrorCode(7);
     /// No route to the target from some hop.
     pub const NO_ROUTE: ErrorCode = ErrorCode(8);
+    /// The request did not decode as the handler's request type.
+    pub const BAD_REQUEST: ErrorCode = ErrorCode(9);
     /// First code free for applications.
     pub const APPLICATION: ErrorCode = ErrorCode(100);
 }
@@ -153,6 +155,16 @@ pub enum RpcError {
         size: usize,
         /// The limit ([`NodeConfig::max_envelope`](crate::NodeConfig::max_envelope)).
         limit: usize,
+    },
+    /// The response did not decode as the expected protobuf type.
+    #[error("response of {method:?} from {to} did not decode: {reason}")]
+    BadResponse {
+        /// The target.
+        to: LogicAddr,
+        /// The method called.
+        method: String,
+        /// The decoder's complaint.
+        reason: String,
     },
     /// The queue to the peer is full.
     #[error("queue to {peer} is full ({capacity} envelopes)")]

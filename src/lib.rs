@@ -39,6 +39,7 @@
 //! - `message`: one-way message handlers.
 //! - `node`: the public handle; start, dispatch, links, shutdown.
 //! - `stats`: counters.
+//! - `typed`: protobuf requests and responses over RPC (what generated services use).
 //! - `proto`: the generated wire types.
 
 #![forbid(unsafe_code)]
@@ -54,6 +55,7 @@ mod node;
 mod proto;
 mod rpc;
 mod stats;
+mod typed;
 
 pub use addr::{AddrError, AddrField, HARBOR_TYPE, LogicAddr, MAX_CLUSTER, MAX_SERVER, MAX_TYPE};
 pub use config::{DEV_SECRET, NodeConfig, SECRET_ENV};

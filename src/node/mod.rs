@@ -466,6 +466,10 @@ impl Node {
         .await
     }
 
+    pub(crate) fn inner_config(&self) -> &crate::NodeConfig {
+        &self.inner.config
+    }
+
     /// The node's counters.
     pub fn stats(&self) -> StatsSnapshot {
         self.inner.stats.snapshot()

@@ -1,0 +1,65 @@
+//! The echo service, served through the API generated from `proto/examples/echo.proto`.
+//!
+//! Run: `cargo run --example echo_server -- examples/members.toml [1.2.1]`
+//! (then `cargo run --example echo_client -- examples/members.toml`). Stops on Ctrl-C.
+
+use clustergo::{CallContext, FileDiscovery, HandlerError, LogicAddr, Node, NodeConfig};
+
+// A binary uses only part of the generated API.
+#[allow(dead_code, unreachable_pub)]
+mod echo {
+    include!(concat!(env!("OUT_DIR"), "/examples.echo.v1.rs"));
+}
+use echo::{ChatLine, EchoReply, EchoRequest, EchoServer, register_echo};
+
+struct Echo {
+    me: LogicAddr,
+}
+
+impl EchoServer for Echo {
+    async fn call(
+        &self,
+        ctx: CallContext,
+        request: EchoRequest,
+    ) -> Result<EchoReply, HandlerError> {
+        println!("[{}] echo from {}: {:?}", self.me, ctx.from(), request.text);
+        Ok(EchoReply {
+            text: request.text,
+            served_by: self.me.to_string(),
+        })
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let members = args
+        .next()
+        .unwrap_or_else(|| "examples/members.toml".into());
+    let me: LogicAddr = args.next().as_deref().unwrap_or("1.2.1").parse()?;
+
+    let builder = Node::builder(me)
+        .discovery(FileDiscovery::open(&members)?)
+        .config(NodeConfig::default().secret("echo-example-secret"))
+        .on_message(move |ctx, line: ChatLine| {
+            println!(
+                "[{me}] chat from {} ({}): {:?}",
+                line.from_player,
+                ctx.from(),
+                line.text
+            );
+        });
+    let node = register_echo(builder, Echo { me }).build();
+    node.start().await?;
+    println!(
+        "echo server {me} listening on {}",
+        node.local_addr().ok_or("no listener")?
+    );
+
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => node.shutdown().await,
+        _ = node.closed() => {}
+    }
+    println!("echo server {me} stopped");
+    Ok(())
+}
