@@ -24,13 +24,15 @@ pub(crate) fn rust_method(proto_name: &str) -> String {
     }
 }
 
-/// The client methods generated for a method named `base`.
+/// The client methods generated for a method named `base` (`move_` for `Move`: the derived
+/// names need no keyword escape, so they drop the trailing `_`).
 pub(crate) fn client_methods(base: &str) -> [String; 4] {
+    let stem = base.strip_suffix('_').unwrap_or(base);
     [
         base.to_owned(),
-        format!("{base}_timeout"),
-        format!("{base}_with_callback"),
-        format!("post_{}", base.trim_end_matches('_')),
+        format!("{stem}_timeout"),
+        format!("{stem}_with_callback"),
+        format!("post_{stem}"),
     ]
 }
 

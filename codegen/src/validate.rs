@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 
 use heck::{ToSnakeCase, ToUpperCamelCase};
+use prost_types::source_code_info::Location;
 use prost_types::{
     DescriptorProto, FileDescriptorSet, MethodDescriptorProto, ServiceDescriptorProto,
 };
@@ -60,6 +61,17 @@ pub(crate) fn seed_convention(fds: &mut FileDescriptorSet) -> Result<(), Error> 
             file.package = Some(stem.clone());
         }
         let package = file.package().to_owned();
+        // The generator looks up comments by source path; give the new items empty ones.
+        let index = file.service.len() as i32;
+        if let Some(info) = &mut file.source_code_info {
+            for path in [vec![6, index], vec![6, index, 2, 0]] {
+                info.location.push(Location {
+                    path,
+                    span: vec![0, 0, 0],
+                    ..Default::default()
+                });
+            }
+        }
         file.service.push(ServiceDescriptorProto {
             name: Some(stem.to_upper_camel_case()),
             method: vec![MethodDescriptorProto {
