@@ -20,7 +20,7 @@ fn generate(files: &[(&str, &str)]) -> Result<(), Error> {
     let r = Builder::new()
         .out_dir(dir.join("out"))
         .emit_rerun_if_changed(false)
-        .compile(&[first], &[dir.clone()]);
+        .compile(&[first], std::slice::from_ref(&dir));
     std::fs::remove_dir_all(&dir).ok();
     r
 }
