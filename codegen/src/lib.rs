@@ -86,6 +86,22 @@ pub fn compile(protos: &[impl AsRef<Path>], includes: &[impl AsRef<Path>]) -> Re
     Builder::new().compile(protos, includes)
 }
 
+/// Formats generated files with rustfmt when the toolchain has it (prost already laid them out
+/// with prettyplease, which differs from rustfmt in places). Without rustfmt the files stay as
+/// they are: formatting is a courtesy, never a reason to fail a build.
+fn rustfmt(files: impl Iterator<Item = PathBuf>) {
+    let files: Vec<PathBuf> = files.filter(|f| f.exists()).collect();
+    if files.is_empty() {
+        return;
+    }
+    let rustfmt = std::env::var_os("RUSTFMT").unwrap_or_else(|| "rustfmt".into());
+    let _ = std::process::Command::new(rustfmt)
+        .args(["--edition", "2024"])
+        .args(&files)
+        .stderr(std::process::Stdio::null())
+        .status();
+}
+
 /// Options of a generation run.
 #[derive(Debug, Default, Clone)]
 #[must_use]
@@ -165,10 +181,23 @@ impl Builder {
             })?;
         validate::seed_convention(&mut fds)?;
         validate::check(&fds)?;
+        let outputs: std::collections::BTreeSet<String> = fds
+            .file
+            .iter()
+            .map(|f| match f.package() {
+                "" => "_.rs".to_owned(),
+                p => format!("{p}.rs"),
+            })
+            .collect();
         config.service_generator(Box::new(generator::Generator));
         config
             .compile_fds(fds)
             .map_err(|e| Error::Io(e.to_string()))?;
+        let out_dir = match &self.out_dir {
+            Some(d) => d.clone(),
+            None => PathBuf::from(std::env::var_os("OUT_DIR").unwrap_or_default()),
+        };
+        rustfmt(outputs.iter().map(|name| out_dir.join(name)));
         if self.emit_rerun {
             for p in protos {
                 println!("cargo:rerun-if-changed={}", p.as_ref().display());

@@ -105,8 +105,13 @@ impl shop::ShopServer for Shop {
 async fn generated_services_work_across_two_nodes() {
     init_tracing();
     let mut c = Cluster::new(&["1.1.1", "1.2.1"]);
+    let (joined_tx, mut joined) = tokio::sync::mpsc::channel(4);
     let server = c
-        .start("1.2.1", |builder| {
+        .start("1.2.1", move |builder| {
+            // Any generated message can also travel one-way, typed.
+            let builder = builder.on_message(move |ctx, p: multi::Player| {
+                joined_tx.try_send((ctx.from(), p.name)).unwrap();
+            });
             let builder = multi::register_game(builder, Room::default());
             let builder = a::register_chat(builder, ChatA);
             let builder = b::register_chat(builder, ChatB);
@@ -180,6 +185,15 @@ async fn generated_services_work_across_two_nodes() {
             .await
             .unwrap();
     assert_eq!(reply.msg, "yo from 1.1.1");
+
+    // A typed one-way message.
+    within(client.send_message(to, &multi::Player { name: "zed".into() }))
+        .await
+        .unwrap();
+    assert_eq!(
+        within(joined.recv()).await.unwrap(),
+        (client.addr(), "zed".into())
+    );
 
     // A service over imported messages.
     let shop = shop::ShopClient::new(&client, to);
