@@ -2,8 +2,18 @@
 //!
 //! Run: `cargo run --example echo_server -- examples/members.toml [1.2.1]`
 //! (then `cargo run --example echo_client -- examples/members.toml`). Stops on Ctrl-C.
+//!
+//! With membership in etcd instead of a file: `echo_server etcd://127.0.0.1:2379/clustergo/demo`
+//! (the node must be listed under that prefix, e.g. with `clusterctl`); the liveness lease TTL
+//! comes from `CLUSTERGO_LEASE_TTL_SECS` (default 5).
 
-use clustergo::{CallContext, FileDiscovery, HandlerError, LogicAddr, Node, NodeConfig};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clustergo::{
+    CallContext, Discovery, EtcdDiscovery, EtcdOptions, FileDiscovery, HandlerError, LogicAddr,
+    Node, NodeConfig,
+};
 
 // A binary uses only part of the generated API.
 #[allow(dead_code, unreachable_pub)]
@@ -30,6 +40,24 @@ impl EchoServer for Echo {
     }
 }
 
+/// `etcd://host:port/prefix` or a membership file.
+fn membership(spec: &str) -> Result<Arc<dyn Discovery>, Box<dyn std::error::Error>> {
+    let Some(rest) = spec.strip_prefix("etcd://") else {
+        return Ok(Arc::new(FileDiscovery::open(spec)?));
+    };
+    let (host, prefix) = rest.split_once('/').ok_or("etcd://host:port/prefix")?;
+    let ttl = std::env::var("CLUSTERGO_LEASE_TTL_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
+    let options = EtcdOptions::default().lease_ttl(Duration::from_secs(ttl));
+    Ok(Arc::new(EtcdDiscovery::connect(
+        [format!("http://{host}")],
+        format!("/{prefix}"),
+        options,
+    )))
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
@@ -39,7 +67,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let me: LogicAddr = args.next().as_deref().unwrap_or("1.2.1").parse()?;
 
     let builder = Node::builder(me)
-        .discovery(FileDiscovery::open(&members)?)
+        .discovery(membership(&members)?)
         .config(NodeConfig::default().secret("echo-example-secret"))
         .on_message(move |ctx, line: ChatLine| {
             println!(

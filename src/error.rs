@@ -242,6 +242,14 @@ pub enum DiscoveryError {
         /// What is wrong.
         reason: String,
     },
+    /// A membership service could not be reached or answered an error.
+    #[error("membership source {source_name} unavailable: {reason}")]
+    Unavailable {
+        /// Which service (e.g. `etcd http://127.0.0.1:2379`).
+        source_name: String,
+        /// What failed.
+        reason: String,
+    },
     /// The source ended.
     #[error("membership source ended")]
     Ended,

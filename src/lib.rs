@@ -61,6 +61,8 @@ pub use addr::{AddrError, AddrField, HARBOR_TYPE, LogicAddr, MAX_CLUSTER, MAX_SE
 pub use config::{DEV_SECRET, NodeConfig, SECRET_ENV};
 pub use error::{DiscoveryError, ErrorCode, HandlerError, RpcError, SelectError, StartError};
 pub use membership::{Discovery, FileDiscovery, Member, MembershipEvent, MemoryDiscovery};
+#[cfg(feature = "etcd")]
+pub use membership::{EtcdDiscovery, EtcdOptions};
 pub use message::{Cmd, MessageContext};
 pub use node::{Node, NodeBuilder};
 pub use rpc::{CallContext, Replyer};

@@ -3,8 +3,11 @@
 //! A [`Discovery`] source yields a [`MembershipStream`]: always an initial
 //! [`MembershipEvent::Snapshot`] (even an empty one), then changes in the order they happened.
 //! Sources here: [`MemoryDiscovery`] (mutable at run time; tests and the embedded default) and
-//! [`FileDiscovery`] (a TOML file, reloaded when it changes).
+//! [`FileDiscovery`] (a TOML file, reloaded when it changes) and, with the `etcd` feature,
+//! `EtcdDiscovery` (etcd, with a liveness lease per node).
 
+#[cfg(feature = "etcd")]
+mod etcd;
 mod file;
 mod memory;
 pub(crate) mod view;
@@ -18,6 +21,8 @@ use tokio_stream::Stream;
 use crate::addr::LogicAddr;
 use crate::error::DiscoveryError;
 
+#[cfg(feature = "etcd")]
+pub use etcd::{EtcdDiscovery, EtcdOptions, alive_key, encode as encode_member, member_key};
 pub use file::{FileDiscovery, format_members, parse_members};
 pub use memory::MemoryDiscovery;
 
@@ -96,10 +101,35 @@ pub type MembershipStream =
 pub trait Discovery: Send + Sync + 'static {
     /// Starts a subscription: an initial snapshot, then changes in order.
     fn subscribe(&self) -> MembershipStream;
+
+    /// Keeps node `me` alive in this source for as long as the returned future runs (a
+    /// started node runs it until shutdown). Sources without liveness return `None`.
+    fn keep_alive(&self, me: LogicAddr) -> Option<BoxFuture> {
+        let _ = me;
+        None
+    }
+
+    /// Ends node `me`'s liveness at once: the first step of a graceful shutdown, so peers stop
+    /// picking the node before it stops serving.
+    fn leave(&self, me: LogicAddr) -> BoxFuture {
+        let _ = me;
+        Box::pin(async {})
+    }
 }
+
+/// A boxed future a [`Discovery`] source hands to the node.
+pub type BoxFuture = Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>>;
 
 impl<D: Discovery + ?Sized> Discovery for std::sync::Arc<D> {
     fn subscribe(&self) -> MembershipStream {
         (**self).subscribe()
+    }
+
+    fn keep_alive(&self, me: LogicAddr) -> Option<BoxFuture> {
+        (**self).keep_alive(me)
+    }
+
+    fn leave(&self, me: LogicAddr) -> BoxFuture {
+        (**self).leave(me)
     }
 }

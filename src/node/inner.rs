@@ -65,6 +65,8 @@ pub(crate) struct Inner {
     pub(crate) root: CancellationToken,
     /// Cancelled first in shutdown: stops accepting connections.
     pub(crate) accept_stop: CancellationToken,
+    /// Cancelled at the start of shutdown: stops keeping this node alive in membership.
+    pub(crate) liveness_stop: CancellationToken,
     pub(crate) tracker: TaskTracker,
     pub(crate) closed: watch::Sender<bool>,
     pub(crate) listener: Mutex<Option<std::net::TcpListener>>,
@@ -124,6 +126,7 @@ impl Inner {
             next_gen: AtomicU64::new(1),
             root,
             accept_stop: CancellationToken::new(),
+            liveness_stop: CancellationToken::new(),
             tracker,
             closed: watch::channel(false).0,
             listener: Mutex::new(listener),

@@ -154,6 +154,18 @@ impl Inner {
             self.clone().follow_membership(stream),
             span("membership"),
         ));
+        if let Some(liveness) = self.discovery.keep_alive(node) {
+            let stop = self.liveness_stop.clone();
+            self.tracker.spawn(tracing::Instrument::instrument(
+                async move {
+                    tokio::select! {
+                        _ = liveness => {}
+                        _ = stop.cancelled() => {}
+                    }
+                },
+                span("liveness"),
+            ));
+        }
         Ok(())
     }
 
@@ -236,6 +248,12 @@ impl Inner {
     async fn drain(self: &Arc<Self>) {
         let grace_end = Instant::now() + self.config.shutdown_grace;
         tracing::info!(node = %self.addr, "shutting down");
+        // Leave membership first, so peers stop picking this node before it stops serving.
+        self.liveness_stop.cancel();
+        let leave = self.discovery.leave(self.addr);
+        if tokio::time::timeout_at(grace_end, leave).await.is_err() {
+            tracing::warn!(node = %self.addr, "leaving membership did not finish within the grace period");
+        }
         self.accept_stop.cancel();
         loop {
             let drained = self.server.drained.notified();

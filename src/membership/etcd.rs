@@ -1,0 +1,541 @@
+//! Membership in etcd.
+//!
+//! Key layout under a prefix `P` (e.g. `/clustergo/prod`):
+//! - `P/members/<c.t.s>` → JSON `{"addr":"1.2.1","net_addr":"10.0.0.5:9001","export":false,"available":true}`,
+//!   written by operators (`clusterctl`); the configuration of a node.
+//! - `P/alive/<c.t.s>` → `"1"`, bound to the running node's lease; it vanishes when the node
+//!   stops keeping the lease (crash: within the lease TTL; graceful shutdown: at once).
+//!
+//! A node sees a member as available when its configured `available` is true *and* its alive
+//! key exists. Members without an alive key stay in the view (direct sends still work, as for
+//! any unavailable member) but are never picked.
+//!
+//! Subscription: one get of the whole prefix at revision R (an empty store gives an empty
+//! snapshot), then a watch from R+1, so no change between the two is missed. A watch that is
+//! cancelled (compaction) or broken (etcd down) is followed by a fresh get, delivered as a
+//! snapshot that the node diffs against its view; in between, the node keeps its last view and
+//! keeps serving. Reconnects back off from `backoff_min` to `backoff_max`.
+//!
+//! A malformed value (bad JSON, or a key whose address disagrees with the value) is logged and
+//! skipped; it hides nothing else.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions, EventType, GetOptions, PutOptions, WatchOptions};
+use tokio::sync::mpsc;
+
+use super::{BoxFuture, Discovery, Member, MembershipEvent, MembershipStream};
+use crate::addr::LogicAddr;
+use crate::error::DiscoveryError;
+
+/// Options of [`EtcdDiscovery`], with defaults.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct EtcdOptions {
+    /// Time to live of a node's liveness lease; a crashed node stops being picked within it.
+    /// Default 5 s (kept alive every third of it).
+    pub lease_ttl: Duration,
+    /// Timeout of one etcd request (get, put, grant, revoke). Default 3 s.
+    pub request_timeout: Duration,
+    /// First wait before reconnecting after a failure; doubles up to `backoff_max`.
+    /// Default 100 ms.
+    pub backoff_min: Duration,
+    /// Longest wait between reconnects. Default 2 s.
+    pub backoff_max: Duration,
+    /// Items buffered between the watcher and the node. Default 1024.
+    pub channel: usize,
+}
+
+impl Default for EtcdOptions {
+    fn default() -> Self {
+        EtcdOptions {
+            lease_ttl: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(3),
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(2),
+            channel: 1024,
+        }
+    }
+}
+
+impl EtcdOptions {
+    /// Sets [`EtcdOptions::lease_ttl`] (whole seconds, at least 1).
+    #[must_use]
+    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl = ttl.max(Duration::from_secs(1));
+        self
+    }
+
+    /// Sets [`EtcdOptions::request_timeout`].
+    #[must_use]
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// Sets [`EtcdOptions::backoff_min`] and [`EtcdOptions::backoff_max`].
+    #[must_use]
+    pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.backoff_min = min;
+        self.backoff_max = max.max(min);
+        self
+    }
+}
+
+/// Membership kept in etcd (see the module docs for the key layout).
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use clustergo::{EtcdDiscovery, EtcdOptions, Node};
+/// let discovery = EtcdDiscovery::connect(["http://127.0.0.1:2379"], "/clustergo/prod", EtcdOptions::default());
+/// let node = Node::builder("1.2.1".parse()?).discovery(discovery).build();
+/// node.start().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct EtcdDiscovery {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    endpoints: Vec<String>,
+    prefix: String,
+    options: EtcdOptions,
+    /// The lease of the node kept alive through this source, for `leave`.
+    lease: Mutex<Option<(i64, Client)>>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdDiscovery")
+            .field("endpoints", &self.endpoints)
+            .field("prefix", &self.prefix)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The key of member `addr`'s configuration under `prefix`.
+pub fn member_key(prefix: &str, addr: LogicAddr) -> String {
+    format!("{}/members/{addr}", prefix.trim_end_matches('/'))
+}
+
+/// The key of member `addr`'s liveness under `prefix`.
+pub fn alive_key(prefix: &str, addr: LogicAddr) -> String {
+    format!("{}/alive/{addr}", prefix.trim_end_matches('/'))
+}
+
+/// What one key under the prefix is.
+#[derive(Debug, PartialEq)]
+enum Key {
+    Member(LogicAddr),
+    Alive(LogicAddr),
+    Other,
+}
+
+fn classify(prefix: &str, key: &[u8]) -> Key {
+    let Ok(key) = std::str::from_utf8(key) else {
+        return Key::Other;
+    };
+    let Some(rest) = key.strip_prefix(prefix.trim_end_matches('/')) else {
+        return Key::Other;
+    };
+    let parse = |s: &str| s.parse::<LogicAddr>().ok();
+    if let Some(a) = rest.strip_prefix("/members/").and_then(parse) {
+        Key::Member(a)
+    } else if let Some(a) = rest.strip_prefix("/alive/").and_then(parse) {
+        Key::Alive(a)
+    } else {
+        Key::Other
+    }
+}
+
+/// Decodes a member value; the key's address must match the value's.
+fn decode(addr: LogicAddr, value: &[u8]) -> Result<Member, String> {
+    let m: Member = serde_json::from_slice(value).map_err(|e| e.to_string())?;
+    if m.addr != addr {
+        return Err(format!(
+            "the value names {} but the key names {addr}",
+            m.addr
+        ));
+    }
+    Ok(m)
+}
+
+/// Encodes a member value.
+pub fn encode(member: &Member) -> String {
+    // Plain strings and bools always serialise.
+    serde_json::to_string(member).expect("member serialises")
+}
+
+/// The configured members and the alive set, as last read from etcd.
+#[derive(Debug, Default)]
+struct State {
+    members: BTreeMap<LogicAddr, Member>,
+    alive: BTreeSet<LogicAddr>,
+}
+
+impl State {
+    fn effective(&self, addr: LogicAddr) -> Option<Member> {
+        let mut m = self.members.get(&addr)?.clone();
+        m.available &= self.alive.contains(&addr);
+        Some(m)
+    }
+
+    fn snapshot(&self) -> Vec<Member> {
+        self.members
+            .keys()
+            .filter_map(|a| self.effective(*a))
+            .collect()
+    }
+
+    fn apply_put(&mut self, prefix: &str, key: &[u8], value: &[u8]) -> Option<LogicAddr> {
+        match classify(prefix, key) {
+            Key::Member(addr) => match decode(addr, value) {
+                Ok(m) => {
+                    self.members.insert(addr, m);
+                    Some(addr)
+                }
+                Err(reason) => {
+                    tracing::warn!(key = %String::from_utf8_lossy(key), reason, "malformed member value in etcd; skipped");
+                    // A member whose value turned bad is gone until it is fixed.
+                    self.members.remove(&addr).map(|_| addr)
+                }
+            },
+            Key::Alive(addr) => self.alive.insert(addr).then_some(addr),
+            Key::Other => None,
+        }
+    }
+
+    fn apply_delete(&mut self, prefix: &str, key: &[u8]) -> Option<LogicAddr> {
+        match classify(prefix, key) {
+            Key::Member(addr) => self.members.remove(&addr).map(|_| addr),
+            Key::Alive(addr) => self.alive.remove(&addr).then_some(addr),
+            Key::Other => None,
+        }
+    }
+}
+
+fn failed(endpoints: &[String], what: &str, e: impl std::fmt::Display) -> DiscoveryError {
+    DiscoveryError::Unavailable {
+        source_name: format!("etcd {}", endpoints.join(",")),
+        reason: format!("{what}: {e}"),
+    }
+}
+
+impl EtcdDiscovery {
+    /// A source reading `prefix` from the etcd cluster at `endpoints` (`http://host:port`).
+    /// Nothing connects until a node subscribes.
+    pub fn connect(
+        endpoints: impl IntoIterator<Item = impl Into<String>>,
+        prefix: impl Into<String>,
+        options: EtcdOptions,
+    ) -> Self {
+        EtcdDiscovery {
+            inner: Arc::new(Inner {
+                endpoints: endpoints.into_iter().map(Into::into).collect(),
+                prefix: prefix.into().trim_end_matches('/').to_owned(),
+                options,
+                lease: Mutex::new(None),
+            }),
+        }
+    }
+
+    /// The prefix, without a trailing `/`.
+    pub fn prefix(&self) -> &str {
+        &self.inner.prefix
+    }
+}
+
+impl Inner {
+    async fn client(&self) -> Result<Client, DiscoveryError> {
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(self.options.request_timeout)
+            .with_keep_alive(Duration::from_secs(2), self.options.request_timeout)
+            .with_keep_alive_while_idle(true);
+        tokio::time::timeout(
+            self.options.request_timeout,
+            Client::connect(&self.endpoints, Some(opts)),
+        )
+        .await
+        .map_err(|_| failed(&self.endpoints, "connect", "timed out"))?
+        .map_err(|e| failed(&self.endpoints, "connect", e))
+    }
+
+    async fn timed<T>(
+        &self,
+        what: &str,
+        fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, DiscoveryError> {
+        tokio::time::timeout(self.options.request_timeout, fut)
+            .await
+            .map_err(|_| failed(&self.endpoints, what, "timed out"))?
+            .map_err(|e| failed(&self.endpoints, what, e))
+    }
+
+    fn next_backoff(&self, b: Duration) -> Duration {
+        if b.is_zero() {
+            self.options.backoff_min
+        } else {
+            (b * 2).min(self.options.backoff_max)
+        }
+    }
+
+    /// Reads the whole prefix; returns the state and the revision it was read at.
+    async fn load(&self, client: &mut Client) -> Result<(State, i64), DiscoveryError> {
+        let resp = self
+            .timed(
+                "get",
+                client.get(
+                    format!("{}/", self.prefix),
+                    Some(GetOptions::new().with_prefix()),
+                ),
+            )
+            .await?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        let mut state = State::default();
+        for kv in resp.kvs() {
+            state.apply_put(&self.prefix, kv.key(), kv.value());
+        }
+        Ok((state, revision))
+    }
+
+    /// Feeds `tx` until the node drops its end.
+    async fn watch_loop(
+        self: Arc<Self>,
+        tx: mpsc::Sender<Result<MembershipEvent, DiscoveryError>>,
+    ) {
+        let mut backoff = Duration::ZERO;
+        let mut last_error: Option<String> = None;
+        loop {
+            let reason = match self.watch_once(&tx).await {
+                Ok(()) => return, // the node went away
+                Err(WatchEnd::Reset) => {
+                    backoff = Duration::ZERO;
+                    continue;
+                }
+                Err(WatchEnd::Failed(e)) => e,
+            };
+            if last_error.as_deref() != Some(&reason.to_string()) {
+                tracing::warn!(error = %reason, "etcd membership unavailable; keeping the last known membership");
+                last_error = Some(reason.to_string());
+                // The node reports it; a closed channel means nobody listens any more.
+                if tx.send(Err(reason)).await.is_err() {
+                    return;
+                }
+            }
+            backoff = self.next_backoff(backoff);
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = tx.closed() => return,
+            }
+        }
+    }
+
+    async fn watch_once(
+        &self,
+        tx: &mpsc::Sender<Result<MembershipEvent, DiscoveryError>>,
+    ) -> Result<(), WatchEnd> {
+        let mut client = self.client().await?;
+        let (mut state, revision) = self.load(&mut client).await?;
+        if tx
+            .send(Ok(MembershipEvent::Snapshot(state.snapshot())))
+            .await
+            .is_err()
+        {
+            return Ok(());
+        }
+        let mut watch = self
+            .timed(
+                "watch",
+                client.watch(
+                    format!("{}/", self.prefix),
+                    Some(
+                        WatchOptions::new()
+                            .with_prefix()
+                            .with_start_revision(revision + 1),
+                    ),
+                ),
+            )
+            .await?;
+        loop {
+            let msg = tokio::select! {
+                m = watch.message() => m,
+                _ = tx.closed() => return Ok(()),
+            };
+            let resp = match msg {
+                Ok(Some(r)) => r,
+                Ok(None) => return Err(WatchEnd::Failed(failed(&[], "watch", "stream ended"))),
+                Err(e) => return Err(WatchEnd::Failed(failed(&self.endpoints, "watch", e))),
+            };
+            if resp.canceled() || resp.compact_revision() > 0 {
+                tracing::info!(
+                    reason = resp.cancel_reason(),
+                    "etcd watch cancelled; reading membership again"
+                );
+                return Err(WatchEnd::Reset);
+            }
+            let mut touched = BTreeSet::new();
+            for ev in resp.events() {
+                let Some(kv) = ev.kv() else { continue };
+                let changed = match ev.event_type() {
+                    EventType::Put => state.apply_put(&self.prefix, kv.key(), kv.value()),
+                    EventType::Delete => state.apply_delete(&self.prefix, kv.key()),
+                };
+                touched.extend(changed);
+            }
+            for addr in touched {
+                let event = match state.effective(addr) {
+                    Some(m) => MembershipEvent::Upsert(m),
+                    None => MembershipEvent::Remove(addr),
+                };
+                if tx.send(Ok(event)).await.is_err() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Holds `me`'s alive key on one lease, renewed every third of its TTL; a lost lease (etcd
+    /// down longer than the TTL) is replaced by a new one when etcd is back.
+    async fn keep_alive(self: Arc<Self>, me: LogicAddr) {
+        let ttl = self.options.lease_ttl.as_secs().max(1) as i64;
+        let mut backoff = Duration::ZERO;
+        loop {
+            match self.hold_lease(me, ttl).await {
+                Ok(()) => backoff = Duration::ZERO,
+                Err(e) => {
+                    tracing::warn!(node = %me, error = %e, "liveness lease lost; renewing");
+                    backoff = self.next_backoff(backoff);
+                }
+            }
+            tokio::time::sleep(backoff).await;
+        }
+    }
+
+    async fn hold_lease(&self, me: LogicAddr, ttl: i64) -> Result<(), DiscoveryError> {
+        let mut client = self.client().await?;
+        let lease = self
+            .timed("lease grant", client.lease_grant(ttl, None))
+            .await?
+            .id();
+        *self.lease.lock().unwrap_or_else(|e| e.into_inner()) = Some((lease, client.clone()));
+        self.timed(
+            "put alive key",
+            client.put(
+                alive_key(&self.prefix, me),
+                "1",
+                Some(PutOptions::new().with_lease(lease)),
+            ),
+        )
+        .await?;
+        let (mut keeper, mut responses) = self
+            .timed("lease keep-alive", client.lease_keep_alive(lease))
+            .await?;
+        let every = Duration::from_millis((ttl as u64 * 1000 / 3).max(300));
+        loop {
+            self.timed("lease keep-alive", keeper.keep_alive()).await?;
+            let resp = self
+                .timed("lease keep-alive", responses.message())
+                .await?
+                .ok_or_else(|| failed(&self.endpoints, "lease keep-alive", "stream ended"))?;
+            if resp.ttl() <= 0 {
+                return Err(failed(
+                    &self.endpoints,
+                    "lease keep-alive",
+                    "the lease expired",
+                ));
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
+}
+
+enum WatchEnd {
+    /// Read everything again at once (the watch was cancelled, e.g. by compaction).
+    Reset,
+    Failed(DiscoveryError),
+}
+
+impl From<DiscoveryError> for WatchEnd {
+    fn from(e: DiscoveryError) -> Self {
+        WatchEnd::Failed(e)
+    }
+}
+
+impl Discovery for EtcdDiscovery {
+    fn subscribe(&self) -> MembershipStream {
+        let (tx, rx) = mpsc::channel(self.inner.options.channel.max(1));
+        // A node subscribes from `start`, on its runtime.
+        tokio::spawn(self.inner.clone().watch_loop(tx));
+        Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+    }
+
+    fn keep_alive(&self, me: LogicAddr) -> Option<BoxFuture> {
+        Some(Box::pin(self.inner.clone().keep_alive(me)))
+    }
+
+    fn leave(&self, me: LogicAddr) -> BoxFuture {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let held = inner.lease.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some((lease, mut client)) = held {
+                match inner
+                    .timed("lease revoke", client.lease_revoke(lease))
+                    .await
+                {
+                    Ok(_) => tracing::info!(node = %me, "liveness lease revoked"),
+                    Err(e) => {
+                        tracing::warn!(node = %me, error = %e, "could not revoke the liveness lease; it expires by itself")
+                    }
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(s: &str) -> LogicAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn keys_and_values() {
+        assert_eq!(member_key("/cg/", a("1.2.1")), "/cg/members/1.2.1");
+        assert_eq!(
+            classify("/cg", b"/cg/members/1.2.1"),
+            Key::Member(a("1.2.1"))
+        );
+        assert_eq!(classify("/cg", b"/cg/alive/1.2.1"), Key::Alive(a("1.2.1")));
+        assert_eq!(classify("/cg", b"/cg/members/x"), Key::Other);
+        assert_eq!(classify("/cg", b"/other/members/1.2.1"), Key::Other);
+        let m = Member::new(a("1.2.1"), "127.0.0.1:1").with_export(true);
+        assert_eq!(decode(a("1.2.1"), encode(&m).as_bytes()).unwrap(), m);
+        assert!(
+            decode(a("1.2.2"), encode(&m).as_bytes())
+                .unwrap_err()
+                .contains("names 1.2.1")
+        );
+        assert!(decode(a("1.2.1"), b"{not json").is_err());
+    }
+
+    #[test]
+    fn availability_needs_the_alive_key() {
+        let mut s = State::default();
+        let v = encode(&Member::new(a("1.2.1"), "h:1"));
+        s.apply_put("/p", b"/p/members/1.2.1", v.as_bytes());
+        assert!(!s.effective(a("1.2.1")).unwrap().available);
+        s.apply_put("/p", b"/p/alive/1.2.1", b"1");
+        assert!(s.effective(a("1.2.1")).unwrap().available);
+        s.apply_delete("/p", b"/p/alive/1.2.1");
+        assert!(!s.effective(a("1.2.1")).unwrap().available);
+        // A malformed value is skipped and removes nothing else.
+        s.apply_put("/p", b"/p/members/1.2.2", b"garbage");
+        assert_eq!(s.snapshot().len(), 1);
+    }
+}

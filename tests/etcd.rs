@@ -1,0 +1,377 @@
+//! Membership in a real etcd: snapshot, watch, liveness, outages, malformed values.
+
+#[path = "support/etcd.rs"]
+mod etcd_server;
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clustergo::membership::{alive_key, encode_member, member_key};
+use clustergo::{
+    Discovery, EtcdDiscovery, EtcdOptions, HandlerError, LogicAddr, Member, MembershipEvent, Node,
+    SelectError, StartError,
+};
+use etcd_client::{Client, GetOptions, PutOptions};
+use etcd_server::Etcd;
+use support::*;
+use tokio_stream::StreamExt;
+
+const PREFIX: &str = "/cg-test";
+
+fn options() -> EtcdOptions {
+    EtcdOptions::default()
+        .lease_ttl(Duration::from_secs(2))
+        .request_timeout(Duration::from_secs(2))
+        .backoff(Duration::from_millis(50), Duration::from_millis(500))
+}
+
+fn discovery(etcd: &Etcd) -> EtcdDiscovery {
+    EtcdDiscovery::connect([etcd.endpoint.clone()], PREFIX, options())
+}
+
+async fn client(etcd: &Etcd) -> Client {
+    Client::connect([etcd.endpoint.clone()], None)
+        .await
+        .unwrap()
+}
+
+async fn put_member(c: &mut Client, m: &Member) {
+    c.put(member_key(PREFIX, m.addr), encode_member(m), None)
+        .await
+        .unwrap();
+}
+
+/// Marks `addr` alive on a lease of its own, as a running node would.
+async fn put_alive(c: &mut Client, addr: LogicAddr) -> i64 {
+    let lease = c.lease_grant(30, None).await.unwrap().id();
+    c.put(
+        alive_key(PREFIX, addr),
+        "1",
+        Some(PutOptions::new().with_lease(lease)),
+    )
+    .await
+    .unwrap();
+    lease
+}
+
+/// Binds a port for `addr`, lists it in etcd, and returns a started node serving "echo".
+async fn start_node(etcd: &Etcd, c: &mut Client, addr: &str) -> Node {
+    let (l, net) = bind();
+    put_member(c, &Member::new(a(addr), net)).await;
+    let node = Node::builder(a(addr))
+        .discovery(discovery(etcd))
+        .config(test_config())
+        .listener(l)
+        .rpc("echo", |_, p| async move { Ok::<_, HandlerError>(p) })
+        .build();
+    within(node.start()).await.unwrap();
+    node
+}
+
+#[tokio::test]
+async fn an_empty_store_gives_an_empty_snapshot_and_an_unlisted_node_does_not_start() {
+    let etcd = Etcd::start();
+    let first = within(discovery(&etcd).subscribe().next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first, MembershipEvent::Snapshot(vec![]));
+    let node = Node::builder(a("1.1.1"))
+        .discovery(discovery(&etcd))
+        .config(test_config())
+        .build();
+    let e = within(node.start()).await.unwrap_err();
+    assert!(matches!(e, StartError::NotInMembership(_)), "{e}");
+}
+
+#[tokio::test]
+async fn an_unreachable_etcd_fails_start_with_a_clear_error() {
+    let mut etcd = Etcd::start();
+    etcd.stop();
+    let node = Node::builder(a("1.1.1"))
+        .discovery(discovery(&etcd))
+        .config(test_config())
+        .build();
+    let e = within(node.start()).await.unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.contains("membership source etcd http://127.0.0.1:"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn changes_reach_a_running_node_within_a_second() {
+    init_tracing();
+    let etcd = Etcd::start();
+    let mut c = client(&etcd).await;
+    let me = start_node(&etcd, &mut c, "1.1.1").await;
+    // Its own lease makes it alive (and so available) in etcd.
+    assert!(
+        me.wait_for_member(me.addr(), |m| m.is_some_and(|m| m.available), WAIT)
+            .await
+    );
+
+    let b = a("1.2.1");
+    let timed = |what: &'static str, started: Instant| {
+        let took = started.elapsed();
+        eprintln!("etcd change -> node view: {what}: {took:?}");
+        assert!(took < Duration::from_secs(1), "{what} took {took:?}");
+    };
+    // Add: listed, but not alive, so not picked.
+    let t = Instant::now();
+    put_member(&mut c, &Member::new(b, "127.0.0.1:9")).await;
+    assert!(me.wait_for_member(b, |m| m.is_some(), WAIT).await);
+    timed("add", t);
+    assert_eq!(me.get_addr_by_type(2), Err(SelectError::NoneAvailable(2)));
+    // Alive: picked.
+    let t = Instant::now();
+    let lease = put_alive(&mut c, b).await;
+    assert!(
+        me.wait_for_member(b, |m| m.is_some_and(|m| m.available), WAIT)
+            .await
+    );
+    timed("alive", t);
+    assert_eq!(me.get_addr_by_type(2), Ok(b));
+    // Set available=false: not picked.
+    let t = Instant::now();
+    put_member(&mut c, &Member::new(b, "127.0.0.1:9").with_available(false)).await;
+    assert!(
+        me.wait_for_member(b, |m| m.is_some_and(|m| !m.available), WAIT)
+            .await
+    );
+    timed("set available=false", t);
+    assert_eq!(me.get_addr_by_type(2), Err(SelectError::NoneAvailable(2)));
+    // Update the network address and export.
+    let t = Instant::now();
+    put_member(&mut c, &Member::new(b, "127.0.0.1:10").with_export(true)).await;
+    assert!(
+        me.wait_for_member(
+            b,
+            |m| m.is_some_and(|m| m.export && m.net_addr.ends_with(":10")),
+            WAIT
+        )
+        .await
+    );
+    timed("update", t);
+    // The lease ends: not available any more.
+    let t = Instant::now();
+    c.lease_revoke(lease).await.unwrap();
+    assert!(
+        me.wait_for_member(b, |m| m.is_some_and(|m| !m.available), WAIT)
+            .await
+    );
+    timed("lease revoked", t);
+    // Remove.
+    let t = Instant::now();
+    c.delete(member_key(PREFIX, b), None).await.unwrap();
+    assert!(me.wait_for_member(b, |m| m.is_none(), WAIT).await);
+    timed("remove", t);
+    // Removing the node's own entry shuts it down.
+    c.delete(member_key(PREFIX, me.addr()), None).await.unwrap();
+    within(me.closed()).await;
+}
+
+#[tokio::test]
+async fn graceful_shutdown_revokes_the_lease_at_once() {
+    let etcd = Etcd::start();
+    let mut c = client(&etcd).await;
+    let me = start_node(&etcd, &mut c, "1.1.1").await;
+    let other = start_node(&etcd, &mut c, "1.2.1").await;
+    assert!(
+        me.wait_for_member(other.addr(), |m| m.is_some_and(|m| m.available), WAIT)
+            .await
+    );
+    let t = Instant::now();
+    other.shutdown().await;
+    assert!(
+        me.wait_for_member(other.addr(), |m| m.is_some_and(|m| !m.available), WAIT)
+            .await
+    );
+    // Well inside the 2 s lease TTL: the lease was revoked, not left to expire.
+    assert!(
+        t.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        t.elapsed()
+    );
+    let alive = c.get(alive_key(PREFIX, other.addr()), None).await.unwrap();
+    assert!(alive.kvs().is_empty());
+}
+
+#[tokio::test]
+async fn a_malformed_value_is_skipped_and_hides_nothing() {
+    init_tracing();
+    let etcd = Etcd::start();
+    let mut c = client(&etcd).await;
+    c.put(member_key(PREFIX, a("1.3.1")), "{not json", None)
+        .await
+        .unwrap();
+    c.put(
+        member_key(PREFIX, a("1.3.2")),
+        encode_member(&Member::new(a("1.3.3"), "127.0.0.1:1")),
+        None,
+    )
+    .await
+    .unwrap();
+    put_member(&mut c, &Member::new(a("1.3.4"), "127.0.0.1:2")).await;
+    let me = start_node(&etcd, &mut c, "1.1.1").await;
+    assert!(me.member(a("1.3.4")).is_some());
+    assert!(me.member(a("1.3.1")).is_none());
+    assert!(me.member(a("1.3.2")).is_none() && me.member(a("1.3.3")).is_none());
+    // A value that turns bad later is dropped the same way; the rest stays.
+    c.put(member_key(PREFIX, a("1.3.4")), "[]", None)
+        .await
+        .unwrap();
+    assert!(me.wait_for_member(a("1.3.4"), |m| m.is_none(), WAIT).await);
+    assert!(me.member(me.addr()).is_some());
+}
+
+#[tokio::test]
+async fn the_view_follows_500_rapid_changes() {
+    let etcd = Etcd::start();
+    let mut c = client(&etcd).await;
+    let me = start_node(&etcd, &mut c, "1.1.1").await;
+    for i in 0..500u16 {
+        let addr = LogicAddr::new(1, 3, i % 50).unwrap();
+        match i % 5 {
+            4 => {
+                c.delete(member_key(PREFIX, addr), None).await.unwrap();
+            }
+            k => {
+                put_member(
+                    &mut c,
+                    &Member::new(addr, format!("127.0.0.1:{}", 1000 + i)).with_export(k == 2),
+                )
+                .await
+            }
+        }
+    }
+    // The final state in etcd, member by member, is what the node sees.
+    let resp = c
+        .get(
+            format!("{PREFIX}/members/"),
+            Some(GetOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    let mut want: Vec<Member> = resp
+        .kvs()
+        .iter()
+        .map(|kv| serde_json::from_slice(kv.value()).unwrap())
+        .filter(|m: &Member| m.addr != me.addr())
+        .collect();
+    want.sort_by_key(|m| m.addr);
+    for i in 0..50u16 {
+        let addr = LogicAddr::new(1, 3, i).unwrap();
+        let expected = want.iter().find(|m| m.addr == addr).cloned();
+        let ok = me
+            .wait_for_member(
+                addr,
+                |m| {
+                    m.map(|m| (m.net_addr.clone(), m.export))
+                        == expected.as_ref().map(|e| (e.net_addr.clone(), e.export))
+                },
+                WAIT,
+            )
+            .await;
+        assert!(
+            ok,
+            "{addr}: node has {:?}, etcd has {expected:?}",
+            me.member(addr)
+        );
+    }
+}
+
+#[tokio::test]
+async fn nodes_keep_talking_through_an_etcd_outage() {
+    init_tracing();
+    let mut etcd = Etcd::start();
+    let mut c = client(&etcd).await;
+    let x = start_node(&etcd, &mut c, "1.1.1").await;
+    let y = start_node(&etcd, &mut c, "1.2.1").await;
+    assert!(
+        within(x.call(y.addr(), "echo", Bytes::from_static(b"before")))
+            .await
+            .is_ok()
+    );
+    etcd.stop();
+    for _ in 0..20 {
+        let r = within(x.call(y.addr(), "echo", Bytes::from_static(b"during"))).await;
+        assert_eq!(r, Ok(Bytes::from_static(b"during")));
+        let r = within(y.call(x.addr(), "echo", Bytes::from_static(b"back"))).await;
+        assert_eq!(r, Ok(Bytes::from_static(b"back")));
+    }
+    // Both still see each other.
+    assert!(x.member(y.addr()).is_some() && y.member(x.addr()).is_some());
+    etcd.restart();
+    let mut c = client(&etcd).await;
+    put_member(&mut c, &Member::new(a("1.3.1"), "127.0.0.1:7")).await;
+    for n in [&x, &y] {
+        assert!(
+            n.wait_for_member(a("1.3.1"), |m| m.is_some(), WAIT).await,
+            "{}",
+            n.addr()
+        );
+    }
+    assert!(within(x.call(y.addr(), "echo", Bytes::new())).await.is_ok());
+}
+
+#[tokio::test]
+async fn a_killed_node_stops_being_picked_within_the_lease_ttl_and_returns_when_restarted() {
+    let etcd = Etcd::start();
+    let mut c = client(&etcd).await;
+    let me = start_node(&etcd, &mut c, "1.1.1").await;
+    // The server runs as a separate process, so it can be killed without any goodbye.
+    let (l, net) = bind();
+    drop(l);
+    let server = a("1.2.1");
+    put_member(&mut c, &Member::new(server, net)).await;
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples/echo_server");
+    let spec = format!(
+        "etcd://{}{PREFIX}",
+        etcd.endpoint.trim_start_matches("http://")
+    );
+    let spawn = || {
+        Command::new(&bin)
+            .args([&spec, "1.2.1"])
+            .env("CLUSTERGO_LEASE_TTL_SECS", "2")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut child = spawn();
+    assert!(
+        me.wait_for_member(server, |m| m.is_some_and(|m| m.available), WAIT)
+            .await
+    );
+    assert_eq!(me.get_addr_by_type(2), Ok(server));
+    let killed = Instant::now();
+    child.kill().unwrap(); // SIGKILL, by our own child's handle
+    child.wait().unwrap();
+    assert!(
+        me.wait_for_member(server, |m| m.is_some_and(|m| !m.available), WAIT)
+            .await
+    );
+    let took = killed.elapsed();
+    eprintln!("killed node unavailable after {took:?} (lease TTL 2 s)");
+    assert!(took <= Duration::from_millis(3500), "{took:?}");
+    assert_eq!(me.get_addr_by_type(2), Err(SelectError::NoneAvailable(2)));
+    // Restarted: alive again.
+    let mut child = spawn();
+    assert!(
+        me.wait_for_member(server, |m| m.is_some_and(|m| m.available), WAIT)
+            .await
+    );
+    assert_eq!(me.get_addr_by_type(2), Ok(server));
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
