@@ -10,6 +10,7 @@
 mod etcd;
 mod file;
 mod memory;
+pub mod route;
 pub(crate) mod view;
 mod watch;
 

@@ -110,7 +110,7 @@ impl View {
     }
 }
 
-fn score(key: u64, addr: LogicAddr) -> u64 {
+pub(crate) fn score(key: u64, addr: LogicAddr) -> u64 {
     // splitmix64 over the pair: fixed, so every process and build ranks nodes the same way.
     let mut z = (key ^ u64::from(addr.as_u32()).wrapping_mul(0x9E37_79B9_7F4A_7C15))
         .wrapping_add(0x9E37_79B9_7F4A_7C15);

@@ -1,0 +1,270 @@
+//! The etcd side of the commands.
+
+use std::fmt::Write;
+use std::path::Path;
+use std::time::Duration;
+
+use clustergo::membership::{encode_member, format_members, member_key, parse_members, route};
+use clustergo::{LogicAddr, Member};
+use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
+
+pub(crate) struct Store {
+    client: Client,
+    prefix: String,
+    endpoints: String,
+    timeout: Duration,
+}
+
+/// A member as listed: its configuration and whether its node holds a lease.
+struct Listed {
+    member: Member,
+    alive: bool,
+}
+
+impl Store {
+    pub(crate) async fn connect(
+        endpoints: &[String],
+        prefix: &str,
+        timeout: Duration,
+    ) -> Result<Store, String> {
+        let joined = endpoints.join(",");
+        let client = tokio::time::timeout(timeout, Client::connect(endpoints, None))
+            .await
+            .map_err(|_| format!("cannot reach etcd at {joined}: timed out after {timeout:?}"))?
+            .map_err(|e| format!("cannot reach etcd at {joined}: {e}"))?;
+        Ok(Store {
+            client,
+            prefix: prefix.trim_end_matches('/').to_owned(),
+            endpoints: joined,
+            timeout,
+        })
+    }
+
+    async fn timed<T>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, String> {
+        tokio::time::timeout(self.timeout, fut)
+            .await
+            .map_err(|_| {
+                format!(
+                    "etcd at {} did not answer within {:?}",
+                    self.endpoints, self.timeout
+                )
+            })?
+            .map_err(|e| format!("etcd at {}: {e}", self.endpoints))
+    }
+
+    /// Every member (malformed values reported on stderr and skipped) with its liveness.
+    async fn load(&mut self) -> Result<Vec<Listed>, String> {
+        let mut kv = self.client.clone();
+        let resp = self
+            .timed(kv.get(
+                format!("{}/", self.prefix),
+                Some(GetOptions::new().with_prefix()),
+            ))
+            .await?;
+        let members_dir = format!("{}/members/", self.prefix);
+        let alive_dir = format!("{}/alive/", self.prefix);
+        let mut members = Vec::new();
+        let mut alive = Vec::new();
+        for kv in resp.kvs() {
+            let key = String::from_utf8_lossy(kv.key());
+            if let Some(addr) = key.strip_prefix(&members_dir) {
+                match serde_json::from_slice::<Member>(kv.value()) {
+                    Ok(m) if m.addr.to_string() == addr => members.push(m),
+                    Ok(m) => eprintln!("clusterctl: skipping {key}: its value names {}", m.addr),
+                    Err(e) => eprintln!("clusterctl: skipping {key}: malformed value: {e}"),
+                }
+            } else if let Some(addr) = key.strip_prefix(&alive_dir) {
+                alive.push(addr.to_owned());
+            }
+        }
+        members.sort_by_key(|m| m.addr);
+        Ok(members
+            .into_iter()
+            .map(|m| Listed {
+                alive: alive.contains(&m.addr.to_string()),
+                member: m,
+            })
+            .collect())
+    }
+
+    async fn get(&mut self, addr: LogicAddr) -> Result<Member, String> {
+        let mut kv = self.client.clone();
+        let resp = self
+            .timed(kv.get(member_key(&self.prefix, addr), None))
+            .await?;
+        let value = resp
+            .kvs()
+            .first()
+            .ok_or_else(|| format!("member {addr} is not listed under {}", self.prefix))?;
+        serde_json::from_slice(value.value())
+            .map_err(|e| format!("member {addr} has a malformed value in etcd: {e}"))
+    }
+
+    async fn put(&mut self, m: &Member) -> Result<(), String> {
+        let mut kv = self.client.clone();
+        self.timed(kv.put(member_key(&self.prefix, m.addr), encode_member(m), None))
+            .await
+            .map(|_| ())
+    }
+
+    pub(crate) async fn list(&mut self) -> Result<String, String> {
+        let listed = self.load().await?;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "{:<14} {:<24} {:<7} {:<10} {:<5}",
+            "ADDRESS", "NET ADDRESS", "EXPORT", "AVAILABLE", "ALIVE"
+        );
+        for l in &listed {
+            let m = &l.member;
+            let yes = |b: bool| if b { "yes" } else { "no" };
+            let _ = writeln!(
+                out,
+                "{:<14} {:<24} {:<7} {:<10} {:<5}",
+                m.addr.to_string(),
+                m.net_addr,
+                yes(m.export),
+                yes(m.available),
+                yes(l.alive)
+            );
+        }
+        Ok(out)
+    }
+
+    pub(crate) async fn add(
+        &mut self,
+        addr: LogicAddr,
+        net_addr: String,
+        export: bool,
+        available: bool,
+    ) -> Result<String, String> {
+        check_net_addr(&net_addr)?;
+        let m = Member::new(addr, net_addr)
+            .with_export(export)
+            .with_available(available);
+        let key = member_key(&self.prefix, addr);
+        // Only if absent: two operators adding the same address cannot overwrite each other.
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key, encode_member(&m), None)]);
+        let mut kv = self.client.clone();
+        let resp = self.timed(kv.txn(txn)).await?;
+        if !resp.succeeded() {
+            return Err(format!(
+                "member {addr} is already listed; use `members update`"
+            ));
+        }
+        Ok(format!("added {addr} at {}\n", m.net_addr))
+    }
+
+    pub(crate) async fn update(
+        &mut self,
+        addr: LogicAddr,
+        net_addr: Option<String>,
+        export: Option<bool>,
+        available: Option<bool>,
+    ) -> Result<String, String> {
+        let mut m = self.get(addr).await?;
+        if let Some(n) = net_addr {
+            check_net_addr(&n)?;
+            m.net_addr = n;
+        }
+        if let Some(e) = export {
+            m.export = e;
+        }
+        if let Some(a) = available {
+            m.available = a;
+        }
+        self.put(&m).await?;
+        Ok(format!(
+            "updated {addr}: net_addr {}, export {}, available {}\n",
+            m.net_addr, m.export, m.available
+        ))
+    }
+
+    pub(crate) async fn remove(&mut self, addr: LogicAddr) -> Result<String, String> {
+        let mut kv = self.client.clone();
+        let resp = self
+            .timed(kv.delete(member_key(&self.prefix, addr), None))
+            .await?;
+        if resp.deleted() == 0 {
+            return Err(format!("member {addr} is not listed under {}", self.prefix));
+        }
+        Ok(format!("removed {addr}\n"))
+    }
+
+    pub(crate) async fn import(&mut self, file: &Path) -> Result<String, String> {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+        let members =
+            parse_members(&text, &file.display().to_string()).map_err(|e| e.to_string())?;
+        for m in &members {
+            self.put(m).await?;
+        }
+        Ok(format!(
+            "imported {} members from {}\n",
+            members.len(),
+            file.display()
+        ))
+    }
+
+    pub(crate) async fn export(&mut self, file: Option<&Path>) -> Result<String, String> {
+        let members: Vec<Member> = self.load().await?.into_iter().map(|l| l.member).collect();
+        let text = format_members(&members);
+        match file {
+            None => Ok(text),
+            Some(f) => {
+                std::fs::write(f, text)
+                    .map_err(|e| format!("cannot write {}: {e}", f.display()))?;
+                Ok(format!(
+                    "exported {} members to {}\n",
+                    members.len(),
+                    f.display()
+                ))
+            }
+        }
+    }
+
+    pub(crate) async fn route(&mut self, from: LogicAddr, to: LogicAddr) -> Result<String, String> {
+        let members: Vec<Member> = self
+            .load()
+            .await?
+            .into_iter()
+            .map(|l| {
+                let alive = l.alive;
+                let m = l.member;
+                let available = m.available && alive;
+                m.with_available(available)
+            })
+            .collect();
+        let hops = route::route(from, to, &members)?;
+        let mut out = String::new();
+        let kind = match hops.len() {
+            1 if from == to => "local",
+            1 => "direct",
+            _ => "through harbors",
+        };
+        let _ = writeln!(out, "route {from} -> {to}: {kind}");
+        for (i, hop) in hops.iter().enumerate() {
+            let _ = writeln!(out, "  {}. {hop}", i + 1);
+        }
+        if from.cluster() != to.cluster() && !members.iter().any(|m| m.addr == to && m.export) {
+            let _ = writeln!(
+                out,
+                "  note: {to} is not exported, so nodes of cluster {} cannot pick it with get_addr_by_type",
+                from.cluster()
+            );
+        }
+        Ok(out)
+    }
+}
+
+fn check_net_addr(net_addr: &str) -> Result<(), String> {
+    match net_addr.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(()),
+        _ => Err(format!("network address {net_addr:?} is not host:port")),
+    }
+}
