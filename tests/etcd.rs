@@ -375,3 +375,86 @@ async fn a_killed_node_stops_being_picked_within_the_lease_ttl_and_returns_when_
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[tokio::test]
+async fn harbors_read_other_clusters_harbors_from_the_harbors_center() {
+    let etcd = Etcd::start();
+    let mut c = client(&etcd).await;
+    const CENTER: &str = "/cg-center";
+    // Cluster 1's own store holds its nodes; cluster 2's harbor is only in the center.
+    let (lh, nh) = bind();
+    put_member(&mut c, &Member::new(a("1.255.1"), nh.clone())).await;
+    c.put(
+        member_key(CENTER, a("1.255.1")),
+        encode_member(&Member::new(a("1.255.1"), nh)),
+        None,
+    )
+    .await
+    .unwrap();
+    c.put(
+        member_key(CENTER, a("2.255.1")),
+        encode_member(&Member::new(a("2.255.1"), "127.0.0.1:7")),
+        None,
+    )
+    .await
+    .unwrap();
+    // Non-harbor entries in the center are ignored.
+    c.put(
+        member_key(CENTER, a("2.1.1")),
+        encode_member(&Member::new(a("2.1.1"), "127.0.0.1:8").with_export(true)),
+        None,
+    )
+    .await
+    .unwrap();
+    let lease = c.lease_grant(30, None).await.unwrap().id();
+    c.put(
+        alive_key(CENTER, a("2.255.1")),
+        "1",
+        Some(PutOptions::new().with_lease(lease)),
+    )
+    .await
+    .unwrap();
+    let harbor = Node::builder(a("1.255.1"))
+        .discovery(discovery(&etcd).with_harbors_center([etcd.endpoint.clone()], CENTER))
+        .config(test_config())
+        .listener(lh)
+        .build();
+    within(harbor.start()).await.unwrap();
+    assert!(
+        harbor
+            .wait_for_member(a("2.255.1"), |m| m.is_some_and(|m| m.available), WAIT)
+            .await
+    );
+    assert!(harbor.member(a("2.1.1")).is_none());
+    // The harbor keeps its alive key in both stores.
+    let probe = c.clone();
+    let alive = |prefix: &'static str| {
+        let mut c = probe.clone();
+        async move {
+            !c.get(alive_key(prefix, a("1.255.1")), None)
+                .await
+                .unwrap()
+                .kvs()
+                .is_empty()
+        }
+    };
+    // The liveness task writes both keys right after start; poll etcd for them.
+    within(async {
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        while !(alive(PREFIX).await && alive(CENTER).await) {
+            tick.tick().await;
+        }
+    })
+    .await;
+    // Changes in the center reach the harbor; the harbor's leave clears both.
+    c.delete(member_key(CENTER, a("2.255.1")), None)
+        .await
+        .unwrap();
+    assert!(
+        harbor
+            .wait_for_member(a("2.255.1"), |m| m.is_none(), WAIT)
+            .await
+    );
+    harbor.shutdown().await;
+    assert!(!alive(PREFIX).await && !alive(CENTER).await);
+}

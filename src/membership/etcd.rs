@@ -97,6 +97,8 @@ impl EtcdOptions {
 #[derive(Debug, Clone)]
 pub struct EtcdDiscovery {
     inner: Arc<Inner>,
+    /// The harbors center, if harbors read the harbor-wide view from elsewhere.
+    center: Option<Arc<Inner>>,
 }
 
 struct Inner {
@@ -234,13 +236,24 @@ impl EtcdDiscovery {
         options: EtcdOptions,
     ) -> Self {
         EtcdDiscovery {
-            inner: Arc::new(Inner {
-                endpoints: endpoints.into_iter().map(Into::into).collect(),
-                prefix: prefix.into().trim_end_matches('/').to_owned(),
-                options,
-                lease: Mutex::new(None),
-            }),
+            inner: Inner::new(endpoints, prefix, options),
+            center: None,
         }
+    }
+
+    /// Also reads harbors from a separate etcd endpoint/prefix, the "harbors center" of a
+    /// multi-cluster deployment: every cluster lists its harbors there (same key layout), so a
+    /// harbor sees every other cluster's harbors without reading their stores. A member listed
+    /// in this source's own prefix wins over the center; non-harbor entries of the center are
+    /// ignored. A harbor node using this source also keeps its alive key in the center.
+    #[must_use]
+    pub fn with_harbors_center(
+        mut self,
+        endpoints: impl IntoIterator<Item = impl Into<String>>,
+        prefix: impl Into<String>,
+    ) -> Self {
+        self.center = Some(Inner::new(endpoints, prefix, self.inner.options.clone()));
+        self
     }
 
     /// The prefix, without a trailing `/`.
@@ -250,6 +263,19 @@ impl EtcdDiscovery {
 }
 
 impl Inner {
+    fn new(
+        endpoints: impl IntoIterator<Item = impl Into<String>>,
+        prefix: impl Into<String>,
+        options: EtcdOptions,
+    ) -> Arc<Self> {
+        Arc::new(Inner {
+            endpoints: endpoints.into_iter().map(Into::into).collect(),
+            prefix: prefix.into().trim_end_matches('/').to_owned(),
+            options,
+            lease: Mutex::new(None),
+        })
+    }
+
     async fn client(&self) -> Result<Client, DiscoveryError> {
         let opts = ConnectOptions::new()
             .with_connect_timeout(self.options.request_timeout)
@@ -302,11 +328,8 @@ impl Inner {
         Ok((state, revision))
     }
 
-    /// Feeds `tx` until the node drops its end.
-    async fn watch_loop(
-        self: Arc<Self>,
-        tx: mpsc::Sender<Result<MembershipEvent, DiscoveryError>>,
-    ) {
+    /// Feeds `tx` until the merger drops its end.
+    async fn watch_loop(self: Arc<Self>, tx: SourceTx) {
         let mut backoff = Duration::ZERO;
         let mut last_error: Option<String> = None;
         loop {
@@ -334,17 +357,11 @@ impl Inner {
         }
     }
 
-    async fn watch_once(
-        &self,
-        tx: &mpsc::Sender<Result<MembershipEvent, DiscoveryError>>,
-    ) -> Result<(), WatchEnd> {
+    async fn watch_once(&self, tx: &SourceTx) -> Result<(), WatchEnd> {
         let mut client = self.client().await?;
         let (mut state, revision) = self.load(&mut client).await?;
-        if tx
-            .send(Ok(MembershipEvent::Snapshot(state.snapshot())))
-            .await
-            .is_err()
-        {
+        let all = state.snapshot().into_iter().map(|m| (m.addr, m)).collect();
+        if tx.send(Ok(SourceMsg::Reset(all))).await.is_err() {
             return Ok(());
         }
         let mut watch = self
@@ -386,14 +403,12 @@ impl Inner {
                 };
                 touched.extend(changed);
             }
-            for addr in touched {
-                let event = match state.effective(addr) {
-                    Some(m) => MembershipEvent::Upsert(m),
-                    None => MembershipEvent::Remove(addr),
-                };
-                if tx.send(Ok(event)).await.is_err() {
-                    return Ok(());
-                }
+            let changed: Vec<_> = touched
+                .into_iter()
+                .map(|addr| (addr, state.effective(addr)))
+                .collect();
+            if !changed.is_empty() && tx.send(Ok(SourceMsg::Changed(changed))).await.is_err() {
+                return Ok(());
             }
         }
     }
@@ -453,6 +468,116 @@ impl Inner {
     }
 }
 
+/// What one etcd source tells the merger.
+enum SourceMsg {
+    /// Everything, after a (re)connect: effective members by address.
+    Reset(BTreeMap<LogicAddr, Member>),
+    /// Members that changed (`None`: gone).
+    Changed(Vec<(LogicAddr, Option<Member>)>),
+}
+
+type SourceTx = mpsc::Sender<Result<SourceMsg, DiscoveryError>>;
+
+/// Combines the cluster's source with the harbors center: a member listed in the cluster's
+/// prefix wins; a harbor listed only in the center is taken from there.
+struct Merger {
+    main: Option<BTreeMap<LogicAddr, Member>>,
+    center: BTreeMap<LogicAddr, Member>,
+}
+
+impl Merger {
+    fn get(&self, addr: LogicAddr) -> Option<Member> {
+        let main = self.main.as_ref()?;
+        main.get(&addr)
+            .or_else(|| addr.is_harbor().then(|| self.center.get(&addr)).flatten())
+            .cloned()
+    }
+
+    fn snapshot(&self) -> Vec<Member> {
+        let mut addrs: BTreeSet<LogicAddr> =
+            self.main.iter().flat_map(|m| m.keys().copied()).collect();
+        addrs.extend(self.center.keys().filter(|a| a.is_harbor()));
+        addrs.into_iter().filter_map(|a| self.get(a)).collect()
+    }
+
+    /// Applies one source's message; returns the events for the node.
+    fn apply(&mut self, from_center: bool, msg: SourceMsg) -> Vec<MembershipEvent> {
+        match msg {
+            SourceMsg::Reset(all) => {
+                if from_center {
+                    self.center = all;
+                } else {
+                    self.main = Some(all);
+                }
+                // Nothing goes out before the cluster's own first snapshot.
+                match self.main {
+                    Some(_) => vec![MembershipEvent::Snapshot(self.snapshot())],
+                    None => vec![],
+                }
+            }
+            SourceMsg::Changed(list) => {
+                let mut out = Vec::new();
+                for (addr, m) in list {
+                    let before = self.get(addr);
+                    let map = if from_center {
+                        &mut self.center
+                    } else {
+                        match self.main.as_mut() {
+                            Some(m) => m,
+                            None => continue,
+                        }
+                    };
+                    match m {
+                        Some(m) => map.insert(addr, m),
+                        None => map.remove(&addr),
+                    };
+                    let after = self.get(addr);
+                    if self.main.is_some() && before != after {
+                        out.push(match after {
+                            Some(m) => MembershipEvent::Upsert(m),
+                            None => MembershipEvent::Remove(addr),
+                        });
+                    }
+                }
+                out
+            }
+        }
+    }
+}
+
+async fn merge(
+    mut main: mpsc::Receiver<Result<SourceMsg, DiscoveryError>>,
+    mut center: Option<mpsc::Receiver<Result<SourceMsg, DiscoveryError>>>,
+    tx: mpsc::Sender<Result<MembershipEvent, DiscoveryError>>,
+) {
+    let mut merger = Merger {
+        main: None,
+        center: BTreeMap::new(),
+    };
+    loop {
+        let (from_center, item) = tokio::select! {
+            m = main.recv() => match m {
+                Some(m) => (false, m),
+                None => return,
+            },
+            Some(c) = async { match center.as_mut() { Some(rx) => rx.recv().await, None => None } } => (true, c),
+            _ = tx.closed() => return,
+        };
+        let events = match item {
+            Ok(msg) => merger.apply(from_center, msg).into_iter().map(Ok).collect(),
+            Err(e) => vec![Err(e)],
+        };
+        for e in events {
+            if tx.send(e).await.is_err() {
+                return;
+            }
+        }
+        if center.as_ref().is_some_and(|c| c.is_closed()) {
+            center = None;
+        }
+    }
+}
+
 enum WatchEnd {
     /// Read everything again at once (the watch was cancelled, e.g. by compaction).
     Reset,
@@ -467,32 +592,60 @@ impl From<DiscoveryError> for WatchEnd {
 
 impl Discovery for EtcdDiscovery {
     fn subscribe(&self) -> MembershipStream {
-        let (tx, rx) = mpsc::channel(self.inner.options.channel.max(1));
-        // A node subscribes from `start`, on its runtime.
-        tokio::spawn(self.inner.clone().watch_loop(tx));
+        let cap = self.inner.options.channel.max(1);
+        let (tx, rx) = mpsc::channel(cap);
+        let (main_tx, main_rx) = mpsc::channel(cap);
+        // A node subscribes from `start`, on its runtime. Each task ends when the node drops
+        // the stream: the merger sees `tx` closed, the watchers then see theirs closed.
+        tokio::spawn(self.inner.clone().watch_loop(main_tx));
+        let center_rx = self.center.as_ref().map(|center| {
+            let (c_tx, c_rx) = mpsc::channel(cap);
+            tokio::spawn(center.clone().watch_loop(c_tx));
+            c_rx
+        });
+        tokio::spawn(merge(main_rx, center_rx, tx));
         Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
     }
 
     fn keep_alive(&self, me: LogicAddr) -> Option<BoxFuture> {
-        Some(Box::pin(self.inner.clone().keep_alive(me)))
+        let main = self.inner.clone().keep_alive(me);
+        match (&self.center, me.is_harbor()) {
+            (Some(center), true) => {
+                let center = center.clone().keep_alive(me);
+                Some(Box::pin(async move {
+                    tokio::join!(main, center);
+                }))
+            }
+            _ => Some(Box::pin(main)),
+        }
     }
 
     fn leave(&self, me: LogicAddr) -> BoxFuture {
-        let inner = self.inner.clone();
-        Box::pin(async move {
-            let held = inner.lease.lock().unwrap_or_else(|e| e.into_inner()).take();
-            if let Some((lease, mut client)) = held {
-                match inner
-                    .timed("lease revoke", client.lease_revoke(lease))
-                    .await
-                {
-                    Ok(_) => tracing::info!(node = %me, "liveness lease revoked"),
-                    Err(e) => {
-                        tracing::warn!(node = %me, error = %e, "could not revoke the liveness lease; it expires by itself")
-                    }
+        let main = self.inner.clone().leave(me);
+        match (&self.center, me.is_harbor()) {
+            (Some(center), true) => {
+                let center = center.clone().leave(me);
+                Box::pin(async move {
+                    tokio::join!(main, center);
+                })
+            }
+            _ => Box::pin(main),
+        }
+    }
+}
+
+impl Inner {
+    /// Revokes the lease held for `me`, if any.
+    async fn leave(self: Arc<Self>, me: LogicAddr) {
+        let held = self.lease.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some((lease, mut client)) = held {
+            match self.timed("lease revoke", client.lease_revoke(lease)).await {
+                Ok(_) => tracing::info!(node = %me, "liveness lease revoked"),
+                Err(e) => {
+                    tracing::warn!(node = %me, error = %e, "could not revoke the liveness lease; it expires by itself")
                 }
             }
-        })
+        }
     }
 }
 
