@@ -90,7 +90,8 @@ impl Store {
             .collect())
     }
 
-    async fn get(&mut self, addr: LogicAddr) -> Result<Member, String> {
+    /// A member and the revision its value was last written at.
+    async fn get(&mut self, addr: LogicAddr) -> Result<(Member, i64), String> {
         let mut kv = self.client.clone();
         let resp = self
             .timed(kv.get(member_key(&self.prefix, addr), None))
@@ -99,8 +100,9 @@ impl Store {
             .kvs()
             .first()
             .ok_or_else(|| format!("member {addr} is not listed under {}", self.prefix))?;
-        serde_json::from_slice(value.value())
-            .map_err(|e| format!("member {addr} has a malformed value in etcd: {e}"))
+        let m = serde_json::from_slice(value.value())
+            .map_err(|e| format!("member {addr} has a malformed value in etcd: {e}"))?;
+        Ok((m, value.mod_revision()))
     }
 
     async fn put(&mut self, m: &Member) -> Result<(), String> {
@@ -167,7 +169,7 @@ impl Store {
         export: Option<bool>,
         available: Option<bool>,
     ) -> Result<String, String> {
-        let mut m = self.get(addr).await?;
+        let (mut m, revision) = self.get(addr).await?;
         if let Some(n) = net_addr {
             check_net_addr(&n)?;
             m.net_addr = n;
@@ -178,7 +180,17 @@ impl Store {
         if let Some(a) = available {
             m.available = a;
         }
-        self.put(&m).await?;
+        // Only over the value just read: a concurrent change is reported, not overwritten.
+        let key = member_key(&self.prefix, addr);
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key.clone(), CompareOp::Equal, revision)])
+            .and_then([TxnOp::put(key, encode_member(&m), None)]);
+        let mut kv = self.client.clone();
+        if !self.timed(kv.txn(txn)).await?.succeeded() {
+            return Err(format!(
+                "member {addr} changed while this command ran (or was removed); run it again"
+            ));
+        }
         Ok(format!(
             "updated {addr}: net_addr {}, export {}, available {}\n",
             m.net_addr, m.export, m.available
