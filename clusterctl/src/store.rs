@@ -183,7 +183,11 @@ impl Store {
         // Only over the value just read: a concurrent change is reported, not overwritten.
         let key = member_key(&self.prefix, addr);
         let txn = Txn::new()
-            .when([Compare::mod_revision(key.clone(), CompareOp::Equal, revision)])
+            .when([Compare::mod_revision(
+                key.clone(),
+                CompareOp::Equal,
+                revision,
+            )])
             .and_then([TxnOp::put(key, encode_member(&m), None)]);
         let mut kv = self.client.clone();
         if !self.timed(kv.txn(txn)).await?.succeeded() {

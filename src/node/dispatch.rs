@@ -169,3 +169,98 @@ impl crate::proto::mesh_server::Mesh for MeshService {
         self.inner.accept(req)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use proptest::prelude::*;
+    use prost::Message as _;
+
+    use super::*;
+    use crate::node::Node;
+    use crate::proto::{Batch, Envelope, Request, Response, envelope::Body, message::Kind};
+
+    fn node() -> (Arc<Inner>, Arc<Peer>) {
+        let me: LogicAddr = "1.1.1".parse().unwrap();
+        let peer_addr: LogicAddr = "1.1.2".parse().unwrap();
+        let node = Node::builder(me)
+            .config(crate::NodeConfig::default().max_envelope(1024))
+            .rpc_with_replyer("m", |_, p, r| r.reply(Ok(p)))
+            .on_cmd(crate::Cmd(1), |_, _| {})
+            .build();
+        (node.inner_arc(), Peer::new(peer_addr, 64))
+    }
+
+    fn envelope(to: u32, from: u32, body: u8, id: u64, text: String, payload: Vec<u8>) -> Envelope {
+        let payload = Bytes::from(payload);
+        let body = match body % 5 {
+            0 => Some(Body::Request(Request {
+                id,
+                method: text,
+                payload,
+                timeout_ms: id as u32,
+                oneway: id % 2 == 0,
+            })),
+            1 => Some(Body::Response(Response {
+                id,
+                result: Some(crate::proto::response::Result::Payload(payload)),
+            })),
+            2 => Some(Body::Message(crate::proto::Message {
+                kind: Some(if id % 2 == 0 {
+                    Kind::Cmd(id as u32)
+                } else {
+                    Kind::TypeName(text)
+                }),
+                payload,
+            })),
+            3 => Some(Body::Message(crate::proto::Message {
+                kind: None,
+                payload,
+            })),
+            _ => None,
+        };
+        Envelope {
+            to,
+            from,
+            hops: 0,
+            trace: Bytes::new(),
+            body,
+        }
+    }
+
+    proptest! {
+        /// Whatever a peer sends, delivery never panics; an oversize payload closes the link
+        /// (an error), nothing else does.
+        #[test]
+        fn delivery_never_panics(
+            raw in proptest::collection::vec(any::<u8>(), 0..512),
+            picks in proptest::collection::vec(
+                (any::<bool>(), any::<u8>(), any::<u64>(), "\\PC{0,12}", proptest::collection::vec(any::<u8>(), 0..1500)),
+                0..16,
+            ),
+        ) {
+            let (inner, peer) = node();
+            // Arbitrary bytes as a batch: decode errors are the transport's; whatever decodes
+            // is delivered.
+            if let Ok(batch) = Batch::decode(&raw[..]) {
+                for env in batch.envelopes {
+                    let _ = inner.deliver(&peer, env);
+                }
+            }
+            for (addressed, body, id, text, payload) in picks {
+                let (to, from) = if addressed {
+                    (inner.addr.as_u32(), peer.addr.as_u32())
+                } else {
+                    (id as u32, (id >> 32) as u32)
+                };
+                let oversize = payload.len() > 1024;
+                let env = envelope(to, from, body, id, text, payload);
+                let carries = matches!(env.body, Some(Body::Request(_) | Body::Response(_) | Body::Message(_)));
+                let r = inner.deliver(&peer, env);
+                prop_assert_eq!(r.is_err(), addressed && oversize && carries);
+            }
+        }
+    }
+}

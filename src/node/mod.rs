@@ -466,6 +466,11 @@ impl Node {
         .await
     }
 
+    #[cfg(test)]
+    pub(crate) fn inner_arc(&self) -> Arc<Inner> {
+        self.inner.clone()
+    }
+
     pub(crate) fn inner_config(&self) -> &crate::NodeConfig {
         &self.inner.config
     }
