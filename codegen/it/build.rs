@@ -8,6 +8,7 @@ fn main() -> Result<(), clustergo_build::Error> {
             "proto/b/chat.proto",
             "proto/seed/echo.proto",
             "proto/shop.proto",
+            "proto/edge.proto",
         ],
         &["proto"],
     )

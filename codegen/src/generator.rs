@@ -7,17 +7,24 @@ use prost_build::{Comments, Method, Service, ServiceGenerator};
 
 pub(crate) struct Generator;
 
+/// Strict and reserved keywords of every edition.
 const KEYWORDS: &[&str] = &[
-    "as", "async", "await", "break", "const", "continue", "crate", "dyn", "else", "enum", "extern",
-    "false", "fn", "for", "gen", "if", "impl", "in", "let", "loop", "match", "mod", "move", "mut",
-    "pub", "ref", "return", "self", "static", "struct", "super", "trait", "true", "try", "type",
-    "unsafe", "use", "where", "while", "yield",
+    "abstract", "as", "async", "await", "become", "box", "break", "const", "continue", "crate",
+    "do", "dyn", "else", "enum", "extern", "false", "final", "fn", "for", "gen", "if", "impl",
+    "in", "let", "loop", "macro", "match", "mod", "move", "mut", "override", "priv", "pub", "ref",
+    "return", "self", "static", "struct", "super", "trait", "true", "try", "type", "typeof",
+    "unsafe", "unsized", "use", "virtual", "where", "while", "yield",
 ];
 
-/// The Rust name of a method: snake case, with a trailing `_` for keywords.
+/// Methods every value has by value (`Into`, `TryInto` in the prelude): a client method of
+/// that name would lose to them in method lookup, so it gets the `_` too.
+const BY_VALUE: &[&str] = &["into", "try_into"];
+
+/// The Rust name of a method: snake case, with a trailing `_` for keywords and for the names
+/// in [`BY_VALUE`].
 pub(crate) fn rust_method(proto_name: &str) -> String {
     let snake = proto_name.to_snake_case();
-    if KEYWORDS.contains(&snake.as_str()) {
+    if KEYWORDS.contains(&snake.as_str()) || BY_VALUE.contains(&snake.as_str()) {
         format!("{snake}_")
     } else {
         snake
@@ -96,7 +103,7 @@ impl ServiceGenerator for Generator {
         let _ = writeln!(
             buf,
             "/// Registers every method of `{full}` on `builder`, served by `server`.\n\
-             pub fn register_{snake}<S: {svc}Server>(builder: {cg}::NodeBuilder, server: S) -> {cg}::NodeBuilder {{\n\
+             pub fn register_{snake}<__CgServer: {svc}Server>(builder: {cg}::NodeBuilder, server: __CgServer) -> {cg}::NodeBuilder {{\n\
              let server = ::std::sync::Arc::new(server);"
         );
         for m in &service.methods {
@@ -106,7 +113,7 @@ impl ServiceGenerator for Generator {
                  let server = server.clone();\n\
                  builder.rpc_proto(\"{wire}\", move |ctx, request: {input}| {{\n\
                  let server = server.clone();\n\
-                 async move {{ server.{name}(ctx, request).await }}\n\
+                 async move {{ <__CgServer as {svc}Server>::{name}(&*server, ctx, request).await }}\n\
                  }})\n\
                  }};",
                 wire = wire_name(&service, m),
@@ -121,6 +128,7 @@ impl ServiceGenerator for Generator {
             buf,
             "/// Typed client of `{full}`, bound to a node and a target address.\n\
              #[derive(Debug, Clone)]\n\
+             #[allow(dead_code)]\n\
              pub struct {svc}Client {{\n\
              node: {cg}::Node,\n\
              to: {cg}::LogicAddr,\n\
@@ -151,8 +159,8 @@ impl ServiceGenerator for Generator {
                  self.node.call_proto(self.to, \"{wire}\", request, ::core::option::Option::Some(timeout)).await\n\
                  }}\n\
                  /// Calls `{wire}` and runs `callback` with the outcome, exactly once, on a runtime thread.\n\
-                 pub fn {callback}<F>(&self, request: &{input}, timeout: ::core::time::Duration, callback: F)\n\
-                 where F: ::core::ops::FnOnce({res}<{output}, {cg}::RpcError>) + {send} + 'static {{\n\
+                 pub fn {callback}<__CgCallback>(&self, request: &{input}, timeout: ::core::time::Duration, callback: __CgCallback)\n\
+                 where __CgCallback: ::core::ops::FnOnce({res}<{output}, {cg}::RpcError>) + {send} + 'static {{\n\
                  self.node.call_proto_with_callback(self.to, \"{wire}\", request, timeout, callback)\n\
                  }}\n\
                  /// Calls `{wire}` one-way: no answer, `Ok` once queued.\n\

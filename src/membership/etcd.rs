@@ -105,8 +105,9 @@ struct Inner {
     endpoints: Vec<String>,
     prefix: String,
     options: EtcdOptions,
-    /// The lease of the node kept alive through this source, for `leave`.
-    lease: Mutex<Option<(i64, Client)>>,
+    /// Per node kept alive through this source (clones are shared by nodes): its lease, for
+    /// `leave`, and whether it has left (after which no lease may be granted for it).
+    leases: Mutex<std::collections::HashMap<LogicAddr, LeaseSlot>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -272,7 +273,7 @@ impl Inner {
             endpoints: endpoints.into_iter().map(Into::into).collect(),
             prefix: prefix.into().trim_end_matches('/').to_owned(),
             options,
-            lease: Mutex::new(None),
+            leases: Mutex::new(Default::default()),
         })
     }
 
@@ -302,10 +303,11 @@ impl Inner {
     }
 
     fn next_backoff(&self, b: Duration) -> Duration {
+        let min = self.options.backoff_min.max(Duration::from_millis(1));
         if b.is_zero() {
-            self.options.backoff_min
+            min
         } else {
-            (b * 2).min(self.options.backoff_max)
+            (b * 2).clamp(min, self.options.backoff_max.max(min))
         }
     }
 
@@ -333,10 +335,12 @@ impl Inner {
         let mut backoff = Duration::ZERO;
         let mut last_error: Option<String> = None;
         loop {
-            let reason = match self.watch_once(&tx).await {
+            let reason = match self.watch_once(&tx, &mut last_error).await {
                 Ok(()) => return, // the node went away
                 Err(WatchEnd::Reset) => {
+                    // Read again soon, but never in a tight loop of cancels.
                     backoff = Duration::ZERO;
+                    tokio::time::sleep(self.next_backoff(backoff)).await;
                     continue;
                 }
                 Err(WatchEnd::Failed(e)) => e,
@@ -357,9 +361,16 @@ impl Inner {
         }
     }
 
-    async fn watch_once(&self, tx: &SourceTx) -> Result<(), WatchEnd> {
+    async fn watch_once(
+        &self,
+        tx: &SourceTx,
+        last_error: &mut Option<String>,
+    ) -> Result<(), WatchEnd> {
         let mut client = self.client().await?;
         let (mut state, revision) = self.load(&mut client).await?;
+        if last_error.take().is_some() {
+            tracing::info!("etcd membership available again");
+        }
         let all = state.snapshot().into_iter().map(|m| (m.addr, m)).collect();
         if tx.send(Ok(SourceMsg::Reset(all))).await.is_err() {
             return Ok(());
@@ -418,9 +429,12 @@ impl Inner {
     async fn keep_alive(self: Arc<Self>, me: LogicAddr) {
         let ttl = self.options.lease_ttl.as_secs().max(1) as i64;
         let mut backoff = Duration::ZERO;
+        // A node (re)starting on this source is alive again.
+        self.slots().entry(me).or_default().left = false;
         loop {
             match self.hold_lease(me, ttl).await {
                 Ok(()) => backoff = Duration::ZERO,
+                Err(_) if self.slots().get(&me).is_some_and(|s| s.left) => return,
                 Err(e) => {
                     tracing::warn!(node = %me, error = %e, "liveness lease lost; renewing");
                     backoff = self.next_backoff(backoff);
@@ -430,13 +444,29 @@ impl Inner {
         }
     }
 
+    fn slots(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<LogicAddr, LeaseSlot>> {
+        self.leases.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     async fn hold_lease(&self, me: LogicAddr, ttl: i64) -> Result<(), DiscoveryError> {
         let mut client = self.client().await?;
         let lease = self
             .timed("lease grant", client.lease_grant(ttl, None))
             .await?
             .id();
-        *self.lease.lock().unwrap_or_else(|e| e.into_inner()) = Some((lease, client.clone()));
+        let left = {
+            let mut slots = self.slots();
+            let slot = slots.entry(me).or_default();
+            if !slot.left {
+                slot.lease = Some((lease, client.clone()));
+            }
+            slot.left
+        };
+        if left {
+            // `leave` ran while this lease was being granted: it must not make the node alive.
+            let _ = self.timed("lease revoke", client.lease_revoke(lease)).await;
+            return Err(failed(&self.endpoints, "lease grant", "the node has left"));
+        }
         self.timed(
             "put alive key",
             client.put(
@@ -483,14 +513,24 @@ type SourceTx = mpsc::Sender<Result<SourceMsg, DiscoveryError>>;
 struct Merger {
     main: Option<BTreeMap<LogicAddr, Member>>,
     center: BTreeMap<LogicAddr, Member>,
+    /// Clusters the cluster's own source has ever listed a member of: the center never speaks
+    /// for them.
+    own: BTreeSet<u16>,
 }
 
 impl Merger {
+    /// The merged member: the cluster's own entry, else a harbor of *another* cluster from
+    /// the center (a cluster's own store is authoritative for its own harbors, so removing one
+    /// there removes it even while the center still lists it).
     fn get(&self, addr: LogicAddr) -> Option<Member> {
         let main = self.main.as_ref()?;
-        main.get(&addr)
-            .or_else(|| addr.is_harbor().then(|| self.center.get(&addr)).flatten())
-            .cloned()
+        if let Some(m) = main.get(&addr) {
+            return Some(m.clone());
+        }
+        if addr.is_harbor() && !self.own.contains(&addr.cluster()) {
+            return self.center.get(&addr).cloned();
+        }
+        None
     }
 
     fn snapshot(&self) -> Vec<Member> {
@@ -507,6 +547,7 @@ impl Merger {
                 if from_center {
                     self.center = all;
                 } else {
+                    self.own.extend(all.keys().map(|a| a.cluster()));
                     self.main = Some(all);
                 }
                 // Nothing goes out before the cluster's own first snapshot.
@@ -531,6 +572,9 @@ impl Merger {
                         Some(m) => map.insert(addr, m),
                         None => map.remove(&addr),
                     };
+                    if !from_center {
+                        self.own.insert(addr.cluster());
+                    }
                     let after = self.get(addr);
                     if self.main.is_some() && before != after {
                         out.push(match after {
@@ -553,6 +597,7 @@ async fn merge(
     let mut merger = Merger {
         main: None,
         center: BTreeMap::new(),
+        own: BTreeSet::new(),
     };
     loop {
         let (from_center, item) = tokio::select! {
@@ -565,6 +610,12 @@ async fn merge(
         };
         let events = match item {
             Ok(msg) => merger.apply(from_center, msg).into_iter().map(Ok).collect(),
+            // Before the cluster's own first snapshot, a center failure must not look like
+            // a failure of the node's membership (a node would refuse to start on it).
+            Err(e) if from_center && merger.main.is_none() => {
+                tracing::warn!(error = %e, "harbors center unavailable; starting from the cluster's own membership");
+                vec![]
+            }
             Err(e) => vec![Err(e)],
         };
         for e in events {
@@ -576,6 +627,12 @@ async fn merge(
             center = None;
         }
     }
+}
+
+#[derive(Default)]
+struct LeaseSlot {
+    lease: Option<(i64, Client)>,
+    left: bool,
 }
 
 enum WatchEnd {
@@ -637,7 +694,12 @@ impl Discovery for EtcdDiscovery {
 impl Inner {
     /// Revokes the lease held for `me`, if any.
     async fn leave(self: Arc<Self>, me: LogicAddr) {
-        let held = self.lease.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let held = {
+            let mut slots = self.slots();
+            let slot = slots.entry(me).or_default();
+            slot.left = true;
+            slot.lease.take()
+        };
         if let Some((lease, mut client)) = held {
             match self.timed("lease revoke", client.lease_revoke(lease)).await {
                 Ok(_) => tracing::info!(node = %me, "liveness lease revoked"),
@@ -675,6 +737,32 @@ mod tests {
                 .contains("names 1.2.1")
         );
         assert!(decode(a("1.2.1"), b"{not json").is_err());
+    }
+
+    #[test]
+    fn the_center_speaks_only_for_other_clusters_harbors() {
+        let mut m = Merger {
+            main: None,
+            center: BTreeMap::new(),
+            own: BTreeSet::new(),
+        };
+        let member = |s: &str| (a(s), Member::new(a(s), "h:1"));
+        // Nothing before the cluster's own snapshot.
+        let center: BTreeMap<_, _> = [member("1.255.1"), member("2.255.1"), member("2.1.1")].into();
+        assert!(m.apply(true, SourceMsg::Reset(center)).is_empty());
+        let main: BTreeMap<_, _> = [member("1.1.1"), member("1.255.1")].into();
+        let MembershipEvent::Snapshot(all) = m.apply(false, SourceMsg::Reset(main)).remove(0)
+        else {
+            panic!("a snapshot")
+        };
+        let addrs: Vec<String> = all.iter().map(|m| m.addr.to_string()).collect();
+        assert_eq!(addrs, ["1.1.1", "1.255.1", "2.255.1"]);
+        // Removing the own harbor from the cluster's store removes it, center or not.
+        let ev = m.apply(false, SourceMsg::Changed(vec![(a("1.255.1"), None)]));
+        assert_eq!(ev, vec![MembershipEvent::Remove(a("1.255.1"))]);
+        // Another cluster's harbor leaving the center is removed.
+        let ev = m.apply(true, SourceMsg::Changed(vec![(a("2.255.1"), None)]));
+        assert_eq!(ev, vec![MembershipEvent::Remove(a("2.255.1"))]);
     }
 
     #[test]

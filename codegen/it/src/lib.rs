@@ -18,6 +18,10 @@ pub mod it {
     pub mod common {
         include!(concat!(env!("OUT_DIR"), "/it.common.rs"));
     }
+    /// `it.edge`: names that collide with Rust's.
+    pub mod edge {
+        include!(concat!(env!("OUT_DIR"), "/it.edge.rs"));
+    }
     /// `it.shop`: a service over imported messages.
     pub mod shop {
         include!(concat!(env!("OUT_DIR"), "/it.shop.rs"));

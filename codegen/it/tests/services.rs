@@ -253,3 +253,85 @@ async fn undecodable_requests_and_responses_are_typed_errors() {
         "{e:?}"
     );
 }
+
+struct Odd;
+impl clustergo_build_it::it::edge::OddServer for Odd {
+    async fn box_(
+        &self,
+        _: CallContext,
+        r: clustergo_build_it::it::edge::S,
+    ) -> Result<clustergo_build_it::it::edge::F, HandlerError> {
+        Ok(clustergo_build_it::it::edge::F {
+            f: format!("boxed {}", r.s),
+        })
+    }
+    async fn clone(
+        &self,
+        _: CallContext,
+        r: clustergo_build_it::it::edge::F,
+    ) -> Result<clustergo_build_it::it::edge::S, HandlerError> {
+        Ok(clustergo_build_it::it::edge::S {
+            s: format!("cloned {}", r.f),
+        })
+    }
+    async fn type_(
+        &self,
+        _: CallContext,
+        (): (),
+    ) -> Result<clustergo_build_it::it::edge::S, HandlerError> {
+        Ok(clustergo_build_it::it::edge::S { s: "typed".into() })
+    }
+    async fn into_(
+        &self,
+        _: CallContext,
+        r: clustergo_build_it::it::edge::S,
+    ) -> Result<clustergo_build_it::it::edge::S, HandlerError> {
+        Ok(r)
+    }
+}
+
+#[tokio::test]
+async fn names_that_collide_with_rust_still_work() {
+    use clustergo_build_it::it::edge::{self, OddClient};
+    let mut c = Cluster::new(&["1.1.1", "1.2.1"]);
+    let server = c
+        .start("1.2.1", |b| {
+            edge::register_odd(edge::register_nothing(b, Nothing), Odd)
+        })
+        .await;
+    let client = c.start("1.1.1", |b| b).await;
+    let odd = OddClient::new(&client, server.addr());
+    assert_eq!(
+        within(odd.box_(&edge::S { s: "x".into() }))
+            .await
+            .unwrap()
+            .f,
+        "boxed x"
+    );
+    assert_eq!(
+        within(odd.clone_timeout(&edge::F { f: "y".into() }, Duration::from_secs(1)))
+            .await
+            .unwrap()
+            .s,
+        "cloned y"
+    );
+    assert_eq!(within(odd.type_(&())).await.unwrap().s, "typed");
+    within(odd.post_into(&edge::S::default())).await.unwrap();
+    assert_eq!(
+        within(odd.into_(&edge::S { s: "z".into() }))
+            .await
+            .unwrap()
+            .s,
+        "z"
+    );
+    assert_eq!(
+        within(odd.clone(&edge::F { f: "w".into() }))
+            .await
+            .unwrap()
+            .s,
+        "cloned w"
+    );
+}
+
+struct Nothing;
+impl clustergo_build_it::it::edge::NothingServer for Nothing {}
