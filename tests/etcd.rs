@@ -178,8 +178,35 @@ async fn changes_reach_a_running_node_within_a_second() {
 async fn graceful_shutdown_revokes_the_lease_at_once() {
     let etcd = Etcd::start();
     let mut c = client(&etcd).await;
-    let me = start_node(&etcd, &mut c, "1.1.1").await;
-    let other = start_node(&etcd, &mut c, "1.2.1").await;
+    // One discovery shared by both nodes (as MemoryDiscovery is in the quickstart), with a
+    // lease far longer than the test: only a revoke can clear the key in time, and only the
+    // leaving node's.
+    let shared = EtcdDiscovery::connect(
+        [etcd.endpoint.clone()],
+        PREFIX,
+        options().lease_ttl(Duration::from_secs(30)),
+    );
+    let start = |addr: &'static str| {
+        let shared = shared.clone();
+        let (l, net) = bind();
+        let mut c = c.clone();
+        async move {
+            put_member(&mut c, &Member::new(a(addr), net)).await;
+            let node = Node::builder(a(addr))
+                .discovery(shared)
+                .config(test_config())
+                .listener(l)
+                .build();
+            within(node.start()).await.unwrap();
+            node
+        }
+    };
+    let me = start("1.1.1").await;
+    let other = start("1.2.1").await;
+    assert!(
+        me.wait_for_member(me.addr(), |m| m.is_some_and(|m| m.available), WAIT)
+            .await
+    );
     assert!(
         me.wait_for_member(other.addr(), |m| m.is_some_and(|m| m.available), WAIT)
             .await
@@ -198,6 +225,34 @@ async fn graceful_shutdown_revokes_the_lease_at_once() {
     );
     let alive = c.get(alive_key(PREFIX, other.addr()), None).await.unwrap();
     assert!(alive.kvs().is_empty());
+    // The node that stayed is still alive.
+    let mine = c.get(alive_key(PREFIX, me.addr()), None).await.unwrap();
+    assert_eq!(mine.kvs().len(), 1);
+    assert!(me.member(me.addr()).unwrap().available);
+}
+
+#[tokio::test]
+async fn a_down_harbors_center_does_not_keep_nodes_from_starting() {
+    let etcd = Etcd::start();
+    let mut c = client(&etcd).await;
+    let (l, net) = bind();
+    put_member(&mut c, &Member::new(a("1.255.1"), net)).await;
+    // Nothing listens on the center's port.
+    let (dead, dead_addr) = bind();
+    drop(dead);
+    let node = Node::builder(a("1.255.1"))
+        .discovery(
+            discovery(&etcd).with_harbors_center([format!("http://{dead_addr}")], "/nowhere"),
+        )
+        .config(test_config())
+        .listener(l)
+        .build();
+    within(node.start()).await.unwrap();
+    assert!(
+        node.wait_for_member(node.addr(), |m| m.is_some_and(|m| m.available), WAIT)
+            .await
+    );
+    node.shutdown().await;
 }
 
 #[tokio::test]

@@ -129,7 +129,12 @@ async fn run(cli: Cli) -> Result<String, String> {
             net_addr,
             export,
             available,
-        }) => store.update(addr, net_addr, export, available).await,
+        }) => {
+            if net_addr.is_none() && export.is_none() && available.is_none() {
+                return Err("members update: give --net-addr, --export and/or --available".into());
+            }
+            store.update(addr, net_addr, export, available).await
+        }
         Command::Members(Members::Set {
             addr,
             available,

@@ -100,8 +100,14 @@ impl Store {
             .kvs()
             .first()
             .ok_or_else(|| format!("member {addr} is not listed under {}", self.prefix))?;
-        let m = serde_json::from_slice(value.value())
+        let m: Member = serde_json::from_slice(value.value())
             .map_err(|e| format!("member {addr} has a malformed value in etcd: {e}"))?;
+        if m.addr != addr {
+            return Err(format!(
+                "member {addr} has a malformed value in etcd: it names {}; remove and add it again",
+                m.addr
+            ));
+        }
         Ok((m, value.mod_revision()))
     }
 

@@ -29,7 +29,44 @@ use crate::error::DiscoveryError;
 #[serde(deny_unknown_fields)]
 struct Document {
     #[serde(default)]
-    member: Vec<Member>,
+    member: Vec<StrictMember>,
+}
+
+/// A member as written by hand: a misspelled field (`exported = true`) is an error here, not
+/// silently ignored. (Values in etcd stay lenient, so a newer writer's extra field never makes
+/// an older node skip a member.)
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StrictMember {
+    addr: crate::addr::LogicAddr,
+    net_addr: String,
+    #[serde(default)]
+    export: bool,
+    #[serde(default = "yes")]
+    available: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl From<StrictMember> for Member {
+    fn from(m: StrictMember) -> Member {
+        Member::new(m.addr, m.net_addr)
+            .with_export(m.export)
+            .with_available(m.available)
+    }
+}
+
+impl From<&Member> for StrictMember {
+    fn from(m: &Member) -> StrictMember {
+        StrictMember {
+            addr: m.addr,
+            net_addr: m.net_addr.clone(),
+            export: m.export,
+            available: m.available,
+        }
+    }
 }
 
 /// Parses the membership TOML format; duplicate addresses are an error.
@@ -38,8 +75,9 @@ pub fn parse_members(text: &str, source_name: &str) -> Result<Vec<Member>, Disco
         source_name: source_name.into(),
         reason: e.to_string(),
     })?;
+    let members: Vec<Member> = doc.member.into_iter().map(Member::from).collect();
     let mut seen = std::collections::HashSet::new();
-    for m in &doc.member {
+    for m in &members {
         if !seen.insert(m.addr) {
             return Err(DiscoveryError::Malformed {
                 source_name: source_name.into(),
@@ -59,13 +97,13 @@ pub fn parse_members(text: &str, source_name: &str) -> Result<Vec<Member>, Disco
             });
         }
     }
-    Ok(doc.member)
+    Ok(members)
 }
 
 /// Writes members in the format [`parse_members`] reads.
 pub fn format_members(members: &[Member]) -> String {
     let doc = Document {
-        member: members.to_vec(),
+        member: members.iter().map(StrictMember::from).collect(),
     };
     // Serialising plain strings and bools cannot fail.
     toml::to_string(&doc).expect("membership serialises")
@@ -248,6 +286,13 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("cluster 0")
+        );
+        let typo = "[[member]]\naddr=\"1.1.1\"\nnet_addr=\"a:1\"\nexported=true\n";
+        assert!(
+            parse_members(typo, "f")
+                .unwrap_err()
+                .to_string()
+                .contains("unknown field `exported`")
         );
         let bad_net = "[[member]]\naddr=\"1.1.1\"\nnet_addr=\"nowhere\"\n";
         assert!(
