@@ -364,15 +364,15 @@ impl Node {
     /// [`NodeConfig::send_timeout`](crate::NodeConfig::send_timeout). `Ok` means queued:
     /// messages of one sender reach one receiver in order.
     pub async fn send_cmd(&self, to: LogicAddr, cmd: Cmd, payload: Bytes) -> Result<(), RpcError> {
-        self.inner.check_size(payload.len())?;
-        self.push(to, cmd_body(cmd, payload)).await
+        let body = self.cmd_body(cmd, payload)?;
+        self.push(to, body).await
     }
 
     /// Like [`Node::send_cmd`], but fails with [`RpcError::QueueFull`] at once instead of
     /// waiting; never blocks, so it suits a game loop.
     pub fn try_send_cmd(&self, to: LogicAddr, cmd: Cmd, payload: Bytes) -> Result<(), RpcError> {
-        self.inner.check_size(payload.len())?;
-        self.try_push(to, cmd_body(cmd, payload))
+        let body = self.cmd_body(cmd, payload)?;
+        self.try_push(to, body)
     }
 
     /// Sends a protobuf message to `to`; the receiver's handler for `M` gets it.
@@ -381,10 +381,8 @@ impl Node {
         to: LogicAddr,
         msg: &M,
     ) -> Result<(), RpcError> {
-        let payload = Bytes::from(msg.encode_to_vec());
-        self.inner
-            .check_size(payload.len() + M::full_name().len())?;
-        self.push(to, type_body(M::full_name(), payload)).await
+        let body = self.type_body(msg)?;
+        self.push(to, body).await
     }
 
     /// Like [`Node::send_message`], failing at once when the queue is full.
@@ -393,10 +391,27 @@ impl Node {
         to: LogicAddr,
         msg: &M,
     ) -> Result<(), RpcError> {
+        let body = self.type_body(msg)?;
+        self.try_push(to, body)
+    }
+
+    fn cmd_body(&self, cmd: Cmd, payload: Bytes) -> Result<Body, RpcError> {
+        self.inner.check_size(payload.len())?;
+        Ok(Body::Message(proto::Message {
+            kind: Some(Kind::Cmd(cmd.0)),
+            payload,
+        }))
+    }
+
+    /// Encodes `msg`; its type name rides in the envelope and counts against the limit.
+    fn type_body<M: prost::Message + prost::Name>(&self, msg: &M) -> Result<Body, RpcError> {
         let payload = Bytes::from(msg.encode_to_vec());
-        self.inner
-            .check_size(payload.len() + M::full_name().len())?;
-        self.try_push(to, type_body(M::full_name(), payload))
+        let name = M::full_name();
+        self.inner.check_size(payload.len() + name.len())?;
+        Ok(Body::Message(proto::Message {
+            kind: Some(Kind::TypeName(name)),
+            payload,
+        }))
     }
 
     /// A random available node of `node_type` among those this node sees (its cluster and
@@ -499,18 +514,4 @@ async fn wait_until(
             return cond();
         }
     }
-}
-
-fn cmd_body(cmd: Cmd, payload: Bytes) -> Body {
-    Body::Message(proto::Message {
-        kind: Some(Kind::Cmd(cmd.0)),
-        payload,
-    })
-}
-
-fn type_body(name: String, payload: Bytes) -> Body {
-    Body::Message(proto::Message {
-        kind: Some(Kind::TypeName(name)),
-        payload,
-    })
 }
