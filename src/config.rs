@@ -57,6 +57,22 @@ pub struct NodeConfig {
     /// The cluster secret every node of the mesh shares. `None`: read [`SECRET_ENV`], else
     /// fall back to [`DEV_SECRET`] with a warning.
     pub secret: Option<Vec<u8>>,
+    /// Receive window of each stream: the most bytes a peer may send on a stream before its
+    /// reader here takes them. A stream whose reader stops reading holds at most this much and
+    /// stalls only itself. Default 256 KiB.
+    ///
+    /// Memory bound: `max_streams` × `stream_window` per peer if every reader stops.
+    pub stream_window: u32,
+    /// Bytes a stream buffers for the link's writer before writes wait; also the largest data
+    /// envelope a stream sends. Small writes are coalesced up to this. Default 64 KiB; at most
+    /// [`NodeConfig::max_envelope`].
+    pub stream_buffer: usize,
+    /// Streams open at once between this node and one peer, whichever side opened them. An
+    /// open over the limit fails with `TooMany` here, or is refused by the peer. Default 8192.
+    pub max_streams: usize,
+    /// How long [`Node::open_stream`](crate::Node::open_stream) waits for the peer to accept,
+    /// dial included. Default 5 s.
+    pub stream_open_timeout: Duration,
 }
 
 impl Default for NodeConfig {
@@ -78,6 +94,10 @@ impl Default for NodeConfig {
             keepalive_timeout: Duration::from_secs(20),
             hello_max_skew: Duration::from_secs(300),
             secret: None,
+            stream_window: 256 << 10,
+            stream_buffer: 64 << 10,
+            max_streams: 8192,
+            stream_open_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -101,6 +121,10 @@ impl std::fmt::Debug for NodeConfig {
             .field("keepalive_timeout", &self.keepalive_timeout)
             .field("hello_max_skew", &self.hello_max_skew)
             .field("secret", &self.secret.as_ref().map(|_| "<set>"))
+            .field("stream_window", &self.stream_window)
+            .field("stream_buffer", &self.stream_buffer)
+            .field("max_streams", &self.max_streams)
+            .field("stream_open_timeout", &self.stream_open_timeout)
             .finish()
     }
 }
@@ -151,6 +175,14 @@ setters! {
     keepalive_timeout: Duration;
     /// Sets [`NodeConfig::hello_max_skew`].
     hello_max_skew: Duration;
+    /// Sets [`NodeConfig::stream_window`].
+    stream_window: u32;
+    /// Sets [`NodeConfig::stream_buffer`].
+    stream_buffer: usize;
+    /// Sets [`NodeConfig::max_streams`].
+    max_streams: usize;
+    /// Sets [`NodeConfig::stream_open_timeout`].
+    stream_open_timeout: Duration;
 }
 
 impl NodeConfig {
@@ -186,6 +218,9 @@ impl NodeConfig {
             ("batch_bytes", self.batch_bytes),
             ("batch_envelopes", self.batch_envelopes),
             ("max_concurrent_requests", self.max_concurrent_requests),
+            ("stream_window", self.stream_window as usize),
+            ("stream_buffer", self.stream_buffer),
+            ("max_streams", self.max_streams),
         ];
         for (name, v) in positive {
             if v == 0 {
@@ -194,6 +229,15 @@ impl NodeConfig {
         }
         if self.max_envelope > (1 << 30) {
             return Err("max_envelope must be at most 1 GiB".into());
+        }
+        if self.stream_buffer > self.max_envelope {
+            return Err(format!(
+                "stream_buffer ({}) must be at most max_envelope ({})",
+                self.stream_buffer, self.max_envelope
+            ));
+        }
+        if self.stream_window > (1 << 30) {
+            return Err("stream_window must be at most 1 GiB".into());
         }
         Ok(())
     }

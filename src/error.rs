@@ -28,6 +28,14 @@ impl ErrorCode {
     pub const NO_ROUTE: ErrorCode = ErrorCode(8);
     /// The request did not decode as the handler's request type.
     pub const BAD_REQUEST: ErrorCode = ErrorCode(9);
+    /// A stream open was refused (no acceptor, too many streams).
+    pub const REFUSED: ErrorCode = ErrorCode(10);
+    /// A stream was reset by the application, or dropped before it was closed.
+    pub const RESET: ErrorCode = ErrorCode(11);
+    /// A stream's sender overran the window its receiver granted.
+    pub const FLOW_CONTROL: ErrorCode = ErrorCode(12);
+    /// A stream open was not answered within the opener's open timeout.
+    pub const TIMEOUT: ErrorCode = ErrorCode(13);
     /// First code free for applications.
     pub const APPLICATION: ErrorCode = ErrorCode(100);
 }
@@ -174,6 +182,159 @@ pub enum RpcError {
         /// The queue's capacity.
         capacity: usize,
     },
+}
+
+/// Why a stream could not be opened, or why it failed. Reads and writes on a
+/// [`Stream`](crate::Stream) report it inside a [`std::io::Error`];
+/// [`StreamError::from_io`] gets it back.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StreamError {
+    /// The local node has not been started.
+    #[error("node {node} is not started")]
+    NotStarted {
+        /// The local node.
+        node: LogicAddr,
+    },
+    /// A node is shutting down: the local one, or the peer (it closed the stream as it shut
+    /// down, or refused the open).
+    #[error("node {node} is shutting down")]
+    Shutdown {
+        /// The node that is shutting down.
+        node: LogicAddr,
+    },
+    /// A node cannot open a stream to itself.
+    #[error("node {node} cannot open a stream to itself")]
+    ToSelf {
+        /// The local node.
+        node: LogicAddr,
+    },
+    /// The target is not reachable from here.
+    #[error("no route to {to}: {reason}")]
+    NoRoute {
+        /// The target.
+        to: LogicAddr,
+        /// Why, e.g. `not in membership`.
+        reason: String,
+    },
+    /// The peer, or the link to it, refused: no stream acceptor, too many streams, a refused
+    /// link.
+    #[error("stream to {peer} refused: {reason}")]
+    Refused {
+        /// The peer.
+        peer: LogicAddr,
+        /// The reason the peer gave.
+        reason: String,
+    },
+    /// The open was not answered in time
+    /// ([`NodeConfig::stream_open_timeout`](crate::NodeConfig::stream_open_timeout)).
+    #[error("opening a stream to {to} timed out after {after:?}")]
+    Timeout {
+        /// The target.
+        to: LogicAddr,
+        /// The open timeout.
+        after: Duration,
+    },
+    /// The link to the peer failed: every stream on it fails.
+    #[error("link to {peer} lost: {cause}")]
+    PeerLost {
+        /// The peer.
+        peer: LogicAddr,
+        /// What happened.
+        cause: String,
+    },
+    /// The peer reset the stream (or dropped it before closing it).
+    #[error("stream reset by {peer} (code {code}): {reason}")]
+    Reset {
+        /// The peer.
+        peer: LogicAddr,
+        /// The code (see [`ErrorCode`]): [`ErrorCode::RESET`] for an application reset.
+        code: ErrorCode,
+        /// The reason the peer gave.
+        reason: String,
+    },
+    /// This side reset the stream (one half was dropped early, or the open timed out); the
+    /// other half fails with this.
+    #[error("stream to {peer} aborted by this node: {reason}")]
+    Aborted {
+        /// The peer.
+        peer: LogicAddr,
+        /// Why.
+        reason: String,
+    },
+    /// Written after [`shutdown`](tokio::io::AsyncWriteExt::shutdown) (the write half is
+    /// closed).
+    #[error("stream to {peer}: write after shutdown")]
+    Finished {
+        /// The peer.
+        peer: LogicAddr,
+    },
+    /// The local limit of streams per peer is reached.
+    #[error("too many streams to {peer} (limit {limit})")]
+    TooMany {
+        /// The peer.
+        peer: LogicAddr,
+        /// [`NodeConfig::max_streams`](crate::NodeConfig::max_streams).
+        limit: usize,
+    },
+    /// The open metadata is over the envelope size limit.
+    #[error("stream metadata of {size} bytes is over the limit of {limit} bytes")]
+    TooLarge {
+        /// Size of the metadata.
+        size: usize,
+        /// The limit ([`NodeConfig::max_envelope`](crate::NodeConfig::max_envelope)).
+        limit: usize,
+    },
+}
+
+impl StreamError {
+    /// The stream error inside an I/O error from a [`Stream`](crate::Stream)'s reads or
+    /// writes, if it carries one.
+    pub fn from_io(e: &std::io::Error) -> Option<&StreamError> {
+        e.get_ref()?.downcast_ref()
+    }
+
+    /// The I/O error kind a read or write reports this error with.
+    pub fn io_kind(&self) -> std::io::ErrorKind {
+        use std::io::ErrorKind;
+        match self {
+            StreamError::Reset { .. } => ErrorKind::ConnectionReset,
+            StreamError::PeerLost { .. } | StreamError::Aborted { .. } => {
+                ErrorKind::ConnectionAborted
+            }
+            StreamError::Finished { .. } => ErrorKind::BrokenPipe,
+            StreamError::Timeout { .. } => ErrorKind::TimedOut,
+            StreamError::Refused { .. } | StreamError::TooMany { .. } => {
+                ErrorKind::ConnectionRefused
+            }
+            _ => ErrorKind::Other,
+        }
+    }
+}
+
+impl From<StreamError> for std::io::Error {
+    fn from(e: StreamError) -> Self {
+        std::io::Error::new(e.io_kind(), e)
+    }
+}
+
+impl StreamError {
+    /// A link-level failure (dial, admission, membership, shutdown) as seen by a stream to
+    /// `peer`.
+    pub(crate) fn from_link(e: RpcError, peer: LogicAddr) -> Self {
+        match e {
+            RpcError::NotStarted { node } => StreamError::NotStarted { node },
+            RpcError::Shutdown { node } => StreamError::Shutdown { node },
+            RpcError::NoRoute { to, reason } => StreamError::NoRoute { to, reason },
+            RpcError::Refused { peer, reason } => StreamError::Refused { peer, reason },
+            RpcError::PeerLost { peer, cause } => StreamError::PeerLost { peer, cause },
+            RpcError::TooLarge { size, limit } => StreamError::TooLarge { size, limit },
+            other => StreamError::PeerLost {
+                peer,
+                cause: other.to_string(),
+            },
+        }
+    }
 }
 
 /// Why [`Node::start`](crate::Node::start) failed.

@@ -2,7 +2,8 @@
 //!
 //! Every node has a 32-bit logical address (`cluster.type.server`, see [`LogicAddr`]). Nodes
 //! call each other by address — RPC ([`Node::call`], [`Node::call_with_callback`],
-//! [`Node::post`]) and one-way messages ([`Node::send_cmd`], [`Node::send_message`]) — over
+//! [`Node::post`]), one-way messages ([`Node::send_cmd`], [`Node::send_message`]) and byte
+//! streams ([`Node::open_stream`], [`Stream`]) — over
 //! long-lived gRPC links that open on first use and carry batches of envelopes both ways.
 //! Membership (address, network address, export, available) comes from a [`Discovery`]
 //! source.
@@ -37,6 +38,7 @@
 //! - `link`: per-peer queues, the batching writer, the reader, the link hello.
 //! - `rpc`: handlers, call context, the replyer.
 //! - `message`: one-way message handlers.
+//! - `stream`: flow-controlled byte streams between nodes, many per link.
 //! - `node`: the public handle; start, dispatch, links, shutdown.
 //! - `stats`: counters.
 //! - `typed`: protobuf requests and responses over RPC (what generated services use).
@@ -55,11 +57,14 @@ mod node;
 mod proto;
 mod rpc;
 mod stats;
+mod stream;
 mod typed;
 
 pub use addr::{AddrError, AddrField, HARBOR_TYPE, LogicAddr, MAX_CLUSTER, MAX_SERVER, MAX_TYPE};
 pub use config::{DEV_SECRET, NodeConfig, SECRET_ENV};
-pub use error::{DiscoveryError, ErrorCode, HandlerError, RpcError, SelectError, StartError};
+pub use error::{
+    DiscoveryError, ErrorCode, HandlerError, RpcError, SelectError, StartError, StreamError,
+};
 pub use membership::{Discovery, FileDiscovery, Member, MembershipEvent, MemoryDiscovery};
 #[cfg(feature = "etcd")]
 pub use membership::{EtcdDiscovery, EtcdOptions};
@@ -67,6 +72,7 @@ pub use message::{Cmd, MessageContext};
 pub use node::{Node, NodeBuilder};
 pub use rpc::{CallContext, Replyer};
 pub use stats::StatsSnapshot;
+pub use stream::{Stream, StreamId, StreamMeta, StreamReader, StreamWriter};
 
 /// The README's examples, compiled as doc tests so the README stays true.
 #[cfg(doctest)]

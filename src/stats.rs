@@ -55,6 +55,18 @@ counters! {
     envelopes_lost,
     /// Envelopes dropped as misaddressed (wrong `to`, or `from` not the link's peer).
     envelopes_misaddressed,
+    /// Streams this node opened that the peer accepted.
+    streams_opened,
+    /// Streams peers opened that this node accepted.
+    streams_accepted,
+    /// Stream opens this node refused (no acceptor, shutting down, too many streams).
+    streams_refused,
+    /// Streams peers reset (or dropped before closing).
+    streams_reset,
+    /// Stream envelopes for a stream this node no longer knows (closed or reset meanwhile).
+    stream_envelopes_unknown,
+    /// Streams open now (a gauge, not a counter).
+    streams_active,
 }
 
 impl Stats {

@@ -10,10 +10,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::addr::LogicAddr;
-use crate::error::RpcError;
+use crate::error::{RpcError, StreamError};
 use crate::hash::FastMap;
 use crate::proto::{Envelope, envelope::Body};
 use crate::stats::Stats;
+use crate::stream;
 
 /// An envelope waiting in a peer's queue, with the time after which it is useless (`None`:
 /// it is written whenever the link gets to it).
@@ -85,6 +86,8 @@ pub(crate) struct Peer {
     up: AtomicBool,
     /// Signalled on every state change.
     pub(crate) changed: Notify,
+    /// The streams with this peer; they end with its link.
+    pub(crate) streams: stream::Table,
 }
 
 impl std::fmt::Debug for Peer {
@@ -101,7 +104,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Peer {
-    pub(crate) fn new(addr: LogicAddr, capacity: usize) -> Arc<Self> {
+    pub(crate) fn new(addr: LogicAddr, capacity: usize, streams: stream::Table) -> Arc<Self> {
         let (tx, rx) = mpsc::channel(capacity);
         Arc::new(Peer {
             addr,
@@ -112,6 +115,7 @@ impl Peer {
             state: Mutex::new(LinkState::idle()),
             up: AtomicBool::new(false),
             changed: Notify::new(),
+            streams,
         })
     }
 
@@ -189,8 +193,10 @@ impl Peer {
         lock(&self.pending).remove(&id)
     }
 
-    /// Fails every waiting call and drops everything queued, counting what is lost.
+    /// Fails every waiting call and stream, and drops everything queued, counting what is lost.
     pub(crate) fn fail_all(&self, error: &RpcError, stats: &Stats) {
+        self.streams
+            .fail_all(&StreamError::from_link(error.clone(), self.addr));
         let waiting: Vec<_> = lock(&self.pending).drain().map(|(_, tx)| tx).collect();
         for tx in waiting {
             // A caller that gave up already has dropped its receiver; nothing to tell it.

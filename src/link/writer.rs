@@ -30,6 +30,8 @@ pub(crate) struct Writer {
     max_envelopes: usize,
     /// Taken from the queue, not yet written (left over when a batch hit the byte limit).
     buf: Vec<Outbound>,
+    /// Which source fills the next batch first.
+    streams_first: bool,
 }
 
 impl std::fmt::Debug for Writer {
@@ -58,6 +60,7 @@ impl Writer {
             max_bytes,
             max_envelopes,
             buf: Vec::new(),
+            streams_first: false,
         }
     }
 }
@@ -80,6 +83,9 @@ pub(crate) fn approx_size(body: &Option<Body>) -> usize {
                         _ => 0,
                     }
             }
+            Some(Body::Data(d)) => d.data.len(),
+            Some(Body::Open(o)) => o.meta.iter().map(|m| m.key.len() + m.value.len()).sum(),
+            Some(Body::Close(c)) => c.reason.len(),
             _ => 0,
         }
 }
@@ -93,6 +99,70 @@ impl Drop for Writer {
                 Stats::incr(&self.stats.envelopes_lost);
             }
         }
+    }
+}
+
+impl Writer {
+    /// Moves queued envelopes into `out` until the batch is full. Returns false when the
+    /// queue is empty (the waker is registered), true when it may hold more.
+    fn fill_queued(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut Vec<crate::proto::Envelope>,
+        bytes: &mut usize,
+    ) -> Poll<bool> {
+        if self.buf.is_empty() {
+            // One receive takes everything queued (up to the envelope limit) and returns the
+            // queue's permits in one step.
+            let room = self.max_envelopes.saturating_sub(out.len()).max(1);
+            match self.peer.rx().poll_recv_many(cx, &mut self.buf, room) {
+                // The peer holds the sender, so the queue never closes while we live.
+                Poll::Ready(0) => return Poll::Ready(false),
+                Poll::Ready(_) => {}
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        // Cut at the byte limit; the rest waits in `buf` for the next batch.
+        let mut cut = self.buf.len();
+        for (i, item) in self.buf.iter().enumerate() {
+            *bytes += approx_size(&item.env.body);
+            if *bytes >= self.max_bytes {
+                cut = i + 1;
+                break;
+            }
+        }
+        let mut now = None;
+        for item in self.buf.drain(..cut) {
+            match item.deadline {
+                Some(d) if d <= *now.get_or_insert_with(Instant::now) => {
+                    self.peer.expire(item, &self.stats)
+                }
+                _ => out.push(item.env),
+            }
+        }
+        Poll::Ready(true)
+    }
+
+    /// Pulls from streams with something to send until the batch is full; `Pending` when
+    /// none is ready (the waker is registered).
+    fn fill_streams(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut Vec<crate::proto::Envelope>,
+        bytes: &mut usize,
+    ) -> Poll<()> {
+        let mut pulled = false;
+        while *bytes < self.max_bytes && out.len() < self.max_envelopes {
+            match self.peer.streams.pop_ready(cx) {
+                Some(stream) => {
+                    *bytes += stream.pull(out) + 24;
+                    pulled = true;
+                }
+                None if pulled => break,
+                None => return Poll::Pending,
+            }
+        }
+        Poll::Ready(())
     }
 }
 
@@ -111,56 +181,44 @@ impl Stream for Writer {
             return Poll::Ready(None);
         }
         loop {
-            if this.buf.is_empty() {
-                // One receive takes everything queued (up to the envelope limit) and returns
-                // the queue's permits in one step.
-                let polled = this
-                    .peer
-                    .rx()
-                    .poll_recv_many(cx, &mut this.buf, this.max_envelopes);
-                match polled {
-                    // The peer holds the sender, so the queue never closes while we live.
-                    Poll::Ready(0) => return Poll::Ready(None),
-                    Poll::Ready(_) => {}
-                    Poll::Pending => {
-                        // Graceful close: end only once nothing is left to write.
-                        if this.close.as_mut().poll(cx).is_ready() {
-                            return Poll::Ready(None);
-                        }
-                        return Poll::Pending;
-                    }
-                }
-            }
-            // Cut at the byte limit; the rest waits in `buf` for the next poll.
+            let mut envelopes = Vec::new();
             let mut bytes = 0;
-            let mut cut = this.buf.len();
-            for (i, item) in this.buf.iter().enumerate() {
-                bytes += approx_size(&item.env.body);
-                if bytes >= this.max_bytes {
-                    cut = i + 1;
-                    break;
-                }
-            }
-            let rest = if cut < this.buf.len() {
-                this.buf.split_off(cut)
+            // Alternate which source fills a batch first, so a flood on one (bulk streams, a
+            // message storm) cannot starve the other.
+            this.streams_first = !this.streams_first;
+            let (queued, streams) = if this.streams_first {
+                let streams = this.fill_streams(cx, &mut envelopes, &mut bytes);
+                let full = bytes >= this.max_bytes || envelopes.len() >= this.max_envelopes;
+                let queued = if full {
+                    Poll::Ready(true)
+                } else {
+                    this.fill_queued(cx, &mut envelopes, &mut bytes)
+                };
+                (queued, streams)
             } else {
-                Vec::new()
+                let queued = this.fill_queued(cx, &mut envelopes, &mut bytes);
+                let full = bytes >= this.max_bytes || envelopes.len() >= this.max_envelopes;
+                let streams = if full {
+                    Poll::Ready(())
+                } else {
+                    this.fill_streams(cx, &mut envelopes, &mut bytes)
+                };
+                (queued, streams)
             };
-            let mut now = None;
-            let mut envelopes = Vec::with_capacity(this.buf.len());
-            for item in this.buf.drain(..) {
-                match item.deadline {
-                    Some(d) if d <= *now.get_or_insert_with(Instant::now) => {
-                        this.peer.expire(item, &this.stats)
-                    }
-                    _ => envelopes.push(item.env),
-                }
+            if let Poll::Ready(false) = queued {
+                return Poll::Ready(None);
             }
-            this.buf = rest;
             if !envelopes.is_empty() {
                 return Poll::Ready(Some(Batch { envelopes }));
             }
-            // Everything taken had expired: look again.
+            if queued.is_pending() && streams.is_pending() {
+                // Graceful close: end only once nothing is left to write.
+                if this.close.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(None);
+                }
+                return Poll::Pending;
+            }
+            // Everything taken had expired, or a stream had nothing left to say: look again.
         }
     }
 }

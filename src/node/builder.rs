@@ -14,6 +14,7 @@ use crate::hash::FastMap;
 use crate::membership::{Discovery, MemoryDiscovery};
 use crate::message::{self, Cmd, MessageContext, MsgHandlers};
 use crate::rpc::{CallContext, Replyer, RpcHandler};
+use crate::stream::Stream;
 
 /// Builds a [`Node`]. Handlers are registered here, before the node starts; a duplicate
 /// registration makes [`Node::start`] fail with a configuration error naming it.
@@ -39,6 +40,7 @@ pub struct NodeBuilder {
     listener: Option<std::net::TcpListener>,
     rpcs: FastMap<String, RpcHandler>,
     messages: MsgHandlers,
+    stream_handler: Option<super::streams::StreamHandler>,
     duplicates: Vec<String>,
 }
 
@@ -61,6 +63,7 @@ impl NodeBuilder {
             listener: None,
             rpcs: FastMap::default(),
             messages: MsgHandlers::default(),
+            stream_handler: None,
             duplicates: Vec::new(),
         }
     }
@@ -146,6 +149,38 @@ impl NodeBuilder {
         self
     }
 
+    /// Accepts streams other nodes open to this one: `handler` runs as its own task for each
+    /// accepted [`Stream`], which carries the opener's address and metadata. Without it,
+    /// opens to this node are refused at once. The node's shutdown waits up to its grace
+    /// period for open streams to close, then resets the rest.
+    ///
+    /// ```no_run
+    /// # fn demo(builder: clustergo::NodeBuilder) -> clustergo::NodeBuilder {
+    /// use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    /// builder.on_stream(|mut stream| async move {
+    ///     // Echo until the peer half-closes, then close our side.
+    ///     let mut buf = vec![0; 4096];
+    ///     while let Ok(n @ 1..) = stream.read(&mut buf).await {
+    ///         if stream.write_all(&buf[..n]).await.is_err() {
+    ///             return;
+    ///         }
+    ///     }
+    ///     let _ = stream.shutdown().await;
+    /// })
+    /// # }
+    /// ```
+    pub fn on_stream<F, Fut>(mut self, handler: F) -> Self
+    where
+        F: Fn(Stream) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        if self.stream_handler.is_some() {
+            self.duplicates.push("stream handler".into());
+        }
+        self.stream_handler = Some(Arc::new(move |s| Box::pin(handler(s))));
+        self
+    }
+
     /// Builds the node. It does nothing until [`Node::start`].
     pub fn build(self) -> Node {
         let discovery = self
@@ -159,6 +194,7 @@ impl NodeBuilder {
                 self.listener,
                 self.rpcs,
                 self.messages,
+                self.stream_handler,
                 self.duplicates,
             ),
         }

@@ -67,6 +67,22 @@ impl Deliver for Inner {
                 oversize(m.payload.len())?;
                 self.handle_message(peer.addr, m);
             }
+            Some(
+                body @ (Body::Open(_)
+                | Body::Accept(_)
+                | Body::Data(_)
+                | Body::Window(_)
+                | Body::Close(_)),
+            ) => {
+                match &body {
+                    Body::Data(d) => oversize(d.data.len())?,
+                    Body::Open(o) => {
+                        oversize(o.meta.iter().map(|m| m.key.len() + m.value.len() + 4).sum())?
+                    }
+                    _ => {}
+                }
+                self.deliver_stream(peer, body);
+            }
             None => Stats::incr(&self.stats.envelopes_misaddressed),
         }
         Ok(())
@@ -190,7 +206,9 @@ mod tests {
             .rpc_with_replyer("m", |_, p, r| r.reply(Ok(p)))
             .on_cmd(crate::Cmd(1), |_, _| {})
             .build();
-        (node.inner_arc(), Peer::new(peer_addr, 64))
+        let inner = node.inner_arc();
+        let peer = inner.new_peer(peer_addr);
+        (inner, peer)
     }
 
     fn envelope(to: u32, from: u32, body: u8, id: u64, text: String, payload: Vec<u8>) -> Envelope {

@@ -20,6 +20,7 @@ use crate::message::MsgHandlers;
 use crate::proto::{Envelope, envelope::Body};
 use crate::rpc::{RpcHandler, ServerShared};
 use crate::stats::Stats;
+use crate::stream::{self, Live};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -51,6 +52,7 @@ pub(crate) struct Inner {
     pub(crate) incarnation: u64,
     pub(crate) rpcs: FastMap<String, RpcHandler>,
     pub(crate) messages: MsgHandlers,
+    pub(crate) stream_handler: Option<super::streams::StreamHandler>,
     pub(crate) duplicates: Vec<String>,
     pub(crate) discovery: Arc<dyn Discovery>,
     phase: AtomicU8,
@@ -59,6 +61,8 @@ pub(crate) struct Inner {
     pub(crate) self_peer: Arc<Peer>,
     pub(crate) server: Arc<ServerShared>,
     pub(crate) stats: Arc<Stats>,
+    /// Streams open on all peers; shutdown waits for them to close.
+    pub(crate) live_streams: Arc<Live>,
     next_id: AtomicU64,
     pub(crate) next_gen: AtomicU64,
     /// Cancelled last in shutdown: ends every task and link.
@@ -87,6 +91,7 @@ impl Inner {
         listener: Option<std::net::TcpListener>,
         rpcs: FastMap<String, RpcHandler>,
         messages: MsgHandlers,
+        stream_handler: Option<super::streams::StreamHandler>,
         duplicates: Vec<String>,
     ) -> Arc<Self> {
         let (secret, dev_secret) = config.resolve_secret();
@@ -106,15 +111,25 @@ impl Inner {
             runtime: OnceLock::new(),
             cancel: root.clone(),
         });
+        let live_streams = Arc::new(Live {
+            stats: stats.clone(),
+            idle: Notify::new(),
+        });
         Arc::new(Inner {
             addr,
-            self_peer: Peer::new(addr, config.peer_queue.max(1)),
+            self_peer: Peer::new(
+                addr,
+                config.peer_queue.max(1),
+                stream::Table::new(live_streams.clone(), 0),
+            ),
+            live_streams,
             config,
             secret,
             dev_secret,
             incarnation: fastrand::u64(1..),
             rpcs,
             messages,
+            stream_handler,
             duplicates,
             discovery,
             phase: AtomicU8::new(Phase::Created as u8),
@@ -216,10 +231,16 @@ impl Inner {
             });
         }
         let mut peers = self.peers.write().unwrap_or_else(|e| e.into_inner());
-        Ok(peers
-            .entry(to)
-            .or_insert_with(|| Peer::new(to, self.config.peer_queue))
-            .clone())
+        Ok(peers.entry(to).or_insert_with(|| self.new_peer(to)).clone())
+    }
+
+    /// A fresh slot for peer `addr`.
+    pub(crate) fn new_peer(&self, addr: LogicAddr) -> Arc<Peer> {
+        Peer::new(
+            addr,
+            self.config.peer_queue,
+            stream::Table::new(self.live_streams.clone(), self.config.max_streams),
+        )
     }
 
     pub(crate) fn envelope(&self, to: LogicAddr, body: Body) -> Envelope {

@@ -268,6 +268,9 @@ impl Inner {
                 break;
             }
         }
+        // Streams close within the same grace period; the rest are reset (the resets are
+        // written before the links close, below).
+        self.close_streams(grace_end).await;
         // Close links once their queues (replies included) are written.
         let peers: Vec<_> = self
             .peers

@@ -357,7 +357,7 @@ impl Inner {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .entry(hello.from)
-            .or_insert_with(|| Peer::new(hello.from, self.config.peer_queue))
+            .or_insert_with(|| self.new_peer(hello.from))
             .clone();
         let mut st = peer.state();
         let smaller = self.addr < hello.from;

@@ -5,6 +5,7 @@ mod dispatch;
 mod inner;
 mod lifecycle;
 mod links;
+mod streams;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,12 +17,14 @@ pub use builder::NodeBuilder;
 use inner::{Inner, Phase};
 
 use crate::addr::LogicAddr;
+use crate::error::StreamError;
 use crate::error::{ErrorCode, RpcError, SelectError, StartError};
 use crate::link::{Outbound, Outcome, Peer};
 use crate::membership::Member;
 use crate::message::Cmd;
 use crate::proto::{self, envelope::Body, message::Kind};
 use crate::stats::StatsSnapshot;
+use crate::stream::{Stream, StreamMeta};
 
 /// A node of the mesh: one logical address, one listener, links to the peers it talks to.
 ///
@@ -412,6 +415,32 @@ impl Node {
             kind: Some(Kind::TypeName(name)),
             payload,
         }))
+    }
+
+    /// Opens a byte stream to `to`, whose node must accept streams
+    /// ([`NodeBuilder::on_stream`]). Waits for the peer to accept, dialing first if need be,
+    /// up to [`NodeConfig::stream_open_timeout`](crate::NodeConfig::stream_open_timeout).
+    ///
+    /// Fails with [`StreamError::ToSelf`] for this node's own address,
+    /// [`StreamError::NoRoute`] for an address not in membership,
+    /// [`StreamError::Refused`] when the peer has no stream handler or too many streams,
+    /// [`StreamError::TooMany`] at this node's own limit
+    /// ([`NodeConfig::max_streams`](crate::NodeConfig::max_streams)), and with the link's
+    /// failure ([`StreamError::PeerLost`], [`StreamError::Refused`]) when the peer cannot be
+    /// reached.
+    pub async fn open_stream(&self, to: LogicAddr) -> Result<Stream, StreamError> {
+        self.inner.open_stream(to, StreamMeta::new()).await
+    }
+
+    /// Like [`Node::open_stream`], sending `meta` (e.g. the client's transport and address) to
+    /// the accepting side, where [`Stream::metadata`] returns it. The metadata counts against
+    /// [`NodeConfig::max_envelope`](crate::NodeConfig::max_envelope).
+    pub async fn open_stream_with(
+        &self,
+        to: LogicAddr,
+        meta: StreamMeta,
+    ) -> Result<Stream, StreamError> {
+        self.inner.open_stream(to, meta).await
     }
 
     /// A random available node of `node_type` among those this node sees (its cluster and

@@ -1,0 +1,224 @@
+//! Streams on the node: opening, accepting, delivering stream envelopes, closing at shutdown.
+
+use std::sync::Arc;
+
+use tokio::time::Instant;
+
+use super::inner::{Inner, Phase};
+use crate::addr::LogicAddr;
+use crate::error::{ErrorCode, StreamError};
+use crate::link::{Outbound, Peer};
+use crate::proto::{self, envelope::Body};
+use crate::stats::Stats;
+use crate::stream::{self, AddError, Init, Shared, Stream, StreamMeta};
+
+/// The accept handler registered with [`NodeBuilder::on_stream`](crate::NodeBuilder::on_stream).
+pub(crate) type StreamHandler = Arc<
+    dyn Fn(Stream) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send + Sync,
+>;
+
+impl Inner {
+    pub(crate) async fn open_stream(
+        self: &Arc<Self>,
+        to: LogicAddr,
+        meta: StreamMeta,
+    ) -> Result<Stream, StreamError> {
+        let link = |e| StreamError::from_link(e, to);
+        self.check_running().map_err(link)?;
+        if to == self.addr {
+            return Err(StreamError::ToSelf { node: self.addr });
+        }
+        let size = meta.size();
+        if size > self.config.max_envelope {
+            return Err(StreamError::TooLarge {
+                size,
+                limit: self.config.max_envelope,
+            });
+        }
+        let peer = self.peer_for(to).map_err(link)?;
+        self.ensure_link(&peer).map_err(link)?;
+        let (shared, accepted) = peer
+            .streams
+            .add_opened(|id| {
+                Shared::opening(Init {
+                    id,
+                    opened_here: true,
+                    local: self.addr,
+                    remote: to,
+                    meta,
+                    peer: Arc::downgrade(&peer),
+                    chunk: self.config.stream_buffer,
+                    window: self.config.stream_window,
+                    credit: 0,
+                })
+            })
+            .map_err(|e| match e {
+                AddError::Full { limit } => StreamError::TooMany { peer: to, limit },
+                // Numbers opened here are unique.
+                AddError::Duplicate => StreamError::PeerLost {
+                    peer: to,
+                    cause: "stream number reused".into(),
+                },
+            })?;
+        peer.streams.push_ready(shared.clone());
+        self.after_enqueue(&peer);
+        let timeout = self.config.stream_open_timeout;
+        match tokio::time::timeout(timeout, accepted).await {
+            Ok(Ok(Ok(()))) => {
+                Stats::incr(&self.stats.streams_opened);
+                Ok(Stream::new(shared))
+            }
+            Ok(Ok(Err(e))) => Err(e),
+            // The stream keeps its sender until it ends, and ending sends the outcome.
+            Ok(Err(_)) => Err(StreamError::PeerLost {
+                peer: to,
+                cause: "the open was abandoned".into(),
+            }),
+            Err(_) => {
+                shared.abort(
+                    ErrorCode::TIMEOUT,
+                    format!("open not answered within {timeout:?}"),
+                );
+                Err(StreamError::Timeout { to, after: timeout })
+            }
+        }
+    }
+
+    /// Hands a stream envelope from `peer` to its stream.
+    pub(crate) fn deliver_stream(&self, peer: &Arc<Peer>, body: Body) {
+        let find = |id: u64, to_opener: bool| {
+            let found = peer.streams.get(stream::key(id, to_opener));
+            if found.is_none() {
+                // Closed or reset here meanwhile: what was in flight is moot.
+                Stats::incr(&self.stats.stream_envelopes_unknown);
+            }
+            found
+        };
+        match body {
+            Body::Open(o) => self.accept_stream(peer, o.id, o.window, o.meta),
+            Body::Accept(a) => {
+                if let Some(s) = find(a.id, true) {
+                    s.on_accept(a.window)
+                }
+            }
+            Body::Data(d) => {
+                if let Some(s) = find(d.id, d.to_opener) {
+                    s.on_data(d.data, d.fin)
+                }
+            }
+            Body::Window(w) => {
+                if let Some(s) = find(w.id, w.to_opener) {
+                    s.on_window(w.credit)
+                }
+            }
+            Body::Close(c) => {
+                if let Some(s) = find(c.id, c.to_opener) {
+                    Stats::incr(&self.stats.streams_reset);
+                    s.on_close(ErrorCode(c.code), c.reason);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn accept_stream(&self, peer: &Arc<Peer>, id: u64, window: u32, meta: Vec<proto::StreamMeta>) {
+        let refuse = |code: ErrorCode, reason: String| {
+            Stats::incr(&self.stats.streams_refused);
+            tracing::debug!(peer = %peer.addr, id, reason, "stream refused");
+            let env = self.envelope(
+                peer.addr,
+                Body::Close(proto::StreamClose {
+                    id,
+                    to_opener: true,
+                    code: code.0,
+                    reason,
+                }),
+            );
+            // A full queue drops the refusal; the opener's open timeout ends its wait.
+            let _ = peer.try_enqueue(Outbound {
+                env,
+                deadline: None,
+            });
+        };
+        let Some(handler) = &self.stream_handler else {
+            return refuse(
+                ErrorCode::REFUSED,
+                format!("{} accepts no streams (no stream handler)", self.addr),
+            );
+        };
+        if self.phase() != Phase::Running {
+            return refuse(
+                ErrorCode::SHUTDOWN,
+                format!("{} is shutting down", self.addr),
+            );
+        }
+        let shared = Shared::accepting(Init {
+            id,
+            opened_here: false,
+            local: self.addr,
+            remote: peer.addr,
+            meta: StreamMeta::from_wire(meta),
+            peer: Arc::downgrade(peer),
+            chunk: self.config.stream_buffer,
+            window: self.config.stream_window,
+            credit: u64::from(window),
+        });
+        match peer.streams.add_accepted(&shared) {
+            Ok(()) => {}
+            Err(AddError::Full { limit }) => {
+                return refuse(
+                    ErrorCode::REFUSED,
+                    format!(
+                        "too many streams between {} and {} (limit {limit})",
+                        self.addr, peer.addr
+                    ),
+                );
+            }
+            Err(AddError::Duplicate) => {
+                // The peer reused a number still open: a bug on its side. The open stream
+                // stays; the duplicate is dropped.
+                Stats::incr(&self.stats.stream_envelopes_unknown);
+                tracing::warn!(peer = %peer.addr, id, "stream open reuses an open stream's number; dropped");
+                return;
+            }
+        }
+        Stats::incr(&self.stats.streams_accepted);
+        peer.streams.push_ready(shared.clone());
+        let task = handler(Stream::new(shared));
+        let span = tracing::debug_span!("stream", node = %self.addr, peer = %peer.addr, id);
+        self.tracker
+            .spawn(tracing::Instrument::instrument(task, span));
+    }
+
+    /// Shutdown: waits until every stream has closed, up to `grace_end`, then resets the rest.
+    pub(crate) async fn close_streams(&self, grace_end: Instant) {
+        loop {
+            let idle = self.live_streams.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            let n = self.live_streams.active();
+            if n == 0 {
+                return;
+            }
+            if tokio::time::timeout_at(grace_end, idle).await.is_err() {
+                tracing::warn!(node = %self.addr, streams = n, "grace period over with streams open; resetting them");
+                break;
+            }
+        }
+        let peers: Vec<_> = self
+            .peers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for peer in peers {
+            for stream in peer.streams.all() {
+                stream.abort(
+                    ErrorCode::SHUTDOWN,
+                    format!("{} is shutting down", self.addr),
+                );
+            }
+        }
+    }
+}

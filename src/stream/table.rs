@@ -1,0 +1,180 @@
+//! The streams between this node and one peer, and the queue of those with something to send.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use futures_util::task::AtomicWaker;
+use tokio::sync::Notify;
+
+use super::shared::Shared;
+use crate::error::StreamError;
+use crate::hash::FastMap;
+use crate::stats::Stats;
+
+/// Node-wide: how many streams are open, and a signal when that reaches zero (shutdown waits
+/// for it).
+#[derive(Debug)]
+pub(crate) struct Live {
+    pub(crate) stats: Arc<Stats>,
+    pub(crate) idle: Notify,
+}
+
+impl Live {
+    pub(crate) fn active(&self) -> u64 {
+        self.stats.streams_active.load(Ordering::Acquire)
+    }
+}
+
+/// Why a stream could not be added.
+#[derive(Debug)]
+pub(crate) enum AddError {
+    Full { limit: usize },
+    Duplicate,
+}
+
+pub(crate) struct Table {
+    streams: Mutex<Streams>,
+    /// Streams with something to send, each at most once (its `queued` flag), so the queue
+    /// never holds more entries than there are streams: bounded by `max_streams` plus streams
+    /// that just ended and wait to send their last envelope.
+    ready: Mutex<VecDeque<Arc<Shared>>>,
+    /// The writer of the link that is up, waiting for a ready stream.
+    writer: AtomicWaker,
+    live: Arc<Live>,
+    max: usize,
+}
+
+#[derive(Default)]
+struct Streams {
+    map: FastMap<u64, Arc<Shared>>,
+    next_id: u64,
+}
+
+impl std::fmt::Debug for Table {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Table")
+            .field("streams", &self.lock().map.len())
+            .field("max", &self.max)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Table {
+    pub(crate) fn new(live: Arc<Live>, max: usize) -> Self {
+        Table {
+            streams: Mutex::new(Streams {
+                map: FastMap::default(),
+                next_id: 1,
+            }),
+            ready: Mutex::new(VecDeque::new()),
+            writer: AtomicWaker::new(),
+            live,
+            max,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Streams> {
+        self.streams.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds a stream this node opens, numbered here.
+    pub(crate) fn add_opened<T>(
+        &self,
+        make: impl FnOnce(u64) -> (Arc<Shared>, T),
+    ) -> Result<(Arc<Shared>, T), AddError> {
+        let mut s = self.lock();
+        if s.map.len() >= self.max {
+            return Err(AddError::Full { limit: self.max });
+        }
+        let id = s.next_id;
+        s.next_id += 1;
+        let (stream, extra) = make(id);
+        s.map.insert(stream.key(), stream.clone());
+        self.live
+            .stats
+            .streams_active
+            .fetch_add(1, Ordering::AcqRel);
+        Ok((stream, extra))
+    }
+
+    /// Adds a stream the peer opened.
+    pub(crate) fn add_accepted(&self, stream: &Arc<Shared>) -> Result<(), AddError> {
+        let mut s = self.lock();
+        if s.map.contains_key(&stream.key()) {
+            return Err(AddError::Duplicate);
+        }
+        if s.map.len() >= self.max {
+            return Err(AddError::Full { limit: self.max });
+        }
+        s.map.insert(stream.key(), stream.clone());
+        self.live
+            .stats
+            .streams_active
+            .fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    pub(crate) fn get(&self, key: u64) -> Option<Arc<Shared>> {
+        self.lock().map.get(&key).cloned()
+    }
+
+    /// Takes `stream` out (if it is still the one under its key).
+    pub(crate) fn remove(&self, stream: &Arc<Shared>) {
+        let mut s = self.lock();
+        let key = stream.key();
+        if s.map.get(&key).is_some_and(|x| Arc::ptr_eq(x, stream)) {
+            s.map.remove(&key);
+            drop(s);
+            self.forget_one();
+        }
+    }
+
+    fn forget_one(&self) {
+        if self
+            .live
+            .stats
+            .streams_active
+            .fetch_sub(1, Ordering::AcqRel)
+            == 1
+        {
+            self.live.idle.notify_waiters();
+        }
+    }
+
+    /// Every stream open now.
+    pub(crate) fn all(&self) -> Vec<Arc<Shared>> {
+        self.lock().map.values().cloned().collect()
+    }
+
+    /// Fails every stream (the link went down, the peer left, the node shut down).
+    pub(crate) fn fail_all(&self, error: &StreamError) {
+        // Stale entries may stay on the ready queue: a failed stream pulls nothing.
+        let streams: Vec<_> = {
+            let mut s = self.lock();
+            s.map.drain().map(|(_, v)| v).collect()
+        };
+        for stream in streams {
+            self.forget_one();
+            stream.fail(error.clone());
+        }
+    }
+
+    pub(crate) fn push_ready(&self, stream: Arc<Shared>) {
+        self.ready
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back(stream);
+        self.writer.wake();
+    }
+
+    /// The next stream with something to send; registers `cx` to be woken when one arrives.
+    pub(crate) fn pop_ready(&self, cx: &std::task::Context<'_>) -> Option<Arc<Shared>> {
+        let mut ready = self.ready.lock().unwrap_or_else(|e| e.into_inner());
+        if ready.is_empty() {
+            // Registered under the lock: a push after this check wakes us.
+            self.writer.register(cx.waker());
+        }
+        ready.pop_front()
+    }
+}

@@ -1,0 +1,612 @@
+//! Streams between real nodes on loopback: echo, many streams at once, a large transfer,
+//! half-close, flow control isolation, typed errors, resets, limits and shutdown.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clustergo::{
+    ErrorCode, HandlerError, NodeBuilder, NodeConfig, Stream, StreamError, StreamMeta,
+};
+use sha2::{Digest, Sha256};
+use support::{Cluster, a, test_config, within};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+/// Echoes every stream until the opener half-closes, then closes its side.
+fn echo(b: NodeBuilder) -> NodeBuilder {
+    b.on_stream(|stream| async move {
+        let (mut r, mut w) = stream.into_split();
+        if tokio::io::copy(&mut r, &mut w).await.is_ok() {
+            let _ = w.shutdown().await;
+        }
+    })
+}
+
+/// Bytes of a deterministic pattern, distinct per `seed`.
+struct Pattern(u64);
+
+impl Pattern {
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            // xorshift64
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            let bytes = self.0.to_le_bytes();
+            chunk.copy_from_slice(&bytes[..chunk.len()]);
+        }
+    }
+}
+
+async fn write_pattern(w: &mut (impl AsyncWrite + Unpin), seed: u64, len: usize, step: usize) {
+    let mut p = Pattern(seed);
+    let mut buf = vec![0; step];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(step);
+        p.fill(&mut buf[..n]);
+        w.write_all(&buf[..n]).await.unwrap();
+        left -= n;
+    }
+    w.shutdown().await.unwrap();
+}
+
+/// Reads to EOF and checks every byte against the pattern; returns the bytes read.
+async fn check_pattern(r: &mut (impl AsyncRead + Unpin), seed: u64, step: usize) -> usize {
+    let mut p = Pattern(seed);
+    let mut got = vec![0; step];
+    let mut want = vec![0; step];
+    let mut total = 0;
+    loop {
+        // Read exactly `step` bytes (or up to EOF) so the pattern stays aligned.
+        let mut n = 0;
+        while n < step {
+            match r.read(&mut got[n..]).await.unwrap() {
+                0 => break,
+                k => n += k,
+            }
+        }
+        if n == 0 {
+            return total;
+        }
+        p.fill(&mut want[..n]);
+        assert!(
+            got[..n] == want[..n],
+            "stream {seed}: bytes differ after {total}"
+        );
+        total += n;
+        if n < step {
+            return total;
+        }
+    }
+}
+
+#[tokio::test]
+async fn echo_on_one_stream_with_metadata() {
+    support::init_tracing();
+    let mut c = Cluster::new(&["1.1.1", "1.1.2"]);
+    let (meta_tx, mut meta_rx) = mpsc::channel(1);
+    let server = c
+        .start("1.1.2", |b| {
+            b.on_stream(move |mut stream: Stream| {
+                let meta_tx = meta_tx.clone();
+                async move {
+                    let _ = meta_tx
+                        .send((
+                            stream.peer(),
+                            stream.id(),
+                            stream.is_opener(),
+                            stream.metadata().clone(),
+                        ))
+                        .await;
+                    let mut buf = [0; 64];
+                    while let Ok(n @ 1..) = stream.read(&mut buf).await {
+                        stream.write_all(&buf[..n]).await.unwrap();
+                    }
+                    stream.shutdown().await.unwrap();
+                }
+            })
+        })
+        .await;
+    let client = c.start("1.1.1", |b| b).await;
+
+    let meta = StreamMeta::new()
+        .with("transport", "websocket")
+        .with("client", "203.0.113.7:51234")
+        .with("note", "ünïcödé, = and ; kept");
+    let mut s = within(client.open_stream_with(server.addr(), meta.clone()))
+        .await
+        .unwrap();
+    assert_eq!(s.peer(), server.addr());
+    assert!(s.is_opener());
+    let (from, id, opener_there, got) = within(meta_rx.recv()).await.unwrap();
+    assert_eq!(from, client.addr());
+    assert_eq!(id, s.id());
+    assert_eq!(id.opener, client.addr());
+    assert!(!opener_there);
+    assert_eq!(got, meta);
+    assert_eq!(got.get("transport"), Some("websocket"));
+
+    for round in 0..100u32 {
+        let msg = format!("ping {round}");
+        s.write_all(msg.as_bytes()).await.unwrap();
+        let mut back = vec![0; msg.len()];
+        within(s.read_exact(&mut back)).await.unwrap();
+        assert_eq!(back, msg.as_bytes());
+    }
+    s.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    within(s.read_to_end(&mut rest)).await.unwrap();
+    assert!(rest.is_empty());
+    drop(s);
+    assert!(
+        within(async {
+            while client.stats().streams_active + server.stats().streams_active > 0 {
+                tokio::task::yield_now().await;
+            }
+            true
+        })
+        .await
+    );
+    assert_eq!(client.stats().streams_opened, 1);
+    assert_eq!(server.stats().streams_accepted, 1);
+    assert_eq!(
+        server.stats().streams_reset,
+        0,
+        "a clean close sends no reset"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_streams_each_echo_a_distinct_mib() {
+    support::init_tracing();
+    let mut c = Cluster::new(&["1.1.1", "1.1.2"]);
+    let server = c.start("1.1.2", echo).await;
+    let client = c.start("1.1.1", |b| b).await;
+    const STREAMS: u64 = 1000;
+    const LEN: usize = 1 << 20;
+    let mut tasks = tokio::task::JoinSet::new();
+    for seed in 1..=STREAMS {
+        let client = client.clone();
+        let to = server.addr();
+        tasks.spawn(async move {
+            let s = client.open_stream(to).await.unwrap();
+            let (mut r, mut w) = s.into_split();
+            let writer =
+                tokio::spawn(async move { write_pattern(&mut w, seed, LEN, 16 << 10).await });
+            let n = check_pattern(&mut r, seed, 16 << 10).await;
+            writer.await.unwrap();
+            assert_eq!(n, LEN, "stream {seed} echoed {n} bytes");
+        });
+    }
+    let all = async {
+        while let Some(r) = tasks.join_next().await {
+            r.unwrap();
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(120), all)
+        .await
+        .expect("1000 streams of 1 MiB did not finish in 120 s");
+    assert_eq!(client.stats().streams_opened, STREAMS);
+    assert_eq!(server.stats().streams_accepted, STREAMS);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_256_mib_transfer_arrives_whole() {
+    support::init_tracing();
+    let mut c = Cluster::new(&["1.1.1", "1.1.2"]);
+    // The receiver hashes everything up to EOF and answers with the digest.
+    let server = c
+        .start("1.1.2", |b| {
+            b.on_stream(|mut s| async move {
+                let mut hash = Sha256::new();
+                let mut buf = vec![0; 64 << 10];
+                let mut total = 0u64;
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            hash.update(&buf[..n]);
+                            total += n as u64;
+                        }
+                        Err(_) => return,
+                    }
+                }
+                s.write_all(&total.to_be_bytes()).await.unwrap();
+                s.write_all(&hash.finalize()).await.unwrap();
+                s.shutdown().await.unwrap();
+            })
+        })
+        .await;
+    let client = c.start("1.1.1", |b| b).await;
+    const LEN: usize = 256 << 20;
+    let mut s = within(client.open_stream(server.addr())).await.unwrap();
+    let mut sent = Sha256::new();
+    let transfer = async {
+        let mut p = Pattern(42);
+        let mut buf = vec![0; 64 << 10];
+        for _ in 0..LEN / buf.len() {
+            p.fill(&mut buf);
+            sent.update(&buf);
+            s.write_all(&buf).await.unwrap();
+        }
+        s.shutdown().await.unwrap();
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer).await.unwrap();
+        answer
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(120), transfer)
+        .await
+        .expect("256 MiB did not arrive within 120 s");
+    assert_eq!(answer.len(), 8 + 32);
+    assert_eq!(
+        u64::from_be_bytes(answer[..8].try_into().unwrap()),
+        LEN as u64
+    );
+    assert_eq!(
+        &answer[8..],
+        &sent.finalize()[..],
+        "hash of what arrived differs"
+    );
+}
+
+#[tokio::test]
+async fn half_close_reader_sees_eof_after_every_byte_and_writes_back() {
+    support::init_tracing();
+    let mut c = Cluster::new(&["1.1.1", "1.1.2"]);
+    let server = c
+        .start("1.1.2", |b| {
+            b.on_stream(|mut s| async move {
+                let mut all = Vec::new();
+                s.read_to_end(&mut all).await.unwrap();
+                // The opener has half-closed; this side can still write.
+                let reply = format!("got {} bytes, last {:?}", all.len(), all.last());
+                s.write_all(reply.as_bytes()).await.unwrap();
+                s.shutdown().await.unwrap();
+            })
+        })
+        .await;
+    let client = c.start("1.1.1", |b| b).await;
+    let mut s = within(client.open_stream(server.addr())).await.unwrap();
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    s.write_all(&data).await.unwrap();
+    s.shutdown().await.unwrap();
+    // Writing after shutdown is an error naming it.
+    let e = s.write_all(b"late").await.unwrap_err();
+    assert!(
+        matches!(StreamError::from_io(&e), Some(StreamError::Finished { .. })),
+        "{e}"
+    );
+    let mut reply = String::new();
+    within(s.read_to_string(&mut reply)).await.unwrap();
+    assert_eq!(
+        reply,
+        format!("got 300000 bytes, last Some({})", 299_999 % 251)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_stops_stalls_only_its_own_stream() {
+    support::init_tracing();
+    const WINDOW: u32 = 64 << 10;
+    const BUFFER: usize = 16 << 10;
+    let mut c = Cluster::new(&["1.1.1", "1.1.2"]);
+    let (held_tx, mut held_rx) = mpsc::channel::<Stream>(4);
+    let config = || test_config().stream_window(WINDOW).stream_buffer(BUFFER);
+    let server = c
+        .start("1.1.2", |b| {
+            b.config(config())
+                .rpc("ping", |_, p| async move { Ok::<_, HandlerError>(p) })
+                .on_stream(move |s: Stream| {
+                    let held_tx = held_tx.clone();
+                    async move {
+                        if s.metadata().get("mode") == Some("stall") {
+                            // Keep the stream, never read it.
+                            let _ = held_tx.send(s).await;
+                            return;
+                        }
+                        let (mut r, mut w) = s.into_split();
+                        if tokio::io::copy(&mut r, &mut w).await.is_ok() {
+                            let _ = w.shutdown().await;
+                        }
+                    }
+                })
+        })
+        .await;
+    let client = c.start("1.1.1", |b| b.config(config())).await;
+    let mut stalled =
+        within(client.open_stream_with(server.addr(), StreamMeta::new().with("mode", "stall")))
+            .await
+            .unwrap();
+    let held = within(held_rx.recv()).await.unwrap();
+
+    // Write until a write stops completing: the writer is held at the window.
+    let chunk = vec![9u8; 4096];
+    let mut written = 0usize;
+    loop {
+        match tokio::time::timeout(Duration::from_millis(300), stalled.write(&chunk)).await {
+            Ok(Ok(n)) => written += n,
+            Ok(Err(e)) => panic!("write failed: {e}"),
+            Err(_) => break,
+        }
+        assert!(written <= 8 << 20, "the writer was never held back");
+    }
+    // Held at exactly the receiver's window: it buffers no more than that.
+    assert_eq!(
+        written, WINDOW as usize,
+        "writer stopped after {written} bytes"
+    );
+
+    // Meanwhile another stream and RPC on the same link work normally.
+    let mut other = within(client.open_stream(server.addr())).await.unwrap();
+    let (mut r, mut w) = tokio::io::split(&mut other);
+    let echo = async {
+        let writer = async { write_pattern(&mut w, 7, 2 << 20, 8192).await };
+        let reader = check_pattern(&mut r, 7, 8192);
+        let ((), n) = tokio::join!(writer, reader);
+        n
+    };
+    assert_eq!(within(echo).await, 2 << 20);
+    for i in 0..50u32 {
+        let p = Bytes::from(i.to_be_bytes().to_vec());
+        assert_eq!(
+            within(client.call(server.addr(), "ping", p.clone()))
+                .await
+                .unwrap(),
+            p
+        );
+    }
+
+    // Once the reader drains, the stalled writer finishes.
+    let drain = tokio::spawn(async move {
+        let (mut r, _w) = held.into_split();
+        let mut sink = Vec::new();
+        let _ = r.read_to_end(&mut sink).await;
+        sink.len()
+    });
+    let rest = vec![1u8; 256 << 10];
+    within(stalled.write_all(&rest)).await.unwrap();
+    within(stalled.shutdown()).await.unwrap();
+    assert_eq!(within(drain).await.unwrap(), written + rest.len());
+}
+
+#[tokio::test]
+async fn opens_that_cannot_succeed_fail_quickly_with_their_reason() {
+    support::init_tracing();
+    let mut c = Cluster::new(&["1.1.1", "1.1.2", "1.1.3"]);
+    let plain = c.start("1.1.2", |b| b).await;
+    let client = c.start("1.1.1", echo).await;
+    let quick = Duration::from_secs(1);
+
+    let t = Instant::now();
+    let e = within(client.open_stream(plain.addr())).await.unwrap_err();
+    assert!(t.elapsed() < quick, "refusal took {:?}", t.elapsed());
+    match &e {
+        StreamError::Refused { peer, reason } => {
+            assert_eq!(*peer, plain.addr());
+            assert!(reason.contains("accepts no streams"), "{reason}");
+        }
+        other => panic!("expected Refused, got {other:?}"),
+    }
+    assert_eq!(plain.stats().streams_refused, 1);
+
+    let t = Instant::now();
+    let e = within(client.open_stream(client.addr())).await.unwrap_err();
+    assert_eq!(
+        e,
+        StreamError::ToSelf {
+            node: client.addr()
+        }
+    );
+    assert!(t.elapsed() < quick);
+    assert!(e.to_string().contains("cannot open a stream to itself"));
+
+    let t = Instant::now();
+    let e = within(client.open_stream(a("1.1.9"))).await.unwrap_err();
+    assert!(
+        matches!(&e, StreamError::NoRoute { to, .. } if *to == a("1.1.9")),
+        "{e:?}"
+    );
+    assert!(t.elapsed() < quick);
+
+    // Listed in membership, but nothing listens there: the dial fails, named.
+    let t = Instant::now();
+    let e = within(client.open_stream(a("1.1.3"))).await.unwrap_err();
+    assert!(
+        matches!(&e, StreamError::PeerLost { peer, .. } if *peer == a("1.1.3")),
+        "{e:?}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        t.elapsed()
+    );
+
+    // Other clusters need a harbor route.
+    let e = within(client.open_stream(a("2.1.1"))).await.unwrap_err();
+    assert!(matches!(e, StreamError::NoRoute { .. }), "{e:?}");
+}
+
+#[tokio::test]
+async fn reset_and_early_drop_reach_the_peer_as_reset() {
+    support::init_tracing();
+    let mut c = Cluster::new(&["1.1.1", "1.1.2"]);
+    let (tx, mut rx) = mpsc::channel::<std::io::Error>(4);
+    let server = c
+        .start("1.1.2", |b| {
+            b.on_stream(move |mut s: Stream| {
+                let tx = tx.clone();
+                async move {
+                    let mut buf = [0; 16];
+                    // Read until the opener resets or drops the stream.
+                    let e = loop {
+                        match s.read(&mut buf).await {
+                            Ok(0) => panic!("EOF instead of a reset"),
+                            Ok(_) => {}
+                            Err(e) => break e,
+                        }
+                    };
+                    let _ = tx.send(e).await;
+                }
+            })
+        })
+        .await;
+    let client = c.start("1.1.1", |b| b).await;
+
+    let mut s = within(client.open_stream(server.addr())).await.unwrap();
+    s.write_all(b"hello").await.unwrap();
+    s.reset("player kicked");
+    let e = within(rx.recv()).await.unwrap();
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset);
+    match StreamError::from_io(&e) {
+        Some(StreamError::Reset { peer, code, reason }) => {
+            assert_eq!(*peer, client.addr());
+            assert_eq!(*code, ErrorCode::RESET);
+            assert_eq!(reason, "player kicked");
+        }
+        other => panic!("{other:?}"),
+    }
+
+    let s = within(client.open_stream(server.addr())).await.unwrap();
+    drop(s);
+    let e = within(rx.recv()).await.unwrap();
+    match StreamError::from_io(&e) {
+        Some(StreamError::Reset { reason, .. }) => {
+            assert!(reason.contains("dropped the stream"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn the_peers_stream_limit_refuses_with_a_reason() {
+    support::init_tracing();
+    let mut c = Cluster::new(&["1.1.1", "1.1.2"]);
+    let server = c
+        .start("1.1.2", |b| echo(b).config(test_config().max_streams(2)))
+        .await;
+    let client = c.start("1.1.1", |b| b).await;
+    let s1 = within(client.open_stream(server.addr())).await.unwrap();
+    let _s2 = within(client.open_stream(server.addr())).await.unwrap();
+    let e = within(client.open_stream(server.addr())).await.unwrap_err();
+    match &e {
+        StreamError::Refused { peer, reason } => {
+            assert_eq!(*peer, server.addr());
+            assert!(
+                reason.contains("too many streams") && reason.contains("limit 2"),
+                "{reason}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // A closed stream frees its slot once its reset has reached the server.
+    drop(s1);
+    let s = within(async {
+        loop {
+            match client.open_stream(server.addr()).await {
+                Ok(s) => break s,
+                Err(StreamError::Refused { .. }) => tokio::task::yield_now().await,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    })
+    .await;
+    assert_eq!(s.peer(), server.addr());
+}
+
+#[tokio::test]
+async fn the_local_stream_limit_fails_without_asking_the_peer() {
+    support::init_tracing();
+    let mut c = Cluster::new(&["1.1.1", "1.1.2"]);
+    let server = c.start("1.1.2", echo).await;
+    let client = c
+        .start("1.1.1", |b| b.config(test_config().max_streams(1)))
+        .await;
+    let _s = within(client.open_stream(server.addr())).await.unwrap();
+    let e = within(client.open_stream(server.addr())).await.unwrap_err();
+    assert_eq!(
+        e,
+        StreamError::TooMany {
+            peer: server.addr(),
+            limit: 1
+        }
+    );
+    assert_eq!(server.stats().streams_refused, 0);
+}
+
+#[tokio::test]
+async fn shutdown_lets_streams_finish_then_resets_the_rest() {
+    support::init_tracing();
+    let mut c = Cluster::new(&["1.1.1", "1.1.2"]);
+    let grace = Duration::from_millis(1500);
+    let server = c
+        .start("1.1.2", |b| {
+            echo(b).config(test_config().shutdown_grace(grace))
+        })
+        .await;
+    let client = c.start("1.1.1", |b| b).await;
+    let mut finishing = within(client.open_stream(server.addr())).await.unwrap();
+    let mut lingering = within(client.open_stream(server.addr())).await.unwrap();
+    finishing.write_all(b"one").await.unwrap();
+    let mut buf = [0; 3];
+    within(finishing.read_exact(&mut buf)).await.unwrap();
+
+    let started = Instant::now();
+    let shutdown = tokio::spawn({
+        let server = server.clone();
+        async move { server.shutdown().await }
+    });
+    // While the server drains, open streams keep working and can close cleanly.
+    within(server_draining(&server)).await;
+    finishing.write_all(b"two").await.unwrap();
+    within(finishing.read_exact(&mut buf)).await.unwrap();
+    assert_eq!(&buf, b"two");
+    finishing.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    within(finishing.read_to_end(&mut rest)).await.unwrap();
+
+    // New opens are refused while draining.
+    let e = within(client.open_stream(server.addr())).await.unwrap_err();
+    assert!(
+        matches!(e, StreamError::Shutdown { node } | StreamError::Refused { peer: node, .. } if node == server.addr()),
+        "{e:?}"
+    );
+
+    // The stream left open is reset when the grace period ends.
+    let e = within(lingering.read(&mut buf)).await.unwrap_err();
+    assert_eq!(
+        StreamError::from_io(&e),
+        Some(&StreamError::Shutdown {
+            node: server.addr()
+        })
+    );
+    within(shutdown).await.unwrap();
+    let took = started.elapsed();
+    assert!(
+        took >= grace - Duration::from_millis(100),
+        "shutdown took {took:?}"
+    );
+    assert!(
+        took < grace + Duration::from_secs(2),
+        "shutdown took {took:?}"
+    );
+}
+
+async fn server_draining(node: &clustergo::Node) {
+    while node.is_running() {
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test]
+async fn config_rejects_a_stream_buffer_over_the_envelope_limit() {
+    let mut c = Cluster::new(&["1.1.1"]);
+    let node = c
+        .builder("1.1.1")
+        .config(NodeConfig::default().max_envelope(1024).stream_buffer(4096))
+        .build();
+    let e = node.start().await.unwrap_err();
+    assert!(e.to_string().contains("stream_buffer"), "{e}");
+}
