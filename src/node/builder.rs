@@ -6,7 +6,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::Node;
-use super::inner::Inner;
+use super::inner::{Handlers, Inner};
 use crate::addr::LogicAddr;
 use crate::config::NodeConfig;
 use crate::error::HandlerError;
@@ -192,10 +192,12 @@ impl NodeBuilder {
                 self.config,
                 discovery,
                 self.listener,
-                self.rpcs,
-                self.messages,
-                self.stream_handler,
-                self.duplicates,
+                Handlers {
+                    rpcs: self.rpcs,
+                    messages: self.messages,
+                    stream_handler: self.stream_handler,
+                    duplicates: self.duplicates,
+                },
             ),
         }
     }

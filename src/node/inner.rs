@@ -44,6 +44,15 @@ impl Phase {
     }
 }
 
+/// What the builder registered.
+pub(crate) struct Handlers {
+    pub(crate) rpcs: FastMap<String, RpcHandler>,
+    pub(crate) messages: MsgHandlers,
+    pub(crate) stream_handler: Option<super::streams::StreamHandler>,
+    /// Registrations made twice, named; a non-empty list fails the start.
+    pub(crate) duplicates: Vec<String>,
+}
+
 pub(crate) struct Inner {
     pub(crate) addr: LogicAddr,
     pub(crate) config: NodeConfig,
@@ -89,11 +98,14 @@ impl Inner {
         config: NodeConfig,
         discovery: Arc<dyn Discovery>,
         listener: Option<std::net::TcpListener>,
-        rpcs: FastMap<String, RpcHandler>,
-        messages: MsgHandlers,
-        stream_handler: Option<super::streams::StreamHandler>,
-        duplicates: Vec<String>,
+        handlers: Handlers,
     ) -> Arc<Self> {
+        let Handlers {
+            rpcs,
+            messages,
+            stream_handler,
+            duplicates,
+        } = handlers;
         let (secret, dev_secret) = config.resolve_secret();
         let stats = Arc::new(Stats::default());
         let root = CancellationToken::new();
