@@ -1,21 +1,11 @@
 //! The examples run and do what the README says (`cargo test` builds example targets).
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn example(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap().join("examples");
-    let bin = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        bin.exists(),
-        "example {name} not built at {}",
-        bin.display()
-    );
-    bin
-}
+mod support;
+use support::{Reap, example};
 
 #[test]
 fn quickstart_runs() {
@@ -43,16 +33,6 @@ fn quickstart_runs() {
         "{stdout}"
     );
     assert!(stdout.trim_end().ends_with("quickstart: ok"), "{stdout}");
-}
-
-/// Kills the server process (ours, by its handle) whatever the test's outcome.
-struct Reap(std::process::Child);
-
-impl Drop for Reap {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[test]

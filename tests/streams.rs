@@ -610,3 +610,101 @@ async fn config_rejects_a_stream_buffer_over_the_envelope_limit() {
     let e = node.start().await.unwrap_err();
     assert!(e.to_string().contains("stream_buffer"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_peer_process_fails_pending_reads_and_writes_with_peer_lost() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    support::init_tracing();
+    // This node holds its port; the child gets a free one, both written to a membership file.
+    let (listener, net) = support::bind();
+    let child_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = std::env::temp_dir().join(format!("cg-stream-kill-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let members = dir.join("members.toml");
+    std::fs::write(
+        &members,
+        format!(
+            "[[member]]\naddr = \"1.1.1\"\nnet_addr = \"{net}\"\n\n\
+             [[member]]\naddr = \"1.2.1\"\nnet_addr = \"127.0.0.1:{child_port}\"\n"
+        ),
+    )
+    .unwrap();
+    let mut child = support::Reap(
+        Command::new(support::example("stream_echo"))
+            .arg(&members)
+            .arg("1.2.1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(child.0.stdout.take().unwrap()).lines();
+    let first = lines.next().expect("stream_echo printed nothing").unwrap();
+    assert!(first.contains("stream echo 1.2.1 listening on"), "{first}");
+    std::thread::spawn(move || lines.map_while(Result::ok).count());
+
+    let node = clustergo::Node::builder(a("1.1.1"))
+        .discovery(clustergo::FileDiscovery::open(&members).unwrap())
+        .config(
+            NodeConfig::default()
+                .secret("echo-example-secret")
+                .keepalive_interval(Duration::from_secs(1))
+                .keepalive_timeout(Duration::from_secs(2)),
+        )
+        .listener(listener)
+        .build();
+    within(node.start()).await.unwrap();
+    let s = within(node.open_stream(a("1.2.1"))).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    let (progress_tx, mut progress_rx) = tokio::sync::watch::channel(0usize);
+    // Writes without end; reads and counts the echo.
+    let writer = tokio::spawn(async move {
+        let buf = vec![5u8; 32 << 10];
+        loop {
+            if let Err(e) = w.write_all(&buf).await {
+                return e;
+            }
+        }
+    });
+    let reader = tokio::spawn(async move {
+        let mut buf = vec![0; 32 << 10];
+        let mut total = 0;
+        loop {
+            match r.read(&mut buf).await {
+                Ok(0) => panic!("EOF from a killed peer"),
+                Ok(n) => {
+                    total += n;
+                    progress_tx.send_replace(total);
+                }
+                Err(e) => return e,
+            }
+        }
+    });
+    // Mid-transfer: several MiB have made the round trip.
+    within(progress_rx.wait_for(|n| *n >= 4 << 20))
+        .await
+        .unwrap();
+    let killed = Instant::now();
+    child.0.kill().unwrap();
+    let _ = child.0.wait();
+    let (we, re) = tokio::time::timeout(Duration::from_secs(5), async {
+        (writer.await.unwrap(), reader.await.unwrap())
+    })
+    .await
+    .expect("pending reads and writes did not fail within 5 s of the kill");
+    for e in [&we, &re] {
+        assert!(
+            matches!(StreamError::from_io(e), Some(StreamError::PeerLost { peer, .. }) if *peer == a("1.2.1")),
+            "{e:?}"
+        );
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionAborted);
+    }
+    tracing::info!(after = ?killed.elapsed(), "stream failures seen");
+    node.shutdown().await;
+    std::fs::remove_dir_all(&dir).ok();
+}

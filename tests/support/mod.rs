@@ -87,3 +87,26 @@ pub fn init_tracing() {
         .with_test_writer()
         .try_init();
 }
+
+/// The path of example binary `name` (`cargo test` builds example targets).
+pub fn example(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap().join("examples");
+    let bin = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.exists(),
+        "example {name} not built at {}",
+        bin.display()
+    );
+    bin
+}
+
+/// Kills a child process (ours, by its handle) whatever the test's outcome.
+pub struct Reap(pub std::process::Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
