@@ -6,6 +6,9 @@
 //! - `rpc-c1`: echo RPC of 64 bytes, one caller in a closed loop.
 //! - `rpc-c128`: the same with 128 concurrent callers.
 //! - `msg`: one-way 64-byte messages from one sender, counted at the receiver.
+//! - `stream-pingpong-s1`, `stream-pingpong-s100`, `stream-pipe-s1`, `stream-pipe-s100`,
+//!   `stream-bulk`: byte streams (see `mesh/streams.rs`); their raw baselines use one TCP
+//!   connection per stream.
 //!
 //! Flags: `--multi-thread` (2-worker runtime in both processes; default current_thread),
 //! `--secs <f64>` (measured seconds per mode, default 3), `--smoke` (0.2 s per mode),
@@ -26,6 +29,9 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWrit
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc};
 
+#[path = "mesh/streams.rs"]
+mod streams;
+
 /// The secret both processes use.
 const SECRET: &[u8] = b"clustergo-bench-secret";
 /// Payload of every request and message.
@@ -37,7 +43,16 @@ const CMD_RESET: Cmd = Cmd(2);
 /// Concurrent callers of `rpc-c128`.
 const CONCURRENCY: usize = 128;
 /// All modes, in run order.
-const MODES: [&str; 3] = ["rpc-c1", "rpc-c128", "msg"];
+pub(crate) const MODES: [&str; 8] = [
+    "rpc-c1",
+    "rpc-c128",
+    "msg",
+    "stream-pingpong-s1",
+    "stream-pingpong-s100",
+    "stream-pipe-s1",
+    "stream-pipe-s100",
+    "stream-bulk",
+];
 /// Largest raw frame accepted.
 const MAX_FRAME: usize = 1 << 20;
 /// Slack on top of warm-up + measurement before a mode is abandoned as hung.
@@ -290,7 +305,7 @@ async fn peer_main(opts: Opts) -> Result<(), String> {
 
     let sink = Arc::new(SinkStats::new());
     let (s_data, s_reset, s_stats) = (sink.clone(), sink.clone(), sink.clone());
-    let node = Node::builder(addr("1.2.1"))
+    let node = streams::serve(Node::builder(addr("1.2.1")))
         .discovery(members(&other, &format!("127.0.0.1:{node_port}")))
         .config(config())
         .listener(node_listener)
@@ -352,8 +367,12 @@ async fn raw_conn(s: TcpStream) -> std::io::Result<()> {
     s.set_nodelay(true)?;
     let (r, w) = s.into_split();
     let mut r = BufReader::with_capacity(64 << 10, r);
-    let mut w = BufWriter::with_capacity(64 << 10, w);
+    let w = BufWriter::with_capacity(64 << 10, w);
     let kind = r.read_u8().await?;
+    if matches!(kind, b'B' | b'K') {
+        return streams::raw_conn(kind, r, w).await;
+    }
+    let mut w = w;
     let mut buf = Vec::with_capacity(1024);
     let sink = SinkStats::new();
     while read_frame(&mut r, &mut buf).await? {
@@ -456,10 +475,10 @@ async fn orchestrate(opts: Opts) -> Vec<ModeOutcome> {
         opts.warmup.as_secs_f64()
     );
     println!(
-        "{:<9} | {:>10} | {:>6} | {:>6} | {:>10} | {:>7} | {:>7} | {:>5}",
+        "{:<20} | {:>10} | {:>6} | {:>6} | {:>10} | {:>7} | {:>7} | {:>5}",
         "mode", "ops/s", "p50 µs", "p99 µs", "raw ops/s", "raw p50", "raw p99", "ratio"
     );
-    println!("{}", "-".repeat(86));
+    println!("{}", "-".repeat(97));
     let mut outcomes = Vec::new();
     for name in MODES {
         if opts.mode.as_deref().is_some_and(|m| m != name) {
@@ -472,7 +491,7 @@ async fn orchestrate(opts: Opts) -> Vec<ModeOutcome> {
         };
         match &result {
             Ok(row) => println!(
-                "{:<9} | {:>10.0} | {:>6} | {:>6} | {:>10.0} | {:>7} | {:>7} | {:>5.2}",
+                "{:<20} | {:>10.0} | {:>6} | {:>6} | {:>10.0} | {:>7} | {:>7} | {:>5.2}",
                 name,
                 row.mesh.ops_per_sec,
                 us(row.mesh.p50_us),
@@ -482,10 +501,13 @@ async fn orchestrate(opts: Opts) -> Vec<ModeOutcome> {
                 us(row.raw.p99_us),
                 row.mesh.ops_per_sec / row.raw.ops_per_sec.max(f64::MIN_POSITIVE),
             ),
-            Err(e) => println!("{name:<9} | FAILED: {e}"),
+            Err(e) => println!("{name:<20} | FAILED: {e}"),
         }
         outcomes.push(ModeOutcome { name, result });
     }
+    println!(
+        "units: rpc = calls/s, msg = messages/s, pingpong = round trips/s, pipe = echoed 64-byte writes/s, bulk = MB/s (10^6 bytes)"
+    );
     println!("bench: {} modes ran", outcomes.len());
     outcomes
 }
@@ -514,13 +536,15 @@ async fn run_mode(opts: &Opts, name: &str) -> Result<Row, String> {
         let mesh = match name {
             "rpc-c1" => mesh_rpc(&node, to, 1, warmup, measure).await,
             "rpc-c128" => mesh_rpc(&node, to, CONCURRENCY, warmup, measure).await,
-            _ => mesh_msg(&node, to, warmup, measure).await,
+            "msg" => mesh_msg(&node, to, warmup, measure).await,
+            _ => streams::run(streams::Target::Mesh(&node, to), name, warmup, measure).await,
         }
         .map_err(|e| format!("clustergo: {e}"))?;
         let raw = match name {
             "rpc-c1" => raw_rpc_c1(peer.raw, warmup, measure).await,
             "rpc-c128" => raw_rpc_concurrent(peer.raw, CONCURRENCY, warmup, measure).await,
-            _ => raw_msg(peer.raw, warmup, measure).await,
+            "msg" => raw_msg(peer.raw, warmup, measure).await,
+            _ => streams::run(streams::Target::Raw(peer.raw), name, warmup, measure).await,
         }
         .map_err(|e| format!("raw: {e}"))?;
         Ok(Row { mesh, raw })

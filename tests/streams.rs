@@ -601,14 +601,19 @@ async fn server_draining(node: &clustergo::Node) {
 }
 
 #[tokio::test]
-async fn config_rejects_a_stream_buffer_over_the_envelope_limit() {
-    let mut c = Cluster::new(&["1.1.1"]);
-    let node = c
-        .builder("1.1.1")
-        .config(NodeConfig::default().max_envelope(1024).stream_buffer(4096))
-        .build();
-    let e = node.start().await.unwrap_err();
-    assert!(e.to_string().contains("stream_buffer"), "{e}");
+async fn a_small_envelope_limit_caps_stream_chunks_instead_of_failing() {
+    support::init_tracing();
+    let mut c = Cluster::new(&["1.1.1", "1.1.2"]);
+    // A 1 KiB envelope limit under the 64 KiB stream buffer: data goes in 1 KiB envelopes,
+    // and no envelope trips the receiver's size check (which would close the link).
+    let small = || test_config().max_envelope(1024);
+    let server = c.start("1.1.2", |b| echo(b).config(small())).await;
+    let client = c.start("1.1.1", |b| b.config(small())).await;
+    let s = within(client.open_stream(server.addr())).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    let writer = tokio::spawn(async move { write_pattern(&mut w, 3, 300_000, 50_000).await });
+    assert_eq!(within(check_pattern(&mut r, 3, 4096)).await, 300_000);
+    within(writer).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

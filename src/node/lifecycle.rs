@@ -131,6 +131,7 @@ impl Inner {
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(self.config.keepalive_interval))
             .http2_keepalive_timeout(Some(self.config.keepalive_timeout))
+            .max_frame_size(self.config.link_frame_size)
             .add_service(service)
             // Accepted sockets get their options here: the builder's `tcp_nodelay` does not
             // reach a listener we bring ourselves, and Nagle's delay would stall small batches.

@@ -47,7 +47,7 @@ impl Inner {
                     remote: to,
                     meta,
                     peer: Arc::downgrade(&peer),
-                    chunk: self.config.stream_buffer,
+                    chunk: self.config.stream_chunk(),
                     window: self.config.stream_window,
                     credit: 0,
                 })
@@ -159,7 +159,7 @@ impl Inner {
             remote: peer.addr,
             meta: StreamMeta::from_wire(meta),
             peer: Arc::downgrade(peer),
-            chunk: self.config.stream_buffer,
+            chunk: self.config.stream_chunk(),
             window: self.config.stream_window,
             credit: u64::from(window),
         });

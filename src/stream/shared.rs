@@ -18,7 +18,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::ReadBuf;
 use tokio::sync::oneshot;
 
@@ -144,6 +144,25 @@ impl State {
         self.buf = BytesMut::new();
         self.wake_all();
     }
+}
+
+/// A buffer of `capacity` bytes whose start is not just past `src` modulo 4 KiB.
+///
+/// glibc copies large blocks with `rep movsb`, which on some CPUs (measured: AMD EPYC) runs at
+/// 1.7 GB/s instead of 30+ GB/s when the destination sits 1..63 bytes after the source modulo
+/// 4096. Two 64 KiB blocks from malloc are 16 bytes apart modulo 4096, so a user writing from
+/// a malloc'd 64 KiB buffer into a fresh 64 KiB buffer hit exactly that; shifting the start by
+/// up to 64 bytes avoids it.
+fn fresh_buffer(capacity: usize, src: *const u8) -> BytesMut {
+    const SLACK: usize = 64;
+    let mut buf = BytesMut::with_capacity(capacity + SLACK);
+    let distance = (buf.as_ptr() as usize).wrapping_sub(src as usize) % 4096;
+    if (1..SLACK).contains(&distance) {
+        let pad = SLACK - distance;
+        buf.put_bytes(0, pad);
+        buf.advance(pad);
+    }
+    buf
 }
 
 fn register(slot: &mut Option<Waker>, cx: &Context<'_>) {
@@ -283,7 +302,9 @@ impl Shared {
         }
         let mut bytes = 0;
         if !st.buf.is_empty() || (st.fin && !st.fin_sent) {
-            let data = st.buf.split().freeze();
+            // The whole buffer goes: a `BytesMut` kept after `split` would, once the frozen
+            // part is gone, grow by copying everything it ever held.
+            let data = std::mem::take(&mut st.buf).freeze();
             bytes = data.len();
             let fin = st.fin;
             st.fin_sent = fin;
@@ -481,6 +502,11 @@ impl Shared {
             return Poll::Pending;
         }
         let n = room.min(data.len());
+        if st.buf.capacity() == 0 {
+            // Sized for this write (a 64 KiB write is one allocation, no growth); small
+            // writes start at 4 KiB and grow as they coalesce.
+            st.buf = fresh_buffer(n.max(4096).min(self.chunk), data.as_ptr());
+        }
         st.buf.extend_from_slice(&data[..n]);
         st.credit -= n as u64;
         let push = st.schedule();
