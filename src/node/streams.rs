@@ -113,7 +113,9 @@ impl Inner {
             }
             Body::Close(c) => {
                 if let Some(s) = find(c.id, c.to_opener) {
-                    Stats::incr(&self.stats.streams_reset);
+                    if c.code != ErrorCode::REFUSED.0 {
+                        Stats::incr(&self.stats.streams_reset);
+                    }
                     s.on_close(ErrorCode(c.code), c.reason);
                 }
             }

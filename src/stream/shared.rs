@@ -187,7 +187,8 @@ pub(crate) struct Init {
 }
 
 impl Shared {
-    /// A stream this node opens; the receiver learns whether the peer accepted.
+    /// A stream this node opens; the receiver learns whether the peer accepted. The caller puts
+    /// it on the ready queue (it starts marked as queued).
     pub(crate) fn opening(init: Init) -> (Arc<Shared>, oneshot::Receiver<Result<(), StreamError>>) {
         let (tx, rx) = oneshot::channel();
         let open = init.meta.to_wire();
@@ -196,11 +197,13 @@ impl Shared {
             let mut st = s.lock();
             st.open = Some(open);
             st.open_tx = Some(tx);
+            st.queued = true;
         }
         (s, rx)
     }
 
-    /// A stream a peer opened and this node accepts.
+    /// A stream a peer opened and this node accepts. The caller puts it on the ready queue (it
+    /// starts marked as queued).
     pub(crate) fn accepting(init: Init) -> Arc<Shared> {
         let credit = init.credit;
         let s = Shared::new(init);
@@ -208,6 +211,7 @@ impl Shared {
             let mut st = s.lock();
             st.accept = true;
             st.credit = credit;
+            st.queued = true;
         }
         s
     }
