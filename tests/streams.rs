@@ -713,3 +713,75 @@ async fn killing_the_peer_process_fails_pending_reads_and_writes_with_peer_lost(
     node.shutdown().await;
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[tokio::test]
+async fn a_dropped_link_fails_streams_on_both_sides_with_peer_lost() {
+    support::init_tracing();
+    // Separate membership per node, so one node can drop the other while it keeps running.
+    let (la, na) = support::bind();
+    let (lb, nb) = support::bind();
+    let view = || {
+        clustergo::MemoryDiscovery::new([
+            clustergo::Member::new(a("1.1.1"), na.clone()),
+            clustergo::Member::new(a("1.1.2"), nb.clone()),
+        ])
+    };
+    let (view_a, view_b) = (view(), view());
+    let (tx, mut rx) = mpsc::channel::<std::io::Error>(1);
+    let server = clustergo::Node::builder(a("1.1.2"))
+        .discovery(view_b)
+        .config(test_config())
+        .listener(lb)
+        .on_stream(move |mut s: Stream| {
+            let tx = tx.clone();
+            async move {
+                let mut buf = [0; 64];
+                let e = loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) => panic!("EOF instead of a failure"),
+                        Ok(_) => {}
+                        Err(e) => break e,
+                    }
+                };
+                let _ = tx.send(e).await;
+            }
+        })
+        .build();
+    within(server.start()).await.unwrap();
+    let client = clustergo::Node::builder(a("1.1.1"))
+        .discovery(view_a.clone())
+        .config(test_config())
+        .listener(la)
+        .build();
+    within(client.start()).await.unwrap();
+
+    let mut s = within(client.open_stream(server.addr())).await.unwrap();
+    s.write_all(b"before").await.unwrap();
+    let (mut r, _w) = s.into_split();
+    let pending_read = tokio::spawn(async move {
+        let mut buf = [0; 8];
+        r.read(&mut buf).await
+    });
+    // The client forgets the server: its link closes, and both ends of the stream fail.
+    view_a.remove(server.addr());
+    let here = within(pending_read).await.unwrap().unwrap_err();
+    assert!(
+        matches!(StreamError::from_io(&here), Some(StreamError::PeerLost { peer, .. }) if *peer == server.addr()),
+        "{here:?}"
+    );
+    let there = within(rx.recv()).await.unwrap();
+    assert!(
+        matches!(StreamError::from_io(&there), Some(StreamError::PeerLost { peer, .. }) if *peer == client.addr()),
+        "{there:?}"
+    );
+    assert_eq!(client.stats().streams_active, 0);
+    assert!(
+        within(async {
+            while server.stats().streams_active > 0 {
+                tokio::task::yield_now().await;
+            }
+            true
+        })
+        .await
+    );
+}

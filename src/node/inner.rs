@@ -246,6 +246,16 @@ impl Inner {
         Ok(peers.entry(to).or_insert_with(|| self.new_peer(to)).clone())
     }
 
+    /// The peers this node has a slot for now.
+    pub(crate) fn peer_list(&self) -> Vec<Arc<Peer>> {
+        self.peers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
     /// A fresh slot for peer `addr`.
     pub(crate) fn new_peer(&self, addr: LogicAddr) -> Arc<Peer> {
         Peer::new(

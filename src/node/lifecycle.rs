@@ -273,13 +273,7 @@ impl Inner {
         // written before the links close, below).
         self.close_streams(grace_end).await;
         // Close links once their queues (replies included) are written.
-        let peers: Vec<_> = self
-            .peers
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let peers = self.peer_list();
         for p in &peers {
             if let LinkState::Up { tokens, .. } = &*p.state() {
                 tokens.close.cancel();

@@ -207,13 +207,7 @@ impl Inner {
                 break;
             }
         }
-        let peers: Vec<_> = self
-            .peers
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let peers = self.peer_list();
         for peer in peers {
             for stream in peer.streams.all() {
                 stream.abort(
