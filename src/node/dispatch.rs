@@ -202,18 +202,28 @@ mod tests {
         let me: LogicAddr = "1.1.1".parse().unwrap();
         let peer_addr: LogicAddr = "1.1.2".parse().unwrap();
         let node = Node::builder(me)
-            .config(crate::NodeConfig::default().max_envelope(1024))
             .rpc_with_replyer("m", |_, p, r| r.reply(Ok(p)))
             .on_cmd(crate::Cmd(1), |_, _| {})
+            .on_stream(|_| async {})
+            .config(
+                crate::NodeConfig::default()
+                    .max_envelope(1024)
+                    .stream_window(2048)
+                    .max_streams(3),
+            )
             .build();
         let inner = node.inner_arc();
+        // Running, so stream opens are accepted (their handlers are spawned, never run).
+        inner.set_phase(Phase::Running);
         let peer = inner.new_peer(peer_addr);
         (inner, peer)
     }
 
     fn envelope(to: u32, from: u32, body: u8, id: u64, text: String, payload: Vec<u8>) -> Envelope {
         let payload = Bytes::from(payload);
-        let body = match body % 5 {
+        // Stream bodies name a few ids, so they hit streams earlier envelopes opened.
+        let (sid, to_opener) = (id % 4, id & 4 != 0);
+        let body = match body % 10 {
             0 => Some(Body::Request(Request {
                 id,
                 method: text,
@@ -237,7 +247,36 @@ mod tests {
                 kind: None,
                 payload,
             })),
-            _ => None,
+            4 => None,
+            5 => Some(Body::Open(crate::proto::StreamOpen {
+                id: sid,
+                window: id as u32,
+                meta: vec![crate::proto::StreamMeta {
+                    key: text,
+                    value: String::from_utf8_lossy(&payload).into_owned(),
+                }],
+            })),
+            6 => Some(Body::Data(crate::proto::StreamData {
+                id: sid,
+                to_opener,
+                data: payload,
+                fin: id & 8 != 0,
+            })),
+            7 => Some(Body::Window(crate::proto::StreamWindow {
+                id: sid,
+                to_opener,
+                credit: (id >> 8) as u32,
+            })),
+            8 => Some(Body::Close(crate::proto::StreamClose {
+                id: sid,
+                to_opener,
+                code: (id >> 8) as u32,
+                reason: text,
+            })),
+            _ => Some(Body::Accept(crate::proto::StreamAccept {
+                id: sid,
+                window: (id >> 8) as u32,
+            })),
         };
         Envelope {
             to,
@@ -249,8 +288,9 @@ mod tests {
     }
 
     proptest! {
-        /// Whatever a peer sends, delivery never panics; an oversize payload closes the link
-        /// (an error), nothing else does.
+        /// Whatever a peer sends — calls, messages, stream envelopes for streams that exist or
+        /// not, with any window or credit — delivery never panics; an oversize payload closes
+        /// the link (an error), nothing else does.
         #[test]
         fn delivery_never_panics(
             raw in proptest::collection::vec(any::<u8>(), 0..512),
@@ -259,6 +299,8 @@ mod tests {
                 0..16,
             ),
         ) {
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let _in_runtime = rt.enter();
             let (inner, peer) = node();
             // Arbitrary bytes as a batch: decode errors are the transport's; whatever decodes
             // is delivered.
@@ -273,9 +315,21 @@ mod tests {
                 } else {
                     (id as u32, (id >> 32) as u32)
                 };
-                let oversize = payload.len() > 1024;
                 let env = envelope(to, from, body, id, text, payload);
-                let carries = matches!(env.body, Some(Body::Request(_) | Body::Response(_) | Body::Message(_)));
+                let oversize = match &env.body {
+                    Some(Body::Request(r)) => r.payload.len() > 1024,
+                    Some(Body::Response(r)) => match &r.result {
+                        Some(crate::proto::response::Result::Payload(p)) => p.len() > 1024,
+                        _ => false,
+                    },
+                    Some(Body::Message(m)) => m.payload.len() > 1024,
+                    Some(Body::Data(d)) => d.data.len() > 1024,
+                    Some(Body::Open(o)) => {
+                        o.meta.iter().map(|m| m.key.len() + m.value.len() + 4).sum::<usize>() > 1024
+                    }
+                    _ => false,
+                };
+                let carries = env.body.is_some();
                 let r = inner.deliver(&peer, env);
                 prop_assert_eq!(r.is_err(), addressed && oversize && carries);
             }
