@@ -279,7 +279,7 @@ impl ServerShared {
 /// error can never outgrow the batch limit and take its link down.
 pub(crate) const MAX_ERROR_TEXT: usize = 4096;
 
-fn clip(mut text: String) -> String {
+pub(crate) fn clip(mut text: String) -> String {
     if text.len() > MAX_ERROR_TEXT {
         let mut end = MAX_ERROR_TEXT;
         while !text.is_char_boundary(end) {

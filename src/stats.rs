@@ -61,7 +61,8 @@ counters! {
     streams_accepted,
     /// Stream opens this node refused (no acceptor, shutting down, too many streams).
     streams_refused,
-    /// Streams peers reset (or dropped before closing).
+    /// Streams peers ended abnormally: reset, dropped before closing, shut down, overran a
+    /// window, timed out an open (refusals are counted by the refusing side only).
     streams_reset,
     /// Stream envelopes for a stream this node no longer knows (closed or reset meanwhile).
     stream_envelopes_unknown,

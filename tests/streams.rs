@@ -141,15 +141,7 @@ async fn echo_on_one_stream_with_metadata() {
     within(s.read_to_end(&mut rest)).await.unwrap();
     assert!(rest.is_empty());
     drop(s);
-    assert!(
-        within(async {
-            while client.stats().streams_active + server.stats().streams_active > 0 {
-                tokio::task::yield_now().await;
-            }
-            true
-        })
-        .await
-    );
+    within(no_streams_open(&[&client, &server])).await;
     assert_eq!(client.stats().streams_opened, 1);
     assert_eq!(server.stats().streams_accepted, 1);
     assert_eq!(
@@ -322,22 +314,15 @@ async fn a_reader_that_stops_stalls_only_its_own_stream() {
             .unwrap();
     let held = within(held_rx.recv()).await.unwrap();
 
-    // Write until a write stops completing: the writer is held at the window.
-    let chunk = vec![9u8; 4096];
-    let mut written = 0usize;
-    loop {
-        match tokio::time::timeout(Duration::from_millis(300), stalled.write(&chunk)).await {
-            Ok(Ok(n)) => written += n,
-            Ok(Err(e)) => panic!("write failed: {e}"),
-            Err(_) => break,
-        }
-        assert!(written <= 8 << 20, "the writer was never held back");
-    }
-    // Held at exactly the receiver's window: it buffers no more than that.
-    assert_eq!(
-        written, WINDOW as usize,
-        "writer stopped after {written} bytes"
+    // The window's worth goes through at once; one byte more waits for the reader.
+    let window = vec![9u8; WINDOW as usize];
+    within(stalled.write_all(&window)).await.unwrap();
+    let held_back = tokio::time::timeout(Duration::from_millis(300), stalled.write(&[9])).await;
+    assert!(
+        held_back.is_err(),
+        "the writer got past the window: {held_back:?}"
     );
+    let written = window.len();
 
     // Meanwhile another stream and RPC on the same link work normally.
     let mut other = within(client.open_stream(server.addr())).await.unwrap();
@@ -439,16 +424,8 @@ async fn reset_and_early_drop_reach_the_peer_as_reset() {
             b.on_stream(move |mut s: Stream| {
                 let tx = tx.clone();
                 async move {
-                    let mut buf = [0; 16];
                     // Read until the opener resets or drops the stream.
-                    let e = loop {
-                        match s.read(&mut buf).await {
-                            Ok(0) => panic!("EOF instead of a reset"),
-                            Ok(_) => {}
-                            Err(e) => break e,
-                        }
-                    };
-                    let _ = tx.send(e).await;
+                    let _ = tx.send(read_until_failure(&mut s).await).await;
                 }
             })
         })
@@ -594,9 +571,30 @@ async fn shutdown_lets_streams_finish_then_resets_the_rest() {
     );
 }
 
+/// Resolves once `node` has begun shutting down (there is no event for it; this polls).
 async fn server_draining(node: &clustergo::Node) {
     while node.is_running() {
         tokio::task::yield_now().await;
+    }
+}
+
+/// Resolves once none of `nodes` has a stream open (the gauge has no event; this polls).
+async fn no_streams_open(nodes: &[&clustergo::Node]) {
+    while nodes.iter().any(|n| n.stats().streams_active > 0) {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Reads until an error or EOF; EOF comes back as an error of kind `UnexpectedEof`, so a
+/// handler can report it instead of panicking where no test would see it.
+async fn read_until_failure(s: &mut (impl AsyncRead + Unpin)) -> std::io::Error {
+    let mut buf = [0; 64];
+    loop {
+        match s.read(&mut buf).await {
+            Ok(0) => return std::io::ErrorKind::UnexpectedEof.into(),
+            Ok(_) => {}
+            Err(e) => return e,
+        }
     }
 }
 
@@ -735,15 +733,7 @@ async fn a_dropped_link_fails_streams_on_both_sides_with_peer_lost() {
         .on_stream(move |mut s: Stream| {
             let tx = tx.clone();
             async move {
-                let mut buf = [0; 64];
-                let e = loop {
-                    match s.read(&mut buf).await {
-                        Ok(0) => panic!("EOF instead of a failure"),
-                        Ok(_) => {}
-                        Err(e) => break e,
-                    }
-                };
-                let _ = tx.send(e).await;
+                let _ = tx.send(read_until_failure(&mut s).await).await;
             }
         })
         .build();
@@ -784,4 +774,173 @@ async fn a_dropped_link_fails_streams_on_both_sides_with_peer_lost() {
         })
         .await
     );
+}
+
+/// A server whose link reader is stuck for `stuck` once it gets command 1 (a handler that
+/// blocks its thread), with a stream handler that reports how its stream ended.
+struct Stuck {
+    node: clustergo::Node,
+    ended: mpsc::Receiver<std::io::Error>,
+    blocked: std::sync::Arc<tokio::sync::Notify>,
+}
+
+async fn stuck_server(c: &mut Cluster, stuck: Duration) -> Stuck {
+    let (tx, ended) = mpsc::channel(4);
+    let blocked = std::sync::Arc::new(tokio::sync::Notify::new());
+    let signal = blocked.clone();
+    let node = c
+        .start("1.1.2", |b| {
+            b.on_cmd(clustergo::Cmd(1), move |_, _| {
+                signal.notify_one();
+                std::thread::sleep(stuck)
+            })
+            .on_stream(move |mut s: Stream| {
+                let tx = tx.clone();
+                async move {
+                    let _ = tx.send(read_until_failure(&mut s).await).await;
+                }
+            })
+        })
+        .await;
+    Stuck {
+        node,
+        ended,
+        blocked,
+    }
+}
+
+/// Sends command 1 and waits until the server's reader is blocked in its handler.
+async fn block_reader(client: &clustergo::Node, stuck: &Stuck) {
+    client
+        .send_cmd(stuck.node.addr(), clustergo::Cmd(1), Bytes::new())
+        .await
+        .unwrap();
+    within(stuck.blocked.notified()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanswered_open_times_out_and_is_reset_at_the_peer() {
+    support::init_tracing();
+    let mut c = Cluster::new(&["1.1.1", "1.1.2"]);
+    let mut stuck = stuck_server(&mut c, Duration::from_millis(1500)).await;
+    let server = stuck.node.clone();
+    let timeout = Duration::from_millis(300);
+    let client = c
+        .start("1.1.1", |b| {
+            b.config(test_config().stream_open_timeout(timeout))
+        })
+        .await;
+    block_reader(&client, &stuck).await;
+    let t = Instant::now();
+    let e = within(client.open_stream(server.addr())).await.unwrap_err();
+    assert_eq!(
+        e,
+        StreamError::Timeout {
+            to: server.addr(),
+            after: timeout
+        }
+    );
+    assert!(
+        t.elapsed() < timeout + Duration::from_millis(700),
+        "{:?}",
+        t.elapsed()
+    );
+    // Once the server reads again it accepts the late open, then finds it reset.
+    let e = within(stuck.ended.recv()).await.unwrap();
+    assert!(
+        matches!(StreamError::from_io(&e), Some(StreamError::Reset { code, .. }) if *code == ErrorCode::TIMEOUT),
+        "{e:?}"
+    );
+    within(no_streams_open(&[&client, &server])).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_open_leaves_no_stream_behind() {
+    support::init_tracing();
+    let mut c = Cluster::new(&["1.1.1", "1.1.2"]);
+    let mut stuck = stuck_server(&mut c, Duration::from_millis(1000)).await;
+    let server = stuck.node.clone();
+    let client = c.start("1.1.1", |b| b).await;
+    block_reader(&client, &stuck).await;
+    // The caller gives up long before the open's own timeout.
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(200),
+        client.open_stream(server.addr()),
+    )
+    .await;
+    assert!(gave_up.is_err());
+    // The server, reading again, accepts the open it got and finds it reset.
+    let e = within(stuck.ended.recv()).await.unwrap();
+    match StreamError::from_io(&e) {
+        Some(StreamError::Reset { reason, .. }) => {
+            assert!(reason.contains("stopped waiting"), "{reason}")
+        }
+        other => panic!("{other:?} ({e})"),
+    }
+    within(no_streams_open(&[&client, &server])).await;
+    // The slot is free and the link healthy: a new open works.
+    let s = within(client.open_stream(server.addr())).await.unwrap();
+    s.reset("done");
+}
+
+#[tokio::test]
+async fn huge_reset_reasons_and_metadata_never_take_the_link_down() {
+    support::init_tracing();
+    let mut c = Cluster::new(&["1.1.1", "1.1.2"]);
+    let (tx, mut rx) = mpsc::channel::<std::io::Error>(4);
+    let server = c
+        .start("1.1.2", |b| {
+            b.on_stream(move |mut s: Stream| {
+                let tx = tx.clone();
+                async move {
+                    if s.metadata().get("mode") == Some("echo") {
+                        let (mut r, mut w) = s.into_split();
+                        if tokio::io::copy(&mut r, &mut w).await.is_ok() {
+                            let _ = w.shutdown().await;
+                        }
+                        return;
+                    }
+                    let _ = tx.send(read_until_failure(&mut s).await).await;
+                }
+            })
+        })
+        .await;
+    let client = c.start("1.1.1", |b| b).await;
+    let mut other =
+        within(client.open_stream_with(server.addr(), StreamMeta::new().with("mode", "echo")))
+            .await
+            .unwrap();
+
+    // A 3 MiB reason arrives clipped.
+    let s = within(client.open_stream(server.addr())).await.unwrap();
+    s.reset("x".repeat(3 << 20));
+    let e = within(rx.recv()).await.unwrap();
+    match StreamError::from_io(&e) {
+        Some(StreamError::Reset { reason, .. }) => assert_eq!(reason.len(), 4096),
+        other => panic!("{other:?}"),
+    }
+
+    // Four opens of 700 KiB metadata each, at once: each fits the envelope limit, and the
+    // writer never packs them into a batch the peer would refuse.
+    let big = "m".repeat(700 << 10);
+    let opens = (0..4).map(|_| {
+        let (client, big) = (client.clone(), big.clone());
+        let to = server.addr();
+        tokio::spawn(async move {
+            client
+                .open_stream_with(to, StreamMeta::new().with("blob", big))
+                .await
+        })
+    });
+    for o in opens {
+        let s = within(o).await.unwrap().unwrap();
+        s.reset("done");
+    }
+    // The link and the stream on it lived through both.
+    other.write_all(b"still here").await.unwrap();
+    let mut back = [0; 10];
+    within(other.read_exact(&mut back)).await.unwrap();
+    assert_eq!(&back, b"still here");
+    assert_eq!(client.stats().links_closed, 0);
+    assert_eq!(server.stats().links_closed, 0);
 }

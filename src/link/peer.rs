@@ -131,6 +131,9 @@ impl Peer {
     pub(crate) fn set_state(&self, guard: &mut MutexGuard<'_, LinkState>, next: LinkState) {
         self.up
             .store(matches!(next, LinkState::Up { .. }), Ordering::Release);
+        if matches!(next, LinkState::Dialing { .. } | LinkState::Up { .. }) {
+            self.streams.reopen();
+        }
         **guard = next;
         self.changed.notify_waiters();
     }

@@ -32,6 +32,11 @@ pub(crate) async fn run(
         match batch {
             Ok(Some(batch)) => {
                 for env in batch.envelopes {
+                    // A link replaced or dropped mid-batch delivers nothing more: what waited
+                    // on it has been failed already.
+                    if tokens.kill.is_cancelled() {
+                        return "closed by this node".into();
+                    }
                     if let Err(reason) = deliver.deliver(&peer, env) {
                         return reason;
                     }

@@ -84,7 +84,7 @@ pub(crate) fn approx_size(body: &Option<Body>) -> usize {
                     }
             }
             Some(Body::Data(d)) => d.data.len(),
-            Some(Body::Open(o)) => o.meta.iter().map(|m| m.key.len() + m.value.len()).sum(),
+            Some(Body::Open(o)) => crate::stream::wire_size(&o.meta),
             Some(Body::Close(c)) => c.reason.len(),
             _ => 0,
         }
@@ -155,7 +155,7 @@ impl Writer {
         while *bytes < self.max_bytes && out.len() < self.max_envelopes {
             match self.peer.streams.pop_ready(cx) {
                 Some(stream) => {
-                    *bytes += stream.pull(out) + 24;
+                    *bytes += stream.pull(out);
                     pulled = true;
                 }
                 None if pulled => break,

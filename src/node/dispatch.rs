@@ -76,9 +76,7 @@ impl Deliver for Inner {
             ) => {
                 match &body {
                     Body::Data(d) => oversize(d.data.len())?,
-                    Body::Open(o) => {
-                        oversize(o.meta.iter().map(|m| m.key.len() + m.value.len() + 4).sum())?
-                    }
+                    Body::Open(o) => oversize(crate::stream::wire_size(&o.meta))?,
                     _ => {}
                 }
                 self.deliver_stream(peer, body);
@@ -216,6 +214,8 @@ mod tests {
         // Running, so stream opens are accepted (their handlers are spawned, never run).
         inner.set_phase(Phase::Running);
         let peer = inner.new_peer(peer_addr);
+        // As if a link were up: streams may be added.
+        peer.streams.reopen();
         (inner, peer)
     }
 
@@ -325,7 +325,7 @@ mod tests {
                     Some(Body::Message(m)) => m.payload.len() > 1024,
                     Some(Body::Data(d)) => d.data.len() > 1024,
                     Some(Body::Open(o)) => {
-                        o.meta.iter().map(|m| m.key.len() + m.value.len() + 4).sum::<usize>() > 1024
+                        crate::stream::wire_size(&o.meta) > 1024
                     }
                     _ => false,
                 };

@@ -424,10 +424,14 @@ impl Node {
     /// Fails with [`StreamError::ToSelf`] for this node's own address,
     /// [`StreamError::NoRoute`] for an address not in membership,
     /// [`StreamError::Refused`] when the peer has no stream handler or too many streams,
+    /// [`StreamError::Shutdown`] when either node is shutting down,
     /// [`StreamError::TooMany`] at this node's own limit
-    /// ([`NodeConfig::max_streams`](crate::NodeConfig::max_streams)), and with the link's
-    /// failure ([`StreamError::PeerLost`], [`StreamError::Refused`]) when the peer cannot be
-    /// reached.
+    /// ([`NodeConfig::max_streams`](crate::NodeConfig::max_streams)),
+    /// [`StreamError::TooLarge`] for metadata over the envelope limit,
+    /// [`StreamError::Timeout`] when the peer does not answer in time,
+    /// [`StreamError::Reset`] when the peer's handler drops the stream at once, and with the
+    /// link's failure ([`StreamError::PeerLost`], [`StreamError::Refused`]) when the peer
+    /// cannot be reached. Dropping the returned future before it resolves aborts the open.
     pub async fn open_stream(&self, to: LogicAddr) -> Result<Stream, StreamError> {
         self.inner.open_stream(to, StreamMeta::new()).await
     }

@@ -12,6 +12,20 @@ use crate::proto::{self, envelope::Body};
 use crate::stats::Stats;
 use crate::stream::{self, AddError, Init, Shared, Stream, StreamMeta};
 
+/// Aborts a stream whose open was abandoned before the stream was handed out.
+struct OpenGuard(Option<Arc<Shared>>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        if let Some(s) = self.0.take() {
+            s.abort(
+                ErrorCode::RESET,
+                format!("{} stopped waiting for the open", s.local),
+            );
+        }
+    }
+}
+
 /// The accept handler registered with [`NodeBuilder::on_stream`](crate::NodeBuilder::on_stream).
 pub(crate) type StreamHandler = Arc<
     dyn Fn(Stream) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send + Sync,
@@ -55,15 +69,20 @@ impl Inner {
             .map_err(|e| match e {
                 AddError::Full { limit } => StreamError::TooMany { peer: to, limit },
                 // Numbers opened here are unique.
-                AddError::Duplicate => StreamError::PeerLost {
+                AddError::Duplicate | AddError::Closed => StreamError::PeerLost {
                     peer: to,
-                    cause: "stream number reused".into(),
+                    cause: "the link went down as the stream was opened".into(),
                 },
             })?;
         peer.streams.push_ready(shared.clone());
         self.after_enqueue(&peer);
+        // Until the stream is handed out, a caller that stops waiting (a dropped future, a
+        // `select!`) aborts it; otherwise it would hold a slot on both nodes forever.
+        let mut guard = OpenGuard(Some(shared));
         let timeout = self.config.stream_open_timeout;
-        match tokio::time::timeout(timeout, accepted).await {
+        let outcome = tokio::time::timeout(timeout, accepted).await;
+        let shared = guard.0.take().expect("taken only here");
+        match outcome {
             Ok(Ok(Ok(()))) => {
                 Stats::incr(&self.stats.streams_opened);
                 Ok(Stream::new(shared))
@@ -176,6 +195,8 @@ impl Inner {
                     ),
                 );
             }
+            // Delivered by a link that has just been failed: its opener's side is gone too.
+            Err(AddError::Closed) => return,
             Err(AddError::Duplicate) => {
                 // The peer reused a number still open: a bug on its side. The open stream
                 // stays; the duplicate is dropped.

@@ -34,6 +34,17 @@ use crate::proto;
 pub(crate) use shared::{Init, Shared, key};
 pub(crate) use table::{AddError, Live, Table};
 
+/// Bytes counted per metadata entry on top of its key and value: at least what protobuf spends
+/// framing it, so many empty entries cannot slip a huge open under the size limit.
+const ENTRY_OVERHEAD: usize = 8;
+
+/// Wire size of open metadata as the size limit counts it.
+pub(crate) fn wire_size(meta: &[proto::StreamMeta]) -> usize {
+    meta.iter()
+        .map(|m| m.key.len() + m.value.len() + ENTRY_OVERHEAD)
+        .sum()
+}
+
 /// Names a stream: the node that opened it and its number there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct StreamId {
@@ -101,7 +112,7 @@ impl StreamMeta {
     pub(crate) fn size(&self) -> usize {
         self.entries
             .iter()
-            .map(|(k, v)| k.len() + v.len() + 4)
+            .map(|(k, v)| k.len() + v.len() + ENTRY_OVERHEAD)
             .sum()
     }
 

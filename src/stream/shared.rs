@@ -28,6 +28,10 @@ use crate::error::{ErrorCode, StreamError};
 use crate::link::Peer;
 use crate::proto::{self, Envelope, envelope::Body};
 
+/// Received chunks at least this large keep sharing the buffer they were decoded into;
+/// smaller ones are copied (see [`Shared::on_data`]).
+const SHARE_MIN: usize = 32 << 10;
+
 /// The receiver's key of a stream in its peer's table: the opener's id and which side opened.
 pub(crate) fn key(id: u64, opened_here: bool) -> u64 {
     (id << 1) | u64::from(opened_here)
@@ -76,8 +80,10 @@ struct State {
     reset_out: Option<(ErrorCode, String)>,
     /// Bytes this side may still send.
     credit: u64,
-    /// Received, not yet read.
+    /// Received, not yet read: large chunks as decoded, then `tail`.
     recv: VecDeque<Bytes>,
+    /// Received small chunks, copied (they come after everything in `recv`).
+    tail: BytesMut,
     /// Bytes the peer may still send.
     allowed: u64,
     /// Read, not yet returned to the peer as credit.
@@ -138,10 +144,14 @@ impl State {
             let _ = tx.send(Err(error.clone()));
         }
         self.error = Some(error);
+        // Nothing more goes out: after a link loss or a peer's reset there is no one to tell,
+        // and a fin or reset left behind could reach a new stream of the same number on the
+        // next link. (A local abort sets its reset after this.)
         self.open = None;
         self.accept = false;
         self.credit_out = 0;
         self.buf = BytesMut::new();
+        self.reset_out = None;
         self.wake_all();
     }
 }
@@ -262,7 +272,8 @@ impl Shared {
 
     // ---- The link writer's side.
 
-    /// Appends what the stream has to send; returns the data bytes pulled.
+    /// Appends what the stream has to send; returns roughly how many bytes that is on the wire
+    /// (for the batch limit).
     pub(crate) fn pull(self: &Arc<Self>, out: &mut Vec<Envelope>) -> usize {
         let mut st = self.lock();
         st.queued = false;
@@ -274,16 +285,24 @@ impl Shared {
             trace: Bytes::new(),
             body: Some(body),
         };
+        // Per envelope: the writer's header estimate.
+        const HEADER: usize = 24;
         if let Some((code, reason)) = st.reset_out.take() {
+            let bytes = HEADER + reason.len();
             out.push(env(Body::Close(proto::StreamClose {
                 id: self.id,
                 to_opener,
                 code: code.0,
                 reason,
             })));
+            return bytes;
+        }
+        if st.error.is_some() {
             return 0;
         }
+        let mut bytes = 0;
         if let Some(meta) = st.open.take() {
+            bytes += HEADER + super::wire_size(&meta);
             out.push(env(Body::Open(proto::StreamOpen {
                 id: self.id,
                 window: self.window,
@@ -291,6 +310,7 @@ impl Shared {
             })));
         }
         if std::mem::take(&mut st.accept) {
+            bytes += HEADER;
             out.push(env(Body::Accept(proto::StreamAccept {
                 id: self.id,
                 window: self.window,
@@ -298,18 +318,18 @@ impl Shared {
         }
         if st.credit_out > 0 {
             let credit = u32::try_from(std::mem::take(&mut st.credit_out)).unwrap_or(u32::MAX);
+            bytes += HEADER;
             out.push(env(Body::Window(proto::StreamWindow {
                 id: self.id,
                 to_opener,
                 credit,
             })));
         }
-        let mut bytes = 0;
         if !st.buf.is_empty() || (st.fin && !st.fin_sent) {
             // The whole buffer goes: a `BytesMut` kept after `split` would, once the frozen
             // part is gone, grow by copying everything it ever held.
             let data = std::mem::take(&mut st.buf).freeze();
-            bytes = data.len();
+            bytes += HEADER + data.len();
             let fin = st.fin;
             st.fin_sent = fin;
             out.push(env(Body::Data(proto::StreamData {
@@ -363,8 +383,17 @@ impl Shared {
             return self.after(push, done);
         }
         st.allowed -= len;
-        if !data.is_empty() {
+        if data.len() >= SHARE_MIN {
+            if !st.tail.is_empty() {
+                let small = st.tail.split().freeze();
+                st.recv.push_back(small);
+            }
             st.recv.push_back(data);
+        } else {
+            // A small slice would keep the whole batch buffer it was decoded into alive, so a
+            // stalled reader of small writes could pin far more memory than its window. Small
+            // chunks are copied into one buffer instead.
+            st.tail.extend_from_slice(&data);
         }
         st.fin_recv = fin;
         if let Some(w) = st.read_waker.take() {
@@ -409,6 +438,8 @@ impl Shared {
     /// fail with [`StreamError::Aborted`] ([`StreamError::Shutdown`] for a shutdown). Nothing
     /// happens once the stream has ended.
     pub(crate) fn abort(self: &Arc<Self>, code: ErrorCode, reason: String) {
+        // The reason travels in an envelope: it must not outgrow a batch.
+        let reason = crate::rpc::clip(reason);
         let mut st = self.lock();
         if st.error.is_some() || (st.fin_sent && st.fin_recv) {
             return;
@@ -450,6 +481,10 @@ impl Shared {
         let mut n = 0;
         while buf.remaining() > 0 {
             let Some(front) = st.recv.front_mut() else {
+                let take = st.tail.len().min(buf.remaining());
+                buf.put_slice(&st.tail[..take]);
+                st.tail.advance(take);
+                n += take;
                 break;
             };
             let take = front.len().min(buf.remaining());

@@ -29,8 +29,12 @@ impl Live {
 /// Why a stream could not be added.
 #[derive(Debug)]
 pub(crate) enum AddError {
-    Full { limit: usize },
+    Full {
+        limit: usize,
+    },
     Duplicate,
+    /// The link these streams lived on failed, and no new one is up or being dialed.
+    Closed,
 }
 
 pub(crate) struct Table {
@@ -45,10 +49,14 @@ pub(crate) struct Table {
     max: usize,
 }
 
-#[derive(Default)]
 struct Streams {
     map: FastMap<u64, Arc<Shared>>,
     next_id: u64,
+    /// Cleared when the streams are failed (the link went down), set again when a link is
+    /// dialed or admitted. Both happen under the peer's link-state lock, so a stream added
+    /// here is either failed with the others or belongs to the next link, never stranded
+    /// (e.g. an open delivered by a dying link's reader after its streams were failed).
+    open: bool,
 }
 
 impl std::fmt::Debug for Table {
@@ -66,6 +74,7 @@ impl Table {
             streams: Mutex::new(Streams {
                 map: FastMap::default(),
                 next_id: 1,
+                open: false,
             }),
             ready: Mutex::new(VecDeque::new()),
             writer: AtomicWaker::new(),
@@ -84,6 +93,9 @@ impl Table {
         make: impl FnOnce(u64) -> (Arc<Shared>, T),
     ) -> Result<(Arc<Shared>, T), AddError> {
         let mut s = self.lock();
+        if !s.open {
+            return Err(AddError::Closed);
+        }
         if s.map.len() >= self.max {
             return Err(AddError::Full { limit: self.max });
         }
@@ -101,6 +113,9 @@ impl Table {
     /// Adds a stream the peer opened.
     pub(crate) fn add_accepted(&self, stream: &Arc<Shared>) -> Result<(), AddError> {
         let mut s = self.lock();
+        if !s.open {
+            return Err(AddError::Closed);
+        }
         if s.map.contains_key(&stream.key()) {
             return Err(AddError::Duplicate);
         }
@@ -147,13 +162,22 @@ impl Table {
         self.lock().map.values().cloned().collect()
     }
 
-    /// Fails every stream (the link went down, the peer left, the node shut down).
+    /// Accepts streams again: a link is being dialed or was admitted.
+    pub(crate) fn reopen(&self) {
+        self.lock().open = true;
+    }
+
+    /// Fails every stream (the link went down, the peer left, the node shut down) and takes
+    /// no more until [`Table::reopen`].
     pub(crate) fn fail_all(&self, error: &StreamError) {
-        // Stale entries may stay on the ready queue: a failed stream pulls nothing.
         let streams: Vec<_> = {
             let mut s = self.lock();
+            s.open = false;
             s.map.drain().map(|(_, v)| v).collect()
         };
+        // What waited to be sent belonged to the lost link; no stream can be added until the
+        // next link, so nothing of a new one is swept away here.
+        self.ready.lock().unwrap_or_else(|e| e.into_inner()).clear();
         for stream in streams {
             self.forget_one();
             stream.fail(error.clone());
