@@ -40,6 +40,7 @@
 //! - `message`: one-way message handlers.
 //! - `stream`: flow-controlled byte streams between nodes, many per link.
 //! - `node`: the public handle; start, dispatch, links, shutdown.
+//! - `router`: next hops (direct, harbors) and the forwarding layer harbors run.
 //! - `stats`: counters.
 //! - `typed`: protobuf requests and responses over RPC (what generated services use).
 //! - `proto`: the generated wire types.
@@ -55,6 +56,7 @@ pub mod membership;
 mod message;
 mod node;
 mod proto;
+mod router;
 mod rpc;
 mod stats;
 mod stream;

@@ -55,6 +55,11 @@ counters! {
     envelopes_lost,
     /// Envelopes dropped as misaddressed (wrong `to`, or `from` not the link's peer).
     envelopes_misaddressed,
+    /// Envelopes this harbor forwarded for other nodes.
+    envelopes_forwarded,
+    /// Envelopes this harbor could not forward (no route, hop limit, full queue); requests
+    /// among them were answered with the reason.
+    envelopes_unroutable,
     /// Streams this node opened that the peer accepted.
     streams_opened,
     /// Streams peers opened that this node accepted.

@@ -341,7 +341,7 @@ async fn a_listed_peer_that_is_not_running_fails_within_the_deadline() {
         e3,
         RpcError::NoRoute {
             to: a("1.9.9"),
-            reason: "not in membership".into()
+            reason: "not in 1.1.1's membership".into()
         }
     );
 }

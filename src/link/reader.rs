@@ -8,18 +8,18 @@ use super::peer::{LinkTokens, Peer};
 use crate::proto::{Batch, Envelope};
 
 /// Where a reader delivers envelopes: the node's dispatcher.
-pub(crate) trait Deliver: Send + Sync + 'static {
+pub(crate) trait Deliver: Sized + Send + Sync + 'static {
     /// Handles one envelope that arrived from `peer`. Returns an error to close the link.
-    fn deliver(&self, peer: &Arc<Peer>, env: Envelope) -> Result<(), String>;
+    fn deliver(self: &Arc<Self>, peer: &Arc<Peer>, env: Envelope) -> Result<(), String>;
 }
 
 /// Reads until the peer closes, the transport fails, the node closes the link or delivery
 /// fails; returns why the link ended.
-pub(crate) async fn run(
+pub(crate) async fn run<D: Deliver>(
     mut inbound: Streaming<Batch>,
     peer: Arc<Peer>,
     tokens: LinkTokens,
-    deliver: Arc<dyn Deliver>,
+    deliver: Arc<D>,
 ) -> String {
     let kill = tokens.kill.cancelled();
     tokio::pin!(kill);

@@ -11,6 +11,8 @@ pub(crate) struct View {
     members: HashMap<LogicAddr, Member>,
     /// Available, non-harbor nodes by type, sorted by address.
     by_type: HashMap<u8, Vec<LogicAddr>>,
+    /// Available harbors by cluster, sorted by address.
+    harbors: HashMap<u16, Vec<LogicAddr>>,
 }
 
 /// What applying an event did to one member.
@@ -36,7 +38,14 @@ impl View {
 
     fn reindex(&mut self) {
         self.by_type.clear();
+        self.harbors.clear();
         for m in self.members.values() {
+            if m.available && m.addr.is_harbor() {
+                self.harbors
+                    .entry(m.addr.cluster())
+                    .or_default()
+                    .push(m.addr);
+            }
             if m.available && !m.addr.is_harbor() {
                 self.by_type
                     .entry(m.addr.node_type())
@@ -47,6 +56,27 @@ impl View {
         for list in self.by_type.values_mut() {
             list.sort_unstable();
         }
+        for list in self.harbors.values_mut() {
+            list.sort_unstable();
+        }
+    }
+
+    /// The available harbor of `cluster` that `key` maps to by rendezvous hashing, passing over
+    /// harbors `avoid` rejects while another one is left.
+    pub(crate) fn pick_harbor(
+        &self,
+        cluster: u16,
+        key: u64,
+        avoid: &dyn Fn(LogicAddr) -> bool,
+    ) -> Option<LogicAddr> {
+        let list = self.harbors.get(&cluster)?;
+        let best = |ok: &dyn Fn(&LogicAddr) -> bool| {
+            list.iter()
+                .copied()
+                .filter(|a| ok(a))
+                .max_by_key(|a| score(key, *a))
+        };
+        best(&|a| !avoid(*a)).or_else(|| best(&|_| true))
     }
 
     pub(crate) fn get(&self, addr: LogicAddr) -> Option<&Member> {

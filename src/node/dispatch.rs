@@ -16,32 +16,50 @@ use crate::proto::{Envelope, envelope::Body, message::Kind, response};
 use crate::rpc::CallContext;
 use crate::stats::Stats;
 
+/// Payload bytes an envelope's body carries, as the size limit counts them.
+fn payload_len(body: &Option<Body>) -> usize {
+    match body {
+        Some(Body::Response(r)) => match &r.result {
+            Some(response::Result::Payload(p)) => p.len(),
+            _ => 0,
+        },
+        Some(Body::Request(r)) => r.payload.len(),
+        Some(Body::Message(m)) => m.payload.len(),
+        Some(Body::Data(d)) => d.data.len(),
+        Some(Body::Open(o)) => crate::stream::wire_size(&o.meta),
+        _ => 0,
+    }
+}
+
 impl Deliver for Inner {
-    fn deliver(&self, peer: &Arc<Peer>, env: Envelope) -> Result<(), String> {
-        if env.to != self.addr.as_u32() || env.from != peer.addr.as_u32() {
-            Stats::incr(&self.stats.envelopes_misaddressed);
-            tracing::debug!(
-                peer = %peer.addr, to = env.to, from = env.from,
-                "dropped an envelope not addressed from this link's peer to this node"
-            );
+    fn deliver(self: &Arc<Self>, peer: &Arc<Peer>, env: Envelope) -> Result<(), String> {
+        let limit = self.config.max_envelope;
+        let len = payload_len(&env.body);
+        if len > limit {
+            return Err(format!(
+                "{} sent an envelope of {len} bytes, over the limit of {limit} bytes",
+                peer.addr
+            ));
+        }
+        if env.to != self.addr.as_u32() {
+            // Traffic between clusters passes through harbors; nobody else relays.
+            if self.addr.is_harbor() {
+                self.forward(peer, env);
+            } else {
+                self.misaddressed(peer, &env);
+            }
             return Ok(());
         }
-        let limit = self.config.max_envelope;
-        let oversize = |len: usize| -> Result<(), String> {
-            if len > limit {
-                Err(format!(
-                    "{} sent an envelope of {len} bytes, over the limit of {limit} bytes",
-                    peer.addr
-                ))
-            } else {
-                Ok(())
+        // The original sender: the link's peer, or anyone a harbor relays for.
+        let from = match LogicAddr::from_u32(env.from) {
+            Ok(a) if a == peer.addr || peer.addr.is_harbor() => a,
+            _ => {
+                self.misaddressed(peer, &env);
+                return Ok(());
             }
         };
         match env.body {
             Some(Body::Response(r)) => {
-                if let Some(response::Result::Payload(p)) = &r.result {
-                    oversize(p.len())?;
-                }
                 let outcome = match r.result {
                     Some(response::Result::Payload(p)) => Outcome::Reply(p),
                     Some(response::Result::Error(e)) => Outcome::Remote {
@@ -53,20 +71,21 @@ impl Deliver for Inner {
                         message: "empty response".into(),
                     },
                 };
-                match peer.take_pending(r.id) {
+                // A relayed answer may come back through another harbor than its request
+                // went out by: the call waits on the slot the route to `from` picks.
+                let waiting = peer.take_pending(r.id).or_else(|| {
+                    (from != peer.addr)
+                        .then(|| self.peer_for(from).ok()?.take_pending(r.id))
+                        .flatten()
+                });
+                match waiting {
                     // The caller may have stopped waiting between lookup and send.
                     Some(tx) => drop(tx.send(outcome)),
                     None => Stats::incr(&self.stats.responses_orphaned),
                 }
             }
-            Some(Body::Request(r)) => {
-                oversize(r.payload.len())?;
-                self.serve_request(peer, r);
-            }
-            Some(Body::Message(m)) => {
-                oversize(m.payload.len())?;
-                self.handle_message(peer.addr, m);
-            }
+            Some(Body::Request(r)) => self.serve_request(peer, from, r),
+            Some(Body::Message(m)) => self.handle_message(from, m),
             Some(
                 body @ (Body::Open(_)
                 | Body::Accept(_)
@@ -74,12 +93,11 @@ impl Deliver for Inner {
                 | Body::Window(_)
                 | Body::Close(_)),
             ) => {
-                match &body {
-                    Body::Data(d) => oversize(d.data.len())?,
-                    Body::Open(o) => oversize(crate::stream::wire_size(&o.meta))?,
-                    _ => {}
+                if from == peer.addr {
+                    self.deliver_stream(peer, body);
+                } else {
+                    self.refuse_relayed_stream(peer, from, body);
                 }
-                self.deliver_stream(peer, body);
             }
             None => Stats::incr(&self.stats.envelopes_misaddressed),
         }
@@ -88,10 +106,20 @@ impl Deliver for Inner {
 }
 
 impl Inner {
-    fn serve_request(&self, peer: &Arc<Peer>, r: crate::proto::Request) {
+    fn misaddressed(&self, peer: &Peer, env: &Envelope) {
+        Stats::incr(&self.stats.envelopes_misaddressed);
+        tracing::debug!(
+            peer = %peer.addr, to = env.to, from = env.from,
+            "dropped an envelope not addressed from this link's peer to this node"
+        );
+    }
+}
+
+impl Inner {
+    fn serve_request(&self, peer: &Arc<Peer>, from: LogicAddr, r: crate::proto::Request) {
         Stats::incr(&self.stats.requests_received);
         let ctx = CallContext {
-            from: peer.addr,
+            from,
             deadline: (r.timeout_ms > 0)
                 .then(|| Instant::now() + std::time::Duration::from_millis(r.timeout_ms.into())),
             oneway: r.oneway,
@@ -331,7 +359,9 @@ mod tests {
                 };
                 let carries = env.body.is_some();
                 let r = inner.deliver(&peer, env);
-                prop_assert_eq!(r.is_err(), addressed && oversize && carries);
+                // Size is checked before addressing: an oversize envelope is a protocol
+                // violation whoever it names.
+                prop_assert_eq!(r.is_err(), oversize && carries);
             }
         }
     }

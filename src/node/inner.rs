@@ -18,6 +18,7 @@ use crate::membership::Discovery;
 use crate::membership::view::View;
 use crate::message::MsgHandlers;
 use crate::proto::{Envelope, envelope::Body};
+use crate::router::{self, NextHop, RouteError};
 use crate::rpc::{RpcHandler, ServerShared};
 use crate::stats::Stats;
 use crate::stream::{self, Live};
@@ -214,11 +215,43 @@ impl Inner {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// The peer slot for `to`, created on first use for a member this node may see.
+    /// The peer slot of the next hop toward `to`: `to` itself in this cluster (created on
+    /// first use for a member this node may see), a harbor for another cluster.
     pub(crate) fn peer_for(&self, to: LogicAddr) -> Result<Arc<Peer>, RpcError> {
         if to == self.addr {
             return Ok(self.self_peer.clone());
         }
+        let hop = self.next_hop(to).map_err(|e| match e {
+            RouteError::NoRoute { reason, .. } => RpcError::NoRoute { to, reason },
+            other => RpcError::NoRoute {
+                to,
+                reason: other.to_string(),
+            },
+        })?;
+        self.link_peer(hop.addr())
+    }
+
+    /// The next hop toward `to`; harbors whose link failed moments ago are passed over while
+    /// another one is available.
+    pub(crate) fn next_hop(&self, to: LogicAddr) -> Result<NextHop, RouteError> {
+        let view = self.view();
+        router::next_hop(self.addr, to, &view, &|h| self.failed_recently(h))
+    }
+
+    /// Whether the last dial to `addr` failed and its backoff has not run out.
+    fn failed_recently(&self, addr: LogicAddr) -> bool {
+        let peers = self.peers.read().unwrap_or_else(|e| e.into_inner());
+        let Some(peer) = peers.get(&addr) else {
+            return false;
+        };
+        matches!(
+            &*peer.state(),
+            LinkState::Idle { retry_at: Some(at), .. } if Instant::now() < *at
+        )
+    }
+
+    /// The slot of neighbour `to` (a node this one links to directly).
+    pub(crate) fn link_peer(&self, to: LogicAddr) -> Result<Arc<Peer>, RpcError> {
         if let Some(p) = self
             .peers
             .read()
@@ -227,19 +260,10 @@ impl Inner {
         {
             return Ok(p.clone());
         }
-        if to.cluster() != self.addr.cluster() {
-            return Err(RpcError::NoRoute {
-                to,
-                reason: format!(
-                    "{to} is in cluster {}, and this node has no harbor route to other clusters",
-                    to.cluster()
-                ),
-            });
-        }
         if self.view().get(to).is_none() {
             return Err(RpcError::NoRoute {
                 to,
-                reason: "not in membership".into(),
+                reason: format!("not in {}'s membership", self.addr),
             });
         }
         let mut peers = self.peers.write().unwrap_or_else(|e| e.into_inner());

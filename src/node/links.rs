@@ -239,8 +239,7 @@ impl Inner {
             async move {
                 // Keeps the dialed connection open for the life of the link.
                 let _channel = channel;
-                let deliver: Arc<dyn reader::Deliver> = this.clone();
-                let why = reader::run(inbound, peer.clone(), tokens, deliver).await;
+                let why = reader::run(inbound, peer.clone(), tokens, this.clone()).await;
                 this.link_down(&peer, link_gen, &why);
             },
             span,

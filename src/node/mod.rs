@@ -5,6 +5,7 @@ mod dispatch;
 mod inner;
 mod lifecycle;
 mod links;
+mod relay;
 mod streams;
 
 use std::sync::Arc;

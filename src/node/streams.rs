@@ -42,6 +42,12 @@ impl Inner {
         if to == self.addr {
             return Err(StreamError::ToSelf { node: self.addr });
         }
+        if to.cluster() != self.addr.cluster() {
+            return Err(StreamError::NoRoute {
+                to,
+                reason: "streams between clusters are not routed yet".into(),
+            });
+        }
         let size = meta.size();
         if size > self.config.max_envelope {
             return Err(StreamError::TooLarge {

@@ -1,0 +1,187 @@
+//! Routing: the next hop of an envelope, and the tower layer that forwards by it.
+//!
+//! Same cluster: a direct link. Other cluster: from an ordinary node, a harbor of its own
+//! cluster; from a harbor, a harbor of the target's cluster (or the target itself when it is a
+//! harbor). The harbor of a cluster is picked by rendezvous hashing on the destination, so the
+//! choice is the same on every node and sticky while the harbor set holds; harbors whose link
+//! just failed are passed over while another is available (failover). Every forward counts a
+//! hop and [`MAX_HOPS`] bounds every path, so inconsistent membership can never make traffic
+//! circle.
+//!
+//! The forwarding a harbor does is [`Route`], a tower `Service<Envelope>` built by
+//! [`RouteLayer`] over the service that hands an envelope to a neighbour.
+
+mod layer;
+mod service;
+
+use crate::addr::LogicAddr;
+use crate::membership::view::View;
+
+pub(crate) use layer::RouteLayer;
+pub(crate) use service::Routes;
+
+/// Forwards an envelope may take: sender's harbor, target's harbor, target is two; two more
+/// leave room for a harbor that is also the target, never for a loop.
+pub(crate) const MAX_HOPS: u32 = 4;
+
+/// Where an envelope goes next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NextHop {
+    /// The destination itself, over a direct link.
+    Direct(LogicAddr),
+    /// A harbor on the way.
+    Harbor(LogicAddr),
+}
+
+impl NextHop {
+    pub(crate) fn addr(self) -> LogicAddr {
+        match self {
+            NextHop::Direct(a) | NextHop::Harbor(a) => a,
+        }
+    }
+}
+
+/// Why an envelope cannot go on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum RouteError {
+    /// No next hop.
+    #[error("{at} has no route to {to}: {reason}")]
+    NoRoute {
+        /// The node that found no route.
+        at: LogicAddr,
+        /// The destination.
+        to: LogicAddr,
+        /// Why.
+        reason: String,
+    },
+    /// The envelope took more forwards than any path needs.
+    #[error(
+        "{at} dropped an envelope for {to} after {hops} hops (limit {MAX_HOPS}): a routing loop"
+    )]
+    HopLimit {
+        /// The node that stopped it.
+        at: LogicAddr,
+        /// The destination.
+        to: LogicAddr,
+        /// Hops taken.
+        hops: u32,
+    },
+}
+
+/// The next hop from `me` to `to` over `view`, passing over harbors `avoid` rejects while
+/// another one is available.
+pub(crate) fn next_hop(
+    me: LogicAddr,
+    to: LogicAddr,
+    view: &View,
+    avoid: &dyn Fn(LogicAddr) -> bool,
+) -> Result<NextHop, RouteError> {
+    if to.cluster() == me.cluster() || (me.is_harbor() && to.is_harbor()) {
+        return Ok(NextHop::Direct(to));
+    }
+    // The harbor's cluster: the target's for a harbor, the sender's own otherwise.
+    let cluster = if me.is_harbor() {
+        to.cluster()
+    } else {
+        me.cluster()
+    };
+    view.pick_harbor(cluster, u64::from(to.as_u32()), avoid)
+        .map(NextHop::Harbor)
+        .ok_or_else(|| RouteError::NoRoute {
+            at: me,
+            to,
+            reason: format!("no available harbor in cluster {cluster}"),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::membership::Member;
+
+    fn a(s: &str) -> LogicAddr {
+        s.parse().unwrap()
+    }
+
+    fn view(me: &str, members: &[&str]) -> View {
+        View::new(
+            a(me),
+            members.iter().map(|m| Member::new(a(m), "127.0.0.1:1")),
+        )
+    }
+
+    const ALL: &[&str] = &["1.1.1", "1.255.1", "1.255.2", "2.1.1", "2.255.1", "2.255.2"];
+
+    #[test]
+    fn same_cluster_is_direct_other_clusters_go_through_harbors() {
+        let none = |_| false;
+        let v = view("2.1.1", ALL);
+        assert_eq!(
+            next_hop(a("2.1.1"), a("2.1.9"), &v, &none),
+            Ok(NextHop::Direct(a("2.1.9")))
+        );
+        let hop = next_hop(a("2.1.1"), a("1.1.1"), &v, &none).unwrap();
+        assert!(
+            matches!(hop, NextHop::Harbor(h) if h.cluster() == 2 && h.is_harbor()),
+            "{hop:?}"
+        );
+        // A harbor sends to the target cluster's harbor, or straight to a harbor target.
+        let hv = view("2.255.1", ALL);
+        let hop = next_hop(a("2.255.1"), a("1.1.1"), &hv, &none).unwrap();
+        assert!(
+            matches!(hop, NextHop::Harbor(h) if h.cluster() == 1),
+            "{hop:?}"
+        );
+        assert_eq!(
+            next_hop(a("2.255.1"), a("1.255.2"), &hv, &none),
+            Ok(NextHop::Direct(a("1.255.2")))
+        );
+    }
+
+    #[test]
+    fn the_harbor_choice_is_sticky_and_fails_over() {
+        let v = view("2.1.1", ALL);
+        let none = |_| false;
+        let first = next_hop(a("2.1.1"), a("1.1.1"), &v, &none).unwrap().addr();
+        for _ in 0..10 {
+            assert_eq!(
+                next_hop(a("2.1.1"), a("1.1.1"), &v, &none).unwrap().addr(),
+                first
+            );
+        }
+        // Destinations spread over both harbors.
+        let used: std::collections::HashSet<_> = (1..64)
+            .map(|s| {
+                next_hop(a("2.1.1"), LogicAddr::new(1, 1, s).unwrap(), &v, &none)
+                    .unwrap()
+                    .addr()
+            })
+            .collect();
+        assert_eq!(used.len(), 2);
+        // The chosen harbor is avoided while another is left; with none left it is used.
+        let other = next_hop(a("2.1.1"), a("1.1.1"), &v, &|h| h == first)
+            .unwrap()
+            .addr();
+        assert_ne!(other, first);
+        let all_down = next_hop(a("2.1.1"), a("1.1.1"), &v, &|_| true)
+            .unwrap()
+            .addr();
+        assert_eq!(all_down, first);
+    }
+
+    #[test]
+    fn no_harbor_is_a_named_error() {
+        let v = view("2.1.1", &["2.1.1", "1.1.1", "1.255.1"]);
+        let e = next_hop(a("2.1.1"), a("1.1.1"), &v, &|_| false).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "2.1.1 has no route to 1.1.1: no available harbor in cluster 2"
+        );
+        let hv = view("2.255.1", &["2.255.1", "2.1.1"]);
+        let e = next_hop(a("2.255.1"), a("1.1.1"), &hv, &|_| false).unwrap_err();
+        assert!(
+            e.to_string().ends_with("no available harbor in cluster 1"),
+            "{e}"
+        );
+    }
+}
