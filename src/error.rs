@@ -36,6 +36,8 @@ impl ErrorCode {
     pub const FLOW_CONTROL: ErrorCode = ErrorCode(12);
     /// A stream open was not answered within the opener's open timeout.
     pub const TIMEOUT: ErrorCode = ErrorCode(13);
+    /// A harbor lost its link to the next hop while the request waited there.
+    pub const PEER_LOST: ErrorCode = ErrorCode(14);
     /// First code free for applications.
     pub const APPLICATION: ErrorCode = ErrorCode(100);
 }

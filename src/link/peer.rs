@@ -88,6 +88,9 @@ pub(crate) struct Peer {
     pub(crate) changed: Notify,
     /// The streams with this peer; they end with its link.
     pub(crate) streams: stream::Table,
+    /// When the link to this peer last failed (dropped, or a dial failed); cleared when a
+    /// link comes up. Routing passes over a harbor that failed moments ago.
+    failed_at: Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for Peer {
@@ -116,6 +119,7 @@ impl Peer {
             up: AtomicBool::new(false),
             changed: Notify::new(),
             streams,
+            failed_at: Mutex::new(None),
         })
     }
 
@@ -133,6 +137,9 @@ impl Peer {
             .store(matches!(next, LinkState::Up { .. }), Ordering::Release);
         if matches!(next, LinkState::Dialing { .. } | LinkState::Up { .. }) {
             self.streams.reopen();
+        }
+        if matches!(next, LinkState::Up { .. }) {
+            *lock(&self.failed_at) = None;
         }
         **guard = next;
         self.changed.notify_waiters();
@@ -196,8 +203,17 @@ impl Peer {
         lock(&self.pending).remove(&id)
     }
 
+    /// Whether the link to this peer failed within `window`.
+    pub(crate) fn failed_within(&self, window: Duration) -> bool {
+        lock(&self.failed_at).is_some_and(|t| t.elapsed() < window)
+    }
+
     /// Fails every waiting call and stream, and drops everything queued, counting what is lost.
-    pub(crate) fn fail_all(&self, error: &RpcError, stats: &Stats) {
+    /// Returns the queued requests of other nodes' callers (relayed through this node), so
+    /// the caller can answer them once it holds no lock.
+    #[must_use = "relayed requests must be answered"]
+    pub(crate) fn fail_all(&self, error: &RpcError, stats: &Stats) -> Vec<Envelope> {
+        *lock(&self.failed_at) = Some(Instant::now());
         self.streams
             .fail_all(&StreamError::from_link(error.clone(), self.addr));
         let waiting: Vec<_> = lock(&self.pending).drain().map(|(_, tx)| tx).collect();
@@ -205,12 +221,17 @@ impl Peer {
             // A caller that gave up already has dropped its receiver; nothing to tell it.
             let _ = tx.send(Outcome::Failed(error.clone()));
         }
+        let mut relayed = Vec::new();
         let mut rx = self.rx();
         while let Ok(item) = rx.try_recv() {
-            if !matches!(item.env.body, Some(Body::Request(_))) {
-                Stats::incr(&stats.envelopes_lost);
+            match &item.env.body {
+                // Our own callers were failed above, through `pending`.
+                Some(Body::Request(r)) if r.oneway => Stats::incr(&stats.envelopes_lost),
+                Some(Body::Request(_)) => relayed.push(item.env),
+                _ => Stats::incr(&stats.envelopes_lost),
             }
         }
+        relayed
     }
 
     /// Fails one queued item that expired before it could be written.

@@ -238,16 +238,14 @@ impl Inner {
         router::next_hop(self.addr, to, &view, &|h| self.failed_recently(h))
     }
 
-    /// Whether the last dial to `addr` failed and its backoff has not run out.
+    /// Whether the link to `addr` failed (dropped, or a dial failed) within the longest redial
+    /// backoff and has not come back since: routing passes over such a harbor while another is
+    /// available, and tries it again after that.
     fn failed_recently(&self, addr: LogicAddr) -> bool {
         let peers = self.peers.read().unwrap_or_else(|e| e.into_inner());
-        let Some(peer) = peers.get(&addr) else {
-            return false;
-        };
-        matches!(
-            &*peer.state(),
-            LinkState::Idle { retry_at: Some(at), .. } if Instant::now() < *at
-        )
+        peers
+            .get(&addr)
+            .is_some_and(|p| p.failed_within(self.config.redial_backoff_max))
     }
 
     /// The slot of neighbour `to` (a node this one links to directly).

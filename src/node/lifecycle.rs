@@ -295,7 +295,8 @@ impl Inner {
         self.root.cancel();
         let error = RpcError::Shutdown { node: self.addr };
         for p in peers.iter().chain(std::iter::once(&self.self_peer)) {
-            p.fail_all(&error, &self.stats);
+            // Closed: nothing can be answered any more.
+            let _unanswered = p.fail_all(&error, &self.stats);
         }
         self.tracker.close();
         if tokio::time::timeout(Duration::from_secs(5), self.tracker.wait())

@@ -196,7 +196,9 @@ impl Inner {
             },
         );
         // Under the state lock: a send that starts a new dial cannot queue in between.
-        peer.fail_all(&error, &self.stats);
+        let relayed = peer.fail_all(&error, &self.stats);
+        drop(st);
+        self.bounce(relayed, &error);
     }
 
     fn dialed_up(self: Arc<Self>, peer: Arc<Peer>, link_gen: u64, d: Dialed) {
@@ -272,8 +274,9 @@ impl Inner {
         };
         // Under the state lock: a new link or dial cannot start before the old link's
         // leftovers are failed, so nothing meant for the new link is swept away.
-        peer.fail_all(&error, &self.stats);
+        let relayed = peer.fail_all(&error, &self.stats);
         drop(st);
+        self.bounce(relayed, &error);
         Stats::incr(&self.stats.links_closed);
         self.links_changed.notify_waiters();
         tracing::info!(peer = %peer.addr, reason = why, "link down");
@@ -295,14 +298,13 @@ impl Inner {
             Stats::incr(&self.stats.links_closed);
         }
         peer.set_state(&mut st, LinkState::Closed);
-        peer.fail_all(
-            &RpcError::PeerLost {
-                peer: addr,
-                cause: why.to_owned(),
-            },
-            &self.stats,
-        );
+        let error = RpcError::PeerLost {
+            peer: addr,
+            cause: why.to_owned(),
+        };
+        let relayed = peer.fail_all(&error, &self.stats);
         drop(st);
+        self.bounce(relayed, &error);
         self.links_changed.notify_waiters();
         tracing::info!(peer = %addr, reason = why, "peer dropped");
     }
@@ -399,7 +401,10 @@ impl Inner {
                     "the peer restarted"
                 };
                 tokens.kill.cancel();
-                peer.fail_all(
+                // Relayed requests queued here are dropped unanswered: this runs under the
+                // state lock, and answering them would lock other peers. Their callers time
+                // out (a restarted peer is rare next to a lost link).
+                let _unanswered = peer.fail_all(
                     &RpcError::PeerLost {
                         peer: peer.addr,
                         cause: cause.into(),

@@ -206,6 +206,10 @@ impl Node {
                     to,
                     reason: message,
                 },
+                ErrorCode::PEER_LOST => RpcError::PeerLost {
+                    peer: to,
+                    cause: message,
+                },
                 code => RpcError::Remote { to, code, message },
             }),
         }

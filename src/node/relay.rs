@@ -112,6 +112,36 @@ impl Inner {
         }
     }
 
+    /// Answers requests of other nodes' callers that were queued here for a link that failed
+    /// (`error`), so those callers learn it now rather than at their deadline. Runs with no
+    /// lock held.
+    pub(crate) fn bounce(&self, lost: Vec<Envelope>, error: &RpcError) {
+        for env in lost {
+            let (Some(Body::Request(r)), Ok(caller)) = (env.body, LogicAddr::from_u32(env.from))
+            else {
+                continue;
+            };
+            if caller == self.addr {
+                continue;
+            }
+            let Ok(back) = self.peer_for(caller) else {
+                Stats::incr(&self.stats.envelopes_lost);
+                continue;
+            };
+            self.server.respond(
+                &back,
+                caller,
+                r.id,
+                None,
+                Err(HandlerError {
+                    code: ErrorCode::PEER_LOST,
+                    message: format!("{error} (at {})", self.addr),
+                }),
+                false,
+            );
+        }
+    }
+
     /// Streams do not cross clusters yet: a relayed open is refused with the reason, other
     /// relayed stream envelopes are dropped.
     pub(crate) fn refuse_relayed_stream(&self, came_by: &Arc<Peer>, from: LogicAddr, body: Body) {

@@ -1,0 +1,231 @@
+//! Traffic between clusters through harbor nodes (type 255), in one process on loopback:
+//! calls, messages in order, visibility, no-route errors named at the hop that found them,
+//! failover between two harbors.
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clustergo::{Cmd, HandlerError, Node, RpcError, StreamError};
+use support::{Cluster, a, within};
+use tokio::sync::Notify;
+
+/// An echo handler that answers with who called and who served.
+fn echo(b: clustergo::NodeBuilder) -> clustergo::NodeBuilder {
+    b.rpc("who", |ctx, _| async move {
+        Ok::<_, HandlerError>(Bytes::from(format!("{} called", ctx.from())))
+    })
+}
+
+/// Cluster 1: an exported game server 1.1.1, a private one 1.1.2 and harbor(s); cluster 2: a
+/// client 2.1.1 and its harbor.
+async fn two_clusters(c: &mut Cluster, harbors_in_1: &[&str]) -> (Node, Vec<Node>, Node) {
+    c.members.set_export(a("1.1.1"), true);
+    // The servers keep running when their handles drop.
+    c.start("1.1.1", echo).await;
+    c.start("1.1.2", echo).await;
+    let mut harbors = Vec::new();
+    for h in harbors_in_1 {
+        harbors.push(c.start(h, |b| b).await);
+    }
+    let h2 = c.start("2.255.1", |b| b).await;
+    let client = c.start("2.2.1", |b| b).await;
+    (client, harbors, h2)
+}
+
+#[tokio::test]
+async fn calls_and_messages_cross_clusters_through_harbors() {
+    support::init_tracing();
+    let mut c = Cluster::new(&["1.1.1", "1.1.2", "1.255.1", "2.255.1", "2.2.1"]);
+    c.members.set_export(a("1.1.1"), true);
+    let got: Arc<Mutex<Vec<(String, u32)>>> = Arc::default();
+    let done = Arc::new(Notify::new());
+    const N: u32 = 10_000;
+    let server = {
+        let (got, done) = (got.clone(), done.clone());
+        c.start("1.1.1", move |b| {
+            echo(b).on_cmd(Cmd(7), move |ctx, p| {
+                let n = u32::from_be_bytes(p[..4].try_into().unwrap());
+                got.lock().unwrap().push((ctx.from().to_string(), n));
+                if n == N - 1 {
+                    done.notify_one();
+                }
+            })
+        })
+        .await
+    };
+    let private = c.start("1.1.2", echo).await;
+    let h1 = c.start("1.255.1", |b| b).await;
+    let h2 = c.start("2.255.1", |b| b).await;
+    let client = c.start("2.2.1", |b| b).await;
+
+    // Selection in cluster 2 sees only the exported game server of cluster 1.
+    for _ in 0..20 {
+        assert_eq!(client.get_addr_by_type(1), Ok(server.addr()));
+    }
+    let reply = within(client.call(server.addr(), "who", Bytes::new()))
+        .await
+        .unwrap();
+    assert_eq!(&reply[..], b"2.2.1 called");
+    // The private server is not selectable, but reachable by address.
+    let reply = within(client.call(private.addr(), "who", Bytes::new()))
+        .await
+        .unwrap();
+    assert_eq!(&reply[..], b"2.2.1 called");
+    // And back: cluster 1 calls into cluster 2 (a harbor, as a target, is reachable too).
+    let reply = within(server.call(client.addr(), "missing", Bytes::new()))
+        .await
+        .unwrap_err();
+    assert!(matches!(reply, RpcError::NoMethod { .. }), "{reply:?}");
+
+    // 10,000 messages arrive in order, from the original sender.
+    for n in 0..N {
+        client
+            .send_cmd(
+                server.addr(),
+                Cmd(7),
+                Bytes::copy_from_slice(&n.to_be_bytes()),
+            )
+            .await
+            .unwrap();
+    }
+    within(done.notified()).await;
+    let got = got.lock().unwrap();
+    assert_eq!(got.len(), N as usize);
+    for (i, (from, n)) in got.iter().enumerate() {
+        assert_eq!((from.as_str(), *n), ("2.2.1", i as u32));
+    }
+    assert!(h2.stats().envelopes_forwarded >= u64::from(N));
+    assert!(h1.stats().envelopes_forwarded >= u64::from(N));
+
+    // Streams do not cross clusters yet: a clear error, at once.
+    let e = within(client.open_stream(server.addr())).await.unwrap_err();
+    assert!(matches!(e, StreamError::NoRoute { .. }), "{e:?}");
+}
+
+#[tokio::test]
+async fn no_route_is_named_by_the_hop_that_found_it_quickly() {
+    support::init_tracing();
+    let mut c = Cluster::new(&["1.1.1", "1.1.2", "1.255.1", "2.255.1", "2.2.1"]);
+    let (client, _h1s, _h2) = two_clusters(&mut c, &["1.255.1"]).await;
+    let quick = Duration::from_secs(1);
+
+    // The target left membership: cluster 1's harbor says so.
+    c.members.remove(a("1.1.2"));
+    let t = Instant::now();
+    let e = within(client.call(a("1.1.2"), "who", Bytes::new()))
+        .await
+        .unwrap_err();
+    assert!(t.elapsed() < quick, "{:?}", t.elapsed());
+    match &e {
+        RpcError::NoRoute { to, reason } => {
+            assert_eq!(*to, a("1.1.2"));
+            assert!(
+                reason.contains("not in 1.255.1's membership") && reason.contains("(at 1.255.1)"),
+                "{reason}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // Cluster 1 has no harbor left: cluster 2's harbor says so.
+    c.members.remove(a("1.255.1"));
+    let wait = client.call(a("1.1.1"), "who", Bytes::new());
+    let e = within(async {
+        // The harbor of cluster 2 learns of the removal through membership; until then the
+        // call may still reach 1.255.1 and fail on its link. Retry until the new answer.
+        let mut e = wait.await.unwrap_err();
+        while !matches!(&e, RpcError::NoRoute { reason, .. } if reason.contains("no available harbor in cluster 1"))
+        {
+            e = client.call(a("1.1.1"), "who", Bytes::new()).await.unwrap_err();
+        }
+        e
+    })
+    .await;
+    let RpcError::NoRoute { to, reason } = &e else {
+        unreachable!()
+    };
+    assert_eq!(*to, a("1.1.1"));
+    assert!(reason.contains("(at 2.255.1)"), "{reason}");
+
+    // The sender's own cluster has no harbor: refused at the sender, at once.
+    c.members.remove(a("2.255.1"));
+    assert!(
+        client
+            .wait_for_member(a("2.255.1"), |m| m.is_none(), support::WAIT)
+            .await
+    );
+    let t = Instant::now();
+    let e = client
+        .call(a("1.1.1"), "who", Bytes::new())
+        .await
+        .unwrap_err();
+    assert!(t.elapsed() < Duration::from_millis(100));
+    assert_eq!(
+        e,
+        RpcError::NoRoute {
+            to: a("1.1.1"),
+            reason: "no available harbor in cluster 2".into()
+        }
+    );
+}
+
+#[tokio::test]
+async fn a_dead_harbor_is_routed_around() {
+    support::init_tracing();
+    let mut c = Cluster::new(&["1.1.1", "1.1.2", "1.255.1", "1.255.2", "2.255.1", "2.2.1"]);
+    let (client, harbors, h2) = two_clusters(&mut c, &["1.255.1", "1.255.2"]).await;
+    let target = a("1.1.1");
+    within(client.call(target, "who", Bytes::new()))
+        .await
+        .unwrap();
+    // Which harbor of cluster 1 carries the traffic: the one that forwarded it.
+    let (used, spare): (Vec<_>, Vec<_>) = harbors
+        .into_iter()
+        .partition(|h| h.stats().envelopes_forwarded > 0);
+    let (used, spare) = (
+        used.into_iter().next().unwrap(),
+        spare.into_iter().next().unwrap(),
+    );
+    // It dies without leaving membership (its process is gone).
+    used.shutdown().await;
+    let started = Instant::now();
+    // Calls resume through the other harbor within the failover bound; the ones in flight
+    // on the dead path fail with PeerLost, none waits for its timeout.
+    let mut failures = Vec::new();
+    within(async {
+        loop {
+            match client
+                .call_timeout(target, "who", Bytes::new(), Duration::from_secs(3))
+                .await
+            {
+                Ok(_) => break,
+                Err(e) => failures.push(e),
+            }
+        }
+    })
+    .await;
+    let failover = started.elapsed();
+    assert!(
+        failover < Duration::from_secs(3),
+        "failover took {failover:?}"
+    );
+    for e in &failures {
+        assert!(
+            matches!(
+                e,
+                RpcError::PeerLost { .. } | RpcError::NoRoute { .. } | RpcError::Refused { .. }
+            ),
+            "{e:?}"
+        );
+    }
+    assert!(spare.stats().envelopes_forwarded > 0);
+    assert!(h2.stats().envelopes_forwarded > 0);
+    for _ in 0..20 {
+        within(client.call(target, "who", Bytes::new()))
+            .await
+            .unwrap();
+    }
+}
