@@ -83,6 +83,10 @@ impl View {
         self.members.get(&addr)
     }
 
+    pub(crate) fn members(&self) -> impl Iterator<Item = &Member> {
+        self.members.values()
+    }
+
     /// Every address whose entry differs between `self` and `next`, with what changed.
     pub(crate) fn changes(&self, next: &View) -> Vec<(LogicAddr, Change)> {
         let mut out = Vec::new();

@@ -233,7 +233,12 @@ impl Inner {
         channel: Option<Channel>,
     ) {
         Stats::incr(&self.stats.links_opened);
-        tracing::debug!(peer = %peer.addr, link_gen, "link up");
+        if self.addr.is_harbor() && peer.addr.is_harbor() {
+            // Operators watch the links between harbors.
+            tracing::info!(node = %self.addr, peer = %peer.addr, link_gen, "harbor link up");
+        } else {
+            tracing::debug!(peer = %peer.addr, link_gen, "link up");
+        }
         self.links_changed.notify_waiters();
         let this = self.clone();
         let span = tracing::info_span!("link", node = %self.addr, peer = %peer.addr, link_gen);

@@ -479,6 +479,12 @@ impl Node {
         pick(&self.inner.view()).ok_or(SelectError::NoneAvailable(node_type))
     }
 
+    /// Every member this node sees now (its cluster, exported members of other clusters, and
+    /// for a harbor every harbor), in no particular order.
+    pub fn members(&self) -> Vec<Member> {
+        self.inner.view().members().cloned().collect()
+    }
+
     /// The member `addr` as this node sees it now (`None` if absent or not visible).
     pub fn member(&self, addr: LogicAddr) -> Option<Member> {
         self.inner.view().get(addr).cloned()

@@ -1,0 +1,144 @@
+//! The harbor's configuration: a TOML file, environment variables and flags (each overriding
+//! the one before), validated before anything binds or connects.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use clustergo::LogicAddr;
+use serde::Deserialize;
+
+/// Command line (each flag also reads an environment variable).
+#[derive(Debug, Parser)]
+#[command(
+    name = "harbor",
+    version,
+    about = "Carries clustergo traffic between clusters"
+)]
+pub(crate) struct Args {
+    /// TOML configuration file.
+    #[arg(long, env = "HARBOR_CONFIG")]
+    pub(crate) config: Option<PathBuf>,
+    /// This harbor's logical address, `cluster.255.server`.
+    #[arg(long, env = "HARBOR_ADDR")]
+    pub(crate) addr: Option<String>,
+    /// etcd endpoint(s), `http://host:port` (repeat the flag or separate with commas).
+    #[arg(long = "etcd", env = "HARBOR_ETCD", value_delimiter = ',')]
+    pub(crate) etcd: Vec<String>,
+    /// Key prefix of the membership in etcd.
+    #[arg(long, env = "HARBOR_PREFIX")]
+    pub(crate) prefix: Option<String>,
+    /// Liveness lease TTL in seconds.
+    #[arg(long, env = "HARBOR_LEASE_TTL_SECS")]
+    pub(crate) lease_ttl_secs: Option<u64>,
+    /// How long a shutdown lets traffic in flight finish, in seconds.
+    #[arg(long, env = "HARBOR_SHUTDOWN_GRACE_SECS")]
+    pub(crate) shutdown_grace_secs: Option<u64>,
+}
+
+/// The file's layout; unknown keys are errors.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    addr: Option<String>,
+    shutdown_grace_secs: Option<u64>,
+    etcd: Option<EtcdFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EtcdFile {
+    #[serde(default)]
+    endpoints: Vec<String>,
+    prefix: Option<String>,
+    lease_ttl_secs: Option<u64>,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    /// The harbor's address (type 255).
+    pub(crate) addr: LogicAddr,
+    /// etcd endpoints.
+    pub(crate) endpoints: Vec<String>,
+    /// Membership key prefix.
+    pub(crate) prefix: String,
+    /// Liveness lease TTL.
+    pub(crate) lease_ttl: Duration,
+    /// Shutdown grace period.
+    pub(crate) shutdown_grace: Duration,
+}
+
+impl Config {
+    /// Reads the file (if any), applies environment and flags over it, and validates.
+    pub(crate) fn load(args: Args) -> Result<Config, String> {
+        let file = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
+                toml::from_str::<File>(&text)
+                    .map_err(|e| format!("config {}: {e}", path.display()))?
+            }
+            None => File::default(),
+        };
+        let etcd = file.etcd.unwrap_or_default();
+        let addr_text = args
+            .addr
+            .or(file.addr)
+            .ok_or("no harbor address: set `addr` in the config, HARBOR_ADDR or --addr")?;
+        let addr: LogicAddr = addr_text
+            .parse()
+            .map_err(|e| format!("addr {addr_text:?}: {e}"))?;
+        if !addr.is_harbor() {
+            return Err(format!(
+                "addr {addr} is not a harbor address: its type must be 255 (e.g. {}.255.{})",
+                addr.cluster(),
+                addr.server()
+            ));
+        }
+        let endpoints = if args.etcd.is_empty() {
+            etcd.endpoints
+        } else {
+            args.etcd
+        };
+        if endpoints.is_empty() {
+            return Err(
+                "no etcd endpoints: set `etcd.endpoints` in the config, HARBOR_ETCD or --etcd"
+                    .into(),
+            );
+        }
+        if let Some(bad) = endpoints
+            .iter()
+            .find(|e| !(e.starts_with("http://") || e.starts_with("https://")))
+        {
+            return Err(format!(
+                "etcd endpoint {bad:?} must start with http:// or https://"
+            ));
+        }
+        let prefix = args
+            .prefix
+            .or(etcd.prefix)
+            .unwrap_or_else(|| "/clustergo".into());
+        if !prefix.starts_with('/') {
+            return Err(format!("etcd prefix {prefix:?} must start with '/'"));
+        }
+        let ttl = args.lease_ttl_secs.or(etcd.lease_ttl_secs).unwrap_or(5);
+        if !(1..=3600).contains(&ttl) {
+            return Err(format!("lease_ttl_secs {ttl} must be in 1..=3600"));
+        }
+        let grace = args
+            .shutdown_grace_secs
+            .or(file.shutdown_grace_secs)
+            .unwrap_or(5);
+        if grace > 600 {
+            return Err(format!("shutdown_grace_secs {grace} must be at most 600"));
+        }
+        Ok(Config {
+            addr,
+            endpoints,
+            prefix,
+            lease_ttl: Duration::from_secs(ttl),
+            shutdown_grace: Duration::from_secs(grace),
+        })
+    }
+}

@@ -1,0 +1,105 @@
+//! `harbor`: a clustergo node of type 255 that carries traffic between clusters.
+//!
+//! Load config (file, env, flags) → validate → install logging → start the node with etcd
+//! membership → serve until SIGTERM / Ctrl-C (or until membership removes it) → leave
+//! membership and drain within the grace period. Exit codes: 0 after a clean stop, 1 when the
+//! node fails to start, 2 for a bad configuration (nothing was bound or connected).
+//!
+//! Besides forwarding, a harbor answers the RPC `harbor.status` with its view of every
+//! harbor: one line each, `addr net_addr available=… linked=…`.
+
+mod config;
+
+use std::process::ExitCode;
+use std::sync::{Arc, OnceLock};
+
+use clap::Parser;
+use clustergo::{Bytes, EtcdDiscovery, EtcdOptions, HandlerError, Node, NodeConfig};
+use config::{Args, Config};
+
+fn main() -> ExitCode {
+    let config = match Config::load(Args::parse()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("harbor: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("harbor: cannot start a runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("harbor: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
+    let me = config.addr;
+    let discovery = EtcdDiscovery::connect(
+        config.endpoints.clone(),
+        config.prefix.clone(),
+        EtcdOptions::default().lease_ttl(config.lease_ttl),
+    );
+    let handle: Arc<OnceLock<Node>> = Arc::default();
+    let status_of = handle.clone();
+    let node = Node::builder(me)
+        .discovery(discovery)
+        .config(NodeConfig::default().shutdown_grace(config.shutdown_grace))
+        .rpc("harbor.status", move |_, _| {
+            let text = status_of.get().map(status).unwrap_or_default();
+            async move { Ok::<_, HandlerError>(Bytes::from(text)) }
+        })
+        .build();
+    let _ = handle.set(node.clone());
+    node.start().await?;
+    println!(
+        "harbor {me} listening on {}",
+        node.local_addr().ok_or("no listener")?
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!(harbor = %me, "SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!(harbor = %me, "interrupted: shutting down"),
+        _ = node.closed() => {}
+    }
+    node.shutdown().await;
+    println!("harbor {me} stopped");
+    Ok(())
+}
+
+/// One line per harbor this one sees.
+fn status(node: &Node) -> String {
+    let mut lines: Vec<String> = node
+        .members()
+        .into_iter()
+        .filter(|m| m.addr.is_harbor())
+        .map(|m| {
+            format!(
+                "{} {} available={} linked={}",
+                m.addr,
+                m.net_addr,
+                m.available,
+                m.addr == node.addr() || node.is_linked(m.addr)
+            )
+        })
+        .collect();
+    lines.sort();
+    lines.join("\n")
+}

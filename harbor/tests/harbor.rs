@@ -1,0 +1,282 @@
+//! The harbor binary: configuration errors before binding, and real harbor processes carrying
+//! calls and messages between two clusters whose membership is in a real etcd.
+
+#[path = "../../tests/support/etcd.rs"]
+mod etcd_server;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use clustergo::membership::{encode_member, member_key};
+use clustergo::{
+    Bytes, Cmd, EtcdDiscovery, EtcdOptions, HandlerError, LogicAddr, Member, Node, NodeConfig,
+    RpcError,
+};
+use etcd_server::Etcd;
+
+const PREFIX: &str = "/cg-harbor-test";
+const SECRET: &str = "harbor-test-secret";
+const WAIT: Duration = Duration::from_secs(15);
+
+fn a(s: &str) -> LogicAddr {
+    s.parse().unwrap()
+}
+
+fn harbor() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_harbor"));
+    c.env("CLUSTERGO_SECRET", SECRET)
+        .env_remove("HARBOR_ADDR")
+        .env_remove("HARBOR_ETCD")
+        .env_remove("HARBOR_CONFIG");
+    c
+}
+
+/// Runs the harbor with `config` as its file and `args`; returns (exit code, stderr).
+fn run_with_config(config: &str, args: &[&str]) -> (i32, String) {
+    let dir = std::env::temp_dir().join(format!("cg-harbor-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{}.toml", config.len()));
+    std::fs::write(&path, config).unwrap();
+    let out = harbor()
+        .arg("--config")
+        .arg(&path)
+        .args(args)
+        .output()
+        .unwrap();
+    std::fs::remove_file(&path).ok();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_configurations_are_refused_before_anything_binds() {
+    let ok_etcd = "[etcd]\nendpoints = [\"http://127.0.0.1:1\"]\n";
+    let cases = [
+        (
+            format!("addr = \"1.1.1\"\n{ok_etcd}"),
+            "is not a harbor address: its type must be 255",
+        ),
+        (
+            format!("addr = \"1.255.1\"\nport = 9\n{ok_etcd}"),
+            "unknown field `port`",
+        ),
+        (
+            format!("addr = \"1.255.1\"\n[etcd]\nendpoint = \"x\"\n"),
+            "unknown field `endpoint`",
+        ),
+        ("addr = \"1.255.1\"\n".to_owned(), "no etcd endpoints"),
+        (
+            format!("addr = \"0.255.1\"\n{ok_etcd}"),
+            "cluster 0 is out of range",
+        ),
+        (
+            format!("addr = \"1.255.1\"\n[etcd]\nendpoints = [\"127.0.0.1:2379\"]\n"),
+            "must start with http://",
+        ),
+        (format!("{ok_etcd}"), "no harbor address"),
+    ];
+    for (config, want) in cases {
+        let (code, stderr) = run_with_config(&config, &[]);
+        assert_eq!(code, 2, "{config:?} → {stderr}");
+        assert!(
+            stderr.contains(want),
+            "{config:?}: wanted {want:?} in {stderr:?}"
+        );
+    }
+    // Flags override the file, and are validated the same way.
+    let (code, stderr) = run_with_config(
+        &format!("addr = \"1.255.1\"\n{ok_etcd}"),
+        &["--addr", "2.3.4"],
+    );
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("addr 2.3.4 is not a harbor address"),
+        "{stderr}"
+    );
+}
+
+/// A harbor process, killed (by its handle) if the test ends before it stops.
+struct HarborProc(Child);
+
+impl Drop for HarborProc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+fn start_harbor(etcd: &Etcd, addr: &str) -> HarborProc {
+    let mut child = harbor()
+        .args(["--addr", addr, "--etcd", &etcd.endpoint, "--prefix", PREFIX])
+        .args(["--lease-ttl-secs", "2", "--shutdown-grace-secs", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().expect("harbor printed nothing").unwrap();
+    assert!(
+        first.contains(&format!("harbor {addr} listening on")),
+        "{first}"
+    );
+    // Keep draining its output so it never blocks on a full pipe.
+    let addr = addr.to_owned();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            println!("[{addr}] {line}");
+        }
+    });
+    HarborProc(child)
+}
+
+async fn node(etcd: &Etcd, addr: &str, net: std::net::TcpListener) -> clustergo::NodeBuilder {
+    Node::builder(a(addr))
+        .discovery(EtcdDiscovery::connect(
+            [etcd.endpoint.clone()],
+            PREFIX,
+            EtcdOptions::default().lease_ttl(Duration::from_secs(2)),
+        ))
+        .config(NodeConfig::default().secret(SECRET))
+        .listener(net)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn harbor_processes_carry_calls_and_messages_between_clusters() {
+    let etcd = Etcd::start();
+    let mut kv = etcd_client::Client::connect([etcd.endpoint.clone()], None)
+        .await
+        .unwrap();
+    let server_net = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let client_net = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let members = [
+        Member::new(a("1.1.1"), server_net.local_addr().unwrap().to_string()).with_export(true),
+        Member::new(a("1.255.1"), free_port()),
+        Member::new(a("2.255.1"), free_port()),
+        Member::new(a("2.2.1"), client_net.local_addr().unwrap().to_string()),
+    ];
+    for m in &members {
+        kv.put(member_key(PREFIX, m.addr), encode_member(m), None)
+            .await
+            .unwrap();
+    }
+    let mut h1 = start_harbor(&etcd, "1.255.1");
+    let _h2 = start_harbor(&etcd, "2.255.1");
+
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
+    let server = node(&etcd, "1.1.1", server_net)
+        .await
+        .rpc("who", |ctx, _| async move {
+            Ok::<_, HandlerError>(Bytes::from(format!("{} called", ctx.from())))
+        })
+        .on_cmd(Cmd(1), move |ctx, p| {
+            let _ = seen_tx.send((ctx.from(), u32::from_be_bytes(p[..4].try_into().unwrap())));
+        })
+        .build();
+    tokio::time::timeout(WAIT, server.start())
+        .await
+        .unwrap()
+        .unwrap();
+    let client = node(&etcd, "2.2.1", client_net).await.build();
+    tokio::time::timeout(WAIT, client.start())
+        .await
+        .unwrap()
+        .unwrap();
+
+    // Everyone alive: the exported server is selectable from cluster 2.
+    assert!(
+        client
+            .wait_for_member(a("1.1.1"), |m| m.is_some_and(|m| m.available), WAIT)
+            .await
+    );
+    assert!(
+        client
+            .wait_for_member(a("2.255.1"), |m| m.is_some_and(|m| m.available), WAIT)
+            .await
+    );
+    assert_eq!(client.get_addr_by_type(1), Ok(a("1.1.1")));
+    let reply = tokio::time::timeout(WAIT, async {
+        // Until 2.255.1 sees 1.255.1 alive, it has no route; retry on exactly that.
+        loop {
+            match client.call(a("1.1.1"), "who", Bytes::new()).await {
+                Err(RpcError::NoRoute { reason, .. })
+                    if reason.contains("no available harbor in cluster 1") =>
+                {
+                    tokio::task::yield_now().await
+                }
+                other => break other,
+            }
+        }
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(&reply[..], b"2.2.1 called");
+
+    const N: u32 = 1000;
+    for n in 0..N {
+        client
+            .send_cmd(a("1.1.1"), Cmd(1), Bytes::copy_from_slice(&n.to_be_bytes()))
+            .await
+            .unwrap();
+    }
+    for n in 0..N {
+        let (from, got) = tokio::time::timeout(WAIT, seen_rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((from, got), (a("2.2.1"), n));
+    }
+
+    // The harbor reports its view of harbors and links.
+    let status = client
+        .call(a("2.255.1"), "harbor.status", Bytes::new())
+        .await
+        .unwrap();
+    let status = String::from_utf8_lossy(&status).into_owned();
+    assert!(
+        status.contains("1.255.1") && status.contains("linked=true"),
+        "{status}"
+    );
+
+    // SIGTERM: the harbor leaves membership, drains and exits 0.
+    let pid = h1.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let exited = tokio::task::spawn_blocking(move || {
+        let status = h1.0.wait().unwrap();
+        std::mem::forget(h1);
+        status
+    });
+    let status = tokio::time::timeout(WAIT, exited).await.unwrap().unwrap();
+    assert!(status.success(), "{status:?}");
+    // With cluster 1's only harbor gone, calls there fail fast with the reason.
+    let e = tokio::time::timeout(WAIT, async {
+        loop {
+            match client.call(a("1.1.1"), "who", Bytes::new()).await {
+                Err(e @ RpcError::NoRoute { .. }) => break e,
+                _ => tokio::task::yield_now().await,
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        e.to_string().contains("no available harbor in cluster 1"),
+        "{e}"
+    );
+    client.shutdown().await;
+    server.shutdown().await;
+}
