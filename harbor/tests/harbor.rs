@@ -64,7 +64,7 @@ fn bad_configurations_are_refused_before_anything_binds() {
             "unknown field `port`",
         ),
         (
-            format!("addr = \"1.255.1\"\n[etcd]\nendpoint = \"x\"\n"),
+            "addr = \"1.255.1\"\n[etcd]\nendpoint = \"x\"\n".to_owned(),
             "unknown field `endpoint`",
         ),
         ("addr = \"1.255.1\"\n".to_owned(), "no etcd endpoints"),
@@ -73,10 +73,10 @@ fn bad_configurations_are_refused_before_anything_binds() {
             "cluster 0 is out of range",
         ),
         (
-            format!("addr = \"1.255.1\"\n[etcd]\nendpoints = [\"127.0.0.1:2379\"]\n"),
+            "addr = \"1.255.1\"\n[etcd]\nendpoints = [\"127.0.0.1:2379\"]\n".to_owned(),
             "must start with http://",
         ),
-        (format!("{ok_etcd}"), "no harbor address"),
+        (ok_etcd.to_owned(), "no harbor address"),
     ];
     for (config, want) in cases {
         let (code, stderr) = run_with_config(&config, &[]);
