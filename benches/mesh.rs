@@ -5,6 +5,8 @@
 //! Modes:
 //! - `rpc-c1`: echo RPC of 64 bytes, one caller in a closed loop.
 //! - `rpc-c128`: the same with 128 concurrent callers.
+//! - `rpc-c128-harbor`: the same from another cluster, through two harbors (four processes:
+//!   client → harbor → harbor → server); raw baseline as `rpc-c128`.
 //! - `msg`: one-way 64-byte messages from one sender, counted at the receiver.
 //! - `stream-pingpong-s1`, `stream-pingpong-s100`, `stream-pipe-s1`, `stream-pipe-s100`,
 //!   `stream-bulk`: byte streams (see `mesh/streams.rs`); their raw baselines use one TCP
@@ -43,9 +45,10 @@ const CMD_RESET: Cmd = Cmd(2);
 /// Concurrent callers of `rpc-c128`.
 const CONCURRENCY: usize = 128;
 /// All modes, in run order.
-pub(crate) const MODES: [&str; 8] = [
+pub(crate) const MODES: [&str; 9] = [
     "rpc-c1",
     "rpc-c128",
+    "rpc-c128-harbor",
     "msg",
     "stream-pingpong-s1",
     "stream-pingpong-s100",
@@ -68,6 +71,10 @@ struct Opts {
     mode: Option<String>,
     other: Option<String>,
     listen_port: u16,
+    /// Peer in the harbor mode: the whole membership (`addr=host:port,...`) and which of its
+    /// nodes to run.
+    members: Option<String>,
+    run_as: Option<String>,
 }
 
 fn parse(args: &[String]) -> Result<Opts, String> {
@@ -79,6 +86,8 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         mode: None,
         other: None,
         listen_port: 0,
+        members: None,
+        run_as: None,
     };
     let mut secs = None;
     let mut smoke = false;
@@ -100,6 +109,8 @@ fn parse(args: &[String]) -> Result<Opts, String> {
             }
             "--mode" => o.mode = Some(value("--mode")?),
             "--other" => o.other = Some(value("--other")?),
+            "--members" => o.members = Some(value("--members")?),
+            "--as" => o.run_as = Some(value("--as")?),
             "--listen-port" => {
                 let v = value("--listen-port")?;
                 o.listen_port = v
@@ -207,6 +218,20 @@ fn config() -> NodeConfig {
     NodeConfig::default().secret(SECRET)
 }
 
+/// `addr=host:port,...` as membership.
+fn parse_members(list: &str) -> Result<Vec<Member>, String> {
+    list.split(',')
+        .map(|item| {
+            let (a, net) = item
+                .split_once('=')
+                .ok_or(format!("--members: {item:?} is not addr=host:port"))?;
+            let addr: LogicAddr = a.parse().map_err(|e| format!("--members: {e}"))?;
+            // Cluster 1's server is exported, so cluster 2 may call it.
+            Ok(Member::new(addr, net).with_export(!addr.is_harbor()))
+        })
+        .collect()
+}
+
 fn members(orchestrator: &str, peer: &str) -> MemoryDiscovery {
     MemoryDiscovery::new([
         Member::new(addr("1.1.1"), orchestrator),
@@ -291,8 +316,19 @@ async fn peer_main(opts: Opts) -> Result<(), String> {
         }
         std::process::exit(0);
     });
-    let other = opts.other.ok_or("peer: --other is required")?;
-    let node_listener = std::net::TcpListener::bind(("127.0.0.1", opts.listen_port))
+    // The harbor mode gives the whole membership and the node to run; the others, the
+    // orchestrator's address.
+    let listed = opts.members.as_deref().map(parse_members).transpose()?;
+    let me = addr(opts.run_as.as_deref().unwrap_or("1.2.1"));
+    let listen_port = match &listed {
+        Some(list) => list
+            .iter()
+            .find(|m| m.addr == me)
+            .and_then(|m| m.net_addr.rsplit(':').next()?.parse().ok())
+            .ok_or(format!("peer: {me} is not in --members"))?,
+        None => opts.listen_port,
+    };
+    let node_listener = std::net::TcpListener::bind(("127.0.0.1", listen_port))
         .map_err(|e| format!("peer: bind: {e}"))?;
     let node_port = node_listener
         .local_addr()
@@ -305,8 +341,15 @@ async fn peer_main(opts: Opts) -> Result<(), String> {
 
     let sink = Arc::new(SinkStats::new());
     let (s_data, s_reset, s_stats) = (sink.clone(), sink.clone(), sink.clone());
-    let node = streams::serve(Node::builder(addr("1.2.1")))
-        .discovery(members(&other, &format!("127.0.0.1:{node_port}")))
+    let discovery = match listed {
+        Some(list) => MemoryDiscovery::new(list),
+        None => {
+            let other = opts.other.ok_or("peer: --other is required")?;
+            members(&other, &format!("127.0.0.1:{node_port}"))
+        }
+    };
+    let node = streams::serve(Node::builder(me))
+        .discovery(discovery)
         .config(config())
         .listener(node_listener)
         .rpc("echo", |_ctx, p| async move { Ok::<_, HandlerError>(p) })
@@ -414,11 +457,11 @@ struct PeerProc {
     raw: SocketAddr,
 }
 
-async fn spawn_peer(opts: &Opts, own_port: u16) -> Result<(PeerProc, u16), String> {
+async fn spawn_peer(opts: &Opts, args: &[String]) -> Result<(PeerProc, u16), String> {
     let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
     let mut cmd = tokio::process::Command::new(exe);
-    cmd.args(["peer", "--listen-port", "0", "--other"])
-        .arg(format!("127.0.0.1:{own_port}"))
+    cmd.arg("peer")
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -520,7 +563,17 @@ fn us(v: Option<f64>) -> String {
 async fn run_mode(opts: &Opts, name: &str) -> Result<Row, String> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
     let own_port = listener.local_addr().map_err(|e| e.to_string())?.port();
-    let (mut peer, peer_port) = spawn_peer(opts, own_port).await?;
+    if name == "rpc-c128-harbor" {
+        return run_harbor_mode(opts, listener).await;
+    }
+    let args = [
+        "--listen-port",
+        "0",
+        "--other",
+        &format!("127.0.0.1:{own_port}"),
+    ]
+    .map(String::from);
+    let (mut peer, peer_port) = spawn_peer(opts, &args).await?;
     let node = Node::builder(addr("1.1.1"))
         .discovery(members(
             &format!("127.0.0.1:{own_port}"),
@@ -557,6 +610,68 @@ async fn run_mode(opts: &Opts, name: &str) -> Result<Row, String> {
         eprintln!("bench: node shutdown took over 10 s");
     }
     stop_peer(&mut peer).await;
+    result
+}
+
+/// `rpc-c128-harbor`: client 2.1.1 (this process) → harbor 2.255.1 → harbor 1.255.1 →
+/// server 1.2.1, each in its own process; the raw baseline is the direct one of `rpc-c128`.
+async fn run_harbor_mode(opts: &Opts, listener: std::net::TcpListener) -> Result<Row, String> {
+    let own = listener.local_addr().map_err(|e| e.to_string())?;
+    let free = || -> Result<String, String> {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
+        Ok(l.local_addr().map_err(|e| e.to_string())?.to_string())
+    };
+    let list = format!(
+        "2.1.1={own},1.2.1={},1.255.1={},2.255.1={}",
+        free()?,
+        free()?,
+        free()?
+    );
+    let mut procs = Vec::new();
+    let mut server_raw = None;
+    for who in ["1.2.1", "1.255.1", "2.255.1"] {
+        let args = ["--members", &list, "--as", who].map(String::from);
+        match spawn_peer(opts, &args).await {
+            Ok((p, _)) => {
+                if who == "1.2.1" {
+                    server_raw = Some(p.raw);
+                }
+                procs.push(p)
+            }
+            Err(e) => {
+                for p in &mut procs {
+                    stop_peer(p).await;
+                }
+                return Err(e);
+            }
+        }
+    }
+    let node = Node::builder(addr("2.1.1"))
+        .discovery(MemoryDiscovery::new(parse_members(&list)?))
+        .config(config())
+        .listener(listener)
+        .build();
+    let result = async {
+        node.start().await.map_err(|e| format!("start: {e}"))?;
+        let mesh = mesh_rpc(&node, addr("1.2.1"), CONCURRENCY, opts.warmup, opts.measure)
+            .await
+            .map_err(|e| format!("clustergo through harbors: {e}"))?;
+        let raw_to = server_raw.ok_or("no server")?;
+        let raw = raw_rpc_concurrent(raw_to, CONCURRENCY, opts.warmup, opts.measure)
+            .await
+            .map_err(|e| format!("raw: {e}"))?;
+        Ok(Row { mesh, raw })
+    }
+    .await;
+    if tokio::time::timeout(Duration::from_secs(10), node.shutdown())
+        .await
+        .is_err()
+    {
+        eprintln!("bench: node shutdown took over 10 s");
+    }
+    for p in &mut procs {
+        stop_peer(p).await;
+    }
     result
 }
 
