@@ -231,3 +231,33 @@ async fn a_dead_harbor_is_routed_around() {
             .unwrap();
     }
 }
+
+#[tokio::test]
+async fn answers_find_their_call_whichever_harbor_brings_them_back() {
+    support::init_tracing();
+    // Two harbors in the caller's cluster: a request leaves by the one hashed on its target,
+    // its answer comes back by the one the far harbor hashes on the caller.
+    let targets = ["1.1.1", "1.1.2", "1.1.3", "1.1.4"];
+    let mut names = vec!["1.255.1", "2.255.1", "2.255.16", "2.2.1"];
+    names.extend(targets);
+    let mut c = Cluster::new(&names);
+    for t in targets {
+        c.start(t, echo).await;
+    }
+    c.start("1.255.1", |b| b).await;
+    let h2a = c.start("2.255.1", |b| b).await;
+    let h2b = c.start("2.255.16", |b| b).await;
+    let client = c.start("2.2.1", |b| b).await;
+    for t in targets {
+        for _ in 0..5 {
+            let reply =
+                within(client.call_timeout(a(t), "who", Bytes::new(), Duration::from_secs(2)))
+                    .await
+                    .unwrap();
+            assert_eq!(&reply[..], b"2.2.1 called");
+        }
+    }
+    assert_eq!(client.stats().responses_orphaned, 0);
+    // Both harbors of the caller's cluster carried traffic.
+    assert!(h2a.stats().envelopes_forwarded > 0 && h2b.stats().envelopes_forwarded > 0);
+}

@@ -203,9 +203,13 @@ impl Peer {
         lock(&self.pending).remove(&id)
     }
 
-    /// Whether the link to this peer failed within `window`.
+    /// Whether the link to this peer failed within `window`, or failed earlier and is being
+    /// dialed again now (only the traffic that started that dial waits on it).
     pub(crate) fn failed_within(&self, window: Duration) -> bool {
-        lock(&self.failed_at).is_some_and(|t| t.elapsed() < window)
+        let Some(at) = *lock(&self.failed_at) else {
+            return false;
+        };
+        at.elapsed() < window || matches!(*self.state(), LinkState::Dialing { .. })
     }
 
     /// Fails every waiting call and stream, and drops everything queued, counting what is lost.

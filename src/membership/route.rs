@@ -75,7 +75,8 @@ pub fn route(from: LogicAddr, to: LogicAddr, members: &[Member]) -> Result<Vec<H
         hops.push(link(at, h));
         at = h.addr;
     }
-    if !to.is_harbor() || to.cluster() != at.cluster() {
+    // A harbor target is linked to directly from a harbor, as the router does.
+    if !to.is_harbor() {
         let h = harbor(to.cluster())?;
         if h.addr != to {
             hops.push(link(at, h));
@@ -138,6 +139,25 @@ mod tests {
         assert_eq!(
             route(a("1.1.1"), a("9.1.1"), &m).unwrap_err(),
             "9.1.1 is not in membership"
+        );
+    }
+
+    #[test]
+    fn a_harbor_target_is_reached_from_a_harbor_directly() {
+        let hops = route(a("2.1.1"), a("1.255.1"), &members()).unwrap();
+        let pairs: Vec<_> = hops
+            .iter()
+            .map(|h| match h {
+                Hop::Link { from, to, .. } => (from.to_string(), to.to_string()),
+                Hop::Local(a) => (a.to_string(), a.to_string()),
+            })
+            .collect();
+        assert_eq!(
+            pairs,
+            [
+                ("2.1.1".into(), "2.255.1".into()),
+                ("2.255.1".into(), "1.255.1".into())
+            ]
         );
     }
 

@@ -41,23 +41,27 @@ impl Deliver for Inner {
                 peer.addr
             ));
         }
-        if env.to != self.addr.as_u32() {
-            // Traffic between clusters passes through harbors; nobody else relays.
-            if self.addr.is_harbor() {
+        let (Ok(to), Ok(from)) = (LogicAddr::from_u32(env.to), LogicAddr::from_u32(env.from))
+        else {
+            self.misaddressed(peer, &env);
+            return Ok(());
+        };
+        if to != self.addr {
+            // Traffic between clusters passes through harbors; nobody else relays, and a
+            // harbor relays only what may come from its link (see `relayable`).
+            if self.addr.is_harbor() && relayable(peer.addr, from, to) {
                 self.forward(peer, env);
             } else {
                 self.misaddressed(peer, &env);
             }
             return Ok(());
         }
-        // The original sender: the link's peer, or anyone a harbor relays for.
-        let from = match LogicAddr::from_u32(env.from) {
-            Ok(a) if a == peer.addr || peer.addr.is_harbor() => a,
-            _ => {
-                self.misaddressed(peer, &env);
-                return Ok(());
-            }
-        };
+        // The original sender is the link's peer, or — through a harbor — a node of another
+        // cluster: nobody can pass for a node of this node's own cluster.
+        if from != peer.addr && !(peer.addr.is_harbor() && from.cluster() != self.addr.cluster()) {
+            self.misaddressed(peer, &env);
+            return Ok(());
+        }
         match env.body {
             Some(Body::Response(r)) => {
                 let outcome = match r.result {
@@ -71,11 +75,12 @@ impl Deliver for Inner {
                         message: "empty response".into(),
                     },
                 };
-                // A relayed answer may come back through another harbor than its request
-                // went out by: the call waits on the slot the route to `from` picks.
+                // A relayed answer may come back through another harbor than its request went
+                // out by (the harbor set changed, or the far side hashed differently): the
+                // call waits on one of this cluster's harbors. Call ids are unique per node.
                 let waiting = peer.take_pending(r.id).or_else(|| {
                     (from != peer.addr)
-                        .then(|| self.peer_for(from).ok()?.take_pending(r.id))
+                        .then(|| self.take_pending_at_harbors(r.id))
                         .flatten()
                 });
                 match waiting {
@@ -105,7 +110,27 @@ impl Deliver for Inner {
     }
 }
 
+/// Whether a harbor may relay an envelope `from` → `to` that arrived over the link to `peer`:
+/// an ordinary node only sends its own traffic (`from == peer`), a harbor only its own cluster's
+/// (it checked its senders the same way), and only traffic between clusters is relayed.
+fn relayable(peer: LogicAddr, from: LogicAddr, to: LogicAddr) -> bool {
+    let sender_ok = if peer.is_harbor() {
+        from.cluster() == peer.cluster()
+    } else {
+        from == peer
+    };
+    sender_ok && from.cluster() != to.cluster()
+}
+
 impl Inner {
+    /// Takes call `id` from whichever harbor slot of this cluster holds it.
+    fn take_pending_at_harbors(&self, id: u64) -> Option<tokio::sync::oneshot::Sender<Outcome>> {
+        self.peer_list()
+            .iter()
+            .filter(|p| p.addr.is_harbor() && p.addr.cluster() == self.addr.cluster())
+            .find_map(|p| p.take_pending(id))
+    }
+
     fn misaddressed(&self, peer: &Peer, env: &Envelope) {
         Stats::incr(&self.stats.envelopes_misaddressed);
         tracing::debug!(

@@ -239,13 +239,15 @@ impl Inner {
     }
 
     /// Whether the link to `addr` failed (dropped, or a dial failed) within the longest redial
-    /// backoff and has not come back since: routing passes over such a harbor while another is
-    /// available, and tries it again after that.
+    /// backoff plus a dial timeout and has not come back since, or is being redialed after a
+    /// failure: routing passes over such a harbor while another is available. After the window
+    /// the next envelope for it tries it again (and only that one waits on the dial).
     fn failed_recently(&self, addr: LogicAddr) -> bool {
         let peers = self.peers.read().unwrap_or_else(|e| e.into_inner());
-        peers
-            .get(&addr)
-            .is_some_and(|p| p.failed_within(self.config.redial_backoff_max))
+        // Long enough to cover a dial that hangs, so an unresponsive harbor is not tried
+        // again while the last try may still be waiting.
+        let window = self.config.redial_backoff_max + self.config.dial_timeout;
+        peers.get(&addr).is_some_and(|p| p.failed_within(window))
     }
 
     /// The slot of neighbour `to` (a node this one links to directly).

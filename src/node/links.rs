@@ -365,6 +365,7 @@ impl Inner {
             .entry(hello.from)
             .or_insert_with(|| self.new_peer(hello.from))
             .clone();
+        let mut replaced = None;
         let mut st = peer.state();
         let smaller = self.addr < hello.from;
         match &*st {
@@ -406,16 +407,12 @@ impl Inner {
                     "the peer restarted"
                 };
                 tokens.kill.cancel();
-                // Relayed requests queued here are dropped unanswered: this runs under the
-                // state lock, and answering them would lock other peers. Their callers time
-                // out (a restarted peer is rare next to a lost link).
-                let _unanswered = peer.fail_all(
-                    &RpcError::PeerLost {
-                        peer: peer.addr,
-                        cause: cause.into(),
-                    },
-                    &self.stats,
-                );
+                let error = RpcError::PeerLost {
+                    peer: peer.addr,
+                    cause: cause.into(),
+                };
+                // Answered once the state lock is released, below.
+                replaced = Some((peer.fail_all(&error, &self.stats), error));
                 Stats::incr(&self.stats.links_closed);
             }
             LinkState::Closed => {
@@ -440,6 +437,9 @@ impl Inner {
             },
         );
         drop(st);
+        if let Some((relayed, error)) = replaced {
+            self.bounce(relayed, &error);
+        }
         let writer = self.writer(&peer, &tokens, None);
         self.clone()
             .link_up(peer, link_gen, req.into_inner(), tokens, None);

@@ -128,13 +128,18 @@ impl Inner {
                 Stats::incr(&self.stats.envelopes_lost);
                 continue;
             };
+            // (A harbor shutting down is a lost path to the caller, not a target shutting down.)
+            let code = match error {
+                RpcError::NoRoute { .. } => ErrorCode::NO_ROUTE,
+                _ => ErrorCode::PEER_LOST,
+            };
             self.server.respond(
                 &back,
                 caller,
                 r.id,
                 None,
                 Err(HandlerError {
-                    code: ErrorCode::PEER_LOST,
+                    code,
                     message: format!("{error} (at {})", self.addr),
                 }),
                 false,
@@ -163,5 +168,94 @@ impl Inner {
             env: self.envelope(from, close),
             deadline: None,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+
+    use crate::link::reader::Deliver;
+    use crate::node::Node;
+    use crate::proto::{Envelope, Request, envelope::Body};
+    use crate::{LogicAddr, Member, MemoryDiscovery};
+
+    fn a(s: &str) -> LogicAddr {
+        s.parse().unwrap()
+    }
+
+    fn request(to: &str, from: &str) -> Envelope {
+        Envelope {
+            to: a(to).as_u32(),
+            from: a(from).as_u32(),
+            hops: 0,
+            trace: Bytes::new(),
+            body: Some(Body::Request(Request {
+                id: 1,
+                method: "m".into(),
+                payload: Bytes::new(),
+                timeout_ms: 1000,
+                oneway: true,
+            })),
+        }
+    }
+
+    /// A started-looking node at `me` whose view holds `members`.
+    fn node(me: &str, members: &[&str]) -> Arc<super::Inner> {
+        let m = MemoryDiscovery::new(members.iter().map(|x| Member::new(a(x), "127.0.0.1:9")));
+        let inner = Node::builder(a(me))
+            .discovery(m.clone())
+            .build()
+            .inner_arc();
+        let view = crate::membership::view::View::new(a(me), m.members());
+        *inner.view.write().unwrap() = Arc::new(view);
+        inner.set_phase(super::super::inner::Phase::Running);
+        inner
+    }
+
+    const MEMBERS: &[&str] = &["2.1.1", "2.1.5", "2.1.7", "2.255.1", "1.255.1", "1.1.1"];
+
+    #[tokio::test]
+    async fn a_harbor_relays_nothing_a_sender_could_forge() {
+        let harbor = node("2.255.1", MEMBERS);
+        let from_node = harbor.new_peer(a("2.1.1"));
+        let from_harbor = harbor.new_peer(a("1.255.1"));
+        // An ordinary node sends only as itself, and never within its own cluster.
+        for (peer, env) in [
+            (&from_node, request("1.1.1", "2.1.7")),
+            (&from_node, request("2.1.5", "2.1.1")),
+            (&from_node, request("2.1.5", "2.1.7")),
+            // A harbor speaks only for its own cluster.
+            (&from_harbor, request("2.1.5", "3.1.1")),
+            (&from_harbor, request("2.1.5", "2.1.7")),
+        ] {
+            harbor.deliver(peer, env).unwrap();
+        }
+        let stats = harbor.stats.snapshot();
+        assert_eq!(stats.envelopes_misaddressed, 5);
+        assert_eq!(stats.envelopes_forwarded + stats.envelopes_unroutable, 0);
+        // What may be relayed is.
+        harbor
+            .deliver(&from_node, request("1.1.1", "2.1.1"))
+            .unwrap();
+        harbor
+            .deliver(&from_harbor, request("2.1.5", "1.1.1"))
+            .unwrap();
+        let stats = harbor.stats.snapshot();
+        assert_eq!(stats.envelopes_forwarded + stats.envelopes_unroutable, 2);
+    }
+
+    #[tokio::test]
+    async fn a_receiver_takes_relayed_senders_only_from_other_clusters() {
+        let target = node("2.1.5", MEMBERS);
+        let harbor = target.new_peer(a("2.255.1"));
+        // Through a harbor, a node of the target's own cluster cannot be the sender.
+        target.deliver(&harbor, request("2.1.5", "2.1.7")).unwrap();
+        assert_eq!(target.stats.snapshot().envelopes_misaddressed, 1);
+        target.deliver(&harbor, request("2.1.5", "1.1.1")).unwrap();
+        assert_eq!(target.stats.snapshot().envelopes_misaddressed, 1);
+        assert_eq!(target.stats.snapshot().requests_received, 1);
     }
 }
