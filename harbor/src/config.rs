@@ -34,6 +34,9 @@ pub(crate) struct Args {
     /// How long a shutdown lets traffic in flight finish, in seconds.
     #[arg(long, env = "HARBOR_SHUTDOWN_GRACE_SECS")]
     pub(crate) shutdown_grace_secs: Option<u64>,
+    /// Largest payload relayed, in bytes: at least the largest of the clusters it joins.
+    #[arg(long, env = "HARBOR_MAX_ENVELOPE_BYTES")]
+    pub(crate) max_envelope_bytes: Option<usize>,
 }
 
 /// The file's layout; unknown keys are errors.
@@ -42,6 +45,7 @@ pub(crate) struct Args {
 struct File {
     addr: Option<String>,
     shutdown_grace_secs: Option<u64>,
+    max_envelope_bytes: Option<usize>,
     etcd: Option<EtcdFile>,
 }
 
@@ -67,6 +71,8 @@ pub(crate) struct Config {
     pub(crate) lease_ttl: Duration,
     /// Shutdown grace period.
     pub(crate) shutdown_grace: Duration,
+    /// Largest payload relayed.
+    pub(crate) max_envelope: usize,
 }
 
 impl Config {
@@ -133,7 +139,17 @@ impl Config {
         if grace > 600 {
             return Err(format!("shutdown_grace_secs {grace} must be at most 600"));
         }
+        let max_envelope = args
+            .max_envelope_bytes
+            .or(file.max_envelope_bytes)
+            .unwrap_or(1 << 20);
+        if !(1024..=(1 << 30)).contains(&max_envelope) {
+            return Err(format!(
+                "max_envelope_bytes {max_envelope} must be in 1024..=1073741824"
+            ));
+        }
         Ok(Config {
+            max_envelope,
             addr,
             endpoints,
             prefix,

@@ -61,7 +61,11 @@ async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let status_of = handle.clone();
     let node = Node::builder(me)
         .discovery(discovery)
-        .config(NodeConfig::default().shutdown_grace(config.shutdown_grace))
+        .config(
+            NodeConfig::default()
+                .shutdown_grace(config.shutdown_grace)
+                .max_envelope(config.max_envelope),
+        )
         .rpc("harbor.status", move |_, _| {
             let text = status_of.get().map(status).unwrap_or_default();
             async move { Ok::<_, HandlerError>(Bytes::from(text)) }

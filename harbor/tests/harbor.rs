@@ -77,6 +77,10 @@ fn bad_configurations_are_refused_before_anything_binds() {
             "must start with http://",
         ),
         (ok_etcd.to_owned(), "no harbor address"),
+        (
+            format!("addr = \"1.255.1\"\nmax_envelope_bytes = 0\n{ok_etcd}"),
+            "max_envelope_bytes 0 must be in",
+        ),
     ];
     for (config, want) in cases {
         let (code, stderr) = run_with_config(&config, &[]);
