@@ -346,11 +346,10 @@ async fn nodes_keep_talking_through_an_etcd_outage() {
     let mut c = client(&etcd).await;
     let x = start_node(&etcd, &mut c, "1.1.1").await;
     let y = start_node(&etcd, &mut c, "1.2.1").await;
-    assert!(
-        within(x.call(y.addr(), "echo", Bytes::from_static(b"before")))
-            .await
-            .is_ok()
-    );
+    // x started before y was listed: wait for the watch to bring y in.
+    assert!(x.wait_for_member(y.addr(), |m| m.is_some(), WAIT).await);
+    let r = within(x.call(y.addr(), "echo", Bytes::from_static(b"before"))).await;
+    assert_eq!(r, Ok(Bytes::from_static(b"before")));
     etcd.stop();
     for _ in 0..20 {
         let r = within(x.call(y.addr(), "echo", Bytes::from_static(b"during"))).await;

@@ -261,3 +261,74 @@ async fn answers_find_their_call_whichever_harbor_brings_them_back() {
     // Both harbors of the caller's cluster carried traffic.
     assert!(h2a.stats().envelopes_forwarded > 0 && h2b.stats().envelopes_forwarded > 0);
 }
+
+#[tokio::test]
+async fn calls_in_flight_through_a_harbor_that_dies_fail_with_peer_lost_at_once() {
+    support::init_tracing();
+    let mut c = Cluster::new(&["1.1.1", "1.255.1", "1.255.2", "2.255.1", "2.2.1"]);
+    c.members.set_export(a("1.1.1"), true);
+    let arrived = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let signal = Arc::new(Notify::new());
+    {
+        let (arrived, signal) = (arrived.clone(), signal.clone());
+        c.start("1.1.1", move |b| {
+            echo(b).rpc("slow", move |_, _| {
+                arrived.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                signal.notify_one();
+                // Never answers within the test.
+                async {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    Ok::<_, HandlerError>(Bytes::new())
+                }
+            })
+        })
+        .await;
+    }
+    let harbors = [
+        c.start("1.255.1", |b| b).await,
+        c.start("1.255.2", |b| b).await,
+    ];
+    let h2 = c.start("2.255.1", |b| b).await;
+    let client = c.start("2.2.1", |b| b).await;
+    within(client.call(a("1.1.1"), "who", Bytes::new()))
+        .await
+        .unwrap();
+    let used = harbors
+        .iter()
+        .find(|h| h.stats().envelopes_forwarded > 0)
+        .unwrap()
+        .clone();
+
+    let calls: Vec<_> = (0..5)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                client
+                    .call_timeout(a("1.1.1"), "slow", Bytes::new(), Duration::from_secs(20))
+                    .await
+            })
+        })
+        .collect();
+    within(async {
+        while arrived.load(std::sync::atomic::Ordering::SeqCst) < 5 {
+            signal.notified().await;
+        }
+    })
+    .await;
+    // All five are at the server; the harbor they went through goes away.
+    let t = Instant::now();
+    used.shutdown().await;
+    for call in calls {
+        let e = within(call).await.unwrap().unwrap_err();
+        assert!(
+            matches!(&e, RpcError::PeerLost { peer, .. } if *peer == a("1.1.1")),
+            "{e:?}"
+        );
+    }
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    // Later calls go through the other harbor.
+    within(client.call(a("1.1.1"), "who", Bytes::new()))
+        .await
+        .unwrap();
+    assert!(h2.stats().envelopes_forwarded > 0);
+}

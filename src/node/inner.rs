@@ -73,6 +73,10 @@ pub(crate) struct Inner {
     pub(crate) stats: Arc<Stats>,
     /// Streams open on all peers; shutdown waits for them to close.
     pub(crate) live_streams: Arc<Live>,
+    /// A harbor's requests in flight for other nodes' callers, by (caller, call id): the next
+    /// hop they went to and when the caller stops waiting. Answered with `PEER_LOST` if that
+    /// link fails first.
+    pub(crate) relays: Mutex<FastMap<(u32, u64), (LogicAddr, Instant)>>,
     next_id: AtomicU64,
     pub(crate) next_gen: AtomicU64,
     /// Cancelled last in shutdown: ends every task and link.
@@ -136,6 +140,7 @@ impl Inner {
                 stream::Table::new(live_streams.clone(), 0),
             ),
             live_streams,
+            relays: Mutex::new(FastMap::default()),
             config,
             secret,
             dev_secret,

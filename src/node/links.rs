@@ -198,7 +198,7 @@ impl Inner {
         // Under the state lock: a send that starts a new dial cannot queue in between.
         let relayed = peer.fail_all(&error, &self.stats);
         drop(st);
-        self.bounce(relayed, &error);
+        self.bounce(peer.addr, relayed, &error);
     }
 
     fn dialed_up(self: Arc<Self>, peer: Arc<Peer>, link_gen: u64, d: Dialed) {
@@ -281,7 +281,7 @@ impl Inner {
         // leftovers are failed, so nothing meant for the new link is swept away.
         let relayed = peer.fail_all(&error, &self.stats);
         drop(st);
-        self.bounce(relayed, &error);
+        self.bounce(peer.addr, relayed, &error);
         Stats::incr(&self.stats.links_closed);
         self.links_changed.notify_waiters();
         tracing::info!(peer = %peer.addr, reason = why, "link down");
@@ -309,7 +309,7 @@ impl Inner {
         };
         let relayed = peer.fail_all(&error, &self.stats);
         drop(st);
-        self.bounce(relayed, &error);
+        self.bounce(peer.addr, relayed, &error);
         self.links_changed.notify_waiters();
         tracing::info!(peer = %addr, reason = why, "peer dropped");
     }
@@ -438,7 +438,7 @@ impl Inner {
         );
         drop(st);
         if let Some((relayed, error)) = replaced {
-            self.bounce(relayed, &error);
+            self.bounce(peer.addr, relayed, &error);
         }
         let writer = self.writer(&peer, &tokens, None);
         self.clone()

@@ -4,8 +4,10 @@
 use std::future::{Ready, ready};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use futures_util::FutureExt;
+use tokio::time::Instant;
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -55,13 +57,50 @@ impl Inner {
     fn enqueue_hop(self: &Arc<Self>, hop: NextHop, env: Envelope) -> Result<(), RpcError> {
         let peer = self.link_peer(hop.addr())?;
         self.ensure_link(&peer)?;
+        let track = match &env.body {
+            Some(Body::Request(r)) if !r.oneway => Some((
+                (env.from, r.id),
+                Instant::now() + Duration::from_millis(r.timeout_ms.max(1).into()),
+            )),
+            // An answer passing through: its call is no longer in flight here.
+            Some(Body::Response(r)) => {
+                self.relays_lock().remove(&(env.to, r.id));
+                None
+            }
+            _ => None,
+        };
         let item = Outbound {
             deadline: self.oneway_deadline(&peer),
             env,
         };
         peer.try_enqueue(item).map_err(|(e, _)| e)?;
+        if let Some((key, until)) = track {
+            self.track_relay(key, hop.addr(), until);
+        }
         self.after_enqueue(&peer);
         Ok(())
+    }
+
+    fn relays_lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, crate::hash::FastMap<(u32, u64), (LogicAddr, Instant)>> {
+        self.relays.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Remembers a relayed request in flight toward `via` until `until`. Bounded: expired
+    /// entries are swept when the table is full, and past its limit a request is not tracked
+    /// (its caller then learns of a failed link at its own deadline).
+    fn track_relay(&self, key: (u32, u64), via: LogicAddr, until: Instant) {
+        let limit = self.config.peer_queue.saturating_mul(8);
+        let mut relays = self.relays_lock();
+        if relays.len() >= limit {
+            let now = Instant::now();
+            relays.retain(|_, (_, t)| *t > now);
+            if relays.len() >= limit {
+                return;
+            }
+        }
+        relays.insert(key, (via, until));
     }
 
     /// Forwards `env` (not addressed to this harbor) one hop on. A request that cannot go on
@@ -112,13 +151,38 @@ impl Inner {
         }
     }
 
-    /// Answers requests of other nodes' callers that were queued here for a link that failed
-    /// (`error`), so those callers learn it now rather than at their deadline. Runs with no
-    /// lock held.
-    pub(crate) fn bounce(&self, lost: Vec<Envelope>, error: &RpcError) {
-        for env in lost {
-            let (Some(Body::Request(r)), Ok(caller)) = (env.body, LogicAddr::from_u32(env.from))
-            else {
+    /// Answers the callers of requests relayed toward `via` whose link failed with `error`:
+    /// those still queued (`lost`, taken from the failed peer's queue) and those already sent
+    /// and not yet answered, so every caller learns it now rather than at its deadline. Runs
+    /// with no lock held.
+    pub(crate) fn bounce(&self, via: LogicAddr, lost: Vec<Envelope>, error: &RpcError) {
+        // (A harbor shutting down is a lost path to the caller, not a target shutting down.)
+        let code = match error {
+            RpcError::NoRoute { .. } => ErrorCode::NO_ROUTE,
+            _ => ErrorCode::PEER_LOST,
+        };
+        let mut callers: Vec<(u32, u64)> = lost
+            .into_iter()
+            .filter_map(|env| match env.body {
+                Some(Body::Request(r)) if !r.oneway => Some((env.from, r.id)),
+                _ => None,
+            })
+            .collect();
+        if self.addr.is_harbor() {
+            let now = Instant::now();
+            let mut relays = self.relays_lock();
+            callers.extend(
+                relays
+                    .iter()
+                    .filter(|(_, (v, t))| *v == via && *t > now)
+                    .map(|(k, _)| *k),
+            );
+            relays.retain(|_, (v, t)| *v != via && *t > now);
+        }
+        callers.sort_unstable();
+        callers.dedup();
+        for (caller, id) in callers {
+            let Ok(caller) = LogicAddr::from_u32(caller) else {
                 continue;
             };
             if caller == self.addr {
@@ -128,15 +192,10 @@ impl Inner {
                 Stats::incr(&self.stats.envelopes_lost);
                 continue;
             };
-            // (A harbor shutting down is a lost path to the caller, not a target shutting down.)
-            let code = match error {
-                RpcError::NoRoute { .. } => ErrorCode::NO_ROUTE,
-                _ => ErrorCode::PEER_LOST,
-            };
             self.server.respond(
                 &back,
                 caller,
-                r.id,
+                id,
                 None,
                 Err(HandlerError {
                     code,
