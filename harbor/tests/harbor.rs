@@ -284,3 +284,130 @@ async fn harbor_processes_carry_calls_and_messages_between_clusters() {
     client.shutdown().await;
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_harbor_in_use_moves_traffic_to_the_other() {
+    let etcd = Etcd::start();
+    let mut kv = etcd_client::Client::connect([etcd.endpoint.clone()], None)
+        .await
+        .unwrap();
+    let server_net = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let client_net = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let members = vec![
+        Member::new(a("1.1.1"), server_net.local_addr().unwrap().to_string()).with_export(true),
+        Member::new(a("1.255.1"), free_port()),
+        Member::new(a("1.255.2"), free_port()),
+        Member::new(a("2.255.1"), free_port()),
+        Member::new(a("2.2.1"), client_net.local_addr().unwrap().to_string()),
+    ];
+    for m in &members {
+        kv.put(member_key(PREFIX, m.addr), encode_member(m), None)
+            .await
+            .unwrap();
+    }
+    // The cluster-1 harbor traffic to 1.1.1 takes, by the rule every node routes by.
+    let path = clustergo::membership::route::route(a("2.2.1"), a("1.1.1"), &members).unwrap();
+    let in_use = path
+        .iter()
+        .find_map(|hop| match hop {
+            clustergo::membership::route::Hop::Link { to, .. }
+                if to.cluster() == 1 && to.is_harbor() =>
+            {
+                Some(*to)
+            }
+            _ => None,
+        })
+        .unwrap();
+    let mut harbors: Vec<(LogicAddr, HarborProc)> = ["1.255.1", "1.255.2", "2.255.1"]
+        .into_iter()
+        .map(|h| (a(h), start_harbor(&etcd, h)))
+        .collect();
+
+    let arrived = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let seen = arrived.clone();
+    let server = node(&etcd, "1.1.1", server_net)
+        .await
+        .rpc("who", |ctx, _| async move {
+            Ok::<_, HandlerError>(Bytes::from(format!("{} called", ctx.from())))
+        })
+        // Its slow handlers are still running when the test ends: a short grace.
+        .config(
+            NodeConfig::default()
+                .secret(SECRET)
+                .shutdown_grace(Duration::from_millis(300)),
+        )
+        .rpc("slow", move |_, _| {
+            seen.add_permits(1);
+            async {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                Ok::<_, HandlerError>(Bytes::new())
+            }
+        })
+        .build();
+    tokio::time::timeout(WAIT, server.start())
+        .await
+        .unwrap()
+        .unwrap();
+    let client = node(&etcd, "2.2.1", client_net).await.build();
+    tokio::time::timeout(WAIT, client.start())
+        .await
+        .unwrap()
+        .unwrap();
+    // Until the harbors see each other alive, there may be no route yet.
+    tokio::time::timeout(WAIT, async {
+        while client.call(a("1.1.1"), "who", Bytes::new()).await.is_err() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .unwrap();
+
+    // Calls in flight through the harbor in use when it is killed.
+    let calls: Vec<_> = (0..4)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                client
+                    .call_timeout(a("1.1.1"), "slow", Bytes::new(), Duration::from_secs(30))
+                    .await
+            })
+        })
+        .collect();
+    let _all = tokio::time::timeout(WAIT, arrived.acquire_many(4))
+        .await
+        .unwrap();
+    let i = harbors.iter().position(|(h, _)| *h == in_use).unwrap();
+    let (_, mut victim) = harbors.remove(i);
+    let killed = std::time::Instant::now();
+    victim.0.kill().unwrap();
+    let _ = victim.0.wait();
+    for call in calls {
+        let e = tokio::time::timeout(WAIT, call)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap_err();
+        assert!(matches!(&e, RpcError::PeerLost { .. }), "{e:?}");
+    }
+    // New calls go through the other harbor, within the failover bound.
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match client.call(a("1.1.1"), "who", Bytes::new()).await {
+                Ok(reply) => break assert_eq!(&reply[..], b"2.2.1 called"),
+                Err(_) => tokio::task::yield_now().await,
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let failover = killed.elapsed();
+    assert!(
+        failover < Duration::from_secs(3),
+        "failover took {failover:?}"
+    );
+    for _ in 0..20 {
+        client.call(a("1.1.1"), "who", Bytes::new()).await.unwrap();
+    }
+    client.shutdown().await;
+    server.shutdown().await;
+}
