@@ -47,6 +47,16 @@ struct File {
     shutdown_grace_secs: Option<u64>,
     max_envelope_bytes: Option<usize>,
     etcd: Option<EtcdFile>,
+    harbors_center: Option<CenterFile>,
+}
+
+/// Where every cluster lists its harbors, when clusters keep membership in separate stores.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CenterFile {
+    #[serde(default)]
+    endpoints: Vec<String>,
+    prefix: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -73,6 +83,8 @@ pub(crate) struct Config {
     pub(crate) shutdown_grace: Duration,
     /// Largest payload relayed.
     pub(crate) max_envelope: usize,
+    /// The harbors center (endpoints, prefix), if clusters keep separate stores.
+    pub(crate) center: Option<(Vec<String>, String)>,
 }
 
 impl Config {
@@ -113,14 +125,7 @@ impl Config {
                     .into(),
             );
         }
-        if let Some(bad) = endpoints
-            .iter()
-            .find(|e| !(e.starts_with("http://") || e.starts_with("https://")))
-        {
-            return Err(format!(
-                "etcd endpoint {bad:?} must start with http:// or https://"
-            ));
-        }
+        check_endpoints("etcd", &endpoints)?;
         let prefix = args
             .prefix
             .or(etcd.prefix)
@@ -148,7 +153,24 @@ impl Config {
                 "max_envelope_bytes {max_envelope} must be in 1024..=1073741824"
             ));
         }
+        let center = match file.harbors_center {
+            None => None,
+            Some(c) => {
+                if c.endpoints.is_empty() {
+                    return Err("[harbors_center] needs endpoints".into());
+                }
+                check_endpoints("harbors_center", &c.endpoints)?;
+                let prefix = c.prefix.ok_or("[harbors_center] needs a prefix")?;
+                if !prefix.starts_with('/') {
+                    return Err(format!(
+                        "harbors_center prefix {prefix:?} must start with '/'"
+                    ));
+                }
+                Some((c.endpoints, prefix))
+            }
+        };
         Ok(Config {
+            center,
             max_envelope,
             addr,
             endpoints,
@@ -156,5 +178,17 @@ impl Config {
             lease_ttl: Duration::from_secs(ttl),
             shutdown_grace: Duration::from_secs(grace),
         })
+    }
+}
+
+fn check_endpoints(what: &str, endpoints: &[String]) -> Result<(), String> {
+    match endpoints
+        .iter()
+        .find(|e| !(e.starts_with("http://") || e.starts_with("https://")))
+    {
+        Some(bad) => Err(format!(
+            "{what} endpoint {bad:?} must start with http:// or https://"
+        )),
+        None => Ok(()),
     }
 }

@@ -52,11 +52,14 @@ fn main() -> ExitCode {
 
 async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let me = config.addr;
-    let discovery = EtcdDiscovery::connect(
+    let mut discovery = EtcdDiscovery::connect(
         config.endpoints.clone(),
         config.prefix.clone(),
         EtcdOptions::default().lease_ttl(config.lease_ttl),
     );
+    if let Some((endpoints, prefix)) = &config.center {
+        discovery = discovery.with_harbors_center(endpoints.clone(), prefix.clone());
+    }
     let handle: Arc<OnceLock<Node>> = Arc::default();
     let status_of = handle.clone();
     let node = Node::builder(me)

@@ -78,6 +78,16 @@ fn bad_configurations_are_refused_before_anything_binds() {
         ),
         (ok_etcd.to_owned(), "no harbor address"),
         (
+            format!("addr = \"1.255.1\"\n{ok_etcd}[harbors_center]\nprefix = \"/h\"\n"),
+            "[harbors_center] needs endpoints",
+        ),
+        (
+            format!(
+                "addr = \"1.255.1\"\n{ok_etcd}[harbors_center]\nendpoints = [\"http://h:1\"]\n"
+            ),
+            "[harbors_center] needs a prefix",
+        ),
+        (
             format!("addr = \"1.255.1\"\nmax_envelope_bytes = 0\n{ok_etcd}"),
             "max_envelope_bytes 0 must be in",
         ),

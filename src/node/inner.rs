@@ -330,7 +330,8 @@ impl Inner {
         drop(st);
         let this = self.clone();
         let peer = peer.clone();
-        let span = tracing::info_span!("dial", node = %self.addr, peer = %peer.addr, link_gen);
+        // A root span: a dial started by a relay must not appear inside that link's span.
+        let span = tracing::info_span!(parent: None, "dial", node = %self.addr, peer = %peer.addr, link_gen);
         self.tracker.spawn(tracing::Instrument::instrument(
             async move { this.dial(peer, link_gen, backoff).await },
             span,

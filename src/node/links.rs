@@ -241,7 +241,7 @@ impl Inner {
         }
         self.links_changed.notify_waiters();
         let this = self.clone();
-        let span = tracing::info_span!("link", node = %self.addr, peer = %peer.addr, link_gen);
+        let span = tracing::info_span!(parent: None, "link", node = %self.addr, peer = %peer.addr, link_gen);
         self.tracker.spawn(tracing::Instrument::instrument(
             async move {
                 // Keeps the dialed connection open for the life of the link.

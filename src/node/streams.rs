@@ -214,7 +214,8 @@ impl Inner {
         Stats::incr(&self.stats.streams_accepted);
         peer.streams.push_ready(shared.clone());
         let task = handler(Stream::new(shared));
-        let span = tracing::debug_span!("stream", node = %self.addr, peer = %peer.addr, id);
+        let span =
+            tracing::debug_span!(parent: None, "stream", node = %self.addr, peer = %peer.addr, id);
         self.tracker
             .spawn(tracing::Instrument::instrument(task, span));
     }
