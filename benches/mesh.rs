@@ -501,6 +501,15 @@ async fn spawn_peer(opts: &Opts, args: &[String]) -> Result<(PeerProc, u16), Str
     Ok((proc, node_port))
 }
 
+async fn stop_node(node: &Node) {
+    if tokio::time::timeout(Duration::from_secs(10), node.shutdown())
+        .await
+        .is_err()
+    {
+        eprintln!("bench: node shutdown took over 10 s");
+    }
+}
+
 async fn stop_peer(p: &mut PeerProc) {
     drop(p.stdin.take()); // the peer exits by itself on EOF ...
     let _ = p.child.kill().await; // ... and is killed and reaped regardless
@@ -603,12 +612,7 @@ async fn run_mode(opts: &Opts, name: &str) -> Result<Row, String> {
         Ok(Row { mesh, raw })
     }
     .await;
-    if tokio::time::timeout(Duration::from_secs(10), node.shutdown())
-        .await
-        .is_err()
-    {
-        eprintln!("bench: node shutdown took over 10 s");
-    }
+    stop_node(&node).await;
     stop_peer(&mut peer).await;
     result
 }
@@ -663,12 +667,7 @@ async fn run_harbor_mode(opts: &Opts, listener: std::net::TcpListener) -> Result
         Ok(Row { mesh, raw })
     }
     .await;
-    if tokio::time::timeout(Duration::from_secs(10), node.shutdown())
-        .await
-        .is_err()
-    {
-        eprintln!("bench: node shutdown took over 10 s");
-    }
+    stop_node(&node).await;
     for p in &mut procs {
         stop_peer(p).await;
     }
