@@ -101,10 +101,6 @@ async fn calls_and_messages_cross_clusters_through_harbors() {
     }
     assert!(h2.stats().envelopes_forwarded >= u64::from(N));
     assert!(h1.stats().envelopes_forwarded >= u64::from(N));
-
-    // Streams do not cross clusters yet: a clear error, at once.
-    let e = within(client.open_stream(server.addr())).await.unwrap_err();
-    assert!(matches!(e, StreamError::NoRoute { .. }), "{e:?}");
 }
 
 #[tokio::test]
@@ -331,4 +327,85 @@ async fn calls_in_flight_through_a_harbor_that_dies_fail_with_peer_lost_at_once(
         .await
         .unwrap();
     assert!(h2.stats().envelopes_forwarded > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_cross_clusters_and_end_on_both_sides_when_a_harbor_dies() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    support::init_tracing();
+    let mut c = Cluster::new(&["1.1.1", "1.255.1", "1.255.2", "2.255.1", "2.2.1"]);
+    c.members.set_export(a("1.1.1"), true);
+    let (ended_tx, mut ended_rx) = tokio::sync::mpsc::channel::<(String, std::io::Error)>(4);
+    let server = c
+        .start("1.1.1", move |b| {
+            b.on_stream(move |s: clustergo::Stream| {
+                let ended_tx = ended_tx.clone();
+                async move {
+                    let (from, meta) = (s.peer(), s.metadata().get("player").map(String::from));
+                    let (mut r, mut w) = s.into_split();
+                    let greeting = format!("{from} {}\n", meta.unwrap_or_default());
+                    if w.write_all(greeting.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    match tokio::io::copy(&mut r, &mut w).await {
+                        Ok(_) => {
+                            let _ = w.shutdown().await;
+                        }
+                        Err(e) => {
+                            let _ = ended_tx.send((from.to_string(), e)).await;
+                        }
+                    }
+                }
+            })
+        })
+        .await;
+    let harbors = [
+        c.start("1.255.1", |b| b).await,
+        c.start("1.255.2", |b| b).await,
+    ];
+    c.start("2.255.1", |b| b).await;
+    let client = c.start("2.2.1", |b| b).await;
+
+    // An echo of 1 MiB across clusters, metadata and the opener's address intact.
+    let meta = clustergo::StreamMeta::new().with("player", "p-42");
+    let s = within(client.open_stream_with(server.addr(), meta))
+        .await
+        .unwrap();
+    assert_eq!(s.peer(), server.addr());
+    let (mut r, mut w) = s.into_split();
+    let mut greeting = [0u8; 11];
+    within(r.read_exact(&mut greeting)).await.unwrap();
+    assert_eq!(&greeting, b"2.2.1 p-42\n");
+    let data: Vec<u8> = (0..1u32 << 20).map(|i| (i % 253) as u8).collect();
+    let expect = data.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&data).await.unwrap();
+        w
+    });
+    let mut back = vec![0u8; expect.len()];
+    within(r.read_exact(&mut back)).await.unwrap();
+    assert!(back == expect, "echo differs");
+    let _w = within(writer).await.unwrap();
+
+    // The cluster-1 harbor carrying it dies: both ends learn at once.
+    let used = harbors
+        .iter()
+        .find(|h| h.stats().envelopes_forwarded > 0)
+        .unwrap();
+    used.shutdown().await;
+    let mut buf = [0u8; 16];
+    let e = within(r.read(&mut buf)).await.unwrap_err();
+    assert!(
+        matches!(StreamError::from_io(&e), Some(StreamError::PeerLost { .. })),
+        "{e:?}"
+    );
+    let (from, e) = within(ended_rx.recv()).await.unwrap();
+    assert_eq!(from, "2.2.1");
+    assert!(
+        matches!(StreamError::from_io(&e), Some(StreamError::PeerLost { .. })),
+        "{e:?}"
+    );
+    // A new stream goes through the other harbor.
+    let s = within(client.open_stream(server.addr())).await.unwrap();
+    s.reset("done");
 }

@@ -98,11 +98,7 @@ impl Deliver for Inner {
                 | Body::Window(_)
                 | Body::Close(_)),
             ) => {
-                if from == peer.addr {
-                    self.deliver_stream(peer, body);
-                } else {
-                    self.refuse_relayed_stream(peer, from, body);
-                }
+                self.deliver_stream(peer, from, body);
             }
             None => Stats::incr(&self.stats.envelopes_misaddressed),
         }

@@ -77,6 +77,8 @@ pub(crate) struct Inner {
     /// hop they went to and when the caller stops waiting. Answered with `PEER_LOST` if that
     /// link fails first.
     pub(crate) relays: Mutex<FastMap<(u32, u64), (LogicAddr, Instant)>>,
+    /// A harbor's streams relayed between other nodes, by (opener, stream id).
+    pub(crate) stream_relays: Mutex<FastMap<(u32, u64), super::relay::StreamRelay>>,
     next_id: AtomicU64,
     pub(crate) next_gen: AtomicU64,
     /// Cancelled last in shutdown: ends every task and link.
@@ -141,6 +143,7 @@ impl Inner {
             ),
             live_streams,
             relays: Mutex::new(FastMap::default()),
+            stream_relays: Mutex::new(FastMap::default()),
             config,
             secret,
             dev_secret,
@@ -223,10 +226,19 @@ impl Inner {
     /// The peer slot of the next hop toward `to`: `to` itself in this cluster (created on
     /// first use for a member this node may see), a harbor for another cluster.
     pub(crate) fn peer_for(&self, to: LogicAddr) -> Result<Arc<Peer>, RpcError> {
+        self.peer_keyed(to, router::route_key(self.addr, to, false))
+    }
+
+    /// Like [`Inner::peer_for`] for a stream's envelopes: harbors picked by the unordered pair.
+    pub(crate) fn peer_for_stream(&self, to: LogicAddr) -> Result<Arc<Peer>, RpcError> {
+        self.peer_keyed(to, router::route_key(self.addr, to, true))
+    }
+
+    fn peer_keyed(&self, to: LogicAddr, key: u64) -> Result<Arc<Peer>, RpcError> {
         if to == self.addr {
             return Ok(self.self_peer.clone());
         }
-        let hop = self.next_hop(to).map_err(|e| match e {
+        let hop = self.next_hop_keyed(to, key).map_err(|e| match e {
             RouteError::NoRoute { reason, .. } => RpcError::NoRoute { to, reason },
             other => RpcError::NoRoute {
                 to,
@@ -236,11 +248,11 @@ impl Inner {
         self.link_peer(hop.addr())
     }
 
-    /// The next hop toward `to`; harbors whose link failed moments ago are passed over while
-    /// another one is available.
-    pub(crate) fn next_hop(&self, to: LogicAddr) -> Result<NextHop, RouteError> {
+    /// The next hop toward `to`, harbors picked by `key`; harbors whose link failed moments ago
+    /// are passed over while another one is available.
+    pub(crate) fn next_hop_keyed(&self, to: LogicAddr, key: u64) -> Result<NextHop, RouteError> {
         let view = self.view();
-        router::next_hop(self.addr, to, &view, &|h| self.failed_recently(h))
+        router::next_hop(self.addr, to, key, &view, &|h| self.failed_recently(h))
     }
 
     /// Whether the link to `addr` failed (dropped, or a dial failed) within the longest redial

@@ -19,6 +19,16 @@ use crate::proto::{self, Envelope, envelope::Body};
 use crate::router::{NextHop, RouteError, RouteLayer, Routes};
 use crate::stats::Stats;
 
+/// A stream relayed through this harbor: the neighbours on its opener's and its target's side.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StreamRelay {
+    opener_side: LogicAddr,
+    target_side: LogicAddr,
+    target: u32,
+    /// Fins seen: 1 from the opener, 2 from the target.
+    fins: u8,
+}
+
 /// Routes by the node's view (see [`Inner::next_hop`]).
 #[derive(Clone, Copy)]
 struct ViewRoutes<'a>(&'a Inner);
@@ -28,8 +38,8 @@ impl Routes for ViewRoutes<'_> {
         self.0.addr
     }
 
-    fn next_hop(&self, to: LogicAddr) -> Result<NextHop, RouteError> {
-        self.0.next_hop(to)
+    fn next_hop(&self, to: LogicAddr, key: u64) -> Result<NextHop, RouteError> {
+        self.0.next_hop_keyed(to, key)
     }
 }
 
@@ -37,7 +47,11 @@ impl Routes for ViewRoutes<'_> {
 /// need be. Never waits: a full queue is an error, so one slow neighbour cannot stall the
 /// harbor's reader (and with it everything else on that link).
 #[derive(Clone, Copy)]
-struct Enqueue<'a>(&'a Arc<Inner>);
+struct Enqueue<'a> {
+    node: &'a Arc<Inner>,
+    /// The neighbour the envelope came from.
+    came_by: LogicAddr,
+}
 
 impl Service<(NextHop, Envelope)> for Enqueue<'_> {
     type Response = ();
@@ -49,14 +63,20 @@ impl Service<(NextHop, Envelope)> for Enqueue<'_> {
     }
 
     fn call(&mut self, (hop, env): (NextHop, Envelope)) -> Self::Future {
-        ready(self.0.enqueue_hop(hop, env))
+        ready(self.node.enqueue_hop(self.came_by, hop, env))
     }
 }
 
 impl Inner {
-    fn enqueue_hop(self: &Arc<Self>, hop: NextHop, env: Envelope) -> Result<(), RpcError> {
+    fn enqueue_hop(
+        self: &Arc<Self>,
+        came_by: LogicAddr,
+        hop: NextHop,
+        env: Envelope,
+    ) -> Result<(), RpcError> {
         let peer = self.link_peer(hop.addr())?;
         self.ensure_link(&peer)?;
+        self.note_stream_relay(came_by, hop.addr(), &env);
         let track = match &env.body {
             Some(Body::Request(r)) if !r.oneway => Some((
                 (env.from, r.id),
@@ -79,6 +99,93 @@ impl Inner {
         }
         self.after_enqueue(&peer);
         Ok(())
+    }
+
+    /// Keeps the table of streams relayed here: an open adds its two links, a reset or the
+    /// second fin removes it.
+    fn note_stream_relay(&self, came_by: LogicAddr, next: LogicAddr, env: &Envelope) {
+        let (id, to_opener, closes, fin) = match &env.body {
+            Some(Body::Open(o)) => {
+                let mut relays = self.stream_relays_lock();
+                if relays.len() < self.config.max_streams.saturating_mul(8) {
+                    relays.insert(
+                        (env.from, o.id),
+                        StreamRelay {
+                            opener_side: came_by,
+                            target_side: next,
+                            target: env.to,
+                            fins: 0,
+                        },
+                    );
+                }
+                return;
+            }
+            Some(Body::Close(c)) => (c.id, c.to_opener, true, false),
+            Some(Body::Data(d)) if d.fin => (d.id, d.to_opener, false, true),
+            _ => return,
+        };
+        let opener = if to_opener { env.to } else { env.from };
+        let mut relays = self.stream_relays_lock();
+        let done = match relays.get_mut(&(opener, id)) {
+            Some(r) if fin => {
+                r.fins |= if to_opener { 2 } else { 1 };
+                r.fins == 3
+            }
+            Some(_) => closes,
+            None => false,
+        };
+        if done {
+            relays.remove(&(opener, id));
+        }
+    }
+
+    fn stream_relays_lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, crate::hash::FastMap<(u32, u64), StreamRelay>> {
+        self.stream_relays.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The link to `via` failed: ends the streams relayed over it at their other end, which
+    /// would otherwise wait for a peer that can no longer reach it.
+    fn fail_stream_relays(&self, via: LogicAddr, error: &RpcError) {
+        let lost: Vec<((u32, u64), StreamRelay)> = {
+            let mut relays = self.stream_relays_lock();
+            let keys: Vec<_> = relays
+                .iter()
+                .filter(|(_, r)| r.opener_side == via || r.target_side == via)
+                .map(|(k, _)| *k)
+                .collect();
+            keys.into_iter()
+                .filter_map(|k| relays.remove(&k).map(|r| (k, r)))
+                .collect()
+        };
+        for ((opener, id), r) in lost {
+            // Tell the side that is still reachable, as if the other end had sent it.
+            let (from, to, to_opener, other) = if r.opener_side == via {
+                (opener, r.target, false, r.target_side)
+            } else {
+                (r.target, opener, true, r.opener_side)
+            };
+            let Ok(next) = self.link_peer(other) else {
+                continue;
+            };
+            let env = Envelope {
+                to,
+                from,
+                hops: 0,
+                trace: bytes::Bytes::new(),
+                body: Some(Body::Close(proto::StreamClose {
+                    id,
+                    to_opener,
+                    code: ErrorCode::PEER_LOST.0,
+                    reason: format!("{error} (at {})", self.addr),
+                })),
+            };
+            let _ = next.try_enqueue(Outbound {
+                env,
+                deadline: None,
+            });
+        }
     }
 
     fn relays_lock(
@@ -112,7 +219,10 @@ impl Inner {
             _ => None,
         };
         let (to, from) = (env.to, env.from);
-        let mut route = RouteLayer::new(ViewRoutes(self)).layer(Enqueue(self));
+        let mut route = RouteLayer::new(ViewRoutes(self)).layer(Enqueue {
+            node: self,
+            came_by: came_by.addr,
+        });
         let sent = match route.poll_ready(&mut Context::from_waker(std::task::Waker::noop())) {
             Poll::Ready(Ok(())) => route
                 .call(env)
@@ -156,6 +266,9 @@ impl Inner {
     /// and not yet answered, so every caller learns it now rather than at its deadline. Runs
     /// with no lock held.
     pub(crate) fn bounce(&self, via: LogicAddr, lost: Vec<Envelope>, error: &RpcError) {
+        if self.addr.is_harbor() {
+            self.fail_stream_relays(via, error);
+        }
         // (A harbor shutting down is a lost path to the caller, not a target shutting down.)
         let code = match error {
             RpcError::NoRoute { .. } => ErrorCode::NO_ROUTE,
@@ -204,29 +317,6 @@ impl Inner {
                 false,
             );
         }
-    }
-
-    /// Streams do not cross clusters yet: a relayed open is refused with the reason, other
-    /// relayed stream envelopes are dropped.
-    pub(crate) fn refuse_relayed_stream(&self, came_by: &Arc<Peer>, from: LogicAddr, body: Body) {
-        let Body::Open(o) = body else {
-            Stats::incr(&self.stats.stream_envelopes_unknown);
-            return;
-        };
-        Stats::incr(&self.stats.streams_refused);
-        let close = Body::Close(proto::StreamClose {
-            id: o.id,
-            to_opener: true,
-            code: ErrorCode::NO_ROUTE.0,
-            reason: format!(
-                "streams between clusters are not routed yet ({from} to {})",
-                self.addr
-            ),
-        });
-        let _ = came_by.try_enqueue(Outbound {
-            env: self.envelope(from, close),
-            deadline: None,
-        });
     }
 }
 

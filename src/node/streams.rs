@@ -42,12 +42,6 @@ impl Inner {
         if to == self.addr {
             return Err(StreamError::ToSelf { node: self.addr });
         }
-        if to.cluster() != self.addr.cluster() {
-            return Err(StreamError::NoRoute {
-                to,
-                reason: "streams between clusters are not routed yet".into(),
-            });
-        }
         let size = meta.size();
         if size > self.config.max_envelope {
             return Err(StreamError::TooLarge {
@@ -55,7 +49,8 @@ impl Inner {
                 limit: self.config.max_envelope,
             });
         }
-        let peer = self.peer_for(to).map_err(link)?;
+        // In another cluster: the harbor both directions of this stream cross.
+        let peer = self.peer_for_stream(to).map_err(link)?;
         self.ensure_link(&peer).map_err(link)?;
         let (shared, accepted) = peer
             .streams
@@ -109,10 +104,11 @@ impl Inner {
         }
     }
 
-    /// Hands a stream envelope from `peer` to its stream.
-    pub(crate) fn deliver_stream(&self, peer: &Arc<Peer>, body: Body) {
+    /// Hands a stream envelope `from` a node (over the link to `peer`: the node itself, or a
+    /// harbor on the way) to its stream.
+    pub(crate) fn deliver_stream(&self, peer: &Arc<Peer>, from: LogicAddr, body: Body) {
         let find = |id: u64, to_opener: bool| {
-            let found = peer.streams.get(stream::key(id, to_opener));
+            let found = peer.streams.get(stream::key(from, id, to_opener));
             if found.is_none() {
                 // Closed or reset here meanwhile: what was in flight is moot.
                 Stats::incr(&self.stats.stream_envelopes_unknown);
@@ -120,7 +116,7 @@ impl Inner {
             found
         };
         match body {
-            Body::Open(o) => self.accept_stream(peer, o.id, o.window, o.meta),
+            Body::Open(o) => self.accept_stream(peer, from, o.id, o.window, o.meta),
             Body::Accept(a) => {
                 if let Some(s) = find(a.id, true) {
                     s.on_accept(a.window)
@@ -148,12 +144,19 @@ impl Inner {
         }
     }
 
-    fn accept_stream(&self, peer: &Arc<Peer>, id: u64, window: u32, meta: Vec<proto::StreamMeta>) {
+    fn accept_stream(
+        &self,
+        peer: &Arc<Peer>,
+        from: LogicAddr,
+        id: u64,
+        window: u32,
+        meta: Vec<proto::StreamMeta>,
+    ) {
         let refuse = |code: ErrorCode, reason: String| {
             Stats::incr(&self.stats.streams_refused);
-            tracing::debug!(peer = %peer.addr, id, reason, "stream refused");
+            tracing::debug!(%from, id, reason, "stream refused");
             let env = self.envelope(
-                peer.addr,
+                from,
                 Body::Close(proto::StreamClose {
                     id,
                     to_opener: true,
@@ -183,7 +186,7 @@ impl Inner {
             id,
             opened_here: false,
             local: self.addr,
-            remote: peer.addr,
+            remote: from,
             meta: StreamMeta::from_wire(meta),
             peer: Arc::downgrade(peer),
             chunk: self.config.stream_chunk(),
@@ -197,7 +200,7 @@ impl Inner {
                     ErrorCode::REFUSED,
                     format!(
                         "too many streams between {} and {} (limit {limit})",
-                        self.addr, peer.addr
+                        self.addr, from
                     ),
                 );
             }

@@ -68,11 +68,27 @@ pub(crate) enum RouteError {
     },
 }
 
-/// The next hop from `me` to `to` over `view`, passing over harbors `avoid` rejects while
-/// another one is available.
+/// The key a harbor is picked by for an envelope `from` → `to`: the destination, or for stream
+/// envelopes the unordered pair, so both directions of a stream cross the same harbors (each
+/// harbor on the way can then end both sides when one of its links fails).
+pub(crate) fn route_key(from: LogicAddr, to: LogicAddr, stream: bool) -> u64 {
+    if stream {
+        let (a, b) = (
+            from.as_u32().min(to.as_u32()),
+            from.as_u32().max(to.as_u32()),
+        );
+        (u64::from(a) << 32) | u64::from(b)
+    } else {
+        u64::from(to.as_u32())
+    }
+}
+
+/// The next hop from `me` to `to` over `view`, picking harbors by `key` (see [`route_key`]) and
+/// passing over harbors `avoid` rejects while another one is available.
 pub(crate) fn next_hop(
     me: LogicAddr,
     to: LogicAddr,
+    key: u64,
     view: &View,
     avoid: &dyn Fn(LogicAddr) -> bool,
 ) -> Result<NextHop, RouteError> {
@@ -85,7 +101,7 @@ pub(crate) fn next_hop(
     } else {
         me.cluster()
     };
-    view.pick_harbor(cluster, u64::from(to.as_u32()), avoid)
+    view.pick_harbor(cluster, key, avoid)
         .map(NextHop::Harbor)
         .ok_or_else(|| RouteError::NoRoute {
             at: me,
@@ -103,6 +119,10 @@ mod tests {
         s.parse().unwrap()
     }
 
+    fn k(s: &str) -> u64 {
+        u64::from(a(s).as_u32())
+    }
+
     fn view(me: &str, members: &[&str]) -> View {
         View::new(
             a(me),
@@ -117,23 +137,23 @@ mod tests {
         let none = |_| false;
         let v = view("2.1.1", ALL);
         assert_eq!(
-            next_hop(a("2.1.1"), a("2.1.9"), &v, &none),
+            next_hop(a("2.1.1"), a("2.1.9"), k("2.1.9"), &v, &none),
             Ok(NextHop::Direct(a("2.1.9")))
         );
-        let hop = next_hop(a("2.1.1"), a("1.1.1"), &v, &none).unwrap();
+        let hop = next_hop(a("2.1.1"), a("1.1.1"), k("1.1.1"), &v, &none).unwrap();
         assert!(
             matches!(hop, NextHop::Harbor(h) if h.cluster() == 2 && h.is_harbor()),
             "{hop:?}"
         );
         // A harbor sends to the target cluster's harbor, or straight to a harbor target.
         let hv = view("2.255.1", ALL);
-        let hop = next_hop(a("2.255.1"), a("1.1.1"), &hv, &none).unwrap();
+        let hop = next_hop(a("2.255.1"), a("1.1.1"), k("1.1.1"), &hv, &none).unwrap();
         assert!(
             matches!(hop, NextHop::Harbor(h) if h.cluster() == 1),
             "{hop:?}"
         );
         assert_eq!(
-            next_hop(a("2.255.1"), a("1.255.2"), &hv, &none),
+            next_hop(a("2.255.1"), a("1.255.2"), k("1.255.2"), &hv, &none),
             Ok(NextHop::Direct(a("1.255.2")))
         );
     }
@@ -142,43 +162,67 @@ mod tests {
     fn the_harbor_choice_is_sticky_and_fails_over() {
         let v = view("2.1.1", ALL);
         let none = |_| false;
-        let first = next_hop(a("2.1.1"), a("1.1.1"), &v, &none).unwrap().addr();
+        let first = next_hop(a("2.1.1"), a("1.1.1"), k("1.1.1"), &v, &none)
+            .unwrap()
+            .addr();
         for _ in 0..10 {
             assert_eq!(
-                next_hop(a("2.1.1"), a("1.1.1"), &v, &none).unwrap().addr(),
+                next_hop(a("2.1.1"), a("1.1.1"), k("1.1.1"), &v, &none)
+                    .unwrap()
+                    .addr(),
                 first
             );
         }
         // Destinations spread over both harbors.
         let used: std::collections::HashSet<_> = (1..64)
             .map(|s| {
-                next_hop(a("2.1.1"), LogicAddr::new(1, 1, s).unwrap(), &v, &none)
+                let to = LogicAddr::new(1, 1, s).unwrap();
+                next_hop(a("2.1.1"), to, u64::from(to.as_u32()), &v, &none)
                     .unwrap()
                     .addr()
             })
             .collect();
         assert_eq!(used.len(), 2);
         // The chosen harbor is avoided while another is left; with none left it is used.
-        let other = next_hop(a("2.1.1"), a("1.1.1"), &v, &|h| h == first)
+        let other = next_hop(a("2.1.1"), a("1.1.1"), k("1.1.1"), &v, &|h| h == first)
             .unwrap()
             .addr();
         assert_ne!(other, first);
-        let all_down = next_hop(a("2.1.1"), a("1.1.1"), &v, &|_| true)
+        let all_down = next_hop(a("2.1.1"), a("1.1.1"), k("1.1.1"), &v, &|_| true)
             .unwrap()
             .addr();
         assert_eq!(all_down, first);
     }
 
     #[test]
+    fn a_streams_harbors_are_the_same_both_ways() {
+        let v2 = view("2.1.1", ALL);
+        let v1 = view("1.1.1", ALL);
+        let hv2 = view("2.255.1", ALL);
+        let hv1 = view("1.255.1", ALL);
+        let none = |_| false;
+        for s in 1..32 {
+            let (x, y) = (a("2.1.1"), LogicAddr::new(1, 1, s).unwrap());
+            let key = route_key(x, y, true);
+            assert_eq!(key, route_key(y, x, true));
+            let h2 = next_hop(x, y, key, &v2, &none).unwrap().addr();
+            let h1 = next_hop(h2, y, key, &hv2, &none).unwrap().addr();
+            // Back: the target's harbor is the same one, and so is the opener's.
+            assert_eq!(next_hop(y, x, key, &v1, &none).unwrap().addr(), h1);
+            assert_eq!(next_hop(h1, x, key, &hv1, &none).unwrap().addr(), h2);
+        }
+    }
+
+    #[test]
     fn no_harbor_is_a_named_error() {
         let v = view("2.1.1", &["2.1.1", "1.1.1", "1.255.1"]);
-        let e = next_hop(a("2.1.1"), a("1.1.1"), &v, &|_| false).unwrap_err();
+        let e = next_hop(a("2.1.1"), a("1.1.1"), k("1.1.1"), &v, &|_| false).unwrap_err();
         assert_eq!(
             e.to_string(),
             "2.1.1 has no route to 1.1.1: no available harbor in cluster 2"
         );
         let hv = view("2.255.1", &["2.255.1", "2.1.1"]);
-        let e = next_hop(a("2.255.1"), a("1.1.1"), &hv, &|_| false).unwrap_err();
+        let e = next_hop(a("2.255.1"), a("1.1.1"), k("1.1.1"), &hv, &|_| false).unwrap_err();
         assert!(
             e.to_string().ends_with("no available harbor in cluster 1"),
             "{e}"

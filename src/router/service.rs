@@ -8,7 +8,7 @@ use tower_service::Service;
 
 use super::{MAX_HOPS, NextHop, RouteError};
 use crate::addr::LogicAddr;
-use crate::proto::Envelope;
+use crate::proto::{Envelope, envelope::Body};
 
 /// Boxed errors, as tower middleware passes them on.
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -17,8 +17,8 @@ pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub(crate) trait Routes {
     /// The routing node.
     fn me(&self) -> LogicAddr;
-    /// The next hop toward `to`.
-    fn next_hop(&self, to: LogicAddr) -> Result<NextHop, RouteError>;
+    /// The next hop toward `to`, harbors picked by `key` (see [`super::route_key`]).
+    fn next_hop(&self, to: LogicAddr, key: u64) -> Result<NextHop, RouteError>;
 }
 
 /// Forwards an envelope one hop: counts the hop, stops it at [`MAX_HOPS`], picks the next hop
@@ -74,7 +74,17 @@ where
             let hops = env.hops;
             return Either::Left(ready(Err(RouteError::HopLimit { at, to, hops }.into())));
         }
-        match self.routes.next_hop(to) {
+        let stream = matches!(
+            env.body,
+            Some(
+                Body::Open(_) | Body::Accept(_) | Body::Data(_) | Body::Window(_) | Body::Close(_)
+            )
+        );
+        let key = match LogicAddr::from_u32(env.from) {
+            Ok(from) => super::route_key(from, to, stream),
+            Err(_) => super::route_key(to, to, false),
+        };
+        match self.routes.next_hop(to, key) {
             Ok(hop) => Either::Right(
                 self.inner
                     .call((hop, env))
@@ -101,7 +111,7 @@ mod tests {
         fn me(&self) -> LogicAddr {
             self.me
         }
-        fn next_hop(&self, _to: LogicAddr) -> Result<NextHop, RouteError> {
+        fn next_hop(&self, _to: LogicAddr, _key: u64) -> Result<NextHop, RouteError> {
             self.hop.clone()
         }
     }

@@ -8,7 +8,9 @@
 //! [`Stream::reset`] — aborts it, and the peer's reads and writes fail with
 //! [`StreamError::Reset`].
 //!
-//! Streams ride the same link as RPC and messages. Each has a receive window
+//! Streams ride the same link as RPC and messages, and cross clusters through harbors like
+//! them (both directions by the same harbors, which end a stream at both sides when one of
+//! their links fails). Each has a receive window
 //! ([`NodeConfig::stream_window`](crate::NodeConfig::stream_window)): a reader that stops
 //! reading stalls only its own stream's writer; other streams, calls and messages keep
 //! flowing. Small writes are coalesced into the link's batches.

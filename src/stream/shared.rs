@@ -32,9 +32,10 @@ use crate::proto::{self, Envelope, envelope::Body};
 /// smaller ones are copied (see [`Shared::on_data`]).
 const SHARE_MIN: usize = 32 << 10;
 
-/// The receiver's key of a stream in its peer's table: the opener's id and which side opened.
-pub(crate) fn key(id: u64, opened_here: bool) -> u64 {
-    (id << 1) | u64::from(opened_here)
+/// A stream's key in the table of the link it uses: the node at the other end (a link to a
+/// harbor carries streams with many), the opener's id, and which side opened.
+pub(crate) fn key(remote: LogicAddr, id: u64, opened_here: bool) -> (u32, u64) {
+    (remote.as_u32(), (id << 1) | u64::from(opened_here))
 }
 
 pub(crate) struct Shared {
@@ -248,8 +249,8 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub(crate) fn key(&self) -> u64 {
-        key(self.id, self.opened_here)
+    pub(crate) fn key(&self) -> (u32, u64) {
+        key(self.remote, self.id, self.opened_here)
     }
 
     /// Called with the lock released: puts the stream on the ready queue and/or takes it out
@@ -420,6 +421,11 @@ impl Shared {
             ErrorCode::SHUTDOWN => StreamError::Shutdown { node: peer },
             ErrorCode::REFUSED => StreamError::Refused { peer, reason },
             ErrorCode::NO_ROUTE => StreamError::NoRoute { to: peer, reason },
+            // A harbor on the way lost its link toward the other end.
+            ErrorCode::PEER_LOST => StreamError::PeerLost {
+                peer,
+                cause: reason,
+            },
             code => StreamError::Reset { peer, code, reason },
         };
         self.fail(error);

@@ -50,7 +50,7 @@ pub(crate) struct Table {
 }
 
 struct Streams {
-    map: FastMap<u64, Arc<Shared>>,
+    map: FastMap<(u32, u64), Arc<Shared>>,
     next_id: u64,
     /// Cleared when the streams are failed (the link went down), set again when a link is
     /// dialed or admitted. Both happen under the peer's link-state lock, so a stream added
@@ -130,7 +130,7 @@ impl Table {
         Ok(())
     }
 
-    pub(crate) fn get(&self, key: u64) -> Option<Arc<Shared>> {
+    pub(crate) fn get(&self, key: (u32, u64)) -> Option<Arc<Shared>> {
         self.lock().map.get(&key).cloned()
     }
 
