@@ -1,5 +1,5 @@
 //! The harbor binary: configuration errors before binding, and real harbor processes carrying
-//! calls and messages between two clusters whose membership is in a real etcd.
+//! calls, messages and streams between two clusters whose membership is in a real etcd.
 
 #[path = "../../tests/support/etcd.rs"]
 mod etcd_server;
@@ -198,6 +198,12 @@ async fn harbor_processes_carry_calls_and_messages_between_clusters() {
         .on_cmd(Cmd(1), move |ctx, p| {
             let _ = seen_tx.send((ctx.from(), u32::from_be_bytes(p[..4].try_into().unwrap())));
         })
+        .on_stream(|s| async move {
+            let (mut r, mut w) = s.into_split();
+            if tokio::io::copy(&mut r, &mut w).await.is_ok() {
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut w).await;
+            }
+        })
         .build();
     tokio::time::timeout(WAIT, server.start())
         .await
@@ -239,7 +245,7 @@ async fn harbor_processes_carry_calls_and_messages_between_clusters() {
     .unwrap();
     assert_eq!(&reply[..], b"2.2.1 called");
 
-    const N: u32 = 1000;
+    const N: u32 = 10_000;
     for n in 0..N {
         client
             .send_cmd(a("1.1.1"), Cmd(1), Bytes::copy_from_slice(&n.to_be_bytes()))
@@ -253,6 +259,30 @@ async fn harbor_processes_carry_calls_and_messages_between_clusters() {
             .unwrap();
         assert_eq!((from, got), (a("2.2.1"), n));
     }
+
+    // A stream through both harbor processes: 256 KiB echoed, then a clean close.
+    let stream = tokio::time::timeout(WAIT, client.open_stream(a("1.1.1")))
+        .await
+        .unwrap()
+        .unwrap();
+    let (mut r, mut w) = stream.into_split();
+    let data: Vec<u8> = (0..256u32 << 10).map(|i| (i % 251) as u8).collect();
+    let sent = data.clone();
+    let writer = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        w.write_all(&sent).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let mut back = Vec::new();
+    tokio::time::timeout(
+        WAIT,
+        tokio::io::AsyncReadExt::read_to_end(&mut r, &mut back),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    writer.await.unwrap();
+    assert!(back == data, "stream echo differs");
 
     // The harbor reports its view of harbors and links.
     let status = client

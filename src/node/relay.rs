@@ -89,10 +89,12 @@ impl Inner {
             }
             _ => None,
         };
-        let item = Outbound {
-            deadline: self.oneway_deadline(&peer),
-            env,
+        // A request waiting here for a dial is useless after its caller's deadline.
+        let deadline = match (&track, self.oneway_deadline(&peer)) {
+            (Some((_, until)), Some(d)) => Some(d.min(*until)),
+            (_, d) => d,
         };
+        let item = Outbound { deadline, env };
         peer.try_enqueue(item).map_err(|(e, _)| e)?;
         if let Some((key, until)) = track {
             self.track_relay(key, hop.addr(), until);
@@ -394,6 +396,36 @@ mod tests {
             .unwrap();
         let stats = harbor.stats.snapshot();
         assert_eq!(stats.envelopes_forwarded + stats.envelopes_unroutable, 2);
+    }
+
+    #[tokio::test]
+    async fn a_request_over_the_hop_limit_is_answered_not_forwarded() {
+        let harbor = node("2.255.1", MEMBERS);
+        let from_harbor = harbor.new_peer(a("1.255.1"));
+        let mut env = request("2.1.5", "1.1.1");
+        env.hops = crate::router::MAX_HOPS;
+        if let Some(Body::Request(r)) = &mut env.body {
+            r.oneway = false;
+        }
+        harbor.deliver(&from_harbor, env).unwrap();
+        let stats = harbor.stats.snapshot();
+        assert_eq!(
+            (stats.envelopes_unroutable, stats.envelopes_forwarded),
+            (1, 0)
+        );
+        // The answer goes back over the link the request came by, naming the limit.
+        let answer = from_harbor.rx().try_recv().unwrap().env;
+        assert_eq!(answer.to, a("1.1.1").as_u32());
+        match answer.body {
+            Some(Body::Response(r)) => match r.result {
+                Some(crate::proto::response::Result::Error(e)) => {
+                    assert_eq!(e.code, crate::ErrorCode::NO_ROUTE.0);
+                    assert!(e.message.contains("hop"), "{}", e.message);
+                }
+                other => panic!("{other:?}"),
+            },
+            other => panic!("{other:?}"),
+        }
     }
 
     #[tokio::test]
