@@ -284,6 +284,23 @@ async fn harbor_processes_carry_calls_and_messages_between_clusters() {
     writer.await.unwrap();
     assert!(back == data, "stream echo differs");
 
+    // A target cluster 1 does not list: its harbor says so, for calls and for streams.
+    let e = client
+        .call(a("1.1.77"), "who", Bytes::new())
+        .await
+        .unwrap_err();
+    match &e {
+        RpcError::NoRoute { to, reason } => {
+            assert_eq!(*to, a("1.1.77"));
+            assert!(reason.contains("(at 1.255.1)"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let t = std::time::Instant::now();
+    let e = client.open_stream(a("1.1.77")).await.unwrap_err();
+    assert!(matches!(e, clustergo::StreamError::NoRoute { .. }), "{e:?}");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+
     // The harbor reports its view of harbors and links.
     let status = client
         .call(a("2.255.1"), "harbor.status", Bytes::new())

@@ -220,6 +220,10 @@ impl Inner {
             Some(Body::Request(r)) if !r.oneway => Some((r.id, env.from)),
             _ => None,
         };
+        let refused_open = match &env.body {
+            Some(Body::Open(o)) => Some(o.id),
+            _ => None,
+        };
         let (to, from) = (env.to, env.from);
         let mut route = RouteLayer::new(ViewRoutes(self)).layer(Enqueue {
             node: self,
@@ -257,9 +261,28 @@ impl Inner {
                 }),
                 false,
             ),
-            _ => {
-                tracing::warn!(node = %self.addr, to, from, reason, "dropped an envelope this harbor cannot forward")
-            }
+            _ => match (refused_open, LogicAddr::from_u32(from)) {
+                // A stream open is refused back to its opener, which would otherwise wait for
+                // its open timeout.
+                (Some(id), Ok(opener)) => {
+                    let close = Body::Close(proto::StreamClose {
+                        id,
+                        to_opener: true,
+                        code: ErrorCode::NO_ROUTE.0,
+                        reason,
+                    });
+                    let mut env = self.envelope(opener, close);
+                    // Sent as the target would: that is the stream the opener knows.
+                    env.from = to;
+                    let _ = came_by.try_enqueue(Outbound {
+                        env,
+                        deadline: None,
+                    });
+                }
+                _ => {
+                    tracing::warn!(node = %self.addr, to, from, reason, "dropped an envelope this harbor cannot forward")
+                }
+            },
         }
     }
 
