@@ -229,16 +229,24 @@ async fn a_dead_harbor_is_routed_around() {
 }
 
 #[tokio::test]
-async fn answers_find_their_call_whichever_harbor_brings_them_back() {
+async fn two_harbors_in_the_callers_cluster_share_calls_and_streams() {
     support::init_tracing();
-    // Two harbors in the caller's cluster: a request leaves by the one hashed on its target,
-    // its answer comes back by the one the far harbor hashes on the caller.
+    // Two harbors in the caller's cluster: each (caller, target) pair takes one of them, both
+    // ways; calls and streams to several targets spread over both.
     let targets = ["1.1.1", "1.1.2", "1.1.3", "1.1.4"];
     let mut names = vec!["1.255.1", "2.255.1", "2.255.16", "2.2.1"];
     names.extend(targets);
     let mut c = Cluster::new(&names);
     for t in targets {
-        c.start(t, echo).await;
+        c.start(t, |b| {
+            echo(b).on_stream(|s: clustergo::Stream| async move {
+                let (mut r, mut w) = s.into_split();
+                if tokio::io::copy(&mut r, &mut w).await.is_ok() {
+                    let _ = tokio::io::AsyncWriteExt::shutdown(&mut w).await;
+                }
+            })
+        })
+        .await;
     }
     c.start("1.255.1", |b| b).await;
     let h2a = c.start("2.255.1", |b| b).await;
@@ -254,6 +262,22 @@ async fn answers_find_their_call_whichever_harbor_brings_them_back() {
         }
     }
     assert_eq!(client.stats().responses_orphaned, 0);
+    // Streams too, two at a time to each target (numbers are per opener, not per harbor).
+    for t in targets {
+        let streams = [
+            within(client.open_stream(a(t))).await.unwrap(),
+            within(client.open_stream(a(t))).await.unwrap(),
+        ];
+        for mut s in streams {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            s.write_all(t.as_bytes()).await.unwrap();
+            s.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            within(s.read_to_end(&mut back)).await.unwrap();
+            assert_eq!(back, t.as_bytes());
+        }
+    }
+    assert_eq!(client.stats().stream_envelopes_unknown, 0);
     // Both harbors of the caller's cluster carried traffic.
     assert!(h2a.stats().envelopes_forwarded > 0 && h2b.stats().envelopes_forwarded > 0);
 }

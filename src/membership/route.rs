@@ -3,9 +3,9 @@
 //!
 //! Same node: local. Same cluster: a direct link. Other cluster: the sender's cluster's harbor,
 //! then the target cluster's harbor, then the target (a harbor sender skips the first hop).
-//! Among the available harbors of a cluster the one chosen for a destination is fixed by
-//! rendezvous hashing on the destination's address, so it is the same on every node while the
-//! harbor set holds, and only destinations of a harbor that leaves move.
+//! Among the available harbors of a cluster the one chosen is fixed by rendezvous hashing on
+//! the pair of addresses, so it is the same on every node (and both ways) while the harbor set
+//! holds, and only pairs of a harbor that leaves move.
 
 use std::fmt;
 
@@ -65,7 +65,7 @@ pub fn route(from: LogicAddr, to: LogicAddr, members: &[Member]) -> Result<Vec<H
         members
             .iter()
             .filter(|m| m.addr.is_harbor() && m.addr.cluster() == cluster && m.available)
-            .max_by_key(|m| score(u64::from(to.as_u32()), m.addr))
+            .max_by_key(|m| score(crate::router::route_key(from, to), m.addr))
             .ok_or_else(|| format!("no route: no available harbor in cluster {cluster}"))
     };
     let mut hops = Vec::new();

@@ -133,6 +133,7 @@ impl Inner {
         let live_streams = Arc::new(Live {
             stats: stats.clone(),
             idle: Notify::new(),
+            next_id: std::sync::atomic::AtomicU64::new(1),
         });
         Arc::new(Inner {
             addr,
@@ -226,12 +227,7 @@ impl Inner {
     /// The peer slot of the next hop toward `to`: `to` itself in this cluster (created on
     /// first use for a member this node may see), a harbor for another cluster.
     pub(crate) fn peer_for(&self, to: LogicAddr) -> Result<Arc<Peer>, RpcError> {
-        self.peer_keyed(to, router::route_key(self.addr, to, false))
-    }
-
-    /// Like [`Inner::peer_for`] for a stream's envelopes: harbors picked by the unordered pair.
-    pub(crate) fn peer_for_stream(&self, to: LogicAddr) -> Result<Arc<Peer>, RpcError> {
-        self.peer_keyed(to, router::route_key(self.addr, to, true))
+        self.peer_keyed(to, router::route_key(self.addr, to))
     }
 
     fn peer_keyed(&self, to: LogicAddr, key: u64) -> Result<Arc<Peer>, RpcError> {

@@ -76,7 +76,6 @@ impl Inner {
     ) -> Result<(), RpcError> {
         let peer = self.link_peer(hop.addr())?;
         self.ensure_link(&peer)?;
-        self.note_stream_relay(came_by, hop.addr(), &env);
         let track = match &env.body {
             Some(Body::Request(r)) if !r.oneway => Some((
                 (env.from, r.id),
@@ -94,8 +93,15 @@ impl Inner {
             (Some((_, until)), Some(d)) => Some(d.min(*until)),
             (_, d) => d,
         };
+        // Noted before the envelope is queued (it is gone after), undone if it is not.
+        let noted_open = self.note_stream_relay(came_by, hop.addr(), &env);
         let item = Outbound { deadline, env };
-        peer.try_enqueue(item).map_err(|(e, _)| e)?;
+        if let Err((e, _)) = peer.try_enqueue(item) {
+            if let Some(key) = noted_open {
+                self.stream_relays_lock().remove(&key);
+            }
+            return Err(e);
+        }
         if let Some((key, until)) = track {
             self.track_relay(key, hop.addr(), until);
         }
@@ -105,26 +111,34 @@ impl Inner {
 
     /// Keeps the table of streams relayed here: an open adds its two links, a reset or the
     /// second fin removes it.
-    fn note_stream_relay(&self, came_by: LogicAddr, next: LogicAddr, env: &Envelope) {
+    /// Returns the key of an open it added.
+    fn note_stream_relay(
+        &self,
+        came_by: LogicAddr,
+        next: LogicAddr,
+        env: &Envelope,
+    ) -> Option<(u32, u64)> {
         let (id, to_opener, closes, fin) = match &env.body {
             Some(Body::Open(o)) => {
                 let mut relays = self.stream_relays_lock();
-                if relays.len() < self.config.max_streams.saturating_mul(8) {
-                    relays.insert(
-                        (env.from, o.id),
-                        StreamRelay {
-                            opener_side: came_by,
-                            target_side: next,
-                            target: env.to,
-                            fins: 0,
-                        },
-                    );
+                if relays.len() >= self.config.max_streams.saturating_mul(8) {
+                    tracing::warn!(node = %self.addr, "relayed-stream table full; a stream goes untracked");
+                    return None;
                 }
-                return;
+                relays.insert(
+                    (env.from, o.id),
+                    StreamRelay {
+                        opener_side: came_by,
+                        target_side: next,
+                        target: env.to,
+                        fins: 0,
+                    },
+                );
+                return Some((env.from, o.id));
             }
             Some(Body::Close(c)) => (c.id, c.to_opener, true, false),
             Some(Body::Data(d)) if d.fin => (d.id, d.to_opener, false, true),
-            _ => return,
+            _ => return None,
         };
         let opener = if to_opener { env.to } else { env.from };
         let mut relays = self.stream_relays_lock();
@@ -139,6 +153,7 @@ impl Inner {
         if done {
             relays.remove(&(opener, id));
         }
+        None
     }
 
     fn stream_relays_lock(

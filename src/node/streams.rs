@@ -50,7 +50,7 @@ impl Inner {
             });
         }
         // In another cluster: the harbor both directions of this stream cross.
-        let peer = self.peer_for_stream(to).map_err(link)?;
+        let peer = self.peer_for(to).map_err(link)?;
         self.ensure_link(&peer).map_err(link)?;
         let (shared, accepted) = peer
             .streams
@@ -108,7 +108,23 @@ impl Inner {
     /// harbor on the way) to its stream.
     pub(crate) fn deliver_stream(&self, peer: &Arc<Peer>, from: LogicAddr, body: Body) {
         let find = |id: u64, to_opener: bool| {
-            let found = peer.streams.get(stream::key(from, id, to_opener));
+            let key = stream::key(from, id, to_opener);
+            // Relayed: after a failover the envelope may arrive by another harbor of this
+            // cluster than the stream's own; numbers are unique per opener, so look there too.
+            let found = peer.streams.get(key).or_else(|| {
+                (from != peer.addr)
+                    .then(|| {
+                        self.peer_list()
+                            .iter()
+                            .filter(|p| {
+                                p.addr.is_harbor()
+                                    && p.addr.cluster() == self.addr.cluster()
+                                    && p.addr != peer.addr
+                            })
+                            .find_map(|p| p.streams.get(key))
+                    })
+                    .flatten()
+            });
             if found.is_none() {
                 // Closed or reset here meanwhile: what was in flight is moot.
                 Stats::incr(&self.stats.stream_envelopes_unknown);

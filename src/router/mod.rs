@@ -68,19 +68,13 @@ pub(crate) enum RouteError {
     },
 }
 
-/// The key a harbor is picked by for an envelope `from` → `to`: the destination, or for stream
-/// envelopes the unordered pair, so both directions of a stream cross the same harbors (each
-/// harbor on the way can then end both sides when one of its links fails).
-pub(crate) fn route_key(from: LogicAddr, to: LogicAddr, stream: bool) -> u64 {
-    if stream {
-        let (a, b) = (
-            from.as_u32().min(to.as_u32()),
-            from.as_u32().max(to.as_u32()),
-        );
-        (u64::from(a) << 32) | u64::from(b)
-    } else {
-        u64::from(to.as_u32())
-    }
+/// The key a harbor is picked by for an envelope between `a` and `b`: the unordered pair, so
+/// both directions — a call and its answer, a stream's two sides — cross the same harbors
+/// (each harbor on the way then sees answers go by, and can end both sides of a stream), and
+/// everything one node sends another takes one path, in order.
+pub(crate) fn route_key(a: LogicAddr, b: LogicAddr) -> u64 {
+    let (lo, hi) = (a.as_u32().min(b.as_u32()), a.as_u32().max(b.as_u32()));
+    (u64::from(lo) << 32) | u64::from(hi)
 }
 
 /// The next hop from `me` to `to` over `view`, picking harbors by `key` (see [`route_key`]) and
@@ -195,7 +189,7 @@ mod tests {
     }
 
     #[test]
-    fn a_streams_harbors_are_the_same_both_ways() {
+    fn both_directions_take_the_same_harbors() {
         let v2 = view("2.1.1", ALL);
         let v1 = view("1.1.1", ALL);
         let hv2 = view("2.255.1", ALL);
@@ -203,8 +197,8 @@ mod tests {
         let none = |_| false;
         for s in 1..32 {
             let (x, y) = (a("2.1.1"), LogicAddr::new(1, 1, s).unwrap());
-            let key = route_key(x, y, true);
-            assert_eq!(key, route_key(y, x, true));
+            let key = route_key(x, y);
+            assert_eq!(key, route_key(y, x));
             let h2 = next_hop(x, y, key, &v2, &none).unwrap().addr();
             let h1 = next_hop(h2, y, key, &hv2, &none).unwrap().addr();
             // Back: the target's harbor is the same one, and so is the opener's.

@@ -8,7 +8,7 @@ use tower_service::Service;
 
 use super::{MAX_HOPS, NextHop, RouteError};
 use crate::addr::LogicAddr;
-use crate::proto::{Envelope, envelope::Body};
+use crate::proto::Envelope;
 
 /// Boxed errors, as tower middleware passes them on.
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -74,16 +74,7 @@ where
             let hops = env.hops;
             return Either::Left(ready(Err(RouteError::HopLimit { at, to, hops }.into())));
         }
-        let stream = matches!(
-            env.body,
-            Some(
-                Body::Open(_) | Body::Accept(_) | Body::Data(_) | Body::Window(_) | Body::Close(_)
-            )
-        );
-        let key = match LogicAddr::from_u32(env.from) {
-            Ok(from) => super::route_key(from, to, stream),
-            Err(_) => super::route_key(to, to, false),
-        };
+        let key = super::route_key(LogicAddr::from_u32(env.from).unwrap_or(to), to);
         match self.routes.next_hop(to, key) {
             Ok(hop) => Either::Right(
                 self.inner

@@ -18,6 +18,9 @@ use crate::stats::Stats;
 pub(crate) struct Live {
     pub(crate) stats: Arc<Stats>,
     pub(crate) idle: Notify,
+    /// Numbers for the streams this node opens, unique across all its links: harbors and
+    /// targets know a stream by (opener, number), whichever harbor it went through.
+    pub(crate) next_id: std::sync::atomic::AtomicU64,
 }
 
 impl Live {
@@ -51,7 +54,6 @@ pub(crate) struct Table {
 
 struct Streams {
     map: FastMap<(u32, u64), Arc<Shared>>,
-    next_id: u64,
     /// Cleared when the streams are failed (the link went down), set again when a link is
     /// dialed or admitted. Both happen under the peer's link-state lock, so a stream added
     /// here is either failed with the others or belongs to the next link, never stranded
@@ -73,7 +75,6 @@ impl Table {
         Table {
             streams: Mutex::new(Streams {
                 map: FastMap::default(),
-                next_id: 1,
                 open: false,
             }),
             ready: Mutex::new(VecDeque::new()),
@@ -99,8 +100,7 @@ impl Table {
         if s.map.len() >= self.max {
             return Err(AddError::Full { limit: self.max });
         }
-        let id = s.next_id;
-        s.next_id += 1;
+        let id = self.live.next_id.fetch_add(1, Ordering::Relaxed);
         let (stream, extra) = make(id);
         s.map.insert(stream.key(), stream.clone());
         self.live
