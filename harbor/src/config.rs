@@ -37,6 +37,16 @@ pub(crate) struct Args {
     /// Largest payload relayed, in bytes: at least the largest of the clusters it joins.
     #[arg(long, env = "HARBOR_MAX_ENVELOPE_BYTES")]
     pub(crate) max_envelope_bytes: Option<usize>,
+    /// etcd endpoint(s) of the harbors center, when clusters keep separate stores.
+    #[arg(
+        long = "harbors-center-etcd",
+        env = "HARBOR_CENTER_ETCD",
+        value_delimiter = ','
+    )]
+    pub(crate) center_etcd: Vec<String>,
+    /// Key prefix of the harbors center.
+    #[arg(long = "harbors-center-prefix", env = "HARBOR_CENTER_PREFIX")]
+    pub(crate) center_prefix: Option<String>,
 }
 
 /// The file's layout; unknown keys are errors.
@@ -153,7 +163,17 @@ impl Config {
                 "max_envelope_bytes {max_envelope} must be in 1024..=1073741824"
             ));
         }
-        let center = match file.harbors_center {
+        let mut center_file = file.harbors_center;
+        if !args.center_etcd.is_empty() || args.center_prefix.is_some() {
+            let c = center_file.get_or_insert_with(CenterFile::default);
+            if !args.center_etcd.is_empty() {
+                c.endpoints = args.center_etcd;
+            }
+            if args.center_prefix.is_some() {
+                c.prefix = args.center_prefix;
+            }
+        }
+        let center = match center_file {
             None => None,
             Some(c) => {
                 if c.endpoints.is_empty() {

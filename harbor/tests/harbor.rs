@@ -110,6 +110,16 @@ fn bad_configurations_are_refused_before_anything_binds() {
         stderr.contains("addr 2.3.4 is not a harbor address"),
         "{stderr}"
     );
+    // The harbors center can come from flags alone, and is checked the same way.
+    let (code, stderr) = run_with_config(
+        &format!("addr = \"1.255.1\"\n{ok_etcd}"),
+        &["--harbors-center-prefix", "/h"],
+    );
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("[harbors_center] needs endpoints"),
+        "{stderr}"
+    );
 }
 
 /// A harbor process, killed (by its handle) if the test ends before it stops.

@@ -77,6 +77,8 @@ pub(crate) struct Inner {
     /// hop they went to and when the caller stops waiting. Answered with `PEER_LOST` if that
     /// link fails first.
     pub(crate) relays: Mutex<FastMap<(u32, u64), (LogicAddr, Instant)>>,
+    /// When `relays` was last swept of expired entries.
+    pub(crate) relays_swept: Mutex<Option<Instant>>,
     /// A harbor's streams relayed between other nodes, by (opener, stream id).
     pub(crate) stream_relays: Mutex<FastMap<(u32, u64), super::relay::StreamRelay>>,
     next_id: AtomicU64,
@@ -144,6 +146,7 @@ impl Inner {
             ),
             live_streams,
             relays: Mutex::new(FastMap::default()),
+            relays_swept: Mutex::new(None),
             stream_relays: Mutex::new(FastMap::default()),
             config,
             secret,

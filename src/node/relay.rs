@@ -218,8 +218,14 @@ impl Inner {
         let limit = self.config.peer_queue.saturating_mul(8);
         let mut relays = self.relays_lock();
         if relays.len() >= limit {
+            // Sweep at most every 100 ms: a table full of live entries must not cost a full
+            // scan per relayed request on the reader's path.
             let now = Instant::now();
-            relays.retain(|_, (_, t)| *t > now);
+            let mut swept = self.relays_swept.lock().unwrap_or_else(|e| e.into_inner());
+            if swept.is_none_or(|t| now >= t + Duration::from_millis(100)) {
+                *swept = Some(now);
+                relays.retain(|_, (_, t)| *t > now);
+            }
             if relays.len() >= limit {
                 return;
             }
