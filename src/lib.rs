@@ -74,7 +74,7 @@ pub use message::{Cmd, MessageContext};
 pub use node::{Node, NodeBuilder};
 pub use rpc::{CallContext, Replyer};
 pub use stats::StatsSnapshot;
-pub use stream::{Stream, StreamId, StreamMeta, StreamReader, StreamWriter};
+pub use stream::{FrameError, Frames, Stream, StreamId, StreamMeta, StreamReader, StreamWriter};
 
 /// The README's examples, compiled as doc tests so the README stays true.
 #[cfg(doctest)]

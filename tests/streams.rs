@@ -944,3 +944,117 @@ async fn huge_reset_reasons_and_metadata_never_take_the_link_down() {
     assert_eq!(client.stats().links_closed, 0);
     assert_eq!(server.stats().links_closed, 0);
 }
+
+#[tokio::test]
+async fn frames_go_both_ways_whole_and_in_order() {
+    use clustergo::{FrameError, Frames};
+    support::init_tracing();
+    let mut c = Cluster::new(&["1.1.1", "1.1.2"]);
+    // The game-server side: echo every frame, close after the client does, report a failure.
+    let (failed_tx, mut failed) = mpsc::channel::<FrameError>(1);
+    let server = c
+        .start("1.1.2", |b| {
+            b.on_stream(move |s| {
+                let failed_tx = failed_tx.clone();
+                async move {
+                    let mut frames = Frames::new(s, 4096);
+                    loop {
+                        match frames.recv().await {
+                            Ok(Some(frame)) => {
+                                if frames.send(frame).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(e) => {
+                                let _ = failed_tx.send(e).await;
+                                return;
+                            }
+                        }
+                    }
+                    let _ = frames.close().await;
+                }
+            })
+        })
+        .await;
+    let client = c.start("1.1.1", |b| b).await;
+    let s =
+        within(client.open_stream_with(server.addr(), StreamMeta::new().with("transport", "tcp")))
+            .await
+            .unwrap();
+    let mut frames = Frames::new(s, 4096);
+    assert_eq!(frames.peer(), server.addr());
+    let sent: Vec<Bytes> = (0..1000u32)
+        .map(|i| Bytes::from(vec![(i % 256) as u8; (i as usize * 37) % 4097]))
+        .collect();
+    // Ten in flight at a time: an echo that is not read back would fill both windows.
+    for (i, chunk) in sent.chunks(10).enumerate() {
+        for f in chunk {
+            within(frames.send(f.clone())).await.unwrap();
+        }
+        for (j, want) in chunk.iter().enumerate() {
+            let got = within(frames.recv()).await.unwrap().unwrap();
+            assert_eq!(&got, want, "frame {}", i * 10 + j);
+        }
+    }
+    // Over the limit: refused here, before anything is sent.
+    let e = frames.send(Bytes::from(vec![0; 4097])).await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            FrameError::TooLarge {
+                size: 4097,
+                limit: 4096
+            }
+        ),
+        "{e}"
+    );
+    within(frames.close()).await.unwrap();
+    // The peer's side of the limit: a length prefix over it ends the session there.
+    let mut raw = within(client.open_stream(server.addr())).await.unwrap();
+    raw.write_all(&100_000u32.to_be_bytes()).await.unwrap();
+    raw.write_all(&[0; 16]).await.unwrap();
+    raw.shutdown().await.unwrap();
+    let e = within(failed.recv()).await.unwrap();
+    assert!(
+        matches!(
+            e,
+            FrameError::TooLarge {
+                size: 100_000,
+                limit: 4096
+            }
+        ),
+        "{e}"
+    );
+    // The handler dropped its side without closing: the stream is reset.
+    let mut rest = Vec::new();
+    let e = within(raw.read_to_end(&mut rest)).await.unwrap_err();
+    assert!(
+        matches!(StreamError::from_io(&e), Some(StreamError::Reset { .. })),
+        "{e:?}"
+    );
+
+    // A frame cut short by the end of the stream is named as such.
+    let (tx, mut rx) = mpsc::channel(1);
+    let mut c2 = Cluster::new(&["2.1.1", "2.1.2"]);
+    let server2 = c2
+        .start("2.1.2", move |b| {
+            b.on_stream(move |s| {
+                let tx = tx.clone();
+                async move {
+                    let mut frames = Frames::new(s, 4096);
+                    let _ = tx
+                        .send(frames.recv().await.map(|f| f.map(|f| f.len())))
+                        .await;
+                }
+            })
+        })
+        .await;
+    let client2 = c2.start("2.1.1", |b| b).await;
+    let mut raw = within(client2.open_stream(server2.addr())).await.unwrap();
+    raw.write_all(&10u32.to_be_bytes()).await.unwrap();
+    raw.write_all(b"abc").await.unwrap();
+    raw.shutdown().await.unwrap();
+    let got = within(rx.recv()).await.unwrap();
+    assert!(matches!(got, Err(FrameError::Truncated)), "{got:?}");
+}

@@ -20,6 +20,7 @@
 //! link's writer pulls it, which may be after a message sent later — and a receiver could not
 //! observe one anyway, since each stream is read by its own task.
 
+mod framed;
 mod shared;
 mod table;
 
@@ -33,6 +34,7 @@ use crate::addr::LogicAddr;
 use crate::error::ErrorCode;
 use crate::proto;
 
+pub use framed::{FrameError, Frames};
 pub(crate) use shared::{Init, Shared, key};
 pub(crate) use table::{AddError, Live, Table};
 
