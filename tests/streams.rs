@@ -776,23 +776,34 @@ async fn a_dropped_link_fails_streams_on_both_sides_with_peer_lost() {
     );
 }
 
-/// A server whose link reader is stuck for `stuck` once it gets command 1 (a handler that
-/// blocks its thread), with a stream handler that reports how its stream ended.
+/// A server whose link reader is stuck once it gets command 1 (a handler that blocks its
+/// thread until the test releases it, or for `WAIT` at most), with a stream handler that
+/// reports how its stream ended.
 struct Stuck {
     node: clustergo::Node,
     ended: mpsc::Receiver<std::io::Error>,
     blocked: std::sync::Arc<tokio::sync::Notify>,
+    release: std::sync::mpsc::SyncSender<()>,
 }
 
-async fn stuck_server(c: &mut Cluster, stuck: Duration) -> Stuck {
+impl Stuck {
+    /// Lets the server's reader go on.
+    fn release(&self) {
+        let _ = self.release.try_send(());
+    }
+}
+
+async fn stuck_server(c: &mut Cluster) -> Stuck {
     let (tx, ended) = mpsc::channel(4);
     let blocked = std::sync::Arc::new(tokio::sync::Notify::new());
     let signal = blocked.clone();
+    let (release, released) = std::sync::mpsc::sync_channel::<()>(1);
+    let released = std::sync::Mutex::new(released);
     let node = c
         .start("1.1.2", |b| {
             b.on_cmd(clustergo::Cmd(1), move |_, _| {
                 signal.notify_one();
-                std::thread::sleep(stuck)
+                let _ = released.lock().unwrap().recv_timeout(support::WAIT);
             })
             .on_stream(move |mut s: Stream| {
                 let tx = tx.clone();
@@ -806,6 +817,7 @@ async fn stuck_server(c: &mut Cluster, stuck: Duration) -> Stuck {
         node,
         ended,
         blocked,
+        release,
     }
 }
 
@@ -822,7 +834,7 @@ async fn block_reader(client: &clustergo::Node, stuck: &Stuck) {
 async fn an_unanswered_open_times_out_and_is_reset_at_the_peer() {
     support::init_tracing();
     let mut c = Cluster::new(&["1.1.1", "1.1.2"]);
-    let mut stuck = stuck_server(&mut c, Duration::from_millis(1500)).await;
+    let mut stuck = stuck_server(&mut c).await;
     let server = stuck.node.clone();
     let timeout = Duration::from_millis(300);
     let client = c
@@ -846,6 +858,7 @@ async fn an_unanswered_open_times_out_and_is_reset_at_the_peer() {
         t.elapsed()
     );
     // Once the server reads again it accepts the late open, then finds it reset.
+    stuck.release();
     let e = within(stuck.ended.recv()).await.unwrap();
     assert!(
         matches!(StreamError::from_io(&e), Some(StreamError::Reset { code, .. }) if *code == ErrorCode::TIMEOUT),
@@ -858,7 +871,7 @@ async fn an_unanswered_open_times_out_and_is_reset_at_the_peer() {
 async fn an_abandoned_open_leaves_no_stream_behind() {
     support::init_tracing();
     let mut c = Cluster::new(&["1.1.1", "1.1.2"]);
-    let mut stuck = stuck_server(&mut c, Duration::from_millis(1000)).await;
+    let mut stuck = stuck_server(&mut c).await;
     let server = stuck.node.clone();
     let client = c.start("1.1.1", |b| b).await;
     block_reader(&client, &stuck).await;
@@ -869,6 +882,7 @@ async fn an_abandoned_open_leaves_no_stream_behind() {
     )
     .await;
     assert!(gave_up.is_err());
+    stuck.release();
     // The server, reading again, accepts the open it got and finds it reset.
     let e = within(stuck.ended.recv()).await.unwrap();
     match StreamError::from_io(&e) {
