@@ -421,13 +421,8 @@ async fn reset_and_early_drop_reach_the_peer_as_reset() {
     let (tx, mut rx) = mpsc::channel::<std::io::Error>(4);
     let server = c
         .start("1.1.2", |b| {
-            b.on_stream(move |mut s: Stream| {
-                let tx = tx.clone();
-                async move {
-                    // Read until the opener resets or drops the stream.
-                    let _ = tx.send(read_until_failure(&mut s).await).await;
-                }
-            })
+            // Reads until the opener resets or drops the stream.
+            b.on_stream(report_end(tx))
         })
         .await;
     let client = c.start("1.1.1", |b| b).await;
@@ -585,6 +580,21 @@ async fn no_streams_open(nodes: &[&clustergo::Node]) {
     }
 }
 
+/// A stream handler that reads until the stream fails and sends the error to `tx`.
+fn report_end(
+    tx: mpsc::Sender<std::io::Error>,
+) -> impl Fn(Stream) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
++ Send
++ Sync
++ 'static {
+    move |mut s: Stream| {
+        let tx = tx.clone();
+        Box::pin(async move {
+            let _ = tx.send(read_until_failure(&mut s).await).await;
+        })
+    }
+}
+
 /// Reads until an error or EOF; EOF comes back as an error of kind `UnexpectedEof`, so a
 /// handler can report it instead of panicking where no test would see it.
 async fn read_until_failure(s: &mut (impl AsyncRead + Unpin)) -> std::io::Error {
@@ -730,12 +740,7 @@ async fn a_dropped_link_fails_streams_on_both_sides_with_peer_lost() {
         .discovery(view_b)
         .config(test_config())
         .listener(lb)
-        .on_stream(move |mut s: Stream| {
-            let tx = tx.clone();
-            async move {
-                let _ = tx.send(read_until_failure(&mut s).await).await;
-            }
-        })
+        .on_stream(report_end(tx))
         .build();
     within(server.start()).await.unwrap();
     let client = clustergo::Node::builder(a("1.1.1"))
@@ -805,12 +810,7 @@ async fn stuck_server(c: &mut Cluster) -> Stuck {
                 signal.notify_one();
                 let _ = released.lock().unwrap().recv_timeout(support::WAIT);
             })
-            .on_stream(move |mut s: Stream| {
-                let tx = tx.clone();
-                async move {
-                    let _ = tx.send(read_until_failure(&mut s).await).await;
-                }
-            })
+            .on_stream(report_end(tx))
         })
         .await;
     Stuck {

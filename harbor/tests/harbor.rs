@@ -100,26 +100,22 @@ fn bad_configurations_are_refused_before_anything_binds() {
             "{config:?}: wanted {want:?} in {stderr:?}"
         );
     }
-    // Flags override the file, and are validated the same way.
-    let (code, stderr) = run_with_config(
-        &format!("addr = \"1.255.1\"\n{ok_etcd}"),
-        &["--addr", "2.3.4"],
-    );
-    assert_eq!(code, 2);
-    assert!(
-        stderr.contains("addr 2.3.4 is not a harbor address"),
-        "{stderr}"
-    );
-    // The harbors center can come from flags alone, and is checked the same way.
-    let (code, stderr) = run_with_config(
-        &format!("addr = \"1.255.1\"\n{ok_etcd}"),
-        &["--harbors-center-prefix", "/h"],
-    );
-    assert_eq!(code, 2);
-    assert!(
-        stderr.contains("[harbors_center] needs endpoints"),
-        "{stderr}"
-    );
+    // Flags override the file (the harbors center can come from flags alone), and are
+    // validated the same way.
+    for (args, want) in [
+        (["--addr", "2.3.4"], "addr 2.3.4 is not a harbor address"),
+        (
+            ["--harbors-center-prefix", "/h"],
+            "[harbors_center] needs endpoints",
+        ),
+    ] {
+        let (code, stderr) = run_with_config(&format!("addr = \"1.255.1\"\n{ok_etcd}"), &args);
+        assert_eq!(code, 2, "{args:?} → {stderr}");
+        assert!(
+            stderr.contains(want),
+            "{args:?}: wanted {want:?} in {stderr:?}"
+        );
+    }
 }
 
 /// A harbor process, killed (by its handle) if the test ends before it stops.
