@@ -237,6 +237,10 @@ impl Inner {
         if to == self.addr {
             return Ok(self.self_peer.clone());
         }
+        // The send path's common case: a direct neighbour, no view to consult.
+        if to.cluster() == self.addr.cluster() {
+            return self.link_peer(to);
+        }
         let hop = self.next_hop_keyed(to, key).map_err(|e| match e {
             RouteError::NoRoute { reason, .. } => RpcError::NoRoute { to, reason },
             other => RpcError::NoRoute {
