@@ -7,10 +7,19 @@ use tonic::Streaming;
 use super::peer::{LinkTokens, Peer};
 use crate::proto::{Batch, Envelope};
 
+/// What a reader awaits before its next envelope: a harbor waiting for room toward the next
+/// hop. Meanwhile this link's traffic waits, and HTTP/2 flow control slows its sender.
+pub(crate) type Backpressure = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
 /// Where a reader delivers envelopes: the node's dispatcher.
 pub(crate) trait Deliver: Sized + Send + Sync + 'static {
-    /// Handles one envelope that arrived from `peer`. Returns an error to close the link.
-    fn deliver(self: &Arc<Self>, peer: &Arc<Peer>, env: Envelope) -> Result<(), String>;
+    /// Handles one envelope that arrived from `peer`. Returns an error to close the link, or
+    /// something to await before the next envelope.
+    fn deliver(
+        self: &Arc<Self>,
+        peer: &Arc<Peer>,
+        env: Envelope,
+    ) -> Result<Option<Backpressure>, String>;
 }
 
 /// Reads until the peer closes, the transport fails, the node closes the link or delivery
@@ -37,8 +46,16 @@ pub(crate) async fn run<D: Deliver>(
                     if tokens.kill.is_cancelled() {
                         return "closed by this node".into();
                     }
-                    if let Err(reason) = deliver.deliver(&peer, env) {
-                        return reason;
+                    match deliver.deliver(&peer, env) {
+                        Ok(None) => {}
+                        Ok(Some(wait)) => {
+                            tokio::select! {
+                                biased;
+                                _ = &mut kill => return "closed by this node".into(),
+                                () = wait => {}
+                            }
+                        }
+                        Err(reason) => return reason,
                     }
                 }
             }

@@ -32,7 +32,11 @@ fn payload_len(body: &Option<Body>) -> usize {
 }
 
 impl Deliver for Inner {
-    fn deliver(self: &Arc<Self>, peer: &Arc<Peer>, env: Envelope) -> Result<(), String> {
+    fn deliver(
+        self: &Arc<Self>,
+        peer: &Arc<Peer>,
+        env: Envelope,
+    ) -> Result<Option<crate::link::reader::Backpressure>, String> {
         let limit = self.config.max_envelope;
         let len = payload_len(&env.body);
         if len > limit {
@@ -44,23 +48,22 @@ impl Deliver for Inner {
         let (Ok(to), Ok(from)) = (LogicAddr::from_u32(env.to), LogicAddr::from_u32(env.from))
         else {
             self.misaddressed(peer, &env);
-            return Ok(());
+            return Ok(None);
         };
         if to != self.addr {
             // Traffic between clusters passes through harbors; nobody else relays, and a
             // harbor relays only what may come from its link (see `relayable`).
             if self.addr.is_harbor() && relayable(peer.addr, from, to) {
-                self.forward(peer, env);
-            } else {
-                self.misaddressed(peer, &env);
+                return Ok(self.forward(peer, env));
             }
-            return Ok(());
+            self.misaddressed(peer, &env);
+            return Ok(None);
         }
         // The original sender is the link's peer, or — through a harbor — a node of another
         // cluster: nobody can pass for a node of this node's own cluster.
         if from != peer.addr && !(peer.addr.is_harbor() && from.cluster() != self.addr.cluster()) {
             self.misaddressed(peer, &env);
-            return Ok(());
+            return Ok(None);
         }
         match env.body {
             Some(Body::Response(r)) => {
@@ -102,7 +105,7 @@ impl Deliver for Inner {
             }
             None => Stats::incr(&self.stats.envelopes_misaddressed),
         }
-        Ok(())
+        Ok(None)
     }
 }
 

@@ -7,6 +7,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::FutureExt;
+use futures_util::future::Either;
 use tokio::time::Instant;
 use tower_layer::Layer;
 use tower_service::Service;
@@ -56,24 +57,35 @@ struct Enqueue<'a> {
 impl Service<(NextHop, Envelope)> for Enqueue<'_> {
     type Response = ();
     type Error = RpcError;
-    type Future = Ready<Result<(), RpcError>>;
+    type Future = Either<Ready<Result<(), RpcError>>, WaitForRoom>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), RpcError>> {
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, (hop, env): (NextHop, Envelope)) -> Self::Future {
-        ready(self.node.enqueue_hop(self.came_by, hop, env))
+        match self.node.enqueue_hop(self.came_by, hop, env) {
+            Ok(None) => Either::Left(ready(Ok(()))),
+            Ok(Some(wait)) => Either::Right(wait),
+            Err(e) => Either::Left(ready(Err(e))),
+        }
     }
 }
 
+/// Waiting for room in a full queue toward the next hop.
+type WaitForRoom =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), RpcError>> + Send>>;
+
 impl Inner {
+    /// Queues `env` for the next hop. A full queue gives back a future that waits for room (up
+    /// to `send_timeout`): the harbor's reader awaits it, so the link the envelope came by
+    /// slows down instead of the envelope being dropped.
     fn enqueue_hop(
         self: &Arc<Self>,
         came_by: LogicAddr,
         hop: NextHop,
         env: Envelope,
-    ) -> Result<(), RpcError> {
+    ) -> Result<Option<WaitForRoom>, RpcError> {
         let peer = self.link_peer(hop.addr())?;
         self.ensure_link(&peer)?;
         let track = match &env.body {
@@ -96,17 +108,39 @@ impl Inner {
         // Noted before the envelope is queued (it is gone after), undone if it is not.
         let noted_open = self.note_stream_relay(came_by, hop.addr(), &env);
         let item = Outbound { deadline, env };
-        if let Err((e, _)) = peer.try_enqueue(item) {
+        let undo = move |this: &Inner| {
             if let Some(key) = noted_open {
-                self.stream_relays_lock().remove(&key);
+                this.stream_relays_lock().remove(&key);
             }
-            return Err(e);
+        };
+        match peer.try_enqueue(item) {
+            Ok(()) => {}
+            Err((RpcError::QueueFull { .. }, item)) => {
+                let this = self.clone();
+                let via = hop.addr();
+                return Ok(Some(Box::pin(async move {
+                    let wait = this.config.send_timeout;
+                    if let Err(e) = peer.enqueue(item, wait).await {
+                        undo(&this);
+                        return Err(e);
+                    }
+                    if let Some((key, until)) = track {
+                        this.track_relay(key, via, until);
+                    }
+                    this.after_enqueue(&peer);
+                    Ok(())
+                })));
+            }
+            Err((e, _)) => {
+                undo(self);
+                return Err(e);
+            }
         }
         if let Some((key, until)) = track {
             self.track_relay(key, hop.addr(), until);
         }
         self.after_enqueue(&peer);
-        Ok(())
+        Ok(None)
     }
 
     /// Keeps the table of streams relayed here: an open adds its two links, a reset or the
@@ -236,7 +270,13 @@ impl Inner {
     /// Forwards `env` (not addressed to this harbor) one hop on. A request that cannot go on
     /// is answered with [`ErrorCode::NO_ROUTE`] and the reason, back over the link it came
     /// by; anything else is dropped, counted and logged.
-    pub(crate) fn forward(self: &Arc<Self>, came_by: &Arc<Peer>, env: Envelope) {
+    /// Returns a future to await before the next envelope of that link when the next hop's
+    /// queue is full (backpressure), `None` when the envelope is dealt with.
+    pub(crate) fn forward(
+        self: &Arc<Self>,
+        came_by: &Arc<Peer>,
+        env: Envelope,
+    ) -> Option<crate::link::reader::Backpressure> {
         let bounce = match &env.body {
             Some(Body::Request(r)) if !r.oneway => Some((r.id, env.from)),
             _ => None,
@@ -251,13 +291,36 @@ impl Inner {
             came_by: came_by.addr,
         });
         let sent = match route.poll_ready(&mut Context::from_waker(std::task::Waker::noop())) {
-            Poll::Ready(Ok(())) => route
-                .call(env)
-                .now_or_never()
-                .unwrap_or_else(|| Err("the forwarding queue was not ready".into())),
+            Poll::Ready(Ok(())) => {
+                let mut call = route.call(env);
+                match (&mut call).now_or_never() {
+                    Some(r) => r,
+                    None => {
+                        let (this, came_by) = (self.clone(), came_by.clone());
+                        return Some(Box::pin(async move {
+                            let r = call.await;
+                            this.forwarded(&came_by, r, bounce, refused_open, to, from);
+                        }));
+                    }
+                }
+            }
             Poll::Ready(Err(e)) => Err(e),
             Poll::Pending => Err("the forwarding queue was not ready".into()),
         };
+        self.forwarded(came_by, sent, bounce, refused_open, to, from);
+        None
+    }
+
+    /// Counts a forward, or answers what could not be forwarded.
+    fn forwarded(
+        &self,
+        came_by: &Arc<Peer>,
+        sent: Result<(), crate::router::BoxError>,
+        bounce: Option<(u64, u32)>,
+        refused_open: Option<u64>,
+        to: u32,
+        from: u32,
+    ) {
         let Err(e) = sent else {
             Stats::incr(&self.stats.envelopes_forwarded);
             return;

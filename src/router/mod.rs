@@ -18,7 +18,7 @@ use crate::addr::LogicAddr;
 use crate::membership::view::View;
 
 pub(crate) use layer::RouteLayer;
-pub(crate) use service::Routes;
+pub(crate) use service::{BoxError, Routes};
 
 /// Forwards an envelope may take: sender's harbor, target's harbor, target is two; two more
 /// leave room for a harbor that is also the target, never for a loop.
