@@ -1,0 +1,441 @@
+//! Client listeners (TCP, WebSocket, KCP; TLS on the first two) and the two frame formats:
+//! length-prefixed on TCP and KCP, one binary message per frame on WebSocket.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::{Buf, Bytes, BytesMut};
+use clustergo_client::wire::{self, Inbound};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::timeout_at;
+use tokio_rustls::{TlsAcceptor, rustls};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{self, Message};
+
+use crate::config::Listen;
+use crate::session::{self, ClientInfo, Fault, FrameRead, FrameWrite, Gateway};
+
+/// Reads length-prefixed frames from a byte stream.
+#[derive(Debug)]
+pub(crate) struct FramedRead<R> {
+    io: R,
+    buf: BytesMut,
+    limit: usize,
+}
+
+impl<R: AsyncRead + Unpin + Send> FramedRead<R> {
+    pub(crate) fn new(io: R, limit: usize) -> Self {
+        FramedRead {
+            io,
+            buf: BytesMut::new(),
+            limit,
+        }
+    }
+}
+
+impl<R: AsyncRead + Unpin + Send> FrameRead for FramedRead<R> {
+    async fn recv(&mut self) -> Result<Inbound, Fault> {
+        loop {
+            match wire::decode(&mut self.buf, self.limit) {
+                Ok(Some(item)) => return Ok(item),
+                Ok(None) => {}
+                Err(wire::WireError::TooLarge { size, limit }) => {
+                    return Err(Fault::TooLarge { size, limit });
+                }
+                Err(e) => return Err(Fault::Malformed(e.to_string())),
+            }
+            // Small reads while idle: an idle client holds a small buffer; `decode` reserves
+            // the whole frame once its length is known.
+            if self.buf.capacity() - self.buf.len() < 64 {
+                self.buf.reserve(512);
+            }
+            if self.io.read_buf(&mut self.buf).await? == 0 {
+                return Err(if self.buf.is_empty() {
+                    Fault::Eof
+                } else {
+                    Fault::Malformed("connection ended inside a frame".into())
+                });
+            }
+        }
+    }
+}
+
+/// Writes length-prefixed frames to a byte stream.
+#[derive(Debug)]
+pub(crate) struct FramedWrite<W> {
+    io: W,
+    buf: BytesMut,
+}
+
+impl<W: AsyncWrite + Unpin + Send> FramedWrite<W> {
+    pub(crate) fn new(io: W) -> Self {
+        FramedWrite {
+            io,
+            buf: BytesMut::new(),
+        }
+    }
+
+    async fn flush_buf(&mut self) -> io::Result<()> {
+        while self.buf.has_remaining() {
+            let n = self.io.write(&self.buf).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            self.buf.advance(n);
+        }
+        // Keep no large buffer while the client is quiet.
+        if self.buf.capacity() > 16 << 10 {
+            self.buf = BytesMut::new();
+        }
+        self.io.flush().await
+    }
+}
+
+impl<W: AsyncWrite + Unpin + Send> FrameWrite for FramedWrite<W> {
+    async fn send(&mut self, heartbeats: u32, frames: &[Bytes]) -> io::Result<()> {
+        for _ in 0..heartbeats {
+            wire::put_frame(&mut self.buf, &[]);
+        }
+        for f in frames {
+            wire::put_frame(&mut self.buf, f);
+        }
+        self.flush_buf().await
+    }
+
+    async fn close(&mut self, _code: u16, reason: &str) -> io::Result<()> {
+        wire::put_close(&mut self.buf, reason);
+        self.flush_buf().await?;
+        self.io.shutdown().await
+    }
+}
+
+/// Reads WebSocket messages as frames.
+pub(crate) struct WsRead<S>(SplitStream<WebSocketStream<S>>);
+
+/// Writes frames as WebSocket binary messages.
+pub(crate) struct WsWrite<S>(SplitSink<WebSocketStream<S>, Message>);
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> FrameRead for WsRead<S> {
+    async fn recv(&mut self) -> Result<Inbound, Fault> {
+        loop {
+            return match self.0.next().await {
+                None => Err(Fault::Eof),
+                Some(Ok(Message::Binary(b))) if b.is_empty() => Ok(Inbound::Heartbeat),
+                Some(Ok(Message::Binary(b))) => Ok(Inbound::Data(b)),
+                Some(Ok(Message::Close(frame))) => Ok(Inbound::Close(
+                    frame.map(|f| f.reason.to_string()).unwrap_or_default(),
+                )),
+                Some(Ok(Message::Text(_))) => {
+                    Err(Fault::Malformed("text message (frames are binary)".into()))
+                }
+                // Pings are answered by the WebSocket layer.
+                Some(Ok(_)) => continue,
+                Some(Err(tungstenite::Error::Capacity(e))) => Err(match e {
+                    tungstenite::error::CapacityError::MessageTooLong { size, max_size } => {
+                        Fault::TooLarge {
+                            size,
+                            limit: max_size,
+                        }
+                    }
+                    other => Fault::Malformed(other.to_string()),
+                }),
+                Some(Err(tungstenite::Error::Io(e))) => Err(Fault::Io(e)),
+                Some(Err(
+                    tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed,
+                )) => Err(Fault::Eof),
+                Some(Err(e)) => Err(Fault::Malformed(e.to_string())),
+            };
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> FrameWrite for WsWrite<S> {
+    async fn send(&mut self, heartbeats: u32, frames: &[Bytes]) -> io::Result<()> {
+        for _ in 0..heartbeats {
+            self.0
+                .feed(Message::Binary(Bytes::new()))
+                .await
+                .map_err(ws_io)?;
+        }
+        for f in frames {
+            self.0
+                .feed(Message::Binary(f.clone()))
+                .await
+                .map_err(ws_io)?;
+        }
+        self.0.flush().await.map_err(ws_io)
+    }
+
+    async fn close(&mut self, code: u16, reason: &str) -> io::Result<()> {
+        let frame = CloseFrame {
+            code: code.into(),
+            reason: wire::clip(reason, wire::MAX_WS_REASON).into(),
+        };
+        self.0
+            .send(Message::Close(Some(frame)))
+            .await
+            .map_err(ws_io)?;
+        self.0.close().await.map_err(ws_io)
+    }
+}
+
+fn ws_io(e: tungstenite::Error) -> io::Error {
+    match e {
+        tungstenite::Error::Io(e) => e,
+        other => io::Error::other(other),
+    }
+}
+
+/// Loads a listener's certificate chain and key.
+pub(crate) fn tls_acceptor(listen: &Listen) -> Result<Option<TlsAcceptor>, String> {
+    let Some((cert, key)) = &listen.tls else {
+        return Ok(None);
+    };
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|c| c.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("tls_cert {}: {e}", cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!("tls_cert {} holds no certificate", cert.display()));
+    }
+    let key =
+        PrivateKeyDer::from_pem_file(key).map_err(|e| format!("tls_key {}: {e}", key.display()))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| format!("tls_cert/tls_key {}: {e}", cert.display()))?;
+    Ok(Some(TlsAcceptor::from(Arc::new(config))))
+}
+
+/// Takes a client slot, or turns the client away when the gateway is full.
+fn admit(gw: &Gateway, peer: SocketAddr) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    match gw.slots.clone().try_acquire_owned() {
+        Ok(p) => {
+            gw.stats.accepted.fetch_add(1, Ordering::Relaxed);
+            Some(p)
+        }
+        Err(_) => {
+            gw.stats.turned_away.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(client = %peer, max_clients = gw.limits.max_clients, "gateway full: client turned away");
+            None
+        }
+    }
+}
+
+const FULL: &str = "gateway full: try again later";
+
+/// Accepts TCP clients (with TLS when configured) until shutdown.
+pub(crate) async fn tcp(gw: Arc<Gateway>, listener: TcpListener, tls: Option<TlsAcceptor>) {
+    loop {
+        let (sock, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of descriptors and the like: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "tcp accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = gw.shutdown.cancelled() => return,
+        };
+        let _ = sock.set_nodelay(true);
+        let permit = admit(&gw, peer);
+        let g = gw.clone();
+        let tls = tls.clone();
+        gw.tasks.spawn(async move {
+            let deadline = tokio::time::Instant::now() + g.limits.handshake_timeout;
+            match tls {
+                None => {
+                    let (r, w) = sock.into_split();
+                    let info = ClientInfo {
+                        transport: "tcp",
+                        peer,
+                    };
+                    let (r, mut w) = (FramedRead::new(r, g.limits.max_frame), FramedWrite::new(w));
+                    match permit {
+                        Some(p) => session::serve(g, p, info, r, w).await,
+                        None => turn_away(&g, &mut w).await,
+                    }
+                }
+                Some(tls) => {
+                    let Some(stream) = tls_handshake(&tls, sock, peer, deadline).await else {
+                        return;
+                    };
+                    let (r, w) = tokio::io::split(stream);
+                    let info = ClientInfo {
+                        transport: "tls",
+                        peer,
+                    };
+                    let (r, mut w) = (FramedRead::new(r, g.limits.max_frame), FramedWrite::new(w));
+                    match permit {
+                        Some(p) => session::serve(g, p, info, r, w).await,
+                        None => turn_away(&g, &mut w).await,
+                    }
+                }
+            }
+        });
+    }
+}
+
+async fn tls_handshake(
+    tls: &TlsAcceptor,
+    sock: TcpStream,
+    peer: SocketAddr,
+    deadline: tokio::time::Instant,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    match timeout_at(deadline, tls.accept(sock)).await {
+        Ok(Ok(s)) => Some(s),
+        Ok(Err(e)) => {
+            tracing::info!(client = %peer, reason = %format!("TLS handshake failed: {e}"), "client disconnected");
+            None
+        }
+        Err(_) => {
+            tracing::info!(client = %peer, reason = "TLS handshake timed out", "client disconnected");
+            None
+        }
+    }
+}
+
+async fn turn_away<W: FrameWrite>(gw: &Gateway, w: &mut W) {
+    let limit = gw
+        .limits
+        .write_timeout
+        .min(std::time::Duration::from_secs(1));
+    let _ = tokio::time::timeout(limit, w.close(wire::close_code::TRY_AGAIN, FULL)).await;
+}
+
+/// Accepts WebSocket clients on `path` (with TLS when configured) until shutdown.
+pub(crate) async fn websocket(
+    gw: Arc<Gateway>,
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    path: String,
+) {
+    let path: Arc<str> = path.into();
+    loop {
+        let (sock, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "websocket accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = gw.shutdown.cancelled() => return,
+        };
+        let _ = sock.set_nodelay(true);
+        let permit = admit(&gw, peer);
+        let g = gw.clone();
+        let tls = tls.clone();
+        let path = path.clone();
+        gw.tasks.spawn(async move {
+            let deadline = tokio::time::Instant::now() + g.limits.handshake_timeout;
+            match tls {
+                None => ws_session(g, permit, sock, peer, "ws", &path, deadline).await,
+                Some(tls) => {
+                    if let Some(s) = tls_handshake(&tls, sock, peer, deadline).await {
+                        ws_session(g, permit, s, peer, "wss", &path, deadline).await;
+                    }
+                }
+            }
+        });
+    }
+}
+
+async fn ws_session<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    gw: Arc<Gateway>,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    io: S,
+    peer: SocketAddr,
+    transport: &'static str,
+    path: &str,
+    deadline: tokio::time::Instant,
+) {
+    // The callback's error type is tungstenite's; its size is not ours to choose.
+    #[allow(clippy::result_large_err)]
+    let check_path = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
+        if req.uri().path() == path {
+            Ok(resp)
+        } else {
+            let mut not_found =
+                ErrorResponse::new(Some(format!("no WebSocket at {}", req.uri().path())));
+            *not_found.status_mut() = tungstenite::http::StatusCode::NOT_FOUND;
+            Err(not_found)
+        }
+    };
+    let config = clustergo_client::ws_config(gw.limits.max_frame);
+    let ws = match timeout_at(
+        deadline,
+        tokio_tungstenite::accept_hdr_async_with_config(io, check_path, Some(config)),
+    )
+    .await
+    {
+        Ok(Ok(ws)) => ws,
+        Ok(Err(e)) => {
+            tracing::info!(client = %peer, reason = %format!("WebSocket handshake failed: {e}"), "client disconnected");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(client = %peer, reason = "WebSocket handshake timed out", "client disconnected");
+            return;
+        }
+    };
+    let (w, r) = ws.split();
+    let (r, mut w) = (WsRead(r), WsWrite(w));
+    match permit {
+        Some(p) => session::serve(gw, p, ClientInfo { transport, peer }, r, w).await,
+        None => turn_away(&gw, &mut w).await,
+    }
+}
+
+/// Accepts KCP clients until shutdown.
+pub(crate) async fn kcp(gw: Arc<Gateway>, mut listener: tokio_kcp::KcpListener) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "kcp accept failed");
+                    return;
+                }
+            },
+            () = gw.shutdown.cancelled() => return,
+        };
+        let permit = admit(&gw, peer);
+        let g = gw.clone();
+        gw.tasks.spawn(async move {
+            let (r, w) = tokio::io::split(stream);
+            let (r, mut w) = (FramedRead::new(r, g.limits.max_frame), FramedWrite::new(w));
+            match permit {
+                Some(p) => {
+                    session::serve(
+                        g,
+                        p,
+                        ClientInfo {
+                            transport: "kcp",
+                            peer,
+                        },
+                        r,
+                        w,
+                    )
+                    .await
+                }
+                None => turn_away(&g, &mut w).await,
+            }
+        });
+    }
+}

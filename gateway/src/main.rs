@@ -1,0 +1,206 @@
+//! `gateway`: terminates client TCP, WebSocket and KCP connections (TLS optional on the first
+//! two) and opens, for each client, one stream to a game server of a configured type, then
+//! passes frames both ways unchanged.
+//!
+//! Load config (file, env, flags) → validate → bind the client listeners → start the node with
+//! etcd membership → serve until SIGTERM / Ctrl-C → stop accepting, close every client with a
+//! reason and its stream cleanly, wait up to the grace period, leave membership. Exit codes: 0
+//! after a clean stop, 1 when something fails to start, 2 for a bad configuration (nothing
+//! was bound or connected).
+//!
+//! The node answers the RPC `gateway.status` with its counters, one `name=value` per line.
+
+mod config;
+mod listen;
+mod session;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use clap::Parser;
+use clustergo::{Bytes, EtcdDiscovery, EtcdOptions, HandlerError, Node, NodeConfig};
+use config::{Args, Config};
+use session::Gateway;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+fn main() -> ExitCode {
+    let config = match Config::load(Args::parse()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("gateway: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    // TLS files are part of the configuration: unreadable ones are a configuration error.
+    let tls = match (
+        config.tcp.as_ref().map(listen::tls_acceptor).transpose(),
+        config
+            .websocket
+            .as_ref()
+            .map(listen::tls_acceptor)
+            .transpose(),
+    ) {
+        (Ok(t), Ok(w)) => (t.flatten(), w.flatten()),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("gateway: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("gateway: cannot start a runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(run(config, tls)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gateway: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+type Tls = Option<tokio_rustls::TlsAcceptor>;
+
+async fn run(
+    config: Config,
+    (tcp_tls, ws_tls): (Tls, Tls),
+) -> Result<(), Box<dyn std::error::Error>> {
+    let me = config.addr;
+    // Bind the client listeners first: a taken port fails before the gateway joins membership.
+    let bind = |what: &str, l: &config::Listen| format!("cannot bind {what} {}: ", l.addr);
+    let tcp = match &config.tcp {
+        Some(l) => Some(
+            tokio::net::TcpListener::bind(l.addr)
+                .await
+                .map_err(|e| bind("tcp", l) + &e.to_string())?,
+        ),
+        None => None,
+    };
+    let ws = match &config.websocket {
+        Some(l) => Some(
+            tokio::net::TcpListener::bind(l.addr)
+                .await
+                .map_err(|e| bind("websocket", l) + &e.to_string())?,
+        ),
+        None => None,
+    };
+    let kcp = match &config.kcp {
+        Some(l) => Some(
+            tokio_kcp::KcpListener::bind(clustergo_client::wire::kcp_config(), l.addr)
+                .await
+                .map_err(|e| bind("kcp", l) + &e.to_string())?,
+        ),
+        None => None,
+    };
+
+    let discovery = EtcdDiscovery::connect(
+        config.endpoints.clone(),
+        config.prefix.clone(),
+        EtcdOptions::default().lease_ttl(config.lease_ttl),
+    );
+    let status_of: Arc<std::sync::OnceLock<Arc<Gateway>>> = Arc::default();
+    let status_handle = status_of.clone();
+    let node = Node::builder(me)
+        .discovery(discovery)
+        .config(
+            NodeConfig::default()
+                .shutdown_grace(config.shutdown_grace)
+                .stream_open_timeout(config.limits.open_timeout)
+                .max_streams(config.limits.max_clients.max(1024)),
+        )
+        .rpc("gateway.status", move |_, _| {
+            let text = status_handle.get().map(|g| status(g)).unwrap_or_default();
+            async move { Ok::<_, HandlerError>(Bytes::from(text)) }
+        })
+        .build();
+    node.start().await?;
+    let gw = Arc::new(Gateway {
+        node: node.clone(),
+        backend_type: config.backend_type,
+        policy: config.policy,
+        slots: Arc::new(Semaphore::new(config.limits.max_clients)),
+        limits: config.limits.clone(),
+        shutdown: CancellationToken::new(),
+        tasks: TaskTracker::new(),
+        stats: Default::default(),
+    });
+    let _ = status_of.set(gw.clone());
+    let listeners = TaskTracker::new();
+    let mut lines = vec![format!(
+        "gateway {me} node on {}",
+        node.local_addr().ok_or("no node listener")?
+    )];
+    if let Some(l) = tcp {
+        lines.push(format!("tcp on {}", l.local_addr()?));
+        listeners.spawn(listen::tcp(gw.clone(), l, tcp_tls));
+    }
+    if let Some(l) = ws {
+        let path = config
+            .websocket
+            .as_ref()
+            .map(|w| w.path.clone())
+            .unwrap_or_default();
+        lines.push(format!("websocket on {}{path}", l.local_addr()?));
+        listeners.spawn(listen::websocket(gw.clone(), l, ws_tls, path));
+    }
+    if let Some(l) = kcp {
+        lines.push(format!("kcp on {}", l.local_addr()?));
+        listeners.spawn(listen::kcp(gw.clone(), l));
+    }
+    // One line for tools and tests to wait for: everything is bound and the node is up.
+    println!("{}", lines.join(", "));
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!(gateway = %me, "SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!(gateway = %me, "interrupted: shutting down"),
+        _ = node.closed() => {}
+    }
+    let clients = gw.active();
+    gw.shutdown.cancel();
+    listeners.close();
+    listeners.wait().await;
+    gw.tasks.close();
+    if tokio::time::timeout(config.shutdown_grace, gw.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            left = gw.active(),
+            "grace period over with clients still closing"
+        );
+    }
+    node.shutdown().await;
+    println!("gateway {me} stopped ({clients} clients closed)");
+    Ok(())
+}
+
+fn status(gw: &Gateway) -> String {
+    let s = &gw.stats;
+    let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    format!(
+        "clients={}\naccepted={}\nturned_away={}\nclient_faults={}\nserver_failures={}\nframes_up={}\nframes_down={}",
+        gw.active(),
+        n(&s.accepted),
+        n(&s.turned_away),
+        n(&s.client_faults),
+        n(&s.server_failures),
+        n(&s.frames_up),
+        n(&s.frames_down),
+    )
+}

@@ -1,0 +1,557 @@
+//! One client: handshake (the first data frame), a stream to a game server, frames both ways,
+//! and an end with a reason on both sides.
+//!
+//! A session is one task. Its two directions run as two futures inside it, so a client that
+//! does not read never stops the game server's frames to other clients, and a game server
+//! that does not read never stops heartbeats. Every wait is bounded: the handshake by
+//! `handshake_timeout`, reading by `idle_timeout`, each write (to the client or to the stream)
+//! by `write_timeout`. Buffers are per session and bounded by the largest frame plus what one
+//! read returns; beyond that, backpressure is the stream's credit window toward the game
+//! server and the socket toward the client.
+
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use clustergo::{LogicAddr, Node, Stream, StreamError, StreamMeta};
+use clustergo_client::wire::{self, Inbound, close_code};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::time::{Instant, timeout, timeout_at};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Limits, Policy};
+
+/// What every session shares.
+#[derive(Debug)]
+pub(crate) struct Gateway {
+    pub(crate) node: Node,
+    pub(crate) backend_type: u8,
+    pub(crate) policy: Policy,
+    pub(crate) limits: Limits,
+    pub(crate) slots: Arc<Semaphore>,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) tasks: TaskTracker,
+    pub(crate) stats: Stats,
+}
+
+/// Counters, reported by the `gateway.status` RPC.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    pub(crate) accepted: AtomicU64,
+    pub(crate) turned_away: AtomicU64,
+    pub(crate) client_faults: AtomicU64,
+    pub(crate) server_failures: AtomicU64,
+    pub(crate) frames_up: AtomicU64,
+    pub(crate) frames_down: AtomicU64,
+}
+
+impl Gateway {
+    /// Clients connected now.
+    pub(crate) fn active(&self) -> usize {
+        self.limits.max_clients - self.slots.available_permits()
+    }
+}
+
+/// The receiving half of a client connection.
+pub(crate) trait FrameRead: Send {
+    /// The next unit from the client. Cancel-safe.
+    fn recv(&mut self) -> impl Future<Output = Result<Inbound, Fault>> + Send;
+}
+
+/// The sending half of a client connection.
+pub(crate) trait FrameWrite: Send {
+    /// Sends `heartbeats` heartbeats, then `frames`, and flushes.
+    fn send(
+        &mut self,
+        heartbeats: u32,
+        frames: &[Bytes],
+    ) -> impl Future<Output = io::Result<()>> + Send;
+    /// Tells the client why it is being closed (a close frame, or a WebSocket close with
+    /// `code`), then closes.
+    fn close(&mut self, code: u16, reason: &str) -> impl Future<Output = io::Result<()>> + Send;
+}
+
+/// Why a client is disconnected by the gateway's rules, or lost.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Fault {
+    #[error("frame of {size} bytes is over the limit of {limit} bytes")]
+    TooLarge { size: usize, limit: usize },
+    #[error("malformed input: {0}")]
+    Malformed(String),
+    #[error("no first frame within {0:?}")]
+    Handshake(Duration),
+    #[error("idle for {0:?}")]
+    Idle(Duration),
+    #[error("over the rate limit of {0} frames/s")]
+    FrameRate(u32),
+    #[error("over the rate limit of {0} bytes/s")]
+    ByteRate(u64),
+    #[error("not reading: a write waited {0:?}")]
+    NotReading(Duration),
+    #[error("connection closed")]
+    Eof,
+    #[error("connection failed: {0}")]
+    Io(io::Error),
+}
+
+impl Fault {
+    fn code(&self) -> u16 {
+        match self {
+            Fault::TooLarge { .. } => close_code::TOO_BIG,
+            Fault::Malformed(_) => close_code::UNSUPPORTED,
+            _ => close_code::POLICY,
+        }
+    }
+}
+
+impl From<io::Error> for Fault {
+    fn from(e: io::Error) -> Self {
+        Fault::Io(e)
+    }
+}
+
+/// How a session ended.
+#[derive(Debug)]
+enum End {
+    /// The client left: end of stream (`None`) or a close frame with its reason.
+    ClientLeft(Option<String>),
+    /// The client broke a rule or its connection failed.
+    Client(Fault),
+    /// The game server ended the stream cleanly.
+    ServerEnded,
+    /// The game server sent a close frame for the client.
+    ServerClosed(String),
+    /// The stream failed.
+    Server(String),
+    /// The gateway is shutting down.
+    Shutdown,
+}
+
+/// A client at the point it was accepted.
+#[derive(Debug, Clone)]
+pub(crate) struct ClientInfo {
+    pub(crate) transport: &'static str,
+    pub(crate) peer: std::net::SocketAddr,
+}
+
+/// Token buckets for frames and bytes per second, each with a one-second burst.
+#[derive(Debug)]
+struct Rate {
+    frames: f64,
+    bytes: f64,
+    frames_per_sec: f64,
+    bytes_per_sec: f64,
+    last: Instant,
+}
+
+impl Rate {
+    fn new(limits: &Limits) -> Rate {
+        Rate {
+            frames: f64::from(limits.frames_per_sec),
+            bytes: limits.bytes_per_sec as f64,
+            frames_per_sec: f64::from(limits.frames_per_sec),
+            bytes_per_sec: limits.bytes_per_sec as f64,
+            last: Instant::now(),
+        }
+    }
+
+    fn take(&mut self, bytes: usize, limits: &Limits) -> Result<(), Fault> {
+        let now = Instant::now();
+        let dt = now.duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.frames = (self.frames + dt * self.frames_per_sec).min(self.frames_per_sec);
+        self.bytes = (self.bytes + dt * self.bytes_per_sec).min(self.bytes_per_sec);
+        if self.frames < 1.0 {
+            return Err(Fault::FrameRate(limits.frames_per_sec));
+        }
+        if self.bytes < bytes as f64 {
+            return Err(Fault::ByteRate(limits.bytes_per_sec));
+        }
+        self.frames -= 1.0;
+        self.bytes -= bytes as f64;
+        Ok(())
+    }
+}
+
+/// Serves one accepted client until either side ends; logs how it ended.
+pub(crate) async fn serve<R: FrameRead, W: FrameWrite>(
+    gw: Arc<Gateway>,
+    _permit: OwnedSemaphorePermit,
+    info: ClientInfo,
+    mut rd: R,
+    mut wr: W,
+) {
+    let limits = &gw.limits;
+    let mut rate = Rate::new(limits);
+    let deadline = Instant::now() + limits.handshake_timeout;
+    // Handshake: heartbeats are answered; the first data frame picks the server.
+    let first = loop {
+        let item = tokio::select! {
+            r = timeout_at(deadline, rd.recv()) => match r {
+                Ok(item) => item,
+                Err(_) => Err(Fault::Handshake(limits.handshake_timeout)),
+            },
+            () = gw.shutdown.cancelled() => {
+                finish_client(&gw, &info, &mut wr, End::Shutdown).await;
+                return;
+            }
+        };
+        let item = item.and_then(|item| {
+            rate.take(frame_len(&item), limits)?;
+            Ok(item)
+        });
+        match item {
+            Ok(Inbound::Heartbeat) => {
+                if let Err(e) = bounded_send(&mut wr, 1, &[], limits).await {
+                    finish_client(&gw, &info, &mut wr, End::Client(e)).await;
+                    return;
+                }
+            }
+            Ok(Inbound::Data(frame)) => break frame,
+            Ok(Inbound::Close(reason)) => {
+                log_end(&gw, &info, None, &End::ClientLeft(Some(reason)));
+                return;
+            }
+            Err(fault) => {
+                finish_client(&gw, &info, &mut wr, End::Client(fault)).await;
+                return;
+            }
+        }
+    };
+    let stream = tokio::select! {
+        s = open(&gw, &info, &first) => s,
+        () = gw.shutdown.cancelled() => Err((close_code::GOING_AWAY, "gateway shutting down".into())),
+    };
+    let stream = match stream {
+        Ok(s) => s,
+        Err((code, reason)) => {
+            gw.stats.server_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(client = %info.peer, transport = info.transport, %reason, "client turned away");
+            let _ = timeout(limits.write_timeout, wr.close(code, &reason)).await;
+            return;
+        }
+    };
+    let server = stream.peer();
+    let (mut down, mut up) = stream.into_split();
+    let mut up_buf = BytesMut::new();
+    wire::put_frame(&mut up_buf, &first);
+    gw.stats.frames_up.fetch_add(1, Ordering::Relaxed);
+
+    let owed = AtomicU32::new(0);
+    let wake = Notify::new();
+    let end = {
+        let upstream = async {
+            loop {
+                if !up_buf.is_empty() {
+                    match timeout(limits.write_timeout, up.write_all(&up_buf)).await {
+                        Ok(Ok(())) => up_buf.clear(),
+                        Ok(Err(e)) => return End::Server(stream_reason(&e)),
+                        Err(_) => {
+                            return End::Server(format!(
+                                "not reading: a write waited {:?}",
+                                limits.write_timeout
+                            ));
+                        }
+                    }
+                }
+                let item = match timeout(limits.idle_timeout, rd.recv()).await {
+                    Ok(Ok(item)) => item,
+                    Ok(Err(Fault::Eof)) => return End::ClientLeft(None),
+                    Ok(Err(fault)) => return End::Client(fault),
+                    Err(_) => return End::Client(Fault::Idle(limits.idle_timeout)),
+                };
+                if let Err(fault) = rate.take(frame_len(&item), limits) {
+                    return End::Client(fault);
+                }
+                match item {
+                    Inbound::Heartbeat => {
+                        owed.fetch_add(1, Ordering::Relaxed);
+                        wake.notify_one();
+                    }
+                    Inbound::Data(frame) => {
+                        gw.stats.frames_up.fetch_add(1, Ordering::Relaxed);
+                        wire::put_frame(&mut up_buf, &frame);
+                    }
+                    Inbound::Close(reason) => return End::ClientLeft(Some(reason)),
+                }
+            }
+        };
+        let downstream = async {
+            let mut buf = BytesMut::new();
+            let mut frames = Vec::new();
+            loop {
+                let heartbeats = owed.swap(0, Ordering::Relaxed);
+                if heartbeats > 0 || !frames.is_empty() {
+                    if let Err(fault) = bounded_send(&mut wr, heartbeats, &frames, limits).await {
+                        return End::Client(fault);
+                    }
+                    gw.stats
+                        .frames_down
+                        .fetch_add(frames.len() as u64, Ordering::Relaxed);
+                    frames.clear();
+                }
+                if buf.capacity() - buf.len() < 512 {
+                    buf.reserve(1024);
+                }
+                tokio::select! {
+                    n = down.read_buf(&mut buf) => match n {
+                        Ok(0) if buf.is_empty() => return End::ServerEnded,
+                        Ok(0) => return End::Server("stream ended inside a frame".into()),
+                        Ok(_) => {}
+                        Err(e) => return End::Server(stream_reason(&e)),
+                    },
+                    () = wake.notified() => {}
+                }
+                loop {
+                    match wire::decode(&mut buf, limits.max_frame) {
+                        Ok(Some(Inbound::Data(frame))) => frames.push(frame),
+                        Ok(Some(Inbound::Heartbeat)) => {}
+                        Ok(Some(Inbound::Close(reason))) => {
+                            if !frames.is_empty() {
+                                let _ = bounded_send(&mut wr, 0, &frames, limits).await;
+                            }
+                            return End::ServerClosed(reason);
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            return End::Server(format!("bad frame from the game server: {e}"));
+                        }
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            end = upstream => end,
+            end = downstream => end,
+            () = gw.shutdown.cancelled() => End::Shutdown,
+        }
+    };
+    // The stream: a clean client exit (or shutdown) ends it cleanly, so the game server reads
+    // every frame and then the end; anything else resets it with the reason.
+    match &end {
+        End::ClientLeft(_) | End::Shutdown => {
+            if timeout(limits.write_timeout, up.shutdown()).await.is_ok() {
+                // Let the game server finish its side (its last frames are dropped: the
+                // client is gone or being told to go), bounded.
+                let drain = async {
+                    let mut sink = [0u8; 1024];
+                    while matches!(down.read(&mut sink).await, Ok(n) if n > 0) {}
+                };
+                let _ = timeout(Duration::from_secs(1), drain).await;
+            }
+        }
+        End::Client(fault) => up.reset(format!("client {}: {fault}", info.peer)),
+        End::ServerEnded | End::ServerClosed(_) | End::Server(_) => {}
+    }
+    log_end(&gw, &info, Some(server), &end);
+    if !matches!(end, End::ClientLeft(_)) {
+        close_client(&gw, &mut wr, &end, Some(server)).await;
+    }
+}
+
+fn frame_len(item: &Inbound) -> usize {
+    match item {
+        Inbound::Data(b) => b.len(),
+        _ => 0,
+    }
+}
+
+async fn bounded_send<W: FrameWrite>(
+    wr: &mut W,
+    heartbeats: u32,
+    frames: &[Bytes],
+    limits: &Limits,
+) -> Result<(), Fault> {
+    match timeout(limits.write_timeout, wr.send(heartbeats, frames)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(Fault::Io(e)),
+        Err(_) => Err(Fault::NotReading(limits.write_timeout)),
+    }
+}
+
+/// Ends a session that has no stream yet.
+async fn finish_client<W: FrameWrite>(gw: &Gateway, info: &ClientInfo, wr: &mut W, end: End) {
+    log_end(gw, info, None, &end);
+    close_client(gw, wr, &end, None).await;
+}
+
+async fn close_client<W: FrameWrite>(
+    gw: &Gateway,
+    wr: &mut W,
+    end: &End,
+    server: Option<LogicAddr>,
+) {
+    let (code, reason) = match end {
+        End::ClientLeft(_) => (close_code::NORMAL, "bye".to_owned()),
+        End::Client(Fault::NotReading(_) | Fault::Eof | Fault::Io(_)) => return,
+        End::Client(fault) => (fault.code(), fault.to_string()),
+        End::ServerEnded => (
+            close_code::NORMAL,
+            "session ended by the game server".into(),
+        ),
+        End::ServerClosed(reason) => (close_code::NORMAL, reason.clone()),
+        End::Server(reason) => (
+            close_code::SERVER_ERROR,
+            match server {
+                Some(s) => format!("game server {s} failed: {reason}"),
+                None => reason.clone(),
+            },
+        ),
+        End::Shutdown => (close_code::GOING_AWAY, "gateway shutting down".into()),
+    };
+    // A client that does not read cannot hold the session: the close is bounded too.
+    let _ = timeout(
+        gw.limits.write_timeout.min(Duration::from_secs(1)),
+        wr.close(code, &reason),
+    )
+    .await;
+}
+
+fn log_end(gw: &Gateway, info: &ClientInfo, server: Option<LogicAddr>, end: &End) {
+    let server = server.map(|s| s.to_string()).unwrap_or_else(|| "-".into());
+    match end {
+        End::Client(Fault::Eof) => {
+            tracing::debug!(client = %info.peer, transport = info.transport, %server, "client left");
+        }
+        End::Client(fault) => {
+            gw.stats.client_faults.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(client = %info.peer, transport = info.transport, %server, reason = %fault, "client disconnected");
+        }
+        End::ClientLeft(reason) => {
+            tracing::debug!(client = %info.peer, transport = info.transport, %server, reason = reason.as_deref().unwrap_or("end of stream"), "client left");
+        }
+        End::Server(reason) => {
+            gw.stats.server_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(client = %info.peer, transport = info.transport, %server, %reason, "game server failed: client closed");
+        }
+        End::ServerEnded | End::ServerClosed(_) => {
+            tracing::debug!(client = %info.peer, transport = info.transport, %server, "game server ended the session");
+        }
+        End::Shutdown => {
+            tracing::debug!(client = %info.peer, transport = info.transport, %server, "closed for shutdown");
+        }
+    }
+}
+
+fn stream_reason(e: &io::Error) -> String {
+    match StreamError::from_io(e) {
+        Some(s) => s.to_string(),
+        None => e.to_string(),
+    }
+}
+
+/// Opens the client's stream: up to `open_attempts` different game servers.
+async fn open(gw: &Gateway, info: &ClientInfo, first: &Bytes) -> Result<Stream, (u16, String)> {
+    let mut tried: Vec<LogicAddr> = Vec::new();
+    let mut last = String::new();
+    for _ in 0..gw.limits.open_attempts {
+        let Some(target) = pick(gw, first, &tried) else {
+            break;
+        };
+        tried.push(target);
+        let meta = StreamMeta::new()
+            .with("transport", info.transport)
+            .with("client", info.peer.to_string())
+            .with("gateway", gw.node.addr().to_string());
+        match timeout(
+            gw.limits.open_timeout,
+            gw.node.open_stream_with(target, meta),
+        )
+        .await
+        {
+            Ok(Ok(stream)) => return Ok(stream),
+            Ok(Err(e)) => last = e.to_string(),
+            Err(_) => last = format!("opening a stream to {target} timed out"),
+        }
+        tracing::debug!(client = %info.peer, %target, reason = %last, "open failed; trying another server");
+    }
+    if tried.is_empty() {
+        return Err((
+            close_code::TRY_AGAIN,
+            format!("no game server of type {} available", gw.backend_type),
+        ));
+    }
+    Err((
+        close_code::TRY_AGAIN,
+        format!("no game server took the client: {last}"),
+    ))
+}
+
+/// An available game server not tried yet: any (random) or the key's (sticky).
+fn pick(gw: &Gateway, first: &[u8], tried: &[LogicAddr]) -> Option<LogicAddr> {
+    let candidates: Vec<LogicAddr> = gw
+        .node
+        .members()
+        .into_iter()
+        .filter(|m| {
+            m.available && m.addr.node_type() == gw.backend_type && !tried.contains(&m.addr)
+        })
+        .map(|m| m.addr)
+        .collect();
+    match gw.policy {
+        Policy::Random => {
+            (!candidates.is_empty()).then(|| candidates[fastrand::usize(..candidates.len())])
+        }
+        Policy::Sticky => {
+            let key = fnv1a(first);
+            candidates
+                .into_iter()
+                .max_by_key(|a| (mix(key ^ u64::from(a.as_u32())), a.as_u32()))
+        }
+    }
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// SplitMix64's finalizer: spreads nearby inputs over all bits.
+fn mix(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn rate_allows_a_one_second_burst_then_refills() {
+        let limits = Limits {
+            frames_per_sec: 10,
+            bytes_per_sec: 1000,
+            ..Limits::default()
+        };
+        let mut rate = Rate::new(&limits);
+        for _ in 0..10 {
+            rate.take(10, &limits).unwrap();
+        }
+        assert!(matches!(rate.take(10, &limits), Err(Fault::FrameRate(10))));
+        tokio::time::advance(Duration::from_millis(500)).await;
+        for _ in 0..5 {
+            rate.take(10, &limits).unwrap();
+        }
+        assert!(rate.take(0, &limits).is_err());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(matches!(
+            rate.take(1001, &limits),
+            Err(Fault::ByteRate(1000))
+        ));
+        rate.take(1000, &limits).unwrap();
+    }
+
+    #[test]
+    fn sticky_keys_spread_and_stay() {
+        let key = fnv1a(b"player-42");
+        assert_eq!(key, fnv1a(b"player-42"));
+        assert_ne!(mix(key ^ 1), mix(key ^ 2));
+    }
+}

@@ -1,0 +1,305 @@
+//! A test bed: a real etcd, game server processes (the `game_server` example) and a gateway
+//! process, all on loopback; the gateway's log is collected so tests can wait for a line.
+#![allow(dead_code, unreachable_pub)]
+
+#[path = "../../../tests/support/etcd.rs"]
+pub mod etcd_server;
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clustergo::membership::{encode_member, member_key};
+use clustergo::{LogicAddr, Member};
+use etcd_server::Etcd;
+
+pub const PREFIX: &str = "/cg-gateway-test";
+pub const SECRET: &str = "gateway-test-secret";
+/// One outer bound for anything a test waits for.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+pub fn a(s: &str) -> LogicAddr {
+    s.parse().unwrap()
+}
+
+/// A child process of the test, killed by its handle when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    /// Sends SIGKILL (to this child only).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM (to this child only).
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+/// Lines a process wrote, shared with the thread that reads them.
+#[derive(Clone, Default)]
+pub struct Log(Arc<(Mutex<Vec<String>>, std::sync::Condvar)>);
+
+impl Log {
+    fn push(&self, line: String) {
+        self.0.0.lock().unwrap().push(line);
+        self.0.1.notify_all();
+    }
+
+    /// Waits (blocking, bounded by [`WAIT`]) for a line containing every one of `parts`.
+    pub fn wait_for(&self, parts: &[&str]) -> String {
+        let deadline = std::time::Instant::now() + WAIT;
+        let mut lines = self.0.0.lock().unwrap();
+        loop {
+            if let Some(l) = lines.iter().find(|l| parts.iter().all(|p| l.contains(p))) {
+                return l.clone();
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            assert!(
+                !left.is_zero(),
+                "no log line with {parts:?}; log:\n{}",
+                lines.join("\n")
+            );
+            lines = self.0.1.wait_timeout(lines, left).unwrap().0;
+        }
+    }
+
+    /// Async form of [`Log::wait_for`].
+    pub async fn wait(&self, parts: &[&str]) -> String {
+        let log = self.clone();
+        let parts: Vec<String> = parts.iter().map(|s| s.to_string()).collect();
+        tokio::task::spawn_blocking(move || {
+            let p: Vec<&str> = parts.iter().map(String::as_str).collect();
+            log.wait_for(&p)
+        })
+        .await
+        .unwrap()
+    }
+
+    pub fn contains(&self, text: &str) -> bool {
+        self.0.0.lock().unwrap().iter().any(|l| l.contains(text))
+    }
+}
+
+fn collect(name: String, out: impl std::io::Read + Send + 'static, log: Log) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            println!("[{name}] {line}");
+            log.push(line);
+        }
+    });
+}
+
+/// The path of the `game_server` example (built by `cargo test` with the package's tests).
+pub fn example(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join(name);
+    assert!(
+        bin.exists(),
+        "example {name} not built at {}",
+        bin.display()
+    );
+    bin
+}
+
+pub fn free_port() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+/// Lists members in etcd, as an operator would.
+pub async fn list(etcd: &Etcd, members: &[Member]) {
+    let mut kv = etcd_client::Client::connect([etcd.endpoint.clone()], None)
+        .await
+        .unwrap();
+    for m in members {
+        kv.put(member_key(PREFIX, m.addr), encode_member(m), None)
+            .await
+            .unwrap();
+    }
+}
+
+/// Starts game server `addr` (already listed) and waits until it is up.
+pub fn game_server(etcd: &Etcd, addr: &str) -> Proc {
+    let mut child = Command::new(example("game_server"))
+        .args([&etcd.endpoint, PREFIX, addr])
+        .env("CLUSTERGO_SECRET", SECRET)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().expect("game server printed nothing").unwrap();
+    assert!(first.contains("listening on"), "{first}");
+    let name = addr.to_owned();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            println!("[{name}] {line}");
+        }
+    });
+    Proc {
+        child,
+        name: addr.into(),
+    }
+}
+
+/// A running gateway process.
+pub struct Gateway {
+    pub proc: Proc,
+    pub log: Log,
+    pub out: Log,
+    pub tcp: String,
+    pub ws: String,
+    pub kcp: String,
+    _dir: TempDir,
+}
+
+impl Gateway {
+    pub fn url(&self, transport: &str) -> String {
+        match transport {
+            "tcp" => format!("tcp://{}", self.tcp),
+            "tls" => format!("tls://{}", self.tcp),
+            "ws" => format!("ws://{}", self.ws),
+            "wss" => format!("wss://{}", self.ws),
+            "kcp" => format!("kcp://{}", self.kcp),
+            other => panic!("transport {other}"),
+        }
+    }
+}
+
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!(
+            "cg-gw-{tag}-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Limits that let failure paths finish quickly.
+pub const TEST_LIMITS: &str = "[limits]
+handshake_timeout_ms = 1000
+idle_timeout_ms = 3000
+write_timeout_ms = 500
+frames_per_sec = 5000
+bytes_per_sec = 67108864
+";
+
+/// Starts the gateway `1.100.1` (already listed) in front of game servers of type 1, with
+/// all three listeners on free ports plus `extra` config (listener options go in `tcp_extra`
+/// and `ws_extra`, e.g. TLS files).
+pub fn gateway(etcd: &Etcd, extra: &str, tcp_extra: &str, ws_extra: &str) -> Gateway {
+    let dir = TempDir::new("cfg");
+    let config = format!(
+        "addr = \"1.100.1\"\nbackend_type = 1\nshutdown_grace_secs = 3\n{extra}\n\
+         [etcd]\nendpoints = [\"{}\"]\nprefix = \"{PREFIX}\"\nlease_ttl_secs = 2\n\
+         [tcp]\nlisten = \"127.0.0.1:0\"\n{tcp_extra}\n\
+         [websocket]\nlisten = \"127.0.0.1:0\"\npath = \"/ws\"\n{ws_extra}\n\
+         [kcp]\nlisten = \"127.0.0.1:0\"\n",
+        etcd.endpoint
+    );
+    let path = dir.0.join("gateway.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .arg("--config")
+        .arg(&path)
+        .env("CLUSTERGO_SECRET", SECRET)
+        .env("RUST_LOG", "info")
+        .env_remove("GATEWAY_ADDR")
+        .env_remove("GATEWAY_ETCD")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = Log::default();
+    collect("gateway".into(), child.stderr.take().unwrap(), log.clone());
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    if stdout.read_line(&mut first).unwrap_or(0) == 0 {
+        panic!(
+            "gateway printed nothing; log:\n{}",
+            log.0.0.lock().unwrap().join("\n")
+        );
+    }
+    let out = Log::default();
+    collect("gateway".into(), stdout, out.clone());
+    let field = |name: &str| -> String {
+        let rest = first
+            .split(&format!("{name} on "))
+            .nth(1)
+            .unwrap_or_else(|| panic!("no {name} in {first:?}"));
+        rest.split(',').next().unwrap().trim().to_owned()
+    };
+    Gateway {
+        tcp: field("tcp"),
+        ws: field("websocket"),
+        kcp: field("kcp"),
+        proc: Proc {
+            child,
+            name: "gateway".into(),
+        },
+        log,
+        out,
+        _dir: dir,
+    }
+}
+
+/// etcd, game servers `servers` (type 1) and a gateway, everyone listed.
+pub struct Bed {
+    pub etcd: Etcd,
+    pub servers: Vec<Proc>,
+    pub gateway: Gateway,
+}
+
+pub async fn bed(servers: &[&str], extra: &str) -> Bed {
+    bed_with(servers, extra, "", "").await
+}
+
+pub async fn bed_with(servers: &[&str], extra: &str, tcp_extra: &str, ws_extra: &str) -> Bed {
+    let etcd = Etcd::start();
+    let mut members = vec![Member::new(a("1.100.1"), free_port())];
+    members.extend(servers.iter().map(|s| Member::new(a(s), free_port())));
+    list(&etcd, &members).await;
+    let procs = servers.iter().map(|s| game_server(&etcd, s)).collect();
+    let gateway = gateway(&etcd, extra, tcp_extra, ws_extra);
+    Bed {
+        etcd,
+        servers: procs,
+        gateway,
+    }
+}

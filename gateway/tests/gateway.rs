@@ -1,0 +1,521 @@
+//! The gateway binary with real processes on loopback: a real etcd, `game_server` example
+//! processes behind it, and clients over TCP, TLS, WebSocket and KCP.
+
+mod bed;
+
+use std::time::Duration;
+
+use bed::{TEST_LIMITS, WAIT, bed, bed_with};
+use bytes::{Bytes, BytesMut};
+use clustergo_client::wire::{self, Inbound};
+use clustergo_client::{Client, ClientConfig, ClientError};
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, timeout};
+
+async fn within<F: std::future::Future>(f: F) -> F::Output {
+    timeout(WAIT, f).await.expect("timed out")
+}
+
+async fn connect(url: &str) -> Client {
+    within(Client::connect(url))
+        .await
+        .unwrap_or_else(|e| panic!("{url}: {e}"))
+}
+
+/// Sends `frame` and returns the answer.
+async fn ask(c: &mut Client, frame: &str) -> String {
+    c.send(frame.to_owned()).await.unwrap();
+    let reply = within(c.recv()).await.unwrap();
+    String::from_utf8(reply.to_vec()).unwrap()
+}
+
+/// Reads what the gateway sends a raw TCP client until it closes; returns the close reason.
+async fn close_reason(sock: &mut TcpStream) -> String {
+    let mut buf = BytesMut::new();
+    loop {
+        while let Some(item) = wire::decode(&mut buf, 1 << 20).unwrap() {
+            if let Inbound::Close(reason) = item {
+                return reason;
+            }
+        }
+        let n = within(sock.read_buf(&mut buf)).await.unwrap_or(0);
+        assert!(n > 0, "closed without a close frame");
+    }
+}
+
+fn expect_closed(r: Result<Bytes, ClientError>, want: &str) -> (String, Option<u16>) {
+    match r {
+        Err(ClientError::Closed { reason, code }) => {
+            assert!(reason.contains(want), "reason {reason:?}, wanted {want:?}");
+            (reason, code)
+        }
+        other => panic!("wanted a close with {want:?}, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_transport_echoes_a_thousand_frames_in_order_with_metadata() {
+    let bed = bed(&["1.1.1"], TEST_LIMITS).await;
+    for transport in ["tcp", "ws", "kcp"] {
+        let mut c = connect(&bed.gateway.url(transport)).await;
+        let meta = ask(&mut c, "meta").await;
+        assert!(
+            meta.contains(&format!("transport={transport}"))
+                && meta.contains("client=127.0.0.1:")
+                && meta.contains("gateway=1.100.1"),
+            "{meta}"
+        );
+        for i in 0..1000 {
+            c.send(format!("{transport}-{i}")).await.unwrap();
+        }
+        for i in 0..1000 {
+            let echo = within(c.recv()).await.unwrap();
+            assert_eq!(echo, format!("{transport}-{i}").as_bytes(), "{transport}");
+        }
+        // A large frame arrives whole.
+        let big: Bytes = (0..60_000u32).map(|i| i as u8).collect::<Vec<_>>().into();
+        c.send(big.clone()).await.unwrap();
+        assert_eq!(within(c.recv()).await.unwrap(), big);
+        within(c.close("done")).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_clients_over_three_transports() {
+    let bed = bed(&["1.1.1", "1.1.2"], TEST_LIMITS).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..1000 {
+        let transport = ["tcp", "ws", "kcp"][i % 3];
+        let url = bed.gateway.url(transport);
+        tasks.spawn(async move {
+            let mut c = Client::connect(&url)
+                .await
+                .unwrap_or_else(|e| panic!("client {i} ({transport}): {e}"));
+            for j in 0..3 {
+                let frame = format!("client {i} frame {j}");
+                c.send(frame.clone()).await.unwrap();
+                let echo = c.recv().await.unwrap();
+                assert_eq!(echo, frame.as_bytes());
+            }
+            c.close("done").await.unwrap();
+            transport
+        });
+    }
+    let mut done = [0; 3];
+    within(async {
+        while let Some(r) = tasks.join_next().await {
+            let t = r.unwrap();
+            done[["tcp", "ws", "kcp"].iter().position(|x| *x == t).unwrap()] += 1;
+        }
+    })
+    .await;
+    assert_eq!(done, [334, 333, 333]);
+}
+
+/// Bad clients of every kind are disconnected with their reason (told to them and logged),
+/// while a well-behaved client on the same gateway goes on echoing without a stall.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_clients_are_cut_off_and_a_good_one_keeps_its_latency() {
+    let bed = bed(&["1.1.1"], TEST_LIMITS).await;
+    let gw = &bed.gateway;
+    let mut good = connect(&gw.url("tcp")).await;
+    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let watcher = tokio::spawn(async move {
+        let (mut worst, mut n) = (Duration::ZERO, 0u32);
+        loop {
+            let t = Instant::now();
+            let frame = format!("ping {n}");
+            good.send(frame.clone()).await.unwrap();
+            assert_eq!(good.recv().await.unwrap(), frame.as_bytes());
+            worst = worst.max(t.elapsed());
+            n += 1;
+            if stop_rx.try_recv().is_ok() {
+                return (worst, n, good);
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    });
+
+    // An oversize length prefix.
+    let mut s = TcpStream::connect(&gw.tcp).await.unwrap();
+    s.write_all(&[0x7f, 0xff, 0xff, 0xff]).await.unwrap();
+    let reason = close_reason(&mut s).await;
+    assert!(
+        reason.contains("frame of 2147483647 bytes is over the limit of 65536"),
+        "{reason}"
+    );
+    gw.log
+        .wait(&["client disconnected", "2147483647 bytes"])
+        .await;
+
+    // Garbage: a length word with the close bit and an impossible reason length.
+    let mut s = TcpStream::connect(&gw.tcp).await.unwrap();
+    s.write_all(b"\xde\xad\xbe\xefnot a frame at all")
+        .await
+        .unwrap();
+    let reason = close_reason(&mut s).await;
+    assert!(reason.contains("malformed input"), "{reason}");
+    gw.log
+        .wait(&["client disconnected", "malformed input: close frame"])
+        .await;
+
+    // A text message over WebSocket.
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}", gw.ws))
+        .await
+        .unwrap();
+    ws.send(tokio_tungstenite::tungstenite::Message::text("hello?"))
+        .await
+        .unwrap();
+    let close = loop {
+        match within(ws.next()).await {
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Close(Some(f)))) => break f,
+            Some(Ok(_)) => continue,
+            other => panic!("wanted a close, got {other:?}"),
+        }
+    };
+    assert_eq!(u16::from(close.code), wire::close_code::UNSUPPORTED);
+    assert!(close.reason.contains("text message"), "{close}");
+
+    // Never sends its first frame.
+    let started = Instant::now();
+    let mut s = TcpStream::connect(&gw.tcp).await.unwrap();
+    let reason = close_reason(&mut s).await;
+    assert!(reason.contains("no first frame within 1s"), "{reason}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    gw.log
+        .wait(&["client disconnected", "no first frame within 1s"])
+        .await;
+
+    // Floods: 20,000 heartbeats in one burst, over 5,000 frames/s.
+    let mut s = TcpStream::connect(&gw.tcp).await.unwrap();
+    let mut burst = BytesMut::new();
+    wire::put_frame(&mut burst, b"hello");
+    for _ in 0..20_000 {
+        wire::put_frame(&mut burst, b"");
+    }
+    let _ = s.write_all(&burst).await;
+    let reason = close_reason(&mut s).await;
+    assert!(
+        reason.contains("over the rate limit of 5000 frames/s"),
+        "{reason}"
+    );
+    gw.log
+        .wait(&["client disconnected", "rate limit of 5000 frames/s"])
+        .await;
+
+    // Never reads: large frames echo back until the socket buffers fill; the gateway's
+    // write then waits past `write_timeout` and it cuts the client off.
+    let mut lazy = connect(&gw.url("tcp")).await;
+    let chunk: Bytes = vec![7u8; 60_000].into();
+    within(async {
+        while !gw.log.contains("not reading") {
+            if lazy.send(chunk.clone()).await.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    gw.log
+        .wait(&["client disconnected", "not reading: a write waited 500ms"])
+        .await;
+
+    stop_tx.send(()).unwrap();
+    let (worst, n, mut good) = within(watcher).await.unwrap();
+    assert!(n > 10, "only {n} echoes");
+    assert!(
+        worst < Duration::from_millis(250),
+        "worst echo took {worst:?}"
+    );
+    assert_eq!(ask(&mut good, "still here").await, "still here");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_game_server_closes_its_clients_and_new_ones_go_elsewhere() {
+    let mut bed = bed(&["1.1.1", "1.1.2"], TEST_LIMITS).await;
+    let url = bed.gateway.url("tcp");
+    let mut on = [Vec::new(), Vec::new()];
+    within(async {
+        while on[0].len() < 3 || on[1].len() < 3 {
+            let mut c = connect(&url).await;
+            let who = ask(&mut c, "whoami").await;
+            on[usize::from(who == "1.1.2")].push(c);
+        }
+    })
+    .await;
+    bed.servers[0].kill();
+    let killed = Instant::now();
+    for c in &mut on[0] {
+        let (reason, _) = expect_closed(within(c.recv()).await, "game server 1.1.1 failed");
+        assert!(reason.contains("lost"), "{reason}");
+    }
+    assert!(
+        killed.elapsed() < Duration::from_secs(3),
+        "closed after {:?}",
+        killed.elapsed()
+    );
+    for c in &mut on[1] {
+        assert_eq!(ask(c, "whoami").await, "1.1.2");
+    }
+    for _ in 0..6 {
+        let mut c = connect(&url).await;
+        assert_eq!(ask(&mut c, "whoami").await, "1.1.2");
+    }
+    bed.gateway
+        .log
+        .wait(&["game server failed: client closed", "1.1.1"])
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_game_server_ends_or_kicks_a_client_and_the_client_hears_why() {
+    let bed = bed(&["1.1.1"], TEST_LIMITS).await;
+    let mut c = connect(&bed.gateway.url("tcp")).await;
+    c.send("kick:cheating detected").await.unwrap();
+    expect_closed(within(c.recv()).await, "cheating detected");
+    let mut c = connect(&bed.gateway.url("ws")).await;
+    c.send("kick:server full").await.unwrap();
+    let (_, code) = expect_closed(within(c.recv()).await, "server full");
+    assert_eq!(code, Some(wire::close_code::NORMAL));
+    let mut c = connect(&bed.gateway.url("kcp")).await;
+    c.send("bye").await.unwrap();
+    expect_closed(within(c.recv()).await, "session ended by the game server");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_keep_a_quiet_client_and_silence_ends_one() {
+    let bed = bed(&["1.1.1"], TEST_LIMITS).await;
+    let beating = ClientConfig::default().heartbeat(Some(Duration::from_millis(200)));
+    let mut alive = within(Client::connect_with(&bed.gateway.url("kcp"), beating))
+        .await
+        .unwrap();
+    assert_eq!(ask(&mut alive, "hi").await, "hi");
+    let silent = ClientConfig::default().heartbeat(None);
+    let mut quiet = within(Client::connect_with(&bed.gateway.url("tcp"), silent))
+        .await
+        .unwrap();
+    assert_eq!(ask(&mut quiet, "hi").await, "hi");
+    // The quiet one is cut off after the 3 s idle timeout; the one sending heartbeats,
+    // waiting in `recv` the same time, is not.
+    let (quiet_end, alive_wait) = tokio::join!(within(quiet.recv()), async {
+        timeout(Duration::from_secs(4), alive.recv()).await
+    });
+    expect_closed(quiet_end, "idle for 3s");
+    assert!(
+        alive_wait.is_err(),
+        "the heartbeating client got {alive_wait:?}"
+    );
+    assert_eq!(ask(&mut alive, "still").await, "still");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sticky_policy_sends_a_key_to_the_same_server() {
+    let bed = bed(
+        &["1.1.1", "1.1.2", "1.1.3"],
+        &format!("policy = \"sticky\"\n{TEST_LIMITS}"),
+    )
+    .await;
+    let url = bed.gateway.url("ws");
+    let mut seen = std::collections::HashMap::new();
+    for round in 0..3 {
+        for key in 0..12 {
+            let mut c = connect(&url).await;
+            let key = format!("player-{key}");
+            assert_eq!(ask(&mut c, &key).await, key);
+            let who = ask(&mut c, "whoami").await;
+            if round == 0 {
+                seen.insert(key, who);
+            } else {
+                assert_eq!(seen[&key], who, "{key} moved");
+            }
+        }
+    }
+    let servers: std::collections::HashSet<_> = seen.values().collect();
+    assert!(servers.len() >= 2, "12 keys all on {servers:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_gateway_turns_clients_away_with_a_reason() {
+    let bed = bed(
+        &["1.1.1"],
+        &TEST_LIMITS.replace("[limits]", "[limits]\nmax_clients = 2"),
+    )
+    .await;
+    let mut one = connect(&bed.gateway.url("tcp")).await;
+    let mut two = connect(&bed.gateway.url("ws")).await;
+    assert_eq!(ask(&mut one, "1").await, "1");
+    assert_eq!(ask(&mut two, "2").await, "2");
+    let mut three = connect(&bed.gateway.url("tcp")).await;
+    let _ = three.send("3").await;
+    expect_closed(within(three.recv()).await, "gateway full");
+    bed.gateway
+        .log
+        .wait(&["gateway full: client turned away"])
+        .await;
+    within(one.close("done")).await.unwrap();
+    // The slot comes back once the gateway has seen the client leave.
+    within(async {
+        loop {
+            let mut c = connect(&bed.gateway.url("tcp")).await;
+            c.send("again").await.unwrap();
+            match c.recv().await {
+                Ok(b) => break assert_eq!(&b[..], b"again"),
+                Err(ClientError::Closed { reason, .. }) if reason.contains("full") => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_tells_clients_and_exits_cleanly() {
+    let mut bed = bed(&["1.1.1"], TEST_LIMITS).await;
+    let mut tcp = connect(&bed.gateway.url("tcp")).await;
+    let mut ws = connect(&bed.gateway.url("ws")).await;
+    assert_eq!(ask(&mut tcp, "a").await, "a");
+    assert_eq!(ask(&mut ws, "b").await, "b");
+    bed.gateway.proc.terminate();
+    expect_closed(within(tcp.recv()).await, "gateway shutting down");
+    let (_, code) = expect_closed(within(ws.recv()).await, "gateway shutting down");
+    assert_eq!(code, Some(wire::close_code::GOING_AWAY));
+    let status = within(async {
+        loop {
+            if let Some(s) = bed.gateway.proc.child.try_wait().unwrap() {
+                break s;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(status.code(), Some(0));
+    bed.gateway.out.wait(&["stopped (2 clients closed)"]).await;
+}
+
+#[test]
+fn bad_configurations_are_refused_before_anything_binds() {
+    let dir = bed::TempDir::new("bad");
+    let ok = "addr = \"1.100.1\"\nbackend_type = 1\n[etcd]\nendpoints = [\"http://127.0.0.1:1\"]\n";
+    let cases = [
+        (ok.to_owned(), "no listener"),
+        (
+            format!("{ok}[tcp]\nlisten = \"nowhere\"\n"),
+            "[tcp] listen \"nowhere\"",
+        ),
+        (
+            format!("{ok}[tcp]\nlisten = \"127.0.0.1:0\"\ntls_cert = \"c.pem\"\n"),
+            "needs both tls_cert and tls_key",
+        ),
+        (
+            format!("{ok}[kcp]\nlisten = \"127.0.0.1:0\"\ntls_cert = \"c\"\ntls_key = \"k\"\n"),
+            "[kcp] does not support TLS",
+        ),
+        (
+            format!("{ok}[websocket]\nlisten = \"127.0.0.1:0\"\npath = \"ws\"\n"),
+            "must start with '/'",
+        ),
+        (
+            format!("{ok}[tcp]\nlisten = \"127.0.0.1:0\"\n[limits]\nmax_frame_bytes = 0\n"),
+            "max_frame_bytes 0",
+        ),
+        (
+            format!("{ok}[tcp]\nlisten = \"127.0.0.1:0\"\n[limits]\nbytes_per_sec = 10\n"),
+            "a largest frame could never pass",
+        ),
+        (
+            format!("{ok}[tcp]\nlisten = \"127.0.0.1:0\"\n[limits]\nidle_timeout_ms = 0\n"),
+            "idle_timeout_ms 0",
+        ),
+        (
+            format!("{ok}[tcp]\nlisten = \"127.0.0.1:0\"\n[limits]\nmax_clients = 0\n"),
+            "max_clients 0",
+        ),
+        (
+            format!("{ok}policy = \"roundrobin\"\n"),
+            "unknown field `policy`",
+        ),
+        (
+            ok.replace("backend_type = 1\n", "policy = \"roundrobin\"\n")
+                + "[tcp]\nlisten = \"127.0.0.1:0\"\n",
+            "no backend type",
+        ),
+        (
+            "backend_type = 1\npolicy = \"roundrobin\"\naddr = \"1.100.1\"\n[etcd]\nendpoints = [\"http://h:1\"]\n[tcp]\nlisten = \"127.0.0.1:0\"\n".to_owned(),
+            "policy \"roundrobin\"",
+        ),
+        (
+            ok.replace("1.100.1", "1.255.1") + "[tcp]\nlisten = \"127.0.0.1:0\"\n",
+            "harbor address",
+        ),
+        (
+            format!(
+                "{ok}[tcp]\nlisten = \"127.0.0.1:0\"\ntls_cert = \"/nonexistent.pem\"\ntls_key = \"/nonexistent.key\"\n"
+            ),
+            "tls_cert /nonexistent.pem",
+        ),
+        (
+            format!("{ok}[tcp]\nlisten = \"127.0.0.1:0\"\nport = 1\n"),
+            "unknown field `port`",
+        ),
+    ];
+    for (i, (config, want)) in cases.iter().enumerate() {
+        let path = dir.0.join(format!("{i}.toml"));
+        std::fs::write(&path, config).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+            .arg("--config")
+            .arg(&path)
+            .env_remove("GATEWAY_ADDR")
+            .env_remove("GATEWAY_ETCD")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{config:?} → {stderr}");
+        assert!(
+            stderr.contains(want),
+            "{config:?}: wanted {want:?} in {stderr:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_and_wss_with_the_gateways_certificate() {
+    let dir = bed::TempDir::new("tls");
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let (crt, key) = (dir.0.join("gw.crt"), dir.0.join("gw.key"));
+    std::fs::write(&crt, cert.cert.pem()).unwrap();
+    std::fs::write(&key, cert.signing_key.serialize_pem()).unwrap();
+    let files = format!(
+        "tls_cert = \"{}\"\ntls_key = \"{}\"\n",
+        crt.display(),
+        key.display()
+    );
+    let bed = bed_with(&["1.1.1"], TEST_LIMITS, &files, &files).await;
+    let trusting = ClientConfig::default().add_root_pem_file(&crt).unwrap();
+    for transport in ["tls", "wss"] {
+        let mut c = within(Client::connect_with(
+            &bed.gateway.url(transport),
+            trusting.clone(),
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("{transport}: {e}"));
+        let meta = ask(&mut c, "meta").await;
+        assert!(meta.contains(&format!("transport={transport}")), "{meta}");
+        for i in 0..100 {
+            assert_eq!(
+                ask(&mut c, &format!("secret {i}")).await,
+                format!("secret {i}")
+            );
+        }
+    }
+    // Without the CA the client refuses before connecting; a plain client is cut off.
+    match Client::connect(&bed.gateway.url("tls")).await {
+        Err(ClientError::Tls(why)) => assert!(why.contains("no trusted roots"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    let mut plain = connect(&bed.gateway.url("tcp")).await;
+    let _ = plain.send("in the clear").await;
+    assert!(within(plain.recv()).await.is_err());
+    bed.gateway.log.wait(&["TLS handshake failed"]).await;
+}
