@@ -43,6 +43,12 @@ impl<R: AsyncRead + Unpin + Send> FramedRead<R> {
 }
 
 impl<R: AsyncRead + Unpin + Send> FrameRead for FramedRead<R> {
+    async fn discard(&mut self) {
+        self.buf.clear();
+        let mut sink = [0u8; 512];
+        while matches!(self.io.read(&mut sink).await, Ok(n) if n > 0) {}
+    }
+
     async fn recv(&mut self) -> Result<Inbound, Fault> {
         loop {
             match wire::decode(&mut self.buf, self.limit) {
@@ -125,6 +131,10 @@ pub(crate) struct WsRead<S>(SplitStream<WebSocketStream<S>>);
 pub(crate) struct WsWrite<S>(SplitSink<WebSocketStream<S>, Message>);
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> FrameRead for WsRead<S> {
+    async fn discard(&mut self) {
+        while let Some(Ok(_)) = self.0.next().await {}
+    }
+
     async fn recv(&mut self) -> Result<Inbound, Fault> {
         loop {
             return match self.0.next().await {
@@ -264,10 +274,11 @@ pub(crate) async fn tcp(gw: Arc<Gateway>, listener: TcpListener, tls: Option<Tls
                         transport: "tcp",
                         peer,
                     };
-                    let (r, mut w) = (FramedRead::new(r, g.limits.max_frame), FramedWrite::new(w));
+                    let (mut r, mut w) =
+                        (FramedRead::new(r, g.limits.max_frame), FramedWrite::new(w));
                     match permit {
                         Some(p) => session::serve(g, p, info, r, w).await,
-                        None => turn_away(&g, &mut w).await,
+                        None => turn_away(&g, &mut r, &mut w).await,
                     }
                 }
                 Some(tls) => {
@@ -279,10 +290,11 @@ pub(crate) async fn tcp(gw: Arc<Gateway>, listener: TcpListener, tls: Option<Tls
                         transport: "tls",
                         peer,
                     };
-                    let (r, mut w) = (FramedRead::new(r, g.limits.max_frame), FramedWrite::new(w));
+                    let (mut r, mut w) =
+                        (FramedRead::new(r, g.limits.max_frame), FramedWrite::new(w));
                     match permit {
                         Some(p) => session::serve(g, p, info, r, w).await,
-                        None => turn_away(&g, &mut w).await,
+                        None => turn_away(&g, &mut r, &mut w).await,
                     }
                 }
             }
@@ -309,12 +321,8 @@ async fn tls_handshake(
     }
 }
 
-async fn turn_away<W: FrameWrite>(gw: &Gateway, w: &mut W) {
-    let limit = gw
-        .limits
-        .write_timeout
-        .min(std::time::Duration::from_secs(1));
-    let _ = tokio::time::timeout(limit, w.close(wire::close_code::TRY_AGAIN, FULL)).await;
+async fn turn_away<R: FrameRead, W: FrameWrite>(gw: &Gateway, r: &mut R, w: &mut W) {
+    session::goodbye(gw, r, w, wire::close_code::TRY_AGAIN, FULL).await;
 }
 
 /// Accepts WebSocket clients on `path` (with TLS when configured) until shutdown.
@@ -395,10 +403,10 @@ async fn ws_session<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         }
     };
     let (w, r) = ws.split();
-    let (r, mut w) = (WsRead(r), WsWrite(w));
+    let (mut r, mut w) = (WsRead(r), WsWrite(w));
     match permit {
         Some(p) => session::serve(gw, p, ClientInfo { transport, peer }, r, w).await,
-        None => turn_away(&gw, &mut w).await,
+        None => turn_away(&gw, &mut r, &mut w).await,
     }
 }
 
@@ -419,7 +427,7 @@ pub(crate) async fn kcp(gw: Arc<Gateway>, mut listener: tokio_kcp::KcpListener) 
         let g = gw.clone();
         gw.tasks.spawn(async move {
             let (r, w) = tokio::io::split(stream);
-            let (r, mut w) = (FramedRead::new(r, g.limits.max_frame), FramedWrite::new(w));
+            let (mut r, mut w) = (FramedRead::new(r, g.limits.max_frame), FramedWrite::new(w));
             match permit {
                 Some(p) => {
                     session::serve(
@@ -434,7 +442,7 @@ pub(crate) async fn kcp(gw: Arc<Gateway>, mut listener: tokio_kcp::KcpListener) 
                     )
                     .await
                 }
-                None => turn_away(&g, &mut w).await,
+                None => turn_away(&g, &mut r, &mut w).await,
             }
         });
     }

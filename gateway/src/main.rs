@@ -164,6 +164,7 @@ async fn run(
     }
     // One line for tools and tests to wait for: everything is bound and the node is up.
     println!("{}", lines.join(", "));
+    listeners.spawn(watch_backends(gw.clone()));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
@@ -188,6 +189,39 @@ async fn run(
     node.shutdown().await;
     println!("gateway {me} stopped ({clients} clients closed)");
     Ok(())
+}
+
+/// Logs the game servers clients can go to whenever that set changes.
+async fn watch_backends(gw: Arc<Gateway>) {
+    let backends = |members: &[clustergo::Member]| {
+        let mut v: Vec<_> = members
+            .iter()
+            .filter(|m| m.available && m.addr.node_type() == gw.backend_type)
+            .map(|m| m.addr.to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    let mut last = None;
+    loop {
+        let now = backends(&gw.node.members());
+        if last.as_ref() != Some(&now) {
+            tracing::info!(
+                "game servers of type {} available: [{}]",
+                gw.backend_type,
+                now.join(", ")
+            );
+            last = Some(now);
+        }
+        let changed = gw.node.wait_members(
+            |m| Some(backends(m)) != last,
+            std::time::Duration::from_secs(3600),
+        );
+        tokio::select! {
+            _ = changed => {}
+            () = gw.shutdown.cancelled() => return,
+        }
+    }
 }
 
 fn status(gw: &Gateway) -> String {

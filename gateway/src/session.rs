@@ -12,7 +12,7 @@
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -61,6 +61,8 @@ impl Gateway {
 pub(crate) trait FrameRead: Send {
     /// The next unit from the client. Cancel-safe.
     fn recv(&mut self) -> impl Future<Output = Result<Inbound, Fault>> + Send;
+    /// Reads and drops input until the client closes or the connection fails.
+    fn discard(&mut self) -> impl Future<Output = ()> + Send;
 }
 
 /// The sending half of a client connection.
@@ -197,7 +199,7 @@ pub(crate) async fn serve<R: FrameRead, W: FrameWrite>(
                 Err(_) => Err(Fault::Handshake(limits.handshake_timeout)),
             },
             () = gw.shutdown.cancelled() => {
-                finish_client(&gw, &info, &mut wr, End::Shutdown).await;
+                finish_client(&gw, &info, &mut rd, &mut wr, End::Shutdown).await;
                 return;
             }
         };
@@ -208,7 +210,7 @@ pub(crate) async fn serve<R: FrameRead, W: FrameWrite>(
         match item {
             Ok(Inbound::Heartbeat) => {
                 if let Err(e) = bounded_send(&mut wr, 1, &[], limits).await {
-                    finish_client(&gw, &info, &mut wr, End::Client(e)).await;
+                    finish_client(&gw, &info, &mut rd, &mut wr, End::Client(e)).await;
                     return;
                 }
             }
@@ -218,7 +220,7 @@ pub(crate) async fn serve<R: FrameRead, W: FrameWrite>(
                 return;
             }
             Err(fault) => {
-                finish_client(&gw, &info, &mut wr, End::Client(fault)).await;
+                finish_client(&gw, &info, &mut rd, &mut wr, End::Client(fault)).await;
                 return;
             }
         }
@@ -232,7 +234,7 @@ pub(crate) async fn serve<R: FrameRead, W: FrameWrite>(
         Err((code, reason)) => {
             gw.stats.server_failures.fetch_add(1, Ordering::Relaxed);
             tracing::info!(client = %info.peer, transport = info.transport, %reason, "client turned away");
-            let _ = timeout(limits.write_timeout, wr.close(code, &reason)).await;
+            goodbye(&gw, &mut rd, &mut wr, code, &reason).await;
             return;
         }
     };
@@ -244,20 +246,29 @@ pub(crate) async fn serve<R: FrameRead, W: FrameWrite>(
 
     let owed = AtomicU32::new(0);
     let wake = Notify::new();
+    let client_blocked = AtomicBool::new(false);
     let end = {
         let upstream = async {
             loop {
                 if !up_buf.is_empty() {
-                    match timeout(limits.write_timeout, up.write_all(&up_buf)).await {
-                        Ok(Ok(())) => up_buf.clear(),
-                        Ok(Err(e)) => return End::Server(stream_reason(&e)),
-                        Err(_) => {
-                            return End::Server(format!(
-                                "not reading: a write waited {:?}",
-                                limits.write_timeout
-                            ));
+                    let mut write = std::pin::pin!(up.write_all(&up_buf));
+                    loop {
+                        match timeout(limits.write_timeout, &mut write).await {
+                            Ok(Ok(())) => break,
+                            Ok(Err(e)) => return End::Server(stream_reason(&e)),
+                            // The game server is stuck writing to a client that does not
+                            // read: that is the client's fault, which the other direction's
+                            // timeout reports. Keep waiting.
+                            Err(_) if client_blocked.load(Ordering::Relaxed) => {}
+                            Err(_) => {
+                                return End::Server(format!(
+                                    "not reading: a write waited {:?}",
+                                    limits.write_timeout
+                                ));
+                            }
                         }
                     }
+                    up_buf.clear();
                 }
                 let item = match timeout(limits.idle_timeout, rd.recv()).await {
                     Ok(Ok(item)) => item,
@@ -287,7 +298,10 @@ pub(crate) async fn serve<R: FrameRead, W: FrameWrite>(
             loop {
                 let heartbeats = owed.swap(0, Ordering::Relaxed);
                 if heartbeats > 0 || !frames.is_empty() {
-                    if let Err(fault) = bounded_send(&mut wr, heartbeats, &frames, limits).await {
+                    client_blocked.store(true, Ordering::Relaxed);
+                    let sent = bounded_send(&mut wr, heartbeats, &frames, limits).await;
+                    client_blocked.store(false, Ordering::Relaxed);
+                    if let Err(fault) = sent {
                         return End::Client(fault);
                     }
                     gw.stats
@@ -350,7 +364,7 @@ pub(crate) async fn serve<R: FrameRead, W: FrameWrite>(
     }
     log_end(&gw, &info, Some(server), &end);
     if !matches!(end, End::ClientLeft(_)) {
-        close_client(&gw, &mut wr, &end, Some(server)).await;
+        close_client(&gw, &mut rd, &mut wr, &end, Some(server)).await;
     }
 }
 
@@ -375,13 +389,23 @@ async fn bounded_send<W: FrameWrite>(
 }
 
 /// Ends a session that has no stream yet.
-async fn finish_client<W: FrameWrite>(gw: &Gateway, info: &ClientInfo, wr: &mut W, end: End) {
+async fn finish_client<R: FrameRead, W: FrameWrite>(
+    gw: &Gateway,
+    info: &ClientInfo,
+    rd: &mut R,
+    wr: &mut W,
+    end: End,
+) {
     log_end(gw, info, None, &end);
-    close_client(gw, wr, &end, None).await;
+    close_client(gw, rd, wr, &end, None).await;
 }
 
-async fn close_client<W: FrameWrite>(
+/// Tells the client why it is closed, then reads and drops what it still sends until it
+/// closes too (bounded): closing a socket with unread input makes the kernel reset the
+/// connection, and a reset can destroy the close frame before the client reads it.
+async fn close_client<R: FrameRead, W: FrameWrite>(
     gw: &Gateway,
+    rd: &mut R,
     wr: &mut W,
     end: &End,
     server: Option<LogicAddr>,
@@ -404,13 +428,26 @@ async fn close_client<W: FrameWrite>(
         ),
         End::Shutdown => (close_code::GOING_AWAY, "gateway shutting down".into()),
     };
-    // A client that does not read cannot hold the session: the close is bounded too.
-    let _ = timeout(
-        gw.limits.write_timeout.min(Duration::from_secs(1)),
-        wr.close(code, &reason),
-    )
-    .await;
+    goodbye(gw, rd, wr, code, &reason).await;
 }
+
+/// Sends the close (bounded: a client that does not read cannot hold the session), then
+/// lingers until the client closes its side (bounded).
+pub(crate) async fn goodbye<R: FrameRead, W: FrameWrite>(
+    gw: &Gateway,
+    rd: &mut R,
+    wr: &mut W,
+    code: u16,
+    reason: &str,
+) {
+    let limit = gw.limits.write_timeout.min(LINGER);
+    if matches!(timeout(limit, wr.close(code, reason)).await, Ok(Ok(()))) {
+        let _ = timeout(LINGER, rd.discard()).await;
+    }
+}
+
+/// How long a closed client may take to close its side.
+const LINGER: Duration = Duration::from_secs(1);
 
 fn log_end(gw: &Gateway, info: &ClientInfo, server: Option<LogicAddr>, end: &End) {
     let server = server.map(|s| s.to_string()).unwrap_or_else(|| "-".into());

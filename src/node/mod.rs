@@ -506,6 +506,13 @@ impl Node {
         .await
     }
 
+    /// Waits until `check` holds for every member this node sees (as [`Node::members`]
+    /// returns them), up to `timeout`; returns whether it did. A gateway watches the game
+    /// servers it can pick this way; tools wait for a cluster to come up.
+    pub async fn wait_members(&self, check: impl Fn(&[Member]) -> bool, timeout: Duration) -> bool {
+        wait_until(&self.inner.view_changed, timeout, || check(&self.members())).await
+    }
+
     /// Whether a link to `peer` is up now.
     pub fn is_linked(&self, peer: LogicAddr) -> bool {
         self.inner

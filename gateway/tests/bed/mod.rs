@@ -297,6 +297,15 @@ pub async fn bed_with(servers: &[&str], extra: &str, tcp_extra: &str, ws_extra: 
     list(&etcd, &members).await;
     let procs = servers.iter().map(|s| game_server(&etcd, s)).collect();
     let gateway = gateway(&etcd, extra, tcp_extra, ws_extra);
+    let mut sorted: Vec<&str> = servers.to_vec();
+    sorted.sort();
+    gateway
+        .log
+        .wait(&[&format!(
+            "game servers of type 1 available: [{}]",
+            sorted.join(", ")
+        )])
+        .await;
     Bed {
         etcd,
         servers: procs,
