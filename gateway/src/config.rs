@@ -7,7 +7,7 @@
 //! policy = "random"         # or "sticky": the client's first frame picks the server
 //! shutdown_grace_secs = 10
 //!
-//! [etcd]
+//! [etcd]                    # or, without etcd: members_file = "members.toml"
 //! endpoints = ["http://127.0.0.1:2379"]
 //! prefix = "/clustergo"
 //! lease_ttl_secs = 5
@@ -84,6 +84,7 @@ struct File {
     backend_type: Option<u8>,
     policy: Option<String>,
     shutdown_grace_secs: Option<u64>,
+    members_file: Option<PathBuf>,
     etcd: Option<EtcdFile>,
     tcp: Option<ListenFile>,
     websocket: Option<ListenFile>,
@@ -185,15 +186,27 @@ impl Default for Limits {
     }
 }
 
+/// Where membership comes from.
+#[derive(Debug, Clone)]
+pub(crate) enum Membership {
+    /// etcd: endpoints, key prefix, liveness lease TTL.
+    Etcd {
+        endpoints: Vec<String>,
+        prefix: String,
+        lease_ttl: Duration,
+    },
+    /// A members file (`FileDiscovery`), re-read when it changes: for a cluster on one machine
+    /// and for benchmarks.
+    File(PathBuf),
+}
+
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
     pub(crate) addr: LogicAddr,
     pub(crate) backend_type: u8,
     pub(crate) policy: Policy,
-    pub(crate) endpoints: Vec<String>,
-    pub(crate) prefix: String,
-    pub(crate) lease_ttl: Duration,
+    pub(crate) membership: Membership,
     pub(crate) shutdown_grace: Duration,
     pub(crate) tcp: Option<Listen>,
     pub(crate) websocket: Option<Listen>,
@@ -238,37 +251,54 @@ impl Config {
                 ));
             }
         };
-        let etcd = file.etcd.unwrap_or_default();
-        let endpoints = if args.etcd.is_empty() {
-            etcd.endpoints
-        } else {
-            args.etcd
+        let membership = match (file.members_file, file.etcd, args.etcd.is_empty()) {
+            (Some(_), Some(_), _) | (Some(_), None, false) => {
+                return Err("members_file and etcd exclude each other: choose one".into());
+            }
+            (Some(path), None, true) => {
+                if !path.is_file() {
+                    return Err(format!("members_file {}: no such file", path.display()));
+                }
+                Membership::File(path)
+            }
+            (None, etcd, _) => {
+                let etcd = etcd.unwrap_or_default();
+                let endpoints = if args.etcd.is_empty() {
+                    etcd.endpoints
+                } else {
+                    args.etcd
+                };
+                if endpoints.is_empty() {
+                    return Err("no membership: set `etcd.endpoints` in the config, GATEWAY_ETCD \
+                                or --etcd (or `members_file`)"
+                        .into());
+                }
+                if let Some(bad) = endpoints
+                    .iter()
+                    .find(|e| !(e.starts_with("http://") || e.starts_with("https://")))
+                {
+                    return Err(format!(
+                        "etcd endpoint {bad:?} must start with http:// or https://"
+                    ));
+                }
+                let prefix = args
+                    .prefix
+                    .or(etcd.prefix)
+                    .unwrap_or_else(|| "/clustergo".into());
+                if !prefix.starts_with('/') {
+                    return Err(format!("etcd prefix {prefix:?} must start with '/'"));
+                }
+                let ttl = etcd.lease_ttl_secs.unwrap_or(5);
+                if !(1..=3600).contains(&ttl) {
+                    return Err(format!("lease_ttl_secs {ttl} must be in 1..=3600"));
+                }
+                Membership::Etcd {
+                    endpoints,
+                    prefix,
+                    lease_ttl: Duration::from_secs(ttl),
+                }
+            }
         };
-        if endpoints.is_empty() {
-            return Err(
-                "no etcd endpoints: set `etcd.endpoints` in the config, GATEWAY_ETCD or --etcd"
-                    .into(),
-            );
-        }
-        if let Some(bad) = endpoints
-            .iter()
-            .find(|e| !(e.starts_with("http://") || e.starts_with("https://")))
-        {
-            return Err(format!(
-                "etcd endpoint {bad:?} must start with http:// or https://"
-            ));
-        }
-        let prefix = args
-            .prefix
-            .or(etcd.prefix)
-            .unwrap_or_else(|| "/clustergo".into());
-        if !prefix.starts_with('/') {
-            return Err(format!("etcd prefix {prefix:?} must start with '/'"));
-        }
-        let ttl = etcd.lease_ttl_secs.unwrap_or(5);
-        if !(1..=3600).contains(&ttl) {
-            return Err(format!("lease_ttl_secs {ttl} must be in 1..=3600"));
-        }
         let grace = file.shutdown_grace_secs.unwrap_or(10);
         if grace > 600 {
             return Err(format!("shutdown_grace_secs {grace} must be at most 600"));
@@ -284,9 +314,7 @@ impl Config {
             addr,
             backend_type,
             policy,
-            endpoints,
-            prefix,
-            lease_ttl: Duration::from_secs(ttl),
+            membership,
             shutdown_grace: Duration::from_secs(grace),
             tcp,
             websocket,

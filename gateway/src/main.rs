@@ -19,8 +19,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use clap::Parser;
-use clustergo::{Bytes, EtcdDiscovery, EtcdOptions, HandlerError, Node, NodeConfig};
-use config::{Args, Config};
+use clustergo::{
+    Bytes, EtcdDiscovery, EtcdOptions, FileDiscovery, HandlerError, Node, NodeConfig,
+};
+use config::{Args, Config, Membership};
 use session::Gateway;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -108,11 +110,18 @@ async fn run(
         None => None,
     };
 
-    let discovery = EtcdDiscovery::connect(
-        config.endpoints.clone(),
-        config.prefix.clone(),
-        EtcdOptions::default().lease_ttl(config.lease_ttl),
-    );
+    let discovery: Arc<dyn clustergo::Discovery> = match &config.membership {
+        Membership::Etcd {
+            endpoints,
+            prefix,
+            lease_ttl,
+        } => Arc::new(EtcdDiscovery::connect(
+            endpoints.clone(),
+            prefix.clone(),
+            EtcdOptions::default().lease_ttl(*lease_ttl),
+        )),
+        Membership::File(path) => Arc::new(FileDiscovery::open(path)?),
+    };
     let status_of: Arc<std::sync::OnceLock<Arc<Gateway>>> = Arc::default();
     let status_handle = status_of.clone();
     let node = Node::builder(me)

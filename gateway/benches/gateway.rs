@@ -1,0 +1,428 @@
+//! Gateway benchmark: clients in this process, the `gateway` binary, and a game server (this
+//! binary re-executed as `game-server`) that echoes every frame, all on loopback.
+//!
+//! Modes:
+//! - `gateway-echo`: for each transport (TCP, WebSocket, KCP), 1 and then 100 clients, each
+//!   echoing one 64-byte frame at a time through the gateway and the game server; frames/s
+//!   and round-trip p50/p99.
+//! - `gateway-idle`: 10,000 TCP clients that each send one frame, read its echo and then stay
+//!   quiet; the gateway's (and the game server's) resident memory before and after, per
+//!   client.
+//!
+//! Flags: `--mode <name>` (one mode), `--secs <f64>` (measured seconds per run, default 3),
+//! `--clients <n>` (the larger echo run, default 100), `--idle <n>` (idle clients, default
+//! 10,000), `--smoke` (0.2 s runs, 200 idle clients). Unknown arguments (cargo's `--bench`)
+//! are ignored. Membership is a members file: no etcd needed.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use clustergo::{FileDiscovery, Frames, LogicAddr, Node, NodeConfig};
+use clustergo_client::{Client, ClientConfig, wire};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const SECRET: &str = "clustergo-gateway-bench";
+/// Every mode, in run order.
+pub(crate) const MODES: [&str; 2] = ["gateway-echo", "gateway-idle"];
+
+#[derive(Debug, Clone)]
+pub(crate) struct Opts {
+    mode: Option<String>,
+    measure: Duration,
+    clients: usize,
+    idle: usize,
+}
+
+/// One measured run.
+#[derive(Debug, Clone)]
+pub(crate) struct Row {
+    pub(crate) name: String,
+    pub(crate) frames: u64,
+    pub(crate) per_sec: f64,
+    pub(crate) p50_us: f64,
+    pub(crate) p99_us: f64,
+}
+
+/// What `gateway-idle` found.
+#[derive(Debug, Clone)]
+pub(crate) struct Idle {
+    pub(crate) clients: usize,
+    pub(crate) gateway_bytes_per_client: f64,
+    pub(crate) server_bytes_per_client: f64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Report {
+    pub(crate) rows: Vec<Row>,
+    pub(crate) idle: Option<Idle>,
+}
+
+fn parse(args: &[String]) -> Result<Opts, String> {
+    let mut o = Opts {
+        mode: None,
+        measure: Duration::from_secs(3),
+        clients: 100,
+        idle: 10_000,
+    };
+    let mut it = args.iter().skip(1);
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| it.next().cloned().ok_or(format!("{name} needs a value"));
+        match a.as_str() {
+            "--mode" => {
+                let m = value("--mode")?;
+                if !MODES.contains(&m.as_str()) {
+                    return Err(format!("unknown mode {m:?}; modes: {}", MODES.join(", ")));
+                }
+                o.mode = Some(m);
+            }
+            "--secs" => {
+                o.measure = Duration::from_secs_f64(
+                    value("--secs")?.parse().map_err(|e| format!("--secs: {e}"))?,
+                )
+            }
+            "--clients" => {
+                o.clients = value("--clients")?
+                    .parse()
+                    .map_err(|e| format!("--clients: {e}"))?
+            }
+            "--idle" => o.idle = value("--idle")?.parse().map_err(|e| format!("--idle: {e}"))?,
+            "--smoke" => {
+                o.measure = Duration::from_millis(200);
+                o.idle = 200;
+                o.clients = 10;
+            }
+            _ => {}
+        }
+    }
+    Ok(o)
+}
+
+/// Runs the benchmark (or, as `game-server <members> <addr>`, the game server).
+pub(crate) fn entry(args: Vec<String>) -> Result<Report, String> {
+    if args.get(1).is_some_and(|a| a == "game-server") {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        rt.block_on(game_server(&args[2], &args[3]))?;
+        return Ok(Report::default());
+    }
+    let opts = parse(&args)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(run(opts))
+}
+
+/// The game server: echoes every frame of every stream.
+async fn game_server(members: &str, addr: &str) -> Result<(), String> {
+    let me: LogicAddr = addr.parse().map_err(|e| format!("{e}"))?;
+    let node = Node::builder(me)
+        .discovery(FileDiscovery::open(members).map_err(|e| e.to_string())?)
+        .config(NodeConfig::default().secret(SECRET).max_streams(50_000))
+        .on_stream(|stream| async move {
+            let mut frames = Frames::new(stream, 1 << 20);
+            while let Ok(Some(f)) = frames.recv().await {
+                if frames.send(f).await.is_err() {
+                    return;
+                }
+            }
+            let _ = frames.close().await;
+        })
+        .build();
+    node.start().await.map_err(|e| e.to_string())?;
+    println!("READY");
+    // Stop when the benchmark (our parent) closes our stdin.
+    let mut stdin = tokio::io::stdin();
+    let mut sink = [0u8; 64];
+    while matches!(stdin.read(&mut sink).await, Ok(n) if n > 0) {}
+    node.shutdown().await;
+    Ok(())
+}
+
+/// A child killed (by its handle) when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn rss_bytes(pid: u32) -> Result<u64, String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| format!("reading /proc/{pid}/status: {e}"))?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or("no VmRSS")?;
+    Ok(kb * 1024)
+}
+
+fn free_port() -> Result<u16, String> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    Ok(l.local_addr().map_err(|e| e.to_string())?.port())
+}
+
+struct Setup {
+    server: Proc,
+    gateway: Proc,
+    tcp: String,
+    ws: String,
+    kcp: String,
+    _dir: TempDir,
+}
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn setup() -> Result<Setup, String> {
+    let dir = TempDir(std::env::temp_dir().join(format!("cg-gw-bench-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).map_err(|e| e.to_string())?;
+    let members = dir.0.join("members.toml");
+    std::fs::write(
+        &members,
+        format!(
+            "[[member]]\naddr = \"1.100.1\"\nnet_addr = \"127.0.0.1:{}\"\n\n\
+             [[member]]\naddr = \"1.1.1\"\nnet_addr = \"127.0.0.1:{}\"\n",
+            free_port()?,
+            free_port()?
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut server = Command::new(exe)
+        .arg("game-server")
+        .arg(&members)
+        .arg("1.1.1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("starting the game server: {e}"))?;
+    let mut line = String::new();
+    BufReader::new(server.stdout.take().ok_or("no stdout")?)
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    if !line.starts_with("READY") {
+        return Err(format!("game server: {line:?}"));
+    }
+    let server = Proc(server);
+    let config = dir.0.join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "addr = \"1.100.1\"\nbackend_type = 1\nmembers_file = \"{}\"\n\
+             [tcp]\nlisten = \"127.0.0.1:0\"\n[websocket]\nlisten = \"127.0.0.1:0\"\npath = \"/ws\"\n\
+             [kcp]\nlisten = \"127.0.0.1:0\"\n\
+             [limits]\nmax_clients = 50000\nframes_per_sec = 1000000\nbytes_per_sec = 1073741824\n\
+             idle_timeout_ms = 600000\nhandshake_timeout_ms = 60000\n",
+            members.display()
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let mut gateway = Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .arg("--config")
+        .arg(&config)
+        .env("CLUSTERGO_SECRET", SECRET)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("starting the gateway: {e}"))?;
+    let mut first = String::new();
+    BufReader::new(gateway.stdout.take().ok_or("no stdout")?)
+        .read_line(&mut first)
+        .map_err(|e| e.to_string())?;
+    let field = |name: &str| -> Result<String, String> {
+        let rest = first
+            .split(&format!("{name} on "))
+            .nth(1)
+            .ok_or(format!("no {name} in {first:?}"))?;
+        Ok(rest.split(',').next().unwrap_or_default().trim().to_owned())
+    };
+    Ok(Setup {
+        tcp: format!("tcp://{}", field("tcp")?),
+        ws: format!("ws://{}", field("websocket")?),
+        kcp: format!("kcp://{}", field("kcp")?),
+        server,
+        gateway: Proc(gateway),
+        _dir: dir,
+    })
+}
+
+async fn run(opts: Opts) -> Result<Report, String> {
+    let setup = setup()?;
+    // The gateway reads its members file at start; wait until a frame goes through.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match probe(&setup.tcp).await {
+            Ok(()) => break,
+            Err(e) if Instant::now() > deadline => return Err(format!("gateway not ready: {e}")),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    let mut report = Report::default();
+    let wants = |m: &str| opts.mode.as_deref().is_none_or(|x| x == m);
+    if wants("gateway-echo") {
+        println!(
+            "{:<22} | {:>12} | {:>9} | {:>9} | {:>10}",
+            "gateway-echo", "frames/s", "p50 µs", "p99 µs", "round trips"
+        );
+        println!("{}", "-".repeat(75));
+        for (name, url) in [("tcp", &setup.tcp), ("ws", &setup.ws), ("kcp", &setup.kcp)] {
+            for n in [1, opts.clients] {
+                let row = echo(&format!("{name}-c{n}"), url, n, opts.measure).await?;
+                println!(
+                    "{:<22} | {:>12.0} | {:>9.1} | {:>9.1} | {:>10}",
+                    row.name, row.per_sec, row.p50_us, row.p99_us, row.frames
+                );
+                report.rows.push(row);
+            }
+        }
+    }
+    if wants("gateway-idle") {
+        let idle = idle(&setup, opts.idle).await?;
+        println!(
+            "gateway-idle: {} idle TCP clients: gateway {:.0} bytes/client ({:.1} KiB), game server {:.0} bytes/client",
+            idle.clients,
+            idle.gateway_bytes_per_client,
+            idle.gateway_bytes_per_client / 1024.0,
+            idle.server_bytes_per_client
+        );
+        report.idle = Some(idle);
+    }
+    Ok(report)
+}
+
+async fn probe(url: &str) -> Result<(), String> {
+    let mut c = Client::connect(url).await.map_err(|e| e.to_string())?;
+    c.send("probe").await.map_err(|e| e.to_string())?;
+    tokio::time::timeout(Duration::from_secs(2), c.recv())
+        .await
+        .map_err(|_| "no echo".to_owned())?
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// `n` clients on `url`, each echoing 64-byte frames one at a time: warm up for a third of
+/// `measure`, then count and time round trips for `measure`.
+async fn echo(name: &str, url: &str, n: usize, measure: Duration) -> Result<Row, String> {
+    let config = ClientConfig::default().idle_timeout(None);
+    let mut clients = Vec::with_capacity(n);
+    for _ in 0..n {
+        clients.push(
+            Client::connect_with(url, config.clone())
+                .await
+                .map_err(|e| format!("{name}: {e}"))?,
+        );
+    }
+    let warm_until = Instant::now() + measure / 3;
+    let end = warm_until + measure;
+    let mut tasks = tokio::task::JoinSet::new();
+    for mut c in clients {
+        tasks.spawn(async move {
+            let payload = Bytes::from_static(&[0x5a; 64]);
+            let mut samples: Vec<u32> = Vec::with_capacity(1 << 16);
+            loop {
+                let t = Instant::now();
+                if t >= end {
+                    break;
+                }
+                c.send(payload.clone()).await.map_err(|e| e.to_string())?;
+                let echo = tokio::time::timeout(Duration::from_secs(5), c.recv())
+                    .await
+                    .map_err(|_| "an echo took over 5 s".to_owned())?
+                    .map_err(|e| e.to_string())?;
+                if echo.len() != 64 {
+                    return Err(format!("echo of {} bytes", echo.len()));
+                }
+                if t >= warm_until {
+                    samples.push(t.elapsed().as_nanos().min(u128::from(u32::MAX)) as u32);
+                }
+            }
+            let _ = c.close("done").await;
+            Ok::<_, String>(samples)
+        });
+    }
+    let mut all = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        all.extend(r.map_err(|e| e.to_string())??);
+    }
+    if all.is_empty() {
+        return Err(format!("{name}: no round trip measured"));
+    }
+    all.sort_unstable();
+    let pct = |p: f64| all[((all.len() - 1) as f64 * p) as usize] as f64 / 1000.0;
+    Ok(Row {
+        name: name.into(),
+        frames: all.len() as u64,
+        per_sec: all.len() as f64 / measure.as_secs_f64(),
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+    })
+}
+
+/// `n` raw TCP clients, each fully connected (one frame echoed through a game server stream),
+/// then idle: resident memory per client of the gateway and of the game server.
+async fn idle(setup: &Setup, n: usize) -> Result<Idle, String> {
+    let addr = setup.tcp.trim_start_matches("tcp://").to_owned();
+    let (gw_pid, server_pid) = (setup.gateway.0.id(), setup.server.0.id());
+    let (gw_before, server_before) = (rss_bytes(gw_pid)?, rss_bytes(server_pid)?);
+    let mut socks = Vec::with_capacity(n);
+    let mut frame = BytesMut::new();
+    wire::put_frame(&mut frame, b"hello!");
+    for chunk in 0..n.div_ceil(500) {
+        let mut batch = tokio::task::JoinSet::new();
+        for _ in (chunk * 500)..((chunk + 1) * 500).min(n) {
+            let (addr, frame) = (addr.clone(), frame.clone());
+            batch.spawn(async move {
+                let mut s = tokio::net::TcpStream::connect(&addr)
+                    .await
+                    .map_err(|e| format!("connect: {e}"))?;
+                s.write_all(&frame).await.map_err(|e| e.to_string())?;
+                let mut echo = [0u8; 10];
+                tokio::time::timeout(Duration::from_secs(20), s.read_exact(&mut echo))
+                    .await
+                    .map_err(|_| "no echo in 20 s".to_owned())?
+                    .map_err(|e| format!("echo: {e}"))?;
+                Ok::<_, String>(s)
+            });
+        }
+        while let Some(r) = batch.join_next().await {
+            socks.push(r.map_err(|e| e.to_string())??);
+        }
+    }
+    let (gw_after, server_after) = (rss_bytes(gw_pid)?, rss_bytes(server_pid)?);
+    let per = |a: u64, b: u64| a.saturating_sub(b) as f64 / n as f64;
+    let idle = Idle {
+        clients: socks.len(),
+        gateway_bytes_per_client: per(gw_after, gw_before),
+        server_bytes_per_client: per(server_after, server_before),
+    };
+    drop(socks);
+    Ok(idle)
+}
+
+#[allow(dead_code)]
+fn main() {
+    match entry(std::env::args().collect()) {
+        Ok(_) => {}
+        Err(e) => {
+            eprintln!("bench: {e}");
+            std::process::exit(1);
+        }
+    }
+}

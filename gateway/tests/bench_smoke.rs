@@ -1,0 +1,49 @@
+//! Smoke test of the gateway benchmark: every mode for a fraction of a second, with real
+//! processes; fails if a mode fails or measures nothing. When re-executed by the benchmark as
+//! its game server (first argument `game-server`), it serves as the game server instead.
+
+#[path = "../benches/gateway.rs"]
+#[allow(dead_code)]
+mod bench;
+
+fn main() {
+    let mut args: Vec<String> = std::env::args().collect();
+    if args.get(1).is_some_and(|a| a == "game-server") {
+        if let Err(e) = bench::entry(args) {
+            eprintln!("bench smoke game server: {e}");
+            std::process::exit(2);
+        }
+        return;
+    }
+    args.truncate(1);
+    args.push("--smoke".into());
+    let report = match bench::entry(args) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("bench smoke: {e}");
+            std::process::exit(1);
+        }
+    };
+    let mut failed = false;
+    if report.rows.len() != 6 {
+        eprintln!("bench smoke: {} echo runs, wanted 6", report.rows.len());
+        failed = true;
+    }
+    for row in &report.rows {
+        if row.frames == 0 || row.per_sec <= 0.0 {
+            eprintln!("bench smoke: {} measured nothing: {row:?}", row.name);
+            failed = true;
+        }
+    }
+    match &report.idle {
+        Some(idle) if idle.clients == 200 => {}
+        other => {
+            eprintln!("bench smoke: idle run: {other:?}");
+            failed = true;
+        }
+    }
+    if failed {
+        std::process::exit(1);
+    }
+    println!("bench smoke: {} echo runs and the idle run passed", report.rows.len());
+}
