@@ -269,9 +269,11 @@ impl Config {
                     args.etcd
                 };
                 if endpoints.is_empty() {
-                    return Err("no membership: set `etcd.endpoints` in the config, GATEWAY_ETCD \
+                    return Err(
+                        "no membership: set `etcd.endpoints` in the config, GATEWAY_ETCD \
                                 or --etcd (or `members_file`)"
-                        .into());
+                            .into(),
+                    );
                 }
                 if let Some(bad) = endpoints
                     .iter()

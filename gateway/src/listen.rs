@@ -160,7 +160,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> FrameRead for WsRead<S> {
                 }),
                 Some(Err(tungstenite::Error::Io(e))) => Err(Fault::Io(e)),
                 Some(Err(
-                    tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed,
+                    tungstenite::Error::ConnectionClosed
+                    | tungstenite::Error::AlreadyClosed
+                    | tungstenite::Error::Protocol(
+                        tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+                    ),
                 )) => Err(Fault::Eof),
                 Some(Err(e)) => Err(Fault::Malformed(e.to_string())),
             };

@@ -19,9 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use clap::Parser;
-use clustergo::{
-    Bytes, EtcdDiscovery, EtcdOptions, FileDiscovery, HandlerError, Node, NodeConfig,
-};
+use clustergo::{Bytes, EtcdDiscovery, EtcdOptions, FileDiscovery, HandlerError, Node, NodeConfig};
 use config::{Args, Config, Membership};
 use session::Gateway;
 use tokio::sync::Semaphore;
@@ -147,6 +145,7 @@ async fn run(
         shutdown: CancellationToken::new(),
         tasks: TaskTracker::new(),
         stats: Default::default(),
+        drains: Default::default(),
     });
     let _ = status_of.set(gw.clone());
     let listeners = TaskTracker::new();
@@ -200,26 +199,39 @@ async fn run(
     Ok(())
 }
 
-/// Logs the game servers clients can go to whenever that set changes.
+/// Logs the game servers clients can go to whenever that set changes, and drains the clients
+/// of servers that leave it.
 async fn watch_backends(gw: Arc<Gateway>) {
     let backends = |members: &[clustergo::Member]| {
         let mut v: Vec<_> = members
             .iter()
             .filter(|m| m.available && m.addr.node_type() == gw.backend_type)
-            .map(|m| m.addr.to_string())
+            .map(|m| m.addr)
             .collect();
         v.sort();
         v
     };
-    let mut last = None;
+    let mut last: Option<Vec<clustergo::LogicAddr>> = None;
     loop {
         let now = backends(&gw.node.members());
         if last.as_ref() != Some(&now) {
+            let list: Vec<String> = now.iter().map(|a| a.to_string()).collect();
             tracing::info!(
                 "game servers of type {} available: [{}]",
                 gw.backend_type,
-                now.join(", ")
+                list.join(", ")
             );
+            if let Some(before) = &last {
+                let gone: Vec<_> = before
+                    .iter()
+                    .filter(|a| !now.contains(a))
+                    .copied()
+                    .collect();
+                if !gone.is_empty() {
+                    tracing::info!(servers = ?gone, "game servers left: closing their clients");
+                    gw.drain(&gone);
+                }
+            }
             last = Some(now);
         }
         let changed = gw.node.wait_members(

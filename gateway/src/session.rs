@@ -37,6 +37,8 @@ pub(crate) struct Gateway {
     pub(crate) shutdown: CancellationToken,
     pub(crate) tasks: TaskTracker,
     pub(crate) stats: Stats,
+    /// Per game server, cancelled when it leaves: its clients are closed so they reconnect.
+    pub(crate) drains: std::sync::Mutex<std::collections::HashMap<LogicAddr, CancellationToken>>,
 }
 
 /// Counters, reported by the `gateway.status` RPC.
@@ -51,6 +53,33 @@ pub(crate) struct Stats {
 }
 
 impl Gateway {
+    /// Cancelled when `server` stops being available. Already cancelled if it is not
+    /// available now (it left while the client's stream was being opened).
+    fn drain_token(&self, server: LogicAddr) -> CancellationToken {
+        let token = self
+            .drains
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(server)
+            .or_default()
+            .clone();
+        if !self.node.member(server).is_some_and(|m| m.available) {
+            token.cancel();
+        }
+        token
+    }
+
+    /// Closes the clients of every server in `gone` (they left membership or became
+    /// unavailable).
+    pub(crate) fn drain(&self, gone: &[LogicAddr]) {
+        let mut drains = self.drains.lock().unwrap_or_else(|e| e.into_inner());
+        for server in gone {
+            if let Some(token) = drains.remove(server) {
+                token.cancel();
+            }
+        }
+    }
+
     /// Clients connected now.
     pub(crate) fn active(&self) -> usize {
         self.limits.max_clients - self.slots.available_permits()
@@ -132,6 +161,8 @@ enum End {
     Server(String),
     /// The gateway is shutting down.
     Shutdown,
+    /// The game server is leaving membership (or no longer available).
+    Drained,
 }
 
 /// A client at the point it was accepted.
@@ -239,6 +270,7 @@ pub(crate) async fn serve<R: FrameRead, W: FrameWrite>(
         }
     };
     let server = stream.peer();
+    let drained = gw.drain_token(server);
     let (mut down, mut up) = stream.into_split();
     let mut up_buf = BytesMut::new();
     wire::put_frame(&mut up_buf, &first);
@@ -343,12 +375,13 @@ pub(crate) async fn serve<R: FrameRead, W: FrameWrite>(
             end = upstream => end,
             end = downstream => end,
             () = gw.shutdown.cancelled() => End::Shutdown,
+            () = drained.cancelled() => End::Drained,
         }
     };
     // The stream: a clean client exit (or shutdown) ends it cleanly, so the game server reads
     // every frame and then the end; anything else resets it with the reason.
     match &end {
-        End::ClientLeft(_) | End::Shutdown => {
+        End::ClientLeft(_) | End::Shutdown | End::Drained => {
             if timeout(limits.write_timeout, up.shutdown()).await.is_ok() {
                 // Let the game server finish its side (its last frames are dropped: the
                 // client is gone or being told to go), bounded.
@@ -427,6 +460,13 @@ async fn close_client<R: FrameRead, W: FrameWrite>(
             },
         ),
         End::Shutdown => (close_code::GOING_AWAY, "gateway shutting down".into()),
+        End::Drained => (
+            close_code::TRY_AGAIN,
+            match server {
+                Some(s) => format!("game server {s} is leaving: reconnect"),
+                None => "game server leaving: reconnect".into(),
+            },
+        ),
     };
     goodbye(gw, rd, wr, code, &reason).await;
 }
@@ -471,6 +511,9 @@ fn log_end(gw: &Gateway, info: &ClientInfo, server: Option<LogicAddr>, end: &End
         }
         End::Shutdown => {
             tracing::debug!(client = %info.peer, transport = info.transport, %server, "closed for shutdown");
+        }
+        End::Drained => {
+            tracing::debug!(client = %info.peer, transport = info.transport, %server, "game server leaving: client closed");
         }
     }
 }

@@ -519,3 +519,40 @@ async fn tls_and_wss_with_the_gateways_certificate() {
     assert!(within(plain.recv()).await.is_err());
     bed.gateway.log.wait(&["TLS handshake failed"]).await;
 }
+
+/// A game server that leaves (SIGTERM: it leaves membership first) has its clients closed
+/// with a reason at once, so they reconnect — to another server of the type.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_game_server_leaving_membership_drains_its_clients() {
+    let bed = bed(&["1.1.1", "1.1.2"], TEST_LIMITS).await;
+    let url = bed.gateway.url("ws");
+    let mut leaving = Vec::new();
+    within(async {
+        while leaving.len() < 3 {
+            let mut c = connect(&url).await;
+            if ask(&mut c, "whoami").await == "1.1.1" {
+                leaving.push(c);
+            }
+        }
+    })
+    .await;
+    bed.servers[0].terminate();
+    let asked = Instant::now();
+    for c in &mut leaving {
+        let (reason, code) = expect_closed(within(c.recv()).await, "game server 1.1.1 is leaving");
+        assert_eq!(code, Some(wire::close_code::TRY_AGAIN), "{reason}");
+    }
+    assert!(
+        asked.elapsed() < Duration::from_secs(3),
+        "drained after {:?}",
+        asked.elapsed()
+    );
+    bed.gateway
+        .log
+        .wait(&["game servers of type 1 available: [1.1.2]"])
+        .await;
+    for _ in 0..5 {
+        let mut c = connect(&url).await;
+        assert_eq!(ask(&mut c, "whoami").await, "1.1.2");
+    }
+}
