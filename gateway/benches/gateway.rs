@@ -80,7 +80,9 @@ fn parse(args: &[String]) -> Result<Opts, String> {
             }
             "--secs" => {
                 o.measure = Duration::from_secs_f64(
-                    value("--secs")?.parse().map_err(|e| format!("--secs: {e}"))?,
+                    value("--secs")?
+                        .parse()
+                        .map_err(|e| format!("--secs: {e}"))?,
                 )
             }
             "--clients" => {
@@ -88,7 +90,11 @@ fn parse(args: &[String]) -> Result<Opts, String> {
                     .parse()
                     .map_err(|e| format!("--clients: {e}"))?
             }
-            "--idle" => o.idle = value("--idle")?.parse().map_err(|e| format!("--idle: {e}"))?,
+            "--idle" => {
+                o.idle = value("--idle")?
+                    .parse()
+                    .map_err(|e| format!("--idle: {e}"))?
+            }
             "--smoke" => {
                 o.measure = Duration::from_millis(200);
                 o.idle = 200;

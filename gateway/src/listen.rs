@@ -117,6 +117,11 @@ impl<W: AsyncWrite + Unpin + Send> FrameWrite for FramedWrite<W> {
         self.flush_buf().await
     }
 
+    async fn finish(&mut self) -> io::Result<()> {
+        self.flush_buf().await?;
+        self.io.shutdown().await
+    }
+
     async fn close(&mut self, _code: u16, reason: &str) -> io::Result<()> {
         wire::put_close(&mut self.buf, reason);
         self.flush_buf().await?;
@@ -187,6 +192,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> FrameWrite for WsWrite<S> {
                 .map_err(ws_io)?;
         }
         self.0.flush().await.map_err(ws_io)
+    }
+
+    async fn finish(&mut self) -> io::Result<()> {
+        match self.0.close().await {
+            Ok(()) | Err(tungstenite::Error::ConnectionClosed) => Ok(()),
+            Err(e) => Err(ws_io(e)),
+        }
     }
 
     async fn close(&mut self, code: u16, reason: &str) -> io::Result<()> {

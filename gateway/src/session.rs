@@ -105,6 +105,9 @@ pub(crate) trait FrameWrite: Send {
     /// Tells the client why it is being closed (a close frame, or a WebSocket close with
     /// `code`), then closes.
     fn close(&mut self, code: u16, reason: &str) -> impl Future<Output = io::Result<()>> + Send;
+    /// After the client closed: sends what is still queued (on WebSocket, the answer to the
+    /// client's close) and ends the connection.
+    fn finish(&mut self) -> impl Future<Output = io::Result<()>> + Send;
 }
 
 /// Why a client is disconnected by the gateway's rules, or lost.
@@ -248,6 +251,7 @@ pub(crate) async fn serve<R: FrameRead, W: FrameWrite>(
             Ok(Inbound::Data(frame)) => break frame,
             Ok(Inbound::Close(reason)) => {
                 log_end(&gw, &info, None, &End::ClientLeft(Some(reason)));
+                let _ = timeout(limits.write_timeout.min(LINGER), wr.finish()).await;
                 return;
             }
             Err(fault) => {
@@ -396,7 +400,10 @@ pub(crate) async fn serve<R: FrameRead, W: FrameWrite>(
         End::ServerEnded | End::ServerClosed(_) | End::Server(_) => {}
     }
     log_end(&gw, &info, Some(server), &end);
-    if !matches!(end, End::ClientLeft(_)) {
+    if matches!(end, End::ClientLeft(_)) {
+        // Completes a WebSocket close handshake (the answering close is queued), ends TCP.
+        let _ = timeout(limits.write_timeout.min(LINGER), wr.finish()).await;
+    } else {
         close_client(&gw, &mut rd, &mut wr, &end, Some(server)).await;
     }
 }

@@ -45,5 +45,8 @@ fn main() {
     if failed {
         std::process::exit(1);
     }
-    println!("bench smoke: {} echo runs and the idle run passed", report.rows.len());
+    println!(
+        "bench smoke: {} echo runs and the idle run passed",
+        report.rows.len()
+    );
 }

@@ -556,3 +556,34 @@ async fn a_game_server_leaving_membership_drains_its_clients() {
         assert_eq!(ask(&mut c, "whoami").await, "1.1.2");
     }
 }
+
+/// A browser closing its socket gets the closing handshake answered (a clean close), before
+/// and after its first frame.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_close_from_the_client_is_answered() {
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::{CloseFrame, frame::coding::CloseCode};
+    let bed = bed(&["1.1.1"], TEST_LIMITS).await;
+    for first in [true, false] {
+        let (mut ws, _) = tokio_tungstenite::connect_async(bed.gateway.url("ws"))
+            .await
+            .unwrap();
+        if first {
+            ws.send(Message::binary(&b"hi"[..])).await.unwrap();
+            assert_eq!(
+                within(ws.next()).await.unwrap().unwrap(),
+                Message::binary(&b"hi"[..])
+            );
+        }
+        ws.send(Message::Close(Some(CloseFrame {
+            code: CloseCode::Normal,
+            reason: "leaving".into(),
+        })))
+        .await
+        .unwrap();
+        match within(ws.next()).await {
+            Some(Ok(Message::Close(_))) => {}
+            other => panic!("wanted the close answered (first frame sent: {first}), got {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,428 @@
+//! A real browser against the gateway: Debian's headless Chromium opens the example web client
+//! (`examples/browser/index.html`) as a `file://` page, which connects to the gateway's
+//! WebSocket listener and sends a frame. The test drives the page over the DevTools protocol
+//! (a WebSocket carrying JSON), so it needs no Node.js or browser-automation package.
+
+mod bed;
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::time::Duration;
+
+use bed::{TEST_LIMITS, TempDir, WAIT, bed};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// The page's heartbeat interval for this test, well under `idle_timeout_ms` of [`TEST_LIMITS`]
+/// (3 s), so that heartbeats alone keep the page's session open.
+const HEARTBEAT_MS: u64 = 1000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_page_gets_its_echo_keeps_alive_and_sees_the_kick() {
+    // Installing Chromium may take a minute; it is not part of the bounded waits.
+    let chromium = chromium();
+    let bed = bed(&["1.1.1"], TEST_LIMITS).await;
+    let url = page_url(&bed.gateway.url("ws"));
+    timeout(WAIT, async {
+        let mut browser = Browser::launch(&chromium, &url);
+        let mut page = browser.open_page().await;
+
+        // The page connected and sent its frame on load; its first echo is the frame.
+        let shown = page
+            .eval(
+                r#"(async () => {
+                    // The inline script runs before DOMContentLoaded.
+                    if (document.readyState === "loading") {
+                        await new Promise((ok) => addEventListener("DOMContentLoaded", ok));
+                    }
+                    const first = await window.firstEcho;
+                    return {
+                        first,
+                        echo: document.getElementById("echo").textContent,
+                        status: document.getElementById("status").textContent,
+                    };
+                })()"#,
+            )
+            .await;
+        assert_eq!(shown["first"], "hello from the browser", "{shown}");
+        assert_eq!(shown["echo"], "hello from the browser", "{shown}");
+        let status = shown["status"].as_str().unwrap();
+        assert!(
+            status.contains("open") && status.contains("connected"),
+            "{status}"
+        );
+        if let Some(path) = std::env::var_os("BROWSER_SCREENSHOT") {
+            let shot = page
+                .call("Page.captureScreenshot", json!({ "format": "png" }))
+                .await;
+            let png = base64(shot["data"].as_str().unwrap());
+            assert!(png.starts_with(b"\x89PNG"), "not a PNG");
+            std::fs::write(&path, png).unwrap();
+            println!("screenshot written to {}", Path::new(&path).display());
+        }
+
+        // Heartbeats (empty binary messages) are answered, and they keep the session open
+        // past the gateway's idle timeout although no data frame is sent.
+        let answers = page
+            .eval(
+                r#"new Promise((ok, fail) => {
+                    const socket = window.gatewaySocket;
+                    let answers = 0;
+                    socket.addEventListener("message", (e) => {
+                        if (e.data.byteLength === 0 && ++answers === 4) ok(answers);
+                    });
+                    socket.addEventListener("close", (e) =>
+                        fail(new Error(`closed: code ${e.code}, reason "${e.reason}"`)));
+                })"#,
+            )
+            .await;
+        assert_eq!(answers, 4);
+
+        // The game server kicks the client: the page sees a clean close with the reason.
+        let closed = page
+            .eval(
+                r#"new Promise((ok) => {
+                    const socket = window.gatewaySocket;
+                    socket.addEventListener("close", (e) => {
+                        // Let the page's own close listener update #status first.
+                        setTimeout(() => ok({
+                            code: e.code,
+                            reason: e.reason,
+                            clean: e.wasClean,
+                            status: document.getElementById("status").textContent,
+                        }));
+                    });
+                    socket.send(new TextEncoder().encode("kick:bye from the server"));
+                })"#,
+            )
+            .await;
+        assert_eq!(closed["code"], 1000, "{closed}");
+        assert_eq!(closed["reason"], "bye from the server", "{closed}");
+        assert_eq!(closed["clean"], true, "{closed}");
+        let status = closed["status"].as_str().unwrap();
+        assert!(
+            status.contains("1000") && status.contains("bye from the server"),
+            "{status}"
+        );
+    })
+    .await
+    .expect("timed out driving the browser");
+}
+
+/// The `chromium` binary, installed with apt-get when missing.
+fn chromium() -> PathBuf {
+    if let Some(path) = find_chromium() {
+        return path;
+    }
+    eprintln!("no chromium binary: installing Debian's chromium package");
+    let install = || {
+        Command::new("apt-get")
+            .args(["install", "-y", "chromium"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !install() || find_chromium().is_none() {
+        let _ = Command::new("apt-get").arg("update").status();
+        install();
+    }
+    find_chromium().unwrap_or_else(|| {
+        panic!(
+            "this test needs a headless browser: install Debian's `chromium` package \
+             (apt-get install chromium)"
+        )
+    })
+}
+
+fn find_chromium() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("chromium"))
+        .chain([PathBuf::from("/usr/bin/chromium")])
+        .find(|p| p.is_file())
+}
+
+/// The example page as a `file://` URL that connects to `gateway` on load.
+fn page_url(gateway: &str) -> String {
+    let page = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/browser/index.html")
+        .canonicalize()
+        .expect("examples/browser/index.html");
+    format!(
+        "file://{}?gw={}&auto=1&hb={HEARTBEAT_MS}",
+        percent_encode(page.to_str().unwrap(), b"/"),
+        percent_encode(gateway, b"")
+    )
+}
+
+/// Percent-encodes every byte but unreserved characters and `keep`.
+fn percent_encode(text: &str, keep: &[u8]) -> String {
+    text.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) || keep.contains(&b) {
+                char::from(b).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// A Chromium process with its own profile directory; killed (by its handle) and its profile
+/// removed when dropped, on every path.
+struct Browser {
+    child: Child,
+    /// Disconnected once every Chromium process has closed the stderr pipe, that is exited.
+    stderr_closed: mpsc::Receiver<()>,
+    profile: TempDir,
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // Chromium's helper processes (GPU, renderer, ...) outlive it by a few milliseconds
+        // and may still write to the profile; they share its stderr, so the pipe's end says
+        // they are gone. Then `profile` is removed, when the field drops.
+        let waited = self.stderr_closed.recv_timeout(Duration::from_secs(5));
+        if waited != Err(RecvTimeoutError::Disconnected) {
+            println!("[chromium] helper processes still running; removing the profile anyway");
+        }
+    }
+}
+
+impl Browser {
+    fn launch(chromium: &Path, url: &str) -> Browser {
+        let profile = TempDir::new("chromium");
+        let mut child = Command::new(chromium)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-dev-shm-usage",
+                "--remote-debugging-port=0",
+            ])
+            .arg(format!("--user-data-dir={}", profile.0.display()))
+            .arg(url)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", chromium.display()));
+        // Drained on a thread so that Chromium never blocks on a full pipe.
+        let stderr = child.stderr.take().unwrap();
+        let (stderr_open, stderr_closed) = mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            let _open = stderr_open; // dropped (disconnecting the channel) at the pipe's end
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                // Chromium complains at length about the missing D-Bus in containers.
+                if !line.contains(":ERROR:dbus/") {
+                    println!("[chromium] {line}");
+                }
+            }
+        });
+        Browser {
+            child,
+            stderr_closed,
+            profile,
+        }
+    }
+
+    /// Connects to the DevTools endpoint of the page target, once its document exists.
+    async fn open_page(&mut self) -> DevTools {
+        let port = self.devtools_port().await;
+        let list: Value = serde_json::from_str(&http_get(port, "/json/list").await).unwrap();
+        let target = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["type"] == "page" && t["url"].as_str().unwrap().starts_with("file://"))
+            .unwrap_or_else(|| panic!("no page target in {list:#}"));
+        let (ws, _) =
+            tokio_tungstenite::connect_async(target["webSocketDebuggerUrl"].as_str().unwrap())
+                .await
+                .unwrap();
+        let mut page = DevTools {
+            ws,
+            last_id: 0,
+            events: VecDeque::new(),
+            context: 0,
+        };
+        // Runtime.enable reports every existing JavaScript context and each new one; evaluate
+        // in the page's own (not a blank document's that may precede it).
+        page.call("Runtime.enable", json!({})).await;
+        let created = page
+            .event("Runtime.executionContextCreated", |p| {
+                let ctx = &p["context"];
+                ctx["origin"]
+                    .as_str()
+                    .is_some_and(|o| o.starts_with("file://"))
+                    && ctx["auxData"]["isDefault"] == true
+            })
+            .await;
+        page.context = created["context"]["id"].as_i64().unwrap();
+        page
+    }
+
+    /// Waits for Chromium to write its DevTools port to `DevToolsActivePort` (first line).
+    async fn devtools_port(&mut self) -> u16 {
+        let file = self.profile.0.join("DevToolsActivePort");
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&file) {
+                // Complete once the first line (the port) is followed by the second.
+                if let Some((port, _)) = text.split_once('\n') {
+                    return port.trim().parse().expect("DevToolsActivePort");
+                }
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("chromium exited early: {status}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 GET on loopback; returns the body of a 200 answer.
+async fn http_get(port: u16, path: &str) -> String {
+    let mut sock = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
+    sock.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    loop {
+        let n = sock.read_buf(&mut buf).await.unwrap();
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]);
+            assert!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
+            let length = head.lines().find_map(|l| {
+                let (name, value) = l.split_once(':')?;
+                name.eq_ignore_ascii_case("content-length")
+                    .then(|| value.trim().parse::<usize>().unwrap())
+            });
+            let body = &buf[end + 4..];
+            match length {
+                Some(len) if body.len() >= len => {
+                    return String::from_utf8(body[..len].to_vec()).unwrap();
+                }
+                None if n == 0 => return String::from_utf8(body.to_vec()).unwrap(),
+                _ => {}
+            }
+        }
+        assert!(
+            n > 0,
+            "GET {path}: connection closed early: {}",
+            String::from_utf8_lossy(&buf)
+        );
+    }
+}
+
+/// One DevTools protocol connection (to a page target).
+struct DevTools {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    last_id: u64,
+    /// Events that arrived while waiting for something else.
+    events: VecDeque<Value>,
+    /// The page's JavaScript context.
+    context: i64,
+}
+
+impl DevTools {
+    /// Sends a command and returns its result; panics on a protocol error.
+    async fn call(&mut self, method: &str, params: Value) -> Value {
+        self.last_id += 1;
+        let id = self.last_id;
+        let command = json!({ "id": id, "method": method, "params": params });
+        self.ws
+            .send(Message::text(command.to_string()))
+            .await
+            .unwrap();
+        loop {
+            let msg = self.next().await;
+            if msg["id"] == id {
+                assert!(msg.get("error").is_none(), "{method}: {msg}");
+                return msg["result"].clone();
+            }
+            if msg.get("method").is_some() {
+                self.events.push_back(msg);
+            }
+        }
+    }
+
+    /// Waits for the event `method` whose params satisfy `wanted`; returns the params.
+    async fn event(&mut self, method: &str, wanted: impl Fn(&Value) -> bool) -> Value {
+        let matches = |msg: &Value| msg["method"] == method && wanted(&msg["params"]);
+        if let Some(i) = self.events.iter().position(matches) {
+            return self.events.remove(i).unwrap()["params"].take();
+        }
+        loop {
+            let mut msg = self.next().await;
+            if matches(&msg) {
+                return msg["params"].take();
+            }
+            self.events.push_back(msg);
+        }
+    }
+
+    /// Evaluates `expression` in the page, awaiting it if it is a promise; returns its value
+    /// and panics with the exception if it throws or rejects.
+    async fn eval(&mut self, expression: &str) -> Value {
+        let params = json!({
+            "expression": expression,
+            "contextId": self.context,
+            "awaitPromise": true,
+            "returnByValue": true,
+        });
+        let mut r = self.call("Runtime.evaluate", params).await;
+        if let Some(e) = r.get("exceptionDetails") {
+            let what = e["exception"]["description"].as_str().unwrap_or("");
+            panic!("the page threw: {what} ({})", e["text"]);
+        }
+        r["result"]["value"].take()
+    }
+
+    async fn next(&mut self) -> Value {
+        loop {
+            match self.ws.next().await {
+                Some(Ok(Message::Text(text))) => return serde_json::from_str(&text).unwrap(),
+                Some(Ok(_)) => continue,
+                other => panic!("the DevTools connection ended: {other:?}"),
+            }
+        }
+    }
+}
+
+/// Decodes standard base64 (DevTools sends screenshots so).
+fn base64(text: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(text.len() / 4 * 3);
+    let (mut acc, mut bits) = (0u32, 0);
+    for c in text.bytes().filter(|&c| c != b'=') {
+        let six = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => panic!("not base64: {c:#x}"),
+        };
+        acc = (acc << 6 | u32::from(six)) & 0xffff;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    out
+}
