@@ -246,7 +246,7 @@ pub(crate) fn tls_acceptor(listen: &Listen) -> Result<Option<TlsAcceptor>, Strin
 }
 
 /// Takes a client slot, or turns the client away when the gateway is full.
-fn admit(gw: &Gateway, peer: SocketAddr) -> Option<tokio::sync::OwnedSemaphorePermit> {
+fn admit(gw: &Gateway, peer: SocketAddr) -> Option<Permit> {
     match gw.slots.clone().try_acquire_owned() {
         Ok(p) => {
             gw.stats.accepted.fetch_add(1, Ordering::Relaxed);
@@ -262,22 +262,48 @@ fn admit(gw: &Gateway, peer: SocketAddr) -> Option<tokio::sync::OwnedSemaphorePe
 
 const FULL: &str = "gateway full: try again later";
 
-/// Accepts TCP clients (with TLS when configured) until shutdown.
-pub(crate) async fn tcp(gw: Arc<Gateway>, listener: TcpListener, tls: Option<TlsAcceptor>) {
+/// The next TCP connection, or `None` once the gateway shuts down.
+async fn next_tcp(
+    gw: &Gateway,
+    listener: &TcpListener,
+    what: &str,
+) -> Option<(TcpStream, SocketAddr)> {
     loop {
-        let (sock, peer) = tokio::select! {
+        tokio::select! {
             r = listener.accept() => match r {
-                Ok(x) => x,
+                Ok((sock, peer)) => {
+                    let _ = sock.set_nodelay(true);
+                    return Some((sock, peer));
+                }
                 Err(e) => {
                     // Out of descriptors and the like: back off briefly instead of spinning.
-                    tracing::warn!(error = %e, "tcp accept failed");
+                    tracing::warn!(error = %e, "{what} accept failed");
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
                 }
             },
-            () = gw.shutdown.cancelled() => return,
-        };
-        let _ = sock.set_nodelay(true);
+            () = gw.shutdown.cancelled() => return None,
+        }
+    }
+}
+
+/// Serves a length-prefixed client (TCP, TLS, KCP), or turns it away when there was no slot.
+async fn framed<R, W>(gw: Arc<Gateway>, permit: Option<Permit>, info: ClientInfo, r: R, w: W)
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+{
+    let (mut r, mut w) = (FramedRead::new(r, gw.limits.max_frame), FramedWrite::new(w));
+    match permit {
+        Some(p) => session::serve(gw, p, info, r, w).await,
+        None => turn_away(&gw, &mut r, &mut w).await,
+    }
+}
+
+type Permit = tokio::sync::OwnedSemaphorePermit;
+
+/// Accepts TCP clients (with TLS when configured) until shutdown.
+pub(crate) async fn tcp(gw: Arc<Gateway>, listener: TcpListener, tls: Option<TlsAcceptor>) {
+    while let Some((sock, peer)) = next_tcp(&gw, &listener, "tcp").await {
         let permit = admit(&gw, peer);
         let g = gw.clone();
         let tls = tls.clone();
@@ -290,12 +316,7 @@ pub(crate) async fn tcp(gw: Arc<Gateway>, listener: TcpListener, tls: Option<Tls
                         transport: "tcp",
                         peer,
                     };
-                    let (mut r, mut w) =
-                        (FramedRead::new(r, g.limits.max_frame), FramedWrite::new(w));
-                    match permit {
-                        Some(p) => session::serve(g, p, info, r, w).await,
-                        None => turn_away(&g, &mut r, &mut w).await,
-                    }
+                    framed(g, permit, info, r, w).await;
                 }
                 Some(tls) => {
                     let Some(stream) = tls_handshake(&tls, sock, peer, deadline).await else {
@@ -306,12 +327,7 @@ pub(crate) async fn tcp(gw: Arc<Gateway>, listener: TcpListener, tls: Option<Tls
                         transport: "tls",
                         peer,
                     };
-                    let (mut r, mut w) =
-                        (FramedRead::new(r, g.limits.max_frame), FramedWrite::new(w));
-                    match permit {
-                        Some(p) => session::serve(g, p, info, r, w).await,
-                        None => turn_away(&g, &mut r, &mut w).await,
-                    }
+                    framed(g, permit, info, r, w).await;
                 }
             }
         });
@@ -349,19 +365,7 @@ pub(crate) async fn websocket(
     path: String,
 ) {
     let path: Arc<str> = path.into();
-    loop {
-        let (sock, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "websocket accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = gw.shutdown.cancelled() => return,
-        };
-        let _ = sock.set_nodelay(true);
+    while let Some((sock, peer)) = next_tcp(&gw, &listener, "websocket").await {
         let permit = admit(&gw, peer);
         let g = gw.clone();
         let tls = tls.clone();
@@ -382,7 +386,7 @@ pub(crate) async fn websocket(
 
 async fn ws_session<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     gw: Arc<Gateway>,
-    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    permit: Option<Permit>,
     io: S,
     peer: SocketAddr,
     transport: &'static str,
@@ -443,23 +447,17 @@ pub(crate) async fn kcp(gw: Arc<Gateway>, mut listener: tokio_kcp::KcpListener) 
         let g = gw.clone();
         gw.tasks.spawn(async move {
             let (r, w) = tokio::io::split(stream);
-            let (mut r, mut w) = (FramedRead::new(r, g.limits.max_frame), FramedWrite::new(w));
-            match permit {
-                Some(p) => {
-                    session::serve(
-                        g,
-                        p,
-                        ClientInfo {
-                            transport: "kcp",
-                            peer,
-                        },
-                        r,
-                        w,
-                    )
-                    .await
-                }
-                None => turn_away(&g, &mut r, &mut w).await,
-            }
+            framed(
+                g,
+                permit,
+                ClientInfo {
+                    transport: "kcp",
+                    peer,
+                },
+                r,
+                w,
+            )
+            .await;
         });
     }
 }
