@@ -17,9 +17,12 @@
 //! [`ClientConfig`] (e.g. the gateway's CA from a PEM file).
 //!
 //! While a caller waits in [`Client::recv`], the client sends a heartbeat (an empty frame) when
-//! it has sent nothing for [`ClientConfig::heartbeat`], and fails with
+//! it has sent nothing, or heard nothing, for [`ClientConfig::heartbeat`], and fails with
 //! [`ClientError::Idle`] when nothing (not even a heartbeat answer) arrived for
 //! [`ClientConfig::idle_timeout`]. The wire format is in [`wire`].
+//!
+//! KCP runs over UDP, which proves nothing about who sent a datagram: like plain TCP it is no
+//! defence against a forged peer; use TLS (`tls://`, `wss://`) where that matters.
 
 pub mod wire;
 
@@ -238,6 +241,7 @@ pub struct Client {
     config: ClientConfig,
     last_sent: Instant,
     last_heard: Instant,
+    last_heartbeat: Instant,
 }
 
 impl fmt::Debug for Client {
@@ -250,7 +254,8 @@ impl fmt::Debug for Client {
 
 enum Conn {
     /// Length-prefixed frames (TCP, TLS, KCP). Reads and writes make progress together, so a
-    /// heartbeat queued inside `recv` never blocks reading.
+    /// heartbeat queued inside `recv` never blocks reading. (On WebSocket a heartbeat is
+    /// written before reading goes on; it is one small message.)
     Framed {
         rd: ReadHalf<BoxIo>,
         wr: WriteHalf<BoxIo>,
@@ -330,10 +335,14 @@ impl Client {
             })?;
             let conn = match target.transport {
                 Transport::Ws | Transport::Wss => {
+                    let host = if target.host.contains(':') {
+                        format!("[{}]", target.host)
+                    } else {
+                        target.host.clone()
+                    };
                     let request = format!(
-                        "{}://{}:{}{}",
+                        "{}://{host}:{}{}",
                         target.transport.scheme(),
-                        target.host,
                         target.port,
                         target.path
                     );
@@ -363,6 +372,7 @@ impl Client {
                 config: config.clone(),
                 last_sent: now,
                 last_heard: now,
+                last_heartbeat: now,
             };
             if target.transport == Transport::Kcp {
                 // UDP gives no sign of a listener: wait for the answer to a heartbeat.
@@ -409,6 +419,7 @@ impl Client {
 
     /// Sends a heartbeat now.
     pub async fn heartbeat(&mut self) -> Result<(), ClientError> {
+        self.last_heartbeat = Instant::now();
         self.send(Bytes::new()).await
     }
 
@@ -448,7 +459,13 @@ impl Client {
     /// One step of receiving: an item, or `None` after housekeeping (a heartbeat sent, bytes
     /// written).
     async fn next_item(&mut self) -> Result<Option<Inbound>, ClientError> {
-        let heartbeat_at = self.config.heartbeat.map(|h| self.last_sent + h);
+        // A heartbeat is due after `heartbeat` without sending, and also after `heartbeat`
+        // without hearing anything (since the last heartbeat): a client that keeps sending to
+        // a quiet server still gets answers, so it does not mistake silence for a dead link.
+        let heartbeat_at = self
+            .config
+            .heartbeat
+            .map(|h| (self.last_sent + h).min(self.last_heard.max(self.last_heartbeat) + h));
         let idle_at = self.config.idle_timeout.map(|i| self.last_heard + i);
         let limit = self.config.max_frame;
         let due = async move {
@@ -468,7 +485,9 @@ impl Client {
                 if let Some(item) = wire::decode(rbuf, limit).map_err(wire_error)? {
                     return Ok(Some(item));
                 }
+                // Reading first: data already waiting wins over a due heartbeat or idle check.
                 tokio::select! {
+                    biased;
                     n = rd.read_buf(rbuf) => {
                         if n? == 0 {
                             return Err(ClientError::Closed {
@@ -486,6 +505,7 @@ impl Client {
                     () = due => {
                         wire::put_frame(wbuf, &[]);
                         self.last_sent = Instant::now();
+                        self.last_heartbeat = self.last_sent;
                     }
                     () = idle => return Err(ClientError::Idle(self.config.idle_timeout.unwrap_or_default())),
                 }
@@ -493,6 +513,7 @@ impl Client {
             }
             Conn::Ws(ws) => {
                 tokio::select! {
+                    biased;
                     msg = ws.next() => match msg {
                         None => Err(ClientError::Closed {
                             reason: "connection closed without a reason".into(),
@@ -518,6 +539,7 @@ impl Client {
                     },
                     () = due => {
                         self.last_sent = Instant::now();
+                        self.last_heartbeat = self.last_sent;
                         ws.send(Message::Binary(Bytes::new())).await.map_err(ws_error)?;
                         Ok(None)
                     }

@@ -25,6 +25,7 @@
 //!
 //! [limits]                  # the defaults
 //! max_clients = 10000
+//! max_handshakes = 1000
 //! max_frame_bytes = 65536
 //! handshake_timeout_ms = 10000
 //! idle_timeout_ms = 60000
@@ -115,6 +116,7 @@ struct ListenFile {
 #[serde(deny_unknown_fields)]
 struct LimitsFile {
     max_clients: Option<usize>,
+    max_handshakes: Option<usize>,
     max_frame_bytes: Option<usize>,
     handshake_timeout_ms: Option<u64>,
     idle_timeout_ms: Option<u64>,
@@ -149,8 +151,11 @@ pub(crate) struct Listen {
 /// Per-client limits.
 #[derive(Debug, Clone)]
 pub(crate) struct Limits {
-    /// Clients at once; more are turned away with a reason.
+    /// Clients at once (past their first frame); more are turned away with a reason.
     pub(crate) max_clients: usize,
+    /// Connections at once, per listener, between accept and their first frame; more are
+    /// dropped at accept.
+    pub(crate) max_handshakes: usize,
     /// Largest frame either way.
     pub(crate) max_frame: usize,
     /// Time from connecting to the first data frame (TLS and WebSocket handshakes included).
@@ -174,6 +179,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_clients: 10_000,
+            max_handshakes: 1_000,
             max_frame: 64 << 10,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
@@ -242,6 +248,11 @@ impl Config {
         if backend_type == clustergo::HARBOR_TYPE {
             return Err("backend_type 255 is the harbor type".into());
         }
+        if backend_type == addr.node_type() {
+            return Err(format!(
+                "backend_type {backend_type} is the gateway's own type ({addr}): it would pick gateways"
+            ));
+        }
         let policy = match file.policy.as_deref().unwrap_or("random") {
             "random" => Policy::Random,
             "sticky" => Policy::Sticky,
@@ -302,12 +313,20 @@ impl Config {
             }
         };
         let grace = file.shutdown_grace_secs.unwrap_or(10);
-        if grace > 600 {
-            return Err(format!("shutdown_grace_secs {grace} must be at most 600"));
+        if !(1..=600).contains(&grace) {
+            return Err(format!(
+                "shutdown_grace_secs {grace} must be in 1..=600 (closing a client takes up to 2 s)"
+            ));
         }
         let tcp = listener("tcp", args.tcp, file.tcp, true, false)?;
         let websocket = listener("websocket", args.ws, file.websocket, true, true)?;
         let kcp = listener("kcp", args.kcp, file.kcp, false, false)?;
+        if let (Some(t), Some(w)) = (&tcp, &websocket)
+            && t.addr == w.addr
+            && t.addr.port() != 0
+        {
+            return Err(format!("[tcp] and [websocket] both listen on {}", t.addr));
+        }
         if tcp.is_none() && websocket.is_none() && kcp.is_none() {
             return Err("no listener: configure at least one of [tcp], [websocket], [kcp]".into());
         }
@@ -377,6 +396,7 @@ fn limits(file: LimitsFile) -> Result<Limits, String> {
     };
     let l = Limits {
         max_clients: file.max_clients.unwrap_or(d.max_clients),
+        max_handshakes: file.max_handshakes.unwrap_or(d.max_handshakes),
         max_frame: file.max_frame_bytes.unwrap_or(d.max_frame),
         handshake_timeout: ms(
             file.handshake_timeout_ms,
@@ -394,6 +414,12 @@ fn limits(file: LimitsFile) -> Result<Limits, String> {
         return Err(format!(
             "limits.max_clients {} must be in 1..=1000000",
             l.max_clients
+        ));
+    }
+    if !(1..=1_000_000).contains(&l.max_handshakes) {
+        return Err(format!(
+            "limits.max_handshakes {} must be in 1..=1000000",
+            l.max_handshakes
         ));
     }
     if !(1..=(16 << 20)).contains(&l.max_frame) {

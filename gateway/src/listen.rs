@@ -14,6 +14,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio::time::timeout_at;
 use tokio_rustls::{TlsAcceptor, rustls};
 use tokio_tungstenite::WebSocketStream;
@@ -22,7 +23,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message};
 
 use crate::config::Listen;
-use crate::session::{self, ClientInfo, Fault, FrameRead, FrameWrite, Gateway};
+use crate::session::{self, ClientInfo, Fault, FrameRead, FrameWrite, Gateway, Item};
 
 /// Reads length-prefixed frames from a byte stream.
 #[derive(Debug)]
@@ -49,10 +50,13 @@ impl<R: AsyncRead + Unpin + Send> FrameRead for FramedRead<R> {
         while matches!(self.io.read(&mut sink).await, Ok(n) if n > 0) {}
     }
 
-    async fn recv(&mut self) -> Result<Inbound, Fault> {
+    async fn recv(&mut self) -> Result<Item, Fault> {
         loop {
             match wire::decode(&mut self.buf, self.limit) {
-                Ok(Some(item)) => return Ok(item),
+                Ok(Some(item)) => {
+                    session::shrink(&mut self.buf);
+                    return Ok(Item::Wire(item));
+                }
                 Ok(None) => {}
                 Err(wire::WireError::TooLarge { size, limit }) => {
                     return Err(Fault::TooLarge { size, limit });
@@ -140,21 +144,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> FrameRead for WsRead<S> {
         while let Some(Ok(_)) = self.0.next().await {}
     }
 
-    async fn recv(&mut self) -> Result<Inbound, Fault> {
-        loop {
-            return match self.0.next().await {
-                None => Err(Fault::Eof),
-                Some(Ok(Message::Binary(b))) if b.is_empty() => Ok(Inbound::Heartbeat),
-                Some(Ok(Message::Binary(b))) => Ok(Inbound::Data(b)),
-                Some(Ok(Message::Close(frame))) => Ok(Inbound::Close(
-                    frame.map(|f| f.reason.to_string()).unwrap_or_default(),
-                )),
-                Some(Ok(Message::Text(_))) => {
-                    Err(Fault::Malformed("text message (frames are binary)".into()))
-                }
-                // Pings are answered by the WebSocket layer.
-                Some(Ok(_)) => continue,
-                Some(Err(tungstenite::Error::Capacity(e))) => Err(match e {
+    async fn recv(&mut self) -> Result<Item, Fault> {
+        let item = match self.0.next().await {
+            None => return Err(Fault::Eof),
+            Some(Ok(Message::Binary(b))) if b.is_empty() => Inbound::Heartbeat,
+            Some(Ok(Message::Binary(b))) => Inbound::Data(b),
+            Some(Ok(Message::Close(frame))) => {
+                Inbound::Close(frame.map(|f| f.reason.to_string()).unwrap_or_default())
+            }
+            Some(Ok(Message::Text(_))) => {
+                return Err(Fault::Malformed("text message (frames are binary)".into()));
+            }
+            // Pings are answered by the WebSocket layer, but they cost like heartbeats.
+            Some(Ok(Message::Ping(b) | Message::Pong(b))) => return Ok(Item::Control(b.len())),
+            Some(Ok(Message::Frame(_))) => return Ok(Item::Control(0)),
+            Some(Err(tungstenite::Error::Capacity(e))) => {
+                return Err(match e {
                     tungstenite::error::CapacityError::MessageTooLong { size, max_size } => {
                         Fault::TooLarge {
                             size,
@@ -162,18 +167,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> FrameRead for WsRead<S> {
                         }
                     }
                     other => Fault::Malformed(other.to_string()),
-                }),
-                Some(Err(tungstenite::Error::Io(e))) => Err(Fault::Io(e)),
-                Some(Err(
-                    tungstenite::Error::ConnectionClosed
-                    | tungstenite::Error::AlreadyClosed
-                    | tungstenite::Error::Protocol(
-                        tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
-                    ),
-                )) => Err(Fault::Eof),
-                Some(Err(e)) => Err(Fault::Malformed(e.to_string())),
-            };
-        }
+                });
+            }
+            Some(Err(tungstenite::Error::Io(e))) => return Err(Fault::Io(e)),
+            Some(Err(
+                tungstenite::Error::ConnectionClosed
+                | tungstenite::Error::AlreadyClosed
+                | tungstenite::Error::Protocol(
+                    tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+                ),
+            )) => return Err(Fault::Eof),
+            Some(Err(e)) => return Err(Fault::Malformed(e.to_string())),
+        };
+        Ok(Item::Wire(item))
     }
 }
 
@@ -245,22 +251,47 @@ pub(crate) fn tls_acceptor(listen: &Listen) -> Result<Option<TlsAcceptor>, Strin
     Ok(Some(TlsAcceptor::from(Arc::new(config))))
 }
 
-/// Takes a client slot, or turns the client away when the gateway is full.
-fn admit(gw: &Gateway, peer: SocketAddr) -> Option<Permit> {
-    match gw.slots.clone().try_acquire_owned() {
+/// Takes a handshake slot of this listener for a new connection, or `None` when
+/// `max_handshakes` of its connections are already between accept and their first frame
+/// (counted and logged).
+///
+/// Connections hold a handshake slot until their first data frame, and only then take one of
+/// the `max_clients` slots: a flood of connections that never finish (or of forged KCP
+/// datagrams: UDP proves nothing about the sender) fills only its own listener's handshake
+/// budget — never the clients', nor another transport's — and a connection turned away here
+/// costs no task and no TLS or WebSocket work.
+fn admit(
+    gw: &Gateway,
+    budget: &Arc<Semaphore>,
+    peer: SocketAddr,
+    transport: &str,
+) -> Option<Permit> {
+    match budget.clone().try_acquire_owned() {
         Ok(p) => {
             gw.stats.accepted.fetch_add(1, Ordering::Relaxed);
             Some(p)
         }
         Err(_) => {
             gw.stats.turned_away.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(client = %peer, max_clients = gw.limits.max_clients, "gateway full: client turned away");
+            tracing::info!(client = %peer, transport, max_handshakes = gw.limits.max_handshakes, "too many handshakes: connection dropped");
             None
         }
     }
 }
 
-const FULL: &str = "gateway full: try again later";
+/// What a plain TCP client turned away at accept gets: a close frame, written only if the
+/// socket takes it at once.
+fn busy_frame() -> BytesMut {
+    let mut b = BytesMut::new();
+    wire::put_close(&mut b, BUSY);
+    b
+}
+
+const BUSY: &str = "gateway busy: try again later";
+
+/// What a WebSocket client turned away at accept gets, if the socket takes it at once.
+const BUSY_HTTP: &[u8] =
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
 
 /// The next TCP connection, or `None` once the gateway shuts down.
 async fn next_tcp(
@@ -286,47 +317,52 @@ async fn next_tcp(
     }
 }
 
-/// Serves a length-prefixed client (TCP, TLS, KCP), or turns it away when there was no slot.
-async fn framed<R, W>(gw: Arc<Gateway>, permit: Option<Permit>, info: ClientInfo, r: R, w: W)
+/// Serves a length-prefixed client (TCP, TLS, KCP).
+async fn framed<R, W>(gw: Arc<Gateway>, handshake: Permit, info: ClientInfo, r: R, w: W)
 where
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send,
 {
-    let (mut r, mut w) = (FramedRead::new(r, gw.limits.max_frame), FramedWrite::new(w));
-    match permit {
-        Some(p) => session::serve(gw, p, info, r, w).await,
-        None => turn_away(&gw, &mut r, &mut w).await,
-    }
+    let (r, w) = (FramedRead::new(r, gw.limits.max_frame), FramedWrite::new(w));
+    session::serve(gw, handshake, info, r, w).await;
 }
 
 type Permit = tokio::sync::OwnedSemaphorePermit;
 
+fn info(gw: &Gateway, transport: &'static str, peer: SocketAddr) -> ClientInfo {
+    ClientInfo {
+        transport,
+        peer,
+        deadline: tokio::time::Instant::now() + gw.limits.handshake_timeout,
+    }
+}
+
 /// Accepts TCP clients (with TLS when configured) until shutdown.
 pub(crate) async fn tcp(gw: Arc<Gateway>, listener: TcpListener, tls: Option<TlsAcceptor>) {
+    let busy = busy_frame();
+    let budget = Arc::new(Semaphore::new(gw.limits.max_handshakes));
     while let Some((sock, peer)) = next_tcp(&gw, &listener, "tcp").await {
-        let permit = admit(&gw, peer);
+        let Some(permit) = admit(&gw, &budget, peer, "tcp") else {
+            if tls.is_none() {
+                let _ = sock.try_write(&busy);
+            }
+            continue;
+        };
         let g = gw.clone();
         let tls = tls.clone();
         gw.tasks.spawn(async move {
-            let deadline = tokio::time::Instant::now() + g.limits.handshake_timeout;
             match tls {
                 None => {
                     let (r, w) = sock.into_split();
-                    let info = ClientInfo {
-                        transport: "tcp",
-                        peer,
-                    };
+                    let info = info(&g, "tcp", peer);
                     framed(g, permit, info, r, w).await;
                 }
                 Some(tls) => {
-                    let Some(stream) = tls_handshake(&tls, sock, peer, deadline).await else {
+                    let info = info(&g, "tls", peer);
+                    let Some(stream) = tls_handshake(&tls, sock, peer, info.deadline).await else {
                         return;
                     };
                     let (r, w) = tokio::io::split(stream);
-                    let info = ClientInfo {
-                        transport: "tls",
-                        peer,
-                    };
                     framed(g, permit, info, r, w).await;
                 }
             }
@@ -353,10 +389,6 @@ async fn tls_handshake(
     }
 }
 
-async fn turn_away<R: FrameRead, W: FrameWrite>(gw: &Gateway, r: &mut R, w: &mut W) {
-    session::goodbye(gw, r, w, wire::close_code::TRY_AGAIN, FULL).await;
-}
-
 /// Accepts WebSocket clients on `path` (with TLS when configured) until shutdown.
 pub(crate) async fn websocket(
     gw: Arc<Gateway>,
@@ -365,18 +397,27 @@ pub(crate) async fn websocket(
     path: String,
 ) {
     let path: Arc<str> = path.into();
+    let budget = Arc::new(Semaphore::new(gw.limits.max_handshakes));
     while let Some((sock, peer)) = next_tcp(&gw, &listener, "websocket").await {
-        let permit = admit(&gw, peer);
+        let Some(permit) = admit(&gw, &budget, peer, "websocket") else {
+            if tls.is_none() {
+                let _ = sock.try_write(BUSY_HTTP);
+            }
+            continue;
+        };
         let g = gw.clone();
         let tls = tls.clone();
         let path = path.clone();
         gw.tasks.spawn(async move {
-            let deadline = tokio::time::Instant::now() + g.limits.handshake_timeout;
             match tls {
-                None => ws_session(g, permit, sock, peer, "ws", &path, deadline).await,
+                None => {
+                    let info = info(&g, "ws", peer);
+                    ws_session(g, permit, sock, info, &path).await;
+                }
                 Some(tls) => {
-                    if let Some(s) = tls_handshake(&tls, sock, peer, deadline).await {
-                        ws_session(g, permit, s, peer, "wss", &path, deadline).await;
+                    let info = info(&g, "wss", peer);
+                    if let Some(s) = tls_handshake(&tls, sock, peer, info.deadline).await {
+                        ws_session(g, permit, s, info, &path).await;
                     }
                 }
             }
@@ -386,12 +427,10 @@ pub(crate) async fn websocket(
 
 async fn ws_session<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     gw: Arc<Gateway>,
-    permit: Option<Permit>,
+    handshake: Permit,
     io: S,
-    peer: SocketAddr,
-    transport: &'static str,
+    info: ClientInfo,
     path: &str,
-    deadline: tokio::time::Instant,
 ) {
     // The callback's error type is tungstenite's; its size is not ours to choose.
     #[allow(clippy::result_large_err)]
@@ -406,8 +445,9 @@ async fn ws_session<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         }
     };
     let config = clustergo_client::ws_config(gw.limits.max_frame);
+    let peer = info.peer;
     let ws = match timeout_at(
-        deadline,
+        info.deadline,
         tokio_tungstenite::accept_hdr_async_with_config(io, check_path, Some(config)),
     )
     .await
@@ -423,41 +463,37 @@ async fn ws_session<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         }
     };
     let (w, r) = ws.split();
-    let (mut r, mut w) = (WsRead(r), WsWrite(w));
-    match permit {
-        Some(p) => session::serve(gw, p, ClientInfo { transport, peer }, r, w).await,
-        None => turn_away(&gw, &mut r, &mut w).await,
-    }
+    session::serve(gw, handshake, info, WsRead(r), WsWrite(w)).await;
 }
 
-/// Accepts KCP clients until shutdown.
-pub(crate) async fn kcp(gw: Arc<Gateway>, mut listener: tokio_kcp::KcpListener) {
+/// Accepts KCP clients until shutdown; returns the listener, which must outlive the sessions
+/// it accepted (dropping it stops their input).
+pub(crate) async fn kcp(
+    gw: Arc<Gateway>,
+    mut listener: tokio_kcp::KcpListener,
+) -> tokio_kcp::KcpListener {
+    let budget = Arc::new(Semaphore::new(gw.limits.max_handshakes));
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
-                    tracing::warn!(error = %e, "kcp accept failed");
-                    return;
+                    tracing::error!(error = %e, "kcp listener failed: no more KCP clients");
+                    return listener;
                 }
             },
-            () = gw.shutdown.cancelled() => return,
+            () = gw.shutdown.cancelled() => return listener,
         };
-        let permit = admit(&gw, peer);
+        // Turned away silently: answering an unauthenticated datagram would let a forged
+        // source aim our replies at someone else.
+        let Some(permit) = admit(&gw, &budget, peer, "kcp") else {
+            continue;
+        };
         let g = gw.clone();
         gw.tasks.spawn(async move {
             let (r, w) = tokio::io::split(stream);
-            framed(
-                g,
-                permit,
-                ClientInfo {
-                    transport: "kcp",
-                    peer,
-                },
-                r,
-                w,
-            )
-            .await;
+            let info = info(&g, "kcp", peer);
+            framed(g, permit, info, r, w).await;
         });
     }
 }

@@ -166,10 +166,15 @@ async fn run(
         lines.push(format!("websocket on {}{path}", l.local_addr()?));
         listeners.spawn(listen::websocket(gw.clone(), l, ws_tls, path));
     }
-    if let Some(l) = kcp {
-        lines.push(format!("kcp on {}", l.local_addr()?));
-        listeners.spawn(listen::kcp(gw.clone(), l));
-    }
+    // The KCP listener comes back when its loop ends and is kept until the sessions are done.
+    let kcp = match kcp {
+        Some(l) => {
+            lines.push(format!("kcp on {}", l.local_addr()?));
+            Some(tokio::spawn(listen::kcp(gw.clone(), l)))
+        }
+        None => None,
+    };
+    check_descriptors(&config.limits);
     // One line for tools and tests to wait for: everything is bound and the node is up.
     println!("{}", lines.join(", "));
     listeners.spawn(watch_backends(gw.clone()));
@@ -184,6 +189,10 @@ async fn run(
     gw.shutdown.cancel();
     listeners.close();
     listeners.wait().await;
+    let kcp = match kcp {
+        Some(loop_) => loop_.await.ok(),
+        None => None,
+    };
     gw.tasks.close();
     if tokio::time::timeout(config.shutdown_grace, gw.tasks.wait())
         .await
@@ -194,6 +203,7 @@ async fn run(
             "grace period over with clients still closing"
         );
     }
+    drop(kcp);
     node.shutdown().await;
     println!("gateway {me} stopped ({clients} clients closed)");
     Ok(())
@@ -242,6 +252,28 @@ async fn watch_backends(gw: Arc<Gateway>) {
             _ = changed => {}
             () = gw.shutdown.cancelled() => return,
         }
+    }
+}
+
+/// Warns when the process may not open a descriptor per client: accepts would then fail
+/// ("too many open files") before any client hears that the gateway is full.
+fn check_descriptors(limits: &config::Limits) {
+    let soft = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3).map(str::to_owned))
+        });
+    let need = limits.max_clients + 3 * limits.max_handshakes + 256;
+    if let Some(soft) = soft.and_then(|s| s.parse::<usize>().ok())
+        && soft < need
+    {
+        tracing::warn!(
+            soft_limit = soft,
+            needed = need,
+            "the open-file limit is below max_clients + handshakes: raise it (ulimit -n) or lower limits.max_clients"
+        );
     }
 }
 

@@ -33,6 +33,7 @@ pub(crate) struct Gateway {
     pub(crate) backend_type: u8,
     pub(crate) policy: Policy,
     pub(crate) limits: Limits,
+    /// `max_clients` permits: one per client past its handshake.
     pub(crate) slots: Arc<Semaphore>,
     pub(crate) shutdown: CancellationToken,
     pub(crate) tasks: TaskTracker,
@@ -56,17 +57,18 @@ impl Gateway {
     /// Cancelled when `server` stops being available. Already cancelled if it is not
     /// available now (it left while the client's stream was being opened).
     fn drain_token(&self, server: LogicAddr) -> CancellationToken {
-        let token = self
-            .drains
+        if !self.node.member(server).is_some_and(|m| m.available) {
+            // Not stored: once the server is back, its new clients must get a live token.
+            let gone = CancellationToken::new();
+            gone.cancel();
+            return gone;
+        }
+        self.drains
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .entry(server)
             .or_default()
-            .clone();
-        if !self.node.member(server).is_some_and(|m| m.available) {
-            token.cancel();
-        }
-        token
+            .clone()
     }
 
     /// Closes the clients of every server in `gone` (they left membership or became
@@ -89,9 +91,19 @@ impl Gateway {
 /// The receiving half of a client connection.
 pub(crate) trait FrameRead: Send {
     /// The next unit from the client. Cancel-safe.
-    fn recv(&mut self) -> impl Future<Output = Result<Inbound, Fault>> + Send;
+    fn recv(&mut self) -> impl Future<Output = Result<Item, Fault>> + Send;
     /// Reads and drops input until the client closes or the connection fails.
     fn discard(&mut self) -> impl Future<Output = ()> + Send;
+}
+
+/// What a client sent.
+#[derive(Debug)]
+pub(crate) enum Item {
+    /// A frame, heartbeat or close.
+    Wire(Inbound),
+    /// Transport-level traffic the transport answers itself (a WebSocket ping or pong) of this
+    /// many bytes: charged to the rate limits like a heartbeat, never forwarded.
+    Control(usize),
 }
 
 /// The sending half of a client connection.
@@ -173,6 +185,8 @@ enum End {
 pub(crate) struct ClientInfo {
     pub(crate) transport: &'static str,
     pub(crate) peer: std::net::SocketAddr,
+    /// When its handshake time is up (set at accept: TLS and WebSocket handshakes count).
+    pub(crate) deadline: Instant,
 }
 
 /// Token buckets for frames and bytes per second, each with a one-second burst.
@@ -217,14 +231,14 @@ impl Rate {
 /// Serves one accepted client until either side ends; logs how it ended.
 pub(crate) async fn serve<R: FrameRead, W: FrameWrite>(
     gw: Arc<Gateway>,
-    _permit: OwnedSemaphorePermit,
+    handshake: OwnedSemaphorePermit,
     info: ClientInfo,
     mut rd: R,
     mut wr: W,
 ) {
     let limits = &gw.limits;
     let mut rate = Rate::new(limits);
-    let deadline = Instant::now() + limits.handshake_timeout;
+    let deadline = info.deadline;
     // Handshake: heartbeats are answered; the first data frame picks the server.
     let first = loop {
         let item = tokio::select! {
@@ -238,9 +252,14 @@ pub(crate) async fn serve<R: FrameRead, W: FrameWrite>(
             }
         };
         let item = item.and_then(|item| {
-            rate.take(frame_len(&item), limits)?;
+            rate.take(item_len(&item), limits)?;
             Ok(item)
         });
+        let item = match item {
+            Ok(Item::Control(_)) => continue,
+            Ok(Item::Wire(item)) => Ok(item),
+            Err(fault) => Err(fault),
+        };
         match item {
             Ok(Inbound::Heartbeat) => {
                 if let Err(e) = bounded_send(&mut wr, 1, &[], limits).await {
@@ -260,6 +279,14 @@ pub(crate) async fn serve<R: FrameRead, W: FrameWrite>(
             }
         }
     };
+    // A client now: trade the handshake slot for a client slot.
+    let Ok(_slot) = gw.slots.clone().try_acquire_owned() else {
+        gw.stats.turned_away.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(client = %info.peer, transport = info.transport, max_clients = limits.max_clients, "gateway full: client turned away");
+        goodbye(&gw, &mut rd, &mut wr, close_code::TRY_AGAIN, FULL).await;
+        return;
+    };
+    drop(handshake);
     let stream = tokio::select! {
         s = open(&gw, &info, &first) => s,
         () = gw.shutdown.cancelled() => Err((close_code::GOING_AWAY, "gateway shutting down".into())),
@@ -288,14 +315,17 @@ pub(crate) async fn serve<R: FrameRead, W: FrameWrite>(
             loop {
                 if !up_buf.is_empty() {
                     let mut write = std::pin::pin!(up.write_all(&up_buf));
+                    let mut excused = false;
                     loop {
                         match timeout(limits.write_timeout, &mut write).await {
                             Ok(Ok(())) => break,
                             Ok(Err(e)) => return End::Server(stream_reason(&e)),
-                            // The game server is stuck writing to a client that does not
-                            // read: that is the client's fault, which the other direction's
-                            // timeout reports. Keep waiting.
-                            Err(_) if client_blocked.load(Ordering::Relaxed) => {}
+                            // The game server may be stuck writing to a client that does not
+                            // read: the client's fault, which the other direction's timeout
+                            // reports within one more `write_timeout`. Wait that long once.
+                            Err(_) if !excused && client_blocked.load(Ordering::Relaxed) => {
+                                excused = true;
+                            }
                             Err(_) => {
                                 return End::Server(format!(
                                     "not reading: a write waited {:?}",
@@ -305,6 +335,7 @@ pub(crate) async fn serve<R: FrameRead, W: FrameWrite>(
                         }
                     }
                     up_buf.clear();
+                    shrink(&mut up_buf);
                 }
                 let item = match timeout(limits.idle_timeout, rd.recv()).await {
                     Ok(Ok(item)) => item,
@@ -312,9 +343,10 @@ pub(crate) async fn serve<R: FrameRead, W: FrameWrite>(
                     Ok(Err(fault)) => return End::Client(fault),
                     Err(_) => return End::Client(Fault::Idle(limits.idle_timeout)),
                 };
-                if let Err(fault) = rate.take(frame_len(&item), limits) {
+                if let Err(fault) = rate.take(item_len(&item), limits) {
                     return End::Client(fault);
                 }
+                let Item::Wire(item) = item else { continue };
                 match item {
                     Inbound::Heartbeat => {
                         owed.fetch_add(1, Ordering::Relaxed);
@@ -373,6 +405,7 @@ pub(crate) async fn serve<R: FrameRead, W: FrameWrite>(
                         }
                     }
                 }
+                shrink(&mut buf);
             }
         };
         tokio::select! {
@@ -382,36 +415,54 @@ pub(crate) async fn serve<R: FrameRead, W: FrameWrite>(
             () = drained.cancelled() => End::Drained,
         }
     };
-    // The stream: a clean client exit (or shutdown) ends it cleanly, so the game server reads
-    // every frame and then the end; anything else resets it with the reason.
-    match &end {
-        End::ClientLeft(_) | End::Shutdown | End::Drained => {
-            if timeout(limits.write_timeout, up.shutdown()).await.is_ok() {
-                // Let the game server finish its side (its last frames are dropped: the
-                // client is gone or being told to go), bounded.
-                let drain = async {
-                    let mut sink = [0u8; 1024];
-                    while matches!(down.read(&mut sink).await, Ok(n) if n > 0) {}
-                };
-                let _ = timeout(Duration::from_secs(1), drain).await;
-            }
-        }
-        End::Client(fault) => up.reset(format!("client {}: {fault}", info.peer)),
-        End::ServerEnded | End::ServerClosed(_) | End::Server(_) => {}
-    }
     log_end(&gw, &info, Some(server), &end);
-    if matches!(end, End::ClientLeft(_)) {
-        // Completes a WebSocket close handshake (the answering close is queued), ends TCP.
-        let _ = timeout(limits.write_timeout.min(LINGER), wr.finish()).await;
-    } else {
-        close_client(&gw, &mut rd, &mut wr, &end, Some(server)).await;
+    // The stream: a clean client exit (or shutdown, or drain) ends it cleanly, so the game
+    // server reads every frame and then the end; anything else resets it with the reason.
+    // The client is told at the same time.
+    let stream_end = async {
+        match &end {
+            End::ClientLeft(_) | End::Shutdown | End::Drained => {
+                if timeout(limits.write_timeout, up.shutdown()).await.is_ok() {
+                    // Let the game server finish its side (its last frames are dropped: the
+                    // client is gone or being told to go), bounded.
+                    let drain = async {
+                        let mut sink = [0u8; 1024];
+                        while matches!(down.read(&mut sink).await, Ok(n) if n > 0) {}
+                    };
+                    let _ = timeout(LINGER, drain).await;
+                }
+            }
+            End::Client(fault) => up.reset(format!("client {}: {fault}", info.peer)),
+            End::ServerEnded | End::ServerClosed(_) | End::Server(_) => {}
+        }
+    };
+    let client_end = async {
+        if matches!(end, End::ClientLeft(_)) {
+            // Completes a WebSocket close handshake (the answering close is queued), ends TCP.
+            let _ = timeout(limits.write_timeout.min(LINGER), wr.finish()).await;
+        } else {
+            close_client(&gw, &mut rd, &mut wr, &end, Some(server)).await;
+        }
+    };
+    tokio::join!(stream_end, client_end);
+}
+
+/// Drops a buffer's allocation once it is empty and large: a client that sent (or was sent)
+/// one large frame does not keep a large buffer while it idles.
+pub(crate) fn shrink(buf: &mut BytesMut) {
+    if buf.is_empty() && buf.capacity() > SHRINK_ABOVE {
+        *buf = BytesMut::new();
     }
 }
 
-fn frame_len(item: &Inbound) -> usize {
+/// Buffers larger than this are dropped once empty.
+pub(crate) const SHRINK_ABOVE: usize = 16 << 10;
+
+fn item_len(item: &Item) -> usize {
     match item {
-        Inbound::Data(b) => b.len(),
-        _ => 0,
+        Item::Wire(Inbound::Data(b)) => b.len(),
+        Item::Wire(_) => 0,
+        Item::Control(n) => *n,
     }
 }
 
@@ -492,6 +543,8 @@ pub(crate) async fn goodbye<R: FrameRead, W: FrameWrite>(
         let _ = timeout(LINGER, rd.discard()).await;
     }
 }
+
+const FULL: &str = "gateway full: try again later";
 
 /// How long a closed client may take to close its side.
 const LINGER: Duration = Duration::from_secs(1);
@@ -584,13 +637,18 @@ fn pick(gw: &Gateway, first: &[u8], tried: &[LogicAddr]) -> Option<LogicAddr> {
         Policy::Random => {
             (!candidates.is_empty()).then(|| candidates[fastrand::usize(..candidates.len())])
         }
-        Policy::Sticky => {
-            let key = fnv1a(first);
-            candidates
-                .into_iter()
-                .max_by_key(|a| (mix(key ^ u64::from(a.as_u32())), a.as_u32()))
-        }
+        Policy::Sticky => rendezvous(first, &candidates),
     }
+}
+
+/// The server with the highest score for `key` (rendezvous hashing): independent of the
+/// candidates' order, and when a server joins or leaves only the keys it wins or held move.
+fn rendezvous(key: &[u8], candidates: &[LogicAddr]) -> Option<LogicAddr> {
+    let key = fnv1a(key);
+    candidates
+        .iter()
+        .copied()
+        .max_by_key(|a| (mix(key ^ u64::from(a.as_u32())), a.as_u32()))
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {
@@ -635,10 +693,70 @@ mod tests {
         rate.take(1000, &limits).unwrap();
     }
 
+    /// A server seen unavailable while a client's stream was being opened must not leave a
+    /// cancelled token behind: once it is back, its new clients are served.
+    #[tokio::test]
+    async fn a_drain_is_not_remembered_past_the_servers_return() {
+        let me: LogicAddr = "1.100.1".parse().unwrap();
+        let server: LogicAddr = "1.1.1".parse().unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let members = clustergo::MemoryDiscovery::new([
+            clustergo::Member::new(me, listener.local_addr().unwrap().to_string()),
+            clustergo::Member::new(server, "127.0.0.1:9").with_available(false),
+        ]);
+        let node = Node::builder(me)
+            .discovery(members.clone())
+            .listener(listener)
+            .config(clustergo::NodeConfig::default().secret("unit"))
+            .build();
+        node.start().await.unwrap();
+        let gw = Gateway {
+            node: node.clone(),
+            backend_type: 1,
+            policy: Policy::Random,
+            limits: Limits::default(),
+            slots: Arc::new(Semaphore::new(1)),
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            stats: Stats::default(),
+            drains: Default::default(),
+        };
+        assert!(gw.drain_token(server).is_cancelled());
+        members.set_available(server, true);
+        let back = |m: &[clustergo::Member]| m.iter().any(|m| m.addr == server && m.available);
+        assert!(node.wait_members(back, Duration::from_secs(5)).await);
+        let token = gw.drain_token(server);
+        assert!(!token.is_cancelled());
+        gw.drain(&[server]);
+        assert!(token.is_cancelled());
+        node.shutdown().await;
+    }
+
     #[test]
-    fn sticky_keys_spread_and_stay() {
-        let key = fnv1a(b"player-42");
-        assert_eq!(key, fnv1a(b"player-42"));
-        assert_ne!(mix(key ^ 1), mix(key ^ 2));
+    fn sticky_keys_spread_and_only_a_new_servers_keys_move() {
+        let a = |s: &str| -> LogicAddr { s.parse().unwrap() };
+        let three = [a("1.1.1"), a("1.1.2"), a("1.1.3")];
+        let four = [a("1.1.4"), a("1.1.3"), a("1.1.2"), a("1.1.1")];
+        let mut per_server = std::collections::HashMap::new();
+        let mut moved = 0;
+        for i in 0..3000 {
+            let key = format!("player-{i}");
+            let before = rendezvous(key.as_bytes(), &three).unwrap();
+            let reversed: Vec<_> = three.iter().rev().copied().collect();
+            assert_eq!(rendezvous(key.as_bytes(), &reversed), Some(before));
+            *per_server.entry(before).or_insert(0) += 1;
+            let after = rendezvous(key.as_bytes(), &four).unwrap();
+            if after != before {
+                assert_eq!(after, a("1.1.4"), "{key} moved between old servers");
+                moved += 1;
+            }
+        }
+        // Roughly a third each, and roughly a quarter moves to the new server.
+        assert!(
+            per_server.values().all(|n| (800..1200).contains(n)),
+            "{per_server:?}"
+        );
+        assert!((550..950).contains(&moved), "{moved} of 3000 moved");
+        assert_eq!(rendezvous(b"x", &[]), None);
     }
 }

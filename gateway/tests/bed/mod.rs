@@ -97,6 +97,27 @@ impl Log {
     pub fn contains(&self, text: &str) -> bool {
         self.0.0.lock().unwrap().iter().any(|l| l.contains(text))
     }
+
+    /// Waits (bounded by [`WAIT`]) until `n` lines contain `text`.
+    pub async fn wait_count(&self, text: &str, n: usize) {
+        let log = self.clone();
+        let text = text.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let deadline = std::time::Instant::now() + WAIT;
+            let mut lines = log.0.0.lock().unwrap();
+            while lines.iter().filter(|l| l.contains(&text)).count() < n {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                assert!(
+                    !left.is_zero(),
+                    "not {n} lines with {text:?}; log:\n{}",
+                    lines.join("\n")
+                );
+                lines = log.0.1.wait_timeout(lines, left).unwrap().0;
+            }
+        })
+        .await
+        .unwrap()
+    }
 }
 
 fn collect(name: String, out: impl std::io::Read + Send + 'static, log: Log) {
@@ -282,6 +303,8 @@ pub fn gateway(etcd: &Etcd, extra: &str, tcp_extra: &str, ws_extra: &str) -> Gat
 /// etcd, game servers `servers` (type 1) and a gateway, everyone listed.
 pub struct Bed {
     pub etcd: Etcd,
+    /// Everyone as listed in etcd.
+    pub members: Vec<Member>,
     pub servers: Vec<Proc>,
     pub gateway: Gateway,
 }
@@ -308,6 +331,7 @@ pub async fn bed_with(servers: &[&str], extra: &str, tcp_extra: &str, ws_extra: 
         .await;
     Bed {
         etcd,
+        members,
         servers: procs,
         gateway,
     }
