@@ -52,6 +52,10 @@ pub(crate) struct Idle {
     pub(crate) clients: usize,
     pub(crate) gateway_bytes_per_client: f64,
     pub(crate) server_bytes_per_client: f64,
+    /// The gateway's, once every client has also sent (and got back) one 60 KB frame.
+    pub(crate) gateway_after_large: f64,
+    /// The gateway's after a second such round.
+    pub(crate) gateway_after_large2: f64,
 }
 
 #[derive(Debug, Default)]
@@ -302,11 +306,14 @@ async fn run(opts: Opts) -> Result<Report, String> {
     if wants("gateway-idle") {
         let idle = idle(&setup, opts.idle).await?;
         println!(
-            "gateway-idle: {} idle TCP clients: gateway {:.0} bytes/client ({:.1} KiB), game server {:.0} bytes/client",
+            "gateway-idle: {} idle TCP clients: gateway {:.0} bytes/client ({:.1} KiB), game server {:.0} bytes/client; \
+             gateway after one 60 KB echo each: {:.0} bytes/client, after a second: {:.0}",
             idle.clients,
             idle.gateway_bytes_per_client,
             idle.gateway_bytes_per_client / 1024.0,
-            idle.server_bytes_per_client
+            idle.server_bytes_per_client,
+            idle.gateway_after_large,
+            idle.gateway_after_large2
         );
         report.idle = Some(idle);
     }
@@ -413,13 +420,58 @@ async fn idle(setup: &Setup, n: usize) -> Result<Idle, String> {
     }
     let (gw_after, server_after) = (rss_bytes(gw_pid)?, rss_bytes(server_pid)?);
     let per = |a: u64, b: u64| a.saturating_sub(b) as f64 / n as f64;
+    // Each client sends one large frame and reads its echo, then idles again: buffers sized
+    // for it must not stay.
+    let mut large = BytesMut::new();
+    wire::put_frame(&mut large, &vec![0x33; 60_000]);
+    let socks = echo_large(socks, &large).await?;
+    let gw_large = rss_bytes(gw_pid)?;
+    // A second round: if memory were kept per client it would grow again; if the first
+    // round's figure is the allocator keeping freed memory for reuse, it stays.
+    let socks = echo_large(socks, &large).await?;
+    let gw_large2 = rss_bytes(gw_pid)?;
     let idle = Idle {
         clients: socks.len(),
         gateway_bytes_per_client: per(gw_after, gw_before),
         server_bytes_per_client: per(server_after, server_before),
+        gateway_after_large: per(gw_large, gw_before),
+        gateway_after_large2: per(gw_large2, gw_before),
     };
     drop(socks);
     Ok(idle)
+}
+
+/// Every client sends `large` and reads its echo, 500 at a time.
+async fn echo_large(
+    socks: Vec<tokio::net::TcpStream>,
+    large: &BytesMut,
+) -> Result<Vec<tokio::net::TcpStream>, String> {
+    let n = socks.len();
+    let mut rest = socks.into_iter();
+    let mut socks = Vec::with_capacity(n);
+    loop {
+        let chunk: Vec<_> = rest.by_ref().take(500).collect();
+        if chunk.is_empty() {
+            break;
+        }
+        let mut batch = tokio::task::JoinSet::new();
+        for mut s in chunk {
+            let large = large.clone();
+            batch.spawn(async move {
+                s.write_all(&large).await.map_err(|e| e.to_string())?;
+                let mut echo = vec![0u8; large.len()];
+                tokio::time::timeout(Duration::from_secs(20), s.read_exact(&mut echo))
+                    .await
+                    .map_err(|_| "no large echo in 20 s".to_owned())?
+                    .map_err(|e| format!("large echo: {e}"))?;
+                Ok::<_, String>(s)
+            });
+        }
+        while let Some(r) = batch.join_next().await {
+            socks.push(r.map_err(|e| e.to_string())??);
+        }
+    }
+    Ok(socks)
 }
 
 #[allow(dead_code)]

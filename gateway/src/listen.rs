@@ -54,7 +54,7 @@ impl<R: AsyncRead + Unpin + Send> FrameRead for FramedRead<R> {
         loop {
             match wire::decode(&mut self.buf, self.limit) {
                 Ok(Some(item)) => {
-                    session::shrink(&mut self.buf);
+                    session::release(&mut self.buf);
                     return Ok(Item::Wire(item));
                 }
                 Ok(None) => {}
