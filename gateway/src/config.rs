@@ -19,6 +19,7 @@
 //! [websocket]
 //! listen = "0.0.0.0:7001"
 //! path = "/ws"
+//! # protocols = ["game.v1"]  # WebSocket subprotocols offered (a browser's second argument)
 //!
 //! [kcp]
 //! listen = "0.0.0.0:7002"
@@ -108,6 +109,7 @@ struct EtcdFile {
 struct ListenFile {
     listen: Option<String>,
     path: Option<String>,
+    protocols: Option<Vec<String>>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
 }
@@ -146,6 +148,10 @@ pub(crate) struct Listen {
     pub(crate) tls: Option<(PathBuf, PathBuf)>,
     /// The WebSocket path (WebSocket only).
     pub(crate) path: String,
+    /// WebSocket subprotocols the gateway accepts: the first one the client offers that is
+    /// listed here is chosen (the client's order decides); a client offering only others is
+    /// refused (HTTP 400). Empty: offers are ignored.
+    pub(crate) protocols: Vec<String>,
 }
 
 /// Per-client limits.
@@ -382,7 +388,27 @@ fn listener(
         Some(p) => p,
         None => "/".into(),
     };
-    Ok(Some(Listen { addr, tls, path }))
+    let protocols = match file.protocols {
+        Some(_) if !path_allowed => return Err(format!("[{name}] has no protocols")),
+        Some(list) => {
+            if let Some(bad) = list.iter().find(|p| {
+                p.is_empty()
+                    || !p
+                        .bytes()
+                        .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b))
+            }) {
+                return Err(format!("[{name}] protocol {bad:?} is not a valid token"));
+            }
+            list
+        }
+        None => Vec::new(),
+    };
+    Ok(Some(Listen {
+        addr,
+        tls,
+        path,
+        protocols,
+    }))
 }
 
 fn limits(file: LimitsFile) -> Result<Limits, String> {

@@ -334,6 +334,7 @@ fn info(gw: &Gateway, transport: &'static str, peer: SocketAddr) -> ClientInfo {
         transport,
         peer,
         deadline: tokio::time::Instant::now() + gw.limits.handshake_timeout,
+        subprotocol: None,
     }
 }
 
@@ -395,8 +396,10 @@ pub(crate) async fn websocket(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     path: String,
+    protocols: Vec<String>,
 ) {
     let path: Arc<str> = path.into();
+    let protocols: Arc<[String]> = protocols.into();
     let budget = Arc::new(Semaphore::new(gw.limits.max_handshakes));
     while let Some((sock, peer)) = next_tcp(&gw, &listener, "websocket").await {
         let Some(permit) = admit(&gw, &budget, peer, "websocket") else {
@@ -407,17 +410,17 @@ pub(crate) async fn websocket(
         };
         let g = gw.clone();
         let tls = tls.clone();
-        let path = path.clone();
+        let (path, protocols) = (path.clone(), protocols.clone());
         gw.tasks.spawn(async move {
             match tls {
                 None => {
                     let info = info(&g, "ws", peer);
-                    ws_session(g, permit, sock, info, &path).await;
+                    ws_session(g, permit, sock, info, &path, &protocols).await;
                 }
                 Some(tls) => {
                     let info = info(&g, "wss", peer);
                     if let Some(s) = tls_handshake(&tls, sock, peer, info.deadline).await {
-                        ws_session(g, permit, s, info, &path).await;
+                        ws_session(g, permit, s, info, &path, &protocols).await;
                     }
                 }
             }
@@ -429,26 +432,58 @@ async fn ws_session<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     gw: Arc<Gateway>,
     handshake: Permit,
     io: S,
-    info: ClientInfo,
+    mut info: ClientInfo,
     path: &str,
+    protocols: &[String],
 ) {
+    let mut chosen = None;
     // The callback's error type is tungstenite's; its size is not ours to choose.
     #[allow(clippy::result_large_err)]
-    let check_path = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
-        if req.uri().path() == path {
-            Ok(resp)
-        } else {
-            let mut not_found =
-                ErrorResponse::new(Some(format!("no WebSocket at {}", req.uri().path())));
-            *not_found.status_mut() = tungstenite::http::StatusCode::NOT_FOUND;
-            Err(not_found)
+    let check = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
+        let refuse = |status, text: String| {
+            let mut r = ErrorResponse::new(Some(text));
+            *r.status_mut() = status;
+            r
+        };
+        if req.uri().path() != path {
+            let text = format!("no WebSocket at {}", req.uri().path());
+            return Err(refuse(tungstenite::http::StatusCode::NOT_FOUND, text));
+        }
+        let offered: Vec<&str> = req
+            .headers()
+            .get_all("sec-websocket-protocol")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .collect();
+        if offered.is_empty() || protocols.is_empty() {
+            return Ok(resp);
+        }
+        match offered.iter().find(|p| protocols.iter().any(|q| q == *p)) {
+            Some(p) => {
+                if let Ok(v) = tungstenite::http::HeaderValue::from_str(p) {
+                    resp.headers_mut().insert("sec-websocket-protocol", v);
+                }
+                chosen = Some(p.to_string());
+                Ok(resp)
+            }
+            None => {
+                let text = format!(
+                    "no common subprotocol: offered {}, supported {}",
+                    offered.join(", "),
+                    protocols.join(", ")
+                );
+                Err(refuse(tungstenite::http::StatusCode::BAD_REQUEST, text))
+            }
         }
     };
     let config = clustergo_client::ws_config(gw.limits.max_frame);
     let peer = info.peer;
     let ws = match timeout_at(
         info.deadline,
-        tokio_tungstenite::accept_hdr_async_with_config(io, check_path, Some(config)),
+        tokio_tungstenite::accept_hdr_async_with_config(io, check, Some(config)),
     )
     .await
     {
@@ -462,6 +497,7 @@ async fn ws_session<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             return;
         }
     };
+    info.subprotocol = chosen.map(String::into_boxed_str);
     let (w, r) = ws.split();
     session::serve(gw, handshake, info, WsRead(r), WsWrite(w)).await;
 }

@@ -158,13 +158,18 @@ async fn run(
         listeners.spawn(listen::tcp(gw.clone(), l, tcp_tls));
     }
     if let Some(l) = ws {
-        let path = config
+        let w = config
             .websocket
             .as_ref()
-            .map(|w| w.path.clone())
-            .unwrap_or_default();
-        lines.push(format!("websocket on {}{path}", l.local_addr()?));
-        listeners.spawn(listen::websocket(gw.clone(), l, ws_tls, path));
+            .ok_or("websocket listener without config")?;
+        lines.push(format!("websocket on {}{}", l.local_addr()?, w.path));
+        listeners.spawn(listen::websocket(
+            gw.clone(),
+            l,
+            ws_tls,
+            w.path.clone(),
+            w.protocols.clone(),
+        ));
     }
     // The KCP listener comes back when its loop ends and is kept until the sessions are done.
     let kcp = match kcp {

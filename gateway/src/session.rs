@@ -187,6 +187,8 @@ pub(crate) struct ClientInfo {
     pub(crate) peer: std::net::SocketAddr,
     /// When its handshake time is up (set at accept: TLS and WebSocket handshakes count).
     pub(crate) deadline: Instant,
+    /// The WebSocket subprotocol agreed on, if any.
+    pub(crate) subprotocol: Option<Box<str>>,
 }
 
 /// Token buckets for frames and bytes per second, each with a one-second burst.
@@ -603,10 +605,13 @@ async fn open(gw: &Gateway, info: &ClientInfo, first: &Bytes) -> Result<Stream, 
             break;
         };
         tried.push(target);
-        let meta = StreamMeta::new()
+        let mut meta = StreamMeta::new()
             .with("transport", info.transport)
             .with("client", info.peer.to_string())
             .with("gateway", gw.node.addr().to_string());
+        if let Some(p) = &info.subprotocol {
+            meta.insert("subprotocol", p.as_ref());
+        }
         match timeout(
             gw.limits.open_timeout,
             gw.node.open_stream_with(target, meta),

@@ -466,6 +466,14 @@ fn bad_configurations_are_refused_before_anything_binds() {
             "tls_cert /nonexistent.pem",
         ),
         (
+            format!("{ok}[websocket]\nlisten = \"127.0.0.1:0\"\nprotocols = [\"game v1\"]\n"),
+            "protocol \"game v1\" is not a valid token",
+        ),
+        (
+            format!("{ok}[tcp]\nlisten = \"127.0.0.1:0\"\nprotocols = [\"a\"]\n"),
+            "[tcp] has no protocols",
+        ),
+        (
             ok.replace("backend_type = 1", "backend_type = 100") + "[tcp]\nlisten = \"127.0.0.1:0\"\n",
             "the gateway's own type",
         ),
@@ -734,4 +742,54 @@ async fn byte_rate_and_websocket_ping_floods_are_cut_off() {
         close.reason.contains("rate limit of 5000 frames/s"),
         "{close}"
     );
+}
+
+/// A browser that asks for a subprotocol gets the first one it offers that the gateway
+/// lists; the game server sees it in the metadata. Offering only unknown ones is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_subprotocols_are_negotiated() {
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let bed = bed_with(
+        &["1.1.1"],
+        TEST_LIMITS,
+        "",
+        "protocols = [\"game.v1\", \"game.v2\"]\n",
+    )
+    .await;
+    let request = |offer: &str| {
+        let mut r = bed.gateway.url("ws").into_client_request().unwrap();
+        r.headers_mut()
+            .insert("sec-websocket-protocol", offer.parse().unwrap());
+        r
+    };
+    let (mut ws, resp) = within(tokio_tungstenite::connect_async(request(
+        "chat, game.v2, game.v1",
+    )))
+    .await
+    .unwrap();
+    assert_eq!(resp.headers()["sec-websocket-protocol"], "game.v2");
+    ws.send(Message::binary(&b"meta"[..])).await.unwrap();
+    match within(ws.next()).await {
+        Some(Ok(Message::Binary(meta))) => {
+            let meta = String::from_utf8_lossy(&meta).into_owned();
+            assert!(meta.contains("subprotocol=game.v2"), "{meta}");
+        }
+        other => panic!("{other:?}"),
+    }
+    match within(tokio_tungstenite::connect_async(request("chat"))).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status(), 400);
+            let body =
+                String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default()).into_owned();
+            assert!(
+                body.contains("no common subprotocol: offered chat"),
+                "{body}"
+            );
+        }
+        other => panic!("wanted a refusal, got {other:?}"),
+    }
+    // Without an offer, nothing is chosen and the connection works as before.
+    let mut plain = connect(&bed.gateway.url("ws")).await;
+    assert_eq!(ask(&mut plain, "hi").await, "hi");
 }
