@@ -549,14 +549,29 @@ impl Client {
         }
     }
 
-    /// Tells the gateway why the client leaves (a close frame, or a WebSocket close) and
-    /// closes the connection.
+    /// Tells the gateway why the client leaves (a close frame, or a WebSocket close), waits
+    /// (up to a second) for its answer — on KCP the only sign the close arrived — and closes
+    /// the connection. Frames still arriving meanwhile are dropped.
     pub async fn close(mut self, reason: &str) -> Result<(), ClientError> {
         match &mut self.conn {
-            Conn::Framed { wr, wbuf, .. } => {
+            Conn::Framed { rd, wr, rbuf, wbuf } => {
                 wire::put_close(wbuf, reason);
                 flush_framed(wr, wbuf).await?;
-                wr.shutdown().await?;
+                let limit = self.config.max_frame;
+                let answered = async {
+                    loop {
+                        match wire::decode(rbuf, limit) {
+                            Ok(Some(Inbound::Close(_))) | Err(_) => return,
+                            Ok(Some(_)) => continue,
+                            Ok(None) => {}
+                        }
+                        if !matches!(rd.read_buf(rbuf).await, Ok(n) if n > 0) {
+                            return;
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout(CLOSE_WAIT, answered).await;
+                let _ = wr.shutdown().await;
             }
             Conn::Ws(ws) => {
                 let frame = CloseFrame {
@@ -567,11 +582,17 @@ impl Client {
                     Ok(()) | Err(tungstenite::Error::ConnectionClosed) => {}
                     Err(e) => return Err(ws_error(e)),
                 }
+                // The gateway's answering close ends the stream.
+                let answered = async { while let Some(Ok(_)) = ws.next().await {} };
+                let _ = tokio::time::timeout(CLOSE_WAIT, answered).await;
             }
         }
         Ok(())
     }
 }
+
+/// How long [`Client::close`] waits for the gateway's answer.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 async fn flush_framed(wr: &mut WriteHalf<BoxIo>, wbuf: &mut BytesMut) -> io::Result<()> {
     while !wbuf.is_empty() {

@@ -9,8 +9,9 @@
 //!   does not forward it; it keeps an otherwise quiet client from the idle timeout.
 //! - A **close frame** (TCP and KCP only) has the top bit of the length set: the other 31 bits
 //!   give the length of a UTF-8 reason (at most [`MAX_REASON`] bytes). The side that sends it
-//!   closes the connection after it. KCP has no end-of-stream of its own, so this is how either
-//!   side learns that the other left and why. On WebSocket the close message's code and reason
+//!   closes the connection after it; the gateway answers a client's close frame with one of
+//!   its own (reason `bye`). KCP has no end-of-stream of its own, so this is how either side
+//!   learns that the other left and why, and that its own close arrived. On WebSocket the close message's code and reason
 //!   carry the same thing ([`close_code`]).
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};

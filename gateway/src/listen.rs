@@ -121,7 +121,10 @@ impl<W: AsyncWrite + Unpin + Send> FrameWrite for FramedWrite<W> {
         self.flush_buf().await
     }
 
-    async fn finish(&mut self) -> io::Result<()> {
+    async fn finish(&mut self, answer: bool) -> io::Result<()> {
+        if answer {
+            wire::put_close(&mut self.buf, BYE);
+        }
         self.flush_buf().await?;
         self.io.shutdown().await
     }
@@ -200,7 +203,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> FrameWrite for WsWrite<S> {
         self.0.flush().await.map_err(ws_io)
     }
 
-    async fn finish(&mut self) -> io::Result<()> {
+    async fn finish(&mut self, _answer: bool) -> io::Result<()> {
+        // tungstenite queued the answer to the client's close; this sends it.
         match self.0.close().await {
             Ok(()) | Err(tungstenite::Error::ConnectionClosed) => Ok(()),
             Err(e) => Err(ws_io(e)),
@@ -288,6 +292,9 @@ fn busy_frame() -> BytesMut {
 }
 
 const BUSY: &str = "gateway busy: try again later";
+
+/// The reason of the close frame that answers a client's.
+const BYE: &str = "bye";
 
 /// What a WebSocket client turned away at accept gets, if the socket takes it at once.
 const BUSY_HTTP: &[u8] =

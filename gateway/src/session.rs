@@ -117,9 +117,10 @@ pub(crate) trait FrameWrite: Send {
     /// Tells the client why it is being closed (a close frame, or a WebSocket close with
     /// `code`), then closes.
     fn close(&mut self, code: u16, reason: &str) -> impl Future<Output = io::Result<()>> + Send;
-    /// After the client closed: sends what is still queued (on WebSocket, the answer to the
-    /// client's close) and ends the connection.
-    fn finish(&mut self) -> impl Future<Output = io::Result<()>> + Send;
+    /// After the client closed: sends what is still queued and an answer to the client's
+    /// close, if it sent one (on WebSocket the close handshake's, on TCP and KCP a close frame,
+    /// which tells a KCP client its close arrived), and ends the connection.
+    fn finish(&mut self, answer: bool) -> impl Future<Output = io::Result<()>> + Send;
 }
 
 /// Why a client is disconnected by the gateway's rules, or lost.
@@ -272,7 +273,7 @@ pub(crate) async fn serve<R: FrameRead, W: FrameWrite>(
             Ok(Inbound::Data(frame)) => break frame,
             Ok(Inbound::Close(reason)) => {
                 log_end(&gw, &info, None, &End::ClientLeft(Some(reason)));
-                let _ = timeout(limits.write_timeout.min(LINGER), wr.finish()).await;
+                let _ = timeout(limits.write_timeout.min(LINGER), wr.finish(true)).await;
                 return;
             }
             Err(fault) => {
@@ -439,9 +440,9 @@ pub(crate) async fn serve<R: FrameRead, W: FrameWrite>(
         }
     };
     let client_end = async {
-        if matches!(end, End::ClientLeft(_)) {
-            // Completes a WebSocket close handshake (the answering close is queued), ends TCP.
-            let _ = timeout(limits.write_timeout.min(LINGER), wr.finish()).await;
+        if let End::ClientLeft(said) = &end {
+            let finish = wr.finish(said.is_some());
+            let _ = timeout(limits.write_timeout.min(LINGER), finish).await;
         } else {
             close_client(&gw, &mut rd, &mut wr, &end, Some(server)).await;
         }

@@ -596,13 +596,28 @@ async fn a_game_server_leaving_membership_drains_its_clients() {
     }
 }
 
-/// A browser closing its socket gets the closing handshake answered (a clean close), before
-/// and after its first frame.
+/// A client's close is answered: a browser's closing handshake completes (a clean close), and
+/// on TCP (as on KCP, where it is the only sign the close arrived) a close frame comes back;
+/// before and after the first frame.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_websocket_close_from_the_client_is_answered() {
+async fn a_close_from_the_client_is_answered() {
     use tokio_tungstenite::tungstenite::Message;
     use tokio_tungstenite::tungstenite::protocol::{CloseFrame, frame::coding::CloseCode};
     let bed = bed(&["1.1.1"], TEST_LIMITS).await;
+    for first in [true, false] {
+        let mut s = TcpStream::connect(&bed.gateway.tcp).await.unwrap();
+        let mut out = BytesMut::new();
+        if first {
+            wire::put_frame(&mut out, b"hi");
+        }
+        wire::put_close(&mut out, "leaving");
+        s.write_all(&out).await.unwrap();
+        assert_eq!(
+            close_reason(&mut s).await,
+            "bye",
+            "first frame sent: {first}"
+        );
+    }
     for first in [true, false] {
         let (mut ws, _) = tokio_tungstenite::connect_async(bed.gateway.url("ws"))
             .await
