@@ -485,17 +485,11 @@ impl Client {
                 if let Some(item) = wire::decode(rbuf, limit).map_err(wire_error)? {
                     return Ok(Some(item));
                 }
-                // Reading first: data already waiting wins over a due heartbeat or idle check.
+                // Writing and a due heartbeat first (a client that always finds data waiting
+                // must still send its heartbeats), then reading, and the idle check last: data
+                // already waiting wins over it.
                 tokio::select! {
                     biased;
-                    n = rd.read_buf(rbuf) => {
-                        if n? == 0 {
-                            return Err(ClientError::Closed {
-                                reason: "connection closed without a reason".into(),
-                                code: None,
-                            });
-                        }
-                    }
                     n = wr.write(wbuf), if !wbuf.is_empty() => {
                         bytes::Buf::advance(wbuf, n?);
                         if wbuf.is_empty() {
@@ -507,6 +501,14 @@ impl Client {
                         self.last_sent = Instant::now();
                         self.last_heartbeat = self.last_sent;
                     }
+                    n = rd.read_buf(rbuf) => {
+                        if n? == 0 {
+                            return Err(ClientError::Closed {
+                                reason: "connection closed without a reason".into(),
+                                code: None,
+                            });
+                        }
+                    }
                     () = idle => return Err(ClientError::Idle(self.config.idle_timeout.unwrap_or_default())),
                 }
                 Ok(None)
@@ -514,6 +516,12 @@ impl Client {
             Conn::Ws(ws) => {
                 tokio::select! {
                     biased;
+                    () = due => {
+                        self.last_sent = Instant::now();
+                        self.last_heartbeat = self.last_sent;
+                        ws.send(Message::Binary(Bytes::new())).await.map_err(ws_error)?;
+                        Ok(None)
+                    }
                     msg = ws.next() => match msg {
                         None => Err(ClientError::Closed {
                             reason: "connection closed without a reason".into(),
@@ -537,12 +545,6 @@ impl Client {
                         }
                         Some(Ok(_)) => Ok(None),
                     },
-                    () = due => {
-                        self.last_sent = Instant::now();
-                        self.last_heartbeat = self.last_sent;
-                        ws.send(Message::Binary(Bytes::new())).await.map_err(ws_error)?;
-                        Ok(None)
-                    }
                     () = idle => Err(ClientError::Idle(self.config.idle_timeout.unwrap_or_default())),
                 }
             }

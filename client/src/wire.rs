@@ -29,6 +29,9 @@ pub const MAX_REASON: usize = 1024;
 /// the 2-byte code).
 pub const MAX_WS_REASON: usize = 123;
 
+/// Most [`decode`] reserves at once for a frame still arriving.
+const RESERVE_STEP: usize = 64 << 10;
+
 /// Largest frame limit either side may configure: lengths use 31 bits.
 pub const MAX_FRAME_LIMIT: usize = (CLOSE_BIT - 1) as usize;
 
@@ -81,7 +84,9 @@ pub fn decode(buf: &mut BytesMut, limit: usize) -> Result<Option<Inbound>, WireE
         return Err(WireError::TooLarge { size, limit });
     }
     if buf.len() < HEADER + size {
-        buf.reserve(HEADER + size - buf.len());
+        // Room for the rest of the frame, 64 KiB at a time: memory follows the bytes that
+        // arrive, not what a length word announces.
+        buf.reserve((HEADER + size - buf.len()).min(RESERVE_STEP));
         return Ok(None);
     }
     buf.advance(HEADER);

@@ -328,8 +328,11 @@ impl Config {
         let websocket = listener("websocket", args.ws, file.websocket, true, true)?;
         let kcp = listener("kcp", args.kcp, file.kcp, false, false)?;
         if let (Some(t), Some(w)) = (&tcp, &websocket)
-            && t.addr == w.addr
+            && t.addr.port() == w.addr.port()
             && t.addr.port() != 0
+            && (t.addr.ip() == w.addr.ip()
+                || t.addr.ip().is_unspecified()
+                || w.addr.ip().is_unspecified())
         {
             return Err(format!("[tcp] and [websocket] both listen on {}", t.addr));
         }

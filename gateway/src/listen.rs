@@ -367,7 +367,8 @@ pub(crate) async fn tcp(gw: Arc<Gateway>, listener: TcpListener, tls: Option<Tls
                 }
                 Some(tls) => {
                     let info = info(&g, "tls", peer);
-                    let Some(stream) = tls_handshake(&tls, sock, peer, info.deadline).await else {
+                    let Some(stream) = tls_handshake(&g, &tls, sock, peer, info.deadline).await
+                    else {
                         return;
                     };
                     let (r, w) = tokio::io::split(stream);
@@ -378,13 +379,19 @@ pub(crate) async fn tcp(gw: Arc<Gateway>, listener: TcpListener, tls: Option<Tls
     }
 }
 
+/// The TLS handshake, bounded by the client's deadline and by shutdown.
 async fn tls_handshake(
+    gw: &Gateway,
     tls: &TlsAcceptor,
     sock: TcpStream,
     peer: SocketAddr,
     deadline: tokio::time::Instant,
 ) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
-    match timeout_at(deadline, tls.accept(sock)).await {
+    let accept = tokio::select! {
+        r = timeout_at(deadline, tls.accept(sock)) => r,
+        () = gw.shutdown.cancelled() => return None,
+    };
+    match accept {
         Ok(Ok(s)) => Some(s),
         Ok(Err(e)) => {
             tracing::info!(client = %peer, reason = %format!("TLS handshake failed: {e}"), "client disconnected");
@@ -426,7 +433,7 @@ pub(crate) async fn websocket(
                 }
                 Some(tls) => {
                     let info = info(&g, "wss", peer);
-                    if let Some(s) = tls_handshake(&tls, sock, peer, info.deadline).await {
+                    if let Some(s) = tls_handshake(&g, &tls, sock, peer, info.deadline).await {
                         ws_session(g, permit, s, info, &path, &protocols).await;
                     }
                 }
@@ -488,12 +495,14 @@ async fn ws_session<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     };
     let config = clustergo_client::ws_config(gw.limits.max_frame);
     let peer = info.peer;
-    let ws = match timeout_at(
-        info.deadline,
-        tokio_tungstenite::accept_hdr_async_with_config(io, check, Some(config)),
-    )
-    .await
-    {
+    let upgrade = tokio::select! {
+        r = timeout_at(
+            info.deadline,
+            tokio_tungstenite::accept_hdr_async_with_config(io, check, Some(config)),
+        ) => r,
+        () = gw.shutdown.cancelled() => return,
+    };
+    let ws = match upgrade {
         Ok(Ok(ws)) => ws,
         Ok(Err(e)) => {
             tracing::info!(client = %peer, reason = %format!("WebSocket handshake failed: {e}"), "client disconnected");

@@ -12,7 +12,7 @@
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -57,18 +57,15 @@ impl Gateway {
     /// Cancelled when `server` stops being available. Already cancelled if it is not
     /// available now (it left while the client's stream was being opened).
     fn drain_token(&self, server: LogicAddr) -> CancellationToken {
+        // Checked under the lock, so a drain cannot run between the check and the insert.
+        let mut drains = self.drains.lock().unwrap_or_else(|e| e.into_inner());
         if !self.node.member(server).is_some_and(|m| m.available) {
             // Not stored: once the server is back, its new clients must get a live token.
             let gone = CancellationToken::new();
             gone.cancel();
             return gone;
         }
-        self.drains
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(server)
-            .or_default()
-            .clone()
+        drains.entry(server).or_default().clone()
     }
 
     /// Closes the clients of every server in `gone` (they left membership or became
@@ -313,27 +310,35 @@ pub(crate) async fn serve<R: FrameRead, W: FrameWrite>(
     let owed = AtomicU32::new(0);
     let wake = Notify::new();
     let client_blocked = AtomicBool::new(false);
+    // Bytes of the batch being written to the stream not written yet: if the session ends in
+    // the middle of a write, the rest is written before the stream is ended cleanly, so the
+    // game server never sees half a frame.
+    let unwritten = AtomicUsize::new(0);
     let end = {
         let upstream = async {
             loop {
                 if !up_buf.is_empty() {
-                    let mut write = std::pin::pin!(up.write_all(&up_buf));
-                    let mut excused = false;
-                    loop {
-                        match timeout(limits.write_timeout, &mut write).await {
-                            Ok(Ok(())) => break,
-                            Ok(Err(e)) => return End::Server(stream_reason(&e)),
-                            // The game server may be stuck writing to a client that does not
-                            // read: the client's fault, which the other direction's timeout
-                            // reports within one more `write_timeout`. Wait that long once.
-                            Err(_) if !excused && client_blocked.load(Ordering::Relaxed) => {
-                                excused = true;
-                            }
-                            Err(_) => {
-                                return End::Server(format!(
-                                    "not reading: a write waited {:?}",
-                                    limits.write_timeout
-                                ));
+                    {
+                        unwritten.store(up_buf.len(), Ordering::Relaxed);
+                        let mut write =
+                            std::pin::pin!(write_counting(&mut up, &up_buf, &unwritten));
+                        let mut excused = false;
+                        loop {
+                            match timeout(limits.write_timeout, &mut write).await {
+                                Ok(Ok(())) => break,
+                                Ok(Err(e)) => return End::Server(stream_reason(&e)),
+                                // The game server may be stuck writing to a client that does not
+                                // read: the client's fault, which the other direction's timeout
+                                // reports within one more `write_timeout`. Wait that long once.
+                                Err(_) if !excused && client_blocked.load(Ordering::Relaxed) => {
+                                    excused = true;
+                                }
+                                Err(_) => {
+                                    return End::Server(format!(
+                                        "not reading: a write waited {:?}",
+                                        limits.write_timeout
+                                    ));
+                                }
                             }
                         }
                     }
@@ -397,8 +402,12 @@ pub(crate) async fn serve<R: FrameRead, W: FrameWrite>(
                         Ok(Some(Inbound::Data(frame))) => frames.push(frame),
                         Ok(Some(Inbound::Heartbeat)) => {}
                         Ok(Some(Inbound::Close(reason))) => {
-                            if !frames.is_empty() {
-                                let _ = bounded_send(&mut wr, 0, &frames, limits).await;
+                            if !frames.is_empty()
+                                && bounded_send(&mut wr, 0, &frames, limits).await.is_ok()
+                            {
+                                gw.stats
+                                    .frames_down
+                                    .fetch_add(frames.len() as u64, Ordering::Relaxed);
                             }
                             return End::ServerClosed(reason);
                         }
@@ -411,9 +420,20 @@ pub(crate) async fn serve<R: FrameRead, W: FrameWrite>(
                 release(&mut buf);
             }
         };
+        let mut upstream = std::pin::pin!(upstream);
+        let mut downstream = std::pin::pin!(downstream);
         tokio::select! {
-            end = upstream => end,
-            end = downstream => end,
+            end = &mut upstream => match end {
+                // Writing failed because the game server ended or reset the stream; what it
+                // sent before (its last frames, a kick's reason, its end) is still readable
+                // and says more than the write error.
+                End::Server(reason) => match timeout(LINGER, &mut downstream).await {
+                    Ok(end @ (End::ServerClosed(_) | End::ServerEnded)) => end,
+                    _ => End::Server(reason),
+                },
+                end => end,
+            },
+            end = &mut downstream => end,
             () = gw.shutdown.cancelled() => End::Shutdown,
             () = drained.cancelled() => End::Drained,
         }
@@ -425,7 +445,13 @@ pub(crate) async fn serve<R: FrameRead, W: FrameWrite>(
     let stream_end = async {
         match &end {
             End::ClientLeft(_) | End::Shutdown | End::Drained => {
-                if timeout(limits.write_timeout, up.shutdown()).await.is_ok() {
+                let rest = unwritten.load(Ordering::Relaxed).min(up_buf.len());
+                let tail = &up_buf[up_buf.len() - rest..];
+                let ended = async {
+                    up.write_all(tail).await?;
+                    up.shutdown().await
+                };
+                if matches!(timeout(limits.write_timeout, ended).await, Ok(Ok(()))) {
                     // Let the game server finish its side (its last frames are dropped: the
                     // client is gone or being told to go), bounded.
                     let drain = async {
@@ -448,6 +474,24 @@ pub(crate) async fn serve<R: FrameRead, W: FrameWrite>(
         }
     };
     tokio::join!(stream_end, client_end);
+}
+
+/// Writes all of `buf`, keeping `unwritten` up to date after every write.
+async fn write_counting(
+    up: &mut clustergo::StreamWriter,
+    buf: &[u8],
+    unwritten: &AtomicUsize,
+) -> io::Result<()> {
+    let mut off = 0;
+    while off < buf.len() {
+        let n = up.write(&buf[off..]).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        off += n;
+        unwritten.store(buf.len() - off, Ordering::Relaxed);
+    }
+    Ok(())
 }
 
 /// Drops a buffer's allocation once it is empty and large: a client that sent (or was sent)

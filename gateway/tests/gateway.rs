@@ -687,16 +687,26 @@ async fn connections_that_never_finish_only_fill_their_own_handshake_budget() {
         .replace("handshake_timeout_ms = 1000", "handshake_timeout_ms = 5000")
         .replace("[limits]", "[limits]\nmax_handshakes = 20");
     let bed = bed(&["1.1.1"], &limits).await;
-    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    for i in 0..300u32 {
+    // Junk from 100 source ports: each one is a new KCP session waiting for its first frame.
+    let mut sockets = Vec::new();
+    for i in 0..100u32 {
+        let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let mut junk = [0u8; 24];
         junk[..4].copy_from_slice(&(i + 1).to_le_bytes());
         udp.send_to(&junk, &bed.gateway.kcp).await.unwrap();
+        sockets.push(udp);
     }
     bed.gateway
         .log
         .wait(&["too many handshakes: connection dropped", "kcp"])
         .await;
+    // A real KCP client is refused while the junk holds the KCP budget...
+    let quick = ClientConfig::default().connect_timeout(Duration::from_millis(500));
+    match Client::connect_with(&bed.gateway.url("kcp"), quick).await {
+        Err(ClientError::ConnectTimeout { .. }) => {}
+        other => panic!("wanted the KCP client refused, got {other:?}"),
+    }
+    // ...and TCP and WebSocket clients are not.
     let mut tcp = connect(&bed.gateway.url("tcp")).await;
     assert_eq!(ask(&mut tcp, "tcp still works").await, "tcp still works");
     let mut ws = connect(&bed.gateway.url("ws")).await;
@@ -807,4 +817,39 @@ async fn websocket_subprotocols_are_negotiated() {
     // Without an offer, nothing is chosen and the connection works as before.
     let mut plain = connect(&bed.gateway.url("ws")).await;
     assert_eq!(ask(&mut plain, "hi").await, "hi");
+}
+
+/// A client that keeps sending while its game server kicks it (or ends the session) hears the
+/// server's reason, not the failure of writing its late frames to the ended stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kick_wins_over_the_clients_late_frames() {
+    let bed = bed(&["1.1.1"], TEST_LIMITS).await;
+    for transport in ["tcp", "ws"] {
+        for round in 0..15 {
+            let mut c = connect(&bed.gateway.url(transport)).await;
+            assert_eq!(ask(&mut c, "hello").await, "hello");
+            let (command, want) = if round % 3 == 2 {
+                ("bye", "session ended by the game server")
+            } else {
+                ("kick:cheating detected", "cheating detected")
+            };
+            c.send(command).await.unwrap();
+            // Late input right behind the command, racing the server's close.
+            for _ in 0..200 {
+                if c.send("more input").await.is_err() {
+                    break;
+                }
+            }
+            let got = within(async {
+                loop {
+                    match c.recv().await {
+                        Ok(_) => continue,
+                        other => break other,
+                    }
+                }
+            })
+            .await;
+            expect_closed(got, want);
+        }
+    }
 }
