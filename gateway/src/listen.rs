@@ -172,7 +172,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> FrameRead for WsRead<S> {
                     other => Fault::Malformed(other.to_string()),
                 });
             }
-            Some(Err(tungstenite::Error::Io(e))) => return Err(Fault::Io(e)),
+            Some(Err(tungstenite::Error::Io(e))) => {
+                return Err(
+                    match e.get_ref().and_then(|i| i.downcast_ref::<RawRate>()) {
+                        Some(RawRate(limit)) => Fault::ByteRate(*limit),
+                        None => Fault::Io(e),
+                    },
+                );
+            }
             Some(Err(
                 tungstenite::Error::ConnectionClosed
                 | tungstenite::Error::AlreadyClosed
@@ -429,11 +436,13 @@ pub(crate) async fn websocket(
             match tls {
                 None => {
                     let info = info(&g, "ws", peer);
+                    let sock = Metered::new(sock, g.limits.bytes_per_sec);
                     ws_session(g, permit, sock, info, &path, &protocols).await;
                 }
                 Some(tls) => {
                     let info = info(&g, "wss", peer);
                     if let Some(s) = tls_handshake(&g, &tls, sock, peer, info.deadline).await {
+                        let s = Metered::new(s, g.limits.bytes_per_sec);
                         ws_session(g, permit, s, info, &path, &protocols).await;
                     }
                 }
@@ -547,5 +556,79 @@ pub(crate) async fn kcp(
             let info = info(&g, "kcp", peer);
             framed(g, permit, info, r, w).await;
         });
+    }
+}
+
+/// The raw bytes a WebSocket client sends, metered before tungstenite parses them: message
+/// fragments and control frames that never complete a message would otherwise cost nothing
+/// against the rate limits. Allows twice `bytes_per_sec` (framing included, and the payload is
+/// charged again when its message completes) with a one-second burst; over it, reading fails
+/// with [`RawRate`].
+pub(crate) struct Metered<S> {
+    io: S,
+    limit: u64,
+    tokens: f64,
+    last: tokio::time::Instant,
+}
+
+/// The error a [`Metered`] reader fails with: the client's raw bytes went over twice its
+/// `bytes_per_sec` (the limit named is `bytes_per_sec`).
+#[derive(Debug, thiserror::Error)]
+#[error("over the rate limit of {0} bytes/s (WebSocket framing included)")]
+pub(crate) struct RawRate(pub(crate) u64);
+
+impl<S> Metered<S> {
+    fn new(io: S, bytes_per_sec: u64) -> Self {
+        Metered {
+            io,
+            limit: bytes_per_sec,
+            tokens: 2.0 * bytes_per_sec as f64,
+            last: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        std::task::ready!(std::pin::Pin::new(&mut self.io).poll_read(cx, buf))?;
+        let n = (buf.filled().len() - before) as f64;
+        let now = tokio::time::Instant::now();
+        let cap = 2.0 * self.limit as f64;
+        let dt = now.duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * cap).min(cap) - n;
+        if self.tokens < 0.0 {
+            return std::task::Poll::Ready(Err(io::Error::other(RawRate(self.limit))));
+        }
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }

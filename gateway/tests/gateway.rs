@@ -767,6 +767,43 @@ async fn byte_rate_and_websocket_ping_floods_are_cut_off() {
         close.reason.contains("rate limit of 5000 frames/s"),
         "{close}"
     );
+
+    // A message that never completes: one fragment, then endless empty continuations. No
+    // message is ever charged, but the raw bytes are.
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    let (mut ws, _) = tokio_tungstenite::connect_async(bed.gateway.url("ws"))
+        .await
+        .unwrap();
+    ws.send(tokio_tungstenite::tungstenite::Message::binary(&b"hi"[..]))
+        .await
+        .unwrap();
+    let start = Frame::message(Bytes::from_static(b"x"), OpCode::Data(Data::Binary), false);
+    let _ = ws
+        .feed(tokio_tungstenite::tungstenite::Message::Frame(start))
+        .await;
+    for _ in 0..100_000 {
+        let more = Frame::message(Bytes::new(), OpCode::Data(Data::Continue), false);
+        let more = tokio_tungstenite::tungstenite::Message::Frame(more);
+        if ws.feed(more).await.is_err() {
+            break;
+        }
+    }
+    let _ = ws.flush().await;
+    let close = within(async {
+        loop {
+            match ws.next().await {
+                Some(Ok(tokio_tungstenite::tungstenite::Message::Close(Some(f)))) => break f,
+                Some(Ok(_)) => continue,
+                other => panic!("wanted a close, got {other:?}"),
+            }
+        }
+    })
+    .await;
+    assert!(
+        close.reason.contains("rate limit of 100000 bytes/s"),
+        "{close}"
+    );
 }
 
 /// A browser that asks for a subprotocol gets the first one it offers that the gateway
