@@ -4,7 +4,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::{Buf, Bytes, BytesMut};
 use clustergo_client::wire::{self, Inbound};
@@ -284,7 +284,9 @@ fn admit(
         }
         Err(_) => {
             gw.stats.turned_away.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(client = %peer, transport, max_handshakes = gw.limits.max_handshakes, "too many handshakes: connection dropped");
+            if let Some(skipped) = HANDSHAKES_FULL.pass() {
+                tracing::info!(client = %peer, transport, max_handshakes = gw.limits.max_handshakes, skipped, "too many handshakes: connection dropped");
+            }
             None
         }
     }
@@ -401,11 +403,15 @@ async fn tls_handshake(
     match accept {
         Ok(Ok(s)) => Some(s),
         Ok(Err(e)) => {
-            tracing::info!(client = %peer, reason = %format!("TLS handshake failed: {e}"), "client disconnected");
+            if let Some(skipped) = HANDSHAKE_FAILED.pass() {
+                tracing::info!(client = %peer, reason = %format!("TLS handshake failed: {e}"), skipped, "client disconnected");
+            }
             None
         }
         Err(_) => {
-            tracing::info!(client = %peer, reason = "TLS handshake timed out", "client disconnected");
+            if let Some(skipped) = HANDSHAKE_FAILED.pass() {
+                tracing::info!(client = %peer, reason = "TLS handshake timed out", skipped, "client disconnected");
+            }
             None
         }
     }
@@ -514,11 +520,15 @@ async fn ws_session<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     let ws = match upgrade {
         Ok(Ok(ws)) => ws,
         Ok(Err(e)) => {
-            tracing::info!(client = %peer, reason = %format!("WebSocket handshake failed: {e}"), "client disconnected");
+            if let Some(skipped) = HANDSHAKE_FAILED.pass() {
+                tracing::info!(client = %peer, reason = %format!("WebSocket handshake failed: {e}"), skipped, "client disconnected");
+            }
             return;
         }
         Err(_) => {
-            tracing::info!(client = %peer, reason = "WebSocket handshake timed out", "client disconnected");
+            if let Some(skipped) = HANDSHAKE_FAILED.pass() {
+                tracing::info!(client = %peer, reason = "WebSocket handshake timed out", skipped, "client disconnected");
+            }
             return;
         }
     };
@@ -632,3 +642,43 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
         std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
+
+/// Lets a kind of log line through at most once a second, counting the ones it held back:
+/// connections turned away before any session are cheap to make, so their lines must not
+/// be (and over UDP their source addresses can be forged).
+pub(crate) struct LogGate {
+    next_ms: AtomicU64,
+    skipped: AtomicU64,
+}
+
+impl LogGate {
+    const fn new() -> Self {
+        LogGate {
+            next_ms: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(lines held back since the last one)` when this line may be logged.
+    fn pass(&self) -> Option<u64> {
+        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        let now = START
+            .get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_millis() as u64;
+        let next = self.next_ms.load(Ordering::Relaxed);
+        if now >= next
+            && self
+                .next_ms
+                .compare_exchange(next, now + 1000, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            return Some(self.skipped.swap(0, Ordering::Relaxed));
+        }
+        self.skipped.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+}
+
+static HANDSHAKES_FULL: LogGate = LogGate::new();
+static HANDSHAKE_FAILED: LogGate = LogGate::new();
