@@ -45,6 +45,28 @@ async fn close_reason(sock: &mut TcpStream) -> String {
     }
 }
 
+/// Reads a WebSocket until the gateway's close message and returns its frame.
+async fn ws_close<S>(ws: &mut S) -> tokio_tungstenite::tungstenite::protocol::CloseFrame
+where
+    S: futures_util::Stream<
+            Item = Result<
+                tokio_tungstenite::tungstenite::Message,
+                tokio_tungstenite::tungstenite::Error,
+            >,
+        > + Unpin,
+{
+    within(async {
+        loop {
+            match ws.next().await {
+                Some(Ok(tokio_tungstenite::tungstenite::Message::Close(Some(f)))) => break f,
+                Some(Ok(_)) => continue,
+                other => panic!("wanted a close, got {other:?}"),
+            }
+        }
+    })
+    .await
+}
+
 fn expect_closed(r: Result<Bytes, ClientError>, want: &str) -> (String, Option<u16>) {
     match r {
         Err(ClientError::Closed { reason, code }) => {
@@ -175,13 +197,7 @@ async fn bad_clients_are_cut_off_and_a_good_one_keeps_its_latency() {
     ws.send(tokio_tungstenite::tungstenite::Message::text("hello?"))
         .await
         .unwrap();
-    let close = loop {
-        match within(ws.next()).await {
-            Some(Ok(tokio_tungstenite::tungstenite::Message::Close(Some(f)))) => break f,
-            Some(Ok(_)) => continue,
-            other => panic!("wanted a close, got {other:?}"),
-        }
-    };
+    let close = ws_close(&mut ws).await;
     assert_eq!(u16::from(close.code), wire::close_code::UNSUPPORTED);
     assert!(close.reason.contains("text message"), "{close}");
 
@@ -752,16 +768,7 @@ async fn byte_rate_and_websocket_ping_floods_are_cut_off() {
         }
     }
     let _ = ws.flush().await;
-    let close = within(async {
-        loop {
-            match ws.next().await {
-                Some(Ok(tokio_tungstenite::tungstenite::Message::Close(Some(f)))) => break f,
-                Some(Ok(_)) => continue,
-                other => panic!("wanted a close, got {other:?}"),
-            }
-        }
-    })
-    .await;
+    let close = ws_close(&mut ws).await;
     assert_eq!(u16::from(close.code), wire::close_code::POLICY);
     assert!(
         close.reason.contains("rate limit of 5000 frames/s"),
@@ -790,16 +797,7 @@ async fn byte_rate_and_websocket_ping_floods_are_cut_off() {
         }
     }
     let _ = ws.flush().await;
-    let close = within(async {
-        loop {
-            match ws.next().await {
-                Some(Ok(tokio_tungstenite::tungstenite::Message::Close(Some(f)))) => break f,
-                Some(Ok(_)) => continue,
-                other => panic!("wanted a close, got {other:?}"),
-            }
-        }
-    })
-    .await;
+    let close = ws_close(&mut ws).await;
     assert!(
         close.reason.contains("rate limit of 100000 bytes/s"),
         "{close}"
