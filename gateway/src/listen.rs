@@ -137,18 +137,39 @@ impl<W: AsyncWrite + Unpin + Send> FrameWrite for FramedWrite<W> {
 }
 
 /// Reads WebSocket messages as frames.
-pub(crate) struct WsRead<S>(SplitStream<WebSocketStream<S>>);
+pub(crate) struct WsRead<S> {
+    ws: SplitStream<WebSocketStream<Metered<S>>>,
+    /// The connection under the WebSocket layer, for draining it after a close.
+    raw: Raw<S>,
+}
 
 /// Writes frames as WebSocket binary messages.
-pub(crate) struct WsWrite<S>(SplitSink<WebSocketStream<S>, Message>);
+pub(crate) struct WsWrite<S>(SplitSink<WebSocketStream<Metered<S>>, Message>);
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> FrameRead for WsRead<S> {
+    /// Drains the raw connection rather than the WebSocket layer: after a message over the
+    /// limit the layer only repeats its error, while the rest of that message still sits in
+    /// the socket, and closing a socket with unread input resets the connection — which can
+    /// destroy the close (1009 and its reason) before the client reads it.
     async fn discard(&mut self) {
-        while let Some(Ok(_)) = self.0.next().await {}
+        let raw = self.raw.clone();
+        std::future::poll_fn(move |cx| {
+            let mut io = raw.lock().unwrap_or_else(|e| e.into_inner());
+            let mut sink = [0u8; 4096];
+            loop {
+                let mut buf = tokio::io::ReadBuf::new(&mut sink);
+                match std::pin::Pin::new(&mut *io).poll_read(cx, &mut buf) {
+                    std::task::Poll::Ready(Ok(())) if !buf.filled().is_empty() => continue,
+                    std::task::Poll::Ready(_) => return std::task::Poll::Ready(()),
+                    std::task::Poll::Pending => return std::task::Poll::Pending,
+                }
+            }
+        })
+        .await
     }
 
     async fn recv(&mut self) -> Result<Item, Fault> {
-        let item = match self.0.next().await {
+        let item = match self.ws.next().await {
             None => return Err(Fault::Eof),
             Some(Ok(Message::Binary(b))) if b.is_empty() => Inbound::Heartbeat,
             Some(Ok(Message::Binary(b))) => Inbound::Data(b),
@@ -442,13 +463,11 @@ pub(crate) async fn websocket(
             match tls {
                 None => {
                     let info = info(&g, "ws", peer);
-                    let sock = Metered::new(sock, g.limits.bytes_per_sec);
                     ws_session(g, permit, sock, info, &path, &protocols).await;
                 }
                 Some(tls) => {
                     let info = info(&g, "wss", peer);
                     if let Some(s) = tls_handshake(&g, &tls, sock, peer, info.deadline).await {
-                        let s = Metered::new(s, g.limits.bytes_per_sec);
                         ws_session(g, permit, s, info, &path, &protocols).await;
                     }
                 }
@@ -509,6 +528,7 @@ async fn ws_session<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         }
     };
     let config = clustergo_client::ws_config(gw.limits.max_frame);
+    let (io, raw) = Metered::new(io, gw.limits.bytes_per_sec);
     let peer = info.peer;
     let upgrade = tokio::select! {
         r = timeout_at(
@@ -534,7 +554,8 @@ async fn ws_session<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     };
     info.subprotocol = chosen.map(String::into_boxed_str);
     let (w, r) = ws.split();
-    session::serve(gw, handshake, info, WsRead(r), WsWrite(w)).await;
+    let r = WsRead { ws: r, raw };
+    session::serve(gw, handshake, info, r, WsWrite(w)).await;
 }
 
 /// Accepts KCP clients until shutdown; returns the listener, which must outlive the sessions
@@ -575,7 +596,10 @@ pub(crate) async fn kcp(
 /// charged again when its message completes) with a one-second burst; over it, reading fails
 /// with [`RawRate`].
 pub(crate) struct Metered<S> {
-    io: S,
+    // Shared with the reading half's `Raw`, which drains it after a close. The WebSocket
+    // layer never reads and writes at once (its halves share one lock), so this lock is
+    // never contended while it runs.
+    io: Raw<S>,
     limit: u64,
     tokens: f64,
     last: tokio::time::Instant,
@@ -587,14 +611,23 @@ pub(crate) struct Metered<S> {
 #[error("over the rate limit of {0} bytes/s (WebSocket framing included)")]
 pub(crate) struct RawRate(pub(crate) u64);
 
+/// The connection under a WebSocket.
+type Raw<S> = Arc<std::sync::Mutex<S>>;
+
 impl<S> Metered<S> {
-    fn new(io: S, bytes_per_sec: u64) -> Self {
-        Metered {
-            io,
+    fn new(io: S, bytes_per_sec: u64) -> (Self, Raw<S>) {
+        let io = Arc::new(std::sync::Mutex::new(io));
+        let metered = Metered {
+            io: io.clone(),
             limit: bytes_per_sec,
             tokens: 2.0 * bytes_per_sec as f64,
             last: tokio::time::Instant::now(),
-        }
+        };
+        (metered, io)
+    }
+
+    fn io(&self) -> std::sync::MutexGuard<'_, S> {
+        self.io.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -605,7 +638,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<io::Result<()>> {
         let before = buf.filled().len();
-        std::task::ready!(std::pin::Pin::new(&mut self.io).poll_read(cx, buf))?;
+        std::task::ready!(std::pin::Pin::new(&mut *self.io()).poll_read(cx, buf))?;
         let n = (buf.filled().len() - before) as f64;
         let now = tokio::time::Instant::now();
         let cap = 2.0 * self.limit as f64;
@@ -621,25 +654,25 @@ impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
     fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
+        self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<io::Result<usize>> {
-        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+        std::pin::Pin::new(&mut *self.io()).poll_write(cx, buf)
     }
 
     fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
+        self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+        std::pin::Pin::new(&mut *self.io()).poll_flush(cx)
     }
 
     fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
+        self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+        std::pin::Pin::new(&mut *self.io()).poll_shutdown(cx)
     }
 }
 

@@ -112,6 +112,32 @@ async fn a_browser_page_gets_its_echo_keeps_alive_and_sees_the_kick() {
             status.contains("1000") && status.contains("bye from the server"),
             "{status}"
         );
+
+        // A message over the gateway's 64 KiB limit: the browser gets 1009 and the reason
+        // (the gateway drains the rest of the message, so no reset destroys the close).
+        for size in [65_537, 1_000_000] {
+            let closed = page
+                .eval(&format!(
+                    r#"new Promise((ok) => {{
+                        const socket = new WebSocket({url:?});
+                        socket.binaryType = "arraybuffer";
+                        socket.addEventListener("open", () => {{
+                            socket.send(new TextEncoder().encode("hello"));
+                            socket.send(new Uint8Array({size}));
+                        }});
+                        socket.addEventListener("close", (e) =>
+                            ok({{ code: e.code, reason: e.reason, clean: e.wasClean }}));
+                    }})"#,
+                    url = bed.gateway.url("ws"),
+                ))
+                .await;
+            assert_eq!(closed["code"], 1009, "{size} bytes: {closed}");
+            let reason = closed["reason"].as_str().unwrap();
+            assert!(
+                reason.contains("is over the limit of 65536"),
+                "{size} bytes: {closed}"
+            );
+        }
     })
     .await
     .expect("timed out driving the browser");

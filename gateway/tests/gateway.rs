@@ -888,3 +888,34 @@ async fn a_kick_wins_over_the_clients_late_frames() {
         }
     }
 }
+
+/// A WebSocket message over the limit is refused with 1009 and the reason. (That a browser
+/// still reads this close although the rest of its message was unread — the gateway drains it
+/// before closing the socket — is checked by the browser test; this client reads it either
+/// way.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversize_websocket_message_gets_its_close() {
+    let bed = bed(&["1.1.1"], TEST_LIMITS).await;
+    for size in [65_537, 1_000_000, 20_000_000] {
+        let (mut ws, _) = tokio_tungstenite::connect_async(bed.gateway.url("ws"))
+            .await
+            .unwrap();
+        ws.send(tokio_tungstenite::tungstenite::Message::binary(&b"hi"[..]))
+            .await
+            .unwrap();
+        let big = tokio_tungstenite::tungstenite::Message::binary(vec![9u8; size]);
+        let sent = within(ws.send(big)).await;
+        let close = ws_close(&mut ws).await;
+        assert_eq!(
+            u16::from(close.code),
+            wire::close_code::TOO_BIG,
+            "{size} bytes (send: {sent:?}): {close}"
+        );
+        assert!(
+            close
+                .reason
+                .contains(&format!("{size} bytes is over the limit of 65536")),
+            "{close}"
+        );
+    }
+}
