@@ -76,7 +76,9 @@ impl Frames {
             .max_frame_length(max_frame)
             .new_codec();
         Frames {
-            inner: Framed::new(stream, codec),
+            // A small first read buffer: a game server holds one per client, most of them idle;
+            // it grows to the frames that arrive.
+            inner: Framed::with_capacity(stream, codec, 512),
             peer,
             meta,
             limit: max_frame,
