@@ -91,6 +91,12 @@ pub fn decode(buf: &mut BytesMut, limit: usize) -> Result<Option<Inbound>, WireE
     }
     buf.advance(HEADER);
     let payload = buf.split_to(size).freeze();
+    if buf.is_empty() {
+        // The payload shares the buffer's allocation; an empty buffer holding on to it would
+        // keep the last (possibly large) allocation alive after the frame is gone, for as long
+        // as the connection idles. The next read starts a small one.
+        *buf = BytesMut::new();
+    }
     Ok(Some(if close {
         Inbound::Close(String::from_utf8_lossy(&payload).into_owned())
     } else if size == 0 {
@@ -208,6 +214,15 @@ mod tests {
             decode(&mut bad_close, 1024),
             Err(WireError::BadClose { .. })
         ));
+    }
+
+    #[test]
+    fn an_emptied_buffer_lets_go_of_the_frames_allocation() {
+        let mut buf = BytesMut::new();
+        put_frame(&mut buf, &[7; 60_000]);
+        let frame = decode(&mut buf, 1 << 20).unwrap();
+        assert!(matches!(frame, Some(Inbound::Data(ref b)) if b.len() == 60_000));
+        assert_eq!(buf.capacity(), 0);
     }
 
     #[test]

@@ -53,10 +53,7 @@ impl<R: AsyncRead + Unpin + Send> FrameRead for FramedRead<R> {
     async fn recv(&mut self) -> Result<Item, Fault> {
         loop {
             match wire::decode(&mut self.buf, self.limit) {
-                Ok(Some(item)) => {
-                    session::release(&mut self.buf);
-                    return Ok(Item::Wire(item));
-                }
+                Ok(Some(item)) => return Ok(Item::Wire(item)),
                 Ok(None) => {}
                 Err(wire::WireError::TooLarge { size, limit }) => {
                     return Err(Fault::TooLarge { size, limit });

@@ -417,7 +417,6 @@ pub(crate) async fn serve<R: FrameRead, W: FrameWrite>(
                         }
                     }
                 }
-                release(&mut buf);
             }
         };
         let mut upstream = std::pin::pin!(upstream);
@@ -504,15 +503,6 @@ pub(crate) fn shrink(buf: &mut BytesMut) {
 
 /// Buffers larger than this are dropped once empty.
 pub(crate) const SHRINK_ABOVE: usize = 16 << 10;
-
-/// Drops an empty read buffer's allocation: the frames split off it share that allocation,
-/// and an idle client's buffer would keep the last (possibly large) one alive after they are
-/// gone. The next read starts a small buffer.
-pub(crate) fn release(buf: &mut BytesMut) {
-    if buf.is_empty() {
-        *buf = BytesMut::new();
-    }
-}
 
 fn item_len(item: &Item) -> usize {
     match item {

@@ -67,6 +67,17 @@ where
     .await
 }
 
+/// A raw TCP client sends `bytes` and is told `reason` in a close frame, which the gateway
+/// also logs.
+async fn told(gw: &bed::Gateway, bytes: &[u8], reason: &str) {
+    let mut s = TcpStream::connect(&gw.tcp).await.unwrap();
+    // The gateway may cut a flood off before it has all of it.
+    let _ = s.write_all(bytes).await;
+    let said = close_reason(&mut s).await;
+    assert!(said.contains(reason), "{said:?}, wanted {reason:?}");
+    gw.log.wait(&["client disconnected", reason]).await;
+}
+
 fn expect_closed(r: Result<Bytes, ClientError>, want: &str) -> (String, Option<u16>) {
     match r {
         Err(ClientError::Closed { reason, code }) => {
@@ -168,27 +179,19 @@ async fn bad_clients_are_cut_off_and_a_good_one_keeps_its_latency() {
     });
 
     // An oversize length prefix.
-    let mut s = TcpStream::connect(&gw.tcp).await.unwrap();
-    s.write_all(&[0x7f, 0xff, 0xff, 0xff]).await.unwrap();
-    let reason = close_reason(&mut s).await;
-    assert!(
-        reason.contains("frame of 2147483647 bytes is over the limit of 65536"),
-        "{reason}"
-    );
-    gw.log
-        .wait(&["client disconnected", "2147483647 bytes"])
-        .await;
-
+    told(
+        gw,
+        &[0x7f, 0xff, 0xff, 0xff],
+        "frame of 2147483647 bytes is over the limit of 65536",
+    )
+    .await;
     // Garbage: a length word with the close bit and an impossible reason length.
-    let mut s = TcpStream::connect(&gw.tcp).await.unwrap();
-    s.write_all(b"\xde\xad\xbe\xefnot a frame at all")
-        .await
-        .unwrap();
-    let reason = close_reason(&mut s).await;
-    assert!(reason.contains("malformed input"), "{reason}");
-    gw.log
-        .wait(&["client disconnected", "malformed input: close frame"])
-        .await;
+    told(
+        gw,
+        b"\xde\xad\xbe\xefnot a frame at all",
+        "malformed input: close frame",
+    )
+    .await;
 
     // A text message over WebSocket.
     let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}", gw.ws))
@@ -203,30 +206,16 @@ async fn bad_clients_are_cut_off_and_a_good_one_keeps_its_latency() {
 
     // Never sends its first frame.
     let started = Instant::now();
-    let mut s = TcpStream::connect(&gw.tcp).await.unwrap();
-    let reason = close_reason(&mut s).await;
-    assert!(reason.contains("no first frame within 1s"), "{reason}");
+    told(gw, b"", "no first frame within 1s").await;
     assert!(started.elapsed() < Duration::from_secs(5));
-    gw.log
-        .wait(&["client disconnected", "no first frame within 1s"])
-        .await;
 
     // Floods: 20,000 heartbeats in one burst, over 5,000 frames/s.
-    let mut s = TcpStream::connect(&gw.tcp).await.unwrap();
     let mut burst = BytesMut::new();
     wire::put_frame(&mut burst, b"hello");
     for _ in 0..20_000 {
         wire::put_frame(&mut burst, b"");
     }
-    let _ = s.write_all(&burst).await;
-    let reason = close_reason(&mut s).await;
-    assert!(
-        reason.contains("over the rate limit of 5000 frames/s"),
-        "{reason}"
-    );
-    gw.log
-        .wait(&["client disconnected", "rate limit of 5000 frames/s"])
-        .await;
+    told(gw, &burst, "over the rate limit of 5000 frames/s").await;
 
     // Never reads: large frames echo back until the socket buffers fill; the gateway's
     // write then waits past `write_timeout` and it cuts the client off.
@@ -683,9 +672,9 @@ async fn a_server_that_comes_back_takes_clients_again() {
             }
         })
         .await;
-        bed::list(&bed.etcd, &[listed(false)]).await;
+        bed.etcd.list(bed::PREFIX, &[listed(false)]).await;
         expect_closed(within(c.recv()).await, "game server 1.1.1 is leaving");
-        bed::list(&bed.etcd, &[listed(true)]).await;
+        bed.etcd.list(bed::PREFIX, &[listed(true)]).await;
         // The gateway logs the full set again: once at start, then once per round.
         bed.gateway
             .log

@@ -8,7 +8,6 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use clustergo::membership::{encode_member, member_key};
 use clustergo::{
     Bytes, Cmd, EtcdDiscovery, EtcdOptions, HandlerError, LogicAddr, Member, Node, NodeConfig,
     RpcError,
@@ -157,18 +156,6 @@ fn start_harbor(etcd: &Etcd, addr: &str) -> HarborProc {
     HarborProc(child)
 }
 
-/// Lists `members` in etcd, as an operator would.
-async fn list(etcd: &Etcd, members: &[Member]) {
-    let mut kv = etcd_client::Client::connect([etcd.endpoint.clone()], None)
-        .await
-        .unwrap();
-    for m in members {
-        kv.put(member_key(PREFIX, m.addr), encode_member(m), None)
-            .await
-            .unwrap();
-    }
-}
-
 async fn node(etcd: &Etcd, addr: &str, net: std::net::TcpListener) -> clustergo::NodeBuilder {
     Node::builder(a(addr))
         .discovery(EtcdDiscovery::connect(
@@ -191,7 +178,7 @@ async fn harbor_processes_carry_calls_and_messages_between_clusters() {
         Member::new(a("2.255.1"), free_port()),
         Member::new(a("2.2.1"), client_net.local_addr().unwrap().to_string()),
     ];
-    list(&etcd, &members).await;
+    etcd.list(PREFIX, &members).await;
     let mut h1 = start_harbor(&etcd, "1.255.1");
     let _h2 = start_harbor(&etcd, "2.255.1");
 
@@ -365,7 +352,7 @@ async fn killing_the_harbor_in_use_moves_traffic_to_the_other() {
         Member::new(a("2.255.1"), free_port()),
         Member::new(a("2.2.1"), client_net.local_addr().unwrap().to_string()),
     ];
-    list(&etcd, &members).await;
+    etcd.list(PREFIX, &members).await;
     // The cluster-1 harbor traffic to 1.1.1 takes, by the rule every node routes by.
     let path = clustergo::membership::route::route(a("2.2.1"), a("1.1.1"), &members).unwrap();
     let in_use = path

@@ -43,6 +43,19 @@ fn free_port() -> u16 {
 }
 
 impl Etcd {
+    /// Lists `members` under `prefix`, as an operator would.
+    pub async fn list(&self, prefix: &str, members: &[clustergo::Member]) {
+        use clustergo::membership::{encode_member, member_key};
+        let mut kv = etcd_client::Client::connect([self.endpoint.clone()], None)
+            .await
+            .unwrap();
+        for m in members {
+            kv.put(member_key(prefix, m.addr), encode_member(m), None)
+                .await
+                .unwrap();
+        }
+    }
+
     /// Starts a fresh etcd and waits until it answers.
     pub fn start() -> Etcd {
         let dir =

@@ -11,7 +11,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use clustergo::membership::{encode_member, member_key};
 use clustergo::{LogicAddr, Member};
 use etcd_server::Etcd;
 
@@ -150,18 +149,6 @@ pub fn example(name: &str) -> PathBuf {
 pub fn free_port() -> String {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().to_string()
-}
-
-/// Lists members in etcd, as an operator would.
-pub async fn list(etcd: &Etcd, members: &[Member]) {
-    let mut kv = etcd_client::Client::connect([etcd.endpoint.clone()], None)
-        .await
-        .unwrap();
-    for m in members {
-        kv.put(member_key(PREFIX, m.addr), encode_member(m), None)
-            .await
-            .unwrap();
-    }
 }
 
 /// Starts game server `addr` (already listed) and waits until it is up.
@@ -317,7 +304,7 @@ pub async fn bed_with(servers: &[&str], extra: &str, tcp_extra: &str, ws_extra: 
     let etcd = Etcd::start();
     let mut members = vec![Member::new(a("1.100.1"), free_port())];
     members.extend(servers.iter().map(|s| Member::new(a(s), free_port())));
-    list(&etcd, &members).await;
+    etcd.list(PREFIX, &members).await;
     let procs = servers.iter().map(|s| game_server(&etcd, s)).collect();
     let gateway = gateway(&etcd, extra, tcp_extra, ws_extra);
     let mut sorted: Vec<&str> = servers.to_vec();
