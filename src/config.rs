@@ -8,8 +8,24 @@ pub const SECRET_ENV: &str = "CLUSTERGO_SECRET";
 /// The secret used when neither [`NodeConfig::secret`] nor [`SECRET_ENV`] is set.
 ///
 /// It is public, so it keeps nothing out: fine on a developer's machine, never in production.
-/// A node that falls back to it logs a warning at start.
+/// A node that falls back to it logs a warning at start; the `harbor` and `gateway` binaries
+/// refuse to start on it unless run with `--insecure-dev`.
 pub const DEV_SECRET: &[u8] = b"clustergo-development-secret";
+
+/// The cluster secret for a binary (harbor, gateway, a game server's `main`): [`SECRET_ENV`]
+/// if it is set and not empty. With no secret, it fails closed with a message that says how
+/// to set one, unless `insecure_dev` (an explicit `--insecure-dev` switch) allows the public
+/// [`DEV_SECRET`], which admits anyone who has read this documentation.
+pub fn secret_from_env(insecure_dev: bool) -> Result<Vec<u8>, String> {
+    match std::env::var(SECRET_ENV) {
+        Ok(s) if !s.is_empty() => Ok(s.into_bytes()),
+        _ if insecure_dev => Ok(DEV_SECRET.to_vec()),
+        _ => Err(format!(
+            "no cluster secret: set {SECRET_ENV} (the same value on every node of the mesh); \
+             --insecure-dev runs on the public development secret, for a developer's machine only"
+        )),
+    }
+}
 
 /// Configuration of a [`Node`](crate::Node). Build it with the `#[must_use]` setters, starting
 /// from [`NodeConfig::default`].
@@ -44,7 +60,8 @@ pub struct NodeConfig {
     /// Batching never waits for a batch to fill. (256 KiB measured no better for bulk streams
     /// and worse for small messages.)
     pub batch_bytes: usize,
-    /// A writer puts at most this many envelopes in one batch. Default 1024.
+    /// A writer puts at most this many envelopes in one batch (at most 4096: peers refuse a
+    /// batch of more than [`MAX_BATCH_ENVELOPES`](crate::proto::MAX_BATCH_ENVELOPES)). Default 1024.
     pub batch_envelopes: usize,
     /// RPC handlers running at once; a request over the limit is answered `Busy` at once.
     /// Default 10 000.
@@ -53,9 +70,24 @@ pub struct NodeConfig {
     pub keepalive_interval: Duration,
     /// A link whose ping is not answered within this is closed. Default 20 s.
     pub keepalive_timeout: Duration,
-    /// Largest clock difference accepted in a link hello (limits replay of a captured hello).
-    /// Default 5 min.
-    pub hello_max_skew: Duration,
+    /// Connections accepted but not yet admitted as links, in all. Over it, new connections
+    /// are closed at once (counted in `connections_refused`). Each must be admitted within
+    /// [`NodeConfig::dial_timeout`] of its accept or it is closed. Default 1024.
+    pub max_pending_connections: usize,
+    /// Connections from one IP address accepted but not yet admitted. Over it, that
+    /// address's new connections are closed at once, so a flood from one host cannot keep the
+    /// rest out. Default 64.
+    pub max_pending_per_source: usize,
+    /// RPC handlers one caller (by logical address) may have running here at once; over it
+    /// that caller gets `Busy`, so one caller cannot take the whole
+    /// [`NodeConfig::max_concurrent_requests`]. Default 2500.
+    pub max_requests_per_caller: usize,
+    /// Bytes of metadata (keys and values) one stream open may carry. An open over it is
+    /// refused. Default 4 KiB.
+    pub max_stream_meta: usize,
+    /// Bytes of metadata the open streams with one peer may hold in all; an open that would
+    /// pass it is refused. Default 1 MiB.
+    pub max_stream_meta_per_peer: usize,
     /// The cluster secret every node of the mesh shares. `None`: read [`SECRET_ENV`], else
     /// fall back to [`DEV_SECRET`] with a warning.
     pub secret: Option<Vec<u8>>,
@@ -99,7 +131,11 @@ impl Default for NodeConfig {
             max_concurrent_requests: 10_000,
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(20),
-            hello_max_skew: Duration::from_secs(300),
+            max_pending_connections: 1024,
+            max_pending_per_source: 64,
+            max_requests_per_caller: 2500,
+            max_stream_meta: 4 << 10,
+            max_stream_meta_per_peer: 1 << 20,
             secret: None,
             stream_window: 256 << 10,
             stream_buffer: 64 << 10,
@@ -127,7 +163,11 @@ impl std::fmt::Debug for NodeConfig {
             .field("max_concurrent_requests", &self.max_concurrent_requests)
             .field("keepalive_interval", &self.keepalive_interval)
             .field("keepalive_timeout", &self.keepalive_timeout)
-            .field("hello_max_skew", &self.hello_max_skew)
+            .field("max_pending_connections", &self.max_pending_connections)
+            .field("max_pending_per_source", &self.max_pending_per_source)
+            .field("max_requests_per_caller", &self.max_requests_per_caller)
+            .field("max_stream_meta", &self.max_stream_meta)
+            .field("max_stream_meta_per_peer", &self.max_stream_meta_per_peer)
             .field("secret", &self.secret.as_ref().map(|_| "<set>"))
             .field("stream_window", &self.stream_window)
             .field("stream_buffer", &self.stream_buffer)
@@ -182,8 +222,16 @@ setters! {
     keepalive_interval: Duration;
     /// Sets [`NodeConfig::keepalive_timeout`].
     keepalive_timeout: Duration;
-    /// Sets [`NodeConfig::hello_max_skew`].
-    hello_max_skew: Duration;
+    /// Sets [`NodeConfig::max_pending_connections`].
+    max_pending_connections: usize;
+    /// Sets [`NodeConfig::max_pending_per_source`].
+    max_pending_per_source: usize;
+    /// Sets [`NodeConfig::max_requests_per_caller`].
+    max_requests_per_caller: usize;
+    /// Sets [`NodeConfig::max_stream_meta`].
+    max_stream_meta: usize;
+    /// Sets [`NodeConfig::max_stream_meta_per_peer`].
+    max_stream_meta_per_peer: usize;
     /// Sets [`NodeConfig::stream_window`].
     stream_window: u32;
     /// Sets [`NodeConfig::stream_buffer`].
@@ -236,6 +284,9 @@ impl NodeConfig {
             ("stream_window", self.stream_window as usize),
             ("stream_buffer", self.stream_buffer),
             ("max_streams", self.max_streams),
+            ("max_pending_connections", self.max_pending_connections),
+            ("max_pending_per_source", self.max_pending_per_source),
+            ("max_requests_per_caller", self.max_requests_per_caller),
         ];
         for (name, v) in positive {
             if v == 0 {
@@ -249,6 +300,14 @@ impl NodeConfig {
             return Err(format!(
                 "link_frame_size ({}) must be in 16384..=16777215 (HTTP/2's range)",
                 self.link_frame_size
+            ));
+        }
+        let cap = crate::link::batch::MAX_BATCH_ENVELOPES / 2;
+        if self.batch_envelopes > cap {
+            return Err(format!(
+                "batch_envelopes ({}) must be at most {cap} (peers refuse batches of more than {} envelopes)",
+                self.batch_envelopes,
+                crate::link::batch::MAX_BATCH_ENVELOPES
             ));
         }
         if self.stream_window > (1 << 30) {

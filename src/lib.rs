@@ -34,6 +34,7 @@
 //! - `addr`: logical addresses.
 //! - `config`: limits and timeouts of a node.
 //! - `error`: the error types, one per layer.
+//! - `gate`: a rate gate for log lines attackers can cause.
 //! - `membership`: members, visibility, discovery sources (memory, file) and the node's view.
 //! - `link`: per-peer queues, the batching writer, the reader, the link hello.
 //! - `rpc`: handlers, call context, the replyer.
@@ -43,19 +44,21 @@
 //! - `router`: next hops (direct, harbors) and the forwarding layer harbors run.
 //! - `stats`: counters.
 //! - `typed`: protobuf requests and responses over RPC (what generated services use).
-//! - `proto`: the generated wire types.
+//! - `proto`: the generated wire types (public for tools and attack tests; not a stable API).
 
 #![forbid(unsafe_code)]
 
 mod addr;
 mod config;
 mod error;
+mod gate;
 mod hash;
 mod link;
 pub mod membership;
 mod message;
 mod node;
-mod proto;
+#[doc(hidden)]
+pub mod proto;
 mod router;
 mod rpc;
 mod stats;
@@ -63,10 +66,11 @@ mod stream;
 mod typed;
 
 pub use addr::{AddrError, AddrField, HARBOR_TYPE, LogicAddr, MAX_CLUSTER, MAX_SERVER, MAX_TYPE};
-pub use config::{DEV_SECRET, NodeConfig, SECRET_ENV};
+pub use config::{DEV_SECRET, NodeConfig, SECRET_ENV, secret_from_env};
 pub use error::{
     DiscoveryError, ErrorCode, HandlerError, RpcError, SelectError, StartError, StreamError,
 };
+pub use gate::LogGate;
 pub use membership::{Discovery, FileDiscovery, Member, MembershipEvent, MemoryDiscovery};
 #[cfg(feature = "etcd")]
 pub use membership::{EtcdDiscovery, EtcdOptions};

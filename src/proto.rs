@@ -7,3 +7,5 @@
 )]
 
 tonic::include_proto!("clustergo.mesh.v1");
+
+pub use crate::link::batch::{Batch, MAX_BATCH_ENVELOPES};

@@ -75,6 +75,11 @@ pub(crate) struct ServerShared {
     pub(crate) addr: LogicAddr,
     pub(crate) inflight: AtomicUsize,
     pub(crate) limit: usize,
+    /// Handlers one caller may have running at once (its fair share of `limit`).
+    pub(crate) per_caller: usize,
+    /// Handlers running for callers in other clusters, by caller (direct callers are counted
+    /// on their peer slot).
+    pub(crate) remote_serving: std::sync::Mutex<crate::hash::FastMap<LogicAddr, usize>>,
     pub(crate) drained: Notify,
     pub(crate) max_envelope: usize,
     pub(crate) send_timeout: std::time::Duration,
@@ -89,15 +94,61 @@ pub(crate) struct ServerShared {
 }
 
 impl ServerShared {
-    fn try_acquire(&self) -> bool {
-        self.inflight
+    /// A place for one more handler run for `caller` (whose request came over `peer`'s link):
+    /// within the caller's fair share, then within the node's limit. `Err` names the limit.
+    fn try_acquire(&self, peer: &Peer, caller: LogicAddr) -> Result<(), &'static str> {
+        let share = self.per_caller;
+        let taken = if caller == peer.addr {
+            // A direct caller: its counter lives on its peer slot, no lock.
+            peer.serving
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < share).then_some(n + 1)
+                })
+                .is_ok()
+        } else {
+            // A caller in another cluster, through a harbor.
+            let mut remote = self
+                .remote_serving
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let n = remote.entry(caller).or_insert(0);
+            (*n < share).then(|| *n += 1).is_some()
+        };
+        if !taken {
+            return Err("at this caller's share of the concurrency limit");
+        }
+        let node_wide = self
+            .inflight
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < self.limit).then_some(n + 1)
             })
-            .is_ok()
+            .is_ok();
+        if !node_wide {
+            self.release_share(peer, caller);
+            return Err("at the concurrency limit");
+        }
+        Ok(())
     }
 
-    fn release(&self) {
+    fn release_share(&self, peer: &Peer, caller: LogicAddr) {
+        if caller == peer.addr {
+            peer.serving.fetch_sub(1, Ordering::AcqRel);
+        } else {
+            let mut remote = self
+                .remote_serving
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = remote.get_mut(&caller) {
+                *n -= 1;
+                if *n == 0 {
+                    remote.remove(&caller);
+                }
+            }
+        }
+    }
+
+    fn release(&self, peer: &Peer, caller: LogicAddr) {
+        self.release_share(peer, caller);
         if self.inflight.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.drained.notify_waiters();
         }
@@ -149,23 +200,24 @@ impl ServerShared {
             },
             deadline,
         };
-        let done = move |this: &ServerShared, error: Option<crate::RpcError>| {
+        let done = move |this: &ServerShared, peer: &Peer, error: Option<crate::RpcError>| {
             if let Some(e) = error {
                 Stats::incr(&this.stats.responses_dropped);
                 tracing::warn!(%to, error = %e, "response dropped");
             }
             if holds_permit {
-                this.release();
+                this.release(peer, to);
             }
         };
         let mut item = match peer.try_enqueue(item) {
-            Ok(()) => return done(self, None),
+            Ok(()) => return done(self, peer, None),
             Err((crate::RpcError::QueueFull { .. }, item)) => item,
-            Err((e, _)) => return done(self, Some(e)),
+            Err((e, _)) => return done(self, peer, Some(e)),
         };
         let (Some(rt), true) = (self.runtime.get(), self.reserve_waiting()) else {
             return done(
                 self,
+                peer,
                 Some(crate::RpcError::QueueFull {
                     peer: peer.addr,
                     capacity: self.limit,
@@ -180,7 +232,7 @@ impl ServerShared {
             async move {
                 let r = peer.enqueue(item, this.send_timeout).await;
                 this.waiting_replies.fetch_sub(1, Ordering::AcqRel);
-                done(&this, r.err());
+                done(&this, &peer, r.err());
             },
             rt,
         );
@@ -221,9 +273,9 @@ impl ServerShared {
                 format!("no handler for method {:?}", ctx.method),
             );
         };
-        if !self.try_acquire() {
+        if let Err(limit) = self.try_acquire(peer, ctx.from) {
             Stats::incr(&self.stats.requests_busy);
-            return refuse(ErrorCode::BUSY, "at the concurrency limit".into());
+            return refuse(ErrorCode::BUSY, limit.into());
         }
         let replyer = Replyer {
             shared: Some(self.clone()),
@@ -345,7 +397,7 @@ impl Replyer {
             return;
         };
         if self.oneway {
-            shared.release();
+            shared.release(&self.peer, self.to);
         } else {
             shared.respond(&self.peer, self.to, self.id, self.deadline, result, true);
         }

@@ -33,6 +33,11 @@ counters! {
     links_closed,
     /// Inbound links refused (secret, membership, shutting down).
     links_refused,
+    /// Connections closed at once on accept: too many awaiting admission (from their address,
+    /// or in all).
+    connections_refused,
+    /// Connections closed because no link was admitted on them within the dial timeout.
+    connections_timed_out,
     /// Dials that failed.
     dials_failed,
     /// RPC requests this node's handlers received.

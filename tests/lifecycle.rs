@@ -342,7 +342,7 @@ async fn a_removed_peer_is_dropped_while_it_keeps_running() {
         .await
         .unwrap_err();
     assert!(
-        matches!(&e, RpcError::Refused { reason, .. } if reason.contains("not in 1.1.1's membership")),
+        matches!(&e, RpcError::Refused { reason, .. } if reason.contains("1.1.2 is not a member this node admits")),
         "{e}"
     );
 }

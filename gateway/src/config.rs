@@ -56,6 +56,11 @@ pub(crate) struct Args {
     /// TOML configuration file.
     #[arg(long, env = "GATEWAY_CONFIG")]
     pub(crate) config: Option<PathBuf>,
+    /// Run without a cluster secret, on the public development one: anyone who can reach this
+    /// gateway can then pass for any node. For a developer's machine only; without it, a
+    /// missing `CLUSTERGO_SECRET` stops the gateway before it starts.
+    #[arg(long)]
+    pub(crate) insecure_dev: bool,
     /// The gateway's logical address, `cluster.type.server`.
     #[arg(long, env = "GATEWAY_ADDR")]
     pub(crate) addr: Option<String>,
@@ -215,6 +220,8 @@ pub(crate) enum Membership {
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
+    /// The cluster secret (`CLUSTERGO_SECRET`, or the development one with `--insecure-dev`).
+    pub(crate) secret: Vec<u8>,
     pub(crate) addr: LogicAddr,
     pub(crate) backend_type: u8,
     pub(crate) policy: Policy,
@@ -340,7 +347,10 @@ impl Config {
             return Err("no listener: configure at least one of [tcp], [websocket], [kcp]".into());
         }
         let limits = limits(file.limits)?;
+        // Last, so a configuration's own mistakes are reported first.
+        let secret = clustergo::secret_from_env(args.insecure_dev)?;
         Ok(Config {
+            secret,
             addr,
             backend_type,
             policy,

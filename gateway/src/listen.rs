@@ -4,7 +4,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use bytes::{Buf, Bytes, BytesMut};
 use clustergo_client::wire::{self, Inbound};
@@ -673,42 +673,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
     }
 }
 
-/// Lets a kind of log line through at most once a second, counting the ones it held back:
-/// connections turned away before any session are cheap to make, so their lines must not
-/// be (and over UDP their source addresses can be forged).
-pub(crate) struct LogGate {
-    next_ms: AtomicU64,
-    skipped: AtomicU64,
-}
-
-impl LogGate {
-    const fn new() -> Self {
-        LogGate {
-            next_ms: AtomicU64::new(0),
-            skipped: AtomicU64::new(0),
-        }
-    }
-
-    /// `Some(lines held back since the last one)` when this line may be logged.
-    fn pass(&self) -> Option<u64> {
-        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-        let now = START
-            .get_or_init(std::time::Instant::now)
-            .elapsed()
-            .as_millis() as u64;
-        let next = self.next_ms.load(Ordering::Relaxed);
-        if now >= next
-            && self
-                .next_ms
-                .compare_exchange(next, now + 1000, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            return Some(self.skipped.swap(0, Ordering::Relaxed));
-        }
-        self.skipped.fetch_add(1, Ordering::Relaxed);
-        None
-    }
-}
-
-static HANDSHAKES_FULL: LogGate = LogGate::new();
-static HANDSHAKE_FAILED: LogGate = LogGate::new();
+static HANDSHAKES_FULL: clustergo::LogGate = clustergo::LogGate::new();
+// Connections turned away before any session are cheap to make (over UDP their sources can
+// be forged): their lines are gated.
+static HANDSHAKE_FAILED: clustergo::LogGate = clustergo::LogGate::new();

@@ -126,6 +126,7 @@ async fn run(
         .discovery(discovery)
         .config(
             NodeConfig::default()
+                .secret(config.secret.clone())
                 .shutdown_grace(config.shutdown_grace)
                 .stream_open_timeout(config.limits.open_timeout)
                 .max_streams(config.limits.max_clients.max(1024)),

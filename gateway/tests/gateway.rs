@@ -502,17 +502,25 @@ fn bad_configurations_are_refused_before_anything_binds() {
             format!("{ok}[tcp]\nlisten = \"127.0.0.1:0\"\nport = 1\n"),
             "unknown field `port`",
         ),
+        // Fails closed: a configuration without a secret (none in the environment here).
+        (
+            format!("{ok}[tcp]\nlisten = \"127.0.0.1:0\"\n"),
+            "no cluster secret: set CLUSTERGO_SECRET",
+        ),
     ];
     for (i, (config, want)) in cases.iter().enumerate() {
         let path = dir.0.join(format!("{i}.toml"));
         std::fs::write(&path, config).unwrap();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
-            .arg("--config")
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"));
+        cmd.arg("--config")
             .arg(&path)
             .env_remove("GATEWAY_ADDR")
             .env_remove("GATEWAY_ETCD")
-            .output()
-            .unwrap();
+            .env_remove("CLUSTERGO_SECRET");
+        if !want.contains("no cluster secret") {
+            cmd.env("CLUSTERGO_SECRET", bed::SECRET);
+        }
+        let out = cmd.output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{config:?} → {stderr}");
         assert!(

@@ -19,6 +19,11 @@ pub(crate) struct Args {
     /// TOML configuration file.
     #[arg(long, env = "HARBOR_CONFIG")]
     pub(crate) config: Option<PathBuf>,
+    /// Run without a cluster secret, on the public development one: anyone who can reach this
+    /// harbor can then pass for any node. For a developer's machine only; without it, a
+    /// missing `CLUSTERGO_SECRET` stops the harbor before it starts.
+    #[arg(long)]
+    pub(crate) insecure_dev: bool,
     /// This harbor's logical address, `cluster.255.server`.
     #[arg(long, env = "HARBOR_ADDR")]
     pub(crate) addr: Option<String>,
@@ -81,6 +86,8 @@ struct EtcdFile {
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
+    /// The cluster secret (`CLUSTERGO_SECRET`, or the development one with `--insecure-dev`).
+    pub(crate) secret: Vec<u8>,
     /// The harbor's address (type 255).
     pub(crate) addr: LogicAddr,
     /// etcd endpoints.
@@ -189,7 +196,10 @@ impl Config {
                 Some((c.endpoints, prefix))
             }
         };
+        // Last, so a configuration's own mistakes are reported first.
+        let secret = clustergo::secret_from_env(args.insecure_dev)?;
         Ok(Config {
+            secret,
             center,
             max_envelope,
             addr,

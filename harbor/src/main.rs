@@ -66,6 +66,7 @@ async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         .discovery(discovery)
         .config(
             NodeConfig::default()
+                .secret(config.secret.clone())
                 .shutdown_grace(config.shutdown_grace)
                 .max_envelope(config.max_envelope),
         )

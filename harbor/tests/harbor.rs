@@ -117,6 +117,34 @@ fn bad_configurations_are_refused_before_anything_binds() {
     }
 }
 
+/// Without a cluster secret the harbor fails closed: it will not run on the public development
+/// secret unless told so with `--insecure-dev`.
+#[test]
+fn no_secret_no_harbor_unless_insecure_dev() {
+    let run = |extra: &[&str]| {
+        let out = harbor()
+            .env_remove("CLUSTERGO_SECRET")
+            .args(["--addr", "1.255.1", "--etcd", "http://127.0.0.1:1"])
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stderr) = run(&[]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("no cluster secret: set CLUSTERGO_SECRET"),
+        "{stderr}"
+    );
+    // With the switch it gets past its configuration (and then finds no etcd there).
+    let (code, stderr) = run(&["--insecure-dev"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(!stderr.contains("no cluster secret"), "{stderr}");
+}
+
 /// A harbor process, killed (by its handle) if the test ends before it stops.
 struct HarborProc(Child);
 

@@ -1,12 +1,24 @@
-//! The link hello: who dials, whom it means to reach, and proof that it holds the cluster
-//! secret, carried in the `Link` call's metadata.
+//! The link handshake: each side proves it holds the cluster secret, bound to this one
+//! connection, so nothing seen on the network can be replayed to pass for a node.
 //!
-//! The proof is HMAC-SHA256 over a versioned string of every hello field, so a hello cannot be
-//! moved to another pair of nodes or replayed outside [`NodeConfig::hello_max_skew`]
-//! (crate::NodeConfig::hello_max_skew). It authenticates the node that dials, not each envelope:
-//! links are trusted once admitted. TLS is left to the transport.
-
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+//! ```text
+//! dialer → acceptor   call metadata    cg-from, cg-to, cg-incarnation, cg-nonce (Nd, fresh)
+//! acceptor → dialer   response headers cg-incarnation, cg-nonce (Na, fresh), cg-proof (Pa)
+//! dialer → acceptor   first batch      proof (Pd), no envelopes
+//! acceptor → dialer   first batch      empty: admitted (or the call ends with a status)
+//! ```
+//!
+//! `Pa` and `Pd` are HMAC-SHA256 under the secret over one transcript — version, role,
+//! from, to, both incarnations, both nonces — with the role (`accept` / `dial`) telling the
+//! two apart, so neither can be reflected as the other. The dialer checks `Pa` before it sends
+//! anything: whoever merely holds a member's network address gets no traffic. The acceptor
+//! checks `Pd`, which covers its own fresh `Na`: a captured hello and proof are worthless on
+//! any other connection, so a link that is up is never replaced without a fresh proof.
+//! Freshness comes from the nonces, not from clocks, so there is no skew window to replay in
+//! and no clock to keep in step.
+//!
+//! What this does not do: encrypt, or bind the proof to the TCP connection. A man in the
+//! middle can relay a handshake as it happens (and then read the link); TLS closes that.
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -17,133 +29,189 @@ use crate::addr::LogicAddr;
 const FROM: &str = "cg-from";
 const TO: &str = "cg-to";
 const INCARNATION: &str = "cg-incarnation";
-const TIME: &str = "cg-time";
-const MAC: &str = "cg-mac";
+const NONCE: &str = "cg-nonce";
+const PROOF: &str = "cg-proof";
+const VERSION: &str = "clustergo-link-v2";
 
-/// What a dialer claims.
+type Nonce = [u8; 16];
+
+/// What a dialer sends first: who it says it is, whom it means to reach, and its nonce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Hello {
     pub(crate) from: LogicAddr,
     pub(crate) to: LogicAddr,
     /// Random per node start: tells a restarted peer from a stale link to its old self.
     pub(crate) incarnation: u64,
-    pub(crate) time_ms: u64,
+    nonce: Nonce,
 }
 
-/// Why a hello was refused. The text goes back to the dialer in the status.
+/// The acceptor's answer: its incarnation and its nonce (its proof travels beside them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Challenge {
+    pub(crate) incarnation: u64,
+    nonce: Nonce,
+}
+
+/// Why a handshake failed. The text may go back to the other side: it names nothing the
+/// other side did not send itself.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum HelloError {
-    #[error("link hello is missing or malformed: {0}")]
+    #[error("link handshake field {0} is missing or malformed")]
     Malformed(&'static str),
-    #[error("link hello from {from} failed the cluster secret check (HMAC mismatch)")]
-    BadSecret { from: LogicAddr },
-    #[error("link hello from {from} is {skew:?} away from this node's clock (limit {limit:?})")]
-    Stale {
-        from: LogicAddr,
-        skew: Duration,
-        limit: Duration,
-    },
+    #[error("the link proof of {from} failed the cluster secret check")]
+    BadProof { from: LogicAddr },
+    #[error(
+        "the acceptor's proof failed the cluster secret check: it is not {to}, or the two nodes' secrets differ"
+    )]
+    BadAcceptor { to: LogicAddr },
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-fn mac(secret: &[u8], h: &Hello) -> Hmac<Sha256> {
-    // new_from_slice accepts keys of any length for HMAC.
-    let mut m = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes any key length");
-    m.update(
-        format!(
-            "clustergo-link-v1\n{}\n{}\n{}\n{}",
-            h.from.as_u32(),
-            h.to.as_u32(),
-            h.incarnation,
-            h.time_ms
-        )
-        .as_bytes(),
-    );
-    m
+/// 16 bytes no one can predict.
+fn fresh() -> Nonce {
+    let mut n = [0u8; 16];
+    if getrandom::fill(&mut n).is_err() {
+        // The OS refused randomness (it practically never does). A nonce must still never
+        // repeat: a time-seeded generator is the fallback.
+        tracing::warn!("the OS gave no random bytes for a link nonce; using a weaker source");
+        n = fastrand::u128(..).to_le_bytes();
+    }
+    n
 }
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn unhex(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 2 != 0 {
+fn unhex<const N: usize>(text: &str) -> Option<[u8; N]> {
+    if text.len() != 2 * N {
         return None;
     }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect()
+    let mut out = [0u8; N];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
 }
 
-/// Writes a signed hello into `md`.
-pub(crate) fn sign(
-    md: &mut MetadataMap,
-    secret: &[u8],
-    from: LogicAddr,
-    to: LogicAddr,
-    incarnation: u64,
-) {
-    let h = Hello {
-        from,
-        to,
-        incarnation,
-        time_ms: now_ms(),
-    };
-    let tag = hex(&mac(secret, &h).finalize().into_bytes());
-    let num = |v: u64| MetadataValue::try_from(v.to_string()).expect("digits are valid metadata");
-    md.insert(FROM, num(from.as_u32().into()));
-    md.insert(TO, num(to.as_u32().into()));
-    md.insert(INCARNATION, num(incarnation));
-    md.insert(TIME, num(h.time_ms));
+fn transcript(role: &str, secret: &[u8], h: &Hello, c: &Challenge) -> Hmac<Sha256> {
+    // HMAC takes keys of any length.
+    let mut m = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes any key length");
+    m.update(
+        format!(
+            "{VERSION} {role}\n{}\n{}\n{}\n{}\n{}\n{}",
+            h.from.as_u32(),
+            h.to.as_u32(),
+            h.incarnation,
+            c.incarnation,
+            hex(&h.nonce),
+            hex(&c.nonce),
+        )
+        .as_bytes(),
+    );
+    m
+}
+
+fn text<'a>(md: &'a MetadataMap, key: &'static str) -> Result<&'a str, HelloError> {
+    md.get(key)
+        .and_then(|v| v.to_str().ok())
+        .ok_or(HelloError::Malformed(key))
+}
+
+fn number(md: &MetadataMap, key: &'static str) -> Result<u64, HelloError> {
+    text(md, key)?
+        .parse()
+        .map_err(|_| HelloError::Malformed(key))
+}
+
+fn address(md: &MetadataMap, key: &'static str) -> Result<LogicAddr, HelloError> {
+    let raw = u32::try_from(number(md, key)?).map_err(|_| HelloError::Malformed(key))?;
+    LogicAddr::from_u32(raw).map_err(|_| HelloError::Malformed(key))
+}
+
+fn put(md: &mut MetadataMap, key: &'static str, value: String) {
     md.insert(
-        MAC,
-        MetadataValue::try_from(tag).expect("hex is valid metadata"),
+        key,
+        MetadataValue::try_from(value).expect("digits and hex are valid metadata"),
     );
 }
 
-/// Reads and checks a hello. Membership and target checks are the caller's.
-pub(crate) fn verify(
-    md: &MetadataMap,
-    secret: &[u8],
-    max_skew: Duration,
-) -> Result<Hello, HelloError> {
-    let field = |key: &'static str| -> Result<&str, HelloError> {
-        md.get(key)
-            .and_then(|v| v.to_str().ok())
-            .ok_or(HelloError::Malformed(key))
-    };
-    let num = |key: &'static str| -> Result<u64, HelloError> {
-        field(key)?.parse().map_err(|_| HelloError::Malformed(key))
-    };
-    let addr = |key: &'static str| -> Result<LogicAddr, HelloError> {
-        let raw = u32::try_from(num(key)?).map_err(|_| HelloError::Malformed(key))?;
-        LogicAddr::from_u32(raw).map_err(|_| HelloError::Malformed(key))
-    };
-    let h = Hello {
-        from: addr(FROM)?,
-        to: addr(TO)?,
-        incarnation: num(INCARNATION)?,
-        time_ms: num(TIME)?,
-    };
-    let tag = unhex(field(MAC)?).ok_or(HelloError::Malformed(MAC))?;
-    mac(secret, &h)
-        .verify_slice(&tag)
-        .map_err(|_| HelloError::BadSecret { from: h.from })?;
-    let skew = Duration::from_millis(now_ms().abs_diff(h.time_ms));
-    if skew > max_skew {
-        return Err(HelloError::Stale {
-            from: h.from,
-            skew,
-            limit: max_skew,
-        });
+impl Hello {
+    pub(crate) fn new(from: LogicAddr, to: LogicAddr, incarnation: u64) -> Self {
+        Hello {
+            from,
+            to,
+            incarnation,
+            nonce: fresh(),
+        }
     }
-    Ok(h)
+
+    pub(crate) fn write(&self, md: &mut MetadataMap) {
+        put(md, FROM, self.from.as_u32().to_string());
+        put(md, TO, self.to.as_u32().to_string());
+        put(md, INCARNATION, self.incarnation.to_string());
+        put(md, NONCE, hex(&self.nonce));
+    }
+
+    pub(crate) fn read(md: &MetadataMap) -> Result<Self, HelloError> {
+        Ok(Hello {
+            from: address(md, FROM)?,
+            to: address(md, TO)?,
+            incarnation: number(md, INCARNATION)?,
+            nonce: unhex(text(md, NONCE)?).ok_or(HelloError::Malformed(NONCE))?,
+        })
+    }
+
+    /// The dialer's proof for `challenge`, sent in its first batch.
+    pub(crate) fn prove(&self, secret: &[u8], challenge: &Challenge) -> bytes::Bytes {
+        let tag = transcript("dial", secret, self, challenge)
+            .finalize()
+            .into_bytes();
+        bytes::Bytes::copy_from_slice(&tag)
+    }
+
+    /// Checks the dialer's proof (acceptor side).
+    pub(crate) fn check(
+        &self,
+        secret: &[u8],
+        challenge: &Challenge,
+        proof: &[u8],
+    ) -> Result<(), HelloError> {
+        transcript("dial", secret, self, challenge)
+            .verify_slice(proof)
+            .map_err(|_| HelloError::BadProof { from: self.from })
+    }
+}
+
+impl Challenge {
+    pub(crate) fn new(incarnation: u64) -> Self {
+        Challenge {
+            incarnation,
+            nonce: fresh(),
+        }
+    }
+
+    /// Writes the challenge and the acceptor's proof into the response headers.
+    pub(crate) fn write(&self, md: &mut MetadataMap, secret: &[u8], hello: &Hello) {
+        let tag = transcript("accept", secret, hello, self)
+            .finalize()
+            .into_bytes();
+        put(md, INCARNATION, self.incarnation.to_string());
+        put(md, NONCE, hex(&self.nonce));
+        put(md, PROOF, hex(&tag));
+    }
+
+    /// Reads the acceptor's answer to `hello` and checks its proof (dialer side).
+    pub(crate) fn read(md: &MetadataMap, secret: &[u8], hello: &Hello) -> Result<Self, HelloError> {
+        let c = Challenge {
+            incarnation: number(md, INCARNATION)?,
+            nonce: unhex(text(md, NONCE)?).ok_or(HelloError::Malformed(NONCE))?,
+        };
+        let tag: [u8; 32] = unhex(text(md, PROOF)?).ok_or(HelloError::Malformed(PROOF))?;
+        transcript("accept", secret, hello, &c)
+            .verify_slice(&tag)
+            .map_err(|_| HelloError::BadAcceptor { to: hello.to })?;
+        Ok(c)
+    }
 }
 
 #[cfg(test)]
@@ -155,37 +223,57 @@ mod tests {
     }
 
     #[test]
-    fn signed_hello_verifies_and_tampering_fails() {
+    fn handshake_verifies_and_binds_every_field() {
+        let hello = Hello::new(a("1.1.1"), a("1.1.2"), 42);
         let mut md = MetadataMap::new();
-        sign(&mut md, b"k1", a("1.1.1"), a("1.1.2"), 42);
-        let h = verify(&md, b"k1", Duration::from_secs(5)).unwrap();
-        assert_eq!((h.from, h.to, h.incarnation), (a("1.1.1"), a("1.1.2"), 42));
+        hello.write(&mut md);
+        let got = Hello::read(&md).unwrap();
+        assert_eq!(got, hello);
+
+        let challenge = Challenge::new(7);
+        let mut answer = MetadataMap::new();
+        challenge.write(&mut answer, b"k1", &got);
+        assert_eq!(Challenge::read(&answer, b"k1", &hello).unwrap(), challenge);
+        // Another secret, or another hello (a fresh nonce), fails the acceptor's proof.
         assert_eq!(
-            verify(&md, b"k2", Duration::from_secs(5)),
-            Err(HelloError::BadSecret { from: a("1.1.1") })
+            Challenge::read(&answer, b"k2", &hello),
+            Err(HelloError::BadAcceptor { to: a("1.1.2") })
         );
-        md.insert(
-            TO,
-            MetadataValue::try_from(a("1.1.3").as_u32().to_string()).unwrap(),
-        );
-        assert!(matches!(
-            verify(&md, b"k1", Duration::from_secs(5)),
-            Err(HelloError::BadSecret { .. })
-        ));
-        md.remove(MAC);
+        let other = Hello::new(a("1.1.1"), a("1.1.2"), 42);
+        assert!(Challenge::read(&answer, b"k1", &other).is_err());
+
+        let proof = hello.prove(b"k1", &challenge);
+        assert_eq!(got.check(b"k1", &challenge, &proof), Ok(()));
+        // The same proof against a fresh challenge (a replay on another connection) fails.
         assert_eq!(
-            verify(&md, b"k1", Duration::from_secs(5)),
-            Err(HelloError::Malformed(MAC))
+            got.check(b"k1", &Challenge::new(7), &proof),
+            Err(HelloError::BadProof { from: a("1.1.1") })
         );
+        assert!(got.check(b"k2", &challenge, &proof).is_err());
+        // The acceptor's proof is not a dialer's proof (no reflection).
+        let pa = unhex::<32>(answer.get(PROOF).unwrap().to_str().unwrap()).unwrap();
+        assert!(got.check(b"k1", &challenge, &pa).is_err());
+    }
+
+    #[test]
+    fn malformed_fields_are_named() {
+        let mut md = MetadataMap::new();
+        Hello::new(a("1.1.1"), a("1.1.2"), 1).write(&mut md);
+        md.insert(NONCE, MetadataValue::try_from("abc").unwrap());
+        assert_eq!(Hello::read(&md), Err(HelloError::Malformed(NONCE)));
+        md.remove(FROM);
+        assert_eq!(Hello::read(&md), Err(HelloError::Malformed(FROM)));
+        md.insert(FROM, MetadataValue::try_from("0").unwrap());
+        assert_eq!(Hello::read(&md), Err(HelloError::Malformed(FROM)));
     }
 
     #[test]
     fn hex_round_trip() {
         assert_eq!(
-            unhex(&hex(&[0, 1, 0xab, 0xff])).unwrap(),
-            vec![0, 1, 0xab, 0xff]
+            unhex::<4>(&hex(&[0, 1, 0xab, 0xff])),
+            Some([0, 1, 0xab, 0xff])
         );
-        assert!(unhex("abc").is_none());
-        assert!(unhex("zz").is_none());
+        assert!(unhex::<2>("abc").is_none());
+        assert!(unhex::<1>("zz").is_none());
     }
 }

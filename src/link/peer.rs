@@ -40,6 +40,9 @@ pub(crate) struct LinkTokens {
     pub(crate) kill: CancellationToken,
     /// Ends the link once the queue is empty.
     pub(crate) close: CancellationToken,
+    /// Why the peer broke the protocol, if it did: the acceptor ends the call with this
+    /// status instead of OK, so the dialer can tell why its link ended.
+    pub(crate) fault: Arc<std::sync::OnceLock<tonic::Status>>,
 }
 
 #[derive(Debug)]
@@ -80,10 +83,13 @@ pub(crate) struct Peer {
     tx: mpsc::Sender<Outbound>,
     rx: Mutex<mpsc::Receiver<Outbound>>,
     capacity: usize,
-    pending: Mutex<FastMap<u64, oneshot::Sender<Outcome>>>,
+    /// Calls waiting for an answer, by call id: who must answer, and the caller.
+    pending: Mutex<FastMap<u64, (LogicAddr, oneshot::Sender<Outcome>)>>,
     state: Mutex<LinkState>,
     /// Mirrors `state` being `Up`: the send path reads it without the lock.
     up: AtomicBool,
+    /// RPC handlers running here for this peer's own requests (its fair share is capped).
+    pub(crate) serving: std::sync::atomic::AtomicUsize,
     /// Signalled on every state change.
     pub(crate) changed: Notify,
     /// The streams with this peer; they end with its link.
@@ -117,6 +123,7 @@ impl Peer {
             pending: Mutex::new(FastMap::default()),
             state: Mutex::new(LinkState::idle()),
             up: AtomicBool::new(false),
+            serving: Default::default(),
             changed: Notify::new(),
             streams,
             failed_at: Mutex::new(None),
@@ -195,12 +202,32 @@ impl Peer {
         }
     }
 
-    pub(crate) fn add_pending(&self, id: u64, tx: oneshot::Sender<Outcome>) {
-        lock(&self.pending).insert(id, tx);
+    /// Registers call `id`, to be answered by `responder`.
+    pub(crate) fn add_pending(&self, id: u64, responder: LogicAddr, tx: oneshot::Sender<Outcome>) {
+        lock(&self.pending).insert(id, (responder, tx));
     }
 
+    /// Takes call `id` whoever answers (the caller gave up, or the call failed here).
     pub(crate) fn take_pending(&self, id: u64) -> Option<oneshot::Sender<Outcome>> {
-        lock(&self.pending).remove(&id)
+        lock(&self.pending).remove(&id).map(|(_, tx)| tx)
+    }
+
+    /// Takes call `id` for an answer from `from`: only the node that was called may answer it,
+    /// or — with an error, when `harbor_error` — a harbor on the path reporting why the call
+    /// cannot reach it. Anyone else's answer leaves the call waiting.
+    pub(crate) fn take_answer(
+        &self,
+        id: u64,
+        from: LogicAddr,
+        harbor_error: bool,
+    ) -> Option<oneshot::Sender<Outcome>> {
+        let mut pending = lock(&self.pending);
+        match pending.get(&id) {
+            Some((responder, _)) if *responder == from || (harbor_error && from.is_harbor()) => {
+                pending.remove(&id).map(|(_, tx)| tx)
+            }
+            _ => None,
+        }
     }
 
     /// Whether the link to this peer failed within `window`, or failed earlier and is being
@@ -220,7 +247,7 @@ impl Peer {
         *lock(&self.failed_at) = Some(Instant::now());
         self.streams
             .fail_all(&StreamError::from_link(error.clone(), self.addr));
-        let waiting: Vec<_> = lock(&self.pending).drain().map(|(_, tx)| tx).collect();
+        let waiting: Vec<_> = lock(&self.pending).drain().map(|(_, (_, tx))| tx).collect();
         for tx in waiting {
             // A caller that gave up already has dropped its receiver; nothing to tell it.
             let _ = tx.send(Outcome::Failed(error.clone()));

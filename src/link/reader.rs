@@ -2,8 +2,9 @@
 
 use std::sync::Arc;
 
-use tonic::Streaming;
+use tonic::{Code, Status, Streaming};
 
+use super::batch::MAX_BATCH_ENVELOPES;
 use super::peer::{LinkTokens, Peer};
 use crate::proto::{Batch, Envelope};
 
@@ -13,13 +14,21 @@ pub(crate) type Backpressure = std::pin::Pin<Box<dyn std::future::Future<Output 
 
 /// Where a reader delivers envelopes: the node's dispatcher.
 pub(crate) trait Deliver: Sized + Send + Sync + 'static {
-    /// Handles one envelope that arrived from `peer`. Returns an error to close the link, or
-    /// something to await before the next envelope.
+    /// Handles one envelope that arrived from `peer`. Returns a status to close the link
+    /// with (the peer broke the protocol), or something to await before the next envelope.
     fn deliver(
         self: &Arc<Self>,
         peer: &Arc<Peer>,
         env: Envelope,
-    ) -> Result<Option<Backpressure>, String>;
+    ) -> Result<Option<Backpressure>, Status>;
+}
+
+/// Ends the link for a protocol violation: the status is kept for the acceptor's answer.
+fn fault(tokens: &LinkTokens, status: Status) -> String {
+    let why = status.message().to_owned();
+    // The first fault is the cause; later ones are its echoes.
+    let _ = tokens.fault.set(status);
+    why
 }
 
 /// Reads until the peer closes, the transport fails, the node closes the link or delivery
@@ -39,6 +48,16 @@ pub(crate) async fn run<D: Deliver>(
             m = inbound.message() => m,
         };
         match batch {
+            Ok(Some(batch)) if batch.over_limit > 0 => {
+                return fault(
+                    &tokens,
+                    Status::resource_exhausted(format!(
+                        "{} sent a batch of {} envelopes, over the limit of {MAX_BATCH_ENVELOPES} envelopes",
+                        peer.addr,
+                        batch.envelopes.len() + batch.over_limit
+                    )),
+                );
+            }
             Ok(Some(batch)) => {
                 for env in batch.envelopes {
                     // A link replaced or dropped mid-batch delivers nothing more: what waited
@@ -55,11 +74,26 @@ pub(crate) async fn run<D: Deliver>(
                                 () = wait => {}
                             }
                         }
-                        Err(reason) => return reason,
+                        Err(status) => return fault(&tokens, status),
                     }
                 }
             }
             Ok(None) => return "closed by the peer".into(),
+            // What tonic itself refused to decode: too large, or not a batch.
+            Err(status) if status.code() == Code::OutOfRange => {
+                return fault(
+                    &tokens,
+                    Status::resource_exhausted(status.message().to_owned()),
+                );
+            }
+            Err(status) if status.message().contains("decode") => {
+                let text = format!(
+                    "{} sent a batch that did not decode: {}",
+                    peer.addr,
+                    status.message()
+                );
+                return fault(&tokens, Status::invalid_argument(text));
+            }
             Err(status) => return format!("transport error: {}", status.message()),
         }
     }

@@ -209,7 +209,10 @@ impl Stream for Writer {
                 return Poll::Ready(None);
             }
             if !envelopes.is_empty() {
-                return Poll::Ready(Some(Batch { envelopes }));
+                return Poll::Ready(Some(Batch {
+                    envelopes,
+                    ..Batch::default()
+                }));
             }
             if queued.is_pending() && streams.is_pending() {
                 // Graceful close: end only once nothing is left to write.
@@ -219,6 +222,87 @@ impl Stream for Writer {
                 return Poll::Pending;
             }
             // Everything taken had expired, or a stream had nothing left to say: look again.
+        }
+    }
+}
+
+/// What a dialer sends: its proof, once it has checked the acceptor's (see `link::auth`),
+/// then the writer's batches (gated until the acceptor admits the link).
+pub(crate) struct DialerStream {
+    proof: Option<oneshot::Receiver<Batch>>,
+    writer: Writer,
+}
+
+impl DialerStream {
+    pub(crate) fn new(proof: oneshot::Receiver<Batch>, writer: Writer) -> Self {
+        DialerStream {
+            proof: Some(proof),
+            writer,
+        }
+    }
+}
+
+impl Stream for DialerStream {
+    type Item = Batch;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Batch>> {
+        if let Some(proof) = &mut self.proof {
+            let first = ready!(Pin::new(proof).poll(cx));
+            self.proof = None;
+            // No proof: the dial was abandoned (the acceptor failed its own proof).
+            return Poll::Ready(first.ok());
+        }
+        Pin::new(&mut self.writer).poll_next(cx)
+    }
+}
+
+/// What an acceptor sends once the dialer's proof is in: an empty batch that says "admitted",
+/// then the writer's batches; or a refusal. A link that ends because the peer broke the
+/// protocol ends with that status rather than OK.
+pub(crate) enum AcceptorStream {
+    Waiting {
+        admission: oneshot::Receiver<Result<Writer, tonic::Status>>,
+        fault: Arc<std::sync::OnceLock<tonic::Status>>,
+    },
+    Admitted {
+        writer: Writer,
+        fault: Arc<std::sync::OnceLock<tonic::Status>>,
+    },
+    Done,
+}
+
+impl Stream for AcceptorStream {
+    type Item = Result<Batch, tonic::Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        match this {
+            AcceptorStream::Waiting { admission, fault } => {
+                let fault = fault.clone();
+                match ready!(Pin::new(admission).poll(cx)) {
+                    Ok(Ok(writer)) => {
+                        *this = AcceptorStream::Admitted { writer, fault };
+                        Poll::Ready(Some(Ok(Batch::default())))
+                    }
+                    Ok(Err(status)) => {
+                        *this = AcceptorStream::Done;
+                        Poll::Ready(Some(Err(status)))
+                    }
+                    Err(_) => {
+                        *this = AcceptorStream::Done;
+                        Poll::Ready(None)
+                    }
+                }
+            }
+            AcceptorStream::Admitted { writer, fault } => {
+                if let Some(batch) = ready!(Pin::new(writer).poll_next(cx)) {
+                    return Poll::Ready(Some(Ok(batch)));
+                }
+                let end = fault.get().cloned().map(Err);
+                *this = AcceptorStream::Done;
+                Poll::Ready(end)
+            }
+            AcceptorStream::Done => Poll::Ready(None),
         }
     }
 }

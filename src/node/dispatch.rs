@@ -36,14 +36,14 @@ impl Deliver for Inner {
         self: &Arc<Self>,
         peer: &Arc<Peer>,
         env: Envelope,
-    ) -> Result<Option<crate::link::reader::Backpressure>, String> {
+    ) -> Result<Option<crate::link::reader::Backpressure>, tonic::Status> {
         let limit = self.config.max_envelope;
         let len = payload_len(&env.body);
         if len > limit {
-            return Err(format!(
+            return Err(tonic::Status::resource_exhausted(format!(
                 "{} sent an envelope of {len} bytes, over the limit of {limit} bytes",
                 peer.addr
-            ));
+            )));
         }
         let (Ok(to), Ok(from)) = (LogicAddr::from_u32(env.to), LogicAddr::from_u32(env.from))
         else {
@@ -67,6 +67,7 @@ impl Deliver for Inner {
         }
         match env.body {
             Some(Body::Response(r)) => {
+                let harbor_error = !matches!(r.result, Some(response::Result::Payload(_)));
                 let outcome = match r.result {
                     Some(response::Result::Payload(p)) => Outcome::Reply(p),
                     Some(response::Result::Error(e)) => Outcome::Remote {
@@ -80,16 +81,20 @@ impl Deliver for Inner {
                 };
                 // A relayed answer may come back through another harbor than its request went
                 // out by (the harbor set changed, or the far side hashed differently): the
-                // call waits on one of this cluster's harbors. Call ids are unique per node.
-                let waiting = peer.take_pending(r.id).or_else(|| {
+                // call waits on one of this cluster's harbors. Call ids are unique per node
+                // and unguessable; an answer counts only from the node that was called.
+                let waiting = peer.take_answer(r.id, from, harbor_error).or_else(|| {
                     (from != peer.addr)
-                        .then(|| self.take_pending_at_harbors(r.id))
+                        .then(|| self.take_answer_at_harbors(r.id, from, harbor_error))
                         .flatten()
                 });
                 match waiting {
                     // The caller may have stopped waiting between lookup and send.
                     Some(tx) => drop(tx.send(outcome)),
-                    None => Stats::incr(&self.stats.responses_orphaned),
+                    None => {
+                        Stats::incr(&self.stats.responses_orphaned);
+                        tracing::debug!(peer = %peer.addr, %from, id = r.id, "an answer matched no call waiting for it from that node");
+                    }
                 }
             }
             Some(Body::Request(r)) => self.serve_request(peer, from, r),
@@ -122,12 +127,17 @@ fn relayable(peer: LogicAddr, from: LogicAddr, to: LogicAddr) -> bool {
 }
 
 impl Inner {
-    /// Takes call `id` from whichever harbor slot of this cluster holds it.
-    fn take_pending_at_harbors(&self, id: u64) -> Option<tokio::sync::oneshot::Sender<Outcome>> {
+    /// Takes call `id`, answered by `from`, from whichever harbor slot of this cluster holds it.
+    fn take_answer_at_harbors(
+        &self,
+        id: u64,
+        from: LogicAddr,
+        harbor_error: bool,
+    ) -> Option<tokio::sync::oneshot::Sender<Outcome>> {
         self.peer_list()
             .iter()
             .filter(|p| p.addr.is_harbor() && p.addr.cluster() == self.addr.cluster())
-            .find_map(|p| p.take_pending(id))
+            .find_map(|p| p.take_answer(id, from, harbor_error))
     }
 
     fn misaddressed(&self, peer: &Peer, env: &Envelope) {
@@ -211,8 +221,8 @@ impl Inner {
             for item in buf.drain(..) {
                 if item.deadline.is_some_and(|d| d <= now) {
                     peer.expire(item, &self.stats);
-                } else if let Err(reason) = self.deliver(&peer, item.env) {
-                    tracing::warn!(reason, "dropped a self-sent envelope");
+                } else if let Err(status) = self.deliver(&peer, item.env) {
+                    tracing::warn!(reason = status.message(), "dropped a self-sent envelope");
                 }
             }
         }

@@ -82,6 +82,8 @@ pub(crate) struct Inner {
     /// A harbor's streams relayed between other nodes, by (opener, stream id).
     pub(crate) stream_relays: Mutex<FastMap<(u32, u64), super::relay::StreamRelay>>,
     next_id: AtomicU64,
+    /// Keys that turn `next_id` into call ids.
+    call_ids: std::hash::RandomState,
     pub(crate) next_gen: AtomicU64,
     /// Cancelled last in shutdown: ends every task and link.
     pub(crate) root: CancellationToken,
@@ -123,6 +125,8 @@ impl Inner {
             addr,
             inflight: Default::default(),
             limit: config.max_concurrent_requests,
+            per_caller: config.max_requests_per_caller,
+            remote_serving: Default::default(),
             drained: Notify::new(),
             max_envelope: config.max_envelope,
             send_timeout: config.send_timeout,
@@ -142,7 +146,7 @@ impl Inner {
             self_peer: Peer::new(
                 addr,
                 config.peer_queue.max(1),
-                stream::Table::new(live_streams.clone(), 0),
+                stream::Table::new(live_streams.clone(), 0, 0),
             ),
             live_streams,
             relays: Mutex::new(FastMap::default()),
@@ -163,6 +167,7 @@ impl Inner {
             server,
             stats,
             next_id: AtomicU64::new(1),
+            call_ids: std::hash::RandomState::new(),
             next_gen: AtomicU64::new(1),
             root,
             accept_stop: CancellationToken::new(),
@@ -223,8 +228,13 @@ impl Inner {
         Ok(())
     }
 
+    /// A call id no other node can guess: a counter through SipHash under this node's random
+    /// keys. (Unique in practice: two calls in flight share an id with odds of ~2^-64.)
     pub(crate) fn next_call_id(&self) -> u64 {
-        self.next_id.fetch_add(1, Ordering::Relaxed)
+        use std::hash::BuildHasher;
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        // 0 marks a one-way request.
+        self.call_ids.hash_one(n).max(1)
     }
 
     /// The peer slot of the next hop toward `to`: `to` itself in this cluster (created on
@@ -305,7 +315,11 @@ impl Inner {
         Peer::new(
             addr,
             self.config.peer_queue,
-            stream::Table::new(self.live_streams.clone(), self.config.max_streams),
+            stream::Table::new(
+                self.live_streams.clone(),
+                self.config.max_streams,
+                self.config.max_stream_meta_per_peer,
+            ),
         )
     }
 

@@ -9,12 +9,17 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 use tokio_stream::StreamExt;
-use tonic::transport::server::TcpIncoming;
 
 use super::dispatch::MeshService;
 use super::inner::{Inner, Phase};
 use crate::error::{DiscoveryError, RpcError, StartError};
 use crate::link::LinkState;
+use crate::link::incoming::{Admission, incoming};
+
+/// HTTP/2 streams (link calls) one connection may have open at once.
+const MAX_CALLS_PER_CONNECTION: u32 = 4;
+/// Largest header block a dialer may send.
+const MAX_HEADER_BYTES: u32 = 16 << 10;
 use crate::membership::view::{Change, View};
 use crate::membership::{MembershipEvent, MembershipStream};
 use crate::proto::mesh_server::MeshServer;
@@ -127,16 +132,23 @@ impl Inner {
         })
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
+        let admission = Admission::new(
+            self.config.max_pending_connections,
+            self.config.max_pending_per_source,
+            self.config.dial_timeout,
+            self.stats.clone(),
+        );
         let serve = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
             .http2_keepalive_interval(Some(self.config.keepalive_interval))
             .http2_keepalive_timeout(Some(self.config.keepalive_timeout))
             .max_frame_size(self.config.link_frame_size)
+            // A link is one call per connection; a few more leave room for a redial racing
+            // the old link's end. Hello metadata is a few hundred bytes.
+            .max_concurrent_streams(MAX_CALLS_PER_CONNECTION)
+            .http2_max_header_list_size(MAX_HEADER_BYTES)
             .add_service(service)
-            // Accepted sockets get their options here: the builder's `tcp_nodelay` does not
-            // reach a listener we bring ourselves, and Nagle's delay would stall small batches.
             .serve_with_incoming_shutdown(
-                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                incoming(listener, admission),
                 self.accept_stop.clone().cancelled_owned(),
             );
         let root = self.root.clone();

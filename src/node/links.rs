@@ -6,6 +6,9 @@
 //! gated until admission) and waits for the winning link, whose writer then drains the same
 //! queue: nothing is lost or reordered.
 //!
+//! A link is admitted only after the handshake of `link::auth`: each side proves the cluster
+//! secret over both sides' fresh nonces, so no recorded handshake admits anyone again.
+//!
 //! Every node start has a random incarnation number, sent in the hello. A dial from a peer
 //! whose incarnation differs from the one on the current link means the peer restarted: the
 //! stale link is replaced at once rather than waiting for keepalive to notice.
@@ -17,22 +20,21 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 use tokio::time::Instant;
-use tokio_stream::{Stream, StreamExt};
+use tokio_stream::Stream;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use super::inner::{Inner, Phase};
 use crate::error::RpcError;
-use crate::link::auth::{self, Hello};
+use crate::link::auth::{Challenge, Hello};
+use crate::link::incoming::ConnInfo;
 use crate::link::writer::Writer;
-use crate::link::{LinkState, LinkTokens, Peer, reader};
+use crate::link::{AcceptorStream, DialerStream, LinkState, LinkTokens, Peer, reader};
 use crate::proto::Batch;
 use crate::proto::mesh_client::MeshClient;
 use crate::stats::Stats;
 
 pub(crate) type LinkStream = Pin<Box<dyn Stream<Item = Result<Batch, Status>> + Send + 'static>>;
-
-const INCARNATION: &str = "cg-incarnation";
 
 enum DialError {
     /// The peer keeps its own dial; wait for its link.
@@ -53,6 +55,7 @@ impl Inner {
         LinkTokens {
             kill: self.root.child_token(),
             close: tokio_util::sync::CancellationToken::new(),
+            fault: Default::default(),
         }
     }
 
@@ -77,6 +80,12 @@ impl Inner {
             DialError::Failed(RpcError::PeerLost {
                 peer: peer.addr,
                 cause,
+            })
+        };
+        let refused = |reason: String| {
+            DialError::Failed(RpcError::Refused {
+                peer: peer.addr,
+                reason,
             })
         };
         let Some(net_addr) = self.view().get(peer.addr).map(|m| m.net_addr.clone()) else {
@@ -104,43 +113,56 @@ impl Inner {
             .max_encoding_message_size(max);
         let tokens = self.tokens();
         let (gate_tx, gate_rx) = oneshot::channel();
-        let mut req = Request::new(self.writer(peer, &tokens, Some(gate_rx)));
-        auth::sign(
-            req.metadata_mut(),
-            &self.secret,
-            self.addr,
-            peer.addr,
-            self.incarnation,
-        );
+        let (proof_tx, proof_rx) = oneshot::channel();
+        let hello = Hello::new(self.addr, peer.addr, self.incarnation);
+        let writer = self.writer(peer, &tokens, Some(gate_rx));
+        let mut req = Request::new(DialerStream::new(proof_rx, writer));
+        hello.write(req.metadata_mut());
+        let status_error = |status: Status| match status.code() {
+            Code::Aborted => DialError::Simultaneous,
+            Code::Unauthenticated
+            | Code::PermissionDenied
+            | Code::FailedPrecondition
+            | Code::Unavailable => refused(status.message().to_owned()),
+            _ => lost(format!("link call failed: {}", status.message())),
+        };
         let resp = match tokio::time::timeout_at(deadline, client.link(req)).await {
             Ok(Ok(resp)) => resp,
-            Ok(Err(status)) if status.code() == Code::Aborted => {
-                return Err(DialError::Simultaneous);
+            Ok(Err(status)) => return Err(status_error(status)),
+            Err(_) => {
+                return Err(lost(format!(
+                    "{net_addr} did not answer the link hello in time"
+                )));
             }
-            Ok(Err(status)) => {
-                return Err(match status.code() {
-                    Code::Unauthenticated
-                    | Code::PermissionDenied
-                    | Code::FailedPrecondition
-                    | Code::Unavailable => DialError::Failed(RpcError::Refused {
-                        peer: peer.addr,
-                        reason: status.message().to_owned(),
-                    }),
-                    _ => lost(format!("link call failed: {}", status.message())),
-                });
-            }
-            Err(_) => return Err(lost(format!("{net_addr} did not admit the link in time"))),
         };
-        let incarnation = resp
-            .metadata()
-            .get(INCARNATION)
-            .and_then(|v| v.to_str().ok()?.parse().ok())
-            .unwrap_or(0);
+        // Nothing is sent before the node at `net_addr` has proved it is the peer.
+        let challenge = Challenge::read(resp.metadata(), &self.secret, &hello)
+            .map_err(|e| refused(format!("the node at {net_addr}: {e}")))?;
+        let _ = proof_tx.send(Batch {
+            proof: hello.prove(&self.secret, &challenge),
+            ..Batch::default()
+        });
+        let mut inbound = resp.into_inner();
+        match tokio::time::timeout_at(deadline, inbound.message()).await {
+            Ok(Ok(Some(first))) if first.envelopes.is_empty() => {}
+            Ok(Ok(Some(_))) => {
+                return Err(lost(format!(
+                    "{net_addr} broke the handshake: its first batch carried envelopes"
+                )));
+            }
+            Ok(Ok(None)) => {
+                return Err(lost(format!(
+                    "{net_addr} ended the link before admitting it"
+                )));
+            }
+            Ok(Err(status)) => return Err(status_error(status)),
+            Err(_) => return Err(lost(format!("{net_addr} did not admit the link in time"))),
+        }
         Ok(Dialed {
-            inbound: resp.into_inner(),
+            inbound,
             tokens,
             gate: gate_tx,
-            incarnation,
+            incarnation: challenge.incarnation,
             channel,
         })
     }
@@ -314,46 +336,123 @@ impl Inner {
         tracing::info!(peer = %addr, reason = why, "peer dropped");
     }
 
-    /// Admits or refuses an inbound link.
+    /// Answers a link hello with a challenge; admission follows the dialer's proof (see
+    /// [`Inner::admit`]). Refusals here go to a dialer that has proved nothing yet, so they
+    /// name nothing it did not send.
     pub(crate) fn accept(
         self: &Arc<Self>,
         req: Request<Streaming<Batch>>,
     ) -> Result<Response<LinkStream>, Status> {
-        let refuse = |status: Status| {
-            Stats::incr(&self.stats.links_refused);
-            tracing::info!(node = %self.addr, reason = status.message(), "link refused");
-            Err(status)
-        };
         if self.phase() != Phase::Running {
-            return refuse(Status::unavailable(format!(
-                "{} is not running (starting or shutting down)",
+            return Err(self.refused(Status::unavailable(
+                "the node is not running (starting or shutting down)",
+            )));
+        }
+        let hello = Hello::read(req.metadata())
+            .map_err(|e| self.refused(Status::unauthenticated(e.to_string())))?;
+        if hello.to != self.addr {
+            return Err(self.refused(Status::failed_precondition(format!(
+                "link meant for {} reached another node",
+                hello.to
+            ))));
+        }
+        if hello.from == self.addr || self.view().get(hello.from).is_none() {
+            return Err(self.refused(Status::permission_denied(format!(
+                "{} is not a member this node admits",
+                hello.from
+            ))));
+        }
+        let conn = req.extensions().get::<ConnInfo>().cloned();
+        let challenge = Challenge::new(self.incarnation);
+        let tokens = self.tokens();
+        let (tx, rx) = oneshot::channel();
+        let stream: LinkStream = Box::pin(AcceptorStream::Waiting {
+            admission: rx,
+            fault: tokens.fault.clone(),
+        });
+        let mut resp = Response::new(stream);
+        challenge.write(resp.metadata_mut(), &self.secret, &hello);
+        let span =
+            tracing::debug_span!(parent: None, "admit", node = %self.addr, peer = %hello.from);
+        self.tracker.spawn(tracing::Instrument::instrument(
+            self.clone()
+                .admit(hello, challenge, req.into_inner(), tokens, tx, conn),
+            span,
+        ));
+        Ok(resp)
+    }
+
+    fn refused(&self, status: Status) -> Status {
+        Stats::incr(&self.stats.links_refused);
+        tracing::info!(node = %self.addr, reason = status.message(), "link refused");
+        status
+    }
+
+    /// Waits (up to the dial timeout) for the dialer's proof, then admits the link or refuses
+    /// it with a status.
+    async fn admit(
+        self: Arc<Self>,
+        hello: Hello,
+        challenge: Challenge,
+        mut inbound: Streaming<Batch>,
+        tokens: LinkTokens,
+        mut tx: oneshot::Sender<Result<Writer, Status>>,
+        conn: Option<ConnInfo>,
+    ) {
+        let wait = self.config.dial_timeout;
+        let first = tokio::select! {
+            r = tokio::time::timeout(wait, inbound.message()) => r,
+            _ = self.root.cancelled() => return,
+            // The call ended before the proof: nothing to admit, nobody to tell.
+            () = tx.closed() => return,
+        };
+        let proof = match first {
+            Ok(Ok(Some(b))) if b.envelopes.is_empty() && b.over_limit == 0 => b.proof,
+            Ok(Ok(Some(_))) => {
+                let status = Status::invalid_argument(
+                    "the dialer's first batch must carry its proof and no envelopes",
+                );
+                return drop(tx.send(Err(self.refused(status))));
+            }
+            Ok(Ok(None) | Err(_)) => return,
+            Err(_) => {
+                let status = Status::deadline_exceeded(format!("no link proof within {wait:?}"));
+                return drop(tx.send(Err(self.refused(status))));
+            }
+        };
+        if let Err(e) = hello.check(&self.secret, &challenge, &proof) {
+            return drop(tx.send(Err(self.refused(Status::unauthenticated(e.to_string())))));
+        }
+        match self.clone().admit_proven(&hello, tokens.clone()) {
+            Ok((peer, link_gen)) => {
+                if let Some(conn) = conn {
+                    conn.admitted();
+                }
+                let writer = self.writer(&peer, &tokens, None);
+                // If the call ended meanwhile, the reader sees it end and takes the link down.
+                let _ = tx.send(Ok(writer));
+                self.link_up(peer, link_gen, inbound, tokens, None);
+            }
+            Err(status) => drop(tx.send(Err(self.refused(status)))),
+        }
+    }
+
+    /// Admits a dialer that proved itself: the rule that leaves one link per pair, and the
+    /// replacement of a link the peer lost or left behind when it restarted.
+    fn admit_proven(
+        self: Arc<Self>,
+        hello: &Hello,
+        tokens: LinkTokens,
+    ) -> Result<(Arc<Peer>, u64), Status> {
+        if self.phase() != Phase::Running {
+            return Err(Status::unavailable(format!(
+                "{} is shutting down",
                 self.addr
             )));
         }
-        let hello: Hello =
-            match auth::verify(req.metadata(), &self.secret, self.config.hello_max_skew) {
-                Ok(h) => h,
-                Err(auth::HelloError::BadSecret { from }) => {
-                    return refuse(Status::unauthenticated(format!(
-                        "{} refused {from}: cluster secret mismatch (HMAC check failed)",
-                        self.addr
-                    )));
-                }
-                Err(e) => {
-                    return refuse(Status::unauthenticated(format!(
-                        "{} refused the link: {e}",
-                        self.addr
-                    )));
-                }
-            };
-        if hello.to != self.addr {
-            return refuse(Status::failed_precondition(format!(
-                "link meant for {} reached {}",
-                hello.to, self.addr
-            )));
-        }
-        if hello.from == self.addr || self.view().get(hello.from).is_none() {
-            return refuse(Status::permission_denied(format!(
+        // Membership may have changed while the proof was on its way.
+        if self.view().get(hello.from).is_none() {
+            return Err(Status::permission_denied(format!(
                 "{} refused {}: not in {}'s membership",
                 self.addr, hello.from, self.addr
             )));
@@ -368,14 +467,14 @@ impl Inner {
         let mut replaced = None;
         let mut st = peer.state();
         let smaller = self.addr < hello.from;
+        let keeps_own = || {
+            Status::aborted(format!(
+                "simultaneous dial: {} keeps the link it dialed",
+                self.addr
+            ))
+        };
         match &*st {
-            LinkState::Dialing { .. } if smaller => {
-                drop(st);
-                return refuse(Status::aborted(format!(
-                    "simultaneous dial: {} keeps the link it dialed",
-                    self.addr
-                )));
-            }
+            LinkState::Dialing { .. } if smaller => return Err(keeps_own()),
             // Both dialed and ours was admitted first. A dial that raced ours started before
             // our link came up, so it arrives within a dial timeout of it; a later dial means
             // the peer lost its side of our link, and is served below.
@@ -388,25 +487,22 @@ impl Inner {
                 && *incarnation == hello.incarnation
                 && since.elapsed() < self.config.dial_timeout =>
             {
-                drop(st);
-                return refuse(Status::aborted(format!(
-                    "simultaneous dial: {} keeps the link it dialed",
-                    self.addr
-                )));
+                return Err(keeps_own());
             }
             LinkState::Up {
-                tokens,
+                tokens: old,
                 incarnation,
                 ..
             } => {
-                // The peer dials although a link is up: it restarted, or its side of the
-                // link is gone. What waits on the old link will not be answered on it.
+                // The peer proved itself on a fresh connection although a link is up: it
+                // restarted, or its side of the link is gone. What waits on the old link will
+                // not be answered on it.
                 let cause = if *incarnation == hello.incarnation {
                     "the peer replaced the link"
                 } else {
                     "the peer restarted"
                 };
-                tokens.kill.cancel();
+                old.kill.cancel();
                 let error = RpcError::PeerLost {
                     peer: peer.addr,
                     cause: cause.into(),
@@ -416,8 +512,7 @@ impl Inner {
                 Stats::incr(&self.stats.links_closed);
             }
             LinkState::Closed => {
-                drop(st);
-                return refuse(Status::permission_denied(format!(
+                return Err(Status::permission_denied(format!(
                     "{} refused {}: it left membership",
                     self.addr, hello.from
                 )));
@@ -425,12 +520,11 @@ impl Inner {
             LinkState::Idle { .. } | LinkState::Dialing { .. } => {}
         }
         let link_gen = self.next_gen.fetch_add(1, Ordering::Relaxed);
-        let tokens = self.tokens();
         peer.set_state(
             &mut st,
             LinkState::Up {
                 link_gen,
-                tokens: tokens.clone(),
+                tokens,
                 dialed: false,
                 incarnation: hello.incarnation,
                 since: Instant::now(),
@@ -440,19 +534,7 @@ impl Inner {
         if let Some((relayed, error)) = replaced {
             self.bounce(peer.addr, relayed, &error);
         }
-        let writer = self.writer(&peer, &tokens, None);
-        self.clone()
-            .link_up(peer, link_gen, req.into_inner(), tokens, None);
-        let stream: LinkStream = Box::pin(writer.map(Ok));
-        let mut resp = Response::new(stream);
-        resp.metadata_mut().insert(
-            INCARNATION,
-            self.incarnation
-                .to_string()
-                .parse()
-                .expect("digits are valid metadata"),
-        );
-        Ok(resp)
+        Ok((peer, link_gen))
     }
 }
 

@@ -233,7 +233,7 @@ impl Node {
         inner.ensure_link(&peer)?;
         let id = inner.next_call_id();
         let (tx, rx) = oneshot::channel();
-        peer.add_pending(id, tx);
+        peer.add_pending(id, to, tx);
         let item = Outbound {
             env: inner.envelope(
                 to,
@@ -432,7 +432,9 @@ impl Node {
     /// [`StreamError::Shutdown`] when either node is shutting down,
     /// [`StreamError::TooMany`] at this node's own limit
     /// ([`NodeConfig::max_streams`](crate::NodeConfig::max_streams)),
-    /// [`StreamError::TooLarge`] for metadata over the envelope limit,
+    /// [`StreamError::TooLarge`] for metadata over
+    /// [`NodeConfig::max_stream_meta`](crate::NodeConfig::max_stream_meta) (or the envelope
+    /// limit, if smaller),
     /// [`StreamError::Timeout`] when the peer does not answer in time,
     /// [`StreamError::Reset`] when the peer's handler drops the stream at once, and with the
     /// link's failure ([`StreamError::PeerLost`], [`StreamError::Refused`]) when the peer
@@ -442,8 +444,10 @@ impl Node {
     }
 
     /// Like [`Node::open_stream`], sending `meta` (e.g. the client's transport and address) to
-    /// the accepting side, where [`Stream::metadata`] returns it. The metadata counts against
-    /// [`NodeConfig::max_envelope`](crate::NodeConfig::max_envelope).
+    /// the accepting side, where [`Stream::metadata`] returns it. The metadata is bounded by
+    /// [`NodeConfig::max_stream_meta`](crate::NodeConfig::max_stream_meta) here and at the
+    /// peer, which also caps what all the streams a peer opened hold
+    /// ([`NodeConfig::max_stream_meta_per_peer`](crate::NodeConfig::max_stream_meta_per_peer)).
     pub async fn open_stream_with(
         &self,
         to: LogicAddr,

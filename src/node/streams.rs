@@ -43,11 +43,9 @@ impl Inner {
             return Err(StreamError::ToSelf { node: self.addr });
         }
         let size = meta.size();
-        if size > self.config.max_envelope {
-            return Err(StreamError::TooLarge {
-                size,
-                limit: self.config.max_envelope,
-            });
+        let limit = self.config.max_stream_meta.min(self.config.max_envelope);
+        if size > limit {
+            return Err(StreamError::TooLarge { size, limit });
         }
         // In another cluster: the harbor both directions of this stream cross.
         let peer = self.peer_for(to).map_err(link)?;
@@ -69,11 +67,14 @@ impl Inner {
             })
             .map_err(|e| match e {
                 AddError::Full { limit } => StreamError::TooMany { peer: to, limit },
-                // Numbers opened here are unique.
-                AddError::Duplicate | AddError::Closed => StreamError::PeerLost {
-                    peer: to,
-                    cause: "the link went down as the stream was opened".into(),
-                },
+                // Numbers opened here are unique, and opened streams' metadata is not capped
+                // (it is this node's own).
+                AddError::Duplicate | AddError::Closed | AddError::MetaFull { .. } => {
+                    StreamError::PeerLost {
+                        peer: to,
+                        cause: "the link went down as the stream was opened".into(),
+                    }
+                }
             })?;
         peer.streams.push_ready(shared.clone());
         self.after_enqueue(&peer);
@@ -198,6 +199,16 @@ impl Inner {
                 format!("{} is shutting down", self.addr),
             );
         }
+        let size = crate::stream::wire_size(&meta);
+        if size > self.config.max_stream_meta {
+            return refuse(
+                ErrorCode::REFUSED,
+                format!(
+                    "stream metadata of {size} bytes is over {}'s limit of {} bytes",
+                    self.addr, self.config.max_stream_meta
+                ),
+            );
+        }
         let shared = Shared::accepting(Init {
             id,
             opened_here: false,
@@ -217,6 +228,15 @@ impl Inner {
                     format!(
                         "too many streams between {} and {} (limit {limit})",
                         self.addr, from
+                    ),
+                );
+            }
+            Err(AddError::MetaFull { limit }) => {
+                return refuse(
+                    ErrorCode::REFUSED,
+                    format!(
+                        "the streams {from} opened to {} hold {limit} bytes of metadata, its limit",
+                        self.addr
                     ),
                 );
             }

@@ -35,6 +35,10 @@ pub(crate) enum AddError {
     Full {
         limit: usize,
     },
+    /// The metadata of the streams the peer opened would pass the per-peer limit.
+    MetaFull {
+        limit: usize,
+    },
     Duplicate,
     /// The link these streams lived on failed, and no new one is up or being dialed.
     Closed,
@@ -50,9 +54,13 @@ pub(crate) struct Table {
     writer: AtomicWaker,
     live: Arc<Live>,
     max: usize,
+    /// Bytes of metadata the streams the peer opened may hold in all.
+    max_meta: usize,
 }
 
 struct Streams {
+    /// Bytes of metadata held for the streams the peer opened.
+    meta_bytes: usize,
     map: FastMap<(u32, u64), Arc<Shared>>,
     /// Cleared when the streams are failed (the link went down), set again when a link is
     /// dialed or admitted. Both happen under the peer's link-state lock, so a stream added
@@ -71,9 +79,10 @@ impl std::fmt::Debug for Table {
 }
 
 impl Table {
-    pub(crate) fn new(live: Arc<Live>, max: usize) -> Self {
+    pub(crate) fn new(live: Arc<Live>, max: usize, max_meta: usize) -> Self {
         Table {
             streams: Mutex::new(Streams {
+                meta_bytes: 0,
                 map: FastMap::default(),
                 open: false,
             }),
@@ -81,6 +90,7 @@ impl Table {
             writer: AtomicWaker::new(),
             live,
             max,
+            max_meta,
         }
     }
 
@@ -122,6 +132,13 @@ impl Table {
         if s.map.len() >= self.max {
             return Err(AddError::Full { limit: self.max });
         }
+        let meta = stream.meta.size();
+        if s.meta_bytes + meta > self.max_meta {
+            return Err(AddError::MetaFull {
+                limit: self.max_meta,
+            });
+        }
+        s.meta_bytes += meta;
         s.map.insert(stream.key(), stream.clone());
         self.live
             .stats
@@ -140,6 +157,9 @@ impl Table {
         let key = stream.key();
         if s.map.get(&key).is_some_and(|x| Arc::ptr_eq(x, stream)) {
             s.map.remove(&key);
+            if !stream.opened_here {
+                s.meta_bytes -= stream.meta.size();
+            }
             drop(s);
             self.forget_one();
         }
@@ -173,6 +193,7 @@ impl Table {
         let streams: Vec<_> = {
             let mut s = self.lock();
             s.open = false;
+            s.meta_bytes = 0;
             s.map.drain().map(|(_, v)| v).collect()
         };
         // What waited to be sent belonged to the lost link; no stream can be added until the

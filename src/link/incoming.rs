@@ -1,0 +1,287 @@
+//! The node's own accept path: what a connection may cost before it has proved anything.
+//!
+//! A connection is *pending* from accept until a link on it is admitted (the handshake of
+//! `link::auth` succeeded). Pending connections are capped in all and per source IP address
+//! (over a cap, a new connection is closed at once), and each must be admitted within the dial
+//! timeout of its accept, whatever it sends meanwhile (nothing, half a TLS handshake, an HTTP/2
+//! preface and no call): then it is closed. So silent or slow connections cannot pile up, and
+//! a flood from one address leaves room for everyone else. When the process runs out of
+//! descriptors (EMFILE/ENFILE), accepting backs off instead of spinning.
+
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::{Instant, Sleep};
+use tokio_stream::Stream;
+use tonic::transport::server::Connected;
+
+use crate::LogGate;
+use crate::hash::FastMap;
+use crate::stats::Stats;
+
+static REFUSED: LogGate = LogGate::new();
+static TIMED_OUT: LogGate = LogGate::new();
+static ACCEPT_FAILED: LogGate = LogGate::new();
+
+/// Counts of pending connections, and their caps.
+#[derive(Debug)]
+pub(crate) struct Admission {
+    max_total: usize,
+    max_per_source: usize,
+    deadline: Duration,
+    counts: Mutex<Counts>,
+    stats: Arc<Stats>,
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    total: usize,
+    by_source: FastMap<IpAddr, usize>,
+}
+
+impl Admission {
+    pub(crate) fn new(
+        max_total: usize,
+        max_per_source: usize,
+        deadline: Duration,
+        stats: Arc<Stats>,
+    ) -> Arc<Self> {
+        Arc::new(Admission {
+            max_total,
+            max_per_source,
+            deadline,
+            counts: Mutex::default(),
+            stats,
+        })
+    }
+
+    fn counts(&self) -> std::sync::MutexGuard<'_, Counts> {
+        self.counts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A slot for a new connection from `source`, or `None` over a cap.
+    fn take(self: &Arc<Self>, source: IpAddr) -> Option<Slot> {
+        let mut c = self.counts();
+        let from_source = c.by_source.get(&source).copied().unwrap_or(0);
+        if c.total >= self.max_total || from_source >= self.max_per_source {
+            return None;
+        }
+        c.total += 1;
+        c.by_source.insert(source, from_source + 1);
+        Some(Slot {
+            admission: self.clone(),
+            source,
+        })
+    }
+}
+
+/// One pending connection's place in the counts; given back when it is admitted or closed.
+#[derive(Debug)]
+struct Slot {
+    admission: Arc<Admission>,
+    source: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut c = self.admission.counts();
+        c.total -= 1;
+        if let Some(n) = c.by_source.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                c.by_source.remove(&self.source);
+            }
+        }
+    }
+}
+
+/// What the gRPC handler sees of the connection a call came on (a request extension).
+#[derive(Debug, Clone)]
+pub(crate) struct ConnInfo {
+    pub(crate) remote: SocketAddr,
+    slot: Arc<Mutex<Option<Slot>>>,
+}
+
+impl ConnInfo {
+    /// A link on this connection was admitted: it is no longer pending, and stays open.
+    pub(crate) fn admitted(&self) {
+        self.slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+}
+
+/// An accepted connection, closed at its deadline unless a link on it was admitted.
+#[derive(Debug)]
+pub(crate) struct Conn {
+    io: TcpStream,
+    info: ConnInfo,
+    /// Until admission; dropped after.
+    deadline: Option<Pin<Box<Sleep>>>,
+    stats: Arc<Stats>,
+}
+
+impl Conn {
+    fn check(&mut self, cx: &mut Context<'_>) -> std::io::Result<()> {
+        let Some(deadline) = &mut self.deadline else {
+            return Ok(());
+        };
+        if self
+            .info
+            .slot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
+        {
+            self.deadline = None;
+            return Ok(());
+        }
+        if deadline.as_mut().poll(cx).is_ready() {
+            Stats::incr(&self.stats.connections_timed_out);
+            if let Some(held) = TIMED_OUT.pass() {
+                tracing::info!(remote = %self.info.remote, held_back = held, "closed a connection that was not admitted as a link in time");
+            }
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no link admitted on this connection in time",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Connected for Conn {
+    type ConnectInfo = ConnInfo;
+
+    fn connect_info(&self) -> ConnInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        // The server always has a read outstanding, so the deadline is watched here.
+        self.check(cx)?;
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.check(cx)?;
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        self.check(cx)?;
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Out of descriptors or memory: accepting again at once would fail again at once.
+fn exhausted(e: &std::io::Error) -> bool {
+    // EMFILE 24, ENFILE 23, ENOBUFS 105, ENOMEM 12 (Linux); elsewhere only the kinds.
+    matches!(e.raw_os_error(), Some(23 | 24 | 105 | 12))
+        || e.kind() == std::io::ErrorKind::OutOfMemory
+}
+
+/// Accepted connections within the caps, for the gRPC server. Never yields an error: a failed
+/// accept is logged (gated) and, when descriptors ran out, retried after a backoff.
+pub(crate) fn incoming(
+    listener: TcpListener,
+    admission: Arc<Admission>,
+) -> impl Stream<Item = Result<Conn, std::io::Error>> + Send + 'static {
+    futures_util::stream::unfold(
+        (listener, admission, Duration::ZERO),
+        |(listener, admission, mut backoff)| async move {
+            loop {
+                match listener.accept().await {
+                    Ok((io, remote)) => {
+                        backoff = Duration::ZERO;
+                        let Some(slot) = admission.take(remote.ip()) else {
+                            Stats::incr(&admission.stats.connections_refused);
+                            if let Some(held) = REFUSED.pass() {
+                                tracing::warn!(%remote, held_back = held, "closed a connection at once: too many connections awaiting admission (from that address, or in all)");
+                            }
+                            drop(io);
+                            continue;
+                        };
+                        // Small batches must not wait for Nagle.
+                        let _ = io.set_nodelay(true);
+                        let conn = Conn {
+                            io,
+                            info: ConnInfo {
+                                remote,
+                                slot: Arc::new(Mutex::new(Some(slot))),
+                            },
+                            deadline: Some(Box::pin(tokio::time::sleep_until(
+                                Instant::now() + admission.deadline,
+                            ))),
+                            stats: admission.stats.clone(),
+                        };
+                        return Some((Ok(conn), (listener, admission, backoff)));
+                    }
+                    Err(e) if exhausted(&e) => {
+                        backoff =
+                            (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                        if let Some(held) = ACCEPT_FAILED.pass() {
+                            tracing::error!(error = %e, ?backoff, held_back = held, "accept failed: out of descriptors or memory; backing off");
+                        }
+                        tokio::time::sleep(backoff).await;
+                    }
+                    // The client left before it was accepted, and the like.
+                    Err(e) => {
+                        if let Some(held) = ACCEPT_FAILED.pass() {
+                            tracing::debug!(error = %e, held_back = held, "accept failed");
+                        }
+                    }
+                }
+            }
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caps_per_source_and_in_all() {
+        let a = Admission::new(3, 2, Duration::from_secs(1), Arc::default());
+        let (x, y): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let s1 = a.take(x).unwrap();
+        let _s2 = a.take(x).unwrap();
+        assert!(a.take(x).is_none(), "per-source cap");
+        let _s3 = a.take(y).unwrap();
+        assert!(a.take(y).is_none(), "total cap");
+        drop(s1);
+        assert!(a.take(x).is_some(), "a slot given back is free again");
+    }
+}
