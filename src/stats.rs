@@ -76,6 +76,9 @@ counters! {
     streams_reset,
     /// Stream envelopes for a stream this node no longer knows (closed or reset meanwhile).
     stream_envelopes_unknown,
+    /// Stream closes and refusals dropped on a full queue (the far end learns of the end at
+    /// its own timeout instead).
+    closes_dropped,
     /// Streams open now (a gauge, not a counter).
     streams_active,
 }

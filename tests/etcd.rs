@@ -512,3 +512,39 @@ async fn harbors_read_other_clusters_harbors_from_the_harbors_center() {
     harbor.shutdown().await;
     assert!(!alive(PREFIX).await && !alive(CENTER).await);
 }
+
+/// An operator deletes a running node's alive key: the node notices within about a lease TTL
+/// and puts it back, so it is picked again without a restart.
+#[tokio::test]
+async fn a_deleted_alive_key_is_restored_while_the_node_runs() {
+    let etcd = Etcd::start();
+    let mut c = client(&etcd).await;
+    let watcher = start_node(&etcd, &mut c, "1.1.1").await;
+    let node = start_node(&etcd, &mut c, "1.2.1").await;
+    assert!(
+        watcher
+            .wait_for_member(node.addr(), |m| m.is_some_and(|m| m.available), WAIT)
+            .await
+    );
+    c.delete(alive_key(PREFIX, node.addr()), None)
+        .await
+        .unwrap();
+    assert!(
+        watcher
+            .wait_for_member(node.addr(), |m| m.is_some_and(|m| !m.available), WAIT)
+            .await
+    );
+    let deleted = Instant::now();
+    assert!(
+        watcher
+            .wait_for_member(node.addr(), |m| m.is_some_and(|m| m.available), WAIT)
+            .await,
+        "the alive key was not restored"
+    );
+    // Checked once a TTL (2 s here).
+    assert!(
+        deleted.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        deleted.elapsed()
+    );
+}

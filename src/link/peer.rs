@@ -178,6 +178,22 @@ impl Peer {
         })
     }
 
+    /// Queues a stream close or refusal without waiting. On a full queue it is dropped, counted
+    /// in `closes_dropped` and logged (gated): the far end then learns of the end only at its
+    /// own timeout, which is why it is counted.
+    pub(crate) fn try_send_close(&self, env: Envelope, stats: &Stats) {
+        static DROPPED: crate::LogGate = crate::LogGate::new();
+        if let Err((e, _)) = self.try_enqueue(Outbound {
+            env,
+            deadline: None,
+        }) {
+            Stats::incr(&stats.closes_dropped);
+            if let Some(held) = DROPPED.pass() {
+                tracing::warn!(peer = %self.addr, error = %e, held_back = held, "a stream close was dropped; the far end will time out instead");
+            }
+        }
+    }
+
     /// Queues, waiting for room until the item's deadline (or for `wait` if it has none).
     pub(crate) async fn enqueue(&self, item: Outbound, wait: Duration) -> Result<(), RpcError> {
         let item = match self.try_enqueue(item) {

@@ -334,19 +334,34 @@ impl Inner {
     async fn watch_loop(self: Arc<Self>, tx: SourceTx) {
         let mut backoff = Duration::ZERO;
         let mut last_error: Option<String> = None;
+        // Whether membership was ever read: before that there is nothing to keep.
+        let mut loaded = false;
         loop {
-            let reason = match self.watch_once(&tx, &mut last_error).await {
+            let reason = match self.watch_once(&tx, &mut last_error, &mut loaded).await {
                 Ok(()) => return, // the node went away
-                Err(WatchEnd::Reset) => {
-                    // Read again soon, but never in a tight loop of cancels.
-                    backoff = Duration::ZERO;
-                    tokio::time::sleep(self.next_backoff(backoff)).await;
+                Err(WatchEnd::Reset { progressed }) => {
+                    // Read again soon after a compaction; a watch that etcd keeps cancelling
+                    // before it delivered anything (a permanent reason) backs off like a
+                    // failure, rather than re-reading the prefix every 100 ms forever.
+                    backoff = if progressed {
+                        self.next_backoff(Duration::ZERO)
+                    } else {
+                        self.next_backoff(backoff)
+                    };
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tx.closed() => return,
+                    }
                     continue;
                 }
                 Err(WatchEnd::Failed(e)) => e,
             };
             if last_error.as_deref() != Some(&reason.to_string()) {
-                tracing::warn!(error = %reason, "etcd membership unavailable; keeping the last known membership");
+                if loaded {
+                    tracing::warn!(error = %reason, "etcd membership unavailable; keeping the last known membership");
+                } else {
+                    tracing::warn!(error = %reason, "etcd membership unavailable; none read yet");
+                }
                 last_error = Some(reason.to_string());
                 // The node reports it; a closed channel means nobody listens any more.
                 if tx.send(Err(reason)).await.is_err() {
@@ -365,9 +380,11 @@ impl Inner {
         &self,
         tx: &SourceTx,
         last_error: &mut Option<String>,
+        loaded: &mut bool,
     ) -> Result<(), WatchEnd> {
         let mut client = self.client().await?;
         let (mut state, revision) = self.load(&mut client).await?;
+        *loaded = true;
         if last_error.take().is_some() {
             tracing::info!("etcd membership available again");
         }
@@ -388,6 +405,8 @@ impl Inner {
                 ),
             )
             .await?;
+        // Whether this watch delivered anything before it ended.
+        let mut progressed = false;
         loop {
             let msg = tokio::select! {
                 m = watch.message() => m,
@@ -399,12 +418,17 @@ impl Inner {
                 Err(e) => return Err(WatchEnd::Failed(failed(&self.endpoints, "watch", e))),
             };
             if resp.canceled() || resp.compact_revision() > 0 {
-                tracing::info!(
-                    reason = resp.cancel_reason(),
-                    "etcd watch cancelled; reading membership again"
-                );
-                return Err(WatchEnd::Reset);
+                static CANCELLED: crate::LogGate = crate::LogGate::new();
+                if let Some(held) = CANCELLED.pass() {
+                    tracing::info!(
+                        reason = resp.cancel_reason(),
+                        held_back = held,
+                        "etcd watch cancelled; reading membership again"
+                    );
+                }
+                return Err(WatchEnd::Reset { progressed });
             }
+            progressed = true;
             let mut touched = BTreeSet::new();
             for ev in resp.events() {
                 let Some(kv) = ev.kv() else { continue };
@@ -467,20 +491,28 @@ impl Inner {
             let _ = self.timed("lease revoke", client.lease_revoke(lease)).await;
             return Err(failed(&self.endpoints, "lease grant", "the node has left"));
         }
-        self.timed(
-            "put alive key",
-            client.put(
-                alive_key(&self.prefix, me),
-                "1",
-                Some(PutOptions::new().with_lease(lease)),
-            ),
-        )
-        .await?;
+        self.put_alive(&mut client, me, lease).await?;
         let (mut keeper, mut responses) = self
             .timed("lease keep-alive", client.lease_keep_alive(lease))
             .await?;
         let every = Duration::from_millis((ttl as u64 * 1000 / 3).max(300));
-        loop {
+        for renewal in 1u64.. {
+            // Once a TTL: an operator (or a script) may have deleted the key while the lease
+            // lives; the node is still running, so it is put back.
+            if renewal % 3 == 0 {
+                let key = alive_key(&self.prefix, me);
+                let found = self
+                    .timed(
+                        "get alive key",
+                        client.get(key, Some(GetOptions::new().with_count_only())),
+                    )
+                    .await?
+                    .count();
+                if found == 0 {
+                    tracing::warn!(node = %me, "this node's alive key was deleted while it runs; putting it back");
+                    self.put_alive(&mut client, me, lease).await?;
+                }
+            }
             self.timed("lease keep-alive", keeper.keep_alive()).await?;
             let resp = self
                 .timed("lease keep-alive", responses.message())
@@ -495,6 +527,25 @@ impl Inner {
             }
             tokio::time::sleep(every).await;
         }
+        Ok(())
+    }
+
+    async fn put_alive(
+        &self,
+        client: &mut Client,
+        me: LogicAddr,
+        lease: i64,
+    ) -> Result<(), DiscoveryError> {
+        self.timed(
+            "put alive key",
+            client.put(
+                alive_key(&self.prefix, me),
+                "1",
+                Some(PutOptions::new().with_lease(lease)),
+            ),
+        )
+        .await?;
+        Ok(())
     }
 }
 
@@ -636,8 +687,11 @@ struct LeaseSlot {
 }
 
 enum WatchEnd {
-    /// Read everything again at once (the watch was cancelled, e.g. by compaction).
-    Reset,
+    /// Read everything again (the watch was cancelled, e.g. by compaction); `progressed`:
+    /// the watch delivered changes before that.
+    Reset {
+        progressed: bool,
+    },
     Failed(DiscoveryError),
 }
 

@@ -232,10 +232,7 @@ impl Inner {
                     reason: format!("{error} (at {})", self.addr),
                 })),
             };
-            let _ = next.try_enqueue(Outbound {
-                env,
-                deadline: None,
-            });
+            next.try_send_close(env, &self.stats);
         }
     }
 
@@ -358,10 +355,7 @@ impl Inner {
                     let mut env = self.envelope(opener, close);
                     // Sent as the target would: that is the stream the opener knows.
                     env.from = to;
-                    let _ = came_by.try_enqueue(Outbound {
-                        env,
-                        deadline: None,
-                    });
+                    came_by.try_send_close(env, &self.stats);
                 }
                 _ => {
                     tracing::warn!(node = %self.addr, to, from, reason, "dropped an envelope this harbor cannot forward")

@@ -7,7 +7,7 @@ use tokio::time::Instant;
 use super::inner::{Inner, Phase};
 use crate::addr::LogicAddr;
 use crate::error::{ErrorCode, StreamError};
-use crate::link::{Outbound, Peer};
+use crate::link::Peer;
 use crate::proto::{self, envelope::Body};
 use crate::stats::Stats;
 use crate::stream::{self, AddError, Init, Shared, Stream, StreamMeta};
@@ -181,11 +181,8 @@ impl Inner {
                     reason,
                 }),
             );
-            // A full queue drops the refusal; the opener's open timeout ends its wait.
-            let _ = peer.try_enqueue(Outbound {
-                env,
-                deadline: None,
-            });
+            // A full queue drops the refusal (counted); the opener's open timeout ends its wait.
+            peer.try_send_close(env, &self.stats);
         };
         let Some(handler) = &self.stream_handler else {
             return refuse(
