@@ -86,7 +86,10 @@ pub struct NodeConfig {
     /// refused. Default 4 KiB.
     pub max_stream_meta: usize,
     /// Bytes of metadata the open streams with one peer may hold in all; an open that would
-    /// pass it is refused. Default 1 MiB.
+    /// pass it is refused. Default 16 MiB: room for ~100,000 streams with a gateway's
+    /// per-client metadata (~100–150 bytes each); raise it with
+    /// [`NodeConfig::max_streams`] on a game server behind a busy gateway. (Through a harbor,
+    /// every opener of another cluster shares the harbor's budget.)
     pub max_stream_meta_per_peer: usize,
     /// The cluster secret every node of the mesh shares. `None`: read [`SECRET_ENV`], else
     /// fall back to [`DEV_SECRET`] with a warning.
@@ -135,7 +138,7 @@ impl Default for NodeConfig {
             max_pending_per_source: 64,
             max_requests_per_caller: 2500,
             max_stream_meta: 4 << 10,
-            max_stream_meta_per_peer: 1 << 20,
+            max_stream_meta_per_peer: 16 << 20,
             secret: None,
             stream_window: 256 << 10,
             stream_buffer: 64 << 10,
@@ -264,13 +267,14 @@ impl NodeConfig {
 
     /// The secret in force, and whether it is the public development fallback.
     pub(crate) fn resolve_secret(&self) -> (Vec<u8>, bool) {
-        if let Some(s) = &self.secret {
-            return (s.clone(), false);
-        }
-        match std::env::var(SECRET_ENV) {
-            Ok(s) if !s.is_empty() => (s.into_bytes(), false),
-            _ => (DEV_SECRET.to_vec(), true),
-        }
+        let secret = match (&self.secret, std::env::var(SECRET_ENV)) {
+            (Some(s), _) => s.clone(),
+            (None, Ok(s)) if !s.is_empty() => s.into_bytes(),
+            _ => DEV_SECRET.to_vec(),
+        };
+        // Set on purpose (`--insecure-dev`) or not, the public secret is worth a warning.
+        let dev = secret == DEV_SECRET;
+        (secret, dev)
     }
 
     /// Checks the values that would make a node misbehave.

@@ -899,12 +899,18 @@ async fn an_abandoned_open_leaves_no_stream_behind() {
 
 #[tokio::test]
 async fn huge_reset_reasons_and_metadata_never_take_the_link_down() {
+    // Metadata near the envelope limit, allowed on purpose (the default is 4 KiB per open).
+    let big_meta = || {
+        support::test_config()
+            .max_stream_meta(1 << 20)
+            .max_stream_meta_per_peer(8 << 20)
+    };
     support::init_tracing();
     let mut c = Cluster::new(&["1.1.1", "1.1.2"]);
     let (tx, mut rx) = mpsc::channel::<std::io::Error>(4);
     let server = c
         .start("1.1.2", |b| {
-            b.on_stream(move |mut s: Stream| {
+            b.config(big_meta()).on_stream(move |mut s: Stream| {
                 let tx = tx.clone();
                 async move {
                     if s.metadata().get("mode") == Some("echo") {
@@ -919,7 +925,7 @@ async fn huge_reset_reasons_and_metadata_never_take_the_link_down() {
             })
         })
         .await;
-    let client = c.start("1.1.1", |b| b).await;
+    let client = c.start("1.1.1", |b| b.config(big_meta())).await;
     let mut other =
         within(client.open_stream_with(server.addr(), StreamMeta::new().with("mode", "echo")))
             .await

@@ -587,7 +587,7 @@ async fn stream_metadata_is_bounded() {
         "{refusals:?}"
     );
     assert!(
-        refusals[1].1.contains("bytes of metadata, its limit"),
+        refusals[1].1.contains("over 4096 bytes, its limit"),
         "{refusals:?}"
     );
     drop(tx);

@@ -66,6 +66,7 @@ impl Admission {
 
     /// A slot for a new connection from `source`, or `None` over a cap.
     fn take(self: &Arc<Self>, source: IpAddr) -> Option<Slot> {
+        let source = source_key(source);
         let mut c = self.counts();
         let from_source = c.by_source.get(&source).copied().unwrap_or(0);
         if c.total >= self.max_total || from_source >= self.max_per_source {
@@ -77,6 +78,19 @@ impl Admission {
             admission: self.clone(),
             source,
         })
+    }
+}
+
+/// What counts as one source: an IPv4 address (also written as IPv4-mapped IPv6), or an IPv6
+/// /64 — one host usually holds a whole /64, so counting single IPv6 addresses would let it
+/// pass for millions of sources.
+fn source_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        },
     }
 }
 
@@ -283,5 +297,15 @@ mod tests {
         assert!(a.take(y).is_none(), "total cap");
         drop(s1);
         assert!(a.take(x).is_some(), "a slot given back is free again");
+    }
+
+    #[test]
+    fn an_ipv6_64_is_one_source_and_mapped_ipv4_is_ipv4() {
+        let a = Admission::new(10, 1, Duration::from_secs(1), Arc::default());
+        let _s = a.take("2001:db8:1:2::1".parse().unwrap()).unwrap();
+        assert!(a.take("2001:db8:1:2:ffff::9".parse().unwrap()).is_none());
+        assert!(a.take("2001:db8:1:3::1".parse().unwrap()).is_some());
+        let _v4 = a.take("10.0.0.1".parse().unwrap()).unwrap();
+        assert!(a.take("::ffff:10.0.0.1".parse().unwrap()).is_none());
     }
 }

@@ -67,7 +67,14 @@ impl Deliver for Inner {
         }
         match env.body {
             Some(Body::Response(r)) => {
-                let harbor_error = !matches!(r.result, Some(response::Result::Payload(_)));
+                // A harbor on the path may answer for the callee, but only to say the call
+                // cannot reach it; any other answer must come from the callee itself.
+                let harbor_error = matches!(
+                    &r.result,
+                    Some(response::Result::Error(e))
+                        if ErrorCode(e.code) == ErrorCode::NO_ROUTE
+                            || ErrorCode(e.code) == ErrorCode::PEER_LOST
+                );
                 let outcome = match r.result {
                     Some(response::Result::Payload(p)) => Outcome::Reply(p),
                     Some(response::Result::Error(e)) => Outcome::Remote {

@@ -383,8 +383,12 @@ impl Inner {
     }
 
     fn refused(&self, status: Status) -> Status {
+        // Anyone can cause these before proving anything: the lines are gated.
+        static REFUSED: crate::LogGate = crate::LogGate::new();
         Stats::incr(&self.stats.links_refused);
-        tracing::info!(node = %self.addr, reason = status.message(), "link refused");
+        if let Some(held) = REFUSED.pass() {
+            tracing::info!(node = %self.addr, reason = status.message(), held_back = held, "link refused");
+        }
         status
     }
 

@@ -232,7 +232,7 @@ impl Inner {
                 return refuse(
                     ErrorCode::REFUSED,
                     format!(
-                        "the streams {from} opened to {} hold {limit} bytes of metadata, its limit",
+                        "{size} more bytes of metadata would take the streams {from} opened to {} over {limit} bytes, its limit",
                         self.addr
                     ),
                 );
