@@ -143,6 +143,7 @@ fn no_secret_no_harbor_unless_insecure_dev() {
     let (code, stderr) = run(&["--insecure-dev"]);
     assert_eq!(code, 1, "{stderr}");
     assert!(!stderr.contains("no cluster secret"), "{stderr}");
+    assert!(stderr.contains("public development secret"), "{stderr}");
 }
 
 /// A harbor process, killed (by its handle) if the test ends before it stops.

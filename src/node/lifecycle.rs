@@ -54,7 +54,7 @@ impl Inner {
             .validate()
             .map_err(|reason| StartError::Config { node, reason })?;
         if self.dev_secret {
-            tracing::warn!(%node, "no cluster secret configured (NodeConfig::secret or CLUSTERGO_SECRET): using the public development secret");
+            tracing::warn!(%node, "running on the public development secret: anyone can join this mesh (set NodeConfig::secret or CLUSTERGO_SECRET)");
         }
         let _ = self.server.runtime.set(tokio::runtime::Handle::current());
         let mut stream = self.discovery.subscribe();
