@@ -17,12 +17,21 @@ pub const DEV_SECRET: &[u8] = b"clustergo-development-secret";
 /// to set one, unless `insecure_dev` (an explicit `--insecure-dev` switch) allows the public
 /// [`DEV_SECRET`], which admits anyone who has read this documentation.
 pub fn secret_from_env(insecure_dev: bool) -> Result<Vec<u8>, String> {
+    binary_secret(insecure_dev, false)
+}
+
+/// As [`secret_from_env`], for a binary that may run links over mutual TLS: there the
+/// certificates bind every node to its address, so a missing secret is allowed (the public
+/// one then serves as the handshake key, and no warning is logged). Without mutual TLS, no
+/// secret and no `insecure_dev` is an error.
+pub fn binary_secret(insecure_dev: bool, mutual_tls: bool) -> Result<Vec<u8>, String> {
     match std::env::var(SECRET_ENV) {
         Ok(s) if !s.is_empty() => Ok(s.into_bytes()),
-        _ if insecure_dev => Ok(DEV_SECRET.to_vec()),
+        _ if insecure_dev || mutual_tls => Ok(DEV_SECRET.to_vec()),
         _ => Err(format!(
-            "no cluster secret: set {SECRET_ENV} (the same value on every node of the mesh); \
-             --insecure-dev runs on the public development secret, for a developer's machine only"
+            "no cluster secret: set {SECRET_ENV} (the same value on every node of the mesh), \
+             or configure [mesh_tls] with mutual TLS; --insecure-dev runs on the public \
+             development secret, for a developer's machine only"
         )),
     }
 }
@@ -94,6 +103,12 @@ pub struct NodeConfig {
     /// The cluster secret every node of the mesh shares. `None`: read [`SECRET_ENV`], else
     /// fall back to [`DEV_SECRET`] with a warning.
     pub secret: Option<Vec<u8>>,
+    /// TLS on links (feature `tls`): `None` (the default) runs links over plain TCP. With
+    /// [`LinkTls::mutual`](crate::LinkTls::from_pem), each side's certificate must name the
+    /// address it claims; see [`LinkTls`](crate::LinkTls) for the rule. Every node of a mesh
+    /// must use the same mode.
+    #[cfg(feature = "tls")]
+    pub tls: Option<crate::LinkTls>,
     /// Receive window of each stream: the most bytes a peer may send on a stream before its
     /// reader here takes them. A stream whose reader stops reading holds at most this much and
     /// stalls only itself. Default 256 KiB.
@@ -140,6 +155,8 @@ impl Default for NodeConfig {
             max_stream_meta: 4 << 10,
             max_stream_meta_per_peer: 16 << 20,
             secret: None,
+            #[cfg(feature = "tls")]
+            tls: None,
             stream_window: 256 << 10,
             stream_buffer: 64 << 10,
             max_streams: 8192,
@@ -151,8 +168,8 @@ impl Default for NodeConfig {
 
 impl std::fmt::Debug for NodeConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NodeConfig")
-            .field("call_timeout", &self.call_timeout)
+        let mut f = f.debug_struct("NodeConfig");
+        f.field("call_timeout", &self.call_timeout)
             .field("send_timeout", &self.send_timeout)
             .field("dial_timeout", &self.dial_timeout)
             .field("redial_backoff", &self.redial_backoff)
@@ -176,8 +193,10 @@ impl std::fmt::Debug for NodeConfig {
             .field("stream_buffer", &self.stream_buffer)
             .field("max_streams", &self.max_streams)
             .field("stream_open_timeout", &self.stream_open_timeout)
-            .field("link_frame_size", &self.link_frame_size)
-            .finish()
+            .field("link_frame_size", &self.link_frame_size);
+        #[cfg(feature = "tls")]
+        f.field("tls", &self.tls);
+        f.finish()
     }
 }
 
@@ -253,6 +272,22 @@ impl NodeConfig {
     pub fn secret(mut self, secret: impl Into<Vec<u8>>) -> Self {
         self.secret = Some(secret.into());
         self
+    }
+
+    /// Runs links over TLS (see [`NodeConfig::tls`](NodeConfig#structfield.tls)).
+    #[cfg(feature = "tls")]
+    #[must_use]
+    pub fn tls(mut self, tls: crate::LinkTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Whether dialers prove their address with a certificate (mutual TLS).
+    pub(crate) fn mutual_tls(&self) -> bool {
+        #[cfg(feature = "tls")]
+        return self.tls.as_ref().is_some_and(crate::LinkTls::is_mutual);
+        #[cfg(not(feature = "tls"))]
+        false
     }
 
     /// Largest gRPC message (one batch) this node accepts: a full batch plus one envelope at

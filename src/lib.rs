@@ -66,11 +66,13 @@ mod stream;
 mod typed;
 
 pub use addr::{AddrError, AddrField, HARBOR_TYPE, LogicAddr, MAX_CLUSTER, MAX_SERVER, MAX_TYPE};
-pub use config::{DEV_SECRET, NodeConfig, SECRET_ENV, secret_from_env};
+pub use config::{DEV_SECRET, NodeConfig, SECRET_ENV, binary_secret, secret_from_env};
 pub use error::{
     DiscoveryError, ErrorCode, HandlerError, RpcError, SelectError, StartError, StreamError,
 };
 pub use gate::LogGate;
+#[cfg(feature = "tls")]
+pub use link::tls::{LinkTls, LinkTlsFiles, TlsError};
 pub use membership::{Discovery, FileDiscovery, Member, MembershipEvent, MemoryDiscovery};
 #[cfg(feature = "etcd")]
 pub use membership::{EtcdDiscovery, EtcdOptions};

@@ -31,7 +31,7 @@ counters! {
     links_opened,
     /// Links that went down.
     links_closed,
-    /// Inbound links refused (secret, membership, shutting down).
+    /// Inbound links refused (secret, certificate, membership, shutting down).
     links_refused,
     /// Connections closed at once on accept: too many awaiting admission (from their address,
     /// or in all).

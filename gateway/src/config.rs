@@ -24,6 +24,9 @@
 //! [kcp]
 //! listen = "0.0.0.0:7002"
 //!
+//! # [mesh_tls]              # TLS on links to the game servers (see clustergo::LinkTls)
+//! # ca = "ca.crt"  cert = "gateway.crt"  key = "gateway.key"  mutual = true
+//!
 //! [limits]                  # the defaults
 //! max_clients = 10000
 //! max_handshakes = 1000
@@ -98,6 +101,7 @@ struct File {
     kcp: Option<ListenFile>,
     #[serde(default)]
     limits: LimitsFile,
+    mesh_tls: Option<clustergo::LinkTlsFiles>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -222,6 +226,8 @@ pub(crate) enum Membership {
 pub(crate) struct Config {
     /// The cluster secret (`CLUSTERGO_SECRET`, or the development one with `--insecure-dev`).
     pub(crate) secret: Vec<u8>,
+    /// TLS on links to the game servers (`[mesh_tls]`), loaded.
+    pub(crate) mesh_tls: Option<clustergo::LinkTls>,
     pub(crate) addr: LogicAddr,
     pub(crate) backend_type: u8,
     pub(crate) policy: Policy,
@@ -348,9 +354,15 @@ impl Config {
         }
         let limits = limits(file.limits)?;
         // Last, so a configuration's own mistakes are reported first.
-        let secret = clustergo::secret_from_env(args.insecure_dev)?;
+        let mesh_tls = match &file.mesh_tls {
+            Some(f) => Some(f.load().map_err(|e| format!("[mesh_tls]: {e}"))?),
+            None => None,
+        };
+        let mutual = mesh_tls.as_ref().is_some_and(clustergo::LinkTls::is_mutual);
+        let secret = clustergo::binary_secret(args.insecure_dev, mutual)?;
         Ok(Config {
             secret,
+            mesh_tls,
             addr,
             backend_type,
             policy,

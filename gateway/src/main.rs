@@ -124,13 +124,14 @@ async fn run(
     let status_handle = status_of.clone();
     let node = Node::builder(me)
         .discovery(discovery)
-        .config(
+        .config(with_tls(
             NodeConfig::default()
                 .secret(config.secret.clone())
                 .shutdown_grace(config.shutdown_grace)
                 .stream_open_timeout(config.limits.open_timeout)
                 .max_streams(config.limits.max_clients.max(1024)),
-        )
+            config.mesh_tls.clone(),
+        ))
         .rpc("gateway.status", move |_, _| {
             let text = status_handle.get().map(|g| status(g)).unwrap_or_default();
             async move { Ok::<_, HandlerError>(Bytes::from(text)) }
@@ -296,4 +297,12 @@ fn status(gw: &Gateway) -> String {
         n(&s.frames_up),
         n(&s.frames_down),
     )
+}
+
+/// The node's configuration with TLS on links, if `[mesh_tls]` configured it.
+fn with_tls(c: NodeConfig, tls: Option<clustergo::LinkTls>) -> NodeConfig {
+    match tls {
+        Some(t) => c.tls(t),
+        None => c,
+    }
 }

@@ -63,6 +63,7 @@ struct File {
     max_envelope_bytes: Option<usize>,
     etcd: Option<EtcdFile>,
     harbors_center: Option<CenterFile>,
+    mesh_tls: Option<clustergo::LinkTlsFiles>,
 }
 
 /// Where every cluster lists its harbors, when clusters keep membership in separate stores.
@@ -102,6 +103,8 @@ pub(crate) struct Config {
     pub(crate) max_envelope: usize,
     /// The harbors center (endpoints, prefix), if clusters keep separate stores.
     pub(crate) center: Option<(Vec<String>, String)>,
+    /// TLS on links (`[mesh_tls]`), loaded.
+    pub(crate) mesh_tls: Option<clustergo::LinkTls>,
 }
 
 impl Config {
@@ -197,9 +200,15 @@ impl Config {
             }
         };
         // Last, so a configuration's own mistakes are reported first.
-        let secret = clustergo::secret_from_env(args.insecure_dev)?;
+        let mesh_tls = match &file.mesh_tls {
+            Some(f) => Some(f.load().map_err(|e| format!("[mesh_tls]: {e}"))?),
+            None => None,
+        };
+        let mutual = mesh_tls.as_ref().is_some_and(clustergo::LinkTls::is_mutual);
+        let secret = clustergo::binary_secret(args.insecure_dev, mutual)?;
         Ok(Config {
             secret,
+            mesh_tls,
             center,
             max_envelope,
             addr,

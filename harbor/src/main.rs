@@ -64,12 +64,13 @@ async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let status_of = handle.clone();
     let node = Node::builder(me)
         .discovery(discovery)
-        .config(
+        .config(with_tls(
             NodeConfig::default()
                 .secret(config.secret.clone())
                 .shutdown_grace(config.shutdown_grace)
                 .max_envelope(config.max_envelope),
-        )
+            config.mesh_tls.clone(),
+        ))
         .rpc("harbor.status", move |_, _| {
             let text = status_of.get().map(status).unwrap_or_default();
             async move { Ok::<_, HandlerError>(Bytes::from(text)) }
@@ -110,4 +111,12 @@ fn status(node: &Node) -> String {
         .collect();
     lines.sort();
     lines.join("\n")
+}
+
+/// The node's configuration with TLS on links, if `[mesh_tls]` configured it.
+fn with_tls(c: NodeConfig, tls: Option<clustergo::LinkTls>) -> NodeConfig {
+    match tls {
+        Some(t) => c.tls(t),
+        None => c,
+    }
 }

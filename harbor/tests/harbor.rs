@@ -488,3 +488,61 @@ async fn killing_the_harbor_in_use_moves_traffic_to_the_other() {
     client.shutdown().await;
     server.shutdown().await;
 }
+
+/// Mutual TLS on links binds every node to its address, so a harbor configured with it may
+/// start without a secret; TLS without client certificates may not; unreadable files are
+/// named.
+#[test]
+fn mutual_tls_lets_a_harbor_start_without_a_secret() {
+    let dir = std::env::temp_dir().join(format!("harbor-mtls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    std::fs::write(dir.join("ca.crt"), ca.self_signed(&ca_key).unwrap().pem()).unwrap();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["1.255.1.clustergo".to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    std::fs::write(dir.join("node.crt"), leaf.pem()).unwrap();
+    std::fs::write(dir.join("node.key"), key.serialize_pem()).unwrap();
+    let run = |mutual: bool, key_file: &str| {
+        let config = dir.join(format!("harbor-{mutual}-{key_file}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[mesh_tls]\nca = \"{0}/ca.crt\"\ncert = \"{0}/node.crt\"\nkey = \"{0}/{key_file}\"\nmutual = {mutual}\n",
+                dir.display()
+            ),
+        )
+        .unwrap();
+        let out = harbor()
+            .env_remove("CLUSTERGO_SECRET")
+            .args(["--addr", "1.255.1", "--etcd", "http://127.0.0.1:1"])
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // Gets past its configuration (and then finds no etcd there), with no dev-secret warning.
+    let (code, stderr) = run(true, "node.key");
+    assert_eq!(code, 1, "{stderr}");
+    assert!(!stderr.contains("no cluster secret"), "{stderr}");
+    assert!(!stderr.contains("public development secret"), "{stderr}");
+    let (code, stderr) = run(false, "node.key");
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("no cluster secret"), "{stderr}");
+    let (code, stderr) = run(true, "missing.key");
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("[mesh_tls]: cannot read the TLS key") && stderr.contains("missing.key"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

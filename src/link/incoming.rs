@@ -36,6 +36,10 @@ pub(crate) struct Admission {
     deadline: Duration,
     counts: Mutex<Counts>,
     stats: Arc<Stats>,
+    /// Server side of TLS on links, if configured: the handshake runs inside the connection,
+    /// under its deadline, driven by the server's first read or write.
+    #[cfg(feature = "tls")]
+    tls: Option<crate::LinkTls>,
 }
 
 #[derive(Debug, Default)]
@@ -50,6 +54,7 @@ impl Admission {
         max_per_source: usize,
         deadline: Duration,
         stats: Arc<Stats>,
+        #[cfg(feature = "tls")] tls: Option<crate::LinkTls>,
     ) -> Arc<Self> {
         Arc::new(Admission {
             max_total,
@@ -57,6 +62,8 @@ impl Admission {
             deadline,
             counts: Mutex::default(),
             stats,
+            #[cfg(feature = "tls")]
+            tls,
         })
     }
 
@@ -119,6 +126,11 @@ impl Drop for Slot {
 pub(crate) struct ConnInfo {
     pub(crate) remote: SocketAddr,
     slot: Arc<Mutex<Option<Slot>>>,
+    /// The client certificate the TLS handshake verified (mutual TLS), set when the handshake
+    /// completes: always before the first call on the connection is read.
+    #[cfg(feature = "tls")]
+    pub(crate) peer_cert:
+        Arc<std::sync::OnceLock<tokio_rustls::rustls::pki_types::CertificateDer<'static>>>,
 }
 
 impl ConnInfo {
@@ -131,11 +143,54 @@ impl ConnInfo {
 /// An accepted connection, closed at its deadline unless a link on it was admitted.
 #[derive(Debug)]
 pub(crate) struct Conn {
-    io: TcpStream,
+    io: Io,
     info: ConnInfo,
     /// Until admission; dropped after.
     deadline: Option<Pin<Box<Sleep>>>,
     stats: Arc<Stats>,
+}
+
+/// A connection's transport: plain TCP, or TLS (handshaking, then established).
+enum Io {
+    Plain(TcpStream),
+    #[cfg(feature = "tls")]
+    Handshake(Box<tokio_rustls::Accept<TcpStream>>),
+    #[cfg(feature = "tls")]
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl std::fmt::Debug for Io {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Io::Plain(_) => "Plain",
+            #[cfg(feature = "tls")]
+            Io::Handshake(_) => "Handshake",
+            #[cfg(feature = "tls")]
+            Io::Tls(_) => "Tls",
+        })
+    }
+}
+
+/// Poll `$io` (the established transport) with `$call`, or drive the TLS handshake first.
+macro_rules! with_io {
+    ($self:ident, $cx:ident, |$io:ident| $call:expr) => {
+        loop {
+            match &mut $self.io {
+                Io::Plain($io) => break $call,
+                #[cfg(feature = "tls")]
+                Io::Tls($io) => break $call,
+                #[cfg(feature = "tls")]
+                Io::Handshake(accept) => {
+                    let tls = std::task::ready!(Pin::new(&mut **accept).poll($cx))?;
+                    if let Some(cert) = tls.get_ref().1.peer_certificates().and_then(|c| c.first())
+                    {
+                        let _ = $self.info.peer_cert.set(cert.clone().into_owned());
+                    }
+                    $self.io = Io::Tls(Box::new(tls));
+                }
+            }
+        }
+    };
 }
 
 impl Conn {
@@ -183,7 +238,8 @@ impl AsyncRead for Conn {
     ) -> Poll<std::io::Result<()>> {
         // The server always has a read outstanding, so the deadline is watched here.
         self.check(cx)?;
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let this = &mut *self;
+        with_io!(this, cx, |io| Pin::new(io).poll_read(cx, buf))
     }
 }
 
@@ -194,7 +250,8 @@ impl AsyncWrite for Conn {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         self.check(cx)?;
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let this = &mut *self;
+        with_io!(this, cx, |io| Pin::new(io).poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -203,19 +260,34 @@ impl AsyncWrite for Conn {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         self.check(cx)?;
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let this = &mut *self;
+        with_io!(this, cx, |io| Pin::new(io).poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        match &self.io {
+            Io::Plain(io) => io.is_write_vectored(),
+            #[cfg(feature = "tls")]
+            Io::Tls(io) => io.is_write_vectored(),
+            #[cfg(feature = "tls")]
+            Io::Handshake(_) => false,
+        }
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        let this = &mut *self;
+        with_io!(this, cx, |io| Pin::new(io).poll_flush(cx))
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+        match &mut self.io {
+            Io::Plain(io) => Pin::new(io).poll_shutdown(cx),
+            #[cfg(feature = "tls")]
+            Io::Tls(io) => Pin::new(io).poll_shutdown(cx),
+            // Nothing was said over TLS yet: just close.
+            #[cfg(feature = "tls")]
+            Io::Handshake(_) => Poll::Ready(Ok(())),
+        }
     }
 }
 
@@ -249,11 +321,20 @@ pub(crate) fn incoming(
                         };
                         // Small batches must not wait for Nagle.
                         let _ = io.set_nodelay(true);
+                        #[cfg(feature = "tls")]
+                        let io = match &admission.tls {
+                            Some(tls) => Io::Handshake(Box::new(tls.acceptor().accept(io))),
+                            None => Io::Plain(io),
+                        };
+                        #[cfg(not(feature = "tls"))]
+                        let io = Io::Plain(io);
                         let conn = Conn {
                             io,
                             info: ConnInfo {
                                 remote,
                                 slot: Arc::new(Mutex::new(Some(slot))),
+                                #[cfg(feature = "tls")]
+                                peer_cert: Arc::default(),
                             },
                             deadline: Some(Box::pin(tokio::time::sleep_until(
                                 Instant::now() + admission.deadline,
@@ -288,7 +369,14 @@ mod tests {
 
     #[test]
     fn caps_per_source_and_in_all() {
-        let a = Admission::new(3, 2, Duration::from_secs(1), Arc::default());
+        let a = Admission::new(
+            3,
+            2,
+            Duration::from_secs(1),
+            Arc::default(),
+            #[cfg(feature = "tls")]
+            None,
+        );
         let (x, y): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
         let s1 = a.take(x).unwrap();
         let _s2 = a.take(x).unwrap();
@@ -301,7 +389,14 @@ mod tests {
 
     #[test]
     fn an_ipv6_64_is_one_source_and_mapped_ipv4_is_ipv4() {
-        let a = Admission::new(10, 1, Duration::from_secs(1), Arc::default());
+        let a = Admission::new(
+            10,
+            1,
+            Duration::from_secs(1),
+            Arc::default(),
+            #[cfg(feature = "tls")]
+            None,
+        );
         let _s = a.take("2001:db8:1:2::1".parse().unwrap()).unwrap();
         assert!(a.take("2001:db8:1:2:ffff::9".parse().unwrap()).is_none());
         assert!(a.take("2001:db8:1:3::1".parse().unwrap()).is_some());

@@ -12,6 +12,8 @@ pub(crate) mod batch;
 pub(crate) mod incoming;
 pub(crate) mod peer;
 pub(crate) mod reader;
+#[cfg(feature = "tls")]
+pub(crate) mod tls;
 pub(crate) mod writer;
 
 pub(crate) use peer::{LinkState, LinkTokens, Outbound, Outcome, Peer};

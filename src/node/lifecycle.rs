@@ -53,7 +53,13 @@ impl Inner {
         self.config
             .validate()
             .map_err(|reason| StartError::Config { node, reason })?;
-        if self.dev_secret {
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &self.config.tls {
+            tls.check_own(node)
+                .map_err(|reason| StartError::Config { node, reason })?;
+        }
+        // Under mutual TLS, certificates say who may join; the secret is a second lock.
+        if self.dev_secret && !self.config.mutual_tls() {
             tracing::warn!(%node, "running on the public development secret: anyone can join this mesh (set NodeConfig::secret or CLUSTERGO_SECRET)");
         }
         let _ = self.server.runtime.set(tokio::runtime::Handle::current());
@@ -137,6 +143,8 @@ impl Inner {
             self.config.max_pending_per_source,
             self.config.dial_timeout,
             self.stats.clone(),
+            #[cfg(feature = "tls")]
+            self.config.tls.clone(),
         );
         let serve = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(self.config.keepalive_interval))

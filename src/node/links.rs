@@ -102,7 +102,24 @@ impl Inner {
             .http2_keep_alive_interval(self.config.keepalive_interval)
             .keep_alive_timeout(self.config.keepalive_timeout)
             .keep_alive_while_idle(true);
-        let channel = match tokio::time::timeout_at(deadline, endpoint.connect()).await {
+        #[cfg(feature = "tls")]
+        let connect = async {
+            match &self.config.tls {
+                Some(tls) => {
+                    endpoint
+                        .connect_with_connector(crate::link::tls::Connector {
+                            tls: tls.clone(),
+                            net_addr: net_addr.clone(),
+                            to: peer.addr,
+                        })
+                        .await
+                }
+                None => endpoint.connect().await,
+            }
+        };
+        #[cfg(not(feature = "tls"))]
+        let connect = endpoint.connect();
+        let channel = match tokio::time::timeout_at(deadline, connect).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => return Err(lost(format!("dial {net_addr}: {}", source_text(&e)))),
             Err(_) => return Err(lost(format!("dial {net_addr}: timed out"))),
@@ -363,6 +380,18 @@ impl Inner {
             ))));
         }
         let conn = req.extensions().get::<ConnInfo>().cloned();
+        #[cfg(feature = "tls")]
+        if self.config.mutual_tls() {
+            // The handshake verified the chain; the certificate must also name the address.
+            let cert = conn.as_ref().and_then(|c| c.peer_cert.get());
+            let checked = match cert {
+                Some(cert) => crate::LinkTls::check_name(cert, hello.from),
+                None => Err("no client certificate".to_owned()),
+            };
+            if let Err(e) = checked {
+                return Err(self.refused(Status::permission_denied(format!("mutual TLS: {e}"))));
+            }
+        }
         let challenge = Challenge::new(self.incarnation);
         let tokens = self.tokens();
         let (tx, rx) = oneshot::channel();
