@@ -14,9 +14,10 @@
 //!
 //! Flags: `--multi-thread` (2-worker runtime in both processes; default current_thread),
 //! `--secs <f64>` (measured seconds per mode, default 3), `--smoke` (0.2 s per mode),
-//! `--mode <name>` (one mode only). Unknown arguments (cargo's `--bench`) are ignored.
+//! `--mode <name>` (one mode only), `--tls` (links over mutual TLS, with a CA and certificates
+//! made for the run). Unknown arguments (cargo's `--bench`) are ignored.
 //!
-//! Peer process: `peer --listen-port 0 --other 127.0.0.1:PORT [--multi-thread]`. It prints
+//! Peer process: `peer --listen-port 0 --other 127.0.0.1:PORT [--multi-thread] [--tls-dir DIR]`. It prints
 //! `READY <node port> <raw port>` and exits by itself when its stdin closes.
 
 use std::io::{Read, Write};
@@ -75,6 +76,9 @@ struct Opts {
     /// nodes to run.
     members: Option<String>,
     run_as: Option<String>,
+    /// Links over mutual TLS: the orchestrator makes a CA and a certificate for every bench
+    /// address (`--tls`) and hands the directory to its peers (`--tls-dir`).
+    tls_dir: Option<std::path::PathBuf>,
 }
 
 fn parse(args: &[String]) -> Result<Opts, String> {
@@ -88,7 +92,9 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         listen_port: 0,
         members: None,
         run_as: None,
+        tls_dir: None,
     };
+    let mut tls = false;
     let mut secs = None;
     let mut smoke = false;
     let mut it = args.iter().skip(1);
@@ -97,6 +103,8 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         match a.as_str() {
             "--multi-thread" => o.multi_thread = true,
             "--smoke" => smoke = true,
+            "--tls" => tls = true,
+            "--tls-dir" => o.tls_dir = Some(value("--tls-dir")?.into()),
             "--secs" => {
                 let v = value("--secs")?;
                 let s: f64 = v
@@ -119,6 +127,9 @@ fn parse(args: &[String]) -> Result<Opts, String> {
             }
             _ => {} // cargo passes --bench and friends
         }
+    }
+    if tls && o.tls_dir.is_none() {
+        o.tls_dir = Some(make_certs()?);
     }
     if smoke {
         o.measure = Duration::from_millis(200);
@@ -171,6 +182,19 @@ pub(crate) struct ModeOutcome {
 /// prints the table and returns one outcome per mode run.
 pub(crate) fn entry(args: Vec<String>) -> Result<Vec<ModeOutcome>, String> {
     let opts = parse(&args)?;
+    if let Some(dir) = &opts.tls_dir {
+        let tls = clustergo::LinkTls::from_files(
+            dir.join("ca.crt"),
+            dir.join("node.crt"),
+            dir.join("node.key"),
+            true,
+        )
+        .map_err(|e| format!("--tls: {e}"))?;
+        let _ = TLS.set(tls);
+        if !opts.peer {
+            println!("links: mutual TLS (rustls, ring, TLS 1.3)");
+        }
+    }
     let rt = if opts.multi_thread {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -214,8 +238,49 @@ fn addr(text: &str) -> LogicAddr {
     text.parse().expect("valid logical address")
 }
 
+/// TLS on links for this process, when the run asked for it.
+static TLS: std::sync::OnceLock<clustergo::LinkTls> = std::sync::OnceLock::new();
+
 fn config() -> NodeConfig {
-    NodeConfig::default().secret(SECRET)
+    let c = NodeConfig::default().secret(SECRET);
+    match TLS.get() {
+        Some(tls) => c.tls(tls.clone()),
+        None => c,
+    }
+}
+
+/// A CA and one certificate naming every server of types 1, 2 and 255 in clusters 1 and 2
+/// (all the bench's addresses), written to a fresh directory.
+fn make_certs() -> Result<std::path::PathBuf, String> {
+    let e = |e: rcgen::Error| format!("--tls: {e}");
+    let dir = std::env::temp_dir().join(format!("clustergo-bench-tls-{}", std::process::id()));
+    if dir.join("node.key").exists() {
+        // Made by an earlier run in this process, whose configuration is still in force.
+        return Ok(dir);
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| format!("--tls: {e}"))?;
+    let ca_key = rcgen::KeyPair::generate().map_err(e)?;
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(e)?;
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_pem = ca.self_signed(&ca_key).map_err(e)?.pem();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let names: Vec<String> = [1, 2]
+        .iter()
+        .flat_map(|c| [1, 2, 255].map(|t| format!("*.{t}.{c}.clustergo")))
+        .collect();
+    let key = rcgen::KeyPair::generate().map_err(e)?;
+    let leaf = rcgen::CertificateParams::new(names)
+        .map_err(e)?
+        .signed_by(&key, &issuer)
+        .map_err(e)?;
+    for (name, text) in [
+        ("ca.crt", ca_pem),
+        ("node.crt", leaf.pem()),
+        ("node.key", key.serialize_pem()),
+    ] {
+        std::fs::write(dir.join(name), text).map_err(|e| format!("--tls: {e}"))?;
+    }
+    Ok(dir)
 }
 
 /// `addr=host:port,...` as membership.
@@ -468,6 +533,9 @@ async fn spawn_peer(opts: &Opts, args: &[String]) -> Result<(PeerProc, u16), Str
         .kill_on_drop(true);
     if opts.multi_thread {
         cmd.arg("--multi-thread");
+    }
+    if let Some(dir) = &opts.tls_dir {
+        cmd.arg("--tls-dir").arg(dir);
     }
     let mut child = cmd.spawn().map_err(|e| format!("spawn peer: {e}"))?;
     let stdin = child.stdin.take();

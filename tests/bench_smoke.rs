@@ -54,6 +54,17 @@ fn main() {
             outcomes.len()
         );
     }
+    // Links over mutual TLS, through harbors too (four processes).
+    for mode in ["rpc-c1", "rpc-c128-harbor"] {
+        let args = ["smoke", "--smoke", "--tls", "--mode", mode].map(String::from);
+        match mesh::entry(args.to_vec()).as_deref() {
+            Ok([o]) if o.result.as_ref().is_ok_and(|r| r.mesh.ops > 0) => passed += 1,
+            other => {
+                failed += 1;
+                eprintln!("bench smoke: {mode} over TLS failed: {other:?}");
+            }
+        }
+    }
     println!("bench smoke: took {:.1} s", started.elapsed().as_secs_f64());
     println!("bench smoke: {passed} passed, {failed} failed");
     if failed > 0 {

@@ -575,8 +575,12 @@ fn source_text(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut src = e.source();
     while let Some(s) = src {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
+        // Some layers already print their cause: say each thing once.
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
         src = s.source();
     }
     text
