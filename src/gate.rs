@@ -1,5 +1,6 @@
 //! A gate for log lines that an attacker can cause cheaply.
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Lets a kind of log line through at most once a second, counting the ones it held back.
@@ -55,6 +56,20 @@ impl LogGate {
         }
         self.skipped.fetch_add(1, Ordering::Relaxed);
         None
+    }
+}
+
+/// What counts as one source for per-source limits (the node's accept path, the gateway's):
+/// an IPv4 address (also written as IPv4-mapped IPv6), or an IPv6 /64 — one host usually
+/// holds a whole /64, so counting single IPv6 addresses would let it pass for millions of
+/// sources.
+pub fn source_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        },
     }
 }
 

@@ -70,7 +70,7 @@ pub use config::{DEV_SECRET, NodeConfig, SECRET_ENV, binary_secret, secret_from_
 pub use error::{
     DiscoveryError, ErrorCode, HandlerError, RpcError, SelectError, StartError, StreamError,
 };
-pub use gate::LogGate;
+pub use gate::{LogGate, source_key};
 #[cfg(feature = "tls")]
 pub use link::tls::{LinkTls, LinkTlsFiles, TlsError};
 pub use membership::{Discovery, FileDiscovery, Member, MembershipEvent, MemoryDiscovery};

@@ -24,6 +24,7 @@
 //! KCP runs over UDP, which proves nothing about who sent a datagram: like plain TCP it is no
 //! defence against a forged peer; use TLS (`tls://`, `wss://`) where that matters.
 
+pub mod kcp;
 pub mod wire;
 
 use std::fmt;
@@ -366,7 +367,7 @@ impl Client {
                 }
             };
             let now = Instant::now();
-            let mut client = Client {
+            let client = Client {
                 conn,
                 transport: target.transport,
                 config: config.clone(),
@@ -374,14 +375,6 @@ impl Client {
                 last_heard: now,
                 last_heartbeat: now,
             };
-            if target.transport == Transport::Kcp {
-                // UDP gives no sign of a listener: wait for the answer to a heartbeat.
-                client.heartbeat().await?;
-                client
-                    .wait_heard(now)
-                    .await
-                    .map_err(|e| fail(format!("no answer from a gateway ({e})")))?;
-            }
             Ok(client)
         };
         timeout_at(deadline, connecting)
@@ -440,20 +433,6 @@ impl Client {
                 }
             }
         }
-    }
-
-    /// Waits until something arrives after `since` (a heartbeat answer counts).
-    async fn wait_heard(&mut self, since: Instant) -> Result<(), ClientError> {
-        while self.last_heard <= since {
-            match self.next_item().await? {
-                Some(Inbound::Close(reason)) => {
-                    return Err(ClientError::Closed { reason, code: None });
-                }
-                Some(_) => self.last_heard = Instant::now(),
-                None => {}
-            }
-        }
-        Ok(())
     }
 
     /// One step of receiving: an item, or `None` after housekeeping (a heartbeat sent, bytes
@@ -615,9 +594,16 @@ async fn open(
 ) -> Result<BoxIo, ClientError> {
     match target.transport {
         Transport::Kcp => {
-            let stream = tokio_kcp::KcpStream::connect(&wire::kcp_config(), addr)
-                .await
-                .map_err(|e| ClientError::Io(io::Error::other(e)))?;
+            let (stream, _conv) =
+                kcp::connect(addr, config.connect_timeout)
+                    .await
+                    .map_err(|e| match e {
+                        kcp::ConnectError::Refused { code, reason } => ClientError::Closed {
+                            reason,
+                            code: Some(code),
+                        },
+                        other => ClientError::Io(io::Error::other(other.to_string())),
+                    })?;
             Ok(Box::new(stream))
         }
         Transport::Tcp | Transport::Ws => {

@@ -154,20 +154,6 @@ pub mod close_code {
     pub const TRY_AGAIN: u16 = 1013;
 }
 
-/// The KCP settings both ends use: byte-stream mode (frames are length-prefixed as on TCP),
-/// KCP's fast profile (no delay, 10 ms internal tick, fast resend after 2 skipped ACKs, no
-/// congestion window), writes and ACKs flushed at once. KCP's default profile ticks every 40 ms
-/// and holds writes, which shows up as tens of milliseconds per round trip.
-pub fn kcp_config() -> tokio_kcp::KcpConfig {
-    tokio_kcp::KcpConfig {
-        nodelay: tokio_kcp::KcpNoDelayConfig::fastest(),
-        stream: true,
-        flush_write: true,
-        flush_acks_input: true,
-        ..tokio_kcp::KcpConfig::default()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -237,7 +237,7 @@ fn setup() -> Result<Setup, String> {
             "addr = \"1.100.1\"\nbackend_type = 1\nmembers_file = \"{}\"\n\
              [tcp]\nlisten = \"127.0.0.1:0\"\n[websocket]\nlisten = \"127.0.0.1:0\"\npath = \"/ws\"\n\
              [kcp]\nlisten = \"127.0.0.1:0\"\n\
-             [limits]\nmax_clients = 50000\nframes_per_sec = 1000000\nbytes_per_sec = 1073741824\n\
+             [limits]\nmax_clients = 50000\nmax_handshakes_per_source = 1000000\nmax_clients_per_source = 1000000\nframes_per_sec = 1000000\nbytes_per_sec = 1073741824\n\
              idle_timeout_ms = 600000\nhandshake_timeout_ms = 60000\n",
             members.display()
         ),

@@ -30,6 +30,9 @@
 //! [limits]                  # the defaults
 //! max_clients = 10000
 //! max_handshakes = 1000
+//! max_handshakes_per_source = 64
+//! max_clients_per_source = 1000
+//! kcp_cookies_per_sec = 10000
 //! max_frame_bytes = 65536
 //! handshake_timeout_ms = 10000
 //! idle_timeout_ms = 60000
@@ -128,6 +131,9 @@ struct ListenFile {
 struct LimitsFile {
     max_clients: Option<usize>,
     max_handshakes: Option<usize>,
+    max_handshakes_per_source: Option<usize>,
+    max_clients_per_source: Option<usize>,
+    kcp_cookies_per_sec: Option<u32>,
     max_frame_bytes: Option<usize>,
     handshake_timeout_ms: Option<u64>,
     idle_timeout_ms: Option<u64>,
@@ -171,6 +177,16 @@ pub(crate) struct Limits {
     /// Connections at once, per listener, between accept and their first frame; more are
     /// dropped at accept.
     pub(crate) max_handshakes: usize,
+    /// Connections (all listeners) from one source address between accept and their first
+    /// frame; more from that address are dropped at accept (KCP: refused at CONNECT).
+    pub(crate) max_handshakes_per_source: usize,
+    /// Clients (past their first frame) from one source address; more are turned away with a
+    /// reason. A source is an IPv4 address or an IPv6 /64; keep this high enough for players
+    /// behind one carrier NAT.
+    pub(crate) max_clients_per_source: usize,
+    /// KCP cookies sent per second, in all (one-second burst): what the KCP listener may
+    /// send to addresses that have proved nothing yet.
+    pub(crate) kcp_cookies_per_sec: u32,
     /// Largest frame either way.
     pub(crate) max_frame: usize,
     /// Time from connecting to the first data frame (TLS and WebSocket handshakes included).
@@ -195,6 +211,9 @@ impl Default for Limits {
         Limits {
             max_clients: 10_000,
             max_handshakes: 1_000,
+            max_handshakes_per_source: 64,
+            max_clients_per_source: 1_000,
+            kcp_cookies_per_sec: 10_000,
             max_frame: 64 << 10,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
@@ -448,6 +467,13 @@ fn limits(file: LimitsFile) -> Result<Limits, String> {
     let l = Limits {
         max_clients: file.max_clients.unwrap_or(d.max_clients),
         max_handshakes: file.max_handshakes.unwrap_or(d.max_handshakes),
+        max_handshakes_per_source: file
+            .max_handshakes_per_source
+            .unwrap_or(d.max_handshakes_per_source),
+        max_clients_per_source: file
+            .max_clients_per_source
+            .unwrap_or(d.max_clients_per_source),
+        kcp_cookies_per_sec: file.kcp_cookies_per_sec.unwrap_or(d.kcp_cookies_per_sec),
         max_frame: file.max_frame_bytes.unwrap_or(d.max_frame),
         handshake_timeout: ms(
             file.handshake_timeout_ms,
@@ -472,6 +498,15 @@ fn limits(file: LimitsFile) -> Result<Limits, String> {
             "limits.max_handshakes {} must be in 1..=1000000",
             l.max_handshakes
         ));
+    }
+    for (name, v) in [
+        ("max_handshakes_per_source", l.max_handshakes_per_source),
+        ("max_clients_per_source", l.max_clients_per_source),
+        ("kcp_cookies_per_sec", l.kcp_cookies_per_sec as usize),
+    ] {
+        if !(1..=1_000_000).contains(&v) {
+            return Err(format!("limits.{name} {v} must be in 1..=1000000"));
+        }
     }
     if !(1..=(16 << 20)).contains(&l.max_frame) {
         return Err(format!(

@@ -10,18 +10,19 @@
 //!
 //! The node answers the RPC `gateway.status` with its counters, one `name=value` per line.
 
+mod admission;
 mod config;
-mod listen;
 mod session;
+mod state;
+mod transport;
 
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use clap::Parser;
 use clustergo::{Bytes, EtcdDiscovery, EtcdOptions, FileDiscovery, HandlerError, Node, NodeConfig};
 use config::{Args, Config, Membership};
-use session::Gateway;
+use state::Gateway;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -36,11 +37,15 @@ fn main() -> ExitCode {
     };
     // TLS files are part of the configuration: unreadable ones are a configuration error.
     let tls = match (
-        config.tcp.as_ref().map(listen::tls_acceptor).transpose(),
+        config
+            .tcp
+            .as_ref()
+            .map(transport::framed::tls_acceptor)
+            .transpose(),
         config
             .websocket
             .as_ref()
-            .map(listen::tls_acceptor)
+            .map(transport::framed::tls_acceptor)
             .transpose(),
     ) {
         (Ok(t), Ok(w)) => (t.flatten(), w.flatten()),
@@ -101,7 +106,7 @@ async fn run(
     };
     let kcp = match &config.kcp {
         Some(l) => Some(
-            tokio_kcp::KcpListener::bind(clustergo_client::wire::kcp_config(), l.addr)
+            tokio::net::UdpSocket::bind(l.addr)
                 .await
                 .map_err(|e| bind("kcp", l) + &e.to_string())?,
         ),
@@ -133,7 +138,10 @@ async fn run(
             config.mesh_tls.clone(),
         ))
         .rpc("gateway.status", move |_, _| {
-            let text = status_handle.get().map(|g| status(g)).unwrap_or_default();
+            let text = status_handle
+                .get()
+                .map(|g| state::status(g))
+                .unwrap_or_default();
             async move { Ok::<_, HandlerError>(Bytes::from(text)) }
         })
         .build();
@@ -143,6 +151,10 @@ async fn run(
         backend_type: config.backend_type,
         policy: config.policy,
         slots: Arc::new(Semaphore::new(config.limits.max_clients)),
+        sources: admission::Sources::new(
+            config.limits.max_handshakes_per_source,
+            config.limits.max_clients_per_source,
+        ),
         limits: config.limits.clone(),
         shutdown: CancellationToken::new(),
         tasks: TaskTracker::new(),
@@ -157,7 +169,7 @@ async fn run(
     )];
     if let Some(l) = tcp {
         lines.push(format!("tcp on {}", l.local_addr()?));
-        listeners.spawn(listen::tcp(gw.clone(), l, tcp_tls));
+        listeners.spawn(transport::framed::tcp(gw.clone(), l, tcp_tls));
     }
     if let Some(l) = ws {
         let w = config
@@ -165,7 +177,7 @@ async fn run(
             .as_ref()
             .ok_or("websocket listener without config")?;
         lines.push(format!("websocket on {}{}", l.local_addr()?, w.path));
-        listeners.spawn(listen::websocket(
+        listeners.spawn(transport::ws::websocket(
             gw.clone(),
             l,
             ws_tls,
@@ -173,18 +185,16 @@ async fn run(
             w.protocols.clone(),
         ));
     }
-    // The KCP listener comes back when its loop ends and is kept until the sessions are done.
-    let kcp = match kcp {
-        Some(l) => {
-            lines.push(format!("kcp on {}", l.local_addr()?));
-            Some(tokio::spawn(listen::kcp(gw.clone(), l)))
-        }
-        None => None,
-    };
-    check_descriptors(&config.limits);
+    // The KCP socket serves until shutdown and then until its last session has ended: it is
+    // one of the gateway's tasks.
+    if let Some(l) = kcp {
+        lines.push(format!("kcp on {}", l.local_addr()?));
+        gw.tasks.spawn(transport::kcp::serve(gw.clone(), l));
+    }
+    admission::check_descriptors(&config.limits);
     // One line for tools and tests to wait for: everything is bound and the node is up.
     println!("{}", lines.join(", "));
-    listeners.spawn(watch_backends(gw.clone()));
+    listeners.spawn(state::watch_backends(gw.clone()));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
@@ -196,10 +206,6 @@ async fn run(
     gw.shutdown.cancel();
     listeners.close();
     listeners.wait().await;
-    let kcp = match kcp {
-        Some(loop_) => loop_.await.ok(),
-        None => None,
-    };
     gw.tasks.close();
     if tokio::time::timeout(config.shutdown_grace, gw.tasks.wait())
         .await
@@ -210,93 +216,9 @@ async fn run(
             "grace period over with clients still closing"
         );
     }
-    drop(kcp);
     node.shutdown().await;
     println!("gateway {me} stopped ({clients} clients closed)");
     Ok(())
-}
-
-/// Logs the game servers clients can go to whenever that set changes, and drains the clients
-/// of servers that leave it.
-async fn watch_backends(gw: Arc<Gateway>) {
-    let backends = |members: &[clustergo::Member]| {
-        let mut v: Vec<_> = members
-            .iter()
-            .filter(|m| m.available && m.addr.node_type() == gw.backend_type)
-            .map(|m| m.addr)
-            .collect();
-        v.sort();
-        v
-    };
-    let mut last: Option<Vec<clustergo::LogicAddr>> = None;
-    loop {
-        let now = backends(&gw.node.members());
-        if last.as_ref() != Some(&now) {
-            let list: Vec<String> = now.iter().map(|a| a.to_string()).collect();
-            tracing::info!(
-                "game servers of type {} available: [{}]",
-                gw.backend_type,
-                list.join(", ")
-            );
-            if let Some(before) = &last {
-                let gone: Vec<_> = before
-                    .iter()
-                    .filter(|a| !now.contains(a))
-                    .copied()
-                    .collect();
-                if !gone.is_empty() {
-                    tracing::info!(servers = ?gone, "game servers left: closing their clients");
-                    gw.drain(&gone);
-                }
-            }
-            last = Some(now);
-        }
-        let changed = gw.node.wait_members(
-            |m| Some(backends(m)) != last,
-            std::time::Duration::from_secs(3600),
-        );
-        tokio::select! {
-            _ = changed => {}
-            () = gw.shutdown.cancelled() => return,
-        }
-    }
-}
-
-/// Warns when the process may not open a descriptor per client: accepts would then fail
-/// ("too many open files") before any client hears that the gateway is full.
-fn check_descriptors(limits: &config::Limits) {
-    let soft = std::fs::read_to_string("/proc/self/limits")
-        .ok()
-        .and_then(|text| {
-            text.lines()
-                .find(|l| l.starts_with("Max open files"))
-                .and_then(|l| l.split_whitespace().nth(3).map(str::to_owned))
-        });
-    let need = limits.max_clients + 3 * limits.max_handshakes + 256;
-    if let Some(soft) = soft.and_then(|s| s.parse::<usize>().ok())
-        && soft < need
-    {
-        tracing::warn!(
-            soft_limit = soft,
-            needed = need,
-            "the open-file limit is below max_clients + handshakes: raise it (ulimit -n) or lower limits.max_clients"
-        );
-    }
-}
-
-fn status(gw: &Gateway) -> String {
-    let s = &gw.stats;
-    let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-    format!(
-        "clients={}\naccepted={}\nturned_away={}\nclient_faults={}\nserver_failures={}\nframes_up={}\nframes_down={}",
-        gw.active(),
-        n(&s.accepted),
-        n(&s.turned_away),
-        n(&s.client_faults),
-        n(&s.server_failures),
-        n(&s.frames_up),
-        n(&s.frames_down),
-    )
 }
 
 /// The node's configuration with TLS on links, if `[mesh_tls]` configured it.

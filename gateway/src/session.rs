@@ -12,78 +12,19 @@
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use clustergo::{LogicAddr, Node, Stream, StreamError, StreamMeta};
+use clustergo::{LogicAddr, Stream, StreamError, StreamMeta};
 use clustergo_client::wire::{self, Inbound, close_code};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Notify;
 use tokio::time::{Instant, timeout, timeout_at};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
+use crate::admission::{Bucket, Handshake};
 use crate::config::{Limits, Policy};
-
-/// What every session shares.
-#[derive(Debug)]
-pub(crate) struct Gateway {
-    pub(crate) node: Node,
-    pub(crate) backend_type: u8,
-    pub(crate) policy: Policy,
-    pub(crate) limits: Limits,
-    /// `max_clients` permits: one per client past its handshake.
-    pub(crate) slots: Arc<Semaphore>,
-    pub(crate) shutdown: CancellationToken,
-    pub(crate) tasks: TaskTracker,
-    pub(crate) stats: Stats,
-    /// Per game server, cancelled when it leaves: its clients are closed so they reconnect.
-    pub(crate) drains: std::sync::Mutex<std::collections::HashMap<LogicAddr, CancellationToken>>,
-}
-
-/// Counters, reported by the `gateway.status` RPC.
-#[derive(Debug, Default)]
-pub(crate) struct Stats {
-    pub(crate) accepted: AtomicU64,
-    pub(crate) turned_away: AtomicU64,
-    pub(crate) client_faults: AtomicU64,
-    pub(crate) server_failures: AtomicU64,
-    pub(crate) frames_up: AtomicU64,
-    pub(crate) frames_down: AtomicU64,
-}
-
-impl Gateway {
-    /// Cancelled when `server` stops being available. Already cancelled if it is not
-    /// available now (it left while the client's stream was being opened).
-    fn drain_token(&self, server: LogicAddr) -> CancellationToken {
-        // Checked under the lock, so a drain cannot run between the check and the insert.
-        let mut drains = self.drains.lock().unwrap_or_else(|e| e.into_inner());
-        if !self.node.member(server).is_some_and(|m| m.available) {
-            // Not stored: once the server is back, its new clients must get a live token.
-            let gone = CancellationToken::new();
-            gone.cancel();
-            return gone;
-        }
-        drains.entry(server).or_default().clone()
-    }
-
-    /// Closes the clients of every server in `gone` (they left membership or became
-    /// unavailable).
-    pub(crate) fn drain(&self, gone: &[LogicAddr]) {
-        let mut drains = self.drains.lock().unwrap_or_else(|e| e.into_inner());
-        for server in gone {
-            if let Some(token) = drains.remove(server) {
-                token.cancel();
-            }
-        }
-    }
-
-    /// Clients connected now.
-    pub(crate) fn active(&self) -> usize {
-        self.limits.max_clients - self.slots.available_permits()
-    }
-}
+use crate::state::Gateway;
 
 /// The receiving half of a client connection.
 pub(crate) trait FrameRead: Send {
@@ -192,38 +133,29 @@ pub(crate) struct ClientInfo {
 /// Token buckets for frames and bytes per second, each with a one-second burst.
 #[derive(Debug)]
 struct Rate {
-    frames: f64,
-    bytes: f64,
-    frames_per_sec: f64,
-    bytes_per_sec: f64,
-    last: Instant,
+    frames: Bucket,
+    bytes: Bucket,
 }
 
 impl Rate {
     fn new(limits: &Limits) -> Rate {
+        let (f, b) = (
+            f64::from(limits.frames_per_sec),
+            limits.bytes_per_sec as f64,
+        );
         Rate {
-            frames: f64::from(limits.frames_per_sec),
-            bytes: limits.bytes_per_sec as f64,
-            frames_per_sec: f64::from(limits.frames_per_sec),
-            bytes_per_sec: limits.bytes_per_sec as f64,
-            last: Instant::now(),
+            frames: Bucket::new(f, f),
+            bytes: Bucket::new(b, b),
         }
     }
 
     fn take(&mut self, bytes: usize, limits: &Limits) -> Result<(), Fault> {
-        let now = Instant::now();
-        let dt = now.duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.frames = (self.frames + dt * self.frames_per_sec).min(self.frames_per_sec);
-        self.bytes = (self.bytes + dt * self.bytes_per_sec).min(self.bytes_per_sec);
-        if self.frames < 1.0 {
+        if !self.frames.take(1.0) {
             return Err(Fault::FrameRate(limits.frames_per_sec));
         }
-        if self.bytes < bytes as f64 {
+        if !self.bytes.take(bytes as f64) {
             return Err(Fault::ByteRate(limits.bytes_per_sec));
         }
-        self.frames -= 1.0;
-        self.bytes -= bytes as f64;
         Ok(())
     }
 }
@@ -231,7 +163,7 @@ impl Rate {
 /// Serves one accepted client until either side ends; logs how it ended.
 pub(crate) async fn serve<R: FrameRead, W: FrameWrite>(
     gw: Arc<Gateway>,
-    handshake: OwnedSemaphorePermit,
+    handshake: Handshake,
     info: ClientInfo,
     mut rd: R,
     mut wr: W,
@@ -279,14 +211,14 @@ pub(crate) async fn serve<R: FrameRead, W: FrameWrite>(
             }
         }
     };
-    // A client now: trade the handshake slot for a client slot.
-    let Ok(_slot) = gw.slots.clone().try_acquire_owned() else {
-        gw.stats.turned_away.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(client = %info.peer, transport = info.transport, max_clients = limits.max_clients, "gateway full: client turned away");
-        goodbye(&gw, &mut rd, &mut wr, close_code::TRY_AGAIN, FULL).await;
-        return;
+    // A client now: trade the handshake's places for a client's.
+    let _client = match handshake.promote(&gw, info.peer) {
+        Ok(c) => c,
+        Err((code, reason)) => {
+            goodbye(&gw, &mut rd, &mut wr, code, reason).await;
+            return;
+        }
     };
-    drop(handshake);
     let stream = tokio::select! {
         s = open(&gw, &info, &first) => s,
         () = gw.shutdown.cancelled() => Err((close_code::GOING_AWAY, "gateway shutting down".into())),
@@ -590,8 +522,6 @@ pub(crate) async fn goodbye<R: FrameRead, W: FrameWrite>(
     }
 }
 
-const FULL: &str = "gateway full: try again later";
-
 /// How long a closed client may take to close its side.
 const LINGER: Duration = Duration::from_secs(1);
 
@@ -740,45 +670,6 @@ mod tests {
             Err(Fault::ByteRate(1000))
         ));
         rate.take(1000, &limits).unwrap();
-    }
-
-    /// A server seen unavailable while a client's stream was being opened must not leave a
-    /// cancelled token behind: once it is back, its new clients are served.
-    #[tokio::test]
-    async fn a_drain_is_not_remembered_past_the_servers_return() {
-        let me: LogicAddr = "1.100.1".parse().unwrap();
-        let server: LogicAddr = "1.1.1".parse().unwrap();
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let members = clustergo::MemoryDiscovery::new([
-            clustergo::Member::new(me, listener.local_addr().unwrap().to_string()),
-            clustergo::Member::new(server, "127.0.0.1:9").with_available(false),
-        ]);
-        let node = Node::builder(me)
-            .discovery(members.clone())
-            .listener(listener)
-            .config(clustergo::NodeConfig::default().secret("unit"))
-            .build();
-        node.start().await.unwrap();
-        let gw = Gateway {
-            node: node.clone(),
-            backend_type: 1,
-            policy: Policy::Random,
-            limits: Limits::default(),
-            slots: Arc::new(Semaphore::new(1)),
-            shutdown: CancellationToken::new(),
-            tasks: TaskTracker::new(),
-            stats: Stats::default(),
-            drains: Default::default(),
-        };
-        assert!(gw.drain_token(server).is_cancelled());
-        members.set_available(server, true);
-        let back = |m: &[clustergo::Member]| m.iter().any(|m| m.addr == server && m.available);
-        assert!(node.wait_members(back, Duration::from_secs(5)).await);
-        let token = gw.drain_token(server);
-        assert!(!token.is_cancelled());
-        gw.drain(&[server]);
-        assert!(token.is_cancelled());
-        node.shutdown().await;
     }
 
     #[test]

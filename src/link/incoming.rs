@@ -73,7 +73,7 @@ impl Admission {
 
     /// A slot for a new connection from `source`, or `None` over a cap.
     fn take(self: &Arc<Self>, source: IpAddr) -> Option<Slot> {
-        let source = source_key(source);
+        let source = crate::source_key(source);
         let mut c = self.counts();
         let from_source = c.by_source.get(&source).copied().unwrap_or(0);
         if c.total >= self.max_total || from_source >= self.max_per_source {
@@ -85,19 +85,6 @@ impl Admission {
             admission: self.clone(),
             source,
         })
-    }
-}
-
-/// What counts as one source: an IPv4 address (also written as IPv4-mapped IPv6), or an IPv6
-/// /64 — one host usually holds a whole /64, so counting single IPv6 addresses would let it
-/// pass for millions of sources.
-fn source_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(v4) => IpAddr::V4(v4),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
-        },
     }
 }
 
