@@ -196,8 +196,9 @@ const SEND_QUEUE: usize = 256;
 /// Bytes received and not yet read by the application, at most (beyond this KCP's receive
 /// window closes and the peer waits).
 const RECV_BUFFER: usize = 64 << 10;
-/// Datagrams waiting for a session's task, at most (more are dropped; KCP resends).
-pub const INPUT_QUEUE: usize = 256;
+/// Datagrams waiting for a session's task, at most (more are dropped; KCP resends): with
+/// datagrams of at most [`MAX_DATAGRAM`] bytes, under 100 KiB per session.
+pub const INPUT_QUEUE: usize = 64;
 /// After the application closed its side, how long unacknowledged data may still be resent.
 pub const LINGER: Duration = Duration::from_secs(2);
 
@@ -509,5 +510,61 @@ mod tests {
         assert_eq!(Handshake::decode(&short), None);
         assert_eq!(Handshake::decode(b"junk"), None);
         assert!(!is_handshake(&[0u8; 24]));
+    }
+
+    /// Hostile segments (any header, any payload length) never panic a session: KCP's input
+    /// is fed 20,000 crafted datagrams for its conv, with the reads and timer calls between.
+    #[test]
+    fn crafted_segments_do_not_panic_kcp() {
+        struct Sink;
+        impl io::Write for Sink {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut kcp = ::kcp::Kcp::new_stream(7, Sink);
+        kcp.set_nodelay(true, 10, 2, true);
+        kcp.set_wndsize(256, 256);
+        let _ = kcp.update(0);
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut out = vec![0u8; 1 << 20];
+        for i in 0..20_000u32 {
+            let mut d = Vec::new();
+            for _ in 0..(next() % 3 + 1) {
+                let r = next();
+                d.extend_from_slice(&7u32.to_le_bytes());
+                d.push([81, 82, 83, 84][(r % 4) as usize]);
+                d.push((r >> 8) as u8); // frg
+                d.extend_from_slice(&((r >> 16) as u16).to_le_bytes()); // wnd
+                d.extend_from_slice(&(next() as u32).to_le_bytes()); // ts
+                let sn = if r % 5 == 0 {
+                    next() as u32
+                } else {
+                    (next() % 300) as u32
+                };
+                d.extend_from_slice(&sn.to_le_bytes());
+                d.extend_from_slice(&(next() as u32).to_le_bytes()); // una
+                let len = (next() % 1400) as u32;
+                let claimed = if r % 7 == 0 { next() as u32 } else { len };
+                d.extend_from_slice(&claimed.to_le_bytes());
+                d.extend(std::iter::repeat_n(0xab, len as usize));
+            }
+            let _ = kcp.input(&d);
+            while let Ok(n) = kcp.peeksize() {
+                let cap = out.len();
+                let _ = kcp.recv(&mut out[..n.min(cap)]);
+            }
+            let _ = kcp.send(b"x");
+            let _ = kcp.update(i.wrapping_mul(7));
+        }
     }
 }

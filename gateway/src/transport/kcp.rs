@@ -17,6 +17,8 @@
 //! - a CONNECT takes a handshake place (`max_handshakes` for this listener,
 //!   `max_handshakes_per_source`), or is answered with REFUSE; a CONNECT for a live session
 //!   from its address is answered with ACCEPT again;
+//! - a session's datagrams are metered at twice `bytes_per_sec` (raw bytes) and queued for
+//!   its task up to `INPUT_QUEUE` datagrams;
 //! - everything else (unknown conv, another address, malformed, over a bound) is dropped,
 //!   counted in `kcp_dropped` and logged (gated).
 
@@ -42,6 +44,10 @@ use crate::transport::{framed::framed, info};
 struct Entry {
     peer: SocketAddr,
     input: mpsc::Sender<Bytes>,
+    /// Its raw datagram bytes, metered at twice `bytes_per_sec` (as a WebSocket client's raw
+    /// bytes are): KCP segments that never make a frame (duplicates, out of window) cost too.
+    /// Over it, datagrams are dropped (KCP resends; an honest client only slows down).
+    raw: Bucket,
 }
 
 /// Issues and checks cookies: HMAC-SHA256 under a key made at start, truncated to 16 bytes.
@@ -197,21 +203,27 @@ pub(crate) async fn serve(gw: Arc<Gateway>, socket: UdpSocket) {
             continue;
         }
         let conv = u32::from_le_bytes([d[0], d[1], d[2], d[3]]);
-        match sessions.get(&conv) {
+        match sessions.get_mut(&conv) {
             None => dropped(&gw, from, "a KCP segment for no session"),
             Some(e) if e.peer != from => {
                 dropped(&gw, from, "a KCP segment for another address's session")
             }
-            Some(e) => match e.input.try_send(Bytes::copy_from_slice(d)) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    dropped(&gw, from, "a KCP segment for a session whose queue is full")
+            Some(e) => {
+                if !e.raw.take(n as f64) {
+                    dropped(&gw, from, "a KCP segment over the session's raw byte rate");
+                    continue;
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => {
-                    sessions.remove(&conv);
-                    dropped(&gw, from, "a KCP segment for a session that ended");
+                match e.input.try_send(Bytes::copy_from_slice(d)) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        dropped(&gw, from, "a KCP segment for a session whose queue is full")
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        sessions.remove(&conv);
+                        dropped(&gw, from, "a KCP segment for a session that ended");
+                    }
                 }
-            },
+            }
         }
     }
 }
@@ -257,7 +269,12 @@ fn open(
         let info = info(&g, "kcp", peer);
         framed(g, handshake, info, r, w).await;
     });
-    Ok(Entry { peer, input: tx })
+    let raw = 2.0 * gw.limits.bytes_per_sec as f64;
+    Ok(Entry {
+        peer,
+        input: tx,
+        raw: Bucket::new(raw, raw),
+    })
 }
 
 /// Counts and logs (gated) a datagram the listener did not take.
