@@ -128,6 +128,20 @@ async fn a_node_whose_certificate_names_another_address_does_not_start() {
         err.contains("does not name 1.1.1") && err.contains("1.1.1.clustergo"),
         "{err}"
     );
+    // A wildcard covers one label only: `*.2.1.clustergo` is not type 3, and `*.clustergo`
+    // is nobody.
+    for (addr, name) in [("1.3.7", "*.2.1.clustergo"), ("1.2.7", "*.clustergo")] {
+        let mut c = support::Cluster::new(&[addr]);
+        let n = c
+            .builder(addr)
+            .config(support::test_config().tls(ca.tls(&ca.leaf(&[name]), true)))
+            .build();
+        let err = within(n.start()).await.unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("does not name {addr}")),
+            "{name}: {err}"
+        );
+    }
 }
 
 /// A tonic connector that dials `net` over TLS with `config`, for an attacker's hand-made link.

@@ -36,7 +36,8 @@
 //! answered with ACCEPT again.
 //!
 //! KCP itself: stream mode, KCP's fast profile (no delay, 10 ms tick, fast resend after 2
-//! skipped ACKs, no congestion window), MTU 1400, windows of 256 segments. A peer in message
+//! skipped ACKs, no congestion window), MTU 1400, a send window of 128 segments and a
+//! receive window of 64. A peer in message
 //! mode interoperates: the bytes arrive in order either way.
 
 use std::io;
@@ -191,16 +192,24 @@ impl Handshake {
     }
 }
 
-/// Segments a session may have unacknowledged before it stops taking bytes to send.
-const SEND_QUEUE: usize = 256;
-/// Bytes received and not yet read by the application, at most (beyond this KCP's receive
-/// window closes and the peer waits).
+/// Segments a session may have queued or unacknowledged before it stops taking bytes to send.
+const SEND_QUEUE: usize = 128;
+/// KCP's receive window, in segments: what a peer may have in flight to us, out of order
+/// included.
+const RECV_WINDOW: u16 = 64;
+/// Bytes received and not yet read by the application, at most, plus one message (beyond
+/// this KCP's receive window closes and the peer waits).
 const RECV_BUFFER: usize = 64 << 10;
 /// Datagrams waiting for a session's task, at most (more are dropped; KCP resends): with
 /// datagrams of at most [`MAX_DATAGRAM`] bytes, under 100 KiB per session.
 pub const INPUT_QUEUE: usize = 64;
 /// After the application closed its side, how long unacknowledged data may still be resent.
 pub const LINGER: Duration = Duration::from_secs(2);
+/// Worst-case memory of one session, all bounds reached at once: KCP's receive buffers
+/// (2 × [`RECV_WINDOW`] segments), its send side ([`SEND_QUEUE`] segments), the bytes held for
+/// the application (twice 64 KiB plus one message of at most [`RECV_WINDOW`] segments) and the
+/// input queue: under 800 KiB. An idle session holds a few KiB.
+pub const MAX_SESSION_BYTES: usize = 800 << 10;
 
 /// Writes KCP's segments as datagrams to one peer, without waiting: a datagram the socket
 /// cannot take now is dropped, and KCP resends it.
@@ -231,18 +240,27 @@ pub enum SessionEnd {
     Dropped,
     /// KCP gave up resending (the peer is gone).
     DeadLink,
+    /// Data waited to be sent or acknowledged without progress for the session's stall
+    /// limit: the peer keeps its window shut, or does not acknowledge.
+    Stalled,
+    /// A segment broke KCP's own arithmetic (possible only in builds with overflow checks):
+    /// the session's state cannot be trusted.
+    Malformed,
 }
 
 /// Runs one KCP session over `socket` to `peer`: datagrams for it arrive on `input`; the
 /// application reads and writes the returned byte stream. The session ends (its task
 /// returns) when the application has closed its side and the peer acknowledged what was
-/// sent (or [`LINGER`] passed), when the application goes away, or when KCP gives up on
-/// the peer. Everything it holds is bounded (see the constants).
+/// sent (or [`LINGER`] passed), when the application goes away, when KCP gives up on the
+/// peer, or when data waits without progress for `stall` (a peer that keeps its window shut).
+/// What it holds is bounded by [`MAX_SESSION_BYTES`]. Its timer runs only while data is in
+/// flight (at most every 10 ms); an idle session wakes once a second.
 pub fn session(
     conv: u32,
     socket: Arc<UdpSocket>,
     peer: SocketAddr,
     input: mpsc::Receiver<Bytes>,
+    stall: Duration,
 ) -> (
     DuplexStream,
     impl Future<Output = SessionEnd> + Send + 'static,
@@ -251,14 +269,15 @@ pub fn session(
     let mut kcp = ::kcp::Kcp::new_stream(conv, Out { socket, peer });
     kcp.set_nodelay(true, 10, 2, true);
     let _ = kcp.set_mtu(1400);
-    kcp.set_wndsize(256, 256);
-    (app, drive(kcp, ours, input))
+    kcp.set_wndsize(SEND_QUEUE as u16, RECV_WINDOW);
+    (app, drive(kcp, ours, input, stall))
 }
 
 async fn drive(
     mut kcp: ::kcp::Kcp<Out>,
     app: DuplexStream,
     mut input: mpsc::Receiver<Bytes>,
+    stall: Duration,
 ) -> SessionEnd {
     let start = Instant::now();
     let now_ms = || start.elapsed().as_millis() as u32;
@@ -269,6 +288,9 @@ async fn drive(
     let mut app_closed: Option<Instant> = None;
     let mut input_open = true;
     let mut next_update = Instant::now();
+    // When the data waiting to be sent or acknowledged last shrank (or was none).
+    let mut progress = Instant::now();
+    let mut waiting = 0;
     loop {
         // What KCP has in order goes to the application, while it keeps up.
         while to_app.len() < RECV_BUFFER {
@@ -286,27 +308,46 @@ async fn drive(
         if kcp.is_dead_link() {
             return SessionEnd::DeadLink;
         }
+        let now_waiting = kcp.wait_snd();
+        if now_waiting == 0 || now_waiting < waiting {
+            progress = Instant::now();
+        }
+        waiting = now_waiting;
+        if waiting > 0 && progress.elapsed() >= stall {
+            return SessionEnd::Stalled;
+        }
         if let Some(since) = app_closed {
-            if kcp.wait_snd() == 0 {
+            if waiting == 0 {
                 return SessionEnd::Finished;
             }
             if since.elapsed() >= LINGER {
                 return SessionEnd::Lingered;
             }
         }
-        let take = app_closed.is_none() && kcp.wait_snd() < SEND_QUEUE;
+        let take = app_closed.is_none() && waiting < SEND_QUEUE;
         tokio::select! {
             d = input.recv(), if input_open => match d {
                 Some(d) => {
-                    let _ = kcp.input(&d);
-                    // Acknowledge at once: the peer's resend timer is short.
-                    let _ = kcp.flush();
+                    // KCP's clock must be current before it timestamps anything.
+                    let _ = kcp.update(now_ms());
+                    // With overflow checks (debug builds), crafted timestamps or sequence
+                    // numbers can overflow KCP's arithmetic; release builds wrap, as the
+                    // protocol means. Either way the peer, not the process, pays.
+                    let fed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        let _ = kcp.input(&d);
+                        // Acknowledge at once: the peer's resend timer is short.
+                        let _ = kcp.flush();
+                    }));
+                    if fed.is_err() {
+                        return SessionEnd::Malformed;
+                    }
                 }
                 None => input_open = false,
             },
             r = app_rd.read(&mut from_app), if take => match r {
                 Ok(0) | Err(_) => app_closed = Some(Instant::now()),
                 Ok(n) => {
+                    let _ = kcp.update(now_ms());
                     let _ = kcp.send(&from_app[..n]);
                     let _ = kcp.flush();
                 }
@@ -327,11 +368,11 @@ async fn drive(
         let now = now_ms();
         let _ = kcp.update(now);
         // With nothing in flight KCP has nothing to time: an idle session wakes once a
-        // second, not every tick.
+        // second, not every tick. (`check` gives the delay to the next flush, ≤ 10 ms.)
         let wait = if kcp.wait_snd() == 0 {
             1000
         } else {
-            kcp.check(now).saturating_sub(now).clamp(1, 100)
+            kcp.check(now).clamp(1, 100)
         };
         next_update = Instant::now() + Duration::from_millis(u64::from(wait));
         if to_app.is_empty() && to_app.capacity() > RECV_BUFFER {
@@ -339,6 +380,10 @@ async fn drive(
         }
     }
 }
+
+/// A client's stall limit: data to the gateway waiting this long without progress ends the
+/// session.
+const CLIENT_STALL: Duration = Duration::from_secs(30);
 
 /// Why a KCP connect failed.
 #[derive(Debug, thiserror::Error)]
@@ -381,7 +426,9 @@ pub async fn connect_from(
     timeout: Duration,
 ) -> Result<(DuplexStream, u32), ConnectError> {
     socket.connect(gateway).await?;
-    let deadline = Instant::now() + timeout;
+    let deadline = Instant::now()
+        .checked_add(timeout)
+        .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400 * 365));
     let nonce = random_u64();
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let hello = Handshake::Hello { nonce }.encode();
@@ -403,7 +450,7 @@ pub async fn connect_from(
     }
     let socket = Arc::new(socket);
     let (tx, rx) = mpsc::channel(INPUT_QUEUE);
-    let (stream, task) = session(cookie.conv, socket.clone(), gateway, rx);
+    let (stream, task) = session(cookie.conv, socket.clone(), gateway, rx, CLIENT_STALL);
     // Reads the socket for the session until the session ends.
     tokio::spawn(async move {
         let mut buf = vec![0u8; MAX_DATAGRAM];
@@ -527,7 +574,7 @@ mod tests {
         }
         let mut kcp = ::kcp::Kcp::new_stream(7, Sink);
         kcp.set_nodelay(true, 10, 2, true);
-        kcp.set_wndsize(256, 256);
+        kcp.set_wndsize(128, 64);
         let _ = kcp.update(0);
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
         let mut next = move || {
@@ -566,5 +613,33 @@ mod tests {
             let _ = kcp.send(b"x");
             let _ = kcp.update(i.wrapping_mul(7));
         }
+    }
+
+    /// A peer that keeps its receive window shut holds our data unsent: the session ends as
+    /// stalled after its stall limit instead of waking every tick forever.
+    #[tokio::test]
+    async fn a_peer_that_keeps_its_window_shut_stalls_the_session_out() {
+        let ours = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let theirs = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let (tx, rx) = mpsc::channel(INPUT_QUEUE);
+        let stall = Duration::from_millis(300);
+        let (mut app, task) = session(9, ours, theirs.local_addr().unwrap(), rx, stall);
+        let task = tokio::spawn(task);
+        // The peer says its window is 0 (a window-size answer, cmd 84, wnd 0).
+        let mut shut = vec![0u8; 24];
+        shut[..4].copy_from_slice(&9u32.to_le_bytes());
+        shut[4] = 84;
+        tx.send(Bytes::from(shut)).await.unwrap();
+        app.write_all(b"waits for a window that never opens")
+            .await
+            .unwrap();
+        let started = Instant::now();
+        let end = tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the session ended")
+            .unwrap();
+        assert_eq!(end, SessionEnd::Stalled);
+        assert!(started.elapsed() >= stall);
+        drop(tx);
     }
 }

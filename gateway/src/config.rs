@@ -32,7 +32,7 @@
 //! max_handshakes = 1000
 //! max_handshakes_per_source = 64
 //! max_clients_per_source = 1000
-//! kcp_cookies_per_sec = 10000
+//! kcp_cookies_per_sec = 50000
 //! max_frame_bytes = 65536
 //! handshake_timeout_ms = 10000
 //! idle_timeout_ms = 60000
@@ -213,7 +213,7 @@ impl Default for Limits {
             max_handshakes: 1_000,
             max_handshakes_per_source: 64,
             max_clients_per_source: 1_000,
-            kcp_cookies_per_sec: 10_000,
+            kcp_cookies_per_sec: 50_000,
             max_frame: 64 << 10,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),

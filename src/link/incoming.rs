@@ -144,6 +144,9 @@ enum Io {
     Handshake(Box<tokio_rustls::Accept<TcpStream>>),
     #[cfg(feature = "tls")]
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    /// The TLS handshake failed: the connection is dead (its future must not be polled again).
+    #[cfg(feature = "tls")]
+    Failed,
 }
 
 impl std::fmt::Debug for Io {
@@ -154,6 +157,8 @@ impl std::fmt::Debug for Io {
             Io::Handshake(_) => "Handshake",
             #[cfg(feature = "tls")]
             Io::Tls(_) => "Tls",
+            #[cfg(feature = "tls")]
+            Io::Failed => "Failed",
         })
     }
 }
@@ -167,8 +172,16 @@ macro_rules! with_io {
                 #[cfg(feature = "tls")]
                 Io::Tls($io) => break $call,
                 #[cfg(feature = "tls")]
+                Io::Failed => break Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into())),
+                #[cfg(feature = "tls")]
                 Io::Handshake(accept) => {
-                    let tls = std::task::ready!(Pin::new(&mut **accept).poll($cx))?;
+                    let tls = match std::task::ready!(Pin::new(&mut **accept).poll($cx)) {
+                        Ok(tls) => tls,
+                        Err(e) => {
+                            $self.io = Io::Failed;
+                            break Poll::Ready(Err(e));
+                        }
+                    };
                     if let Some(cert) = tls.get_ref().1.peer_certificates().and_then(|c| c.first())
                     {
                         let _ = $self.info.peer_cert.set(cert.clone().into_owned());
@@ -256,8 +269,11 @@ impl AsyncWrite for Conn {
             Io::Plain(io) => io.is_write_vectored(),
             #[cfg(feature = "tls")]
             Io::Tls(io) => io.is_write_vectored(),
+            // h2 asks once, before the handshake: the TLS stream it becomes writes vectors.
             #[cfg(feature = "tls")]
-            Io::Handshake(_) => false,
+            Io::Handshake(_) => true,
+            #[cfg(feature = "tls")]
+            Io::Failed => false,
         }
     }
 
@@ -273,7 +289,7 @@ impl AsyncWrite for Conn {
             Io::Tls(io) => Pin::new(io).poll_shutdown(cx),
             // Nothing was said over TLS yet: just close.
             #[cfg(feature = "tls")]
-            Io::Handshake(_) => Poll::Ready(Ok(())),
+            Io::Handshake(_) | Io::Failed => Poll::Ready(Ok(())),
         }
     }
 }

@@ -575,9 +575,9 @@ fn source_text(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut src = e.source();
     while let Some(s) = src {
-        // Some layers already print their cause: say each thing once.
+        // Some layers already end their text with their cause: say it once.
         let part = s.to_string();
-        if !text.contains(&part) {
+        if !text.ends_with(&part) {
             text.push_str(": ");
             text.push_str(&part);
         }

@@ -18,7 +18,8 @@
 //!   `max_handshakes_per_source`), or is answered with REFUSE; a CONNECT for a live session
 //!   from its address is answered with ACCEPT again;
 //! - a session's datagrams are metered at twice `bytes_per_sec` (raw bytes) and queued for
-//!   its task up to `INPUT_QUEUE` datagrams;
+//!   its task up to `INPUT_QUEUE` datagrams; a session whose data waits without progress
+//!   for `write_timeout` (a client that keeps its window shut) is ended;
 //! - everything else (unknown conv, another address, malformed, over a bound) is dropped,
 //!   counted in `kcp_dropped` and logged (gated).
 
@@ -180,8 +181,9 @@ pub(crate) async fn serve(gw: Arc<Gateway>, socket: UdpSocket) {
                             Handshake::Accept { conv: c.conv }
                         }
                         Some(e) if !e.input.is_closed() => {
-                            // The conv went to someone else meanwhile (a collision): the
-                            // client starts over with a new HELLO.
+                            // The conv went to someone else meanwhile (a collision, about one
+                            // in 2^31 per live session): the client is refused and connects
+                            // again.
                             refuse(c.conv, close_code::TRY_AGAIN, "conv taken: connect again")
                         }
                         _ => match open(&gw, &socket, &budget, from, c.conv) {
@@ -236,11 +238,13 @@ fn refuse(conv: u32, code: u16, reason: &str) -> Handshake {
     }
 }
 
-/// A conv in `1..2^31` that no live session has.
+/// A conv in `1..2^31` that no live session has, from the OS's random source: with the
+/// client's address, the conv is what keeps an off-path attacker out of a session, so it must
+/// not be predictable from the convs other HELLOs were given.
 fn fresh_conv(sessions: &HashMap<u32, Entry>) -> u32 {
     loop {
-        let conv = fastrand::u32(1..1 << 31);
-        if !sessions.contains_key(&conv) {
+        let conv = getrandom::u32().expect("the OS random source is available") & 0x7fff_ffff;
+        if conv != 0 && !sessions.contains_key(&conv) {
             return conv;
         }
     }
@@ -261,7 +265,7 @@ fn open(
         return Err((close_code::TRY_AGAIN, "gateway busy: try again later"));
     };
     let (tx, rx) = mpsc::channel(wire::INPUT_QUEUE);
-    let (stream, task) = wire::session(conv, socket.clone(), peer, rx);
+    let (stream, task) = wire::session(conv, socket.clone(), peer, rx, gw.limits.write_timeout);
     gw.tasks.spawn(task);
     let g = gw.clone();
     gw.tasks.spawn(async move {
@@ -269,11 +273,13 @@ fn open(
         let info = info(&g, "kcp", peer);
         framed(g, handshake, info, r, w).await;
     });
+    // At least a queue's worth of full datagrams of burst, whatever bytes_per_sec is.
     let raw = 2.0 * gw.limits.bytes_per_sec as f64;
+    let burst = raw.max((wire::INPUT_QUEUE * MAX_DATAGRAM) as f64);
     Ok(Entry {
         peer,
         input: tx,
-        raw: Bucket::new(raw, raw),
+        raw: Bucket::new(raw, burst),
     })
 }
 
