@@ -595,3 +595,42 @@ async fn stream_metadata_is_bounded() {
     );
     drop(tx);
 }
+
+/// Before its link is admitted, a connection may carry only a few KiB: a first message of a
+/// megabyte (a "proof" padded out) is refused as it arrives, not buffered whole and then
+/// checked. (Before, every pending connection could make the node hold a full batch.)
+#[tokio::test]
+async fn a_huge_first_message_is_refused_before_its_proof_is_read() {
+    support::init_tracing();
+    let mut c = support::Cluster::new(&["1.1.1", "1.1.2"]);
+    let n1 = c.start("1.1.1", who("n1")).await;
+    let net = c.members.get(a("1.1.1")).unwrap().net_addr;
+    let (tx, rx) = mpsc::channel::<Batch>(8);
+    let mut req = Request::new(ReceiverStream::new(rx));
+    let md = req.metadata_mut();
+    md.insert("cg-from", a("1.1.2").as_u32().to_string().parse().unwrap());
+    md.insert("cg-to", a("1.1.1").as_u32().to_string().parse().unwrap());
+    md.insert("cg-incarnation", "7".parse().unwrap());
+    md.insert(
+        "cg-nonce",
+        "0123456789abcdef0123456789abcdef".parse().unwrap(),
+    );
+    let mut client = MeshClient::connect(format!("http://{net}"))
+        .await
+        .unwrap()
+        .max_encoding_message_size(8 << 20);
+    let resp = within(client.link(req)).await.unwrap();
+    tx.send(Batch {
+        proof: Bytes::from(vec![0u8; 1 << 20]),
+        ..Batch::default()
+    })
+    .await
+    .unwrap();
+    let err = within(resp.into_inner().message()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().contains("before the link was admitted"),
+        "{err:?}"
+    );
+    assert!(n1.stats().links_refused >= 1);
+}

@@ -125,6 +125,14 @@ impl ConnInfo {
     pub(crate) fn admitted(&self) {
         self.slot.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
+
+    /// Whether a link on this connection was admitted.
+    pub(crate) fn is_admitted(&self) -> bool {
+        self.slot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
+    }
 }
 
 /// An accepted connection, closed at its deadline unless a link on it was admitted.
@@ -291,6 +299,107 @@ impl AsyncWrite for Conn {
             #[cfg(feature = "tls")]
             Io::Handshake(_) | Io::Failed => Poll::Ready(Ok(())),
         }
+    }
+}
+
+/// Bytes a call may carry before its connection has an admitted link: the dialer's first
+/// message is its proof (a few dozen bytes), and it sends nothing else until admitted.
+pub(crate) const PRE_PROOF_BYTES: usize = 4 << 10;
+
+/// A tower layer for the node's gRPC server: on a connection with no admitted link, a request
+/// body may carry at most [`PRE_PROOF_BYTES`]; past that, reading it fails with
+/// `RESOURCE_EXHAUSTED`. Without it, the first message would be buffered up to the largest
+/// batch a member may send (over 1 MiB) before the proof inside it is checked: a megabyte per
+/// pending connection for anyone who can connect.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct PreProofLimit;
+
+impl<S> tower_layer::Layer<S> for PreProofLimit {
+    type Service = PreProofService<S>;
+
+    fn layer(&self, inner: S) -> PreProofService<S> {
+        PreProofService { inner }
+    }
+}
+
+/// The service [`PreProofLimit`] makes.
+#[derive(Debug, Clone)]
+pub(crate) struct PreProofService<S> {
+    inner: S,
+}
+
+type HttpRequest = tonic::codegen::http::Request<tonic::body::Body>;
+
+impl<S: tower_service::Service<HttpRequest>> tower_service::Service<HttpRequest>
+    for PreProofService<S>
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: HttpRequest) -> S::Future {
+        let conn = req.extensions().get::<ConnInfo>().cloned();
+        let req = match conn {
+            Some(conn) if !conn.is_admitted() => req.map(|body| {
+                tonic::body::Body::new(PreProofBody {
+                    inner: body,
+                    conn,
+                    read: 0,
+                    admitted: false,
+                })
+            }),
+            _ => req,
+        };
+        self.inner.call(req)
+    }
+}
+
+/// A request body counted until its connection is admitted.
+struct PreProofBody {
+    inner: tonic::body::Body,
+    conn: ConnInfo,
+    read: usize,
+    /// Seen admitted: no more counting (the link's whole life runs through this body).
+    admitted: bool,
+}
+
+impl http_body::Body for PreProofBody {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, tonic::Status>>> {
+        let frame = std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        if !self.admitted
+            && let Some(Ok(f)) = &frame
+            && let Some(data) = f.data_ref()
+        {
+            self.read += data.len();
+            if self.read > PRE_PROOF_BYTES {
+                // Checked only once past the limit: an admitted link pays one lock, once.
+                if !self.conn.is_admitted() {
+                    return Poll::Ready(Some(Err(tonic::Status::resource_exhausted(format!(
+                        "more than {PRE_PROOF_BYTES} bytes before the link was admitted"
+                    )))));
+                }
+                self.admitted = true;
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

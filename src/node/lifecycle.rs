@@ -14,7 +14,7 @@ use super::dispatch::MeshService;
 use super::inner::{Inner, Phase};
 use crate::error::{DiscoveryError, RpcError, StartError};
 use crate::link::LinkState;
-use crate::link::incoming::{Admission, incoming};
+use crate::link::incoming::{Admission, PreProofLimit, incoming};
 
 /// HTTP/2 streams (link calls) one connection may have open at once.
 const MAX_CALLS_PER_CONNECTION: u32 = 4;
@@ -154,6 +154,7 @@ impl Inner {
             // the old link's end. Hello metadata is a few hundred bytes.
             .max_concurrent_streams(MAX_CALLS_PER_CONNECTION)
             .http2_max_header_list_size(MAX_HEADER_BYTES)
+            .layer(PreProofLimit)
             .add_service(service)
             .serve_with_incoming_shutdown(
                 incoming(listener, admission),

@@ -447,7 +447,9 @@ impl Inner {
                 );
                 return drop(tx.send(Err(self.refused(status))));
             }
-            Ok(Ok(None) | Err(_)) => return,
+            // Over the pre-proof byte limit (or undecodable): the dialer hears why.
+            Ok(Err(status)) => return drop(tx.send(Err(self.refused(status)))),
+            Ok(Ok(None)) => return,
             Err(_) => {
                 let status = Status::deadline_exceeded(format!("no link proof within {wait:?}"));
                 return drop(tx.send(Err(self.refused(status))));
