@@ -634,3 +634,42 @@ async fn a_huge_first_message_is_refused_before_its_proof_is_read() {
     );
     assert!(n1.stats().links_refused >= 1);
 }
+
+/// Without the secret, a prober cannot tell members from other addresses: a hello from a
+/// member's address and one from an address nobody has both get a challenge, and a wrong
+/// proof fails the same way for both.
+#[tokio::test]
+async fn a_prober_without_the_secret_cannot_list_members() {
+    support::init_tracing();
+    let mut c = support::Cluster::new(&["1.1.1", "1.1.2"]);
+    let _n1 = c.start("1.1.1", who("n1")).await;
+    let net = c.members.get(a("1.1.1")).unwrap().net_addr;
+    let mut answers = Vec::new();
+    for from in ["1.1.2", "1.1.9"] {
+        let (tx, rx) = mpsc::channel::<Batch>(8);
+        let mut req = Request::new(ReceiverStream::new(rx));
+        let md = req.metadata_mut();
+        md.insert("cg-from", a(from).as_u32().to_string().parse().unwrap());
+        md.insert("cg-to", a("1.1.1").as_u32().to_string().parse().unwrap());
+        md.insert("cg-incarnation", "7".parse().unwrap());
+        md.insert(
+            "cg-nonce",
+            "0123456789abcdef0123456789abcdef".parse().unwrap(),
+        );
+        let mut client = MeshClient::connect(format!("http://{net}")).await.unwrap();
+        let resp = within(client.link(req))
+            .await
+            .unwrap_or_else(|s| panic!("{from} got no challenge: {s:?}"));
+        assert!(resp.metadata().get("cg-proof").is_some());
+        tx.send(Batch {
+            proof: Bytes::from(vec![0u8; 32]),
+            ..Batch::default()
+        })
+        .await
+        .unwrap();
+        let err = within(resp.into_inner().message()).await.unwrap_err();
+        answers.push((err.code(), err.message().replace(from, "X")));
+    }
+    assert_eq!(answers[0], answers[1]);
+    assert_eq!(answers[0].0, tonic::Code::Unauthenticated);
+}

@@ -373,12 +373,8 @@ impl Inner {
                 hello.to
             ))));
         }
-        if hello.from == self.addr || self.view().get(hello.from).is_none() {
-            return Err(self.refused(Status::permission_denied(format!(
-                "{} is not a member this node admits",
-                hello.from
-            ))));
-        }
+        // Membership is checked after the proof (`admit_proven`): refusing non-members here
+        // would tell anyone who asks which addresses are members.
         let conn = req.extensions().get::<ConnInfo>().cloned();
         #[cfg(feature = "tls")]
         if self.config.mutual_tls() {
@@ -485,11 +481,10 @@ impl Inner {
                 self.addr
             )));
         }
-        // Membership may have changed while the proof was on its way.
-        if self.view().get(hello.from).is_none() {
+        if hello.from == self.addr || self.view().get(hello.from).is_none() {
             return Err(Status::permission_denied(format!(
-                "{} refused {}: not in {}'s membership",
-                self.addr, hello.from, self.addr
+                "{} is not a member this node admits (not in {}'s membership)",
+                hello.from, self.addr
             )));
         }
         let peer = self
