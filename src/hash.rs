@@ -57,6 +57,78 @@ impl Hasher for FastHasher {
 /// A `HashMap` with [`FastHasher`].
 pub(crate) type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FastHasher>>;
 
+/// SipHash-2-4 under a secret key: a keyed pseudo-random function for values a peer must not
+/// predict (call ids). Its output for one input says nothing usable about the next without
+/// the key, which comes from the OS's random source.
+#[derive(Clone)]
+pub(crate) struct SipKey([u64; 2]);
+
+impl std::fmt::Debug for SipKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SipKey(<secret>)")
+    }
+}
+
+impl SipKey {
+    /// A fresh key from the OS's random source.
+    pub(crate) fn random() -> SipKey {
+        let mut b = [0u8; 16];
+        // Without the OS's randomness there is no safe key; call ids would be guessable.
+        getrandom::fill(&mut b).expect("the OS random source is available");
+        SipKey::from_bytes(b)
+    }
+
+    fn from_bytes(b: [u8; 16]) -> SipKey {
+        let (k0, k1) = b.split_at(8);
+        SipKey([
+            u64::from_le_bytes(k0.try_into().expect("8 bytes")),
+            u64::from_le_bytes(k1.try_into().expect("8 bytes")),
+        ])
+    }
+
+    /// SipHash-2-4 of `msg`.
+    pub(crate) fn hash(&self, msg: &[u8]) -> u64 {
+        let [k0, k1] = self.0;
+        let mut v = [
+            k0 ^ 0x736f_6d65_7073_6575,
+            k1 ^ 0x646f_7261_6e64_6f6d,
+            k0 ^ 0x6c79_6765_6e65_7261,
+            k1 ^ 0x7465_6462_7974_6573,
+        ];
+        fn round(v: &mut [u64; 4]) {
+            v[0] = v[0].wrapping_add(v[1]);
+            v[1] = v[1].rotate_left(13) ^ v[0];
+            v[0] = v[0].rotate_left(32);
+            v[2] = v[2].wrapping_add(v[3]);
+            v[3] = v[3].rotate_left(16) ^ v[2];
+            v[0] = v[0].wrapping_add(v[3]);
+            v[3] = v[3].rotate_left(21) ^ v[0];
+            v[2] = v[2].wrapping_add(v[1]);
+            v[1] = v[1].rotate_left(17) ^ v[2];
+            v[2] = v[2].rotate_left(32);
+        }
+        let mut compress = |m: u64, v: &mut [u64; 4]| {
+            v[3] ^= m;
+            round(v);
+            round(v);
+            v[0] ^= m;
+        };
+        let mut chunks = msg.chunks_exact(8);
+        for c in &mut chunks {
+            compress(u64::from_le_bytes(c.try_into().expect("8 bytes")), &mut v);
+        }
+        let mut last = [0u8; 8];
+        last[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
+        last[7] = msg.len() as u8;
+        compress(u64::from_le_bytes(last), &mut v);
+        v[2] ^= 0xff;
+        for _ in 0..4 {
+            round(&mut v);
+        }
+        v[0] ^ v[1] ^ v[2] ^ v[3]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,5 +145,15 @@ mod tests {
         let mut n: FastMap<u32, u32> = FastMap::default();
         n.extend((0..1000).map(|i| (i << 12, i)));
         assert_eq!(n[&(999 << 12)], 999);
+    }
+
+    #[test]
+    fn siphash_matches_the_reference_vectors() {
+        let key = SipKey::from_bytes(std::array::from_fn(|i| i as u8));
+        assert_eq!(key.hash(&[]), 0x726f_db47_dd0e_0e31);
+        let eight: Vec<u8> = (0..8).collect();
+        assert_eq!(key.hash(&eight), 0x93f5_f579_9a93_2462);
+        let fifteen: Vec<u8> = (0..15).collect();
+        assert_eq!(key.hash(&fifteen), 0xa129_ca61_49be_45e5);
     }
 }

@@ -83,7 +83,7 @@ pub(crate) struct Inner {
     pub(crate) stream_relays: Mutex<FastMap<(u32, u64), super::relay::StreamRelay>>,
     next_id: AtomicU64,
     /// Keys that turn `next_id` into call ids.
-    call_ids: std::hash::RandomState,
+    call_ids: crate::hash::SipKey,
     pub(crate) next_gen: AtomicU64,
     /// Cancelled last in shutdown: ends every task and link.
     pub(crate) root: CancellationToken,
@@ -167,7 +167,7 @@ impl Inner {
             server,
             stats,
             next_id: AtomicU64::new(1),
-            call_ids: std::hash::RandomState::new(),
+            call_ids: crate::hash::SipKey::random(),
             next_gen: AtomicU64::new(1),
             root,
             accept_stop: CancellationToken::new(),
@@ -234,7 +234,7 @@ impl Inner {
         use std::hash::BuildHasher;
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         // 0 marks a one-way request.
-        self.call_ids.hash_one(n).max(1)
+        self.call_ids.hash(&n.to_le_bytes()).max(1)
     }
 
     /// The peer slot of the next hop toward `to`: `to` itself in this cluster (created on
