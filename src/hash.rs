@@ -107,7 +107,7 @@ impl SipKey {
             v[1] = v[1].rotate_left(17) ^ v[2];
             v[2] = v[2].rotate_left(32);
         }
-        let mut compress = |m: u64, v: &mut [u64; 4]| {
+        let compress = |m: u64, v: &mut [u64; 4]| {
             v[3] ^= m;
             round(v);
             round(v);

@@ -231,7 +231,6 @@ impl Inner {
     /// A call id no other node can guess: a counter through SipHash under this node's random
     /// keys. (Unique in practice: two calls in flight share an id with odds of ~2^-64.)
     pub(crate) fn next_call_id(&self) -> u64 {
-        use std::hash::BuildHasher;
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         // 0 marks a one-way request.
         self.call_ids.hash(&n.to_le_bytes()).max(1)
