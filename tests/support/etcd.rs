@@ -67,12 +67,30 @@ impl Etcd {
             peer_port: free_port(),
             dir,
         };
-        e.endpoint = format!("http://127.0.0.1:{}", e.client_port);
-        e.spawn();
-        e
+        // A port picked free can be taken by another test's etcd before this one binds it:
+        // then etcd exits at once, and a fresh pair of ports is tried.
+        for _ in 0..5 {
+            e.endpoint = format!("http://127.0.0.1:{}", e.client_port);
+            match e.try_spawn() {
+                Ok(()) => return e,
+                Err(status) => {
+                    eprintln!("etcd exited at start ({status}); trying other ports");
+                    e.client_port = free_port();
+                    e.peer_port = free_port();
+                    let _ = std::fs::remove_dir_all(&e.dir);
+                }
+            }
+        }
+        panic!("etcd exited at start five times");
     }
 
     fn spawn(&mut self) {
+        if let Err(status) = self.try_spawn() {
+            panic!("etcd exited at start: {status}");
+        }
+    }
+
+    fn try_spawn(&mut self) -> Result<(), std::process::ExitStatus> {
         let client = format!("http://127.0.0.1:{}", self.client_port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let child = Command::new(binary())
@@ -101,7 +119,7 @@ impl Etcd {
             .spawn()
             .expect("etcd starts");
         self.child = Some(child);
-        self.wait_ready();
+        self.wait_ready()
     }
 
     fn healthy(&self) -> bool {
@@ -117,7 +135,7 @@ impl Etcd {
     }
 
     /// Polls `/health` (a readiness probe, not a settle delay) for up to 15 s.
-    fn wait_ready(&mut self) {
+    fn wait_ready(&mut self) -> Result<(), std::process::ExitStatus> {
         let end = Instant::now() + Duration::from_secs(15);
         while !self.healthy() {
             if let Some(status) = self
@@ -125,7 +143,8 @@ impl Etcd {
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten())
             {
-                panic!("etcd exited at start: {status}");
+                self.child = None;
+                return Err(status);
             }
             assert!(
                 Instant::now() < end,
@@ -133,6 +152,7 @@ impl Etcd {
             );
             std::thread::park_timeout(Duration::from_millis(20));
         }
+        Ok(())
     }
 
     /// Stops etcd (data kept), as an outage.
