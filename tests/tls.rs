@@ -4,6 +4,8 @@
 
 #![cfg(feature = "tls")]
 
+#[path = "support/handshake.rs"]
+mod handshake;
 mod support;
 
 use std::sync::Arc;
@@ -214,7 +216,6 @@ async fn claim(
     from: LogicAddr,
     to: LogicAddr,
 ) -> Result<(), tonic::Status> {
-    use hmac::{Hmac, Mac};
     let channel = tonic::transport::Endpoint::from_static("http://mesh")
         .connect_with_connector(RawTls {
             net: net.to_owned(),
@@ -225,26 +226,9 @@ async fn claim(
         .map_err(|e| tonic::Status::unavailable(format!("{e:?}")))?;
     let (tx, rx) = mpsc::channel::<Batch>(8);
     let mut req = Request::new(ReceiverStream::new(rx));
-    let nonce = "0123456789abcdef0123456789abcdef";
-    let md = req.metadata_mut();
-    md.insert("cg-from", from.as_u32().to_string().parse().unwrap());
-    md.insert("cg-to", to.as_u32().to_string().parse().unwrap());
-    md.insert("cg-incarnation", "7".parse().unwrap());
-    md.insert("cg-nonce", nonce.parse().unwrap());
+    handshake::write_hello(req.metadata_mut(), from, to);
     let resp = MeshClient::new(channel).link(req).await?;
-    let field = |k: &str| resp.metadata().get(k).unwrap().to_str().unwrap().to_owned();
-    let mut m = Hmac::<sha2::Sha256>::new_from_slice(b"test-secret").unwrap();
-    m.update(
-        format!(
-            "clustergo-link-v2 dial\n{}\n{}\n7\n{}\n{nonce}\n{}",
-            from.as_u32(),
-            to.as_u32(),
-            field("cg-incarnation"),
-            field("cg-nonce")
-        )
-        .as_bytes(),
-    );
-    let proof = Bytes::copy_from_slice(&m.finalize().into_bytes());
+    let proof = handshake::dial_proof(b"test-secret", from, to, resp.metadata());
     tx.send(Batch {
         proof,
         ..Batch::default()

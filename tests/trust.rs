@@ -4,6 +4,8 @@
 //! The attacker speaks the mesh wire itself (`clustergo::proto`), so these tests also pin the
 //! link handshake as a peer implementation sees it.
 
+#[path = "support/handshake.rs"]
+mod handshake;
 mod support;
 
 use std::pin::Pin;
@@ -243,34 +245,16 @@ async fn member_link(
     from: clustergo::LogicAddr,
     to: clustergo::LogicAddr,
 ) -> Result<(Streaming<Batch>, mpsc::Sender<Batch>), Status> {
-    use hmac::{Hmac, Mac};
     let (tx, rx) = mpsc::channel::<Batch>(8);
     let mut req = Request::new(ReceiverStream::new(rx));
-    let nonce = "0123456789abcdef0123456789abcdef";
-    let md = req.metadata_mut();
-    md.insert("cg-from", from.as_u32().to_string().parse().unwrap());
-    md.insert("cg-to", to.as_u32().to_string().parse().unwrap());
-    md.insert("cg-incarnation", "7".parse().unwrap());
-    md.insert("cg-nonce", nonce.parse().unwrap());
+    handshake::write_hello(req.metadata_mut(), from, to);
     let mut client = MeshClient::connect(format!("http://{net}"))
         .await
         .map_err(|e| Status::unavailable(e.to_string()))?
         .max_decoding_message_size(8 << 20)
         .max_encoding_message_size(8 << 20);
     let resp = client.link(req).await?;
-    let field = |k: &str| resp.metadata().get(k).unwrap().to_str().unwrap().to_owned();
-    let mut m = Hmac::<sha2::Sha256>::new_from_slice(secret).unwrap();
-    m.update(
-        format!(
-            "clustergo-link-v2 dial\n{}\n{}\n7\n{}\n{nonce}\n{}",
-            from.as_u32(),
-            to.as_u32(),
-            field("cg-incarnation"),
-            field("cg-nonce")
-        )
-        .as_bytes(),
-    );
-    let proof = Bytes::copy_from_slice(&m.finalize().into_bytes());
+    let proof = handshake::dial_proof(secret, from, to, resp.metadata());
     tx.send(Batch {
         proof,
         ..Batch::default()
@@ -607,14 +591,7 @@ async fn a_huge_first_message_is_refused_before_its_proof_is_read() {
     let net = c.members.get(a("1.1.1")).unwrap().net_addr;
     let (tx, rx) = mpsc::channel::<Batch>(8);
     let mut req = Request::new(ReceiverStream::new(rx));
-    let md = req.metadata_mut();
-    md.insert("cg-from", a("1.1.2").as_u32().to_string().parse().unwrap());
-    md.insert("cg-to", a("1.1.1").as_u32().to_string().parse().unwrap());
-    md.insert("cg-incarnation", "7".parse().unwrap());
-    md.insert(
-        "cg-nonce",
-        "0123456789abcdef0123456789abcdef".parse().unwrap(),
-    );
+    handshake::write_hello(req.metadata_mut(), a("1.1.2"), a("1.1.1"));
     let mut client = MeshClient::connect(format!("http://{net}"))
         .await
         .unwrap()
@@ -648,14 +625,7 @@ async fn a_prober_without_the_secret_cannot_list_members() {
     for from in ["1.1.2", "1.1.9"] {
         let (tx, rx) = mpsc::channel::<Batch>(8);
         let mut req = Request::new(ReceiverStream::new(rx));
-        let md = req.metadata_mut();
-        md.insert("cg-from", a(from).as_u32().to_string().parse().unwrap());
-        md.insert("cg-to", a("1.1.1").as_u32().to_string().parse().unwrap());
-        md.insert("cg-incarnation", "7".parse().unwrap());
-        md.insert(
-            "cg-nonce",
-            "0123456789abcdef0123456789abcdef".parse().unwrap(),
-        );
+        handshake::write_hello(req.metadata_mut(), a(from), a("1.1.1"));
         let mut client = MeshClient::connect(format!("http://{net}")).await.unwrap();
         let resp = within(client.link(req))
             .await
