@@ -38,6 +38,8 @@ impl ErrorCode {
     pub const TIMEOUT: ErrorCode = ErrorCode(13);
     /// A harbor lost its link to the next hop while the request waited there.
     pub const PEER_LOST: ErrorCode = ErrorCode(14);
+    /// A harbor could not queue the request toward its next hop: that hop's queue was full.
+    pub const HOP_BUSY: ErrorCode = ErrorCode(15);
     /// First code free for applications.
     pub const APPLICATION: ErrorCode = ErrorCode(100);
 }
@@ -125,6 +127,16 @@ pub enum RpcError {
         peer: LogicAddr,
         /// What happened.
         cause: String,
+    },
+    /// A harbor on the path could not queue the request toward its next hop: that hop's queue
+    /// is full (the hop, or the destination behind it, is slow or stuck). Answered at once;
+    /// other destinations are not affected. Retry later.
+    #[error("{to} cannot be reached for now: {reason}")]
+    PathBusy {
+        /// The target.
+        to: LogicAddr,
+        /// Which hop's queue was full, at which harbor.
+        reason: String,
     },
     /// The peer's acceptor refused the link (secret, membership).
     #[error("link to {peer} refused: {reason}")]

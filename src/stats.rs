@@ -62,9 +62,13 @@ counters! {
     envelopes_misaddressed,
     /// Envelopes this harbor forwarded for other nodes.
     envelopes_forwarded,
-    /// Envelopes this harbor could not forward (no route, hop limit, full queue); requests
+    /// Envelopes this harbor could not forward (no route, hop limit, link failed); requests
     /// among them were answered with the reason.
     envelopes_unroutable,
+    /// Envelopes this harbor did not forward because the queue toward their next hop was full:
+    /// requests among them were answered `HOP_BUSY`, streams reset, messages dropped. The
+    /// reader never waits for room, so other destinations keep flowing.
+    envelopes_hop_busy,
     /// Streams this node opened that the peer accepted.
     streams_opened,
     /// Streams peers opened that this node accepted.

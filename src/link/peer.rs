@@ -229,7 +229,7 @@ impl Peer {
     }
 
     /// Takes call `id` for an answer from `from`: only the node that was called may answer it,
-    /// or — when `harbor_error` (a `NO_ROUTE` or `PEER_LOST` error) — a harbor on the path
+    /// or — when `harbor_error` (a `NO_ROUTE`, `PEER_LOST` or `HOP_BUSY` error) — a harbor on the path
     /// reporting why the call cannot reach it. Anyone else's answer leaves the call waiting.
     pub(crate) fn take_answer(
         &self,

@@ -8,19 +8,12 @@ use super::batch::MAX_BATCH_ENVELOPES;
 use super::peer::{LinkTokens, Peer};
 use crate::proto::{Batch, Envelope};
 
-/// What a reader awaits before its next envelope: a harbor waiting for room toward the next
-/// hop. Meanwhile this link's traffic waits, and HTTP/2 flow control slows its sender.
-pub(crate) type Backpressure = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
-
 /// Where a reader delivers envelopes: the node's dispatcher.
 pub(crate) trait Deliver: Sized + Send + Sync + 'static {
-    /// Handles one envelope that arrived from `peer`. Returns a status to close the link
-    /// with (the peer broke the protocol), or something to await before the next envelope.
-    fn deliver(
-        self: &Arc<Self>,
-        peer: &Arc<Peer>,
-        env: Envelope,
-    ) -> Result<Option<Backpressure>, Status>;
+    /// Handles one envelope that arrived from `peer`, without waiting: a reader serves every
+    /// destination behind its link, so nothing one destination does may hold it. Returns a
+    /// status to close the link with when the peer broke the protocol.
+    fn deliver(self: &Arc<Self>, peer: &Arc<Peer>, env: Envelope) -> Result<(), Status>;
 }
 
 /// Ends the link for a protocol violation: the status is kept for the acceptor's answer.
@@ -65,16 +58,8 @@ pub(crate) async fn run<D: Deliver>(
                     if tokens.kill.is_cancelled() {
                         return "closed by this node".into();
                     }
-                    match deliver.deliver(&peer, env) {
-                        Ok(None) => {}
-                        Ok(Some(wait)) => {
-                            tokio::select! {
-                                biased;
-                                _ = &mut kill => return "closed by this node".into(),
-                                () = wait => {}
-                            }
-                        }
-                        Err(status) => return fault(&tokens, status),
+                    if let Err(status) = deliver.deliver(&peer, env) {
+                        return fault(&tokens, status);
                     }
                 }
             }

@@ -32,11 +32,7 @@ fn payload_len(body: &Option<Body>) -> usize {
 }
 
 impl Deliver for Inner {
-    fn deliver(
-        self: &Arc<Self>,
-        peer: &Arc<Peer>,
-        env: Envelope,
-    ) -> Result<Option<crate::link::reader::Backpressure>, tonic::Status> {
+    fn deliver(self: &Arc<Self>, peer: &Arc<Peer>, env: Envelope) -> Result<(), tonic::Status> {
         let limit = self.config.max_envelope;
         let len = payload_len(&env.body);
         if len > limit {
@@ -48,32 +44,35 @@ impl Deliver for Inner {
         let (Ok(to), Ok(from)) = (LogicAddr::from_u32(env.to), LogicAddr::from_u32(env.from))
         else {
             self.misaddressed(peer, &env);
-            return Ok(None);
+            return Ok(());
         };
         if to != self.addr {
             // Traffic between clusters passes through harbors; nobody else relays, and a
             // harbor relays only what may come from its link (see `relayable`).
             if self.addr.is_harbor() && relayable(peer.addr, from, to) {
-                return Ok(self.forward(peer, env));
+                self.forward(peer, env);
+                return Ok(());
             }
             self.misaddressed(peer, &env);
-            return Ok(None);
+            return Ok(());
         }
         // The original sender is the link's peer, or — through a harbor — a node of another
         // cluster: nobody can pass for a node of this node's own cluster.
         if from != peer.addr && !(peer.addr.is_harbor() && from.cluster() != self.addr.cluster()) {
             self.misaddressed(peer, &env);
-            return Ok(None);
+            return Ok(());
         }
         match env.body {
             Some(Body::Response(r)) => {
                 // A harbor on the path may answer for the callee, but only to say the call
-                // cannot reach it; any other answer must come from the callee itself.
+                // cannot reach it (no route, link lost, next hop's queue full); any other
+                // answer must come from the callee itself.
                 let harbor_error = matches!(
                     &r.result,
                     Some(response::Result::Error(e))
                         if ErrorCode(e.code) == ErrorCode::NO_ROUTE
                             || ErrorCode(e.code) == ErrorCode::PEER_LOST
+                            || ErrorCode(e.code) == ErrorCode::HOP_BUSY
                 );
                 let outcome = match r.result {
                     Some(response::Result::Payload(p)) => Outcome::Reply(p),
@@ -117,7 +116,7 @@ impl Deliver for Inner {
             }
             None => Stats::incr(&self.stats.envelopes_misaddressed),
         }
-        Ok(None)
+        Ok(())
     }
 }
 

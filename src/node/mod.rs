@@ -210,6 +210,10 @@ impl Node {
                     peer: to,
                     cause: message,
                 },
+                ErrorCode::HOP_BUSY => RpcError::PathBusy {
+                    to,
+                    reason: message,
+                },
                 code => RpcError::Remote { to, code, message },
             }),
         }

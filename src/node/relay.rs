@@ -7,7 +7,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use futures_util::future::Either;
 use tokio::time::Instant;
 use tower_layer::Layer;
 use tower_service::Service;
@@ -19,6 +18,52 @@ use crate::link::{Outbound, Peer};
 use crate::proto::{self, Envelope, envelope::Body};
 use crate::router::{NextHop, RouteError, RouteLayer, Routes};
 use crate::stats::Stats;
+
+/// What an envelope that could not be forwarded was, kept before it is handed on.
+struct Unsent {
+    from: u32,
+    to: u32,
+    kind: UnsentKind,
+}
+
+enum UnsentKind {
+    /// A request whose caller waits for an answer.
+    Request(u64),
+    /// A stream's open, data or window: the stream is ended.
+    Stream { id: u64, to_opener: bool },
+    /// A one-way message, an answer, a close: dropped.
+    Other,
+}
+
+impl Unsent {
+    fn of(env: &Envelope) -> Unsent {
+        let kind = match &env.body {
+            Some(Body::Request(r)) if !r.oneway => UnsentKind::Request(r.id),
+            Some(Body::Open(o)) => UnsentKind::Stream {
+                id: o.id,
+                to_opener: false,
+            },
+            Some(Body::Accept(a)) => UnsentKind::Stream {
+                id: a.id,
+                to_opener: true,
+            },
+            Some(Body::Data(d)) => UnsentKind::Stream {
+                id: d.id,
+                to_opener: d.to_opener,
+            },
+            Some(Body::Window(w)) => UnsentKind::Stream {
+                id: w.id,
+                to_opener: w.to_opener,
+            },
+            _ => UnsentKind::Other,
+        };
+        Unsent {
+            from: env.from,
+            to: env.to,
+            kind,
+        }
+    }
+}
 
 /// A stream relayed through this harbor: the neighbours on its opener's and its target's side.
 #[derive(Debug, Clone, Copy)]
@@ -57,35 +102,27 @@ struct Enqueue<'a> {
 impl Service<(NextHop, Envelope)> for Enqueue<'_> {
     type Response = ();
     type Error = RpcError;
-    type Future = Either<Ready<Result<(), RpcError>>, WaitForRoom>;
+    type Future = Ready<Result<(), RpcError>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), RpcError>> {
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, (hop, env): (NextHop, Envelope)) -> Self::Future {
-        match self.node.enqueue_hop(self.came_by, hop, env) {
-            Ok(None) => Either::Left(ready(Ok(()))),
-            Ok(Some(wait)) => Either::Right(wait),
-            Err(e) => Either::Left(ready(Err(e))),
-        }
+        ready(self.node.enqueue_hop(self.came_by, hop, env))
     }
 }
 
-/// Waiting for room in a full queue toward the next hop.
-type WaitForRoom =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), RpcError>> + Send>>;
-
 impl Inner {
-    /// Queues `env` for the next hop. A full queue gives back a future that waits for room (up
-    /// to `send_timeout`): the harbor's reader awaits it, so the link the envelope came by
-    /// slows down instead of the envelope being dropped.
+    /// Queues `env` for the next hop, without waiting: a full queue is an error
+    /// ([`RpcError::QueueFull`] naming the hop), so one slow or stuck hop costs only its own
+    /// traffic.
     fn enqueue_hop(
         self: &Arc<Self>,
         came_by: LogicAddr,
         hop: NextHop,
         env: Envelope,
-    ) -> Result<Option<WaitForRoom>, RpcError> {
+    ) -> Result<(), RpcError> {
         let peer = self.link_peer(hop.addr())?;
         self.ensure_link(&peer)?;
         let track = match &env.body {
@@ -107,40 +144,17 @@ impl Inner {
         };
         // Noted before the envelope is queued (it is gone after), undone if it is not.
         let noted_open = self.note_stream_relay(came_by, hop.addr(), &env);
-        let item = Outbound { deadline, env };
-        let undo = move |this: &Inner| {
+        if let Err((e, _)) = peer.try_enqueue(Outbound { deadline, env }) {
             if let Some(key) = noted_open {
-                this.stream_relays_lock().remove(&key);
+                self.stream_relays_lock().remove(&key);
             }
-        };
-        match peer.try_enqueue(item) {
-            Ok(()) => {}
-            Err((RpcError::QueueFull { .. }, item)) => {
-                let this = self.clone();
-                let via = hop.addr();
-                return Ok(Some(Box::pin(async move {
-                    let wait = this.config.send_timeout;
-                    if let Err(e) = peer.enqueue(item, wait).await {
-                        undo(&this);
-                        return Err(e);
-                    }
-                    if let Some((key, until)) = track {
-                        this.track_relay(key, via, until);
-                    }
-                    this.after_enqueue(&peer);
-                    Ok(())
-                })));
-            }
-            Err((e, _)) => {
-                undo(self);
-                return Err(e);
-            }
+            return Err(e);
         }
         if let Some((key, until)) = track {
             self.track_relay(key, hop.addr(), until);
         }
         self.after_enqueue(&peer);
-        Ok(None)
+        Ok(())
     }
 
     /// Keeps the table of streams relayed here: an open adds its two links, a reset or the
@@ -264,65 +278,33 @@ impl Inner {
         relays.insert(key, (via, until));
     }
 
-    /// Forwards `env` (not addressed to this harbor) one hop on. A request that cannot go on
-    /// is answered with [`ErrorCode::NO_ROUTE`] and the reason, back over the link it came
-    /// by; anything else is dropped, counted and logged.
-    /// Returns a future to await before the next envelope of that link when the next hop's
-    /// queue is full (backpressure), `None` when the envelope is dealt with.
-    pub(crate) fn forward(
-        self: &Arc<Self>,
-        came_by: &Arc<Peer>,
-        env: Envelope,
-    ) -> Option<crate::link::reader::Backpressure> {
-        let bounce = match &env.body {
-            Some(Body::Request(r)) if !r.oneway => Some((r.id, env.from)),
-            _ => None,
-        };
-        let refused_open = match &env.body {
-            Some(Body::Open(o)) => Some(o.id),
-            _ => None,
-        };
-        let (to, from) = (env.to, env.from);
+    /// Forwards `env` (not addressed to this harbor) one hop on, without waiting. What cannot
+    /// go on is answered or reset back over the link it came by (a request with `NO_ROUTE`, or
+    /// `HOP_BUSY` when the next hop's queue is full; a stream with a close carrying the
+    /// reason); a one-way message is dropped, counted and logged (gated).
+    pub(crate) fn forward(self: &Arc<Self>, came_by: &Arc<Peer>, env: Envelope) {
+        let what = Unsent::of(&env);
         let mut route = RouteLayer::new(ViewRoutes(self)).layer(Enqueue {
             node: self,
             came_by: came_by.addr,
         });
         let sent = match route.poll_ready(&mut Context::from_waker(std::task::Waker::noop())) {
-            Poll::Ready(Ok(())) => {
-                let mut call = route.call(env);
-                match (&mut call).now_or_never() {
-                    Some(r) => r,
-                    None => {
-                        let (this, came_by) = (self.clone(), came_by.clone());
-                        return Some(Box::pin(async move {
-                            let r = call.await;
-                            this.forwarded(&came_by, r, bounce, refused_open, to, from);
-                        }));
-                    }
-                }
-            }
+            Poll::Ready(Ok(())) => match route.call(env).now_or_never() {
+                Some(r) => r,
+                None => Err("the forwarding service did not finish at once".into()),
+            },
             Poll::Ready(Err(e)) => Err(e),
-            Poll::Pending => Err("the forwarding queue was not ready".into()),
+            Poll::Pending => Err("the forwarding service was not ready".into()),
         };
-        self.forwarded(came_by, sent, bounce, refused_open, to, from);
-        None
+        match sent {
+            Ok(()) => Stats::incr(&self.stats.envelopes_forwarded),
+            Err(e) => self.unsent(came_by, what, &e),
+        }
     }
 
-    /// Counts a forward, or answers what could not be forwarded.
-    fn forwarded(
-        &self,
-        came_by: &Arc<Peer>,
-        sent: Result<(), crate::router::BoxError>,
-        bounce: Option<(u64, u32)>,
-        refused_open: Option<u64>,
-        to: u32,
-        from: u32,
-    ) {
-        let Err(e) = sent else {
-            Stats::incr(&self.stats.envelopes_forwarded);
-            return;
-        };
-        Stats::incr(&self.stats.envelopes_unroutable);
+    /// Answers, resets or drops (counting it) what could not be forwarded.
+    fn unsent(&self, came_by: &Arc<Peer>, what: Unsent, e: &crate::router::BoxError) {
+        let busy = matches!(e.downcast_ref(), Some(RpcError::QueueFull { .. }));
         let reason = if let Some(RouteError::NoRoute { reason, .. }) = e.downcast_ref() {
             format!("{reason} (at {})", self.addr)
         } else if let Some(RpcError::NoRoute { reason, .. }) = e.downcast_ref() {
@@ -330,37 +312,68 @@ impl Inner {
         } else {
             format!("{e} (at {})", self.addr)
         };
-        match (bounce, LogicAddr::from_u32(from)) {
-            (Some((id, _)), Ok(caller)) => self.server.respond(
+        let code = if busy {
+            Stats::incr(&self.stats.envelopes_hop_busy);
+            ErrorCode::HOP_BUSY
+        } else {
+            Stats::incr(&self.stats.envelopes_unroutable);
+            ErrorCode::NO_ROUTE
+        };
+        let (Ok(from), to) = (LogicAddr::from_u32(what.from), what.to) else {
+            return;
+        };
+        match what.kind {
+            UnsentKind::Request(id) => self.server.respond(
                 came_by,
-                caller,
+                from,
                 id,
                 None,
                 Err(HandlerError {
-                    code: ErrorCode::NO_ROUTE,
+                    code,
                     message: reason,
                 }),
                 false,
             ),
-            _ => match (refused_open, LogicAddr::from_u32(from)) {
-                // A stream open is refused back to its opener, which would otherwise wait for
-                // its open timeout.
-                (Some(id), Ok(opener)) => {
-                    let close = Body::Close(proto::StreamClose {
+            // The stream cannot go on: it is ended at the side it came from (and, if the
+            // other side is reachable, there too), instead of losing bytes in its middle.
+            UnsentKind::Stream { id, to_opener } => {
+                let close = |to_opener: bool| {
+                    Body::Close(proto::StreamClose {
                         id,
-                        to_opener: true,
-                        code: ErrorCode::NO_ROUTE.0,
-                        reason,
-                    });
-                    let mut env = self.envelope(opener, close);
-                    // Sent as the target would: that is the stream the opener knows.
-                    env.from = to;
-                    came_by.try_send_close(env, &self.stats);
+                        to_opener,
+                        code: if busy {
+                            ErrorCode::RESET.0
+                        } else {
+                            ErrorCode::NO_ROUTE.0
+                        },
+                        reason: reason.clone(),
+                    })
+                };
+                // Sent back as the other end would: that is the stream the sender knows.
+                let mut back = self.envelope(from, close(!to_opener));
+                back.from = to;
+                came_by.try_send_close(back, &self.stats);
+                let opener = if to_opener { to } else { what.from };
+                let relay = self.stream_relays_lock().remove(&(opener, id));
+                if let Some(r) = relay
+                    && let Ok(target_side) = self.link_peer(if to_opener {
+                        r.opener_side
+                    } else {
+                        r.target_side
+                    })
+                    && let Ok(dest) = LogicAddr::from_u32(to)
+                {
+                    let mut ahead = self.envelope(dest, close(to_opener));
+                    ahead.from = what.from;
+                    target_side.try_send_close(ahead, &self.stats);
                 }
-                _ => {
-                    tracing::warn!(node = %self.addr, to, from, reason, "dropped an envelope this harbor cannot forward")
+            }
+            UnsentKind::Other => {
+                static DROPPED: crate::LogGate = crate::LogGate::new();
+                if let Some(held) = DROPPED.pass() {
+                    tracing::warn!(node = %self.addr, to, from = %from, reason, held_back = held, "dropped an envelope this harbor cannot forward");
                 }
-            },
+            }
         }
     }
 
