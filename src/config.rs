@@ -48,8 +48,12 @@ pub struct NodeConfig {
     pub send_timeout: Duration,
     /// Time to connect and be admitted by the peer. Default 3 s.
     pub dial_timeout: Duration,
-    /// After a failed dial, sends to that peer fail at once for this long (doubling up to
-    /// [`NodeConfig::redial_backoff_max`]) instead of dialing again. Default 100 ms.
+    /// After a failed dial, the next dial to that peer waits this long (doubling after each
+    /// failure up to [`NodeConfig::redial_backoff_max`]). What is sent meanwhile waits for that
+    /// dial within its own deadline (calls: their timeout; messages: `send_timeout`) rather
+    /// than failing with the previous dial's error; a membership change about the peer (listed
+    /// again, available again) ends the wait at once, and so does a link the peer dials.
+    /// Default 100 ms.
     pub redial_backoff: Duration,
     /// Upper bound of the redial backoff. Default 2 s.
     pub redial_backoff_max: Duration,

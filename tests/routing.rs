@@ -199,3 +199,78 @@ async fn a_frozen_node_behind_a_harbor_does_not_stall_other_destinations() {
     drop(frozen);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A listed peer that is not running: calls to it fail while it is down (its dials are
+/// refused), and the caller keeps trying until its redial backoff has grown. Then the peer
+/// starts: the first call after it is up succeeds, and so does every call in the 1.5 s after.
+/// No call fails with the previous dial's error once the peer is back. (Before, calls failed
+/// at once with a copy of the last dial error until the backoff ended, up to 2 s.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_stale_errors_once_a_peer_is_back() {
+    support::init_tracing();
+    let dir = std::env::temp_dir().join(format!("cg-back-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let members = dir.join("members.toml");
+    let (l, net) = support::bind();
+    let peer_net = {
+        let (l, net) = support::bind();
+        drop(l);
+        net
+    };
+    std::fs::write(
+        &members,
+        format!(
+            "[[member]]\naddr = \"1.1.1\"\nnet_addr = \"{net}\"\n\n\
+             [[member]]\naddr = \"1.2.1\"\nnet_addr = \"{peer_net}\"\n"
+        ),
+    )
+    .unwrap();
+    let caller = Node::builder(a("1.1.1"))
+        .discovery(FileDiscovery::open(&members).unwrap())
+        .config(
+            NodeConfig::default()
+                .secret(SECRET)
+                .call_timeout(Duration::from_secs(5)),
+        )
+        .listener(l)
+        .build();
+    within(caller.start()).await.unwrap();
+    let echo = "examples.echo.v1.Echo/Call";
+
+    // Down: calls fail, and dials keep failing until the backoff is 800 ms or more.
+    let down = async {
+        while caller.stats().dials_failed < 4 {
+            let r = caller.call(a("1.2.1"), echo, echo_request("anyone?")).await;
+            assert!(matches!(r, Err(RpcError::PeerLost { .. })), "{r:?}");
+        }
+    };
+    within(down).await;
+
+    let mut peer = Proc(
+        Command::new(example("echo_server"))
+            .arg(&members)
+            .arg("1.2.1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(peer.0.stdout.take().unwrap()).lines();
+    let first = lines.next().expect("echo_server printed nothing").unwrap();
+    assert!(first.contains("listening"), "{first}");
+    std::thread::spawn(move || lines.map_while(Result::ok).count());
+
+    let r = within(caller.call(a("1.2.1"), echo, echo_request("first"))).await;
+    assert!(r.is_ok(), "the first call after the peer started: {r:?}");
+    let started = tokio::time::Instant::now();
+    let mut calls = 0;
+    while started.elapsed() < Duration::from_millis(1500) {
+        let r = within(caller.call(a("1.2.1"), echo, echo_request("again"))).await;
+        assert!(r.is_ok(), "call {calls} after the peer started: {r:?}");
+        calls += 1;
+    }
+    assert!(calls > 10);
+    caller.shutdown().await;
+    drop(peer);
+    std::fs::remove_dir_all(&dir).ok();
+}

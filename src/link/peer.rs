@@ -47,14 +47,18 @@ pub(crate) struct LinkTokens {
 
 #[derive(Debug)]
 pub(crate) enum LinkState {
-    /// No link. Sends before `retry_at` fail fast with `last_error`.
+    /// No link. A send before `retry_at` (the redial backoff after a failed dial) waits for
+    /// a dial scheduled then, within its own deadline.
     Idle {
         retry_at: Option<Instant>,
         backoff: Duration,
-        last_error: Option<RpcError>,
     },
     Dialing {
         link_gen: u64,
+        /// The dial waits for the end of the redial backoff (or for membership to say the peer
+        /// changed). While it waits, a link the peer dials is taken (there is no dial of ours
+        /// in flight to keep).
+        until: Option<Instant>,
     },
     Up {
         link_gen: u64,
@@ -73,7 +77,6 @@ impl LinkState {
         LinkState::Idle {
             retry_at: None,
             backoff: Duration::ZERO,
-            last_error: None,
         }
     }
 }
@@ -92,6 +95,8 @@ pub(crate) struct Peer {
     pub(crate) serving: std::sync::atomic::AtomicUsize,
     /// Signalled on every state change.
     pub(crate) changed: Notify,
+    /// Ends a dial's wait for the redial backoff: membership says the peer changed.
+    pub(crate) redial_now: Notify,
     /// The streams with this peer; they end with its link.
     pub(crate) streams: stream::Table,
     /// When the link to this peer last failed (dropped, or a dial failed); cleared when a
@@ -125,6 +130,7 @@ impl Peer {
             up: AtomicBool::new(false),
             serving: Default::default(),
             changed: Notify::new(),
+            redial_now: Notify::new(),
             streams,
             failed_at: Mutex::new(None),
         })

@@ -338,7 +338,10 @@ impl Inner {
             return Ok(());
         }
         let mut st = peer.state();
-        let backoff = match &*st {
+        // Within the redial backoff, the dial is scheduled for its end rather than refused:
+        // what is sent meanwhile waits for it (within its own deadline) instead of failing
+        // with the previous dial's error, which may be stale by then (the peer came back).
+        let (backoff, until) = match &*st {
             LinkState::Up { .. } | LinkState::Dialing { .. } => return Ok(()),
             LinkState::Closed => {
                 return Err(RpcError::NoRoute {
@@ -347,24 +350,47 @@ impl Inner {
                 });
             }
             LinkState::Idle {
-                retry_at: Some(at),
-                last_error: Some(e),
-                ..
-            } if Instant::now() < *at => return Err(e.clone()),
-            LinkState::Idle { backoff, .. } => *backoff,
+                retry_at, backoff, ..
+            } => (*backoff, retry_at.filter(|at| Instant::now() < *at)),
         };
         let link_gen = self.next_gen.fetch_add(1, Ordering::Relaxed);
-        peer.set_state(&mut st, LinkState::Dialing { link_gen });
+        peer.set_state(&mut st, LinkState::Dialing { link_gen, until });
         drop(st);
         let this = self.clone();
         let peer = peer.clone();
         // A root span: a dial started by a relay must not appear inside that link's span.
         let span = tracing::info_span!(parent: None, "dial", node = %self.addr, peer = %peer.addr, link_gen);
         self.tracker.spawn(tracing::Instrument::instrument(
-            async move { this.dial(peer, link_gen, backoff).await },
+            async move {
+                if let Some(until) = until
+                    && !this.wait_to_redial(&peer, link_gen, until).await
+                {
+                    return;
+                }
+                this.dial(peer, link_gen, backoff).await
+            },
             span,
         ));
         Ok(())
+    }
+
+    /// Waits for the end of the redial backoff, or for membership to say the peer changed.
+    /// Returns whether the dial `link_gen` is still wanted (no link came up meanwhile).
+    async fn wait_to_redial(&self, peer: &Peer, link_gen: u64, until: Instant) -> bool {
+        tokio::select! {
+            () = tokio::time::sleep_until(until) => {}
+            () = peer.redial_now.notified() => {}
+            _ = self.root.cancelled() => return false,
+        }
+        let mut st = peer.state();
+        match &mut *st {
+            LinkState::Dialing { link_gen: g, until } if *g == link_gen => {
+                // Dialing for real now: a link the peer dials meets the usual rule.
+                *until = None;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// If the link went down between [`Inner::ensure_link`] and queueing, what was just queued

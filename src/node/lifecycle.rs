@@ -236,7 +236,18 @@ impl Inner {
             match change {
                 Change::Removed => self.drop_peer(addr, "removed from membership"),
                 Change::NetAddrChanged => self.drop_peer(addr, "its network address changed"),
-                Change::Added | Change::FlagsChanged => {}
+                // The peer may be back (listed again, available again): a dial waiting for its
+                // backoff goes now.
+                Change::Added | Change::FlagsChanged => {
+                    if let Some(peer) = self
+                        .peers
+                        .read()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get(&addr)
+                    {
+                        peer.redial_now.notify_waiters();
+                    }
+                }
             }
         }
     }

@@ -231,7 +231,6 @@ impl Inner {
             LinkState::Idle {
                 retry_at: Some(Instant::now() + backoff),
                 backoff,
-                last_error: Some(error.clone()),
             },
         );
         // Under the state lock: a send that starts a new dial cannot queue in between.
@@ -504,7 +503,8 @@ impl Inner {
             ))
         };
         match &*st {
-            LinkState::Dialing { .. } if smaller => return Err(keeps_own()),
+            // A dial still waiting for its backoff is not in flight: the peer's link is taken.
+            LinkState::Dialing { until: None, .. } if smaller => return Err(keeps_own()),
             // Both dialed and ours was admitted first. A dial that raced ours started before
             // our link came up, so it arrives within a dial timeout of it; a later dial means
             // the peer lost its side of our link, and is served below.
