@@ -71,6 +71,12 @@ pub use error::{
     DiscoveryError, ErrorCode, HandlerError, RpcError, SelectError, StartError, StreamError,
 };
 pub use gate::{LogGate, source_key};
+
+/// A harbor's relay stack: what its middleware sees and wraps (see
+/// [`NodeBuilder::relay_layer`]).
+pub mod relay {
+    pub use crate::node::stack::{BoxError, Forward, RelayKind, Relayed};
+}
 #[cfg(feature = "tls")]
 pub use link::tls::{LinkTls, LinkTlsFiles, TlsError};
 pub use membership::{Discovery, FileDiscovery, Member, MembershipEvent, MemoryDiscovery};

@@ -433,3 +433,124 @@ async fn streams_cross_clusters_and_end_on_both_sides_when_a_harbor_dies() {
     let s = within(client.open_stream(server.addr())).await.unwrap();
     s.reset("done");
 }
+
+/// A policy filter for the relay stack: refuses requests to one node.
+#[derive(Clone)]
+struct DenyTo(clustergo::LogicAddr);
+
+#[derive(Clone)]
+struct DenyToService<S>(clustergo::LogicAddr, S);
+
+impl<S> tower::Layer<S> for DenyTo {
+    type Service = DenyToService<S>;
+
+    fn layer(&self, inner: S) -> DenyToService<S> {
+        DenyToService(self.0, inner)
+    }
+}
+
+impl<S> tower::Service<clustergo::relay::Relayed> for DenyToService<S>
+where
+    S: tower::Service<clustergo::relay::Relayed, Response = (), Error = clustergo::relay::BoxError>,
+{
+    type Response = ();
+    type Error = clustergo::relay::BoxError;
+    type Future = futures_util::future::Either<
+        std::future::Ready<Result<(), clustergo::relay::BoxError>>,
+        S::Future,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.1.poll_ready(cx)
+    }
+
+    fn call(&mut self, r: clustergo::relay::Relayed) -> Self::Future {
+        if r.to() == self.0 && r.kind() == clustergo::relay::RelayKind::Request {
+            let why = format!("refused by policy: {} may not call {}", r.from(), r.to());
+            return futures_util::future::Either::Left(std::future::ready(Err(why.into())));
+        }
+        futures_util::future::Either::Right(self.1.call(r))
+    }
+}
+
+/// A harbor relays through one tower stack of its own, built at start: a custom filter refuses
+/// calls to one node (they get `NoRoute` with the policy's reason), tower's `RateLimit` bounds
+/// what passes (over the rate, messages are dropped and counted at once), and
+/// `ConcurrencyLimit` and `Timeout` compose with them. Nothing waits in the harbor's readers.
+#[tokio::test]
+async fn a_harbor_relays_through_its_own_tower_stack() {
+    support::init_tracing();
+    let mut c = Cluster::new(&["1.1.1", "1.1.2", "1.255.1", "2.255.1", "2.2.1"]);
+    c.members.set_export(a("1.1.1"), true);
+    c.members.set_export(a("1.1.2"), true);
+    let got = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let _server = {
+        let got = got.clone();
+        c.start("1.1.1", move |b| {
+            echo(b).on_cmd(Cmd(7), move |_, _| {
+                got.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            })
+        })
+        .await
+    };
+    let _private = c.start("1.1.2", echo).await;
+    let stack = tower::ServiceBuilder::new()
+        .layer(DenyTo(a("1.1.2")))
+        .rate_limit(300, Duration::from_secs(1))
+        .concurrency_limit(64)
+        .timeout(Duration::from_secs(1));
+    let h1 = c.start("1.255.1", move |b| b.relay_layer(stack)).await;
+    let _h2 = c.start("2.255.1", |b| b).await;
+    let client = c.start("2.2.1", |b| b).await;
+
+    let r = within(client.call(a("1.1.1"), "who", Bytes::new())).await;
+    assert_eq!(&r.unwrap()[..], b"2.2.1 called");
+    match within(client.call(a("1.1.2"), "who", Bytes::new())).await {
+        Err(RpcError::NoRoute { to, reason }) => {
+            assert_eq!(to, a("1.1.2"));
+            assert!(
+                reason.contains("refused by policy: 2.2.1 may not call 1.1.2"),
+                "{reason}"
+            );
+            assert!(reason.contains("(at 1.255.1)"), "{reason}");
+        }
+        other => panic!("wanted NoRoute from the policy, got {other:?}"),
+    }
+
+    // 2,000 messages at once: the rate limit lets 300 a second through, and the rest are
+    // dropped and counted at the harbor at once (none waits there).
+    let started = tokio::time::Instant::now();
+    for i in 0..2000u32 {
+        client
+            .send_cmd(a("1.1.1"), Cmd(7), Bytes::copy_from_slice(&i.to_be_bytes()))
+            .await
+            .unwrap();
+    }
+    let delivered = || got.load(std::sync::atomic::Ordering::Relaxed) as u64;
+    let accounted = async {
+        while delivered() + h1.stats().envelopes_hop_busy < 2000 {
+            tokio::task::yield_now().await;
+        }
+    };
+    within(accounted).await;
+    let windows = started.elapsed().as_secs() + 1;
+    assert!(
+        delivered() <= 300 * windows,
+        "{} messages passed a limit of 300 a second in {windows} windows",
+        delivered()
+    );
+    assert!(h1.stats().envelopes_hop_busy > 0);
+    // Once the rate allows again, calls go through.
+    let again = async {
+        loop {
+            if client.call(a("1.1.1"), "who", Bytes::new()).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    within(again).await;
+}

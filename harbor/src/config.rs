@@ -64,6 +64,16 @@ struct File {
     etcd: Option<EtcdFile>,
     harbors_center: Option<CenterFile>,
     mesh_tls: Option<clustergo::LinkTlsFiles>,
+    relay: Option<RelayFile>,
+}
+
+/// `[relay]`: the harbor's relay policy.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RelayFile {
+    max_per_sec: Option<u64>,
+    #[serde(default)]
+    deny: Vec<String>,
 }
 
 /// Where every cluster lists its harbors, when clusters keep membership in separate stores.
@@ -105,6 +115,10 @@ pub(crate) struct Config {
     pub(crate) center: Option<(Vec<String>, String)>,
     /// TLS on links (`[mesh_tls]`), loaded.
     pub(crate) mesh_tls: Option<clustergo::LinkTls>,
+    /// Envelopes relayed per second at most (`[relay] max_per_sec`).
+    pub(crate) relay_rate: Option<u64>,
+    /// Cluster pairs `(from, to)` whose traffic is refused (`[relay] deny`).
+    pub(crate) deny: Vec<(u16, u16)>,
 }
 
 impl Config {
@@ -200,6 +214,30 @@ impl Config {
             }
         };
         // Last, so a configuration's own mistakes are reported first.
+        let relay = file.relay.unwrap_or_default();
+        let relay_rate = match relay.max_per_sec {
+            Some(0) => return Err("[relay] max_per_sec must be at least 1".into()),
+            r => r,
+        };
+        let deny = relay
+            .deny
+            .iter()
+            .map(|pair| {
+                let bad = || {
+                    format!(
+                        "[relay] deny entry {pair:?}: write it as \"FROM->TO\" (cluster numbers, e.g. \"2->1\")"
+                    )
+                };
+                let (from, to) = pair.split_once("->").ok_or_else(bad)?;
+                let cluster = |s: &str| {
+                    s.trim()
+                        .parse::<u16>()
+                        .ok()
+                        .filter(|c| (1..=clustergo::MAX_CLUSTER).contains(c))
+                };
+                Ok((cluster(from).ok_or_else(bad)?, cluster(to).ok_or_else(bad)?))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
         let mesh_tls = match &file.mesh_tls {
             Some(f) => Some(f.load().map_err(|e| format!("[mesh_tls]: {e}"))?),
             None => None,
@@ -209,6 +247,8 @@ impl Config {
         Ok(Config {
             secret,
             mesh_tls,
+            relay_rate,
+            deny,
             center,
             max_envelope,
             addr,

@@ -9,6 +9,7 @@
 //! harbor: one line each, `addr net_addr available=… linked=…`.
 
 mod config;
+mod policy;
 
 use std::process::ExitCode;
 use std::sync::{Arc, OnceLock};
@@ -71,6 +72,13 @@ async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
                 .max_envelope(config.max_envelope),
             config.mesh_tls.clone(),
         ))
+        .relay_layer(
+            tower::ServiceBuilder::new()
+                .layer(policy::DenyPairs::new(config.deny.clone()))
+                .option_layer(config.relay_rate.map(|n| {
+                    tower::limit::RateLimitLayer::new(n, std::time::Duration::from_secs(1))
+                })),
+        )
         .rpc("harbor.status", move |_, _| {
             let text = status_of.get().map(status).unwrap_or_default();
             async move { Ok::<_, HandlerError>(Bytes::from(text)) }

@@ -90,6 +90,14 @@ fn bad_configurations_are_refused_before_anything_binds() {
             format!("addr = \"1.255.1\"\nmax_envelope_bytes = 0\n{ok_etcd}"),
             "max_envelope_bytes 0 must be in",
         ),
+        (
+            format!("addr = \"1.255.1\"\n{ok_etcd}[relay]\ndeny = [\"2>1\"]\n"),
+            "[relay] deny entry \"2>1\": write it as \"FROM->TO\"",
+        ),
+        (
+            format!("addr = \"1.255.1\"\n{ok_etcd}[relay]\nmax_per_sec = 0\n"),
+            "[relay] max_per_sec must be at least 1",
+        ),
     ];
     for (config, want) in cases {
         let (code, stderr) = run_with_config(&config, &[]);
@@ -162,7 +170,20 @@ fn free_port() -> String {
 }
 
 fn start_harbor(etcd: &Etcd, addr: &str) -> HarborProc {
-    let mut child = harbor()
+    start_harbor_with(etcd, addr, None)
+}
+
+/// A harbor process, with `config` (TOML) as its file if given.
+fn start_harbor_with(etcd: &Etcd, addr: &str, config: Option<&str>) -> HarborProc {
+    let mut cmd = harbor();
+    if let Some(config) = config {
+        let dir = std::env::temp_dir().join(format!("cg-harbor-run-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("{addr}.toml"));
+        std::fs::write(&path, config).unwrap();
+        cmd.arg("--config").arg(path);
+    }
+    let mut child = cmd
         .args(["--addr", addr, "--etcd", &etcd.endpoint, "--prefix", PREFIX])
         .args(["--lease-ttl-secs", "2", "--shutdown-grace-secs", "1"])
         .stdout(Stdio::piped())
@@ -492,6 +513,96 @@ async fn killing_the_harbor_in_use_moves_traffic_to_the_other() {
 /// Mutual TLS on links binds every node to its address, so a harbor configured with it may
 /// start without a secret; TLS without client certificates may not; unreadable files are
 /// named.
+/// A harbor process's relay policy (`[relay] deny`): calls from cluster 2 to cluster 1 are
+/// refused at the harbor that applies it, at once and with the policy's reason; traffic the
+/// other way still flows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_harbor_process_refuses_the_cluster_pairs_its_policy_denies() {
+    let etcd = Etcd::start();
+    let server_net = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let client_net = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let members = [
+        Member::new(a("1.1.1"), server_net.local_addr().unwrap().to_string()).with_export(true),
+        Member::new(a("1.255.1"), free_port()),
+        Member::new(a("2.255.1"), free_port()),
+        Member::new(a("2.2.1"), client_net.local_addr().unwrap().to_string()).with_export(true),
+    ];
+    etcd.list(PREFIX, &members).await;
+    let _h1 = start_harbor(&etcd, "1.255.1");
+    let _h2 = start_harbor_with(
+        &etcd,
+        "2.255.1",
+        Some("[relay]\ndeny = [\"2->1\"]\nmax_per_sec = 100000\n"),
+    );
+    let who = |b: clustergo::NodeBuilder| {
+        b.rpc("who", |ctx, _| async move {
+            Ok::<_, HandlerError>(Bytes::from(format!("{} called", ctx.from())))
+        })
+    };
+    let server = who(node(&etcd, "1.1.1", server_net).await).build();
+    tokio::time::timeout(WAIT, server.start())
+        .await
+        .unwrap()
+        .unwrap();
+    let client = who(node(&etcd, "2.2.1", client_net).await).build();
+    tokio::time::timeout(WAIT, client.start())
+        .await
+        .unwrap()
+        .unwrap();
+    for (node, harbor) in [(&client, "2.255.1"), (&server, "1.255.1")] {
+        assert!(
+            node.wait_for_member(a(harbor), |m| m.is_some_and(|m| m.available), WAIT)
+                .await
+        );
+    }
+
+    let refused = tokio::time::timeout(WAIT, async {
+        loop {
+            match client.call(a("1.1.1"), "who", Bytes::new()).await {
+                // Until 2.255.1 sees 1.255.1 alive, there is no route at all.
+                Err(RpcError::NoRoute { reason, .. })
+                    if reason.contains("no available harbor in cluster 1") =>
+                {
+                    tokio::task::yield_now().await
+                }
+                other => break other,
+            }
+        }
+    })
+    .await
+    .unwrap();
+    match refused {
+        Err(RpcError::NoRoute { to, reason }) => {
+            assert_eq!(to, a("1.1.1"));
+            assert!(
+                reason.contains("refused by the relay policy: cluster 2 may not reach cluster 1")
+                    && reason.contains("(at 2.255.1)"),
+                "{reason}"
+            );
+        }
+        other => panic!("wanted the policy's refusal, got {other:?}"),
+    }
+    // The other direction is not denied.
+    let reply = tokio::time::timeout(WAIT, async {
+        loop {
+            match server.call(a("2.2.1"), "who", Bytes::new()).await {
+                Err(RpcError::NoRoute { reason, .. })
+                    if reason.contains("no available harbor in cluster 2") =>
+                {
+                    tokio::task::yield_now().await
+                }
+                other => break other,
+            }
+        }
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(&reply[..], b"1.1.1 called");
+    server.shutdown().await;
+    client.shutdown().await;
+}
+
 #[test]
 fn mutual_tls_lets_a_harbor_start_without_a_secret() {
     let dir = std::env::temp_dir().join(format!("harbor-mtls-{}", std::process::id()));

@@ -42,6 +42,7 @@ pub struct NodeBuilder {
     messages: MsgHandlers,
     stream_handler: Option<super::streams::StreamHandler>,
     duplicates: Vec<String>,
+    relay_layers: Option<super::stack::RelayLayerFn>,
 }
 
 impl std::fmt::Debug for NodeBuilder {
@@ -65,6 +66,7 @@ impl NodeBuilder {
             messages: MsgHandlers::default(),
             stream_handler: None,
             duplicates: Vec::new(),
+            relay_layers: None,
         }
     }
 
@@ -181,6 +183,25 @@ impl NodeBuilder {
         self
     }
 
+    /// Middleware for what this node relays, if it is a harbor: `layer` wraps
+    /// [`relay::Forward`](crate::relay::Forward) (route and queue toward the next hop), and
+    /// every envelope the harbor forwards goes through the result — built once, at start. Any
+    /// tower layer over `Service<Relayed>` fits: `tower::limit::RateLimitLayer`,
+    /// `ConcurrencyLimitLayer`, `timeout::TimeoutLayer`, a filter of your own; combine several
+    /// with `tower::ServiceBuilder`. A stack that is not ready refuses at once rather than
+    /// waiting (see [`crate::relay`]). Calling this again replaces the layer.
+    pub fn relay_layer<L>(mut self, layer: L) -> Self
+    where
+        L: tower_layer::Layer<crate::relay::Forward> + Send + Sync + 'static,
+        L::Service: tower_service::Service<crate::relay::Relayed, Response = ()> + Send + 'static,
+        <L::Service as tower_service::Service<crate::relay::Relayed>>::Error:
+            Into<crate::relay::BoxError>,
+        <L::Service as tower_service::Service<crate::relay::Relayed>>::Future: Send + 'static,
+    {
+        self.relay_layers = Some(super::stack::layer_fn(layer));
+        self
+    }
+
     /// Builds the node. It does nothing until [`Node::start`].
     pub fn build(self) -> Node {
         let discovery = self
@@ -197,6 +218,7 @@ impl NodeBuilder {
                     messages: self.messages,
                     stream_handler: self.stream_handler,
                     duplicates: self.duplicates,
+                    relay_layers: self.relay_layers,
                 },
             ),
         }

@@ -17,7 +17,7 @@ use crate::rpc::CallContext;
 use crate::stats::Stats;
 
 /// Payload bytes an envelope's body carries, as the size limit counts them.
-fn payload_len(body: &Option<Body>) -> usize {
+pub(super) fn payload_len(body: &Option<Body>) -> usize {
     match body {
         Some(Body::Response(r)) => match &r.result {
             Some(response::Result::Payload(p)) => p.len(),

@@ -52,6 +52,8 @@ pub(crate) struct Handlers {
     pub(crate) stream_handler: Option<super::streams::StreamHandler>,
     /// Registrations made twice, named; a non-empty list fails the start.
     pub(crate) duplicates: Vec<String>,
+    /// The layers of a harbor's relay stack, if any.
+    pub(crate) relay_layers: Option<super::stack::RelayLayerFn>,
 }
 
 pub(crate) struct Inner {
@@ -101,6 +103,11 @@ pub(crate) struct Inner {
     pub(crate) view_changed: Notify,
     /// Signalled when the phase changes.
     pub(crate) phase_changed: Notify,
+    /// A harbor's relay stack, built at start (see `stack`).
+    pub(crate) relay: Mutex<Option<super::stack::RelayService>>,
+    pub(crate) relay_layers: Option<super::stack::RelayLayerFn>,
+    /// Relay futures running on tasks of their own (layers that wait).
+    pub(crate) relay_in_flight: std::sync::atomic::AtomicUsize,
 }
 
 impl Inner {
@@ -116,6 +123,7 @@ impl Inner {
             messages,
             stream_handler,
             duplicates,
+            relay_layers,
         } = handlers;
         let (secret, dev_secret) = config.resolve_secret();
         let stats = Arc::new(Stats::default());
@@ -179,6 +187,9 @@ impl Inner {
             links_changed: Notify::new(),
             view_changed: Notify::new(),
             phase_changed: Notify::new(),
+            relay: Mutex::new(None),
+            relay_layers,
+            relay_in_flight: Default::default(),
         })
     }
 

@@ -63,6 +63,10 @@ impl Inner {
             tracing::warn!(%node, "running on the public development secret: anyone can join this mesh (set NodeConfig::secret or CLUSTERGO_SECRET)");
         }
         let _ = self.server.runtime.set(tokio::runtime::Handle::current());
+        if node.is_harbor() {
+            *self.relay.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(super::stack::build(self, self.relay_layers.as_ref()));
+        }
         let mut stream = self.discovery.subscribe();
         let first = match tokio::time::timeout(self.config.start_timeout, stream.next()).await {
             Err(_) => {

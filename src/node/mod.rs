@@ -6,6 +6,7 @@ mod inner;
 mod lifecycle;
 mod links;
 mod relay;
+pub(crate) mod stack;
 mod streams;
 
 use std::sync::Arc;

@@ -3,12 +3,11 @@
 
 use std::future::{Ready, ready};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::FutureExt;
 use tokio::time::Instant;
-use tower_layer::Layer;
 use tower_service::Service;
 
 use super::inner::Inner;
@@ -16,7 +15,7 @@ use crate::addr::LogicAddr;
 use crate::error::{ErrorCode, HandlerError, RpcError};
 use crate::link::{Outbound, Peer};
 use crate::proto::{self, Envelope, envelope::Body};
-use crate::router::{NextHop, RouteError, RouteLayer, Routes};
+use crate::router::{NextHop, RouteError, Routes};
 use crate::stats::Stats;
 
 /// What an envelope that could not be forwarded was, kept before it is handed on.
@@ -77,7 +76,7 @@ pub(crate) struct StreamRelay {
 
 /// Routes by the node's view (see [`Inner::next_hop`]).
 #[derive(Clone, Copy)]
-struct ViewRoutes<'a>(&'a Inner);
+pub(super) struct ViewRoutes<'a>(pub(super) &'a Inner);
 
 impl Routes for ViewRoutes<'_> {
     fn me(&self) -> LogicAddr {
@@ -93,10 +92,10 @@ impl Routes for ViewRoutes<'_> {
 /// need be. Never waits: a full queue is an error, so one slow neighbour cannot stall the
 /// harbor's reader (and with it everything else on that link).
 #[derive(Clone, Copy)]
-struct Enqueue<'a> {
-    node: &'a Arc<Inner>,
+pub(super) struct Enqueue<'a> {
+    pub(super) node: &'a Arc<Inner>,
     /// The neighbour the envelope came from.
-    came_by: LogicAddr,
+    pub(super) came_by: LogicAddr,
 }
 
 impl Service<(NextHop, Envelope)> for Enqueue<'_> {
@@ -278,25 +277,66 @@ impl Inner {
         relays.insert(key, (via, until));
     }
 
-    /// Forwards `env` (not addressed to this harbor) one hop on, without waiting. What cannot
-    /// go on is answered or reset back over the link it came by (a request with `NO_ROUTE`, or
-    /// `HOP_BUSY` when the next hop's queue is full; a stream with a close carrying the
-    /// reason); a one-way message is dropped, counted and logged (gated).
+    /// Forwards `env` (not addressed to this harbor) one hop on through the relay stack (see
+    /// [`super::stack`]), without waiting. What cannot go on is answered or reset back over
+    /// the link it came by (a request with `NO_ROUTE`, or `HOP_BUSY` when the next hop's queue
+    /// is full or the stack is at its limit; a stream with a close carrying the reason); a
+    /// one-way message is dropped, counted and logged (gated).
     pub(crate) fn forward(self: &Arc<Self>, came_by: &Arc<Peer>, env: Envelope) {
         let what = Unsent::of(&env);
-        let mut route = RouteLayer::new(ViewRoutes(self)).layer(Enqueue {
-            node: self,
-            came_by: came_by.addr,
-        });
-        let sent = match route.poll_ready(&mut Context::from_waker(std::task::Waker::noop())) {
-            Poll::Ready(Ok(())) => match route.call(env).now_or_never() {
-                Some(r) => r,
-                None => Err("the forwarding service did not finish at once".into()),
-            },
-            Poll::Ready(Err(e)) => Err(e),
-            Poll::Pending => Err("the forwarding service was not ready".into()),
+        let (Ok(from), Ok(to)) = (LogicAddr::from_u32(env.from), LogicAddr::from_u32(env.to))
+        else {
+            Stats::incr(&self.stats.envelopes_misaddressed);
+            return;
         };
-        match sent {
+        let req = super::stack::Relayed {
+            env,
+            from,
+            to,
+            came_by: came_by.addr,
+        };
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut stack = self.relay.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(svc) = stack.as_mut() else {
+            drop(stack);
+            return self.unsent(came_by, what, &"this node relays nothing".into());
+        };
+        let mut fut = match svc.poll_ready(&mut cx) {
+            Poll::Ready(Ok(())) => svc.call(req),
+            Poll::Ready(Err(e)) => {
+                drop(stack);
+                return self.unsent(came_by, what, &e);
+            }
+            Poll::Pending => {
+                drop(stack);
+                let e: crate::router::BoxError = Box::new(super::stack::NotReady(self.addr));
+                return self.unsent(came_by, what, &e);
+            }
+        };
+        drop(stack);
+        match std::pin::Pin::new(&mut fut).poll(&mut cx) {
+            Poll::Ready(r) => self.forwarded(came_by, what, r),
+            Poll::Pending => {
+                // A layer that waits: its future runs on a task of its own, bounded.
+                let limit = self.config.peer_queue;
+                if self.relay_in_flight.fetch_add(1, Ordering::Relaxed) >= limit {
+                    self.relay_in_flight.fetch_sub(1, Ordering::Relaxed);
+                    drop(fut);
+                    let e: crate::router::BoxError = Box::new(super::stack::NotReady(self.addr));
+                    return self.unsent(came_by, what, &e);
+                }
+                let (this, came_by) = (self.clone(), came_by.clone());
+                self.tracker.spawn(async move {
+                    let r = fut.await;
+                    this.relay_in_flight.fetch_sub(1, Ordering::Relaxed);
+                    this.forwarded(&came_by, what, r);
+                });
+            }
+        }
+    }
+
+    fn forwarded(&self, came_by: &Arc<Peer>, what: Unsent, r: Result<(), crate::router::BoxError>) {
+        match r {
             Ok(()) => Stats::incr(&self.stats.envelopes_forwarded),
             Err(e) => self.unsent(came_by, what, &e),
         }
@@ -304,7 +344,8 @@ impl Inner {
 
     /// Answers, resets or drops (counting it) what could not be forwarded.
     fn unsent(&self, came_by: &Arc<Peer>, what: Unsent, e: &crate::router::BoxError) {
-        let busy = matches!(e.downcast_ref(), Some(RpcError::QueueFull { .. }));
+        let busy = matches!(e.downcast_ref(), Some(RpcError::QueueFull { .. }))
+            || e.downcast_ref::<super::stack::NotReady>().is_some();
         let reason = if let Some(RouteError::NoRoute { reason, .. }) = e.downcast_ref() {
             format!("{reason} (at {})", self.addr)
         } else if let Some(RpcError::NoRoute { reason, .. }) = e.downcast_ref() {

@@ -1,0 +1,205 @@
+//! The relay stack of a harbor: every envelope it forwards goes through one tower `Service`,
+//! built once when the node starts, so a harbor can add middleware — a rate limit, a
+//! concurrency limit, a timeout, a policy filter — with
+//! [`NodeBuilder::relay_layer`](crate::NodeBuilder::relay_layer).
+//!
+//! The innermost service is [`Forward`]: it picks the next hop (the routing rule of the
+//! README) and queues the envelope toward it, never waiting. The stack is driven from the
+//! link readers, which must never wait either (one reader serves every destination behind its
+//! link), so:
+//! - a stack that is not ready (`poll_ready` pending: a rate limit out of tokens, a
+//!   concurrency limit at its bound) refuses the envelope now, as `HOP_BUSY`;
+//! - an error from the stack refuses it with that error's text, as `NO_ROUTE`, except a full
+//!   queue toward the next hop, which is `HOP_BUSY`;
+//! - a response future that does not finish at once (a layer that waits) runs on its own
+//!   task; at most `peer_queue` of them at a time, beyond which envelopes are refused.
+//!
+//! Refused requests are answered at once with the reason; refused stream envelopes end their
+//! stream at both ends; refused one-way messages and answers are dropped, counted
+//! (`envelopes_hop_busy`, `envelopes_unroutable`) and logged (gated).
+
+use std::future::{Future, Ready, ready};
+use std::pin::Pin;
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
+
+use tower_layer::Layer;
+use tower_service::Service;
+
+use super::inner::Inner;
+use crate::addr::LogicAddr;
+use crate::proto::{Envelope, envelope::Body};
+use crate::router::RouteLayer;
+
+/// Errors as tower middleware passes them on.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What a relayed envelope carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RelayKind {
+    /// A request (a call, or a one-way request).
+    Request,
+    /// The answer to a request.
+    Response,
+    /// A one-way message.
+    Message,
+    /// A stream's open, acceptance, data, window or close.
+    Stream,
+}
+
+/// An envelope a harbor forwards, as the layers of its relay stack see it.
+#[derive(Debug)]
+pub struct Relayed {
+    pub(crate) env: Envelope,
+    pub(crate) from: LogicAddr,
+    pub(crate) to: LogicAddr,
+    pub(crate) came_by: LogicAddr,
+}
+
+impl Relayed {
+    /// The node that sent it.
+    pub fn from(&self) -> LogicAddr {
+        self.from
+    }
+
+    /// The node it is for.
+    pub fn to(&self) -> LogicAddr {
+        self.to
+    }
+
+    /// The neighbour it came from (a node of this harbor's cluster, or another harbor).
+    pub fn came_by(&self) -> LogicAddr {
+        self.came_by
+    }
+
+    /// What it carries.
+    pub fn kind(&self) -> RelayKind {
+        match &self.env.body {
+            Some(Body::Request(_)) => RelayKind::Request,
+            Some(Body::Response(_)) => RelayKind::Response,
+            Some(Body::Message(_)) => RelayKind::Message,
+            _ => RelayKind::Stream,
+        }
+    }
+
+    /// Payload bytes it carries (request, answer, message or stream data).
+    pub fn payload_len(&self) -> usize {
+        super::dispatch::payload_len(&self.env.body)
+    }
+}
+
+/// The innermost service of a relay stack: picks the next hop and queues the envelope toward
+/// it without waiting (a full queue is an error naming the hop). Always ready.
+#[derive(Debug, Clone)]
+pub struct Forward {
+    node: Weak<Inner>,
+}
+
+impl Service<Relayed> for Forward {
+    type Response = ();
+    type Error = BoxError;
+    type Future = Ready<Result<(), BoxError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, r: Relayed) -> Self::Future {
+        let Some(node) = self.node.upgrade() else {
+            return ready(Err("the harbor is shutting down".into()));
+        };
+        let mut route =
+            RouteLayer::new(super::relay::ViewRoutes(&node)).layer(super::relay::Enqueue {
+                node: &node,
+                came_by: r.came_by,
+            });
+        // `Route` over `Enqueue` is always ready and finishes at once.
+        let _ = route.poll_ready(&mut Context::from_waker(std::task::Waker::noop()));
+        let mut call = route.call(r.env);
+        match Pin::new(&mut call).poll(&mut Context::from_waker(std::task::Waker::noop())) {
+            Poll::Ready(res) => ready(res),
+            Poll::Pending => ready(Err("the forwarding queue did not finish at once".into())),
+        }
+    }
+}
+
+/// A relay stack's future: [`Forward`]'s alone needs no allocation; a stack's is boxed.
+pub(crate) type RelayFuture = futures_util::future::Either<
+    Ready<Result<(), BoxError>>,
+    Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>>,
+>;
+
+/// A relay stack, type-erased.
+pub(crate) type RelayService =
+    Box<dyn Service<Relayed, Response = (), Error = BoxError, Future = RelayFuture> + Send>;
+
+/// Builds a node's relay stack over its [`Forward`].
+pub(crate) type RelayLayerFn = Arc<dyn Fn(Forward) -> RelayService + Send + Sync>;
+
+/// Boxes the futures (and errors) of a stack.
+struct Boxed<S>(S);
+
+impl<S> Service<Relayed> for Boxed<S>
+where
+    S: Service<Relayed, Response = ()>,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = ();
+    type Error = BoxError;
+    type Future = RelayFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.0.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, r: Relayed) -> RelayFuture {
+        let fut = self.0.call(r);
+        futures_util::future::Either::Right(Box::pin(async move { fut.await.map_err(Into::into) }))
+    }
+}
+
+/// [`Forward`] alone, as a relay stack.
+struct Plain(Forward);
+
+impl Service<Relayed> for Plain {
+    type Response = ();
+    type Error = BoxError;
+    type Future = RelayFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, r: Relayed) -> RelayFuture {
+        futures_util::future::Either::Left(self.0.call(r))
+    }
+}
+
+/// The layer function for `layer`.
+pub(crate) fn layer_fn<L>(layer: L) -> RelayLayerFn
+where
+    L: Layer<Forward> + Send + Sync + 'static,
+    L::Service: Service<Relayed, Response = ()> + Send + 'static,
+    <L::Service as Service<Relayed>>::Error: Into<BoxError>,
+    <L::Service as Service<Relayed>>::Future: Send + 'static,
+{
+    Arc::new(move |forward| Box::new(Boxed(layer.layer(forward))) as RelayService)
+}
+
+/// The stack of `node`: its layers over [`Forward`], or [`Forward`] alone.
+pub(crate) fn build(node: &Arc<Inner>, layers: Option<&RelayLayerFn>) -> RelayService {
+    let forward = Forward {
+        node: Arc::downgrade(node),
+    };
+    match layers {
+        Some(f) => f(forward),
+        None => Box::new(Plain(forward)),
+    }
+}
+
+/// The error a stack that is not ready refuses with.
+#[derive(Debug, thiserror::Error)]
+#[error("the relay stack of {0} is at its limit (not ready)")]
+pub(crate) struct NotReady(pub(crate) LogicAddr);
