@@ -6,6 +6,7 @@ mod etcd_server;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use clustergo::{
@@ -176,6 +177,13 @@ fn start_harbor(etcd: &Etcd, addr: &str) -> HarborProc {
 /// A harbor process, with `config` (TOML) as its file if given.
 fn start_harbor_with(etcd: &Etcd, addr: &str, config: Option<&str>) -> HarborProc {
     let mut cmd = harbor();
+    match config {
+        // A short grace unless the file sets one (flags would override it).
+        Some(c) if c.contains("shutdown_grace_secs") => {}
+        _ => {
+            cmd.args(["--shutdown-grace-secs", "1"]);
+        }
+    }
     if let Some(config) = config {
         let dir = std::env::temp_dir().join(format!("cg-harbor-run-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -185,7 +193,7 @@ fn start_harbor_with(etcd: &Etcd, addr: &str, config: Option<&str>) -> HarborPro
     }
     let mut child = cmd
         .args(["--addr", addr, "--etcd", &etcd.endpoint, "--prefix", PREFIX])
-        .args(["--lease-ttl-secs", "2", "--shutdown-grace-secs", "1"])
+        .args(["--lease-ttl-secs", "2"])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -599,6 +607,121 @@ async fn a_harbor_process_refuses_the_cluster_pairs_its_policy_denies() {
     .unwrap()
     .unwrap();
     assert_eq!(&reply[..], b"1.1.1 called");
+    server.shutdown().await;
+    client.shutdown().await;
+}
+
+/// A harbor process stopped (SIGTERM) while calls it relayed are still being served: their
+/// answers pass through it within its grace period, so every caller gets its answer. (Before,
+/// the harbor closed its links as soon as its own handlers were done, and the answers on their
+/// way were lost: the callers got `PeerLost`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_harbor_lets_the_answers_it_waits_for_pass() {
+    let etcd = Etcd::start();
+    let server_net = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let client_net = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let members = [
+        Member::new(a("1.1.1"), server_net.local_addr().unwrap().to_string()).with_export(true),
+        Member::new(a("1.255.1"), free_port()),
+        Member::new(a("2.255.1"), free_port()),
+        Member::new(a("2.2.1"), client_net.local_addr().unwrap().to_string()),
+    ];
+    etcd.list(PREFIX, &members).await;
+    let _h1 = start_harbor(&etcd, "1.255.1");
+    let mut h2 = start_harbor_with(&etcd, "2.255.1", Some("shutdown_grace_secs = 5\n"));
+    let started = Arc::new(tokio::sync::Semaphore::new(0));
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let server = {
+        let (started, release) = (started.clone(), release.clone());
+        node(&etcd, "1.1.1", server_net)
+            .await
+            .rpc("slow", move |ctx, _| {
+                let (started, release) = (started.clone(), release.clone());
+                async move {
+                    started.add_permits(1);
+                    release.acquire().await.unwrap().forget();
+                    Ok::<_, HandlerError>(Bytes::from(format!("{} answered", ctx.from())))
+                }
+            })
+            .build()
+    };
+    tokio::time::timeout(WAIT, server.start())
+        .await
+        .unwrap()
+        .unwrap();
+    let client = node(&etcd, "2.2.1", client_net).await.build();
+    tokio::time::timeout(WAIT, client.start())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        client
+            .wait_for_member(a("2.255.1"), |m| m.is_some_and(|m| m.available), WAIT)
+            .await
+    );
+    // Until 2.255.1 sees 1.255.1 alive, there is no route: a first call waits for it.
+    release.add_permits(1);
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match client.call(a("1.1.1"), "slow", Bytes::new()).await {
+                Err(RpcError::NoRoute { .. }) => tokio::task::yield_now().await,
+                other => break other,
+            }
+        }
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    started.acquire_many(1).await.unwrap().forget();
+
+    // Twenty calls in flight through 2.255.1, each held by the server.
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let client = client.clone();
+        calls.spawn(async move {
+            client
+                .call_timeout(a("1.1.1"), "slow", Bytes::new(), Duration::from_secs(15))
+                .await
+        });
+    }
+    tokio::time::timeout(WAIT, started.acquire_many(20))
+        .await
+        .unwrap()
+        .unwrap()
+        .forget();
+    let pid = h2.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    // The harbor leaves membership, then waits for the answers: let them come.
+    assert!(
+        client
+            .wait_for_member(a("2.255.1"), |m| m.is_none_or(|m| !m.available), WAIT)
+            .await
+    );
+    release.add_permits(20);
+    while let Some(r) = calls.join_next().await {
+        let r = r.unwrap();
+        assert!(
+            matches!(&r, Ok(b) if &b[..] == b"2.2.1 answered"),
+            "a call in flight through the stopping harbor: {r:?}"
+        );
+    }
+    let status = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Some(s) = h2.0.try_wait().unwrap() {
+                return s;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .unwrap();
+    assert!(status.success(), "{status}");
     server.shutdown().await;
     client.shutdown().await;
 }

@@ -185,7 +185,7 @@ impl NodeBuilder {
 
     /// Middleware for what this node relays, if it is a harbor: `layer` wraps
     /// [`relay::Forward`](crate::relay::Forward) (route and queue toward the next hop), and
-    /// every envelope the harbor forwards goes through the result — built once, at start. Any
+    /// every envelope the harbor forwards goes through the result, built once. Any
     /// tower layer over `Service<Relayed>` fits: `tower::limit::RateLimitLayer`,
     /// `ConcurrencyLimitLayer`, `timeout::TimeoutLayer`, a filter of your own; combine several
     /// with `tower::ServiceBuilder`. A stack that is not ready refuses at once rather than

@@ -78,7 +78,7 @@ pub(crate) struct Inner {
     /// A harbor's requests in flight for other nodes' callers, by (caller, call id): the next
     /// hop they went to and when the caller stops waiting. Answered with `PEER_LOST` if that
     /// link fails first.
-    pub(crate) relays: Mutex<FastMap<(u32, u64), (LogicAddr, Instant)>>,
+    pub(crate) relays: Mutex<super::relay::RelayTable>,
     /// When `relays` was last swept of expired entries.
     pub(crate) relays_swept: Mutex<Option<Instant>>,
     /// A harbor's streams relayed between other nodes, by (opener, stream id).
@@ -108,6 +108,8 @@ pub(crate) struct Inner {
     pub(crate) relay_layers: Option<super::stack::RelayLayerFn>,
     /// Relay futures running on tasks of their own (layers that wait).
     pub(crate) relay_in_flight: std::sync::atomic::AtomicUsize,
+    /// Signalled when a relayed call's answer passes (shutdown waits for them).
+    pub(crate) relays_changed: Notify,
 }
 
 impl Inner {
@@ -190,6 +192,7 @@ impl Inner {
             relay: Mutex::new(None),
             relay_layers,
             relay_in_flight: Default::default(),
+            relays_changed: Notify::new(),
         })
     }
 

@@ -63,10 +63,6 @@ impl Inner {
             tracing::warn!(%node, "running on the public development secret: anyone can join this mesh (set NodeConfig::secret or CLUSTERGO_SECRET)");
         }
         let _ = self.server.runtime.set(tokio::runtime::Handle::current());
-        if node.is_harbor() {
-            *self.relay.lock().unwrap_or_else(|e| e.into_inner()) =
-                Some(super::stack::build(self, self.relay_layers.as_ref()));
-        }
         let mut stream = self.discovery.subscribe();
         let first = match tokio::time::timeout(self.config.start_timeout, stream.next()).await {
             Err(_) => {
@@ -238,7 +234,7 @@ impl Inner {
                 return;
             }
             match change {
-                Change::Removed => self.drop_peer(addr, "removed from membership"),
+                Change::Removed => self.peer_left(addr),
                 Change::NetAddrChanged => self.drop_peer(addr, "its network address changed"),
                 // The peer may be back (listed again, available again): a dial waiting for its
                 // backoff goes now.
@@ -304,6 +300,11 @@ impl Inner {
                 tracing::warn!(node = %self.addr, in_flight = n, "grace period over with handlers still running");
                 break;
             }
+        }
+        // A harbor lets the answers of the calls it relayed pass before its links close; new
+        // calls are sent back meanwhile (see `forward`).
+        if self.addr.is_harbor() {
+            self.drain_relays(grace_end).await;
         }
         // Streams close within the same grace period; the rest are reset (the resets are
         // written before the links close, below).

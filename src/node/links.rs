@@ -326,6 +326,44 @@ impl Inner {
     }
 
     /// Forgets a peer that left membership or moved: closes its link and fails what waits.
+    /// A peer left membership. A peer that leaves to shut down drains first (its handlers
+    /// finish, a harbor lets the answers it relays pass), so a link still up is kept — not
+    /// used for anything new, since routing goes by membership — until the peer closes it or
+    /// this node's `shutdown_grace` ends; then the peer is dropped. A peer with no link up is
+    /// dropped at once.
+    pub(crate) fn peer_left(self: &Arc<Self>, addr: crate::LogicAddr) {
+        let peer = self
+            .peers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&addr)
+            .cloned();
+        let Some(peer) = peer.filter(|p| p.is_up()) else {
+            return self.drop_peer(addr, "removed from membership");
+        };
+        let this = self.clone();
+        let linger = self.config.shutdown_grace;
+        self.tracker.spawn(async move {
+            let until = Instant::now() + linger;
+            loop {
+                let changed = peer.changed.notified();
+                tokio::pin!(changed);
+                changed.as_mut().enable();
+                if !peer.is_up() {
+                    break;
+                }
+                tokio::select! {
+                    r = tokio::time::timeout_at(until, changed) => if r.is_err() { break },
+                    _ = this.root.cancelled() => return,
+                }
+            }
+            // Listed again meanwhile: nothing to drop.
+            if this.view().get(addr).is_none() {
+                this.drop_peer(addr, "removed from membership");
+            }
+        });
+    }
+
     pub(crate) fn drop_peer(&self, addr: crate::LogicAddr, why: &str) {
         let Some(peer) = self
             .peers

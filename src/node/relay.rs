@@ -18,6 +18,10 @@ use crate::proto::{self, Envelope, envelope::Body};
 use crate::router::{NextHop, RouteError, Routes};
 use crate::stats::Stats;
 
+/// Relayed calls waiting for their answers: `(caller, call id)` → (the hop the request went
+/// to, the caller's deadline, the neighbour it came by).
+pub(crate) type RelayTable = crate::hash::FastMap<(u32, u64), (LogicAddr, Instant, LogicAddr)>;
+
 /// What an envelope that could not be forwarded was, kept before it is handed on.
 struct Unsent {
     from: u32,
@@ -131,7 +135,7 @@ impl Inner {
             )),
             // An answer passing through: its call is no longer in flight here.
             Some(Body::Response(r)) => {
-                self.relays_lock().remove(&(env.to, r.id));
+                self.answered_relay(env.to, r.id);
                 None
             }
             _ => None,
@@ -150,10 +154,28 @@ impl Inner {
             return Err(e);
         }
         if let Some((key, until)) = track {
-            self.track_relay(key, hop.addr(), until);
+            self.track_relay(key, hop.addr(), until, came_by);
         }
         self.after_enqueue(&peer);
         Ok(())
+    }
+
+    /// Queues an answer back toward the neighbour its request came by (see
+    /// [`Inner::answer_path`]), counting the hop.
+    pub(super) fn enqueue_back(
+        self: &Arc<Self>,
+        came_by: LogicAddr,
+        hop: NextHop,
+        mut env: Envelope,
+    ) -> Result<(), RpcError> {
+        env.hops = env.hops.saturating_add(1);
+        if env.hops > crate::router::MAX_HOPS {
+            return Err(RpcError::NoRoute {
+                to: hop.addr(),
+                reason: "hop limit".into(),
+            });
+        }
+        self.enqueue_hop(came_by, hop, env)
     }
 
     /// Keeps the table of streams relayed here: an open adds its two links, a reset or the
@@ -249,16 +271,42 @@ impl Inner {
         }
     }
 
-    fn relays_lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, crate::hash::FastMap<(u32, u64), (LogicAddr, Instant)>> {
+    /// Waits until no relayed call is waiting for its answer here (each entry ends when its
+    /// answer passes or its caller's deadline does), or `until`.
+    pub(crate) async fn drain_relays(&self, until: Instant) {
+        loop {
+            let changed = self.relays_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let now = Instant::now();
+            let next_expiry = {
+                let relays = self.relays_lock();
+                relays
+                    .values()
+                    .map(|(_, t, _)| *t)
+                    .filter(|t| *t > now)
+                    .min()
+            };
+            let Some(next) = next_expiry else { return };
+            if now >= until {
+                tracing::warn!(node = %self.addr, "grace period over with relayed calls still unanswered");
+                return;
+            }
+            tokio::select! {
+                () = changed => {}
+                () = tokio::time::sleep_until(next.min(until)) => {}
+            }
+        }
+    }
+
+    fn relays_lock(&self) -> std::sync::MutexGuard<'_, RelayTable> {
         self.relays.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Remembers a relayed request in flight toward `via` until `until`. Bounded: expired
     /// entries are swept when the table is full, and past its limit a request is not tracked
     /// (its caller then learns of a failed link at its own deadline).
-    fn track_relay(&self, key: (u32, u64), via: LogicAddr, until: Instant) {
+    fn track_relay(&self, key: (u32, u64), via: LogicAddr, until: Instant, came_by: LogicAddr) {
         let limit = self.config.peer_queue.saturating_mul(8);
         let mut relays = self.relays_lock();
         if relays.len() >= limit {
@@ -268,13 +316,34 @@ impl Inner {
             let mut swept = self.relays_swept.lock().unwrap_or_else(|e| e.into_inner());
             if swept.is_none_or(|t| now >= t + Duration::from_millis(100)) {
                 *swept = Some(now);
-                relays.retain(|_, (_, t)| *t > now);
+                relays.retain(|_, (_, t, _)| *t > now);
             }
             if relays.len() >= limit {
                 return;
             }
         }
-        relays.insert(key, (via, until));
+        relays.insert(key, (via, until, came_by));
+    }
+
+    /// The neighbour the request `(caller, id)` came by, if it was relayed here and its link
+    /// is up: its answer goes back the way the request came, even if routing would pick
+    /// another way now (that neighbour is leaving membership and draining, or the harbor set
+    /// changed).
+    pub(super) fn answer_path(&self, caller: u32, id: u64) -> Option<Arc<Peer>> {
+        let came_by = self.relays_lock().get(&(caller, id)).map(|e| e.2)?;
+        self.peers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&came_by)
+            .filter(|p| p.is_up())
+            .cloned()
+    }
+
+    /// An answer passed: its call is no longer in flight here.
+    fn answered_relay(&self, caller: u32, id: u64) {
+        if self.relays_lock().remove(&(caller, id)).is_some() {
+            self.relays_changed.notify_waiters();
+        }
     }
 
     /// Forwards `env` (not addressed to this harbor) one hop on through the relay stack (see
@@ -284,6 +353,14 @@ impl Inner {
     /// one-way message is dropped, counted and logged (gated).
     pub(crate) fn forward(self: &Arc<Self>, came_by: &Arc<Peer>, env: Envelope) {
         let what = Unsent::of(&env);
+        // Shutting down: answers and streams in progress still pass (that is what the drain
+        // waits for), new calls are sent back to try another harbor.
+        if matches!(what.kind, UnsentKind::Request(_))
+            && self.phase() == super::inner::Phase::Draining
+        {
+            let e: crate::router::BoxError = Box::new(RpcError::Shutdown { node: self.addr });
+            return self.unsent(came_by, what, &e);
+        }
         let (Ok(from), Ok(to)) = (LogicAddr::from_u32(env.from), LogicAddr::from_u32(env.to))
         else {
             Stats::incr(&self.stats.envelopes_misaddressed);
@@ -297,10 +374,9 @@ impl Inner {
         };
         let mut cx = Context::from_waker(std::task::Waker::noop());
         let mut stack = self.relay.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(svc) = stack.as_mut() else {
-            drop(stack);
-            return self.unsent(came_by, what, &"this node relays nothing".into());
-        };
+        // Built once, on first use.
+        let svc =
+            stack.get_or_insert_with(|| super::stack::build(self, self.relay_layers.as_ref()));
         let mut fut = match svc.poll_ready(&mut cx) {
             Poll::Ready(Ok(())) => svc.call(req),
             Poll::Ready(Err(e)) => {
@@ -356,6 +432,9 @@ impl Inner {
         let code = if busy {
             Stats::incr(&self.stats.envelopes_hop_busy);
             ErrorCode::HOP_BUSY
+        } else if let Some(RpcError::Shutdown { .. }) = e.downcast_ref() {
+            Stats::incr(&self.stats.envelopes_unroutable);
+            ErrorCode::PEER_LOST
         } else {
             Stats::incr(&self.stats.envelopes_unroutable);
             ErrorCode::NO_ROUTE
@@ -444,10 +523,10 @@ impl Inner {
             callers.extend(
                 relays
                     .iter()
-                    .filter(|(_, (v, t))| *v == via && *t > now)
+                    .filter(|(_, (v, t, _))| *v == via && *t > now)
                     .map(|(k, _)| *k),
             );
-            relays.retain(|_, (v, t)| *v != via && *t > now);
+            relays.retain(|_, (v, t, _)| *v != via && *t > now);
         }
         callers.sort_unstable();
         callers.dedup();

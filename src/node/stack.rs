@@ -1,5 +1,5 @@
 //! The relay stack of a harbor: every envelope it forwards goes through one tower `Service`,
-//! built once when the node starts, so a harbor can add middleware — a rate limit, a
+//! built once (on the first envelope it forwards), so a harbor can add middleware — a rate limit, a
 //! concurrency limit, a timeout, a policy filter — with
 //! [`NodeBuilder::relay_layer`](crate::NodeBuilder::relay_layer).
 //!
@@ -109,6 +109,13 @@ impl Service<Relayed> for Forward {
         let Some(node) = self.node.upgrade() else {
             return ready(Err("the harbor is shutting down".into()));
         };
+        // An answer goes back the way its request came, while that link is up.
+        if let Some(Body::Response(resp)) = &r.env.body
+            && let Some(back) = node.answer_path(r.env.to, resp.id)
+        {
+            let hop = crate::router::NextHop::Harbor(back.addr);
+            return ready(node.enqueue_back(r.came_by, hop, r.env).map_err(Into::into));
+        }
         let mut route =
             RouteLayer::new(super::relay::ViewRoutes(&node)).layer(super::relay::Enqueue {
                 node: &node,
