@@ -554,3 +554,88 @@ async fn a_harbor_relays_through_its_own_tower_stack() {
     };
     within(again).await;
 }
+
+/// 30,000 sequenced one-way messages 2.1.1 → 1.1.1 through the harbors, and a second harbor
+/// of cluster 1 becomes available while they are in flight — one that rendezvous hashing
+/// prefers for this pair, already linked. The active pair keeps its path, so every message arrives, in order. (Before, the
+/// pair moved to the new harbor at once while older messages were still on the old path, and
+/// some rounds arrived reordered.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_holds_when_a_harbor_joins_under_load() {
+    support::init_tracing();
+    // A harbor address that hashing prefers to 1.255.1 for this pair once it is available.
+    let base = |extra: &str| -> Vec<clustergo::Member> {
+        ["1.1.1", "1.255.1", "2.255.1", "2.1.1", extra]
+            .iter()
+            .map(|m| clustergo::Member::new(a(m), "127.0.0.1:1").with_export(true))
+            .collect()
+    };
+    let joiner = (2..200)
+        .map(|s| format!("1.255.{s}"))
+        .find(|h| {
+            let hops =
+                clustergo::membership::route::route(a("2.1.1"), a("1.1.1"), &base(h)).unwrap();
+            hops.iter()
+                .any(|hop| hop.to_string().contains(&format!("harbor {h} ")))
+        })
+        .expect("some harbor address wins the pair");
+    let mut c = Cluster::new(&["1.1.1", "1.255.1", "2.255.1", "2.1.1", &joiner]);
+    c.members.set_export(a("1.1.1"), true);
+    // The new harbor runs and is linked, but is not yet available for routing: when it
+    // becomes available, a path through it is at once as fast as the old one, which still
+    // holds the messages in flight.
+    c.members.set_available(a(&joiner), false);
+
+    const N: u32 = 30_000;
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
+    let _receiver = c
+        .start("1.1.1", move |b| {
+            b.on_cmd(Cmd(9), move |_, p| {
+                // A receiver slower than its senders: messages wait on the link into it, on
+                // the old path, when the new harbor becomes available.
+                std::thread::sleep(Duration::from_micros(50));
+                let _ = seen_tx.send(u32::from_be_bytes(p[..4].try_into().unwrap()));
+            })
+        })
+        .await;
+    let _h1 = c.start("1.255.1", |b| b).await;
+    let h2 = c.start("2.255.1", |b| b).await;
+    let joining = c.start(&joiner, |b| b).await;
+    let sender = c.start("2.1.1", |b| b).await;
+    // Link the two harbors (a call to a method nobody serves is answered over the link).
+    let r = within(joining.call(a("2.255.1"), "nobody", Bytes::new())).await;
+    assert!(matches!(r, Err(RpcError::NoMethod { .. })), "{r:?}");
+    assert!(h2.is_linked(a(&joiner)));
+
+    // At most 4,000 messages in flight: a harbor refuses (and counts) what overflows its
+    // queue toward the next hop rather than slowing every sender behind its links, so a
+    // sender of large volumes keeps a window, as here.
+    let received = Arc::new(tokio::sync::Semaphore::new(4_000));
+    let send = {
+        let (sender, window) = (sender.clone(), received.clone());
+        tokio::spawn(async move {
+            for n in 0..N {
+                window.acquire().await.unwrap().forget();
+                sender
+                    .send_cmd(a("1.1.1"), Cmd(9), Bytes::copy_from_slice(&n.to_be_bytes()))
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    let mut next = 0u32;
+    let mut joined = false;
+    while next < N {
+        let n = within(seen_rx.recv()).await.unwrap();
+        assert_eq!(n, next, "message {n} arrived when {next} was due");
+        received.add_permits(1);
+        next += 1;
+        if next == 5_000 && !joined {
+            joined = true;
+            c.members.set_available(a(&joiner), true);
+        }
+    }
+    send.await.unwrap();
+    assert!(joined);
+    joining.shutdown().await;
+}

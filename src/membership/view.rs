@@ -79,6 +79,13 @@ impl View {
         best(&|a| !avoid(*a)).or_else(|| best(&|_| true))
     }
 
+    /// Whether `addr` is an available harbor of `cluster`.
+    pub(crate) fn has_harbor(&self, cluster: u16, addr: LogicAddr) -> bool {
+        self.harbors
+            .get(&cluster)
+            .is_some_and(|l| l.binary_search(&addr).is_ok())
+    }
+
     pub(crate) fn get(&self, addr: LogicAddr) -> Option<&Member> {
         self.members.get(&addr)
     }

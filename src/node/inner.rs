@@ -110,6 +110,8 @@ pub(crate) struct Inner {
     pub(crate) relay_in_flight: std::sync::atomic::AtomicUsize,
     /// Signalled when a relayed call's answer passes (shutdown waits for them).
     pub(crate) relays_changed: Notify,
+    /// The harbor each active pair of nodes takes.
+    pub(crate) sticky: router::StickyPaths,
 }
 
 impl Inner {
@@ -193,6 +195,7 @@ impl Inner {
             relay_layers,
             relay_in_flight: Default::default(),
             relays_changed: Notify::new(),
+            sticky: Default::default(),
         })
     }
 
@@ -278,7 +281,21 @@ impl Inner {
     /// are passed over while another one is available.
     pub(crate) fn next_hop_keyed(&self, to: LogicAddr, key: u64) -> Result<NextHop, RouteError> {
         let view = self.view();
-        router::next_hop(self.addr, to, key, &view, &|h| self.failed_recently(h))
+        if to.cluster() == self.addr.cluster() || (self.addr.is_harbor() && to.is_harbor()) {
+            return Ok(NextHop::Direct(to));
+        }
+        // An active pair stays on its harbor (see `StickyPaths`): order through harbors holds
+        // when a harbor joins.
+        let cluster = if self.addr.is_harbor() {
+            to.cluster()
+        } else {
+            self.addr.cluster()
+        };
+        self.sticky.pick(
+            key,
+            |h| view.has_harbor(cluster, h) && !self.failed_recently(h),
+            || router::next_hop(self.addr, to, key, &view, &|h| self.failed_recently(h)),
+        )
     }
 
     /// Whether the link to `addr` failed (dropped, or a dial failed) within the longest redial

@@ -104,6 +104,75 @@ pub(crate) fn next_hop(
         })
 }
 
+/// Keeps every active pair of nodes on the harbor it took: rendezvous hashing would move a
+/// pair when a harbor joins (or comes back), while its older envelopes are still on the old
+/// path, and the newer ones could overtake them. A pair keeps its harbor until it has gone
+/// unused across two sweeps (a sweep runs at most every [`StickyPaths::IDLE`], checked every
+/// 1,024 routing decisions, so the clock is not read per envelope), or that harbor stops
+/// being an available harbor of the cluster, or its link failed moments ago; then the pair
+/// is routed afresh. Bounded: at most [`StickyPaths::MAX_PAIRS`] pairs are remembered (beyond, a pair
+/// is routed by hashing alone).
+#[derive(Debug, Default)]
+pub(crate) struct StickyPaths {
+    inner: std::sync::Mutex<Sticky>,
+}
+
+#[derive(Debug, Default)]
+struct Sticky {
+    /// Pair key → (its harbor, used since the last sweep).
+    paths: crate::hash::FastMap<u64, (LogicAddr, bool)>,
+    picks: u32,
+    swept: Option<std::time::Instant>,
+}
+
+impl StickyPaths {
+    /// How long a pair must be idle before it may move to another harbor: far longer than an
+    /// envelope stays on a path.
+    pub(crate) const IDLE: std::time::Duration = std::time::Duration::from_secs(2);
+    /// Pairs remembered at most.
+    pub(crate) const MAX_PAIRS: usize = 100_000;
+
+    /// The harbor for pair `key` in `cluster`: the one it used, while `keep` says that harbor
+    /// is still usable, else `fresh()` (remembered for next time).
+    pub(crate) fn pick(
+        &self,
+        key: u64,
+        keep: impl Fn(LogicAddr) -> bool,
+        fresh: impl FnOnce() -> Result<NextHop, RouteError>,
+    ) -> Result<NextHop, RouteError> {
+        let mut s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        s.picks = s.picks.wrapping_add(1);
+        // The clock is read once in a thousand picks, not per envelope.
+        if s.picks % 1024 == 0 {
+            let now = std::time::Instant::now();
+            if s.swept.is_none_or(|t| now.duration_since(t) >= Self::IDLE) {
+                s.swept = Some(now);
+                s.paths.retain(|_, (_, used)| std::mem::take(used));
+            }
+        }
+        if let Some((h, used)) = s.paths.get_mut(&key)
+            && keep(*h)
+        {
+            *used = true;
+            return Ok(NextHop::Harbor(*h));
+        }
+        let hop = fresh()?;
+        if let NextHop::Harbor(h) = hop
+            && (s.paths.len() < Self::MAX_PAIRS || s.paths.contains_key(&key))
+        {
+            s.paths.insert(key, (h, true));
+        }
+        Ok(hop)
+    }
+
+    /// Forgets every pair (idle ones go at the next sweep anyway).
+    #[cfg(test)]
+    fn sweep_now(&self) {
+        let mut s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        s.paths.retain(|_, (_, used)| std::mem::take(used));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -221,5 +290,29 @@ mod tests {
             e.to_string().ends_with("no available harbor in cluster 1"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn an_active_pair_keeps_its_harbor_when_another_joins_and_moves_when_idle_or_lost() {
+        let paths = StickyPaths::default();
+        let (h1, h2) = (a("1.255.1"), a("1.255.2"));
+        let fresh = |h: LogicAddr| move || Ok(NextHop::Harbor(h));
+        assert_eq!(paths.pick(7, |_| true, fresh(h1)), Ok(NextHop::Harbor(h1)));
+        // A harbor joined and hashing now says h2: the active pair stays.
+        assert_eq!(paths.pick(7, |_| true, fresh(h2)), Ok(NextHop::Harbor(h1)));
+        // Idle across two sweeps: it may move.
+        paths.sweep_now();
+        paths.sweep_now();
+        assert_eq!(paths.pick(7, |_| true, fresh(h2)), Ok(NextHop::Harbor(h2)));
+        // Its harbor is no longer usable: it moves at once.
+        assert_eq!(
+            paths.pick(7, |h| h != h2, fresh(h1)),
+            Ok(NextHop::Harbor(h1))
+        );
+        // Used between sweeps: it stays.
+        paths.sweep_now();
+        assert_eq!(paths.pick(7, |_| true, fresh(h2)), Ok(NextHop::Harbor(h1)));
+        paths.sweep_now();
+        assert_eq!(paths.pick(7, |_| true, fresh(h2)), Ok(NextHop::Harbor(h1)));
     }
 }
