@@ -22,12 +22,18 @@ impl std::fmt::Display for Cmd {
 }
 
 /// What a message handler knows about the message.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct MessageContext {
     pub(crate) from: LogicAddr,
+    pub(crate) node: crate::Node,
 }
 
 impl MessageContext {
+    /// The node the message reached: a handler answers or forwards through it.
+    pub fn node(&self) -> &crate::Node {
+        &self.node
+    }
+
     /// The sender's address.
     pub fn from(&self) -> LogicAddr {
         self.from

@@ -24,9 +24,16 @@ pub struct CallContext {
     pub(crate) method: String,
     pub(crate) deadline: Option<Instant>,
     pub(crate) oneway: bool,
+    pub(crate) node: crate::Node,
 }
 
 impl CallContext {
+    /// The node serving the call: a handler calls, sends or opens streams through it (no
+    /// need to smuggle a `Node` into the handler's closure).
+    pub fn node(&self) -> &crate::Node {
+        &self.node
+    }
+
     /// The caller's address.
     pub fn from(&self) -> LogicAddr {
         self.from

@@ -456,3 +456,46 @@ async fn application_codes_never_pose_as_framework_codes() {
     );
     assert_eq!(client.stats().links_closed, 0);
 }
+
+/// A handler reaches its own node through its context: 1.1.1's handler asks 1.1.2 and
+/// answers with what it heard, and a message handler forwards what it got.
+#[tokio::test]
+async fn handlers_reach_their_own_node_through_the_context() {
+    let mut c = Cluster::new(&["1.1.1", "1.1.2"]);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let _n2 = c
+        .start("1.1.2", move |b| {
+            b.rpc("name", |ctx, _| async move {
+                Ok::<_, HandlerError>(Bytes::from(ctx.node().addr().to_string()))
+            })
+            .on_cmd(clustergo::Cmd(2), move |ctx, p| {
+                let _ = tx.send((ctx.node().addr(), ctx.from(), p));
+            })
+        })
+        .await;
+    let n1 = c
+        .start("1.1.1", |b| {
+            b.rpc("relay", |ctx, _| async move {
+                let heard = ctx
+                    .node()
+                    .call(a("1.1.2"), "name", Bytes::new())
+                    .await
+                    .map_err(|e| HandlerError::msg(e.to_string()))?;
+                ctx.node()
+                    .send_cmd(a("1.1.2"), clustergo::Cmd(2), heard.clone())
+                    .await
+                    .map_err(|e| HandlerError::msg(e.to_string()))?;
+                Ok::<_, HandlerError>(heard)
+            })
+        })
+        .await;
+    let got = within(n1.call(a("1.1.1"), "relay", Bytes::new()))
+        .await
+        .unwrap();
+    assert_eq!(&got[..], b"1.1.2");
+    let (at, from, payload) = within(rx.recv()).await.unwrap();
+    assert_eq!(
+        (at, from, &payload[..]),
+        (a("1.1.2"), a("1.1.1"), &b"1.1.2"[..])
+    );
+}

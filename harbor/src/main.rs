@@ -12,7 +12,6 @@ mod config;
 mod policy;
 
 use std::process::ExitCode;
-use std::sync::{Arc, OnceLock};
 
 use clap::Parser;
 use clustergo::{Bytes, EtcdDiscovery, EtcdOptions, HandlerError, Node, NodeConfig};
@@ -61,8 +60,6 @@ async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     if let Some((endpoints, prefix)) = &config.center {
         discovery = discovery.with_harbors_center(endpoints.clone(), prefix.clone());
     }
-    let handle: Arc<OnceLock<Node>> = Arc::default();
-    let status_of = handle.clone();
     let node = Node::builder(me)
         .discovery(discovery)
         .config(with_tls(
@@ -79,12 +76,11 @@ async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
                     tower::limit::RateLimitLayer::new(n, std::time::Duration::from_secs(1))
                 })),
         )
-        .rpc("harbor.status", move |_, _| {
-            let text = status_of.get().map(status).unwrap_or_default();
+        .rpc("harbor.status", |ctx, _| {
+            let text = status(ctx.node());
             async move { Ok::<_, HandlerError>(Bytes::from(text)) }
         })
         .build();
-    let _ = handle.set(node.clone());
     node.start().await?;
     println!(
         "harbor {me} listening on {}",

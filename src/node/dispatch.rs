@@ -156,9 +156,17 @@ impl Inner {
 }
 
 impl Inner {
-    fn serve_request(&self, peer: &Arc<Peer>, from: LogicAddr, r: crate::proto::Request) {
+    fn serve_request(
+        self: &Arc<Self>,
+        peer: &Arc<Peer>,
+        from: LogicAddr,
+        r: crate::proto::Request,
+    ) {
         Stats::incr(&self.stats.requests_received);
         let ctx = CallContext {
+            node: super::Node {
+                inner: self.clone(),
+            },
             from,
             deadline: (r.timeout_ms > 0)
                 .then(|| Instant::now() + std::time::Duration::from_millis(r.timeout_ms.into())),
@@ -185,7 +193,7 @@ impl Inner {
         self.server.serve(handler, peer, ctx, r.id, r.payload);
     }
 
-    fn handle_message(&self, from: LogicAddr, m: crate::proto::Message) {
+    fn handle_message(self: &Arc<Self>, from: LogicAddr, m: crate::proto::Message) {
         let handler = match &m.kind {
             Some(Kind::Cmd(c)) => self.messages.by_cmd.get(c),
             Some(Kind::TypeName(t)) => self.messages.by_type.get(t),
@@ -197,7 +205,12 @@ impl Inner {
             return;
         };
         Stats::incr(&self.stats.messages_received);
-        let ctx = MessageContext { from };
+        let ctx = MessageContext {
+            from,
+            node: super::Node {
+                inner: self.clone(),
+            },
+        };
         match std::panic::catch_unwind(AssertUnwindSafe(|| handler(ctx, m.payload))) {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
