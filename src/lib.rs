@@ -41,7 +41,10 @@
 //! - `message`: one-way message handlers.
 //! - `stream`: flow-controlled byte streams between nodes, many per link.
 //! - `node`: the public handle; start, dispatch, links, shutdown.
-//! - `router`: next hops (direct, harbors) and the forwarding layer harbors run.
+//! - `router`: next hops (direct, harbors), sticky paths, and the forwarding layer harbors run.
+//! - `relay`: a harbor's relay stack as its tower middleware sees it.
+//! - `rendezvous`: the rendezvous hashing every pick uses (harbors, sticky targets, the
+//!   gateway's game servers).
 //! - `stats`: counters.
 //! - `typed`: protobuf requests and responses over RPC (what generated services use).
 //! - `proto`: the generated wire types (public for tools and attack tests; not a stable API).
@@ -59,6 +62,7 @@ mod message;
 mod node;
 #[doc(hidden)]
 pub mod proto;
+pub mod rendezvous;
 mod router;
 mod rpc;
 mod stats;

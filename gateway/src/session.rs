@@ -623,24 +623,11 @@ fn pick(gw: &Gateway, first: &[u8], tried: &[LogicAddr]) -> Option<LogicAddr> {
 /// The server with the highest score for `key` (rendezvous hashing): independent of the
 /// candidates' order, and when a server joins or leaves only the keys it wins or held move.
 fn rendezvous(key: &[u8], candidates: &[LogicAddr]) -> Option<LogicAddr> {
-    let key = fnv1a(key);
-    candidates
-        .iter()
-        .copied()
-        .max_by_key(|a| (mix(key ^ u64::from(a.as_u32())), a.as_u32()))
-}
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
-/// SplitMix64's finalizer: spreads nearby inputs over all bits.
-fn mix(mut x: u64) -> u64 {
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
+    // The library's rendezvous hashing, as every node picks harbors and sticky targets.
+    clustergo::rendezvous::pick(
+        clustergo::rendezvous::key_of(key),
+        candidates.iter().copied(),
+    )
 }
 
 #[cfg(test)]

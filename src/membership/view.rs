@@ -151,14 +151,7 @@ impl View {
     }
 }
 
-pub(crate) fn score(key: u64, addr: LogicAddr) -> u64 {
-    // splitmix64 over the pair: fixed, so every process and build ranks nodes the same way.
-    let mut z = (key ^ u64::from(addr.as_u32()).wrapping_mul(0x9E37_79B9_7F4A_7C15))
-        .wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
+pub(crate) use crate::rendezvous::score;
 
 #[cfg(test)]
 mod tests {
