@@ -3,6 +3,7 @@
 //!
 //! Same node: local. Same cluster: a direct link. Other cluster: the sender's cluster's harbor,
 //! then the target cluster's harbor, then the target (a harbor sender skips the first hop).
+//! Each step is `router::next_hop`, the function nodes and harbors route by.
 //! Among the available harbors of a cluster the one chosen is fixed by rendezvous hashing on
 //! the pair of addresses, so it is the same on every node (and both ways) while the harbor set
 //! holds, and only pairs of a harbor that leaves move.
@@ -10,7 +11,7 @@
 use std::fmt;
 
 use super::Member;
-use super::view::score;
+use super::view::View;
 use crate::addr::LogicAddr;
 
 /// One step of a route.
@@ -49,7 +50,7 @@ pub fn route(from: LogicAddr, to: LogicAddr, members: &[Member]) -> Result<Vec<H
     if find(from).is_none() {
         return Err(format!("{from} is not in membership"));
     }
-    let target = find(to).ok_or_else(|| format!("{to} is not in membership"))?;
+    find(to).ok_or_else(|| format!("{to} is not in membership"))?;
     if from == to {
         return Ok(vec![Hop::Local(from)]);
     }
@@ -58,33 +59,28 @@ pub fn route(from: LogicAddr, to: LogicAddr, members: &[Member]) -> Result<Vec<H
         to: m.addr,
         net_addr: m.net_addr.clone(),
     };
-    if from.cluster() == to.cluster() {
-        return Ok(vec![link(from, target)]);
-    }
-    let harbor = |cluster: u16| {
-        members
-            .iter()
-            .filter(|m| m.addr.is_harbor() && m.addr.cluster() == cluster && m.available)
-            .max_by_key(|m| score(crate::router::route_key(from, to), m.addr))
-            .ok_or_else(|| format!("no route: no available harbor in cluster {cluster}"))
-    };
+    // Hop by hop, by the very rule every node routes by (`router::next_hop`), each step over
+    // the membership as that node sees it.
+    let key = crate::router::route_key(from, to);
     let mut hops = Vec::new();
     let mut at = from;
-    if !from.is_harbor() {
-        let h = harbor(from.cluster())?;
-        hops.push(link(at, h));
-        at = h.addr;
-    }
-    // A harbor target is linked to directly from a harbor, as the router does.
-    if !to.is_harbor() {
-        let h = harbor(to.cluster())?;
-        if h.addr != to {
-            hops.push(link(at, h));
-            at = h.addr;
+    while at != to {
+        if hops.len() as u32 >= crate::router::MAX_HOPS {
+            return Err(format!(
+                "no route: more than {} hops",
+                crate::router::MAX_HOPS
+            ));
         }
-    }
-    if at != to {
-        hops.push(link(at, target));
+        let view = View::new(at, members.iter().cloned());
+        let next = crate::router::next_hop(at, to, key, &view, &|_| false)
+            .map_err(|e| match e {
+                crate::router::RouteError::NoRoute { reason, .. } => format!("no route: {reason}"),
+                other => other.to_string(),
+            })?
+            .addr();
+        let m = find(next).ok_or_else(|| format!("no route: {next} is not in membership"))?;
+        hops.push(link(at, m));
+        at = next;
     }
     Ok(hops)
 }
