@@ -61,8 +61,8 @@ pub struct NodeConfig {
     /// Default 10 s.
     pub start_timeout: Duration,
     /// How long shutdown lets in-flight RPC handlers finish (and a harbor, the answers of the
-    /// calls it relayed). Also how long a link to a peer that left membership is kept, so that
-    /// peer can drain its own answers over it. Default 5 s.
+    /// calls it relayed). Also how long a link to a peer that left membership is kept for what
+    /// is under way on it (answers, streams already open; nothing new). Default 5 s.
     pub shutdown_grace: Duration,
     /// Envelopes queued per peer, dialing or connected. A full queue fails `try_send_*` at once
     /// and makes `send_*` / calls wait up to their deadline. Default 8192.

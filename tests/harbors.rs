@@ -639,3 +639,57 @@ async fn order_holds_when_a_harbor_joins_under_load() {
     assert!(joined);
     joining.shutdown().await;
 }
+
+/// A relay layer that panics costs the envelope it was given, not the harbor's link: the
+/// call gets `NoRoute` saying so, the stack is built anew, and the next call goes through.
+#[tokio::test]
+async fn a_panicking_relay_layer_costs_one_envelope_not_the_link() {
+    #[derive(Clone)]
+    struct PanicOnce(Arc<std::sync::atomic::AtomicBool>);
+    #[derive(Clone)]
+    struct PanicOnceService<S>(Arc<std::sync::atomic::AtomicBool>, S);
+    impl<S> tower::Layer<S> for PanicOnce {
+        type Service = PanicOnceService<S>;
+        fn layer(&self, inner: S) -> PanicOnceService<S> {
+            PanicOnceService(self.0.clone(), inner)
+        }
+    }
+    impl<S: tower::Service<clustergo::relay::Relayed>> tower::Service<clustergo::relay::Relayed>
+        for PanicOnceService<S>
+    {
+        type Response = S::Response;
+        type Error = S::Error;
+        type Future = S::Future;
+        fn poll_ready(
+            &mut self,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), S::Error>> {
+            self.1.poll_ready(cx)
+        }
+        fn call(&mut self, r: clustergo::relay::Relayed) -> S::Future {
+            if r.kind() == clustergo::relay::RelayKind::Request
+                && !self.0.swap(true, std::sync::atomic::Ordering::SeqCst)
+            {
+                panic!("a bug in a relay layer");
+            }
+            self.1.call(r)
+        }
+    }
+    let mut c = Cluster::new(&["1.1.1", "1.255.1", "2.255.1", "2.2.1"]);
+    c.members.set_export(a("1.1.1"), true);
+    let _server = c.start("1.1.1", echo).await;
+    let fired = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let layer = PanicOnce(fired.clone());
+    let _h1 = c.start("1.255.1", move |b| b.relay_layer(layer)).await;
+    let _h2 = c.start("2.255.1", |b| b).await;
+    let client = c.start("2.2.1", |b| b).await;
+    match within(client.call(a("1.1.1"), "who", Bytes::new())).await {
+        Err(RpcError::NoRoute { reason, .. }) => {
+            assert!(reason.contains("a relay layer panicked"), "{reason}")
+        }
+        other => panic!("wanted the panic's refusal, got {other:?}"),
+    }
+    assert!(fired.load(std::sync::atomic::Ordering::SeqCst));
+    let r = within(client.call(a("1.1.1"), "who", Bytes::new())).await;
+    assert_eq!(&r.unwrap()[..], b"2.2.1 called");
+}

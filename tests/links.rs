@@ -303,3 +303,56 @@ async fn admission_checks_secret_and_membership() {
     // sends anything; the acceptor refuses only the unlisted node.
     assert_eq!(server.stats().links_refused, 1);
 }
+
+/// A node removed from membership while it runs keeps its link only for what is under way:
+/// nothing new goes to it (calls fail at once) and nothing new is taken from it (its calls
+/// are dropped); listed again, it gets a fresh link and calls work both ways.
+#[tokio::test]
+async fn a_removed_node_gets_nothing_new_and_a_fresh_link_when_listed_again() {
+    support::init_tracing();
+    let mut c = support::Cluster::new(&["1.1.1", "1.1.2"]);
+    let echo = |b: clustergo::NodeBuilder| {
+        b.rpc("who", |ctx, _| async move {
+            Ok::<_, clustergo::HandlerError>(bytes::Bytes::from(ctx.node().addr().to_string()))
+        })
+    };
+    let n1 = c.start("1.1.1", echo).await;
+    // 1.1.2 keeps its own membership (where it stays listed): removed only in 1.1.1's view.
+    let own = MemoryDiscovery::new([
+        c.members.get(a("1.1.1")).unwrap(),
+        c.members.get(a("1.1.2")).unwrap(),
+    ]);
+    let n2 = echo(c.builder("1.1.2").discovery(own)).build();
+    within(n2.start()).await.unwrap();
+    within(n1.call(a("1.1.2"), "who", bytes::Bytes::new()))
+        .await
+        .unwrap();
+    let listed = c.members.remove(a("1.1.2")).unwrap();
+    let gone = |m: &[clustergo::Member]| m.iter().all(|m| m.addr != a("1.1.2"));
+    assert!(n1.wait_members(gone, support::WAIT).await);
+    let r = within(n1.call(a("1.1.2"), "who", bytes::Bytes::new())).await;
+    assert!(
+        matches!(r, Err(clustergo::RpcError::NoRoute { .. })),
+        "{r:?}"
+    );
+    // 1.1.2 still lists itself and 1.1.1; its call reaches 1.1.1 over the kept link, and is
+    // not taken.
+    let before = n1.stats().envelopes_misaddressed;
+    let r = within(n2.call_timeout(
+        a("1.1.1"),
+        "who",
+        bytes::Bytes::new(),
+        std::time::Duration::from_millis(300),
+    ))
+    .await;
+    assert!(r.is_err(), "{r:?}");
+    assert!(n1.stats().envelopes_misaddressed > before);
+    // Listed again: a fresh link, calls both ways.
+    c.members.upsert(listed);
+    let back = |m: &[clustergo::Member]| m.iter().any(|m| m.addr == a("1.1.2"));
+    assert!(n1.wait_members(back, support::WAIT).await);
+    let r = within(n1.call(a("1.1.2"), "who", bytes::Bytes::new())).await;
+    assert_eq!(&r.unwrap()[..], b"1.1.2");
+    let r = within(n2.call(a("1.1.1"), "who", bytes::Bytes::new())).await;
+    assert_eq!(&r.unwrap()[..], b"1.1.1");
+}

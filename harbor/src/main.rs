@@ -60,7 +60,7 @@ async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     if let Some((endpoints, prefix)) = &config.center {
         discovery = discovery.with_harbors_center(endpoints.clone(), prefix.clone());
     }
-    let node = Node::builder(me)
+    let builder = Node::builder(me)
         .discovery(discovery)
         .config(with_tls(
             NodeConfig::default()
@@ -69,18 +69,17 @@ async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
                 .max_envelope(config.max_envelope),
             config.mesh_tls.clone(),
         ))
-        .relay_layer(
-            tower::ServiceBuilder::new()
-                .layer(policy::DenyPairs::new(config.deny.clone()))
-                .option_layer(config.relay_rate.map(|n| {
-                    tower::limit::RateLimitLayer::new(n, std::time::Duration::from_secs(1))
-                })),
-        )
         .rpc("harbor.status", |ctx, _| {
             let text = status(ctx.node());
             async move { Ok::<_, HandlerError>(Bytes::from(text)) }
-        })
-        .build();
+        });
+    let policy = policy::Policy::new(config.deny.clone(), config.relay_rate);
+    let builder = if policy.is_active() {
+        builder.relay_layer(policy)
+    } else {
+        builder
+    };
+    let node = builder.build();
     node.start().await?;
     println!(
         "harbor {me} listening on {}",

@@ -91,6 +91,8 @@ pub(crate) struct Peer {
     state: Mutex<LinkState>,
     /// Mirrors `state` being `Up`: the send path reads it without the lock.
     up: AtomicBool,
+    /// The peer left membership; its link is kept only for what is already under way.
+    leaving: AtomicBool,
     /// RPC handlers running here for this peer's own requests (its fair share is capped).
     pub(crate) serving: std::sync::atomic::AtomicUsize,
     /// Signalled on every state change.
@@ -128,6 +130,7 @@ impl Peer {
             pending: Mutex::new(FastMap::default()),
             state: Mutex::new(LinkState::idle()),
             up: AtomicBool::new(false),
+            leaving: AtomicBool::new(false),
             serving: Default::default(),
             changed: Notify::new(),
             redial_now: Notify::new(),
@@ -138,6 +141,16 @@ impl Peer {
 
     pub(crate) fn is_up(&self) -> bool {
         self.up.load(Ordering::Acquire)
+    }
+
+    /// Whether the peer left membership (its link, if up, is kept for answers and streams
+    /// under way, nothing new).
+    pub(crate) fn is_leaving(&self) -> bool {
+        self.leaving.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_leaving(&self) {
+        self.leaving.store(true, Ordering::Release);
     }
 
     pub(crate) fn state(&self) -> MutexGuard<'_, LinkState> {

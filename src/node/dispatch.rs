@@ -46,6 +46,17 @@ impl Deliver for Inner {
             self.misaddressed(peer, &env);
             return Ok(());
         };
+        // A peer that left membership may finish what is under way (answers, streams already
+        // open), nothing new.
+        if peer.is_leaving()
+            && matches!(
+                env.body,
+                Some(Body::Request(_) | Body::Message(_) | Body::Open(_)) | None
+            )
+        {
+            self.misaddressed(peer, &env);
+            return Ok(());
+        }
         if to != self.addr {
             // Traffic between clusters passes through harbors; nobody else relays, and a
             // harbor relays only what may come from its link (see `relayable`).

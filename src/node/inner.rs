@@ -103,7 +103,7 @@ pub(crate) struct Inner {
     pub(crate) view_changed: Notify,
     /// Signalled when the phase changes.
     pub(crate) phase_changed: Notify,
-    /// A harbor's relay stack, built at start (see `stack`).
+    /// A harbor's relay stack, built on first use (see `stack`).
     pub(crate) relay: Mutex<Option<super::stack::RelayService>>,
     pub(crate) relay_layers: Option<super::stack::RelayLayerFn>,
     /// Relay futures running on tasks of their own (layers that wait).
@@ -318,6 +318,13 @@ impl Inner {
             .unwrap_or_else(|e| e.into_inner())
             .get(&to)
         {
+            // A peer that left membership gets nothing new; its answers go by `answer_path`.
+            if p.is_leaving() {
+                return Err(RpcError::NoRoute {
+                    to,
+                    reason: format!("it left {}'s membership", self.addr),
+                });
+            }
             return Ok(p.clone());
         }
         if self.view().get(to).is_none() {

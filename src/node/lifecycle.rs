@@ -239,13 +239,20 @@ impl Inner {
                 // The peer may be back (listed again, available again): a dial waiting for its
                 // backoff goes now.
                 Change::Added | Change::FlagsChanged => {
-                    if let Some(peer) = self
+                    let peer = self
                         .peers
                         .read()
                         .unwrap_or_else(|e| e.into_inner())
                         .get(&addr)
-                    {
-                        peer.redial_now.notify_waiters();
+                        .cloned();
+                    match peer {
+                        // Listed again while its old link was kept: that link may lead to
+                        // the old process; the next send dials afresh.
+                        Some(p) if p.is_leaving() => {
+                            self.drop_peer(addr, "listed again: the old link is closed")
+                        }
+                        Some(p) => p.redial_now.notify_waiters(),
+                        None => {}
                     }
                 }
             }

@@ -325,12 +325,13 @@ impl Inner {
         tracing::info!(peer = %peer.addr, reason = why, "link down");
     }
 
-    /// Forgets a peer that left membership or moved: closes its link and fails what waits.
     /// A peer left membership. A peer that leaves to shut down drains first (its handlers
-    /// finish, a harbor lets the answers it relays pass), so a link still up is kept — not
-    /// used for anything new, since routing goes by membership — until the peer closes it or
-    /// this node's `shutdown_grace` ends; then the peer is dropped. A peer with no link up is
-    /// dropped at once.
+    /// finish, a harbor lets the answers it relays pass), so a link still up is kept until the
+    /// peer closes it or this node's `shutdown_grace` ends, then the peer is dropped. While
+    /// kept, the link carries only what is under way: answers (both ways) and streams already
+    /// open; nothing new is sent to the peer or taken from it. Listed again meanwhile, the
+    /// peer is dropped at once (the old link may lead to the old process). A peer with no
+    /// link up is dropped at once.
     pub(crate) fn peer_left(self: &Arc<Self>, addr: crate::LogicAddr) {
         let peer = self
             .peers
@@ -341,6 +342,7 @@ impl Inner {
         let Some(peer) = peer.filter(|p| p.is_up()) else {
             return self.drop_peer(addr, "removed from membership");
         };
+        peer.set_leaving();
         let this = self.clone();
         let linger = self.config.shutdown_grace;
         self.tracker.spawn(async move {
@@ -364,6 +366,7 @@ impl Inner {
         });
     }
 
+    /// Forgets a peer that left membership or moved: closes its link and fails what waits.
     pub(crate) fn drop_peer(&self, addr: crate::LogicAddr, why: &str) {
         let Some(peer) = self
             .peers

@@ -127,6 +127,18 @@ impl Inner {
         env: Envelope,
     ) -> Result<(), RpcError> {
         let peer = self.link_peer(hop.addr())?;
+        self.enqueue_to(&peer, came_by, hop, env)
+    }
+
+    /// As [`Inner::enqueue_hop`], to a neighbour already chosen.
+    fn enqueue_to(
+        self: &Arc<Self>,
+        peer: &Arc<Peer>,
+        came_by: LogicAddr,
+        hop: NextHop,
+        env: Envelope,
+    ) -> Result<(), RpcError> {
+        let peer = peer.clone();
         self.ensure_link(&peer)?;
         let track = match &env.body {
             Some(Body::Request(r)) if !r.oneway => Some((
@@ -164,10 +176,11 @@ impl Inner {
     /// [`Inner::answer_path`]), counting the hop.
     pub(super) fn enqueue_back(
         self: &Arc<Self>,
+        back: &Arc<Peer>,
         came_by: LogicAddr,
-        hop: NextHop,
         mut env: Envelope,
     ) -> Result<(), RpcError> {
+        let hop = NextHop::Harbor(back.addr);
         env.hops = env.hops.saturating_add(1);
         if env.hops > crate::router::MAX_HOPS {
             return Err(RpcError::NoRoute {
@@ -175,7 +188,7 @@ impl Inner {
                 reason: "hop limit".into(),
             });
         }
-        self.enqueue_hop(came_by, hop, env)
+        self.enqueue_to(back, came_by, hop, env)
     }
 
     /// Keeps the table of streams relayed here: an open adds its two links, a reset or the
@@ -317,6 +330,7 @@ impl Inner {
             if swept.is_none_or(|t| now >= t + Duration::from_millis(100)) {
                 *swept = Some(now);
                 relays.retain(|_, (_, t, _)| *t > now);
+                self.relays_changed.notify_waiters();
             }
             if relays.len() >= limit {
                 return;
@@ -372,38 +386,71 @@ impl Inner {
             to,
             came_by: came_by.addr,
         };
+        let busy =
+            || -> crate::router::BoxError { Box::new(super::stack::Overloaded::at(self.addr)) };
+        // Without layers, no stack to lock: `Forward` finishes at once.
+        if self.relay_layers.is_none() {
+            let r = tower_service::Service::call(&mut super::stack::Forward::of(self), req);
+            let r = std::future::Future::poll(
+                std::pin::pin!(r),
+                &mut Context::from_waker(std::task::Waker::noop()),
+            );
+            return match r {
+                Poll::Ready(r) => self.forwarded(came_by, what, r),
+                Poll::Pending => self.unsent(came_by, what, &busy()),
+            };
+        }
+        // Layers that wait run on tasks of their own, bounded: over the bound, refused before
+        // anything is called.
+        let limit = self.config.peer_queue;
+        if self.relay_in_flight.load(Ordering::Relaxed) >= limit {
+            return self.unsent(came_by, what, &busy());
+        }
         let mut cx = Context::from_waker(std::task::Waker::noop());
-        let mut stack = self.relay.lock().unwrap_or_else(|e| e.into_inner());
-        // Built once, on first use.
-        let svc =
-            stack.get_or_insert_with(|| super::stack::build(self, self.relay_layers.as_ref()));
-        let mut fut = match svc.poll_ready(&mut cx) {
-            Poll::Ready(Ok(())) => svc.call(req),
-            Poll::Ready(Err(e)) => {
-                drop(stack);
-                return self.unsent(came_by, what, &e);
+        // User code runs here, on the link's reader: a panic in it must not end the reader.
+        let called = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut stack = self.relay.lock().unwrap_or_else(|e| e.into_inner());
+            // Built once, on first use.
+            let svc =
+                stack.get_or_insert_with(|| super::stack::build(self, self.relay_layers.as_ref()));
+            match svc.poll_ready(&mut cx) {
+                Poll::Ready(Ok(())) => Ok(svc.call(req)),
+                Poll::Ready(Err(e)) => Err(e),
+                Poll::Pending => Err(busy()),
             }
-            Poll::Pending => {
-                drop(stack);
-                let e: crate::router::BoxError = Box::new(super::stack::NotReady(self.addr));
+        }));
+        let mut fut = match called {
+            Ok(Ok(fut)) => fut,
+            Ok(Err(e)) => return self.unsent(came_by, what, &e),
+            Err(_) => {
+                // The stack may be broken: it is built anew for the next envelope.
+                *self.relay.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                let e: crate::router::BoxError = "a relay layer panicked".into();
                 return self.unsent(came_by, what, &e);
             }
         };
-        drop(stack);
-        match std::pin::Pin::new(&mut fut).poll(&mut cx) {
-            Poll::Ready(r) => self.forwarded(came_by, what, r),
-            Poll::Pending => {
-                // A layer that waits: its future runs on a task of its own, bounded.
-                let limit = self.config.peer_queue;
-                if self.relay_in_flight.fetch_add(1, Ordering::Relaxed) >= limit {
-                    self.relay_in_flight.fetch_sub(1, Ordering::Relaxed);
-                    drop(fut);
-                    let e: crate::router::BoxError = Box::new(super::stack::NotReady(self.addr));
-                    return self.unsent(came_by, what, &e);
-                }
+        let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            std::pin::Pin::new(&mut fut).poll(&mut cx)
+        }));
+        match polled {
+            Ok(Poll::Ready(r)) => self.forwarded(came_by, what, r),
+            Err(_) => {
+                let e: crate::router::BoxError = "a relay layer panicked".into();
+                self.unsent(came_by, what, &e)
+            }
+            Ok(Poll::Pending) => {
+                self.relay_in_flight.fetch_add(1, Ordering::Relaxed);
                 let (this, came_by) = (self.clone(), came_by.clone());
+                // Bounded in time too: a layer that never finishes is given up at the call
+                // timeout, and at shutdown.
+                let wait = self.config.call_timeout;
                 self.tracker.spawn(async move {
-                    let r = fut.await;
+                    let r = tokio::select! {
+                        r = tokio::time::timeout(wait, fut) => r.unwrap_or_else(|_| {
+                            Err("the relay stack did not finish within the call timeout".into())
+                        }),
+                        _ = this.root.cancelled() => Err("the harbor shut down".into()),
+                    };
                     this.relay_in_flight.fetch_sub(1, Ordering::Relaxed);
                     this.forwarded(&came_by, what, r);
                 });
@@ -421,7 +468,7 @@ impl Inner {
     /// Answers, resets or drops (counting it) what could not be forwarded.
     fn unsent(&self, came_by: &Arc<Peer>, what: Unsent, e: &crate::router::BoxError) {
         let busy = matches!(e.downcast_ref(), Some(RpcError::QueueFull { .. }))
-            || e.downcast_ref::<super::stack::NotReady>().is_some();
+            || e.downcast_ref::<super::stack::Overloaded>().is_some();
         let reason = if let Some(RouteError::NoRoute { reason, .. }) = e.downcast_ref() {
             format!("{reason} (at {})", self.addr)
         } else if let Some(RpcError::NoRoute { reason, .. }) = e.downcast_ref() {
@@ -527,6 +574,7 @@ impl Inner {
                     .map(|(k, _)| *k),
             );
             relays.retain(|_, (v, t, _)| *v != via && *t > now);
+            self.relays_changed.notify_waiters();
         }
         callers.sort_unstable();
         callers.dedup();

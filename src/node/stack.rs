@@ -10,9 +10,15 @@
 //! - a stack that is not ready (`poll_ready` pending: a rate limit out of tokens, a
 //!   concurrency limit at its bound) refuses the envelope now, as `HOP_BUSY`;
 //! - an error from the stack refuses it with that error's text, as `NO_ROUTE`, except a full
-//!   queue toward the next hop, which is `HOP_BUSY`;
+//!   queue toward the next hop and [`Overloaded`], which are `HOP_BUSY`;
+//! - a layer that panics refuses the envelope, and the stack is built anew;
 //! - a response future that does not finish at once (a layer that waits) runs on its own
-//!   task; at most `peer_queue` of them at a time, beyond which envelopes are refused.
+//!   task, given up at `call_timeout` and at shutdown; while `peer_queue` of them run,
+//!   envelopes are refused before the stack is called.
+//!
+//! A layer sees answers and stream traffic too: refusing an answer turns a call that ran into
+//! a timeout at its caller, so limit new work ([`RelayKind::Request`], [`RelayKind::Message`],
+//! [`RelayKind::StreamOpen`]) rather than everything.
 //!
 //! Refused requests are answered at once with the reason; refused stream envelopes end their
 //! stream at both ends; refused one-way messages and answers are dropped, counted
@@ -44,7 +50,9 @@ pub enum RelayKind {
     Response,
     /// A one-way message.
     Message,
-    /// A stream's open, acceptance, data, window or close.
+    /// A stream's open: new work, like a request.
+    StreamOpen,
+    /// A stream's acceptance, data, window or close: a stream under way.
     Stream,
 }
 
@@ -79,6 +87,7 @@ impl Relayed {
             Some(Body::Request(_)) => RelayKind::Request,
             Some(Body::Response(_)) => RelayKind::Response,
             Some(Body::Message(_)) => RelayKind::Message,
+            Some(Body::Open(_)) => RelayKind::StreamOpen,
             _ => RelayKind::Stream,
         }
     }
@@ -94,6 +103,14 @@ impl Relayed {
 #[derive(Debug, Clone)]
 pub struct Forward {
     node: Weak<Inner>,
+}
+
+impl Forward {
+    pub(crate) fn of(node: &Arc<Inner>) -> Forward {
+        Forward {
+            node: Arc::downgrade(node),
+        }
+    }
 }
 
 impl Service<Relayed> for Forward {
@@ -113,8 +130,10 @@ impl Service<Relayed> for Forward {
         if let Some(Body::Response(resp)) = &r.env.body
             && let Some(back) = node.answer_path(r.env.to, resp.id)
         {
-            let hop = crate::router::NextHop::Harbor(back.addr);
-            return ready(node.enqueue_back(r.came_by, hop, r.env).map_err(Into::into));
+            return ready(
+                node.enqueue_back(&back, r.came_by, r.env)
+                    .map_err(Into::into),
+            );
         }
         let mut route =
             RouteLayer::new(super::relay::ViewRoutes(&node)).layer(super::relay::Enqueue {
@@ -206,7 +225,15 @@ pub(crate) fn build(node: &Arc<Inner>, layers: Option<&RelayLayerFn>) -> RelaySe
     }
 }
 
-/// The error a stack that is not ready refuses with.
+/// The error that refuses an envelope as `HOP_BUSY` (the caller sees `PathBusy`): a relay
+/// stack that is not ready refuses with it, and a layer of yours may return it (e.g. a rate
+/// limit for some kinds of traffic only). Any other error refuses as `NO_ROUTE`.
 #[derive(Debug, thiserror::Error)]
-#[error("the relay stack of {0} is at its limit (not ready)")]
-pub(crate) struct NotReady(pub(crate) LogicAddr);
+#[error("{0}")]
+pub struct Overloaded(pub String);
+
+impl Overloaded {
+    pub(crate) fn at(harbor: LogicAddr) -> Overloaded {
+        Overloaded(format!("the relay stack of {harbor} is at its limit"))
+    }
+}

@@ -114,7 +114,8 @@ pub(crate) fn next_hop(
 /// is routed by hashing alone).
 #[derive(Debug, Default)]
 pub(crate) struct StickyPaths {
-    inner: std::sync::Mutex<Sticky>,
+    /// Sharded by pair, so link readers routing different pairs rarely meet on a lock.
+    shards: [std::sync::Mutex<Sticky>; 16],
 }
 
 #[derive(Debug, Default)]
@@ -129,8 +130,15 @@ impl StickyPaths {
     /// How long a pair must be idle before it may move to another harbor: far longer than an
     /// envelope stays on a path.
     pub(crate) const IDLE: std::time::Duration = std::time::Duration::from_secs(2);
-    /// Pairs remembered at most.
+    /// Pairs remembered at most (in all shards).
     pub(crate) const MAX_PAIRS: usize = 100_000;
+
+    fn shard(&self, key: u64) -> std::sync::MutexGuard<'_, Sticky> {
+        // The pair key's two addresses mixed, so neighbouring keys spread over the shards.
+        let mixed = (key ^ (key >> 32)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let i = (mixed >> 60) as usize;
+        self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
+    }
 
     /// The harbor for pair `key` in `cluster`: the one it used, while `keep` says that harbor
     /// is still usable, else `fresh()` (remembered for next time).
@@ -140,7 +148,7 @@ impl StickyPaths {
         keep: impl Fn(LogicAddr) -> bool,
         fresh: impl FnOnce() -> Result<NextHop, RouteError>,
     ) -> Result<NextHop, RouteError> {
-        let mut s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = self.shard(key);
         s.picks = s.picks.wrapping_add(1);
         // The clock is read once in a thousand picks, not per envelope.
         if s.picks % 1024 == 0 {
@@ -158,7 +166,7 @@ impl StickyPaths {
         }
         let hop = fresh()?;
         if let NextHop::Harbor(h) = hop
-            && (s.paths.len() < Self::MAX_PAIRS || s.paths.contains_key(&key))
+            && (s.paths.len() < Self::MAX_PAIRS / 16 || s.paths.contains_key(&key))
         {
             s.paths.insert(key, (h, true));
         }
@@ -168,8 +176,10 @@ impl StickyPaths {
     /// Forgets every pair (idle ones go at the next sweep anyway).
     #[cfg(test)]
     fn sweep_now(&self) {
-        let mut s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        s.paths.retain(|_, (_, used)| std::mem::take(used));
+        for shard in &self.shards {
+            let mut s = shard.lock().unwrap_or_else(|e| e.into_inner());
+            s.paths.retain(|_, (_, used)| std::mem::take(used));
+        }
     }
 }
 
