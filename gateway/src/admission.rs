@@ -15,14 +15,14 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use clustergo_client::wire::close_code;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::state::Gateway;
+use crate::config::Limits;
 
 /// A token bucket: `rate` tokens a second, at most `burst` saved.
 #[derive(Debug)]
@@ -126,6 +126,53 @@ impl Sources {
     }
 }
 
+/// The gateway's budgets: clients in all and per source, handshakes per source (each
+/// listener keeps its own handshake budget, see [`Admission::admit`]), and their counters.
+#[derive(Debug)]
+pub(crate) struct Admission {
+    limits: Limits,
+    /// `max_clients` permits: one per client past its handshake.
+    slots: Arc<Semaphore>,
+    sources: Arc<Sources>,
+    /// Connections that got a handshake place.
+    pub(crate) accepted: AtomicU64,
+    /// Connections or clients turned away by a budget.
+    pub(crate) turned_away: AtomicU64,
+    /// Of `turned_away`: over `max_handshakes_per_source` at accept.
+    pub(crate) turned_away_source: AtomicU64,
+}
+
+impl Admission {
+    pub(crate) fn new(limits: &Limits) -> Arc<Admission> {
+        Arc::new(Admission {
+            slots: Arc::new(Semaphore::new(limits.max_clients)),
+            sources: Sources::new(
+                limits.max_handshakes_per_source,
+                limits.max_clients_per_source,
+            ),
+            limits: limits.clone(),
+            accepted: AtomicU64::new(0),
+            turned_away: AtomicU64::new(0),
+            turned_away_source: AtomicU64::new(0),
+        })
+    }
+
+    /// Clients connected now.
+    pub(crate) fn active(&self) -> usize {
+        self.limits.max_clients - self.slots.available_permits()
+    }
+
+    /// Source addresses holding a handshake or a client now.
+    pub(crate) fn sources_held(&self) -> usize {
+        self.sources.len()
+    }
+
+    /// A handshake budget for one listener (`max_handshakes`).
+    pub(crate) fn listener_budget(&self) -> Arc<Semaphore> {
+        Arc::new(Semaphore::new(self.limits.max_handshakes))
+    }
+}
+
 /// One handshake's or client's place in its source's count; given back on drop.
 #[derive(Debug)]
 struct SourceHold {
@@ -176,18 +223,18 @@ const SOURCE_FULL: &str = "too many clients from your address: try again later";
 
 impl Handshake {
     /// Trades the handshake's places for a client's, or says why not.
-    pub(crate) fn promote(self, gw: &Gateway, peer: SocketAddr) -> Result<Client, Refusal> {
+    pub(crate) fn promote(self, adm: &Admission, peer: SocketAddr) -> Result<Client, Refusal> {
         let refuse = |why: &'static str, log: &str| {
-            gw.stats.turned_away.fetch_add(1, Ordering::Relaxed);
+            adm.turned_away.fetch_add(1, Ordering::Relaxed);
             if let Some(skipped) = TURNED_AWAY.pass() {
-                tracing::info!(client = %peer, max_clients = gw.limits.max_clients, max_clients_per_source = gw.limits.max_clients_per_source, skipped, "{log}: client turned away");
+                tracing::info!(client = %peer, max_clients = adm.limits.max_clients, max_clients_per_source = adm.limits.max_clients_per_source, skipped, "{log}: client turned away");
             }
             Err((close_code::TRY_AGAIN, why))
         };
-        let Ok(slot) = gw.slots.clone().try_acquire_owned() else {
+        let Ok(slot) = adm.slots.clone().try_acquire_owned() else {
             return refuse(FULL, "gateway full");
         };
-        let Some(source) = gw.sources.take(peer.ip(), Kind::Client) else {
+        let Some(source) = adm.sources.take(peer.ip(), Kind::Client) else {
             return refuse(SOURCE_FULL, "too many clients from one address");
         };
         Ok(Client {
@@ -197,39 +244,41 @@ impl Handshake {
     }
 }
 
-/// Takes a handshake place for a new connection from `peer` on a listener with `budget`,
-/// or `None` (counted and logged, gated) when the listener's or the source's handshakes are
-/// all taken.
-pub(crate) fn admit(
-    gw: &Gateway,
-    budget: &Arc<Semaphore>,
-    peer: SocketAddr,
-    transport: &str,
-) -> Option<Handshake> {
-    let turned_away = |why: &str| {
-        gw.stats.turned_away.fetch_add(1, Ordering::Relaxed);
-        if let Some(skipped) = HANDSHAKES_FULL.pass() {
-            tracing::info!(client = %peer, transport, max_handshakes = gw.limits.max_handshakes, max_handshakes_per_source = gw.limits.max_handshakes_per_source, skipped, "{why}: connection dropped");
-        }
-        None
-    };
-    let Ok(permit) = budget.clone().try_acquire_owned() else {
-        return turned_away("too many handshakes");
-    };
-    let Some(source) = gw.sources.take(peer.ip(), Kind::Handshake) else {
-        gw.stats.turned_away_source.fetch_add(1, Ordering::Relaxed);
-        return turned_away("too many handshakes from one address");
-    };
-    gw.stats.accepted.fetch_add(1, Ordering::Relaxed);
-    Some(Handshake {
-        _permit: permit,
-        _source: source,
-    })
+impl Admission {
+    /// Takes a handshake place for a new connection from `peer` on a listener with `budget`,
+    /// or `None` (counted and logged, gated) when the listener's or the source's handshakes
+    /// are all taken.
+    pub(crate) fn admit(
+        &self,
+        budget: &Arc<Semaphore>,
+        peer: SocketAddr,
+        transport: &str,
+    ) -> Option<Handshake> {
+        let turned_away = |why: &str| {
+            self.turned_away.fetch_add(1, Ordering::Relaxed);
+            if let Some(skipped) = HANDSHAKES_FULL.pass() {
+                tracing::info!(client = %peer, transport, max_handshakes = self.limits.max_handshakes, max_handshakes_per_source = self.limits.max_handshakes_per_source, skipped, "{why}: connection dropped");
+            }
+            None
+        };
+        let Ok(permit) = budget.clone().try_acquire_owned() else {
+            return turned_away("too many handshakes");
+        };
+        let Some(source) = self.sources.take(peer.ip(), Kind::Handshake) else {
+            self.turned_away_source.fetch_add(1, Ordering::Relaxed);
+            return turned_away("too many handshakes from one address");
+        };
+        self.accepted.fetch_add(1, Ordering::Relaxed);
+        Some(Handshake {
+            _permit: permit,
+            _source: source,
+        })
+    }
 }
 
 /// Warns when the process may not open a descriptor per client: accepts would then fail
 /// ("too many open files") before any client hears that the gateway is full.
-pub(crate) fn check_descriptors(limits: &crate::config::Limits) {
+pub(crate) fn check_descriptors(limits: &Limits) {
     let soft = std::fs::read_to_string("/proc/self/limits")
         .ok()
         .and_then(|text| {

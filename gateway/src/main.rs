@@ -23,7 +23,6 @@ use clap::Parser;
 use clustergo::{Bytes, EtcdDiscovery, EtcdOptions, FileDiscovery, HandlerError, Node, NodeConfig};
 use config::{Args, Config, Membership};
 use state::Gateway;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -150,11 +149,7 @@ async fn run(
         node: node.clone(),
         backend_type: config.backend_type,
         policy: config.policy,
-        slots: Arc::new(Semaphore::new(config.limits.max_clients)),
-        sources: admission::Sources::new(
-            config.limits.max_handshakes_per_source,
-            config.limits.max_clients_per_source,
-        ),
+        admission: admission::Admission::new(&config.limits),
         limits: config.limits.clone(),
         shutdown: CancellationToken::new(),
         tasks: TaskTracker::new(),

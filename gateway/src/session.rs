@@ -212,7 +212,7 @@ pub(crate) async fn serve<R: FrameRead, W: FrameWrite>(
         }
     };
     // A client now: trade the handshake's places for a client's.
-    let _client = match handshake.promote(&gw, info.peer) {
+    let _client = match handshake.promote(&gw.admission, info.peer) {
         Ok(c) => c,
         Err((code, reason)) => {
             goodbye(&gw, &mut rd, &mut wr, code, reason).await;

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use clustergo::{LogicAddr, Node};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -18,10 +17,8 @@ pub(crate) struct Gateway {
     pub(crate) backend_type: u8,
     pub(crate) policy: Policy,
     pub(crate) limits: Limits,
-    /// `max_clients` permits: one per client past its handshake.
-    pub(crate) slots: Arc<Semaphore>,
-    /// Handshakes and clients per source address.
-    pub(crate) sources: Arc<crate::admission::Sources>,
+    /// Budgets and their counters (clients in all and per source, handshakes per source).
+    pub(crate) admission: Arc<crate::admission::Admission>,
     pub(crate) shutdown: CancellationToken,
     pub(crate) tasks: TaskTracker,
     pub(crate) stats: Stats,
@@ -32,10 +29,6 @@ pub(crate) struct Gateway {
 /// Counters, reported by the `gateway.status` RPC.
 #[derive(Debug, Default)]
 pub(crate) struct Stats {
-    pub(crate) accepted: AtomicU64,
-    pub(crate) turned_away: AtomicU64,
-    /// Of `turned_away`: over `max_handshakes_per_source` at accept.
-    pub(crate) turned_away_source: AtomicU64,
     /// KCP cookies sent (answers to HELLO).
     pub(crate) kcp_cookies: AtomicU64,
     /// KCP datagrams dropped: unknown conv, wrong source, bad cookie, malformed, a full
@@ -75,7 +68,7 @@ impl Gateway {
 
     /// Clients connected now.
     pub(crate) fn active(&self) -> usize {
-        self.limits.max_clients - self.slots.available_permits()
+        self.admission.active()
     }
 }
 
@@ -86,10 +79,10 @@ pub(crate) fn status(gw: &Gateway) -> String {
     format!(
         "clients={}\naccepted={}\nturned_away={}\nturned_away_source={}\nsources={}\nkcp_cookies={}\nkcp_dropped={}\nclient_faults={}\nserver_failures={}\nframes_up={}\nframes_down={}",
         gw.active(),
-        n(&s.accepted),
-        n(&s.turned_away),
-        n(&s.turned_away_source),
-        gw.sources.len(),
+        n(&gw.admission.accepted),
+        n(&gw.admission.turned_away),
+        n(&gw.admission.turned_away_source),
+        gw.admission.sources_held(),
         n(&s.kcp_cookies),
         n(&s.kcp_dropped),
         n(&s.client_faults),
@@ -171,8 +164,7 @@ mod tests {
             backend_type: 1,
             policy: Policy::Random,
             limits: Limits::default(),
-            slots: Arc::new(Semaphore::new(1)),
-            sources: crate::admission::Sources::new(1, 1),
+            admission: crate::admission::Admission::new(&Limits::default()),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             stats: Stats::default(),

@@ -11,11 +11,10 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio::time::timeout_at;
 use tokio_rustls::{TlsAcceptor, rustls};
 
-use crate::admission::{self, Handshake};
+use crate::admission::Handshake;
 use crate::config::Listen;
 use crate::session::{self, ClientInfo, Fault, FrameRead, FrameWrite, Item};
 use crate::state::Gateway;
@@ -171,9 +170,9 @@ pub(super) async fn framed<R, W>(
 /// Accepts TCP clients (with TLS when configured) until shutdown.
 pub(crate) async fn tcp(gw: Arc<Gateway>, listener: TcpListener, tls: Option<TlsAcceptor>) {
     let busy = busy_frame();
-    let budget = Arc::new(Semaphore::new(gw.limits.max_handshakes));
+    let budget = gw.admission.listener_budget();
     while let Some((sock, peer)) = next_tcp(&gw, &listener, "tcp").await {
-        let Some(permit) = admission::admit(&gw, &budget, peer, "tcp") else {
+        let Some(permit) = gw.admission.admit(&budget, peer, "tcp") else {
             if tls.is_none() {
                 let _ = sock.try_write(&busy);
             }

@@ -37,7 +37,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
 
-use crate::admission::{self, Bucket};
+use crate::admission::Bucket;
 use crate::state::Gateway;
 use crate::transport::{framed::framed, info};
 
@@ -120,7 +120,7 @@ impl Cookies {
 pub(crate) async fn serve(gw: Arc<Gateway>, socket: UdpSocket) {
     let socket = Arc::new(socket);
     let cookies = Cookies::new(gw.limits.handshake_timeout);
-    let budget = Arc::new(Semaphore::new(gw.limits.max_handshakes));
+    let budget = gw.admission.listener_budget();
     let rate = f64::from(gw.limits.kcp_cookies_per_sec);
     let mut cookie_rate = Bucket::new(rate, rate);
     let mut sessions: HashMap<u32, Entry> = HashMap::new();
@@ -261,7 +261,7 @@ fn open(
     if gw.shutdown.is_cancelled() {
         return Err((close_code::GOING_AWAY, "gateway shutting down"));
     }
-    let Some(handshake) = admission::admit(gw, budget, peer, "kcp") else {
+    let Some(handshake) = gw.admission.admit(budget, peer, "kcp") else {
         return Err((close_code::TRY_AGAIN, "gateway busy: try again later"));
     };
     let (tx, rx) = mpsc::channel(wire::INPUT_QUEUE);

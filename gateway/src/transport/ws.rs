@@ -9,7 +9,6 @@ use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio::time::timeout_at;
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::WebSocketStream;
@@ -17,7 +16,7 @@ use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, 
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message};
 
-use crate::admission::{self, Bucket, Handshake};
+use crate::admission::{Bucket, Handshake};
 use crate::session::{self, ClientInfo, Fault, FrameRead, FrameWrite, Item};
 use crate::state::Gateway;
 use crate::transport::framed::tls_handshake;
@@ -156,9 +155,9 @@ pub(crate) async fn websocket(
 ) {
     let path: Arc<str> = path.into();
     let protocols: Arc<[String]> = protocols.into();
-    let budget = Arc::new(Semaphore::new(gw.limits.max_handshakes));
+    let budget = gw.admission.listener_budget();
     while let Some((sock, peer)) = next_tcp(&gw, &listener, "websocket").await {
-        let Some(permit) = admission::admit(&gw, &budget, peer, "websocket") else {
+        let Some(permit) = gw.admission.admit(&budget, peer, "websocket") else {
             if tls.is_none() {
                 let _ = sock.try_write(BUSY_HTTP);
             }
