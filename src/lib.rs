@@ -79,7 +79,7 @@ pub use gate::{LogGate, source_key};
 /// A harbor's relay stack: what its middleware sees and wraps (see
 /// [`NodeBuilder::relay_layer`]).
 pub mod relay {
-    pub use crate::node::stack::{BoxError, Forward, Overloaded, RelayKind, Relayed};
+    pub use crate::router::stack::{BoxError, Forward, Overloaded, RelayKind, Relayed};
 }
 #[cfg(feature = "tls")]
 pub use link::tls::{LinkTls, LinkTlsFiles, TlsError};

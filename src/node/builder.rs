@@ -40,9 +40,9 @@ pub struct NodeBuilder {
     listener: Option<std::net::TcpListener>,
     rpcs: FastMap<String, RpcHandler>,
     messages: MsgHandlers,
-    stream_handler: Option<super::streams::StreamHandler>,
+    stream_handler: Option<crate::stream::StreamHandler>,
     duplicates: Vec<String>,
-    relay_layers: Option<super::stack::RelayLayerFn>,
+    relay_layers: Option<crate::router::stack::RelayLayerFn>,
 }
 
 impl std::fmt::Debug for NodeBuilder {
@@ -198,7 +198,7 @@ impl NodeBuilder {
             Into<crate::relay::BoxError>,
         <L::Service as tower_service::Service<crate::relay::Relayed>>::Future: Send + 'static,
     {
-        self.relay_layers = Some(super::stack::layer_fn(layer));
+        self.relay_layers = Some(crate::router::stack::layer_fn(layer));
         self
     }
 

@@ -49,11 +49,11 @@ impl Phase {
 pub(crate) struct Handlers {
     pub(crate) rpcs: FastMap<String, RpcHandler>,
     pub(crate) messages: MsgHandlers,
-    pub(crate) stream_handler: Option<super::streams::StreamHandler>,
+    pub(crate) stream_handler: Option<crate::stream::StreamHandler>,
     /// Registrations made twice, named; a non-empty list fails the start.
     pub(crate) duplicates: Vec<String>,
     /// The layers of a harbor's relay stack, if any.
-    pub(crate) relay_layers: Option<super::stack::RelayLayerFn>,
+    pub(crate) relay_layers: Option<crate::router::stack::RelayLayerFn>,
 }
 
 pub(crate) struct Inner {
@@ -64,7 +64,7 @@ pub(crate) struct Inner {
     pub(crate) incarnation: u64,
     pub(crate) rpcs: FastMap<String, RpcHandler>,
     pub(crate) messages: MsgHandlers,
-    pub(crate) stream_handler: Option<super::streams::StreamHandler>,
+    pub(crate) stream_handler: Option<crate::stream::StreamHandler>,
     pub(crate) duplicates: Vec<String>,
     pub(crate) discovery: Arc<dyn Discovery>,
     phase: AtomicU8,
@@ -78,11 +78,11 @@ pub(crate) struct Inner {
     /// A harbor's requests in flight for other nodes' callers, by (caller, call id): the next
     /// hop they went to and when the caller stops waiting. Answered with `PEER_LOST` if that
     /// link fails first.
-    pub(crate) relays: Mutex<super::relay::RelayTable>,
+    pub(crate) relays: Mutex<crate::router::stack::RelayTable>,
     /// When `relays` was last swept of expired entries.
     pub(crate) relays_swept: Mutex<Option<Instant>>,
     /// A harbor's streams relayed between other nodes, by (opener, stream id).
-    pub(crate) stream_relays: Mutex<FastMap<(u32, u64), super::relay::StreamRelay>>,
+    pub(crate) stream_relays: Mutex<FastMap<(u32, u64), crate::router::stack::StreamRelay>>,
     next_id: AtomicU64,
     /// Keys that turn `next_id` into call ids.
     call_ids: crate::hash::SipKey,
@@ -104,8 +104,8 @@ pub(crate) struct Inner {
     /// Signalled when the phase changes.
     pub(crate) phase_changed: Notify,
     /// A harbor's relay stack, built on first use (see `stack`).
-    pub(crate) relay: Mutex<Option<super::stack::RelayService>>,
-    pub(crate) relay_layers: Option<super::stack::RelayLayerFn>,
+    pub(crate) relay: Mutex<Option<crate::router::stack::RelayService>>,
+    pub(crate) relay_layers: Option<crate::router::stack::RelayLayerFn>,
     /// Relay futures running on tasks of their own (layers that wait).
     pub(crate) relay_in_flight: std::sync::atomic::AtomicUsize,
     /// Signalled when a relayed call's answer passes (shutdown waits for them).

@@ -6,7 +6,6 @@ mod inner;
 mod lifecycle;
 mod links;
 mod relay;
-pub(crate) mod stack;
 mod streams;
 
 use std::sync::Arc;

@@ -15,12 +15,12 @@ use crate::addr::LogicAddr;
 use crate::error::{ErrorCode, HandlerError, RpcError};
 use crate::link::{Outbound, Peer};
 use crate::proto::{self, Envelope, envelope::Body};
+use crate::router::RouteLayer;
+use crate::router::stack::{BoxError, Forward, Forwarder, RelayTable, Relayed, StreamRelay};
 use crate::router::{NextHop, RouteError, Routes};
 use crate::stats::Stats;
-
-/// Relayed calls waiting for their answers: `(caller, call id)` → (the hop the request went
-/// to, the caller's deadline, the neighbour it came by).
-pub(crate) type RelayTable = crate::hash::FastMap<(u32, u64), (LogicAddr, Instant, LogicAddr)>;
+use std::pin::Pin;
+use tower_layer::Layer;
 
 /// What an envelope that could not be forwarded was, kept before it is handed on.
 struct Unsent {
@@ -66,16 +66,6 @@ impl Unsent {
             kind,
         }
     }
-}
-
-/// A stream relayed through this harbor: the neighbours on its opener's and its target's side.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct StreamRelay {
-    opener_side: LogicAddr,
-    target_side: LogicAddr,
-    target: u32,
-    /// Fins seen: 1 from the opener, 2 from the target.
-    fins: u8,
 }
 
 /// Routes by the node's view (see [`Inner::next_hop`]).
@@ -380,17 +370,19 @@ impl Inner {
             Stats::incr(&self.stats.envelopes_misaddressed);
             return;
         };
-        let req = super::stack::Relayed {
+        let req = crate::router::stack::Relayed {
+            payload_len: super::dispatch::payload_len(&env.body),
             env,
             from,
             to,
             came_by: came_by.addr,
         };
-        let busy =
-            || -> crate::router::BoxError { Box::new(super::stack::Overloaded::at(self.addr)) };
+        let busy = || -> crate::router::BoxError {
+            Box::new(crate::router::stack::Overloaded::at(self.addr))
+        };
         // Without layers, no stack to lock: `Forward` finishes at once.
         if self.relay_layers.is_none() {
-            let r = tower_service::Service::call(&mut super::stack::Forward::of(self), req);
+            let r = tower_service::Service::call(&mut forward_of(self), req);
             let r = std::future::Future::poll(
                 std::pin::pin!(r),
                 &mut Context::from_waker(std::task::Waker::noop()),
@@ -411,8 +403,9 @@ impl Inner {
         let called = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let mut stack = self.relay.lock().unwrap_or_else(|e| e.into_inner());
             // Built once, on first use.
-            let svc =
-                stack.get_or_insert_with(|| super::stack::build(self, self.relay_layers.as_ref()));
+            let svc = stack.get_or_insert_with(|| {
+                crate::router::stack::build(forward_of(self), self.relay_layers.as_ref())
+            });
             match svc.poll_ready(&mut cx) {
                 Poll::Ready(Ok(())) => Ok(svc.call(req)),
                 Poll::Ready(Err(e)) => Err(e),
@@ -468,7 +461,8 @@ impl Inner {
     /// Answers, resets or drops (counting it) what could not be forwarded.
     fn unsent(&self, came_by: &Arc<Peer>, what: Unsent, e: &crate::router::BoxError) {
         let busy = matches!(e.downcast_ref(), Some(RpcError::QueueFull { .. }))
-            || e.downcast_ref::<super::stack::Overloaded>().is_some();
+            || e.downcast_ref::<crate::router::stack::Overloaded>()
+                .is_some();
         let reason = if let Some(RouteError::NoRoute { reason, .. }) = e.downcast_ref() {
             format!("{reason} (at {})", self.addr)
         } else if let Some(RpcError::NoRoute { reason, .. }) = e.downcast_ref() {
@@ -602,6 +596,39 @@ impl Inner {
             );
         }
     }
+}
+
+/// The node under a harbor's relay stack (see `router::stack`): route, then queue toward the
+/// next hop, or back the way a request came for its answer.
+impl Forwarder for Inner {
+    fn forward_one(self: Arc<Self>, r: Relayed) -> Result<(), BoxError> {
+        let node = self;
+        // An answer goes back the way its request came, while that link is up.
+        if let Some(Body::Response(resp)) = &r.env.body
+            && let Some(back) = node.answer_path(r.env.to, resp.id)
+        {
+            return node
+                .enqueue_back(&back, r.came_by, r.env)
+                .map_err(Into::into);
+        }
+        let mut route = RouteLayer::new(ViewRoutes(&node)).layer(Enqueue {
+            node: &node,
+            came_by: r.came_by,
+        });
+        // `Route` over `Enqueue` is always ready and finishes at once.
+        let _ = route.poll_ready(&mut Context::from_waker(std::task::Waker::noop()));
+        let mut call = route.call(r.env);
+        match Pin::new(&mut call).poll(&mut Context::from_waker(std::task::Waker::noop())) {
+            Poll::Ready(res) => res,
+            Poll::Pending => Err("the forwarding queue did not finish at once".into()),
+        }
+    }
+}
+
+/// The [`Forward`] of `node`.
+pub(crate) fn forward_of(node: &Arc<Inner>) -> Forward {
+    let weak: std::sync::Weak<dyn Forwarder> = Arc::downgrade(node) as _;
+    Forward::new(weak)
 }
 
 #[cfg(test)]

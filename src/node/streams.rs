@@ -26,11 +26,6 @@ impl Drop for OpenGuard {
     }
 }
 
-/// The accept handler registered with [`NodeBuilder::on_stream`](crate::NodeBuilder::on_stream).
-pub(crate) type StreamHandler = Arc<
-    dyn Fn(Stream) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send + Sync,
->;
-
 impl Inner {
     pub(crate) async fn open_stream(
         self: &Arc<Self>,

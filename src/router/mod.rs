@@ -13,6 +13,7 @@
 
 mod layer;
 mod service;
+pub(crate) mod stack;
 
 use crate::addr::LogicAddr;
 use crate::membership::view::View;

@@ -11,7 +11,7 @@ use crate::addr::LogicAddr;
 use crate::proto::Envelope;
 
 /// Boxed errors, as tower middleware passes them on.
-pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Where routes come from: the node's own address and its next hop for a destination.
 pub(crate) trait Routes {

@@ -327,3 +327,8 @@ impl AsyncWrite for Stream {
         Pin::new(&mut self.writer).poll_shutdown(cx)
     }
 }
+
+/// The accept handler registered with [`NodeBuilder::on_stream`](crate::NodeBuilder::on_stream).
+pub(crate) type StreamHandler = Arc<
+    dyn Fn(Stream) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send + Sync,
+>;

@@ -1,4 +1,4 @@
-//! The relay stack of a harbor: every envelope it forwards goes through one tower `Service`,
+//! The relay stack of a harbor (`clustergo::relay`): every envelope it forwards goes through one tower `Service`,
 //! built once (on the first envelope it forwards), so a harbor can add middleware — a rate limit, a
 //! concurrency limit, a timeout, a policy filter — with
 //! [`NodeBuilder::relay_layer`](crate::NodeBuilder::relay_layer).
@@ -32,13 +32,11 @@ use std::task::{Context, Poll};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::inner::Inner;
 use crate::addr::LogicAddr;
 use crate::proto::{Envelope, envelope::Body};
-use crate::router::RouteLayer;
 
 /// Errors as tower middleware passes them on.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub use super::service::BoxError;
 
 /// What a relayed envelope carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +61,7 @@ pub struct Relayed {
     pub(crate) from: LogicAddr,
     pub(crate) to: LogicAddr,
     pub(crate) came_by: LogicAddr,
+    pub(crate) payload_len: usize,
 }
 
 impl Relayed {
@@ -94,22 +93,32 @@ impl Relayed {
 
     /// Payload bytes it carries (request, answer, message or stream data).
     pub fn payload_len(&self) -> usize {
-        super::dispatch::payload_len(&self.env.body)
+        self.payload_len
     }
+}
+
+/// What sits under a relay stack: the node that routes and queues (implemented by the node).
+pub(crate) trait Forwarder: Send + Sync {
+    /// Routes `r` and queues it toward its next hop, without waiting.
+    fn forward_one(self: Arc<Self>, r: Relayed) -> Result<(), BoxError>;
 }
 
 /// The innermost service of a relay stack: picks the next hop and queues the envelope toward
 /// it without waiting (a full queue is an error naming the hop). Always ready.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Forward {
-    node: Weak<Inner>,
+    node: Weak<dyn Forwarder>,
+}
+
+impl std::fmt::Debug for Forward {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Forward")
+    }
 }
 
 impl Forward {
-    pub(crate) fn of(node: &Arc<Inner>) -> Forward {
-        Forward {
-            node: Arc::downgrade(node),
-        }
+    pub(crate) fn new(node: Weak<dyn Forwarder>) -> Forward {
+        Forward { node }
     }
 }
 
@@ -123,29 +132,9 @@ impl Service<Relayed> for Forward {
     }
 
     fn call(&mut self, r: Relayed) -> Self::Future {
-        let Some(node) = self.node.upgrade() else {
-            return ready(Err("the harbor is shutting down".into()));
-        };
-        // An answer goes back the way its request came, while that link is up.
-        if let Some(Body::Response(resp)) = &r.env.body
-            && let Some(back) = node.answer_path(r.env.to, resp.id)
-        {
-            return ready(
-                node.enqueue_back(&back, r.came_by, r.env)
-                    .map_err(Into::into),
-            );
-        }
-        let mut route =
-            RouteLayer::new(super::relay::ViewRoutes(&node)).layer(super::relay::Enqueue {
-                node: &node,
-                came_by: r.came_by,
-            });
-        // `Route` over `Enqueue` is always ready and finishes at once.
-        let _ = route.poll_ready(&mut Context::from_waker(std::task::Waker::noop()));
-        let mut call = route.call(r.env);
-        match Pin::new(&mut call).poll(&mut Context::from_waker(std::task::Waker::noop())) {
-            Poll::Ready(res) => ready(res),
-            Poll::Pending => ready(Err("the forwarding queue did not finish at once".into())),
+        match self.node.upgrade() {
+            Some(node) => ready(node.forward_one(r)),
+            None => ready(Err("the harbor is shutting down".into())),
         }
     }
 }
@@ -214,11 +203,8 @@ where
     Arc::new(move |forward| Box::new(Boxed(layer.layer(forward))) as RelayService)
 }
 
-/// The stack of `node`: its layers over [`Forward`], or [`Forward`] alone.
-pub(crate) fn build(node: &Arc<Inner>, layers: Option<&RelayLayerFn>) -> RelayService {
-    let forward = Forward {
-        node: Arc::downgrade(node),
-    };
+/// The stack over `forward`: its layers, or [`Forward`] alone.
+pub(crate) fn build(forward: Forward, layers: Option<&RelayLayerFn>) -> RelayService {
     match layers {
         Some(f) => f(forward),
         None => Box::new(Plain(forward)),
@@ -236,4 +222,19 @@ impl Overloaded {
     pub(crate) fn at(harbor: LogicAddr) -> Overloaded {
         Overloaded(format!("the relay stack of {harbor} is at its limit"))
     }
+}
+
+/// Relayed calls waiting for their answers: `(caller, call id)` → (the hop the request went
+/// to, the caller's deadline, the neighbour it came by).
+pub(crate) type RelayTable =
+    crate::hash::FastMap<(u32, u64), (LogicAddr, tokio::time::Instant, LogicAddr)>;
+
+/// A stream relayed through this harbor: the neighbours on its opener's and its target's side.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StreamRelay {
+    pub(crate) opener_side: LogicAddr,
+    pub(crate) target_side: LogicAddr,
+    pub(crate) target: u32,
+    /// Fins seen: 1 from the opener, 2 from the target.
+    pub(crate) fins: u8,
 }
