@@ -382,15 +382,8 @@ impl Inner {
         };
         // Without layers, no stack to lock: `Forward` finishes at once.
         if self.relay_layers.is_none() {
-            let r = tower_service::Service::call(&mut forward_of(self), req);
-            let r = std::future::Future::poll(
-                std::pin::pin!(r),
-                &mut Context::from_waker(std::task::Waker::noop()),
-            );
-            return match r {
-                Poll::Ready(r) => self.forwarded(came_by, what, r),
-                Poll::Pending => self.unsent(came_by, what, &busy()),
-            };
+            let r = self.forward_direct(req);
+            return self.forwarded(came_by, what, r);
         }
         // Layers that wait run on tasks of their own, bounded: over the bound, refused before
         // anything is called.
@@ -602,6 +595,13 @@ impl Inner {
 /// next hop, or back the way a request came for its answer.
 impl Forwarder for Inner {
     fn forward_one(self: Arc<Self>, r: Relayed) -> Result<(), BoxError> {
+        self.forward_direct(r)
+    }
+}
+
+impl Inner {
+    /// What [`Forward`] does: route, then queue, without waiting.
+    fn forward_direct(self: &Arc<Self>, r: Relayed) -> Result<(), BoxError> {
         let node = self;
         // An answer goes back the way its request came, while that link is up.
         if let Some(Body::Response(resp)) = &r.env.body
@@ -611,8 +611,8 @@ impl Forwarder for Inner {
                 .enqueue_back(&back, r.came_by, r.env)
                 .map_err(Into::into);
         }
-        let mut route = RouteLayer::new(ViewRoutes(&node)).layer(Enqueue {
-            node: &node,
+        let mut route = RouteLayer::new(ViewRoutes(node)).layer(Enqueue {
+            node,
             came_by: r.came_by,
         });
         // `Route` over `Enqueue` is always ready and finishes at once.
