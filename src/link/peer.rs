@@ -99,6 +99,8 @@ pub(crate) struct Peer {
     pub(crate) changed: Notify,
     /// Ends a dial's wait for the redial backoff: membership says the peer changed.
     pub(crate) redial_now: Notify,
+    /// Set with `redial_now`, so a change that comes before the wait starts is not missed.
+    pub(crate) redial_hint: AtomicBool,
     /// The streams with this peer; they end with its link.
     pub(crate) streams: stream::Table,
     /// When the link to this peer last failed (dropped, or a dial failed); cleared when a
@@ -134,6 +136,7 @@ impl Peer {
             serving: Default::default(),
             changed: Notify::new(),
             redial_now: Notify::new(),
+            redial_hint: AtomicBool::new(false),
             streams,
             failed_at: Mutex::new(None),
         })

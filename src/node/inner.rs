@@ -415,10 +415,18 @@ impl Inner {
     /// Waits for the end of the redial backoff, or for membership to say the peer changed.
     /// Returns whether the dial `link_gen` is still wanted (no link came up meanwhile).
     async fn wait_to_redial(&self, peer: &Peer, link_gen: u64, until: Instant) -> bool {
-        tokio::select! {
-            () = tokio::time::sleep_until(until) => {}
-            () = peer.redial_now.notified() => {}
-            _ = self.root.cancelled() => return false,
+        let now = peer.redial_now.notified();
+        tokio::pin!(now);
+        now.as_mut().enable();
+        if !peer
+            .redial_hint
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
+            tokio::select! {
+                () = tokio::time::sleep_until(until) => {}
+                () = now => {}
+                _ = self.root.cancelled() => return false,
+            }
         }
         let mut st = peer.state();
         match &mut *st {

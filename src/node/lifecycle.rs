@@ -251,7 +251,11 @@ impl Inner {
                         Some(p) if p.is_leaving() => {
                             self.drop_peer(addr, "listed again: the old link is closed")
                         }
-                        Some(p) => p.redial_now.notify_waiters(),
+                        Some(p) => {
+                            p.redial_hint
+                                .store(true, std::sync::atomic::Ordering::Release);
+                            p.redial_now.notify_waiters();
+                        }
                         None => {}
                     }
                 }
