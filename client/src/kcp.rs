@@ -208,7 +208,8 @@ pub const LINGER: Duration = Duration::from_secs(2);
 /// Worst-case memory of one session, all bounds reached at once: KCP's receive buffers
 /// (2 × [`RECV_WINDOW`] segments), its send side ([`SEND_QUEUE`] segments), the bytes held for
 /// the application (twice 64 KiB plus one message of at most [`RECV_WINDOW`] segments) and the
-/// input queue: under 800 KiB. An idle session holds a few KiB.
+/// input queue: under 800 KiB. (Not measured per idle session yet; its buffers grow only
+/// with data in flight.)
 pub const MAX_SESSION_BYTES: usize = 800 << 10;
 
 /// Writes KCP's segments as datagrams to one peer, without waiting: a datagram the socket
