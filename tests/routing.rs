@@ -39,6 +39,25 @@ impl Drop for Proc {
     }
 }
 
+/// The `echo_server` example as node `addr` of the membership file `members`, once it
+/// listens (its output is drained).
+fn echo_server(members: &std::path::Path, addr: &str) -> Proc {
+    let mut p = Proc(
+        Command::new(example("echo_server"))
+            .arg(members)
+            .arg(addr)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(p.0.stdout.take().unwrap()).lines();
+    let first = lines.next().expect("echo_server printed nothing").unwrap();
+    assert!(first.contains("listening"), "{first}");
+    std::thread::spawn(move || lines.map_while(Result::ok).count());
+    p
+}
+
 /// An `examples.echo.v1.EchoRequest` with `text`, encoded by hand.
 fn echo_request(text: &str) -> Bytes {
     let mut b = vec![0x0a, text.len() as u8];
@@ -76,20 +95,7 @@ async fn a_frozen_node_behind_a_harbor_does_not_stall_other_destinations() {
     text += &format!("[[member]]\naddr = \"2.1.1\"\nnet_addr = \"{frozen_net}\"\nexport = true\n");
     std::fs::write(&members, text).unwrap();
 
-    let mut frozen = Proc(
-        Command::new(example("echo_server"))
-            .arg(&members)
-            .arg("2.1.1")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let mut lines = BufReader::new(frozen.0.stdout.take().unwrap()).lines();
-    let first = lines.next().expect("echo_server printed nothing").unwrap();
-    assert!(first.contains("listening"), "{first}");
-    // Keep its output drained.
-    std::thread::spawn(move || lines.map_while(Result::ok).count());
+    let frozen = echo_server(&members, "2.1.1");
 
     let config = || {
         NodeConfig::default()
@@ -246,19 +252,7 @@ async fn no_stale_errors_once_a_peer_is_back() {
     };
     within(down).await;
 
-    let mut peer = Proc(
-        Command::new(example("echo_server"))
-            .arg(&members)
-            .arg("1.2.1")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let mut lines = BufReader::new(peer.0.stdout.take().unwrap()).lines();
-    let first = lines.next().expect("echo_server printed nothing").unwrap();
-    assert!(first.contains("listening"), "{first}");
-    std::thread::spawn(move || lines.map_while(Result::ok).count());
+    let peer = echo_server(&members, "1.2.1");
 
     let r = within(caller.call(a("1.2.1"), echo, echo_request("first"))).await;
     assert!(r.is_ok(), "the first call after the peer started: {r:?}");

@@ -165,6 +165,23 @@ impl Drop for HarborProc {
     }
 }
 
+/// etcd listing server 1.1.1 (exported), harbors 1.255.1 and 2.255.1 and client 2.2.1
+/// (exported if `client_export`), with the listeners the two nodes will serve on.
+async fn two_clusters(client_export: bool) -> (Etcd, std::net::TcpListener, std::net::TcpListener) {
+    let etcd = Etcd::start();
+    let server_net = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let client_net = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let members = [
+        Member::new(a("1.1.1"), server_net.local_addr().unwrap().to_string()).with_export(true),
+        Member::new(a("1.255.1"), free_port()),
+        Member::new(a("2.255.1"), free_port()),
+        Member::new(a("2.2.1"), client_net.local_addr().unwrap().to_string())
+            .with_export(client_export),
+    ];
+    etcd.list(PREFIX, &members).await;
+    (etcd, server_net, client_net)
+}
+
 fn free_port() -> String {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().to_string()
@@ -227,16 +244,7 @@ async fn node(etcd: &Etcd, addr: &str, net: std::net::TcpListener) -> clustergo:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn harbor_processes_carry_calls_and_messages_between_clusters() {
-    let etcd = Etcd::start();
-    let server_net = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let client_net = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let members = [
-        Member::new(a("1.1.1"), server_net.local_addr().unwrap().to_string()).with_export(true),
-        Member::new(a("1.255.1"), free_port()),
-        Member::new(a("2.255.1"), free_port()),
-        Member::new(a("2.2.1"), client_net.local_addr().unwrap().to_string()),
-    ];
-    etcd.list(PREFIX, &members).await;
+    let (etcd, server_net, client_net) = two_clusters(false).await;
     let mut h1 = start_harbor(&etcd, "1.255.1");
     let _h2 = start_harbor(&etcd, "2.255.1");
 
@@ -526,16 +534,7 @@ async fn killing_the_harbor_in_use_moves_traffic_to_the_other() {
 /// other way still flows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_harbor_process_refuses_the_cluster_pairs_its_policy_denies() {
-    let etcd = Etcd::start();
-    let server_net = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let client_net = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let members = [
-        Member::new(a("1.1.1"), server_net.local_addr().unwrap().to_string()).with_export(true),
-        Member::new(a("1.255.1"), free_port()),
-        Member::new(a("2.255.1"), free_port()),
-        Member::new(a("2.2.1"), client_net.local_addr().unwrap().to_string()).with_export(true),
-    ];
-    etcd.list(PREFIX, &members).await;
+    let (etcd, server_net, client_net) = two_clusters(true).await;
     let _h1 = start_harbor(&etcd, "1.255.1");
     let _h2 = start_harbor_with(
         &etcd,
@@ -617,16 +616,7 @@ async fn a_harbor_process_refuses_the_cluster_pairs_its_policy_denies() {
 /// way were lost: the callers got `PeerLost`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_harbor_lets_the_answers_it_waits_for_pass() {
-    let etcd = Etcd::start();
-    let server_net = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let client_net = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let members = [
-        Member::new(a("1.1.1"), server_net.local_addr().unwrap().to_string()).with_export(true),
-        Member::new(a("1.255.1"), free_port()),
-        Member::new(a("2.255.1"), free_port()),
-        Member::new(a("2.2.1"), client_net.local_addr().unwrap().to_string()),
-    ];
-    etcd.list(PREFIX, &members).await;
+    let (etcd, server_net, client_net) = two_clusters(false).await;
     let _h1 = start_harbor(&etcd, "1.255.1");
     let mut h2 = start_harbor_with(&etcd, "2.255.1", Some("shutdown_grace_secs = 5\n"));
     let started = Arc::new(tokio::sync::Semaphore::new(0));

@@ -337,6 +337,15 @@ impl Inner {
         Ok(peers.entry(to).or_insert_with(|| self.new_peer(to)).clone())
     }
 
+    /// The slot of `addr`, if this node has one (no membership check).
+    pub(crate) fn peer_slot(&self, addr: LogicAddr) -> Option<Arc<Peer>> {
+        self.peers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&addr)
+            .cloned()
+    }
+
     /// The peers this node has a slot for now.
     pub(crate) fn peer_list(&self) -> Vec<Arc<Peer>> {
         self.peers

@@ -239,13 +239,7 @@ impl Inner {
                 // The peer may be back (listed again, available again): a dial waiting for its
                 // backoff goes now.
                 Change::Added | Change::FlagsChanged => {
-                    let peer = self
-                        .peers
-                        .read()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .get(&addr)
-                        .cloned();
-                    match peer {
+                    match self.peer_slot(addr) {
                         // Listed again while its old link was kept: that link may lead to
                         // the old process; the next send dials afresh.
                         Some(p) if p.is_leaving() => {

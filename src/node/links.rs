@@ -333,13 +333,7 @@ impl Inner {
     /// peer is dropped at once (the old link may lead to the old process). A peer with no
     /// link up is dropped at once.
     pub(crate) fn peer_left(self: &Arc<Self>, addr: crate::LogicAddr) {
-        let peer = self
-            .peers
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&addr)
-            .cloned();
-        let Some(peer) = peer.filter(|p| p.is_up()) else {
+        let Some(peer) = self.peer_slot(addr).filter(|p| p.is_up()) else {
             return self.drop_peer(addr, "removed from membership");
         };
         peer.set_leaving();

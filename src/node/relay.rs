@@ -335,12 +335,7 @@ impl Inner {
     /// changed).
     pub(super) fn answer_path(&self, caller: u32, id: u64) -> Option<Arc<Peer>> {
         let came_by = self.relays_lock().get(&(caller, id)).map(|e| e.2)?;
-        self.peers
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&came_by)
-            .filter(|p| p.is_up())
-            .cloned()
+        self.peer_slot(came_by).filter(|p| p.is_up())
     }
 
     /// An answer passed: its call is no longer in flight here.
