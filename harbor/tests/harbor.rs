@@ -182,6 +182,25 @@ async fn two_clusters(client_export: bool) -> (Etcd, std::net::TcpListener, std:
     (etcd, server_net, client_net)
 }
 
+/// Calls `method` on `to`, retrying while there is no route yet (until the harbors see each
+/// other alive through etcd), bounded by the outer timeout.
+async fn call_when_routed(node: &Node, to: LogicAddr, method: &str) -> Result<Bytes, RpcError> {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match node.call(to, method, Bytes::new()).await {
+                Err(RpcError::NoRoute { reason, .. })
+                    if reason.contains("no available harbor in cluster") =>
+                {
+                    tokio::task::yield_now().await
+                }
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("no route within the outer timeout")
+}
+
 fn free_port() -> String {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().to_string()
@@ -286,22 +305,7 @@ async fn harbor_processes_carry_calls_and_messages_between_clusters() {
             .await
     );
     assert_eq!(client.get_addr_by_type(1), Ok(a("1.1.1")));
-    let reply = tokio::time::timeout(WAIT, async {
-        // Until 2.255.1 sees 1.255.1 alive, it has no route; retry on exactly that.
-        loop {
-            match client.call(a("1.1.1"), "who", Bytes::new()).await {
-                Err(RpcError::NoRoute { reason, .. })
-                    if reason.contains("no available harbor in cluster 1") =>
-                {
-                    tokio::task::yield_now().await
-                }
-                other => break other,
-            }
-        }
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    let reply = call_when_routed(&client, a("1.1.1"), "who").await.unwrap();
     assert_eq!(&reply[..], b"2.2.1 called");
 
     const N: u32 = 10_000;
@@ -563,21 +567,7 @@ async fn a_harbor_process_refuses_the_cluster_pairs_its_policy_denies() {
         );
     }
 
-    let refused = tokio::time::timeout(WAIT, async {
-        loop {
-            match client.call(a("1.1.1"), "who", Bytes::new()).await {
-                // Until 2.255.1 sees 1.255.1 alive, there is no route at all.
-                Err(RpcError::NoRoute { reason, .. })
-                    if reason.contains("no available harbor in cluster 1") =>
-                {
-                    tokio::task::yield_now().await
-                }
-                other => break other,
-            }
-        }
-    })
-    .await
-    .unwrap();
+    let refused = call_when_routed(&client, a("1.1.1"), "who").await;
     match refused {
         Err(RpcError::NoRoute { to, reason }) => {
             assert_eq!(to, a("1.1.1"));
@@ -590,21 +580,7 @@ async fn a_harbor_process_refuses_the_cluster_pairs_its_policy_denies() {
         other => panic!("wanted the policy's refusal, got {other:?}"),
     }
     // The other direction is not denied.
-    let reply = tokio::time::timeout(WAIT, async {
-        loop {
-            match server.call(a("2.2.1"), "who", Bytes::new()).await {
-                Err(RpcError::NoRoute { reason, .. })
-                    if reason.contains("no available harbor in cluster 2") =>
-                {
-                    tokio::task::yield_now().await
-                }
-                other => break other,
-            }
-        }
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    let reply = call_when_routed(&server, a("2.2.1"), "who").await.unwrap();
     assert_eq!(&reply[..], b"1.1.1 called");
     server.shutdown().await;
     client.shutdown().await;
