@@ -161,7 +161,7 @@ impl Inner {
                 stream::Table::new(live_streams.clone(), 0, 0),
             ),
             live_streams,
-            relays: Mutex::new(FastMap::default()),
+            relays: Mutex::new(Default::default()),
             relays_swept: Mutex::new(None),
             stream_relays: Mutex::new(FastMap::default()),
             config,

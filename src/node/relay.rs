@@ -326,7 +326,9 @@ impl Inner {
                 return;
             }
         }
-        relays.insert(key, (via, until, came_by));
+        // Past a caller's share, its call is not tracked (its answer then takes the current
+        // route; its caller learns of a failed link at its own deadline).
+        let _ = relays.insert(key, (via, until, came_by), limit);
     }
 
     /// The neighbour the request `(caller, id)` came by, if it was relayed here and its link

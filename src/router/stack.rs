@@ -224,10 +224,77 @@ impl Overloaded {
     }
 }
 
-/// Relayed calls waiting for their answers: `(caller, call id)` → (the hop the request went
-/// to, the caller's deadline, the neighbour it came by).
-pub(crate) type RelayTable =
-    crate::hash::FastMap<(u32, u64), (LogicAddr, tokio::time::Instant, LogicAddr)>;
+/// One relayed call: the hop its request went to, its caller's deadline, the neighbour it
+/// came by.
+pub(crate) type RelayEntry = (LogicAddr, tokio::time::Instant, LogicAddr);
+
+/// Relayed calls waiting for their answers, by `(caller, call id)`, with a count per caller:
+/// one caller may hold at most a quarter of the table, so a caller whose calls are never
+/// answered (or are long) cannot take the answer paths, bounces and shutdown drain of all.
+#[derive(Debug, Default)]
+pub(crate) struct RelayTable {
+    calls: crate::hash::FastMap<(u32, u64), RelayEntry>,
+    per_caller: crate::hash::FastMap<u32, usize>,
+}
+
+impl RelayTable {
+    pub(crate) fn len(&self) -> usize {
+        self.calls.len()
+    }
+
+    pub(crate) fn get(&self, key: &(u32, u64)) -> Option<&RelayEntry> {
+        self.calls.get(key)
+    }
+
+    pub(crate) fn values(&self) -> impl Iterator<Item = &RelayEntry> {
+        self.calls.values()
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&(u32, u64), &RelayEntry)> {
+        self.calls.iter()
+    }
+
+    /// Adds a call unless its caller already holds a quarter of `limit`; says whether it did.
+    pub(crate) fn insert(&mut self, key: (u32, u64), entry: RelayEntry, limit: usize) -> bool {
+        let held = self.per_caller.entry(key.0).or_default();
+        if *held >= (limit / 4).max(1) && !self.calls.contains_key(&key) {
+            return false;
+        }
+        if self.calls.insert(key, entry).is_none() {
+            *held += 1;
+        }
+        true
+    }
+
+    pub(crate) fn remove(&mut self, key: &(u32, u64)) -> Option<RelayEntry> {
+        let e = self.calls.remove(key)?;
+        self.uncount(key.0);
+        Some(e)
+    }
+
+    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&(u32, u64), &RelayEntry) -> bool) {
+        let per_caller = &mut self.per_caller;
+        self.calls.retain(|k, e| {
+            let kept = keep(k, e);
+            if !kept && let Some(n) = per_caller.get_mut(&k.0) {
+                *n -= 1;
+                if *n == 0 {
+                    per_caller.remove(&k.0);
+                }
+            }
+            kept
+        });
+    }
+
+    fn uncount(&mut self, caller: u32) {
+        if let Some(n) = self.per_caller.get_mut(&caller) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_caller.remove(&caller);
+            }
+        }
+    }
+}
 
 /// A stream relayed through this harbor: the neighbours on its opener's and its target's side.
 #[derive(Debug, Clone, Copy)]
@@ -237,4 +304,26 @@ pub(crate) struct StreamRelay {
     pub(crate) target: u32,
     /// Fins seen: 1 from the opener, 2 from the target.
     pub(crate) fins: u8,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_caller_holds_at_most_a_quarter_of_the_relay_table() {
+        let mut t = RelayTable::default();
+        let at: LogicAddr = "1.255.1".parse().unwrap();
+        let e = (at, tokio::time::Instant::now(), at);
+        for id in 0..10 {
+            assert_eq!(t.insert((7, id), e, 40), id < 10);
+        }
+        assert!(!t.insert((7, 99), e, 40), "the 11th call of caller 7");
+        assert!(t.insert((8, 1), e, 40), "another caller");
+        assert!(t.remove(&(7, 0)).is_some());
+        assert!(t.insert((7, 99), e, 40), "room again");
+        t.retain(|k, _| k.0 != 7);
+        assert!(t.insert((7, 100), e, 40));
+        assert_eq!(t.len(), 2);
+    }
 }
