@@ -549,7 +549,7 @@ async fn a_harbor_relays_through_its_own_tower_stack() {
             if client.call(a("1.1.1"), "who", Bytes::new()).await.is_ok() {
                 return;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::task::yield_now().await;
         }
     };
     within(again).await;
@@ -591,8 +591,9 @@ async fn order_holds_when_a_harbor_joins_under_load() {
     let _receiver = c
         .start("1.1.1", move |b| {
             b.on_cmd(Cmd(9), move |_, p| {
-                // A receiver slower than its senders: messages wait on the link into it, on
-                // the old path, when the new harbor becomes available.
+                // The behaviour under test: a receiver slower than its senders, so messages
+                // wait on the link into it, on the old path, when the new harbor becomes
+                // available (a handler that blocks its reader for 50 µs a message).
                 std::thread::sleep(Duration::from_micros(50));
                 let _ = seen_tx.send(u32::from_be_bytes(p[..4].try_into().unwrap()));
             })

@@ -182,6 +182,14 @@ async fn two_clusters(client_export: bool) -> (Etcd, std::net::TcpListener, std:
     (etcd, server_net, client_net)
 }
 
+/// Starts `node` under the outer timeout.
+async fn start(node: &Node) {
+    tokio::time::timeout(WAIT, node.start())
+        .await
+        .expect("the node started in time")
+        .expect("the node started");
+}
+
 /// Calls `method` on `to`, retrying while there is no route yet (until the harbors see each
 /// other alive through etcd), bounded by the outer timeout.
 async fn call_when_routed(node: &Node, to: LogicAddr, method: &str) -> Result<Bytes, RpcError> {
@@ -197,8 +205,12 @@ async fn call_when_routed(node: &Node, to: LogicAddr, method: &str) -> Result<By
             }
         }
     })
-    .await
-    .expect("no route within the outer timeout")
+    .unwrap_or_else(|_| {
+        panic!(
+            "no route from {} to {to} within the outer timeout",
+            node.addr()
+        )
+    })
 }
 
 fn free_port() -> String {
@@ -283,15 +295,9 @@ async fn harbor_processes_carry_calls_and_messages_between_clusters() {
             }
         })
         .build();
-    tokio::time::timeout(WAIT, server.start())
-        .await
-        .unwrap()
-        .unwrap();
+    start(&server).await;
     let client = node(&etcd, "2.2.1", client_net).await.build();
-    tokio::time::timeout(WAIT, client.start())
-        .await
-        .unwrap()
-        .unwrap();
+    start(&client).await;
 
     // Everyone alive: the exported server is selectable from cluster 2.
     assert!(
@@ -462,15 +468,9 @@ async fn killing_the_harbor_in_use_moves_traffic_to_the_other() {
             }
         })
         .build();
-    tokio::time::timeout(WAIT, server.start())
-        .await
-        .unwrap()
-        .unwrap();
+    start(&server).await;
     let client = node(&etcd, "2.2.1", client_net).await.build();
-    tokio::time::timeout(WAIT, client.start())
-        .await
-        .unwrap()
-        .unwrap();
+    start(&client).await;
     // Until the harbors see each other alive, there may be no route yet.
     tokio::time::timeout(WAIT, async {
         while client.call(a("1.1.1"), "who", Bytes::new()).await.is_err() {
@@ -551,15 +551,9 @@ async fn a_harbor_process_refuses_the_cluster_pairs_its_policy_denies() {
         })
     };
     let server = who(node(&etcd, "1.1.1", server_net).await).build();
-    tokio::time::timeout(WAIT, server.start())
-        .await
-        .unwrap()
-        .unwrap();
+    start(&server).await;
     let client = who(node(&etcd, "2.2.1", client_net).await).build();
-    tokio::time::timeout(WAIT, client.start())
-        .await
-        .unwrap()
-        .unwrap();
+    start(&client).await;
     for (node, harbor) in [(&client, "2.255.1"), (&server, "1.255.1")] {
         assert!(
             node.wait_for_member(a(harbor), |m| m.is_some_and(|m| m.available), WAIT)
@@ -611,15 +605,9 @@ async fn a_stopping_harbor_lets_the_answers_it_waits_for_pass() {
             })
             .build()
     };
-    tokio::time::timeout(WAIT, server.start())
-        .await
-        .unwrap()
-        .unwrap();
+    start(&server).await;
     let client = node(&etcd, "2.2.1", client_net).await.build();
-    tokio::time::timeout(WAIT, client.start())
-        .await
-        .unwrap()
-        .unwrap();
+    start(&client).await;
     assert!(
         client
             .wait_for_member(a("2.255.1"), |m| m.is_some_and(|m| m.available), WAIT)
@@ -627,17 +615,7 @@ async fn a_stopping_harbor_lets_the_answers_it_waits_for_pass() {
     );
     // Until 2.255.1 sees 1.255.1 alive, there is no route: a first call waits for it.
     release.add_permits(1);
-    tokio::time::timeout(WAIT, async {
-        loop {
-            match client.call(a("1.1.1"), "slow", Bytes::new()).await {
-                Err(RpcError::NoRoute { .. }) => tokio::task::yield_now().await,
-                other => break other,
-            }
-        }
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    call_when_routed(&client, a("1.1.1"), "slow").await.unwrap();
     started.acquire_many(1).await.unwrap().forget();
 
     // Twenty calls in flight through 2.255.1, each held by the server.
