@@ -205,6 +205,7 @@ async fn call_when_routed(node: &Node, to: LogicAddr, method: &str) -> Result<By
             }
         }
     })
+    .await
     .unwrap_or_else(|_| {
         panic!(
             "no route from {} to {to} within the outer timeout",
