@@ -38,10 +38,7 @@ fn quickstart_runs() {
 #[test]
 fn echo_server_and_client_pair() {
     // Free ports for both nodes, written into a membership file of their own.
-    let port = || {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = support::ports::free_port;
     let dir = std::env::temp_dir().join(format!("cg-echo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let members = dir.join("members.toml");

@@ -631,11 +631,7 @@ async fn killing_the_peer_process_fails_pending_reads_and_writes_with_peer_lost(
     support::init_tracing();
     // This node holds its port; the child gets a free one, both written to a membership file.
     let (listener, net) = support::bind();
-    let child_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let child_port = support::ports::free_port();
     let dir = std::env::temp_dir().join(format!("cg-stream-kill-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let members = dir.join("members.toml");

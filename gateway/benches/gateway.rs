@@ -176,9 +176,11 @@ fn rss_bytes(pid: u32) -> Result<u64, String> {
     Ok(kb * 1024)
 }
 
+#[path = "../../tests/support/ports.rs"]
+mod ports;
+
 fn free_port() -> Result<u16, String> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    Ok(l.local_addr().map_err(|e| e.to_string())?.port())
+    Ok(ports::free_port())
 }
 
 struct Setup {

@@ -215,8 +215,7 @@ async fn call_when_routed(node: &Node, to: LogicAddr, method: &str) -> Result<By
 }
 
 fn free_port() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
+    format!("127.0.0.1:{}", etcd_server::free_port())
 }
 
 fn start_harbor(etcd: &Etcd, addr: &str) -> HarborProc {

@@ -37,10 +37,9 @@ fn binary() -> PathBuf {
     );
 }
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
+#[path = "ports.rs"]
+mod ports;
+pub use ports::free_port;
 
 impl Etcd {
     /// Lists `members` under `prefix`, as an operator would.

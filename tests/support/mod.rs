@@ -5,6 +5,8 @@ use std::future::Future;
 use std::net::TcpListener;
 use std::time::Duration;
 
+pub mod ports;
+
 use clustergo::{LogicAddr, Member, MemoryDiscovery, Node, NodeBuilder, NodeConfig};
 
 /// One outer timeout for anything a test awaits.

@@ -146,9 +146,9 @@ pub fn example(name: &str) -> PathBuf {
     bin
 }
 
+/// `127.0.0.1:PORT` with a port free for a process started later.
 pub fn free_port() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
+    format!("127.0.0.1:{}", etcd_server::free_port())
 }
 
 /// Starts game server `addr` (already listed) and waits until it is up.
