@@ -7,8 +7,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // `bytes::Bytes` for every bytes field: payloads are sliced out of the received batch,
     // never copied.
     config.bytes(["."]);
-    // A batch is decoded by hand, so what it may cost in memory is bounded (`link::batch`).
-    config.extern_path(".clustergo.mesh.v1.Batch", "crate::link::batch::Batch");
+    // A batch is decoded by hand, so what it may cost in memory is bounded (`proto::batch`).
+    config.extern_path(".clustergo.mesh.v1.Batch", "crate::proto::Batch");
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

@@ -347,12 +347,12 @@ impl NodeConfig {
                 self.link_frame_size
             ));
         }
-        let cap = crate::link::batch::MAX_BATCH_ENVELOPES / 2;
+        let cap = crate::proto::MAX_BATCH_ENVELOPES / 2;
         if self.batch_envelopes > cap {
             return Err(format!(
                 "batch_envelopes ({}) must be at most {cap} (peers refuse batches of more than {} envelopes)",
                 self.batch_envelopes,
-                crate::link::batch::MAX_BATCH_ENVELOPES
+                crate::proto::MAX_BATCH_ENVELOPES
             ));
         }
         if self.stream_window > (1 << 30) {

@@ -441,3 +441,18 @@ pub enum SelectError {
     #[error("no available node of type {0}")]
     NoneAvailable(u8),
 }
+
+/// Longest error text sent back to a caller; longer texts are cut (on a char boundary), so an
+/// error can never outgrow the batch limit and take its link down.
+pub(crate) const MAX_ERROR_TEXT: usize = 4096;
+
+pub(crate) fn clip(mut text: String) -> String {
+    if text.len() > MAX_ERROR_TEXT {
+        let mut end = MAX_ERROR_TEXT;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}

@@ -64,6 +64,7 @@ mod node;
 pub mod proto;
 pub mod rendezvous;
 mod router;
+pub use router::route;
 mod rpc;
 mod stats;
 mod stream;

@@ -13,9 +13,10 @@ use tokio::time::Instant;
 
 use crate::addr::LogicAddr;
 use crate::error::{ErrorCode, HandlerError};
-use crate::link::{Outbound, Peer};
+use crate::link::Outbound;
 use crate::proto::{self, Envelope, envelope::Body, response};
 use crate::stats::Stats;
+use crate::stream::Peer;
 
 /// What a handler knows about the request it serves.
 #[derive(Debug, Clone)]
@@ -191,7 +192,7 @@ impl ServerShared {
             Ok(p) => response::Result::Payload(p),
             Err(e) => response::Result::Error(proto::Error {
                 code: e.code.0,
-                message: clip(e.message),
+                message: crate::error::clip(e.message),
             }),
         };
         let item = Outbound {
@@ -332,21 +333,6 @@ impl ServerShared {
             }
         }
     }
-}
-
-/// Longest error text sent back to a caller; longer texts are cut (on a char boundary), so an
-/// error can never outgrow the batch limit and take its link down.
-pub(crate) const MAX_ERROR_TEXT: usize = 4096;
-
-pub(crate) fn clip(mut text: String) -> String {
-    if text.len() > MAX_ERROR_TEXT {
-        let mut end = MAX_ERROR_TEXT;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-    }
-    text
 }
 
 fn panicked(from: LogicAddr, payload: Box<dyn std::any::Any + Send>) -> HandlerError {

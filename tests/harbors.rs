@@ -573,8 +573,7 @@ async fn order_holds_when_a_harbor_joins_under_load() {
     let joiner = (2..200)
         .map(|s| format!("1.255.{s}"))
         .find(|h| {
-            let hops =
-                clustergo::membership::route::route(a("2.1.1"), a("1.1.1"), &base(h)).unwrap();
+            let hops = clustergo::route::route(a("2.1.1"), a("1.1.1"), &base(h)).unwrap();
             hops.iter()
                 .any(|hop| hop.to_string().contains(&format!("harbor {h} ")))
         })

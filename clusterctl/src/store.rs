@@ -4,7 +4,8 @@ use std::fmt::Write;
 use std::path::Path;
 use std::time::Duration;
 
-use clustergo::membership::{encode_member, format_members, member_key, parse_members, route};
+use clustergo::membership::{encode_member, format_members, member_key, parse_members};
+use clustergo::route;
 use clustergo::{LogicAddr, Member};
 use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
 

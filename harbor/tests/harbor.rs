@@ -430,13 +430,11 @@ async fn killing_the_harbor_in_use_moves_traffic_to_the_other() {
     ];
     etcd.list(PREFIX, &members).await;
     // The cluster-1 harbor traffic to 1.1.1 takes, by the rule every node routes by.
-    let path = clustergo::membership::route::route(a("2.2.1"), a("1.1.1"), &members).unwrap();
+    let path = clustergo::route::route(a("2.2.1"), a("1.1.1"), &members).unwrap();
     let in_use = path
         .iter()
         .find_map(|hop| match hop {
-            clustergo::membership::route::Hop::Link { to, .. }
-                if to.cluster() == 1 && to.is_harbor() =>
-            {
+            clustergo::route::Hop::Link { to, .. } if to.cluster() == 1 && to.is_harbor() => {
                 Some(*to)
             }
             _ => None,

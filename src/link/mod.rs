@@ -1,5 +1,5 @@
-//! Links between nodes: the per-peer queue, the batching writer, the reader, the batch, and
-//! the handshake.
+//! Links between nodes: the per-peer queue, the batching writer, the reader and the handshake
+//! (the batch they carry is a wire type, in `proto`).
 //!
 //! A link is one long-lived call of the `Mesh.Link` gRPC method. Whichever side dialed, a link
 //! carries traffic both ways. Everything sent to a peer goes through that peer's bounded
@@ -8,7 +8,6 @@
 //! dial to an accepted one nothing queued is lost.
 
 pub(crate) mod auth;
-pub(crate) mod batch;
 pub(crate) mod incoming;
 pub(crate) mod peer;
 pub(crate) mod reader;
@@ -16,5 +15,5 @@ pub(crate) mod reader;
 pub(crate) mod tls;
 pub(crate) mod writer;
 
-pub(crate) use peer::{LinkState, LinkTokens, Outbound, Outcome, Peer};
+pub(crate) use peer::{LinkState, LinkStreams, LinkTokens, Outbound, Outcome, Peer};
 pub(crate) use writer::{AcceptorStream, DialerStream};

@@ -14,7 +14,6 @@ use crate::error::{RpcError, StreamError};
 use crate::hash::FastMap;
 use crate::proto::{Envelope, envelope::Body};
 use crate::stats::Stats;
-use crate::stream;
 
 /// An envelope waiting in a peer's queue, with the time after which it is useless (`None`:
 /// it is written whenever the link gets to it).
@@ -43,6 +42,18 @@ pub(crate) struct LinkTokens {
     /// Why the peer broke the protocol, if it did: the acceptor ends the call with this
     /// status instead of OK, so the dialer can tell why its link ended.
     pub(crate) fault: Arc<std::sync::OnceLock<tonic::Status>>,
+}
+
+/// What a link needs of the streams it carries. The stream layer implements it (its table of
+/// one peer's streams), so links know streams only as a source of frames that ends with them.
+pub(crate) trait LinkStreams: Send + Sync + 'static {
+    /// Appends the frames of one stream that has something to send and returns the bytes
+    /// appended; `None` when none has (the waker is registered).
+    fn pull_ready(&self, cx: &std::task::Context<'_>, out: &mut Vec<Envelope>) -> Option<usize>;
+    /// The link ended: fails every stream on it.
+    fn fail_all(&self, error: &StreamError);
+    /// A new link is up: streams may be opened on it again.
+    fn reopen(&self);
 }
 
 #[derive(Debug)]
@@ -81,7 +92,7 @@ impl LinkState {
     }
 }
 
-pub(crate) struct Peer {
+pub(crate) struct Peer<S> {
     pub(crate) addr: LogicAddr,
     tx: mpsc::Sender<Outbound>,
     rx: Mutex<mpsc::Receiver<Outbound>>,
@@ -102,13 +113,13 @@ pub(crate) struct Peer {
     /// Set with `redial_now`, so a change that comes before the wait starts is not missed.
     pub(crate) redial_hint: AtomicBool,
     /// The streams with this peer; they end with its link.
-    pub(crate) streams: stream::Table,
+    pub(crate) streams: S,
     /// When the link to this peer last failed (dropped, or a dial failed); cleared when a
     /// link comes up. Routing passes over a harbor that failed moments ago.
     failed_at: Mutex<Option<Instant>>,
 }
 
-impl std::fmt::Debug for Peer {
+impl<S> std::fmt::Debug for Peer<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Peer")
             .field("addr", &self.addr)
@@ -121,8 +132,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-impl Peer {
-    pub(crate) fn new(addr: LogicAddr, capacity: usize, streams: stream::Table) -> Arc<Self> {
+impl<S: LinkStreams> Peer<S> {
+    pub(crate) fn new(addr: LogicAddr, capacity: usize, streams: S) -> Arc<Self> {
         let (tx, rx) = mpsc::channel(capacity);
         Arc::new(Peer {
             addr,

@@ -4,16 +4,22 @@ use std::sync::Arc;
 
 use tonic::{Code, Status, Streaming};
 
-use super::batch::MAX_BATCH_ENVELOPES;
-use super::peer::{LinkTokens, Peer};
+use super::peer::{LinkStreams, LinkTokens, Peer};
+use crate::proto::MAX_BATCH_ENVELOPES;
 use crate::proto::{Batch, Envelope};
 
 /// Where a reader delivers envelopes: the node's dispatcher.
 pub(crate) trait Deliver: Sized + Send + Sync + 'static {
+    /// The streams a peer's link carries.
+    type Streams: LinkStreams;
     /// Handles one envelope that arrived from `peer`, without waiting: a reader serves every
     /// destination behind its link, so nothing one destination does may hold it. Returns a
     /// status to close the link with when the peer broke the protocol.
-    fn deliver(self: &Arc<Self>, peer: &Arc<Peer>, env: Envelope) -> Result<(), Status>;
+    fn deliver(
+        self: &Arc<Self>,
+        peer: &Arc<Peer<Self::Streams>>,
+        env: Envelope,
+    ) -> Result<(), Status>;
 }
 
 /// Ends the link for a protocol violation: the status is kept for the acceptor's answer.
@@ -28,7 +34,7 @@ fn fault(tokens: &LinkTokens, status: Status) -> String {
 /// fails; returns why the link ended.
 pub(crate) async fn run<D: Deliver>(
     mut inbound: Streaming<Batch>,
-    peer: Arc<Peer>,
+    peer: Arc<Peer<D::Streams>>,
     tokens: LinkTokens,
     deliver: Arc<D>,
 ) -> String {

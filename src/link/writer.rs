@@ -14,12 +14,12 @@ use tokio::time::Instant;
 use tokio_stream::Stream;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
-use super::peer::{LinkTokens, Outbound, Peer};
+use super::peer::{LinkStreams, LinkTokens, Outbound, Peer};
 use crate::proto::{Batch, envelope::Body};
 use crate::stats::Stats;
 
-pub(crate) struct Writer {
-    peer: Arc<Peer>,
+pub(crate) struct Writer<S> {
+    peer: Arc<Peer<S>>,
     stats: Arc<Stats>,
     /// Until the peer has admitted the link, nothing is taken from the queue: a refused dial
     /// must leave the queue whole for the link that wins.
@@ -34,7 +34,7 @@ pub(crate) struct Writer {
     streams_first: bool,
 }
 
-impl std::fmt::Debug for Writer {
+impl<S> std::fmt::Debug for Writer<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Writer")
             .field("peer", &self.peer.addr)
@@ -42,9 +42,9 @@ impl std::fmt::Debug for Writer {
     }
 }
 
-impl Writer {
+impl<S: LinkStreams> Writer<S> {
     pub(crate) fn new(
-        peer: Arc<Peer>,
+        peer: Arc<Peer<S>>,
         stats: Arc<Stats>,
         tokens: &LinkTokens,
         gate: Option<oneshot::Receiver<()>>,
@@ -84,13 +84,13 @@ pub(crate) fn approx_size(body: &Option<Body>) -> usize {
                     }
             }
             Some(Body::Data(d)) => d.data.len(),
-            Some(Body::Open(o)) => crate::stream::wire_size(&o.meta),
+            Some(Body::Open(o)) => crate::proto::meta_wire_size(&o.meta),
             Some(Body::Close(c)) => c.reason.len(),
             _ => 0,
         }
 }
 
-impl Drop for Writer {
+impl<S> Drop for Writer<S> {
     fn drop(&mut self) {
         // Taken from the queue but never written: the link ended under them. Waiting calls
         // among them are failed by the link's end; count the rest.
@@ -102,7 +102,7 @@ impl Drop for Writer {
     }
 }
 
-impl Writer {
+impl<S: LinkStreams> Writer<S> {
     /// Moves queued envelopes into `out` until the batch is full. Returns false when the
     /// queue is empty (the waker is registered), true when it may hold more.
     fn fill_queued(
@@ -153,9 +153,9 @@ impl Writer {
     ) -> Poll<()> {
         let mut pulled = false;
         while *bytes < self.max_bytes && out.len() < self.max_envelopes {
-            match self.peer.streams.pop_ready(cx) {
-                Some(stream) => {
-                    *bytes += stream.pull(out);
+            match self.peer.streams.pull_ready(cx, out) {
+                Some(n) => {
+                    *bytes += n;
                     pulled = true;
                 }
                 None if pulled => break,
@@ -166,7 +166,7 @@ impl Writer {
     }
 }
 
-impl Stream for Writer {
+impl<S: LinkStreams> Stream for Writer<S> {
     type Item = Batch;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Batch>> {
@@ -228,13 +228,13 @@ impl Stream for Writer {
 
 /// What a dialer sends: its proof, once it has checked the acceptor's (see `link::auth`),
 /// then the writer's batches (gated until the acceptor admits the link).
-pub(crate) struct DialerStream {
+pub(crate) struct DialerStream<S> {
     proof: Option<oneshot::Receiver<Batch>>,
-    writer: Writer,
+    writer: Writer<S>,
 }
 
-impl DialerStream {
-    pub(crate) fn new(proof: oneshot::Receiver<Batch>, writer: Writer) -> Self {
+impl<S> DialerStream<S> {
+    pub(crate) fn new(proof: oneshot::Receiver<Batch>, writer: Writer<S>) -> Self {
         DialerStream {
             proof: Some(proof),
             writer,
@@ -242,7 +242,7 @@ impl DialerStream {
     }
 }
 
-impl Stream for DialerStream {
+impl<S: LinkStreams> Stream for DialerStream<S> {
     type Item = Batch;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Batch>> {
@@ -259,19 +259,19 @@ impl Stream for DialerStream {
 /// What an acceptor sends once the dialer's proof is in: an empty batch that says "admitted",
 /// then the writer's batches; or a refusal. A link that ends because the peer broke the
 /// protocol ends with that status rather than OK.
-pub(crate) enum AcceptorStream {
+pub(crate) enum AcceptorStream<S> {
     Waiting {
-        admission: oneshot::Receiver<Result<Writer, tonic::Status>>,
+        admission: oneshot::Receiver<Result<Writer<S>, tonic::Status>>,
         fault: Arc<std::sync::OnceLock<tonic::Status>>,
     },
     Admitted {
-        writer: Writer,
+        writer: Writer<S>,
         fault: Arc<std::sync::OnceLock<tonic::Status>>,
     },
     Done,
 }
 
-impl Stream for AcceptorStream {
+impl<S: LinkStreams> Stream for AcceptorStream<S> {
     type Item = Result<Batch, tonic::Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {

@@ -10,7 +10,6 @@
 mod etcd;
 mod file;
 mod memory;
-pub mod route;
 pub(crate) mod view;
 mod watch;
 

@@ -10,11 +10,12 @@ use tokio::time::Instant;
 use super::inner::{Inner, Phase};
 use crate::addr::LogicAddr;
 use crate::error::{ErrorCode, HandlerError};
-use crate::link::{Outcome, Peer, reader::Deliver};
+use crate::link::{Outcome, reader::Deliver};
 use crate::message::MessageContext;
 use crate::proto::{Envelope, envelope::Body, message::Kind, response};
 use crate::rpc::CallContext;
 use crate::stats::Stats;
+use crate::stream::Peer;
 
 /// Payload bytes an envelope's body carries, as the size limit counts them.
 pub(super) fn payload_len(body: &Option<Body>) -> usize {
@@ -26,12 +27,14 @@ pub(super) fn payload_len(body: &Option<Body>) -> usize {
         Some(Body::Request(r)) => r.payload.len(),
         Some(Body::Message(m)) => m.payload.len(),
         Some(Body::Data(d)) => d.data.len(),
-        Some(Body::Open(o)) => crate::stream::wire_size(&o.meta),
+        Some(Body::Open(o)) => crate::proto::meta_wire_size(&o.meta),
         _ => 0,
     }
 }
 
 impl Deliver for Inner {
+    type Streams = crate::stream::Table;
+
     fn deliver(self: &Arc<Self>, peer: &Arc<Peer>, env: Envelope) -> Result<(), tonic::Status> {
         let limit = self.config.max_envelope;
         let len = payload_len(&env.body);
@@ -417,7 +420,7 @@ mod tests {
                     Some(Body::Message(m)) => m.payload.len() > 1024,
                     Some(Body::Data(d)) => d.data.len() > 1024,
                     Some(Body::Open(o)) => {
-                        crate::stream::wire_size(&o.meta) > 1024
+                        crate::proto::meta_wire_size(&o.meta) > 1024
                     }
                     _ => false,
                 };

@@ -13,7 +13,7 @@ use crate::addr::LogicAddr;
 use crate::config::NodeConfig;
 use crate::error::RpcError;
 use crate::hash::FastMap;
-use crate::link::{LinkState, Peer};
+use crate::link::LinkState;
 use crate::membership::Discovery;
 use crate::membership::view::View;
 use crate::message::MsgHandlers;
@@ -21,6 +21,7 @@ use crate::proto::{Envelope, envelope::Body};
 use crate::router::{self, NextHop, RouteError};
 use crate::rpc::{RpcHandler, ServerShared};
 use crate::stats::Stats;
+use crate::stream::Peer;
 use crate::stream::{self, Live};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -29,10 +29,11 @@ use crate::error::RpcError;
 use crate::link::auth::{Challenge, Hello};
 use crate::link::incoming::ConnInfo;
 use crate::link::writer::Writer;
-use crate::link::{AcceptorStream, DialerStream, LinkState, LinkTokens, Peer, reader};
+use crate::link::{AcceptorStream, DialerStream, LinkState, LinkTokens, reader};
 use crate::proto::Batch;
 use crate::proto::mesh_client::MeshClient;
 use crate::stats::Stats;
+use crate::stream::{Peer, Table};
 
 pub(crate) type LinkStream = Pin<Box<dyn Stream<Item = Result<Batch, Status>> + Send + 'static>>;
 
@@ -64,7 +65,7 @@ impl Inner {
         peer: &Arc<Peer>,
         tokens: &LinkTokens,
         gate: Option<oneshot::Receiver<()>>,
-    ) -> Writer {
+    ) -> Writer<Table> {
         Writer::new(
             peer.clone(),
             self.stats.clone(),
@@ -459,7 +460,7 @@ impl Inner {
         challenge: Challenge,
         mut inbound: Streaming<Batch>,
         tokens: LinkTokens,
-        mut tx: oneshot::Sender<Result<Writer, Status>>,
+        mut tx: oneshot::Sender<Result<Writer<Table>, Status>>,
         conn: Option<ConnInfo>,
     ) {
         let wait = self.config.dial_timeout;

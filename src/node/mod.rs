@@ -20,11 +20,12 @@ use inner::{Inner, Phase};
 use crate::addr::LogicAddr;
 use crate::error::StreamError;
 use crate::error::{ErrorCode, RpcError, SelectError, StartError};
-use crate::link::{Outbound, Outcome, Peer};
+use crate::link::{Outbound, Outcome};
 use crate::membership::Member;
 use crate::message::Cmd;
 use crate::proto::{self, envelope::Body, message::Kind};
 use crate::stats::StatsSnapshot;
+use crate::stream::Peer;
 use crate::stream::{Stream, StreamMeta};
 
 /// A node of the mesh: one logical address, one listener, links to the peers it talks to.

@@ -13,12 +13,13 @@ use tower_service::Service;
 use super::inner::Inner;
 use crate::addr::LogicAddr;
 use crate::error::{ErrorCode, HandlerError, RpcError};
-use crate::link::{Outbound, Peer};
+use crate::link::Outbound;
 use crate::proto::{self, Envelope, envelope::Body};
 use crate::router::RouteLayer;
 use crate::router::stack::{BoxError, Forward, Forwarder, RelayTable, Relayed, StreamRelay};
 use crate::router::{NextHop, RouteError, Routes};
 use crate::stats::Stats;
+use crate::stream::Peer;
 use std::pin::Pin;
 use tower_layer::Layer;
 

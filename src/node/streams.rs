@@ -7,9 +7,9 @@ use tokio::time::Instant;
 use super::inner::{Inner, Phase};
 use crate::addr::LogicAddr;
 use crate::error::{ErrorCode, StreamError};
-use crate::link::Peer;
 use crate::proto::{self, envelope::Body};
 use crate::stats::Stats;
+use crate::stream::Peer;
 use crate::stream::{self, AddError, Init, Shared, Stream, StreamMeta};
 
 /// Aborts a stream whose open was abandoned before the stream was handed out.
@@ -191,7 +191,7 @@ impl Inner {
                 format!("{} is shutting down", self.addr),
             );
         }
-        let size = crate::stream::wire_size(&meta);
+        let size = crate::proto::meta_wire_size(&meta);
         if size > self.config.max_stream_meta {
             return refuse(
                 ErrorCode::REFUSED,

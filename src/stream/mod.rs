@@ -38,16 +38,10 @@ pub use framed::{FrameError, Frames};
 pub(crate) use shared::{Init, Shared, key};
 pub(crate) use table::{AddError, Live, Table};
 
-/// Bytes counted per metadata entry on top of its key and value: at least what protobuf spends
-/// framing it, so many empty entries cannot slip a huge open under the size limit.
-const ENTRY_OVERHEAD: usize = 8;
+/// A peer of this node, with the table of the streams its link carries.
+pub(crate) type Peer = crate::link::Peer<Table>;
 
-/// Wire size of open metadata as the size limit counts it.
-pub(crate) fn wire_size(meta: &[proto::StreamMeta]) -> usize {
-    meta.iter()
-        .map(|m| m.key.len() + m.value.len() + ENTRY_OVERHEAD)
-        .sum()
-}
+use crate::proto::{META_ENTRY_OVERHEAD as ENTRY_OVERHEAD, meta_wire_size as wire_size};
 
 /// Names a stream: the node that opened it and its number there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -22,10 +22,10 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::ReadBuf;
 use tokio::sync::oneshot;
 
+use super::Peer;
 use super::StreamMeta;
 use crate::addr::LogicAddr;
 use crate::error::{ErrorCode, StreamError};
-use crate::link::Peer;
 use crate::proto::{self, Envelope, envelope::Body};
 
 /// Received chunks at least this large keep sharing the buffer they were decoded into;
@@ -448,7 +448,7 @@ impl Shared {
     /// happens once the stream has ended.
     pub(crate) fn abort(self: &Arc<Self>, code: ErrorCode, reason: String) {
         // The reason travels in an envelope: it must not outgrow a batch.
-        let reason = crate::rpc::clip(reason);
+        let reason = crate::error::clip(reason);
         let mut st = self.lock();
         if st.error.is_some() || (st.fin_sent && st.fin_recv) {
             return;

@@ -223,3 +223,21 @@ impl Table {
         ready.pop_front()
     }
 }
+
+impl crate::link::LinkStreams for Table {
+    fn pull_ready(
+        &self,
+        cx: &std::task::Context<'_>,
+        out: &mut Vec<crate::proto::Envelope>,
+    ) -> Option<usize> {
+        self.pop_ready(cx).map(|stream| stream.pull(out))
+    }
+
+    fn fail_all(&self, error: &StreamError) {
+        Table::fail_all(self, error)
+    }
+
+    fn reopen(&self) {
+        Table::reopen(self)
+    }
+}

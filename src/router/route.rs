@@ -10,9 +10,9 @@
 
 use std::fmt;
 
-use super::Member;
-use super::view::View;
 use crate::addr::LogicAddr;
+use crate::membership::Member;
+use crate::membership::view::View;
 
 /// One step of a route.
 #[derive(Debug, Clone, PartialEq, Eq)]
