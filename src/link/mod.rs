@@ -7,13 +7,16 @@
 //! dialing is sent in order once the link is up, and when a dialed link loses a simultaneous
 //! dial to an accepted one nothing queued is lost.
 
+pub(crate) mod accept;
 pub(crate) mod auth;
+pub(crate) mod dial;
 pub(crate) mod incoming;
+pub(crate) mod mesh;
 pub(crate) mod peer;
 pub(crate) mod reader;
 #[cfg(feature = "tls")]
 pub(crate) mod tls;
 pub(crate) mod writer;
 
-pub(crate) use peer::{LinkState, LinkStreams, LinkTokens, Outbound, Outcome, Peer};
-pub(crate) use writer::{AcceptorStream, DialerStream};
+pub(crate) use mesh::{Host, Links, drop_peer, ensure_link, peer_left};
+pub(crate) use peer::{LinkState, LinkStreams, Outbound, Outcome, Peer};

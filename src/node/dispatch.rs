@@ -154,7 +154,8 @@ impl Inner {
         from: LogicAddr,
         harbor_error: bool,
     ) -> Option<tokio::sync::oneshot::Sender<Outcome>> {
-        self.peer_list()
+        self.links
+            .peer_list()
             .iter()
             .filter(|p| p.addr.is_harbor() && p.addr.cluster() == self.addr.cluster())
             .find_map(|p| p.take_answer(id, from, harbor_error))
@@ -269,13 +270,13 @@ pub(crate) struct MeshService {
 
 #[tonic::async_trait]
 impl crate::proto::mesh_server::Mesh for MeshService {
-    type LinkStream = super::links::LinkStream;
+    type LinkStream = crate::link::accept::LinkStream;
 
     async fn link(
         &self,
         req: tonic::Request<tonic::Streaming<crate::proto::Batch>>,
     ) -> Result<tonic::Response<Self::LinkStream>, tonic::Status> {
-        self.inner.accept(req)
+        crate::link::accept::accept(&self.inner, req)
     }
 }
 

@@ -13,7 +13,7 @@ use crate::addr::LogicAddr;
 use crate::config::NodeConfig;
 use crate::error::RpcError;
 use crate::hash::FastMap;
-use crate::link::LinkState;
+use crate::link::{Host, Links};
 use crate::membership::Discovery;
 use crate::membership::view::View;
 use crate::message::MsgHandlers;
@@ -21,8 +21,8 @@ use crate::proto::{Envelope, envelope::Body};
 use crate::router::{self, NextHop, RouteError};
 use crate::rpc::{RpcHandler, ServerShared};
 use crate::stats::Stats;
-use crate::stream::Peer;
 use crate::stream::{self, Live};
+use crate::stream::{Peer, Table};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -60,9 +60,7 @@ pub(crate) struct Handlers {
 pub(crate) struct Inner {
     pub(crate) addr: LogicAddr,
     pub(crate) config: NodeConfig,
-    pub(crate) secret: Vec<u8>,
     pub(crate) dev_secret: bool,
-    pub(crate) incarnation: u64,
     pub(crate) rpcs: FastMap<String, RpcHandler>,
     pub(crate) messages: MsgHandlers,
     pub(crate) stream_handler: Option<crate::stream::StreamHandler>,
@@ -70,24 +68,18 @@ pub(crate) struct Inner {
     pub(crate) discovery: Arc<dyn Discovery>,
     phase: AtomicU8,
     pub(crate) view: RwLock<Arc<View>>,
-    pub(crate) peers: RwLock<FastMap<LogicAddr, Arc<Peer>>>,
+    /// Peers and their links (the link layer's state).
+    pub(crate) links: Links<Table>,
     pub(crate) self_peer: Arc<Peer>,
     pub(crate) server: Arc<ServerShared>,
     pub(crate) stats: Arc<Stats>,
     /// Streams open on all peers; shutdown waits for them to close.
     pub(crate) live_streams: Arc<Live>,
-    /// A harbor's requests in flight for other nodes' callers, by (caller, call id): the next
-    /// hop they went to and when the caller stops waiting. Answered with `PEER_LOST` if that
-    /// link fails first.
-    pub(crate) relays: Mutex<crate::router::stack::RelayTable>,
-    /// When `relays` was last swept of expired entries.
-    pub(crate) relays_swept: Mutex<Option<Instant>>,
-    /// A harbor's streams relayed between other nodes, by (opener, stream id).
-    pub(crate) stream_relays: Mutex<FastMap<(u32, u64), crate::router::stack::StreamRelay>>,
+    /// A harbor's books of the calls and streams it relays.
+    pub(crate) relays: crate::router::relays::Relays,
     next_id: AtomicU64,
     /// Keys that turn `next_id` into call ids.
     call_ids: crate::hash::SipKey,
-    pub(crate) next_gen: AtomicU64,
     /// Cancelled last in shutdown: ends every task and link.
     pub(crate) root: CancellationToken,
     /// Cancelled first in shutdown: stops accepting connections.
@@ -98,8 +90,6 @@ pub(crate) struct Inner {
     pub(crate) closed: watch::Sender<bool>,
     pub(crate) listener: Mutex<Option<std::net::TcpListener>>,
     pub(crate) local_addr: OnceLock<std::net::SocketAddr>,
-    /// Signalled when a link comes up or goes down.
-    pub(crate) links_changed: Notify,
     /// Signalled when the view changes.
     pub(crate) view_changed: Notify,
     /// Signalled when the phase changes.
@@ -109,8 +99,6 @@ pub(crate) struct Inner {
     pub(crate) relay_layers: Option<crate::router::stack::RelayLayerFn>,
     /// Relay futures running on tasks of their own (layers that wait).
     pub(crate) relay_in_flight: std::sync::atomic::AtomicUsize,
-    /// Signalled when a relayed call's answer passes (shutdown waits for them).
-    pub(crate) relays_changed: Notify,
     /// The harbor each active pair of nodes takes.
     pub(crate) sticky: router::StickyPaths,
 }
@@ -154,6 +142,14 @@ impl Inner {
             idle: Notify::new(),
             next_id: std::sync::atomic::AtomicU64::new(1),
         });
+        let links = Links::new(
+            addr,
+            config.clone(),
+            secret,
+            stats.clone(),
+            root.clone(),
+            tracker.clone(),
+        );
         Arc::new(Inner {
             addr,
             self_peer: Peer::new(
@@ -162,13 +158,13 @@ impl Inner {
                 stream::Table::new(live_streams.clone(), 0, 0),
             ),
             live_streams,
-            relays: Mutex::new(Default::default()),
-            relays_swept: Mutex::new(None),
-            stream_relays: Mutex::new(FastMap::default()),
+            relays: crate::router::relays::Relays::new(
+                config.peer_queue.saturating_mul(8),
+                config.max_streams.saturating_mul(8),
+            ),
             config,
-            secret,
+            links,
             dev_secret,
-            incarnation: fastrand::u64(1..),
             rpcs,
             messages,
             stream_handler,
@@ -176,12 +172,10 @@ impl Inner {
             discovery,
             phase: AtomicU8::new(Phase::Created as u8),
             view: RwLock::new(Arc::new(View::default())),
-            peers: RwLock::new(FastMap::default()),
             server,
             stats,
             next_id: AtomicU64::new(1),
             call_ids: crate::hash::SipKey::random(),
-            next_gen: AtomicU64::new(1),
             root,
             accept_stop: CancellationToken::new(),
             liveness_stop: CancellationToken::new(),
@@ -189,13 +183,11 @@ impl Inner {
             closed: watch::channel(false).0,
             listener: Mutex::new(listener),
             local_addr: OnceLock::new(),
-            links_changed: Notify::new(),
             view_changed: Notify::new(),
             phase_changed: Notify::new(),
             relay: Mutex::new(None),
             relay_layers,
             relay_in_flight: Default::default(),
-            relays_changed: Notify::new(),
             sticky: Default::default(),
         })
     }
@@ -304,7 +296,7 @@ impl Inner {
     /// failure: routing passes over such a harbor while another is available. After the window
     /// the next envelope for it tries it again (and only that one waits on the dial).
     fn failed_recently(&self, addr: LogicAddr) -> bool {
-        let peers = self.peers.read().unwrap_or_else(|e| e.into_inner());
+        let peers = self.links.peers.read().unwrap_or_else(|e| e.into_inner());
         // Long enough to cover a dial that hangs, so an unresponsive harbor is not tried
         // again while the last try may still be waiting.
         let window = self.config.redial_backoff_max + self.config.dial_timeout;
@@ -314,6 +306,7 @@ impl Inner {
     /// The slot of neighbour `to` (a node this one links to directly).
     pub(crate) fn link_peer(&self, to: LogicAddr) -> Result<Arc<Peer>, RpcError> {
         if let Some(p) = self
+            .links
             .peers
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -334,27 +327,8 @@ impl Inner {
                 reason: format!("not in {}'s membership", self.addr),
             });
         }
-        let mut peers = self.peers.write().unwrap_or_else(|e| e.into_inner());
+        let mut peers = self.links.peers.write().unwrap_or_else(|e| e.into_inner());
         Ok(peers.entry(to).or_insert_with(|| self.new_peer(to)).clone())
-    }
-
-    /// The slot of `addr`, if this node has one (no membership check).
-    pub(crate) fn peer_slot(&self, addr: LogicAddr) -> Option<Arc<Peer>> {
-        self.peers
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&addr)
-            .cloned()
-    }
-
-    /// The peers this node has a slot for now.
-    pub(crate) fn peer_list(&self) -> Vec<Arc<Peer>> {
-        self.peers
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect()
     }
 
     /// A fresh slot for peer `addr`.
@@ -380,81 +354,12 @@ impl Inner {
         }
     }
 
-    /// Makes sure a link to `peer` is up or being dialed.
-    pub(crate) fn ensure_link(self: &Arc<Self>, peer: &Arc<Peer>) -> Result<(), RpcError> {
-        if peer.is_up() {
-            return Ok(());
-        }
-        let mut st = peer.state();
-        // Within the redial backoff, the dial is scheduled for its end rather than refused:
-        // what is sent meanwhile waits for it (within its own deadline) instead of failing
-        // with the previous dial's error, which may be stale by then (the peer came back).
-        let (backoff, until) = match &*st {
-            LinkState::Up { .. } | LinkState::Dialing { .. } => return Ok(()),
-            LinkState::Closed => {
-                return Err(RpcError::NoRoute {
-                    to: peer.addr,
-                    reason: "left membership".into(),
-                });
-            }
-            LinkState::Idle {
-                retry_at, backoff, ..
-            } => (*backoff, retry_at.filter(|at| Instant::now() < *at)),
-        };
-        let link_gen = self.next_gen.fetch_add(1, Ordering::Relaxed);
-        peer.set_state(&mut st, LinkState::Dialing { link_gen, until });
-        drop(st);
-        let this = self.clone();
-        let peer = peer.clone();
-        // A root span: a dial started by a relay must not appear inside that link's span.
-        let span = tracing::info_span!(parent: None, "dial", node = %self.addr, peer = %peer.addr, link_gen);
-        self.tracker.spawn(tracing::Instrument::instrument(
-            async move {
-                if let Some(until) = until
-                    && !this.wait_to_redial(&peer, link_gen, until).await
-                {
-                    return;
-                }
-                this.dial(peer, link_gen, backoff).await
-            },
-            span,
-        ));
-        Ok(())
-    }
-
-    /// Waits for the end of the redial backoff, or for membership to say the peer changed.
-    /// Returns whether the dial `link_gen` is still wanted (no link came up meanwhile).
-    async fn wait_to_redial(&self, peer: &Peer, link_gen: u64, until: Instant) -> bool {
-        let now = peer.redial_now.notified();
-        tokio::pin!(now);
-        now.as_mut().enable();
-        if !peer
-            .redial_hint
-            .swap(false, std::sync::atomic::Ordering::AcqRel)
-        {
-            tokio::select! {
-                () = tokio::time::sleep_until(until) => {}
-                () = now => {}
-                _ = self.root.cancelled() => return false,
-            }
-        }
-        let mut st = peer.state();
-        match &mut *st {
-            LinkState::Dialing { link_gen: g, until } if *g == link_gen => {
-                // Dialing for real now: a link the peer dials meets the usual rule.
-                *until = None;
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// If the link went down between [`Inner::ensure_link`] and queueing, what was just queued
+    /// If the link went down between `link::ensure_link` and queueing, what was just queued
     /// would wait for some later send to dial; dial now instead.
     pub(crate) fn after_enqueue(self: &Arc<Self>, peer: &Arc<Peer>) {
         if !peer.is_up() {
             // A failure here (backoff, left membership) has already failed the queue.
-            let _ = self.ensure_link(peer);
+            let _ = crate::link::ensure_link(self, peer);
         }
     }
 
@@ -463,5 +368,31 @@ impl Inner {
     /// the link is being dialed.
     pub(crate) fn oneway_deadline(&self, peer: &Peer) -> Option<Instant> {
         (!peer.is_up()).then(|| Instant::now() + self.config.send_timeout)
+    }
+}
+
+impl Host for Inner {
+    fn links(&self) -> &Links<Table> {
+        &self.links
+    }
+
+    fn net_addr(&self, peer: LogicAddr) -> Option<String> {
+        self.view().get(peer).map(|m| m.net_addr.clone())
+    }
+
+    fn accepting(&self) -> bool {
+        self.phase() == Phase::Running
+    }
+
+    fn closing(&self) -> bool {
+        matches!(self.phase(), Phase::Draining | Phase::Closed)
+    }
+
+    fn new_peer(&self, addr: LogicAddr) -> Arc<Peer> {
+        Inner::new_peer(self, addr)
+    }
+
+    fn link_lost(&self, via: LogicAddr, relayed: Vec<Envelope>, error: &RpcError) {
+        self.bounce(via, relayed, error)
     }
 }

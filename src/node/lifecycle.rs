@@ -126,7 +126,7 @@ impl Inner {
                     link_gen: 0,
                     tokens: Default::default(),
                     dialed: false,
-                    incarnation: self.incarnation,
+                    incarnation: self.links.incarnation,
                     since: Instant::now(),
                 },
             );
@@ -234,17 +234,21 @@ impl Inner {
                 return;
             }
             match change {
-                Change::Removed => self.peer_left(addr),
-                Change::NetAddrChanged => self.drop_peer(addr, "its network address changed"),
+                Change::Removed => crate::link::peer_left(self, addr),
+                Change::NetAddrChanged => {
+                    crate::link::drop_peer(&**self, addr, "its network address changed")
+                }
                 // The peer may be back (listed again, available again): a dial waiting for its
                 // backoff goes now.
                 Change::Added | Change::FlagsChanged => {
-                    match self.peer_slot(addr) {
+                    match self.links.peer_slot(addr) {
                         // Listed again while its old link was kept: that link may lead to
                         // the old process; the next send dials afresh.
-                        Some(p) if p.is_leaving() => {
-                            self.drop_peer(addr, "listed again: the old link is closed")
-                        }
+                        Some(p) if p.is_leaving() => crate::link::drop_peer(
+                            &**self,
+                            addr,
+                            "listed again: the old link is closed",
+                        ),
                         Some(p) => {
                             p.redial_hint
                                 .store(true, std::sync::atomic::Ordering::Release);
@@ -315,7 +319,7 @@ impl Inner {
         // written before the links close, below).
         self.close_streams(grace_end).await;
         // Close links once their queues (replies included) are written.
-        let peers = self.peer_list();
+        let peers = self.links.peer_list();
         for p in &peers {
             if let LinkState::Up { tokens, .. } = &*p.state() {
                 tokens.close.cancel();
@@ -323,7 +327,7 @@ impl Inner {
         }
         let flush_end = grace_end.max(Instant::now() + Duration::from_millis(100));
         loop {
-            let changed = self.links_changed.notified();
+            let changed = self.links.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
             if peers.iter().all(|p| !p.is_up()) {

@@ -4,7 +4,6 @@ mod builder;
 mod dispatch;
 mod inner;
 mod lifecycle;
-mod links;
 mod relay;
 mod streams;
 
@@ -235,7 +234,7 @@ impl Node {
         // The method name rides in the same envelope, so it counts against the limit.
         inner.check_size(payload.len() + method.len())?;
         let peer = inner.peer_for(to)?;
-        inner.ensure_link(&peer)?;
+        crate::link::ensure_link(inner, &peer)?;
         let id = inner.next_call_id();
         let (tx, rx) = oneshot::channel();
         peer.add_pending(id, to, tx);
@@ -331,7 +330,7 @@ impl Node {
         let inner = &self.inner;
         inner.check_running().map_err(Pushback::Failed)?;
         let peer = inner.peer_for(to).map_err(Pushback::Failed)?;
-        inner.ensure_link(&peer).map_err(Pushback::Failed)?;
+        crate::link::ensure_link(inner, &peer).map_err(Pushback::Failed)?;
         let item = Outbound {
             env: inner.envelope(to, body),
             deadline: inner.oneway_deadline(&peer),
@@ -525,6 +524,7 @@ impl Node {
     /// Whether a link to `peer` is up now.
     pub fn is_linked(&self, peer: LogicAddr) -> bool {
         self.inner
+            .links
             .peers
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -535,7 +535,7 @@ impl Node {
     /// Waits until a link to `peer` is up or down (`up`), up to `timeout`; returns whether it
     /// got there.
     pub async fn wait_linked(&self, peer: LogicAddr, up: bool, timeout: Duration) -> bool {
-        wait_until(&self.inner.links_changed, timeout, || {
+        wait_until(&self.inner.links.changed, timeout, || {
             self.is_linked(peer) == up
         })
         .await

@@ -16,7 +16,7 @@ use crate::error::{ErrorCode, HandlerError, RpcError};
 use crate::link::Outbound;
 use crate::proto::{self, Envelope, envelope::Body};
 use crate::router::RouteLayer;
-use crate::router::stack::{BoxError, Forward, Forwarder, RelayTable, Relayed, StreamRelay};
+use crate::router::stack::{BoxError, Forward, Forwarder, Relayed};
 use crate::router::{NextHop, RouteError, Routes};
 use crate::stats::Stats;
 use crate::stream::Peer;
@@ -130,7 +130,7 @@ impl Inner {
         env: Envelope,
     ) -> Result<(), RpcError> {
         let peer = peer.clone();
-        self.ensure_link(&peer)?;
+        crate::link::ensure_link(self, &peer)?;
         let track = match &env.body {
             Some(Body::Request(r)) if !r.oneway => Some((
                 (env.from, r.id),
@@ -138,7 +138,7 @@ impl Inner {
             )),
             // An answer passing through: its call is no longer in flight here.
             Some(Body::Response(r)) => {
-                self.answered_relay(env.to, r.id);
+                self.relays.answered(env.to, r.id);
                 None
             }
             _ => None,
@@ -149,15 +149,21 @@ impl Inner {
             (_, d) => d,
         };
         // Noted before the envelope is queued (it is gone after), undone if it is not.
-        let noted_open = self.note_stream_relay(came_by, hop.addr(), &env);
+        let noted_open = self
+            .relays
+            .note_stream(came_by, hop.addr(), &env)
+            .unwrap_or_else(|_| {
+                tracing::warn!(node = %self.addr, "relayed-stream table full; a stream goes untracked");
+                None
+            });
         if let Err((e, _)) = peer.try_enqueue(Outbound { deadline, env }) {
             if let Some(key) = noted_open {
-                self.stream_relays_lock().remove(&key);
+                self.relays.forget_stream(key);
             }
             return Err(e);
         }
         if let Some((key, until)) = track {
-            self.track_relay(key, hop.addr(), until, came_by);
+            self.relays.track(key, hop.addr(), until, came_by);
         }
         self.after_enqueue(&peer);
         Ok(())
@@ -182,91 +188,21 @@ impl Inner {
         self.enqueue_to(back, came_by, hop, env)
     }
 
-    /// Keeps the table of streams relayed here: an open adds its two links, a reset or the
-    /// second fin removes it.
-    /// Returns the key of an open it added.
-    fn note_stream_relay(
-        &self,
-        came_by: LogicAddr,
-        next: LogicAddr,
-        env: &Envelope,
-    ) -> Option<(u32, u64)> {
-        let (id, to_opener, closes, fin) = match &env.body {
-            Some(Body::Open(o)) => {
-                let mut relays = self.stream_relays_lock();
-                if relays.len() >= self.config.max_streams.saturating_mul(8) {
-                    tracing::warn!(node = %self.addr, "relayed-stream table full; a stream goes untracked");
-                    return None;
-                }
-                relays.insert(
-                    (env.from, o.id),
-                    StreamRelay {
-                        opener_side: came_by,
-                        target_side: next,
-                        target: env.to,
-                        fins: 0,
-                    },
-                );
-                return Some((env.from, o.id));
-            }
-            Some(Body::Close(c)) => (c.id, c.to_opener, true, false),
-            Some(Body::Data(d)) if d.fin => (d.id, d.to_opener, false, true),
-            _ => return None,
-        };
-        let opener = if to_opener { env.to } else { env.from };
-        let mut relays = self.stream_relays_lock();
-        let done = match relays.get_mut(&(opener, id)) {
-            Some(r) if fin => {
-                r.fins |= if to_opener { 2 } else { 1 };
-                r.fins == 3
-            }
-            Some(_) => closes,
-            None => false,
-        };
-        if done {
-            relays.remove(&(opener, id));
-        }
-        None
-    }
-
-    fn stream_relays_lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, crate::hash::FastMap<(u32, u64), StreamRelay>> {
-        self.stream_relays.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// The link to `via` failed: ends the streams relayed over it at their other end, which
     /// would otherwise wait for a peer that can no longer reach it.
     fn fail_stream_relays(&self, via: LogicAddr, error: &RpcError) {
-        let lost: Vec<((u32, u64), StreamRelay)> = {
-            let mut relays = self.stream_relays_lock();
-            let keys: Vec<_> = relays
-                .iter()
-                .filter(|(_, r)| r.opener_side == via || r.target_side == via)
-                .map(|(k, _)| *k)
-                .collect();
-            keys.into_iter()
-                .filter_map(|k| relays.remove(&k).map(|r| (k, r)))
-                .collect()
-        };
-        for ((opener, id), r) in lost {
-            // Tell the side that is still reachable, as if the other end had sent it.
-            let (from, to, to_opener, other) = if r.opener_side == via {
-                (opener, r.target, false, r.target_side)
-            } else {
-                (r.target, opener, true, r.opener_side)
-            };
-            let Ok(next) = self.link_peer(other) else {
+        for lost in self.relays.streams_lost_via(via) {
+            let Ok(next) = self.link_peer(lost.tell) else {
                 continue;
             };
             let env = Envelope {
-                to,
-                from,
+                to: lost.to,
+                from: lost.from,
                 hops: 0,
                 trace: bytes::Bytes::new(),
                 body: Some(Body::Close(proto::StreamClose {
-                    id,
-                    to_opener,
+                    id: lost.id,
+                    to_opener: lost.to_opener,
                     code: ErrorCode::PEER_LOST.0,
                     reason: format!("{error} (at {})", self.addr),
                 })),
@@ -275,61 +211,11 @@ impl Inner {
         }
     }
 
-    /// Waits until no relayed call is waiting for its answer here (each entry ends when its
-    /// answer passes or its caller's deadline does), or `until`.
+    /// Waits until no relayed call is waiting for its answer here, or `until`.
     pub(crate) async fn drain_relays(&self, until: Instant) {
-        loop {
-            let changed = self.relays_changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            let now = Instant::now();
-            let next_expiry = {
-                let relays = self.relays_lock();
-                relays
-                    .values()
-                    .map(|(_, t, _)| *t)
-                    .filter(|t| *t > now)
-                    .min()
-            };
-            let Some(next) = next_expiry else { return };
-            if now >= until {
-                tracing::warn!(node = %self.addr, "grace period over with relayed calls still unanswered");
-                return;
-            }
-            tokio::select! {
-                () = changed => {}
-                () = tokio::time::sleep_until(next.min(until)) => {}
-            }
+        if !self.relays.drain(until).await {
+            tracing::warn!(node = %self.addr, "grace period over with relayed calls still unanswered");
         }
-    }
-
-    fn relays_lock(&self) -> std::sync::MutexGuard<'_, RelayTable> {
-        self.relays.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Remembers a relayed request in flight toward `via` until `until`. Bounded: expired
-    /// entries are swept when the table is full, and past its limit a request is not tracked
-    /// (its caller then learns of a failed link at its own deadline).
-    fn track_relay(&self, key: (u32, u64), via: LogicAddr, until: Instant, came_by: LogicAddr) {
-        let limit = self.config.peer_queue.saturating_mul(8);
-        let mut relays = self.relays_lock();
-        if relays.len() >= limit {
-            // Sweep at most every 100 ms: a table full of live entries must not cost a full
-            // scan per relayed request on the reader's path.
-            let now = Instant::now();
-            let mut swept = self.relays_swept.lock().unwrap_or_else(|e| e.into_inner());
-            if swept.is_none_or(|t| now >= t + Duration::from_millis(100)) {
-                *swept = Some(now);
-                relays.retain(|_, (_, t, _)| *t > now);
-                self.relays_changed.notify_waiters();
-            }
-            if relays.len() >= limit {
-                return;
-            }
-        }
-        // Past a caller's share, its call is not tracked (its answer then takes the current
-        // route; its caller learns of a failed link at its own deadline).
-        let _ = relays.insert(key, (via, until, came_by), limit);
     }
 
     /// The neighbour the request `(caller, id)` came by, if it was relayed here and its link
@@ -337,15 +223,8 @@ impl Inner {
     /// another way now (that neighbour is leaving membership and draining, or the harbor set
     /// changed).
     pub(super) fn answer_path(&self, caller: u32, id: u64) -> Option<Arc<Peer>> {
-        let came_by = self.relays_lock().get(&(caller, id)).map(|e| e.2)?;
-        self.peer_slot(came_by).filter(|p| p.is_up())
-    }
-
-    /// An answer passed: its call is no longer in flight here.
-    fn answered_relay(&self, caller: u32, id: u64) {
-        if self.relays_lock().remove(&(caller, id)).is_some() {
-            self.relays_changed.notify_waiters();
-        }
+        let came_by = self.relays.came_by(caller, id)?;
+        self.links.peer_slot(came_by).filter(|p| p.is_up())
     }
 
     /// Forwards `env` (not addressed to this harbor) one hop on through the relay stack (see
@@ -506,13 +385,8 @@ impl Inner {
                 back.from = to;
                 came_by.try_send_close(back, &self.stats);
                 let opener = if to_opener { to } else { what.from };
-                let relay = self.stream_relays_lock().remove(&(opener, id));
-                if let Some(r) = relay
-                    && let Ok(target_side) = self.link_peer(if to_opener {
-                        r.opener_side
-                    } else {
-                        r.target_side
-                    })
+                if let Some(ahead) = self.relays.stream_refused(opener, id, to_opener)
+                    && let Ok(target_side) = self.link_peer(ahead)
                     && let Ok(dest) = LogicAddr::from_u32(to)
                 {
                     let mut ahead = self.envelope(dest, close(to_opener));
@@ -550,16 +424,7 @@ impl Inner {
             })
             .collect();
         if self.addr.is_harbor() {
-            let now = Instant::now();
-            let mut relays = self.relays_lock();
-            callers.extend(
-                relays
-                    .iter()
-                    .filter(|(_, (v, t, _))| *v == via && *t > now)
-                    .map(|(k, _)| *k),
-            );
-            relays.retain(|_, (v, t, _)| *v != via && *t > now);
-            self.relays_changed.notify_waiters();
+            callers.extend(self.relays.calls_lost_via(via));
         }
         callers.sort_unstable();
         callers.dedup();

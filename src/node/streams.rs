@@ -44,7 +44,7 @@ impl Inner {
         }
         // In another cluster: the harbor both directions of this stream cross.
         let peer = self.peer_for(to).map_err(link)?;
-        self.ensure_link(&peer).map_err(link)?;
+        crate::link::ensure_link(self, &peer).map_err(link)?;
         let (shared, accepted) = peer
             .streams
             .add_opened(|id| {
@@ -110,7 +110,8 @@ impl Inner {
             let found = peer.streams.get(key).or_else(|| {
                 (from != peer.addr)
                     .then(|| {
-                        self.peer_list()
+                        self.links
+                            .peer_list()
                             .iter()
                             .filter(|p| {
                                 p.addr.is_harbor()
@@ -266,7 +267,7 @@ impl Inner {
                 break;
             }
         }
-        let peers = self.peer_list();
+        let peers = self.links.peer_list();
         for peer in peers {
             for stream in peer.streams.all() {
                 stream.abort(

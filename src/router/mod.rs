@@ -12,6 +12,7 @@
 //! [`RouteLayer`] over the service that hands an envelope to a neighbour.
 
 mod layer;
+pub(crate) mod relays;
 pub mod route;
 mod service;
 pub(crate) mod stack;

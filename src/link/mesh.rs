@@ -1,0 +1,338 @@
+//! A node's links as a whole: the peer slots, the link generations, the dial schedule, and
+//! how a link comes up, goes down and is forgotten.
+//!
+//! The link layer owns this state; the node above it is a [`Host`]: it says who is a member
+//! and where, whether it takes links, and answers what a lost link was relaying. Dialing is in
+//! `dial`, accepting in `accept`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use tokio::sync::{Notify, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::Streaming;
+use tonic::transport::Channel;
+
+use super::peer::{LinkState, LinkStreams, LinkTokens, Peer};
+use super::reader::{self, Deliver};
+use super::writer::Writer;
+use crate::addr::LogicAddr;
+use crate::config::NodeConfig;
+use crate::error::RpcError;
+use crate::hash::FastMap;
+use crate::proto::{Batch, Envelope};
+use crate::stats::Stats;
+
+/// What the link layer needs of the node it serves.
+pub(crate) trait Host: Deliver {
+    /// The node's links.
+    fn links(&self) -> &Links<Self::Streams>;
+    /// The network address membership lists for `peer`; `None` if it is not a member.
+    fn net_addr(&self, peer: LogicAddr) -> Option<String>;
+    /// Whether the node takes new links (running: not starting, not shutting down).
+    fn accepting(&self) -> bool;
+    /// Whether the node is shutting down (a link that ends now ends for that reason).
+    fn closing(&self) -> bool;
+    /// A fresh slot for peer `addr`.
+    fn new_peer(&self, addr: LogicAddr) -> Arc<Peer<Self::Streams>>;
+    /// The link to `via` ended under `relayed`: other nodes' requests this node was relaying
+    /// there, which must be answered (the node's own callers were failed already).
+    fn link_lost(&self, via: LogicAddr, relayed: Vec<Envelope>, error: &RpcError);
+}
+
+/// The link-layer state of one node.
+pub(crate) struct Links<S> {
+    pub(crate) addr: LogicAddr,
+    /// Random per start, sent in every hello: a peer tells a restart from a lost link by it.
+    pub(crate) incarnation: u64,
+    pub(crate) secret: Vec<u8>,
+    pub(crate) config: NodeConfig,
+    pub(crate) peers: RwLock<FastMap<LogicAddr, Arc<Peer<S>>>>,
+    pub(crate) next_gen: AtomicU64,
+    /// Signalled when a link comes up or goes down.
+    pub(crate) changed: Notify,
+    pub(crate) stats: Arc<Stats>,
+    /// Cancelled last in shutdown: ends every link and dial.
+    pub(crate) root: CancellationToken,
+    pub(crate) tracker: TaskTracker,
+}
+
+impl<S: LinkStreams> Links<S> {
+    pub(crate) fn new(
+        addr: LogicAddr,
+        config: NodeConfig,
+        secret: Vec<u8>,
+        stats: Arc<Stats>,
+        root: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Self {
+        Links {
+            addr,
+            incarnation: fastrand::u64(1..),
+            secret,
+            config,
+            peers: RwLock::new(FastMap::default()),
+            next_gen: AtomicU64::new(1),
+            changed: Notify::new(),
+            stats,
+            root,
+            tracker,
+        }
+    }
+
+    /// The slot of `addr`, if this node has one (no membership check).
+    pub(crate) fn peer_slot(&self, addr: LogicAddr) -> Option<Arc<Peer<S>>> {
+        self.peers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&addr)
+            .cloned()
+    }
+
+    /// The peers this node has a slot for now.
+    pub(crate) fn peer_list(&self) -> Vec<Arc<Peer<S>>> {
+        self.peers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    pub(crate) fn next_gen(&self) -> u64 {
+        self.next_gen.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub(crate) fn tokens(&self) -> LinkTokens {
+        LinkTokens {
+            kill: self.root.child_token(),
+            close: CancellationToken::new(),
+            fault: Default::default(),
+        }
+    }
+
+    pub(crate) fn writer(
+        &self,
+        peer: &Arc<Peer<S>>,
+        tokens: &LinkTokens,
+        gate: Option<oneshot::Receiver<()>>,
+    ) -> Writer<S> {
+        Writer::new(
+            peer.clone(),
+            self.stats.clone(),
+            tokens,
+            gate,
+            self.config.batch_bytes,
+            self.config.batch_envelopes,
+        )
+    }
+}
+
+/// Makes sure a link to `peer` is up or being dialed.
+pub(crate) fn ensure_link<H: Host>(
+    host: &Arc<H>,
+    peer: &Arc<Peer<H::Streams>>,
+) -> Result<(), RpcError> {
+    if peer.is_up() {
+        return Ok(());
+    }
+    let links = host.links();
+    let mut st = peer.state();
+    // Within the redial backoff, the dial is scheduled for its end rather than refused:
+    // what is sent meanwhile waits for it (within its own deadline) instead of failing
+    // with the previous dial's error, which may be stale by then (the peer came back).
+    let (backoff, until) = match &*st {
+        LinkState::Up { .. } | LinkState::Dialing { .. } => return Ok(()),
+        LinkState::Closed => {
+            return Err(RpcError::NoRoute {
+                to: peer.addr,
+                reason: "left membership".into(),
+            });
+        }
+        LinkState::Idle {
+            retry_at, backoff, ..
+        } => (*backoff, retry_at.filter(|at| Instant::now() < *at)),
+    };
+    let link_gen = links.next_gen();
+    peer.set_state(&mut st, LinkState::Dialing { link_gen, until });
+    drop(st);
+    let host = host.clone();
+    let peer = peer.clone();
+    // A root span: a dial started by a relay must not appear inside that link's span.
+    let span =
+        tracing::info_span!(parent: None, "dial", node = %links.addr, peer = %peer.addr, link_gen);
+    links.tracker.spawn(tracing::Instrument::instrument(
+        async move {
+            if let Some(until) = until
+                && !wait_to_redial(host.links(), &peer, link_gen, until).await
+            {
+                return;
+            }
+            super::dial::dial(host, peer, link_gen, backoff).await
+        },
+        span,
+    ));
+    Ok(())
+}
+
+/// Waits for the end of the redial backoff, or for membership to say the peer changed.
+/// Returns whether the dial `link_gen` is still wanted (no link came up meanwhile).
+async fn wait_to_redial<S: LinkStreams>(
+    links: &Links<S>,
+    peer: &Peer<S>,
+    link_gen: u64,
+    until: Instant,
+) -> bool {
+    let now = peer.redial_now.notified();
+    tokio::pin!(now);
+    now.as_mut().enable();
+    if !peer.redial_hint.swap(false, Ordering::AcqRel) {
+        tokio::select! {
+            () = tokio::time::sleep_until(until) => {}
+            () = now => {}
+            _ = links.root.cancelled() => return false,
+        }
+    }
+    let mut st = peer.state();
+    match &mut *st {
+        LinkState::Dialing { link_gen: g, until } if *g == link_gen => {
+            // Dialing for real now: a link the peer dials meets the usual rule.
+            *until = None;
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Starts the reader of link `link_gen`, now up; the link goes down when the reader ends.
+pub(crate) fn link_up<H: Host>(
+    host: Arc<H>,
+    peer: Arc<Peer<H::Streams>>,
+    link_gen: u64,
+    inbound: Streaming<Batch>,
+    tokens: LinkTokens,
+    channel: Option<Channel>,
+) {
+    let links = host.links();
+    Stats::incr(&links.stats.links_opened);
+    if links.addr.is_harbor() && peer.addr.is_harbor() {
+        // Operators watch the links between harbors.
+        tracing::info!(node = %links.addr, peer = %peer.addr, link_gen, "harbor link up");
+    } else {
+        tracing::debug!(peer = %peer.addr, link_gen, "link up");
+    }
+    links.changed.notify_waiters();
+    let span =
+        tracing::info_span!(parent: None, "link", node = %links.addr, peer = %peer.addr, link_gen);
+    let tracker = links.tracker.clone();
+    tracker.spawn(tracing::Instrument::instrument(
+        async move {
+            // Keeps the dialed connection open for the life of the link.
+            let _channel = channel;
+            let why = reader::run(inbound, peer.clone(), tokens, host.clone()).await;
+            link_down(&*host, &peer, link_gen, &why);
+        },
+        span,
+    ));
+}
+
+/// Ends link `link_gen` of `peer` (if it is still the current one) and fails what waits on it.
+pub(crate) fn link_down<H: Host>(host: &H, peer: &Arc<Peer<H::Streams>>, link_gen: u64, why: &str) {
+    let links = host.links();
+    let mut st = peer.state();
+    let LinkState::Up {
+        link_gen: g,
+        tokens,
+        ..
+    } = &*st
+    else {
+        return;
+    };
+    if *g != link_gen {
+        return;
+    }
+    tokens.kill.cancel();
+    peer.set_state(&mut st, LinkState::idle());
+    let error = if host.closing() {
+        RpcError::Shutdown { node: links.addr }
+    } else {
+        RpcError::PeerLost {
+            peer: peer.addr,
+            cause: why.to_owned(),
+        }
+    };
+    // Under the state lock: a new link or dial cannot start before the old link's
+    // leftovers are failed, so nothing meant for the new link is swept away.
+    let relayed = peer.fail_all(&error, &links.stats);
+    drop(st);
+    host.link_lost(peer.addr, relayed, &error);
+    Stats::incr(&links.stats.links_closed);
+    links.changed.notify_waiters();
+    tracing::info!(peer = %peer.addr, reason = why, "link down");
+}
+
+/// A peer left membership. A peer that leaves to shut down drains first (its handlers
+/// finish, a harbor lets the answers it relays pass), so a link still up is kept until the
+/// peer closes it or this node's `shutdown_grace` ends, then the peer is dropped. While
+/// kept, the link carries only what is under way: answers (both ways) and streams already
+/// open; nothing new is sent to the peer or taken from it. Listed again meanwhile, the
+/// peer is dropped at once (the old link may lead to the old process). A peer with no
+/// link up is dropped at once.
+pub(crate) fn peer_left<H: Host>(host: &Arc<H>, addr: LogicAddr) {
+    let links = host.links();
+    let Some(peer) = links.peer_slot(addr).filter(|p| p.is_up()) else {
+        return drop_peer(&**host, addr, "removed from membership");
+    };
+    peer.set_leaving();
+    let host = host.clone();
+    let linger = links.config.shutdown_grace;
+    links.tracker.spawn(async move {
+        let until = Instant::now() + linger;
+        loop {
+            let changed = peer.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if !peer.is_up() {
+                break;
+            }
+            tokio::select! {
+                r = tokio::time::timeout_at(until, changed) => if r.is_err() { break },
+                _ = host.links().root.cancelled() => return,
+            }
+        }
+        // Listed again meanwhile: nothing to drop.
+        if host.net_addr(addr).is_none() {
+            drop_peer(&*host, addr, "removed from membership");
+        }
+    });
+}
+
+/// Forgets a peer that left membership or moved: closes its link and fails what waits.
+pub(crate) fn drop_peer<H: Host>(host: &H, addr: LogicAddr, why: &str) {
+    let links = host.links();
+    let Some(peer) = links
+        .peers
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&addr)
+    else {
+        return;
+    };
+    let mut st = peer.state();
+    if let LinkState::Up { tokens, .. } = &*st {
+        tokens.kill.cancel();
+        Stats::incr(&links.stats.links_closed);
+    }
+    peer.set_state(&mut st, LinkState::Closed);
+    let error = RpcError::PeerLost {
+        peer: addr,
+        cause: why.to_owned(),
+    };
+    let relayed = peer.fail_all(&error, &links.stats);
+    drop(st);
+    host.link_lost(peer.addr, relayed, &error);
+    links.changed.notify_waiters();
+    tracing::info!(peer = %addr, reason = why, "peer dropped");
+}
