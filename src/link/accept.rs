@@ -68,7 +68,7 @@ pub(crate) fn accept<H: Host>(
         // The handshake verified the chain; the certificate must also name the address.
         let cert = conn.as_ref().and_then(|c| c.peer_cert.get());
         let checked = match cert {
-            Some(cert) => crate::LinkTls::check_name(cert, hello.from),
+            Some(cert) => crate::link::tls::LinkTls::check_name(cert, hello.from),
             None => Err("no client certificate".to_owned()),
         };
         if let Err(e) = checked {
@@ -105,7 +105,7 @@ pub(crate) fn accept<H: Host>(
 
 fn refused<S>(links: &Links<S>, status: Status) -> Status {
     // Anyone can cause these before proving anything: the lines are gated.
-    static REFUSED: crate::LogGate = crate::LogGate::new();
+    static REFUSED: crate::gate::LogGate = crate::gate::LogGate::new();
     Stats::incr(&links.stats.links_refused);
     if let Some(held) = REFUSED.pass() {
         tracing::info!(node = %links.addr, reason = status.message(), held_back = held, "link refused");

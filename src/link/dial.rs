@@ -6,6 +6,7 @@
 //! their own deadlines (see `mesh::ensure_link`).
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::sync::oneshot;
@@ -34,6 +35,82 @@ struct Dialed {
     gate: oneshot::Sender<()>,
     incarnation: u64,
     channel: Channel,
+}
+
+/// Makes sure a link to `peer` is up or being dialed.
+pub(crate) fn ensure_link<H: Host>(
+    host: &Arc<H>,
+    peer: &Arc<Peer<H::Streams>>,
+) -> Result<(), RpcError> {
+    if peer.is_up() {
+        return Ok(());
+    }
+    let links = host.links();
+    let mut st = peer.state();
+    // Within the redial backoff, the dial is scheduled for its end rather than refused:
+    // what is sent meanwhile waits for it (within its own deadline) instead of failing
+    // with the previous dial's error, which may be stale by then (the peer came back).
+    let (backoff, until) = match &*st {
+        LinkState::Up { .. } | LinkState::Dialing { .. } => return Ok(()),
+        LinkState::Closed => {
+            return Err(RpcError::NoRoute {
+                to: peer.addr,
+                reason: "left membership".into(),
+            });
+        }
+        LinkState::Idle {
+            retry_at, backoff, ..
+        } => (*backoff, retry_at.filter(|at| Instant::now() < *at)),
+    };
+    let link_gen = links.next_gen();
+    peer.set_state(&mut st, LinkState::Dialing { link_gen, until });
+    drop(st);
+    let host = host.clone();
+    let peer = peer.clone();
+    // A root span: a dial started by a relay must not appear inside that link's span.
+    let span =
+        tracing::info_span!(parent: None, "dial", node = %links.addr, peer = %peer.addr, link_gen);
+    links.tracker.spawn(tracing::Instrument::instrument(
+        async move {
+            if let Some(until) = until
+                && !wait_to_redial(host.links(), &peer, link_gen, until).await
+            {
+                return;
+            }
+            dial(host, peer, link_gen, backoff).await
+        },
+        span,
+    ));
+    Ok(())
+}
+
+/// Waits for the end of the redial backoff, or for membership to say the peer changed.
+/// Returns whether the dial `link_gen` is still wanted (no link came up meanwhile).
+async fn wait_to_redial<S: LinkStreams>(
+    links: &Links<S>,
+    peer: &Peer<S>,
+    link_gen: u64,
+    until: Instant,
+) -> bool {
+    let now = peer.redial_now.notified();
+    tokio::pin!(now);
+    now.as_mut().enable();
+    if !peer.redial_hint.swap(false, Ordering::AcqRel) {
+        tokio::select! {
+            () = tokio::time::sleep_until(until) => {}
+            () = now => {}
+            _ = links.root.cancelled() => return false,
+        }
+    }
+    let mut st = peer.state();
+    match &mut *st {
+        LinkState::Dialing { link_gen: g, until } if *g == link_gen => {
+            // Dialing for real now: a link the peer dials meets the usual rule.
+            *until = None;
+            true
+        }
+        _ => false,
+    }
 }
 
 async fn try_dial<S: LinkStreams>(

@@ -20,7 +20,7 @@ use tokio::time::{Instant, Sleep};
 use tokio_stream::Stream;
 use tonic::transport::server::Connected;
 
-use crate::LogGate;
+use crate::gate::LogGate;
 use crate::hash::FastMap;
 use crate::stats::Stats;
 
@@ -39,7 +39,7 @@ pub(crate) struct Admission {
     /// Server side of TLS on links, if configured: the handshake runs inside the connection,
     /// under its deadline, driven by the server's first read or write.
     #[cfg(feature = "tls")]
-    tls: Option<crate::LinkTls>,
+    tls: Option<crate::link::tls::LinkTls>,
 }
 
 #[derive(Debug, Default)]
@@ -54,7 +54,7 @@ impl Admission {
         max_per_source: usize,
         deadline: Duration,
         stats: Arc<Stats>,
-        #[cfg(feature = "tls")] tls: Option<crate::LinkTls>,
+        #[cfg(feature = "tls")] tls: Option<crate::link::tls::LinkTls>,
     ) -> Arc<Self> {
         Arc::new(Admission {
             max_total,

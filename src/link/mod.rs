@@ -18,5 +18,6 @@ pub(crate) mod reader;
 pub(crate) mod tls;
 pub(crate) mod writer;
 
-pub(crate) use mesh::{Host, Links, drop_peer, ensure_link, peer_left};
+pub(crate) use dial::ensure_link;
+pub(crate) use mesh::{Host, Links, drop_peer, peer_left};
 pub(crate) use peer::{LinkState, LinkStreams, Outbound, Outcome, Peer};

@@ -215,7 +215,7 @@ impl<S: LinkStreams> Peer<S> {
     /// in `closes_dropped` and logged (gated): the far end then learns of the end only at its
     /// own timeout, which is why it is counted.
     pub(crate) fn try_send_close(&self, env: Envelope, stats: &Stats) {
-        static DROPPED: crate::LogGate = crate::LogGate::new();
+        static DROPPED: crate::gate::LogGate = crate::gate::LogGate::new();
         if let Err((e, _)) = self.try_enqueue(Outbound {
             env,
             deadline: None,

@@ -43,7 +43,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use tokio::net::TcpStream;
 
-use crate::LogicAddr;
+use crate::addr::LogicAddr;
 
 /// What is wrong with a TLS configuration.
 #[derive(Debug, thiserror::Error)]

@@ -418,7 +418,7 @@ impl Inner {
                 Err(e) => return Err(WatchEnd::Failed(failed(&self.endpoints, "watch", e))),
             };
             if resp.canceled() || resp.compact_revision() > 0 {
-                static CANCELLED: crate::LogGate = crate::LogGate::new();
+                static CANCELLED: crate::gate::LogGate = crate::gate::LogGate::new();
                 if let Some(held) = CANCELLED.pass() {
                     tracing::info!(
                         reason = resp.cancel_reason(),

@@ -396,3 +396,26 @@ impl Host for Inner {
         self.bounce(via, relayed, error)
     }
 }
+
+/// The caller's side of RPC sends through the node.
+impl crate::rpc::caller::Sender for Arc<Inner> {
+    fn path_for_call(&self, to: LogicAddr, len: usize) -> Result<Arc<Peer>, RpcError> {
+        self.check_running()?;
+        self.check_size(len)?;
+        let peer = self.peer_for(to)?;
+        crate::link::ensure_link(self, &peer)?;
+        Ok(peer)
+    }
+
+    fn call_id(&self) -> u64 {
+        self.next_call_id()
+    }
+
+    fn envelope(&self, to: LogicAddr, body: Body) -> Envelope {
+        Inner::envelope(self, to, body)
+    }
+
+    fn queued(&self, peer: &Arc<Peer>) {
+        self.after_enqueue(peer)
+    }
+}

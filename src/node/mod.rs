@@ -11,18 +11,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::oneshot;
 
 pub use builder::NodeBuilder;
 use inner::{Inner, Phase};
 
 use crate::addr::LogicAddr;
 use crate::error::StreamError;
-use crate::error::{ErrorCode, RpcError, SelectError, StartError};
-use crate::link::{Outbound, Outcome};
+use crate::error::{RpcError, SelectError, StartError};
+use crate::link::Outbound;
 use crate::membership::Member;
 use crate::message::Cmd;
 use crate::proto::{self, envelope::Body, message::Kind};
+use crate::rpc::caller;
 use crate::stats::StatsSnapshot;
 use crate::stream::Peer;
 use crate::stream::{Stream, StreamMeta};
@@ -48,39 +48,11 @@ impl std::fmt::Debug for Node {
     }
 }
 
-/// A call whose request is queued (or, when the queue was full, handed back to wait with).
-struct Started {
-    peer: Arc<Peer>,
-    id: u64,
-    rx: oneshot::Receiver<Outcome>,
-    /// The request, when the queue was full and it still has to wait for room.
-    full: Option<Box<Outbound>>,
-}
-
 /// Why a one-way body was not queued at once.
 enum Pushback {
     /// The queue is full; the item to wait with.
     Full(Arc<Peer>, Box<Outbound>),
     Failed(RpcError),
-}
-
-/// Removes a call's waiting slot if the caller stops waiting first.
-struct PendingGuard<'a> {
-    peer: &'a Peer,
-    id: u64,
-    armed: bool,
-}
-
-impl Drop for PendingGuard<'_> {
-    fn drop(&mut self) {
-        if self.armed {
-            self.peer.take_pending(self.id);
-        }
-    }
-}
-
-fn millis(d: Duration) -> u32 {
-    u32::try_from(d.as_millis()).unwrap_or(u32::MAX).max(1)
 }
 
 impl Node {
@@ -151,127 +123,8 @@ impl Node {
         timeout: Duration,
     ) -> Result<Bytes, RpcError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let started = self.begin_call(to, method, payload, timeout, deadline)?;
-        self.finish_call(started, to, method, timeout, deadline)
-            .await
-    }
-
-    /// Waits for the outcome of a call [`Node::begin_call`] started.
-    async fn finish_call(
-        &self,
-        Started { peer, id, rx, full }: Started,
-        to: LogicAddr,
-        method: &str,
-        timeout: Duration,
-        deadline: tokio::time::Instant,
-    ) -> Result<Bytes, RpcError> {
-        let mut guard = PendingGuard {
-            peer: &peer,
-            id,
-            armed: true,
-        };
-        if let Some(item) = full {
-            peer.enqueue(*item, timeout).await?;
-            self.inner.after_enqueue(&peer);
-        }
-        let outcome = match tokio::time::timeout_at(deadline, rx).await {
-            Ok(Ok(o)) => o,
-            Ok(Err(_)) => Outcome::Failed(RpcError::PeerLost {
-                peer: to,
-                cause: "the call was abandoned".into(),
-            }),
-            Err(_) => Outcome::Failed(RpcError::Timeout {
-                to,
-                method: method.into(),
-                after: timeout,
-            }),
-        };
-        guard.armed = false;
-        match outcome {
-            Outcome::Reply(p) => Ok(p),
-            Outcome::Failed(RpcError::Timeout { .. }) => Err(RpcError::Timeout {
-                to,
-                method: method.into(),
-                after: timeout,
-            }),
-            Outcome::Failed(e) => Err(e),
-            Outcome::Remote { code, message } => Err(match ErrorCode(code) {
-                ErrorCode::NO_METHOD => RpcError::NoMethod {
-                    to,
-                    method: method.into(),
-                },
-                ErrorCode::BUSY => RpcError::Busy { to },
-                ErrorCode::SHUTDOWN => RpcError::Shutdown { node: to },
-                ErrorCode::NO_ROUTE => RpcError::NoRoute {
-                    to,
-                    reason: message,
-                },
-                ErrorCode::PEER_LOST => RpcError::PeerLost {
-                    peer: to,
-                    cause: message,
-                },
-                ErrorCode::HOP_BUSY => RpcError::PathBusy {
-                    to,
-                    reason: message,
-                },
-                code => RpcError::Remote { to, code, message },
-            }),
-        }
-    }
-
-    /// Registers a call and queues its request without waiting (see [`Node::push_now`]); a full
-    /// queue hands the request back to wait with.
-    fn begin_call(
-        &self,
-        to: LogicAddr,
-        method: &str,
-        payload: Bytes,
-        timeout: Duration,
-        deadline: tokio::time::Instant,
-    ) -> Result<Started, RpcError> {
-        let inner = &self.inner;
-        inner.check_running()?;
-        // The method name rides in the same envelope, so it counts against the limit.
-        inner.check_size(payload.len() + method.len())?;
-        let peer = inner.peer_for(to)?;
-        crate::link::ensure_link(inner, &peer)?;
-        let id = inner.next_call_id();
-        let (tx, rx) = oneshot::channel();
-        peer.add_pending(id, to, tx);
-        let item = Outbound {
-            env: inner.envelope(
-                to,
-                Body::Request(proto::Request {
-                    id,
-                    method: method.to_owned(),
-                    payload,
-                    timeout_ms: millis(timeout),
-                    oneway: false,
-                }),
-            ),
-            deadline: Some(deadline),
-        };
-        match peer.try_enqueue(item) {
-            Ok(()) => {
-                inner.after_enqueue(&peer);
-                Ok(Started {
-                    peer,
-                    id,
-                    rx,
-                    full: None,
-                })
-            }
-            Err((RpcError::QueueFull { .. }, item)) => Ok(Started {
-                peer,
-                id,
-                rx,
-                full: Some(Box::new(item)),
-            }),
-            Err((e, _)) => {
-                peer.take_pending(id);
-                Err(e)
-            }
-        }
+        let started = caller::begin(&self.inner, to, method, payload, timeout, deadline)?;
+        caller::finish(&self.inner, started, to, method, timeout, deadline).await
     }
 
     /// Calls `method` on `to` and runs `callback` with the outcome, for code that must not
@@ -290,12 +143,12 @@ impl Node {
     {
         // Queue the request now, so it keeps its place among this caller's other sends.
         let deadline = tokio::time::Instant::now() + timeout;
-        let started = self.begin_call(to, method, payload, timeout, deadline);
-        let node = self.clone();
+        let started = caller::begin(&self.inner, to, method, payload, timeout, deadline);
+        let inner = self.inner.clone();
         let method = method.to_owned();
         let fut = async move {
             let result = match started {
-                Ok(s) => node.finish_call(s, to, &method, timeout, deadline).await,
+                Ok(s) => caller::finish(&inner, s, to, &method, timeout, deadline).await,
                 Err(e) => Err(e),
             };
             callback(result)
@@ -317,7 +170,7 @@ impl Node {
             id: 0,
             method: method.to_owned(),
             payload,
-            timeout_ms: millis(self.inner.config.send_timeout),
+            timeout_ms: caller::millis(self.inner.config.send_timeout),
             oneway: true,
         });
         self.push(to, body).await

@@ -1,5 +1,7 @@
 //! RPC: handlers, the context they see, and the [`Replyer`] that answers exactly once.
 
+pub(crate) mod caller;
+
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
@@ -208,25 +210,26 @@ impl ServerShared {
             },
             deadline,
         };
-        let done = move |this: &ServerShared, peer: &Peer, error: Option<crate::RpcError>| {
-            if let Some(e) = error {
-                Stats::incr(&this.stats.responses_dropped);
-                tracing::warn!(%to, error = %e, "response dropped");
-            }
-            if holds_permit {
-                this.release(peer, to);
-            }
-        };
+        let done =
+            move |this: &ServerShared, peer: &Peer, error: Option<crate::error::RpcError>| {
+                if let Some(e) = error {
+                    Stats::incr(&this.stats.responses_dropped);
+                    tracing::warn!(%to, error = %e, "response dropped");
+                }
+                if holds_permit {
+                    this.release(peer, to);
+                }
+            };
         let mut item = match peer.try_enqueue(item) {
             Ok(()) => return done(self, peer, None),
-            Err((crate::RpcError::QueueFull { .. }, item)) => item,
+            Err((crate::error::RpcError::QueueFull { .. }, item)) => item,
             Err((e, _)) => return done(self, peer, Some(e)),
         };
         let (Some(rt), true) = (self.runtime.get(), self.reserve_waiting()) else {
             return done(
                 self,
                 peer,
-                Some(crate::RpcError::QueueFull {
+                Some(crate::error::RpcError::QueueFull {
                     peer: peer.addr,
                     capacity: self.limit,
                 }),
