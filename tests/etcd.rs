@@ -380,8 +380,7 @@ async fn a_killed_node_stops_being_picked_within_the_lease_ttl_and_returns_when_
     let mut c = client(&etcd).await;
     let me = start_node(&etcd, &mut c, "1.1.1").await;
     // The server runs as a separate process, so it can be killed without any goodbye.
-    let (l, net) = bind();
-    drop(l);
+    let net = format!("127.0.0.1:{}", etcd_server::free_port());
     let server = a("1.2.1");
     put_member(&mut c, &Member::new(server, net)).await;
     let exe = std::env::current_exe().unwrap();

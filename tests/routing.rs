@@ -87,11 +87,9 @@ async fn a_frozen_node_behind_a_harbor_does_not_stall_other_destinations() {
             &format!("[[member]]\naddr = \"{addr}\"\nnet_addr = \"{net}\"\nexport = {export}\n\n");
         listeners.push((addr, l));
     }
-    let frozen_net = {
-        let (l, net) = support::bind();
-        drop(l);
-        net
-    };
+    // Free for the child to bind later (a port released from the ephemeral range could be
+    // taken meanwhile).
+    let frozen_net = format!("127.0.0.1:{}", support::ports::free_port());
     text += &format!("[[member]]\naddr = \"2.1.1\"\nnet_addr = \"{frozen_net}\"\nexport = true\n");
     std::fs::write(&members, text).unwrap();
 
@@ -218,11 +216,9 @@ async fn no_stale_errors_once_a_peer_is_back() {
     std::fs::create_dir_all(&dir).unwrap();
     let members = dir.join("members.toml");
     let (l, net) = support::bind();
-    let peer_net = {
-        let (l, net) = support::bind();
-        drop(l);
-        net
-    };
+    // Nobody listens there until the peer starts (a port from below the ephemeral range, so
+    // no outgoing connection takes it meanwhile).
+    let peer_net = format!("127.0.0.1:{}", support::ports::free_port());
     std::fs::write(
         &members,
         format!(

@@ -32,11 +32,18 @@ fn harbor() -> Command {
     c
 }
 
+/// A number for a config file no other test of this process writes.
+fn next_file() -> u32 {
+    static FILES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    FILES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Runs the harbor with `config` as its file and `args`; returns (exit code, stderr).
 fn run_with_config(config: &str, args: &[&str]) -> (i32, String) {
     let dir = std::env::temp_dir().join(format!("cg-harbor-cfg-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("{}.toml", config.len()));
+    // A file of its own per run: tests run in parallel.
+    let path = dir.join(format!("{}.toml", next_file()));
     std::fs::write(&path, config).unwrap();
     let out = harbor()
         .arg("--config")
@@ -233,9 +240,12 @@ fn start_harbor_with(etcd: &Etcd, addr: &str, config: Option<&str>) -> HarborPro
         }
     }
     if let Some(config) = config {
+        // A file of its own per start: tests run in parallel, and two of them start a
+        // 2.255.1 with different files (one harbor once read the other's deny policy).
+        let n = next_file();
         let dir = std::env::temp_dir().join(format!("cg-harbor-run-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(format!("{addr}.toml"));
+        let path = dir.join(format!("{addr}-{n}.toml"));
         std::fs::write(&path, config).unwrap();
         cmd.arg("--config").arg(path);
     }
