@@ -52,6 +52,8 @@
 #![forbid(unsafe_code)]
 
 mod addr;
+#[cfg(feature = "admin")]
+pub mod admin;
 mod config;
 mod error;
 mod gate;
@@ -59,6 +61,7 @@ mod hash;
 mod link;
 pub mod membership;
 mod message;
+mod metrics;
 mod node;
 #[doc(hidden)]
 pub mod proto;

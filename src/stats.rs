@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 macro_rules! counters {
-    ($($(#[$doc:meta])* $name:ident,)*) => {
+    ($($(#[doc = $doc:literal])* $name:ident,)*) => {
         #[derive(Debug, Default)]
         pub(crate) struct Stats {
             $(pub(crate) $name: AtomicU64,)*
@@ -21,7 +21,14 @@ macro_rules! counters {
         #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
         #[non_exhaustive]
         pub struct StatsSnapshot {
-            $($(#[$doc])* pub $name: u64,)*
+            $($(#[doc = $doc])* pub $name: u64,)*
+        }
+
+        impl StatsSnapshot {
+            /// Every counter: its name, its description, its value.
+            pub(crate) fn each(&self) -> Vec<(&'static str, &'static str, u64)> {
+                vec![$((stringify!($name), concat!($($doc, "\n",)*), self.$name),)*]
+            }
         }
     };
 }

@@ -153,6 +153,11 @@ impl<S: LinkStreams> Peer<S> {
         })
     }
 
+    /// Envelopes waiting in the queue now.
+    pub(crate) fn queued(&self) -> usize {
+        self.capacity.saturating_sub(self.tx.capacity())
+    }
+
     pub(crate) fn is_up(&self) -> bool {
         self.up.load(Ordering::Acquire)
     }

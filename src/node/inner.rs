@@ -101,6 +101,8 @@ pub(crate) struct Inner {
     pub(crate) relay_in_flight: std::sync::atomic::AtomicUsize,
     /// The harbor each active pair of nodes takes.
     pub(crate) sticky: router::StickyPaths,
+    /// Durations of the calls this node makes, by method and outcome.
+    pub(crate) client_calls: crate::metrics::ClientCalls,
 }
 
 impl Inner {
@@ -136,6 +138,7 @@ impl Inner {
             stats: stats.clone(),
             runtime: OnceLock::new(),
             cancel: root.clone(),
+            calls: crate::metrics::ServerCalls::new(rpcs.keys()),
         });
         let live_streams = Arc::new(Live {
             stats: stats.clone(),
@@ -189,6 +192,7 @@ impl Inner {
             relay_layers,
             relay_in_flight: Default::default(),
             sticky: Default::default(),
+            client_calls: Default::default(),
         })
     }
 
@@ -417,5 +421,14 @@ impl crate::rpc::caller::Sender for Arc<Inner> {
 
     fn queued(&self, peer: &Arc<Peer>) {
         self.after_enqueue(peer)
+    }
+
+    fn record_call(
+        &self,
+        method: &str,
+        outcome: crate::metrics::Outcome,
+        took: std::time::Duration,
+    ) {
+        self.client_calls.record(method, outcome, took)
     }
 }

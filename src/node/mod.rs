@@ -48,6 +48,10 @@ impl std::fmt::Debug for Node {
     }
 }
 
+/// The node's shared state, as the admin listener reads it.
+#[cfg(feature = "admin")]
+pub(crate) type InnerRef = Arc<Inner>;
+
 /// Why a one-way body was not queued at once.
 enum Pushback {
     /// The queue is full; the item to wait with.
@@ -69,6 +73,22 @@ impl Node {
     /// The socket address the node listens on, once started.
     pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
         self.inner.local_addr.get().copied()
+    }
+
+    /// `Ok` when this node is running, listed in membership and available there (under etcd:
+    /// its lease is alive); else why not. What `/ready` answers (see `clustergo::admin`, feature `admin`).
+    pub fn readiness(&self) -> Result<(), String> {
+        let inner = &self.inner;
+        if !self.is_running() {
+            return Err(format!("{} is {:?}", self.addr(), inner.phase()).to_lowercase());
+        }
+        match inner.view().get(self.addr()) {
+            None => Err(format!("{} is not in membership", self.addr())),
+            Some(m) if !m.available => {
+                Err(format!("{} is not available in membership", self.addr()))
+            }
+            Some(_) => Ok(()),
+        }
     }
 
     /// Whether the node is started and not shutting down.
@@ -394,7 +414,7 @@ impl Node {
         .await
     }
 
-    #[cfg(test)]
+    #[cfg(any(test, feature = "admin"))]
     pub(crate) fn inner_arc(&self) -> Arc<Inner> {
         self.inner.clone()
     }

@@ -94,6 +94,11 @@ impl Relays {
         let _ = calls.insert(key, (via, until, came_by), limit);
     }
 
+    /// Relayed calls waiting for their answers here now.
+    pub(crate) fn calls_in_flight(&self) -> usize {
+        lock(&self.calls).len()
+    }
+
     /// The neighbour the request `(caller, id)` came by, if it is being relayed here.
     pub(crate) fn came_by(&self, caller: u32, id: u64) -> Option<LogicAddr> {
         lock(&self.calls).get(&(caller, id)).map(|e| e.2)

@@ -13,7 +13,9 @@ use tokio::time::Instant;
 
 use crate::addr::LogicAddr;
 use crate::error::{ErrorCode, RpcError};
-use crate::link::{Outbound, Outcome};
+use crate::link::Outbound;
+use crate::link::Outcome as Answer;
+use crate::metrics::Outcome;
 use crate::proto::{self, Envelope, envelope::Body};
 use crate::stream::Peer;
 
@@ -29,13 +31,15 @@ pub(crate) trait Sender {
     fn envelope(&self, to: LogicAddr, body: Body) -> Envelope;
     /// Something was queued on `peer` (dials it if its link went down meanwhile).
     fn queued(&self, peer: &Arc<Peer>);
+    /// A call of `method` ended with `outcome` after `took`.
+    fn record_call(&self, method: &str, outcome: Outcome, took: Duration);
 }
 
 /// A call whose request is queued (or waiting for room) and whose answer is awaited.
 pub(crate) struct Started {
     peer: Arc<Peer>,
     id: u64,
-    rx: oneshot::Receiver<Outcome>,
+    rx: oneshot::Receiver<Answer>,
     /// The request, when the queue was full and it still has to wait for room.
     full: Option<Box<Outbound>>,
 }
@@ -71,7 +75,9 @@ pub(crate) fn begin<S: Sender>(
     deadline: Instant,
 ) -> Result<Started, RpcError> {
     // The method name rides in the same envelope, so it counts against the limit.
-    let peer = node.path_for_call(to, payload.len() + method.len())?;
+    let peer = node
+        .path_for_call(to, payload.len() + method.len())
+        .inspect_err(|e| node.record_call(method, Outcome::of_error(e), Duration::ZERO))?;
     let id = node.call_id();
     let (tx, rx) = oneshot::channel();
     peer.add_pending(id, to, tx);
@@ -106,6 +112,7 @@ pub(crate) fn begin<S: Sender>(
         }),
         Err((e, _)) => {
             peer.take_pending(id);
+            node.record_call(method, Outcome::of_error(&e), Duration::ZERO);
             Err(e)
         }
     }
@@ -113,6 +120,25 @@ pub(crate) fn begin<S: Sender>(
 
 /// Waits for the outcome of a call [`begin`] started, until `deadline`.
 pub(crate) async fn finish<S: Sender>(
+    node: &S,
+    started: Started,
+    to: LogicAddr,
+    method: &str,
+    timeout: Duration,
+    deadline: Instant,
+) -> Result<Bytes, RpcError> {
+    let result = wait(node, started, to, method, timeout, deadline).await;
+    let outcome = match &result {
+        Ok(_) => Outcome::Ok,
+        Err(e) => Outcome::of_error(e),
+    };
+    // The call began `timeout` before its deadline: no clock read at its start.
+    let began = deadline.checked_sub(timeout).unwrap_or(deadline);
+    node.record_call(method, outcome, began.elapsed());
+    result
+}
+
+async fn wait<S: Sender>(
     node: &S,
     Started { peer, id, rx, full }: Started,
     to: LogicAddr,
@@ -131,11 +157,11 @@ pub(crate) async fn finish<S: Sender>(
     }
     let outcome = match tokio::time::timeout_at(deadline, rx).await {
         Ok(Ok(o)) => o,
-        Ok(Err(_)) => Outcome::Failed(RpcError::PeerLost {
+        Ok(Err(_)) => Answer::Failed(RpcError::PeerLost {
             peer: to,
             cause: "the call was abandoned".into(),
         }),
-        Err(_) => Outcome::Failed(RpcError::Timeout {
+        Err(_) => Answer::Failed(RpcError::Timeout {
             to,
             method: method.into(),
             after: timeout,
@@ -143,14 +169,14 @@ pub(crate) async fn finish<S: Sender>(
     };
     guard.armed = false;
     match outcome {
-        Outcome::Reply(p) => Ok(p),
-        Outcome::Failed(RpcError::Timeout { .. }) => Err(RpcError::Timeout {
+        Answer::Reply(p) => Ok(p),
+        Answer::Failed(RpcError::Timeout { .. }) => Err(RpcError::Timeout {
             to,
             method: method.into(),
             after: timeout,
         }),
-        Outcome::Failed(e) => Err(e),
-        Outcome::Remote { code, message } => Err(remote_error(to, method, code, message)),
+        Answer::Failed(e) => Err(e),
+        Answer::Remote { code, message } => Err(remote_error(to, method, code, message)),
     }
 }
 

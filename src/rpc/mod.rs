@@ -101,6 +101,8 @@ pub(crate) struct ServerShared {
     /// Fires at the end of shutdown: handlers still running then are dropped (their callers
     /// have been told `Shutdown` or `PeerLost` by then).
     pub(crate) cancel: tokio_util::sync::CancellationToken,
+    /// Durations of the calls served here, by method and outcome.
+    pub(crate) calls: crate::metrics::ServerCalls,
 }
 
 impl ServerShared {
@@ -266,7 +268,14 @@ impl ServerShared {
         id: u64,
         payload: Bytes,
     ) {
+        let started = Instant::now();
+        let slot = self.calls.slot(&ctx.method);
         let refuse = |code: ErrorCode, message: String| {
+            self.calls.record(
+                slot,
+                crate::metrics::Outcome::of_code(code),
+                started.elapsed(),
+            );
             if !ctx.oneway {
                 self.respond(
                     peer,
@@ -295,6 +304,8 @@ impl ServerShared {
             id,
             oneway: ctx.oneway,
             deadline: ctx.deadline,
+            slot,
+            started,
         };
         match handler {
             RpcHandler::Replyer(f) => {
@@ -365,6 +376,9 @@ pub struct Replyer {
     id: u64,
     oneway: bool,
     deadline: Option<Instant>,
+    /// The method's slot in the server's call metrics.
+    slot: usize,
+    started: Instant,
 }
 
 impl std::fmt::Debug for Replyer {
@@ -392,6 +406,13 @@ impl Replyer {
         let Some(shared) = self.shared.take() else {
             return;
         };
+        let outcome = match &result {
+            Ok(_) => crate::metrics::Outcome::Ok,
+            Err(e) => crate::metrics::Outcome::of_code(e.code),
+        };
+        shared
+            .calls
+            .record(self.slot, outcome, self.started.elapsed());
         if self.oneway {
             shared.release(&self.peer, self.to);
         } else {

@@ -1,0 +1,285 @@
+//! Call metrics kept on the hot path: a duration histogram per method and outcome, for the
+//! calls this node serves and the calls it makes. Plain atomics, no lock on the server side
+//! (its methods are fixed when the node is built) and a read lock on the caller's side; read
+//! only when scraped (see `admin`).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use crate::error::{ErrorCode, RpcError};
+use crate::hash::FastMap;
+
+/// Upper bounds of the duration buckets, in seconds (the last bucket, +Inf, is implied).
+pub(crate) const BUCKETS: [f64; 14] = [
+    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
+/// The method label for a request whose method this node does not serve.
+pub(crate) const UNKNOWN_METHOD: &str = "_unknown";
+/// The method label for calls past [`MAX_CLIENT_METHODS`] distinct methods.
+pub(crate) const OTHER_METHOD: &str = "_other";
+/// Distinct methods the caller's side keeps apart; the rest share [`OTHER_METHOD`].
+pub(crate) const MAX_CLIENT_METHODS: usize = 256;
+
+/// A duration histogram: per-bucket counts and the sum, each an atomic.
+#[derive(Debug, Default)]
+pub(crate) struct Histogram {
+    /// Counts per bucket (not cumulative); the last is +Inf.
+    buckets: [AtomicU64; BUCKETS.len() + 1],
+    sum_nanos: AtomicU64,
+}
+
+impl Histogram {
+    pub(crate) fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(BUCKETS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    /// (sum in seconds, count, per-bucket counts with their upper bounds; +Inf as `f64::MAX`).
+    pub(crate) fn read(&self) -> (f64, u64, Vec<(f64, u64)>) {
+        let counts: Vec<u64> = self
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        let bounds = BUCKETS.iter().copied().chain([f64::MAX]);
+        let buckets: Vec<(f64, u64)> = bounds.zip(counts.iter().copied()).collect();
+        let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        (sum, counts.iter().sum(), buckets)
+    }
+}
+
+/// How a call ended, as the `outcome` label says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    Ok,
+    /// The handler answered an error of its own.
+    Error,
+    NoMethod,
+    Busy,
+    Timeout,
+    NoRoute,
+    PeerLost,
+    PathBusy,
+    Shutdown,
+    TooLarge,
+    Panicked,
+    Other,
+}
+
+impl Outcome {
+    pub(crate) const ALL: [Outcome; 12] = [
+        Outcome::Ok,
+        Outcome::Error,
+        Outcome::NoMethod,
+        Outcome::Busy,
+        Outcome::Timeout,
+        Outcome::NoRoute,
+        Outcome::PeerLost,
+        Outcome::PathBusy,
+        Outcome::Shutdown,
+        Outcome::TooLarge,
+        Outcome::Panicked,
+        Outcome::Other,
+    ];
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Error => "error",
+            Outcome::NoMethod => "no_method",
+            Outcome::Busy => "busy",
+            Outcome::Timeout => "timeout",
+            Outcome::NoRoute => "no_route",
+            Outcome::PeerLost => "peer_lost",
+            Outcome::PathBusy => "path_busy",
+            Outcome::Shutdown => "shutdown",
+            Outcome::TooLarge => "too_large",
+            Outcome::Panicked => "panicked",
+            Outcome::Other => "other",
+        }
+    }
+
+    /// The outcome of an error answer with `code`.
+    pub(crate) fn of_code(code: ErrorCode) -> Outcome {
+        match code {
+            ErrorCode::NO_METHOD => Outcome::NoMethod,
+            ErrorCode::BUSY => Outcome::Busy,
+            ErrorCode::SHUTDOWN => Outcome::Shutdown,
+            ErrorCode::NO_ROUTE => Outcome::NoRoute,
+            ErrorCode::PEER_LOST => Outcome::PeerLost,
+            ErrorCode::HOP_BUSY => Outcome::PathBusy,
+            ErrorCode::TOO_LARGE => Outcome::TooLarge,
+            ErrorCode::PANICKED => Outcome::Panicked,
+            _ => Outcome::Error,
+        }
+    }
+
+    /// The outcome of a call that failed with `e` at the caller.
+    pub(crate) fn of_error(e: &RpcError) -> Outcome {
+        match e {
+            RpcError::Timeout { .. } => Outcome::Timeout,
+            RpcError::NoMethod { .. } => Outcome::NoMethod,
+            RpcError::Busy { .. } => Outcome::Busy,
+            RpcError::Shutdown { .. } => Outcome::Shutdown,
+            RpcError::NoRoute { .. } => Outcome::NoRoute,
+            RpcError::PeerLost { .. } => Outcome::PeerLost,
+            RpcError::PathBusy { .. } => Outcome::PathBusy,
+            RpcError::Remote { code, .. } => Outcome::of_code(*code),
+            _ => Outcome::Other,
+        }
+    }
+}
+
+/// The calls of one method: a histogram per outcome.
+#[derive(Debug, Default)]
+pub(crate) struct CallStats {
+    by_outcome: [Histogram; Outcome::ALL.len()],
+}
+
+impl CallStats {
+    pub(crate) fn record(&self, outcome: Outcome, d: Duration) {
+        self.by_outcome[outcome as usize].observe(d);
+    }
+
+    /// The histograms with at least one call, by outcome.
+    pub(crate) fn each(&self) -> impl Iterator<Item = (Outcome, &Histogram)> {
+        Outcome::ALL
+            .iter()
+            .map(|o| (*o, &self.by_outcome[*o as usize]))
+            .filter(|(_, h)| h.buckets.iter().any(|b| b.load(Ordering::Relaxed) > 0))
+    }
+}
+
+/// The calls this node serves, by method: fixed when the node is built (its registered
+/// methods plus [`UNKNOWN_METHOD`]), so a lookup takes no lock and a caller cannot add labels.
+#[derive(Debug)]
+pub(crate) struct ServerCalls {
+    index: FastMap<String, usize>,
+    methods: Vec<(String, CallStats)>,
+}
+
+impl ServerCalls {
+    pub(crate) fn new<'a>(methods: impl IntoIterator<Item = &'a String>) -> ServerCalls {
+        let mut names: Vec<String> = methods.into_iter().cloned().collect();
+        names.sort();
+        names.insert(0, UNKNOWN_METHOD.to_owned());
+        ServerCalls {
+            index: names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (n.clone(), i))
+                .collect(),
+            methods: names
+                .into_iter()
+                .map(|n| (n, CallStats::default()))
+                .collect(),
+        }
+    }
+
+    /// The slot of `method` ([`UNKNOWN_METHOD`]'s if it is not served here).
+    pub(crate) fn slot(&self, method: &str) -> usize {
+        self.index.get(method).copied().unwrap_or(0)
+    }
+
+    pub(crate) fn record(&self, slot: usize, outcome: Outcome, d: Duration) {
+        if let Some((_, s)) = self.methods.get(slot) {
+            s.record(outcome, d);
+        }
+    }
+
+    pub(crate) fn each(&self) -> impl Iterator<Item = (&str, &CallStats)> {
+        self.methods.iter().map(|(n, s)| (n.as_str(), s))
+    }
+}
+
+/// The calls this node makes, by method: at most [`MAX_CLIENT_METHODS`] methods apart.
+#[derive(Debug, Default)]
+pub(crate) struct ClientCalls {
+    methods: RwLock<FastMap<String, Arc<CallStats>>>,
+}
+
+impl ClientCalls {
+    pub(crate) fn record(&self, method: &str, outcome: Outcome, d: Duration) {
+        let found = self
+            .methods
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(method)
+            .cloned();
+        let stats = match found {
+            Some(s) => s,
+            None => {
+                let mut methods = self.methods.write().unwrap_or_else(|e| e.into_inner());
+                let key = if methods.len() < MAX_CLIENT_METHODS || methods.contains_key(method) {
+                    method
+                } else {
+                    OTHER_METHOD
+                };
+                methods.entry(key.to_owned()).or_default().clone()
+            }
+        };
+        stats.record(outcome, d);
+    }
+
+    /// A copy of the table, for a scrape.
+    pub(crate) fn each(&self) -> Vec<(String, Arc<CallStats>)> {
+        let methods = self.methods.read().unwrap_or_else(|e| e.into_inner());
+        let mut all: Vec<_> = methods
+            .iter()
+            .map(|(m, s)| (m.clone(), s.clone()))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_histogram_counts_into_its_bucket_and_sums() {
+        let h = Histogram::default();
+        h.observe(Duration::from_micros(80));
+        h.observe(Duration::from_millis(3));
+        h.observe(Duration::from_secs(9));
+        let (sum, count, buckets) = h.read();
+        assert_eq!(count, 3);
+        assert!((sum - 9.00308).abs() < 1e-9, "{sum}");
+        assert_eq!(buckets[0], (0.0001, 1));
+        assert_eq!(buckets[5], (0.005, 1));
+        assert_eq!(buckets.last(), Some(&(f64::MAX, 1)));
+    }
+
+    #[test]
+    fn the_callers_methods_are_bounded() {
+        let c = ClientCalls::default();
+        for i in 0..MAX_CLIENT_METHODS + 10 {
+            c.record(&format!("m{i}"), Outcome::Ok, Duration::ZERO);
+        }
+        let all = c.each();
+        assert_eq!(all.len(), MAX_CLIENT_METHODS + 1);
+        let other = all.iter().find(|(m, _)| m == OTHER_METHOD).unwrap();
+        let (_, count, _) = other.1.by_outcome[0].read();
+        assert_eq!(count, 10);
+    }
+
+    #[test]
+    fn unknown_methods_share_one_server_slot() {
+        let methods = vec!["b".to_owned(), "a".to_owned()];
+        let s = ServerCalls::new(&methods);
+        assert_eq!(s.slot("nope"), 0);
+        assert_ne!(s.slot("a"), s.slot("b"));
+        s.record(s.slot("nope"), Outcome::NoMethod, Duration::ZERO);
+        let names: Vec<&str> = s.each().map(|(n, _)| n).collect();
+        assert_eq!(names, [UNKNOWN_METHOD, "a", "b"]);
+    }
+}
