@@ -52,6 +52,10 @@ pub(crate) struct Args {
     /// Key prefix of the harbors center.
     #[arg(long = "harbors-center-prefix", env = "HARBOR_CENTER_PREFIX")]
     pub(crate) center_prefix: Option<String>,
+    /// Where the admin endpoints listen (`/metrics`, `/live`, `/ready`, `/status`), e.g.
+    /// `0.0.0.0:9100`; off when unset.
+    #[arg(long, env = "HARBOR_ADMIN_LISTEN")]
+    pub(crate) admin_listen: Option<String>,
 }
 
 /// The file's layout; unknown keys are errors.
@@ -59,6 +63,7 @@ pub(crate) struct Args {
 #[serde(deny_unknown_fields)]
 struct File {
     addr: Option<String>,
+    admin_listen: Option<String>,
     shutdown_grace_secs: Option<u64>,
     max_envelope_bytes: Option<usize>,
     etcd: Option<EtcdFile>,
@@ -119,6 +124,8 @@ pub(crate) struct Config {
     pub(crate) relay_rate: Option<u64>,
     /// Cluster pairs `(from, to)` whose traffic is refused (`[relay] deny`).
     pub(crate) deny: Vec<(u16, u16)>,
+    /// Where the admin endpoints listen, if anywhere.
+    pub(crate) admin_listen: Option<std::net::SocketAddr>,
 }
 
 impl Config {
@@ -134,6 +141,13 @@ impl Config {
             None => File::default(),
         };
         let etcd = file.etcd.unwrap_or_default();
+        let admin_listen = match args.admin_listen.or(file.admin_listen) {
+            Some(text) => Some(
+                text.parse::<std::net::SocketAddr>()
+                    .map_err(|e| format!("admin_listen {text:?}: {e} (want host:port, e.g. 0.0.0.0:9100)"))?,
+            ),
+            None => None,
+        };
         let addr_text = args
             .addr
             .or(file.addr)
@@ -251,6 +265,7 @@ impl Config {
             deny,
             center,
             max_envelope,
+            admin_listen,
             addr,
             endpoints,
             prefix,

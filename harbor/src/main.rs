@@ -80,9 +80,24 @@ async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         builder
     };
     let node = builder.build();
+    // Up before the node starts: `/live` answers and `/ready` says why not while it starts.
+    let admin = match config.admin_listen {
+        Some(at) => Some(
+            clustergo::admin::Admin::new()
+                .node(&node)
+                .serve(at)
+                .await
+                .map_err(|e| format!("admin_listen {at}: {e}"))?,
+        ),
+        None => None,
+    };
     node.start().await?;
+    let admin_text = admin
+        .as_ref()
+        .map(|a| format!(", admin on {}", a.local_addr()))
+        .unwrap_or_default();
     println!(
-        "harbor {me} listening on {}",
+        "harbor {me} listening on {}{admin_text}",
         node.local_addr().ok_or("no listener")?
     );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

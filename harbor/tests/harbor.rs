@@ -3,6 +3,8 @@
 
 #[path = "../../tests/support/etcd.rs"]
 mod etcd_server;
+#[path = "../../tests/support/prometheus.rs"]
+mod prometheus_server;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -163,7 +165,7 @@ fn no_secret_no_harbor_unless_insecure_dev() {
 }
 
 /// A harbor process, killed (by its handle) if the test ends before it stops.
-struct HarborProc(Child);
+struct HarborProc(Child, String);
 
 impl Drop for HarborProc {
     fn drop(&mut self) {
@@ -269,7 +271,7 @@ fn start_harbor_with(etcd: &Etcd, addr: &str, config: Option<&str>) -> HarborPro
             println!("[{addr}] {line}");
         }
     });
-    HarborProc(child)
+    HarborProc(child, first)
 }
 
 async fn node(etcd: &Etcd, addr: &str, net: std::net::TcpListener) -> clustergo::NodeBuilder {
@@ -731,4 +733,55 @@ fn mutual_tls_lets_a_harbor_start_without_a_secret() {
         "{stderr}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A real Prometheus server scrapes two running harbors' admin endpoints: it finds them up,
+/// and the series an operator asks for first carry what the harbors did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_scrapes_running_harbors() {
+    let (etcd, server_net, client_net) = two_clusters(false).await;
+    let admin = Some("admin_listen = \"127.0.0.1:0\"\n");
+    let h1 = start_harbor_with(&etcd, "1.255.1", admin);
+    let h2 = start_harbor_with(&etcd, "2.255.1", admin);
+    let admin_of = |h: &HarborProc| -> String {
+        h.1.split("admin on ")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no admin address in {:?}", h.1))
+            .trim()
+            .to_owned()
+    };
+    let targets = [admin_of(&h1), admin_of(&h2)];
+    let server = node(&etcd, "1.1.1", server_net)
+        .await
+        .rpc("who", |ctx, _| async move {
+            Ok::<_, HandlerError>(Bytes::from(format!("{} called", ctx.from())))
+        })
+        .build();
+    start(&server).await;
+    let client = node(&etcd, "2.2.1", client_net).await.build();
+    start(&client).await;
+    call_when_routed(&client, a("1.1.1"), "who").await.unwrap();
+    for _ in 0..9 {
+        client.call(a("1.1.1"), "who", Bytes::new()).await.unwrap();
+    }
+    let prom = prometheus_server::Prometheus::start(etcd_server::free_port(), &targets);
+    let wait = Duration::from_secs(20);
+    tokio::task::spawn_blocking(move || {
+        prom.wait_for("sum(up)", wait, |v| v == 2.0);
+        // Each call and its answer crossed both harbors: ten each way, at least.
+        for h in ["1.255.1", "2.255.1"] {
+            let q = format!("clustergo_envelopes_forwarded_total{{node=\"{h}\"}}");
+            prom.wait_for(&q, wait, |v| v >= 20.0);
+            let q = format!("clustergo_links_up{{node=\"{h}\"}}");
+            prom.wait_for(&q, wait, |v| v >= 2.0);
+            let q = format!("clustergo_node_ready{{node=\"{h}\"}}");
+            prom.wait_for(&q, wait, |v| v == 1.0);
+            let q = format!("clustergo_members{{node=\"{h}\",state=\"available\"}}");
+            prom.wait_for(&q, wait, |v| v >= 3.0);
+        }
+    })
+    .await
+    .unwrap();
+    client.shutdown().await;
+    server.shutdown().await;
 }
