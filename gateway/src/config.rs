@@ -6,6 +6,7 @@
 //! backend_type = 1          # clients go to available nodes of this type
 //! policy = "random"         # or "sticky": the client's first frame picks the server
 //! shutdown_grace_secs = 10
+//! # admin_listen = "0.0.0.0:9100"  # /metrics, /live, /ready, /status (see clustergo::admin)
 //!
 //! [etcd]                    # or, without etcd: members_file = "members.toml"
 //! endpoints = ["http://127.0.0.1:2379"]
@@ -88,12 +89,17 @@ pub(crate) struct Args {
     /// KCP (UDP) listen address.
     #[arg(long, env = "GATEWAY_KCP")]
     pub(crate) kcp: Option<String>,
+    /// Where the admin endpoints listen (`/metrics`, `/live`, `/ready`, `/status`), e.g.
+    /// `0.0.0.0:9100`; off when unset.
+    #[arg(long, env = "GATEWAY_ADMIN_LISTEN")]
+    pub(crate) admin_listen: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
     addr: Option<String>,
+    admin_listen: Option<String>,
     backend_type: Option<u8>,
     policy: Option<String>,
     shutdown_grace_secs: Option<u64>,
@@ -252,6 +258,8 @@ pub(crate) struct Config {
     pub(crate) policy: Policy,
     pub(crate) membership: Membership,
     pub(crate) shutdown_grace: Duration,
+    /// Where the admin endpoints listen, if anywhere.
+    pub(crate) admin_listen: Option<std::net::SocketAddr>,
     pub(crate) tcp: Option<Listen>,
     pub(crate) websocket: Option<Listen>,
     pub(crate) kcp: Option<Listen>,
@@ -350,6 +358,12 @@ impl Config {
                 }
             }
         };
+        let admin_listen = match args.admin_listen.clone().or(file.admin_listen.clone()) {
+            Some(text) => Some(text.parse::<std::net::SocketAddr>().map_err(|e| {
+                format!("admin_listen {text:?}: {e} (want host:port, e.g. 0.0.0.0:9100)")
+            })?),
+            None => None,
+        };
         let grace = file.shutdown_grace_secs.unwrap_or(10);
         if !(1..=600).contains(&grace) {
             return Err(format!(
@@ -387,6 +401,7 @@ impl Config {
             policy,
             membership,
             shutdown_grace: Duration::from_secs(grace),
+            admin_listen,
             tcp,
             websocket,
             kcp,

@@ -12,6 +12,7 @@
 
 mod admission;
 mod config;
+mod metrics;
 mod session;
 mod state;
 mod transport;
@@ -144,7 +145,6 @@ async fn run(
             async move { Ok::<_, HandlerError>(Bytes::from(text)) }
         })
         .build();
-    node.start().await?;
     let gw = Arc::new(Gateway {
         node: node.clone(),
         backend_type: config.backend_type,
@@ -154,9 +154,27 @@ async fn run(
         shutdown: CancellationToken::new(),
         tasks: TaskTracker::new(),
         stats: Default::default(),
+        metrics: Default::default(),
         drains: Default::default(),
     });
     let _ = status_of.set(gw.clone());
+    // Up before the node starts: `/live` answers and `/ready` says why not while it starts.
+    let admin = match config.admin_listen {
+        Some(at) => {
+            let mut admin = clustergo::admin::Admin::new().node(&node);
+            admin
+                .registry_mut()
+                .register_collector(Box::new(metrics::GatewayCollector(gw.clone())));
+            Some(
+                admin
+                    .serve(at)
+                    .await
+                    .map_err(|e| format!("admin_listen {at}: {e}"))?,
+            )
+        }
+        None => None,
+    };
+    node.start().await?;
     let listeners = TaskTracker::new();
     let mut lines = vec![format!(
         "gateway {me} node on {}",
@@ -185,6 +203,9 @@ async fn run(
     if let Some(l) = kcp {
         lines.push(format!("kcp on {}", l.local_addr()?));
         gw.tasks.spawn(transport::kcp::serve(gw.clone(), l));
+    }
+    if let Some(a) = &admin {
+        lines.push(format!("admin on {}", a.local_addr()));
     }
     admission::check_descriptors(&config.limits);
     // One line for tools and tests to wait for: everything is bound and the node is up.

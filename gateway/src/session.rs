@@ -212,6 +212,7 @@ pub(crate) async fn serve<R: FrameRead, W: FrameWrite>(
         }
     };
     // A client now: trade the handshake's places for a client's.
+    let _counted = gw.metrics.client(info.transport);
     let _client = match handshake.promote(&gw.admission, info.peer) {
         Ok(c) => c,
         Err((code, reason)) => {
@@ -238,6 +239,9 @@ pub(crate) async fn serve<R: FrameRead, W: FrameWrite>(
     let mut up_buf = BytesMut::new();
     wire::put_frame(&mut up_buf, &first);
     gw.stats.frames_up.fetch_add(1, Ordering::Relaxed);
+    gw.metrics
+        .bytes_up
+        .fetch_add(first.len() as u64, Ordering::Relaxed);
 
     let owed = AtomicU32::new(0);
     let wake = Notify::new();
@@ -294,6 +298,9 @@ pub(crate) async fn serve<R: FrameRead, W: FrameWrite>(
                     }
                     Inbound::Data(frame) => {
                         gw.stats.frames_up.fetch_add(1, Ordering::Relaxed);
+                        gw.metrics
+                            .bytes_up
+                            .fetch_add(frame.len() as u64, Ordering::Relaxed);
                         wire::put_frame(&mut up_buf, &frame);
                     }
                     Inbound::Close(reason) => return End::ClientLeft(Some(reason)),
@@ -315,6 +322,10 @@ pub(crate) async fn serve<R: FrameRead, W: FrameWrite>(
                     gw.stats
                         .frames_down
                         .fetch_add(frames.len() as u64, Ordering::Relaxed);
+                    let bytes: usize = frames.iter().map(|f| f.len()).sum();
+                    gw.metrics
+                        .bytes_down
+                        .fetch_add(bytes as u64, Ordering::Relaxed);
                     frames.clear();
                 }
                 if buf.capacity() - buf.len() < 512 {
@@ -526,6 +537,19 @@ pub(crate) async fn goodbye<R: FrameRead, W: FrameWrite>(
 const LINGER: Duration = Duration::from_secs(1);
 
 fn log_end(gw: &Gateway, info: &ClientInfo, server: Option<LogicAddr>, end: &End) {
+    use crate::metrics::Ended;
+    let how = match end {
+        End::Client(Fault::Eof) | End::ClientLeft(_) => Ended::ClientLeft,
+        End::Client(_) => Ended::ClientFault,
+        End::Server(_) => Ended::ServerFailed,
+        End::ServerEnded | End::ServerClosed(_) => Ended::ServerClosed,
+        End::Shutdown => Ended::Shutdown,
+        End::Drained => Ended::Drained,
+    };
+    // The session began at accept, a handshake timeout before its handshake deadline.
+    let began = info.deadline.checked_sub(gw.limits.handshake_timeout);
+    let lasted = server.and(began).map(|b| b.elapsed());
+    gw.metrics.ended(how, info.transport, lasted);
     let server = server.map(|s| s.to_string()).unwrap_or_else(|| "-".into());
     match end {
         End::Client(Fault::Eof) => {

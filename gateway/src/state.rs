@@ -22,6 +22,8 @@ pub(crate) struct Gateway {
     pub(crate) shutdown: CancellationToken,
     pub(crate) tasks: TaskTracker,
     pub(crate) stats: Stats,
+    /// Metrics for the admin listener.
+    pub(crate) metrics: crate::metrics::Metrics,
     /// Per game server, cancelled when it leaves: its clients are closed so they reconnect.
     pub(crate) drains: std::sync::Mutex<std::collections::HashMap<LogicAddr, CancellationToken>>,
 }
@@ -168,6 +170,7 @@ mod tests {
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             stats: Stats::default(),
+            metrics: Default::default(),
             drains: Default::default(),
         };
         assert!(gw.drain_token(server).is_cancelled());

@@ -142,10 +142,9 @@ impl Config {
         };
         let etcd = file.etcd.unwrap_or_default();
         let admin_listen = match args.admin_listen.or(file.admin_listen) {
-            Some(text) => Some(
-                text.parse::<std::net::SocketAddr>()
-                    .map_err(|e| format!("admin_listen {text:?}: {e} (want host:port, e.g. 0.0.0.0:9100)"))?,
-            ),
+            Some(text) => Some(text.parse::<std::net::SocketAddr>().map_err(|e| {
+                format!("admin_listen {text:?}: {e} (want host:port, e.g. 0.0.0.0:9100)")
+            })?),
             None => None,
         };
         let addr_text = args

@@ -83,7 +83,10 @@ impl Prometheus {
         let addr = format!("127.0.0.1:{port}");
         let child = Command::new(binary())
             .arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
             .arg(format!("--web.listen-address={addr}"))
             .arg("--log.level=warn")
             .stdin(Stdio::null())
@@ -100,7 +103,10 @@ impl Prometheus {
             if matches!(http_get(&p.addr, "/-/ready"), Ok((200, _))) {
                 return p;
             }
-            assert!(Instant::now() < deadline, "prometheus not ready within 30 s");
+            assert!(
+                Instant::now() < deadline,
+                "prometheus not ready within 30 s"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }

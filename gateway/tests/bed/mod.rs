@@ -183,6 +183,8 @@ pub struct Gateway {
     pub tcp: String,
     pub ws: String,
     pub kcp: String,
+    /// The admin listener, when the config sets `admin_listen`.
+    pub admin: Option<String>,
     _dir: TempDir,
 }
 
@@ -277,6 +279,10 @@ pub fn gateway(etcd: &Etcd, extra: &str, tcp_extra: &str, ws_extra: &str) -> Gat
         tcp: field("tcp"),
         ws: field("websocket"),
         kcp: field("kcp"),
+        admin: first
+            .split("admin on ")
+            .nth(1)
+            .map(|rest| rest.split(',').next().unwrap_or(rest).trim().to_owned()),
         proc: Proc {
             child,
             name: "gateway".into(),
