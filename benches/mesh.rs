@@ -15,7 +15,8 @@
 //! Flags: `--multi-thread` (2-worker runtime in both processes; default current_thread),
 //! `--secs <f64>` (measured seconds per mode, default 3), `--smoke` (0.2 s per mode),
 //! `--mode <name>` (one mode only), `--tls` (links over mutual TLS, with a CA and certificates
-//! made for the run). Unknown arguments (cargo's `--bench`) are ignored.
+//! made for the run), `--no-call-metrics` (calls not timed into the duration histograms, in both
+//! processes). Unknown arguments (cargo's `--bench`) are ignored.
 //!
 //! Peer process: `peer --listen-port 0 --other 127.0.0.1:PORT [--multi-thread] [--tls-dir DIR]`. It prints
 //! `READY <node port> <raw port>` and exits by itself when its stdin closes.
@@ -79,6 +80,8 @@ struct Opts {
     /// Links over mutual TLS: the orchestrator makes a CA and a certificate for every bench
     /// address (`--tls`) and hands the directory to its peers (`--tls-dir`).
     tls_dir: Option<std::path::PathBuf>,
+    /// Calls not timed into the duration histograms (`NodeConfig::call_metrics(false)`).
+    no_call_metrics: bool,
 }
 
 fn parse(args: &[String]) -> Result<Opts, String> {
@@ -93,6 +96,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         members: None,
         run_as: None,
         tls_dir: None,
+        no_call_metrics: false,
     };
     let mut tls = false;
     let mut secs = None;
@@ -104,6 +108,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
             "--multi-thread" => o.multi_thread = true,
             "--smoke" => smoke = true,
             "--tls" => tls = true,
+            "--no-call-metrics" => o.no_call_metrics = true,
             "--tls-dir" => o.tls_dir = Some(value("--tls-dir")?.into()),
             "--secs" => {
                 let v = value("--secs")?;
@@ -182,6 +187,9 @@ pub(crate) struct ModeOutcome {
 /// prints the table and returns one outcome per mode run.
 pub(crate) fn entry(args: Vec<String>) -> Result<Vec<ModeOutcome>, String> {
     let opts = parse(&args)?;
+    if opts.no_call_metrics {
+        CALL_METRICS.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
     if let Some(dir) = &opts.tls_dir {
         let tls = clustergo::LinkTls::from_files(
             dir.join("ca.crt"),
@@ -240,9 +248,13 @@ fn addr(text: &str) -> LogicAddr {
 
 /// TLS on links for this process, when the run asked for it.
 static TLS: std::sync::OnceLock<clustergo::LinkTls> = std::sync::OnceLock::new();
+/// Calls timed into the histograms in this process (`--no-call-metrics` turns it off).
+static CALL_METRICS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
 fn config() -> NodeConfig {
-    let c = NodeConfig::default().secret(SECRET);
+    let c = NodeConfig::default()
+        .secret(SECRET)
+        .call_metrics(CALL_METRICS.load(std::sync::atomic::Ordering::Relaxed));
     match TLS.get() {
         Some(tls) => c.tls(tls.clone()),
         None => c,
@@ -536,6 +548,9 @@ async fn spawn_peer(opts: &Opts, args: &[String]) -> Result<(PeerProc, u16), Str
     }
     if let Some(dir) = &opts.tls_dir {
         cmd.arg("--tls-dir").arg(dir);
+    }
+    if opts.no_call_metrics {
+        cmd.arg("--no-call-metrics");
     }
     let mut child = cmd.spawn().map_err(|e| format!("spawn peer: {e}"))?;
     let stdin = child.stdin.take();

@@ -483,7 +483,7 @@ impl Collector for NodeCollector {
             .map(|(n, i)| (n, i.client_calls.each()))
             .collect();
         for (n, i) in &inners {
-            for (method, stats) in i.server.calls.each() {
+            for (method, stats) in i.server.calls.iter().flat_map(|c| c.each()) {
                 call_series(n, method, stats, &mut served);
             }
         }

@@ -64,6 +64,11 @@ pub struct NodeConfig {
     /// calls it relayed). Also how long a link to a peer that left membership is kept for what
     /// is under way on it (answers, streams already open; nothing new). Default 5 s.
     pub shutdown_grace: Duration,
+    /// Whether calls are timed into the duration histograms by method and outcome (see
+    /// `clustergo::admin`): a clock read at each end and a few relaxed atomic adds per call on
+    /// each side (about 5 % of the throughput of empty handlers at 128 calls in flight; see
+    /// BENCHMARKS.md). Counters and gauges cost nothing extra and stay. Default on.
+    pub call_metrics: bool,
     /// Envelopes queued per peer, dialing or connected. A full queue fails `try_send_*` at once
     /// and makes `send_*` / calls wait up to their deadline. Default 8192.
     pub peer_queue: usize,
@@ -148,6 +153,7 @@ impl Default for NodeConfig {
             redial_backoff_max: Duration::from_secs(2),
             start_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(5),
+            call_metrics: true,
             peer_queue: 8192,
             max_envelope: 1 << 20,
             batch_bytes: 64 << 10,
@@ -236,6 +242,8 @@ setters! {
     start_timeout: Duration;
     /// Sets [`NodeConfig::shutdown_grace`].
     shutdown_grace: Duration;
+    /// Sets [`NodeConfig::call_metrics`].
+    call_metrics: bool;
     /// Sets [`NodeConfig::peer_queue`].
     peer_queue: usize;
     /// Sets [`NodeConfig::max_envelope`].

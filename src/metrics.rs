@@ -30,15 +30,25 @@ pub(crate) struct Histogram {
     sum_nanos: AtomicU64,
 }
 
+/// [`BUCKETS`] in nanoseconds, for the comparison on the hot path.
+const BUCKET_NANOS: [u64; BUCKETS.len()] = {
+    let mut out = [0u64; BUCKETS.len()];
+    let mut i = 0;
+    while i < BUCKETS.len() {
+        out[i] = (BUCKETS[i] * 1e9) as u64;
+        i += 1;
+    }
+    out
+};
+
 impl Histogram {
     pub(crate) fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        let i = BUCKETS
+        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let i = BUCKET_NANOS
             .iter()
-            .position(|b| secs <= *b)
+            .position(|b| nanos <= *b)
             .unwrap_or(BUCKETS.len());
         self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
     }
 
@@ -208,25 +218,20 @@ pub(crate) struct ClientCalls {
 
 impl ClientCalls {
     pub(crate) fn record(&self, method: &str, outcome: Outcome, d: Duration) {
-        let found = self
-            .methods
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(method)
-            .cloned();
-        let stats = match found {
-            Some(s) => s,
-            None => {
-                let mut methods = self.methods.write().unwrap_or_else(|e| e.into_inner());
-                let key = if methods.len() < MAX_CLIENT_METHODS || methods.contains_key(method) {
-                    method
-                } else {
-                    OTHER_METHOD
-                };
-                methods.entry(key.to_owned()).or_default().clone()
+        {
+            let methods = self.methods.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(s) = methods.get(method) {
+                return s.record(outcome, d);
             }
+        }
+        // A method seen for the first time: added (or counted as `_other` past the bound).
+        let mut methods = self.methods.write().unwrap_or_else(|e| e.into_inner());
+        let key = if methods.len() < MAX_CLIENT_METHODS || methods.contains_key(method) {
+            method
+        } else {
+            OTHER_METHOD
         };
-        stats.record(outcome, d);
+        methods.entry(key.to_owned()).or_default().record(outcome, d);
     }
 
     /// A copy of the table, for a scrape.

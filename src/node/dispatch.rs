@@ -178,13 +178,15 @@ impl Inner {
         r: crate::proto::Request,
     ) {
         Stats::incr(&self.stats.requests_received);
+        // One clock read: the handler's deadline and the start of the call's duration.
+        let received = Instant::now();
         let ctx = CallContext {
             node: super::Node {
                 inner: self.clone(),
             },
             from,
             deadline: (r.timeout_ms > 0)
-                .then(|| Instant::now() + std::time::Duration::from_millis(r.timeout_ms.into())),
+                .then(|| received + std::time::Duration::from_millis(r.timeout_ms.into())),
             oneway: r.oneway,
             method: r.method,
         };
@@ -204,8 +206,9 @@ impl Inner {
             }
             return;
         }
-        let handler = self.rpcs.get(&ctx.method);
-        self.server.serve(handler, peer, ctx, r.id, r.payload);
+        let handler = self.rpcs.get(&ctx.method).map(|(h, slot)| (h, *slot));
+        self.server
+            .serve(handler, peer, ctx, received, r.id, r.payload);
     }
 
     fn handle_message(self: &Arc<Self>, from: LogicAddr, m: crate::proto::Message) {

@@ -61,7 +61,8 @@ pub(crate) struct Inner {
     pub(crate) addr: LogicAddr,
     pub(crate) config: NodeConfig,
     pub(crate) dev_secret: bool,
-    pub(crate) rpcs: FastMap<String, RpcHandler>,
+    /// The handlers by method, each with its slot in the server's call metrics.
+    pub(crate) rpcs: FastMap<String, (RpcHandler, usize)>,
     pub(crate) messages: MsgHandlers,
     pub(crate) stream_handler: Option<crate::stream::StreamHandler>,
     pub(crate) duplicates: Vec<String>,
@@ -121,6 +122,14 @@ impl Inner {
             relay_layers,
         } = handlers;
         let (secret, dev_secret) = config.resolve_secret();
+        let calls = crate::metrics::ServerCalls::new(rpcs.keys());
+        let rpcs = rpcs
+            .into_iter()
+            .map(|(m, h)| {
+                let slot = calls.slot(&m);
+                (m, (h, slot))
+            })
+            .collect();
         let stats = Arc::new(Stats::default());
         let root = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -138,7 +147,7 @@ impl Inner {
             stats: stats.clone(),
             runtime: OnceLock::new(),
             cancel: root.clone(),
-            calls: crate::metrics::ServerCalls::new(rpcs.keys()),
+            calls: config.call_metrics.then_some(calls),
         });
         let live_streams = Arc::new(Live {
             stats: stats.clone(),
@@ -421,6 +430,10 @@ impl crate::rpc::caller::Sender for Arc<Inner> {
 
     fn queued(&self, peer: &Arc<Peer>) {
         self.after_enqueue(peer)
+    }
+
+    fn timed(&self) -> bool {
+        self.config.call_metrics
     }
 
     fn record_call(

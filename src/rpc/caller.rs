@@ -31,6 +31,8 @@ pub(crate) trait Sender {
     fn envelope(&self, to: LogicAddr, body: Body) -> Envelope;
     /// Something was queued on `peer` (dials it if its link went down meanwhile).
     fn queued(&self, peer: &Arc<Peer>);
+    /// Whether calls are timed (`NodeConfig::call_metrics`).
+    fn timed(&self) -> bool;
     /// A call of `method` ended with `outcome` after `took`.
     fn record_call(&self, method: &str, outcome: Outcome, took: Duration);
 }
@@ -77,7 +79,11 @@ pub(crate) fn begin<S: Sender>(
     // The method name rides in the same envelope, so it counts against the limit.
     let peer = node
         .path_for_call(to, payload.len() + method.len())
-        .inspect_err(|e| node.record_call(method, Outcome::of_error(e), Duration::ZERO))?;
+        .inspect_err(|e| {
+            if node.timed() {
+                node.record_call(method, Outcome::of_error(e), Duration::ZERO)
+            }
+        })?;
     let id = node.call_id();
     let (tx, rx) = oneshot::channel();
     peer.add_pending(id, to, tx);
@@ -112,7 +118,9 @@ pub(crate) fn begin<S: Sender>(
         }),
         Err((e, _)) => {
             peer.take_pending(id);
-            node.record_call(method, Outcome::of_error(&e), Duration::ZERO);
+            if node.timed() {
+                node.record_call(method, Outcome::of_error(&e), Duration::ZERO);
+            }
             Err(e)
         }
     }
@@ -128,6 +136,9 @@ pub(crate) async fn finish<S: Sender>(
     deadline: Instant,
 ) -> Result<Bytes, RpcError> {
     let result = wait(node, started, to, method, timeout, deadline).await;
+    if !node.timed() {
+        return result;
+    }
     let outcome = match &result {
         Ok(_) => Outcome::Ok,
         Err(e) => Outcome::of_error(e),

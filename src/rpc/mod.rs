@@ -101,8 +101,8 @@ pub(crate) struct ServerShared {
     /// Fires at the end of shutdown: handlers still running then are dropped (their callers
     /// have been told `Shutdown` or `PeerLost` by then).
     pub(crate) cancel: tokio_util::sync::CancellationToken,
-    /// Durations of the calls served here, by method and outcome.
-    pub(crate) calls: crate::metrics::ServerCalls,
+    /// Durations of the calls served here, by method and outcome (`None`: not timed).
+    pub(crate) calls: Option<crate::metrics::ServerCalls>,
 }
 
 impl ServerShared {
@@ -260,22 +260,23 @@ impl ServerShared {
     }
 
     /// Dispatches one request to its handler (or answers the error that prevents it).
+    /// `handler` comes with its method's slot in the call metrics; `started` is when the
+    /// request arrived.
     pub(crate) fn serve(
         self: &Arc<Self>,
-        handler: Option<&RpcHandler>,
+        handler: Option<(&RpcHandler, usize)>,
         peer: &Arc<Peer>,
         ctx: CallContext,
+        started: Instant,
         id: u64,
         payload: Bytes,
     ) {
-        let started = Instant::now();
-        let slot = self.calls.slot(&ctx.method);
+        let slot = handler.map_or(0, |(_, s)| s);
+        let handler = handler.map(|(h, _)| h);
         let refuse = |code: ErrorCode, message: String| {
-            self.calls.record(
-                slot,
-                crate::metrics::Outcome::of_code(code),
-                started.elapsed(),
-            );
+            if let Some(calls) = &self.calls {
+                calls.record(slot, crate::metrics::Outcome::of_code(code), started.elapsed());
+            }
             if !ctx.oneway {
                 self.respond(
                     peer,
@@ -406,13 +407,13 @@ impl Replyer {
         let Some(shared) = self.shared.take() else {
             return;
         };
-        let outcome = match &result {
-            Ok(_) => crate::metrics::Outcome::Ok,
-            Err(e) => crate::metrics::Outcome::of_code(e.code),
-        };
-        shared
-            .calls
-            .record(self.slot, outcome, self.started.elapsed());
+        if let Some(calls) = &shared.calls {
+            let outcome = match &result {
+                Ok(_) => crate::metrics::Outcome::Ok,
+                Err(e) => crate::metrics::Outcome::of_code(e.code),
+            };
+            calls.record(self.slot, outcome, self.started.elapsed());
+        }
         if self.oneway {
             shared.release(&self.peer, self.to);
         } else {
