@@ -331,6 +331,49 @@ fn gauge(
     Ok(())
 }
 
+fn counter_series(
+    enc: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    series: &[(Vec<(&str, String)>, u64)],
+) -> Fmt {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, v) in series {
+        m.encode_family(labels)?
+            .encode_counter::<NoLabelSet, _, u64>(v, None)?;
+    }
+    Ok(())
+}
+
+/// Stats counters shown as one family with a label: (name prefix, label, help).
+const LABELLED: [(&str, &str, &str); 5] = [
+    (
+        "dial_failures",
+        "reason",
+        "Dials that failed, by reason: refused, timeout, unreachable, simultaneous",
+    ),
+    (
+        "envelopes_sent",
+        "kind",
+        "Envelopes sent on links, by kind: request, response, message, stream",
+    ),
+    (
+        "bytes_sent",
+        "kind",
+        "Approximate bytes sent on links (payload, names, a fixed header per envelope), by kind",
+    ),
+    (
+        "envelopes_received",
+        "kind",
+        "Envelopes received on links, by kind",
+    ),
+    (
+        "bytes_received",
+        "kind",
+        "Approximate bytes received on links, by kind",
+    ),
+];
+
 fn histograms(
     enc: &mut DescriptorEncoder<'_>,
     name: &str,
@@ -373,14 +416,35 @@ impl Collector for NodeCollector {
             .collect();
         let label = |n: &str| vec![("node", n.to_owned())];
 
-        // Counters, from each node's stats (streams_active is a gauge).
+        // Counters, from each node's stats (streams_active is a gauge; the families below are
+        // counters with a label).
         let snaps: Vec<_> = inners
             .iter()
             .map(|(n, i)| (n, i.stats.snapshot().each()))
             .collect();
         if let Some((_, first)) = snaps.first() {
+            for (family, label, help) in LABELLED {
+                let name = format!("clustergo_{family}");
+                let mut m = enc.encode_descriptor(&name, help, None, MetricType::Counter)?;
+                for (node, each) in &snaps {
+                    for (field, _, v) in each {
+                        let Some(value) = field
+                            .strip_prefix(family)
+                            .and_then(|rest| rest.strip_prefix('_'))
+                        else {
+                            continue;
+                        };
+                        let labels = [("node", node.as_str()), (label, value)];
+                        m.encode_family(&labels)?
+                            .encode_counter::<NoLabelSet, _, u64>(v, None)?;
+                    }
+                }
+            }
             for (k, (name, help, _)) in first.iter().enumerate() {
-                if *name == "streams_active" {
+                let labelled = LABELLED
+                    .iter()
+                    .any(|(f, _, _)| name.strip_prefix(f).is_some_and(|r| r.starts_with('_')));
+                if *name == "streams_active" || labelled {
                     continue;
                 }
                 let full = format!("clustergo_{name}");
@@ -418,6 +482,37 @@ impl Collector for NodeCollector {
             "Links up now",
             &per_node(&|i| i.links.peer_list().iter().filter(|p| p.is_up()).count() as i64),
         )?;
+        let health: Vec<_> = inners
+            .iter()
+            .map(|(n, i)| (label(n), i.discovery.health()))
+            .collect();
+        counter_series(
+            &mut enc,
+            "clustergo_membership_resyncs",
+            "Full re-reads of membership after its watch was cancelled (compaction) or broke",
+            &health
+                .iter()
+                .map(|(l, h)| (l.clone(), h.resyncs))
+                .collect::<Vec<_>>(),
+        )?;
+        counter_series(
+            &mut enc,
+            "clustergo_membership_leases_lost",
+            "Liveness leases lost (renewed once the store is back)",
+            &health
+                .iter()
+                .map(|(l, h)| (l.clone(), h.leases_lost))
+                .collect::<Vec<_>>(),
+        )?;
+        gauge(
+            &mut enc,
+            "clustergo_membership_leases_held",
+            "Liveness leases held now (sources with leases only, e.g. etcd)",
+            &health
+                .iter()
+                .filter_map(|(l, h)| Some((l.clone(), h.leases_held? as i64)))
+                .collect::<Vec<_>>(),
+        )?;
         gauge(
             &mut enc,
             "clustergo_streams_open",
@@ -439,6 +534,8 @@ impl Collector for NodeCollector {
 
         let mut members = Vec::new();
         let mut depth = Vec::new();
+        let mut relayed = Vec::new();
+        let mut relay_full = Vec::new();
         for (n, i) in &inners {
             let view = i.view();
             let (up, down) =
@@ -457,10 +554,16 @@ impl Collector for NodeCollector {
             let mut peers = i.links.peer_list();
             peers.sort_by_key(|p| p.addr);
             for p in peers {
-                depth.push((
-                    vec![("node", n.clone()), ("peer", p.addr.to_string())],
-                    p.queued() as i64,
-                ));
+                let labels = vec![("node", n.clone()), ("peer", p.addr.to_string())];
+                let sent = p.relayed.load(std::sync::atomic::Ordering::Relaxed);
+                let full = p
+                    .relay_queue_full
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                if sent + full > 0 {
+                    relayed.push((labels.clone(), sent));
+                    relay_full.push((labels.clone(), full));
+                }
+                depth.push((labels, p.queued() as i64));
             }
         }
         gauge(
@@ -474,6 +577,18 @@ impl Collector for NodeCollector {
             "clustergo_peer_queue_depth",
             "Envelopes queued toward each peer (bounded by peer_queue)",
             &depth,
+        )?;
+        counter_series(
+            &mut enc,
+            "clustergo_relayed_envelopes",
+            "Envelopes of other nodes this harbor relayed, by next hop",
+            &relayed,
+        )?;
+        counter_series(
+            &mut enc,
+            "clustergo_relay_queue_full",
+            "Envelopes of other nodes not relayed because the queue toward the next hop was full (answered HOP_BUSY, reset or dropped), by next hop",
+            &relay_full,
         )?;
 
         let mut served = Vec::new();

@@ -87,7 +87,9 @@ pub mod relay {
 }
 #[cfg(feature = "tls")]
 pub use link::tls::{LinkTls, LinkTlsFiles, TlsError};
-pub use membership::{Discovery, FileDiscovery, Member, MembershipEvent, MemoryDiscovery};
+pub use membership::{
+    Discovery, DiscoveryHealth, FileDiscovery, Member, MembershipEvent, MemoryDiscovery,
+};
 #[cfg(feature = "etcd")]
 pub use membership::{EtcdDiscovery, EtcdOptions};
 pub use message::{Cmd, MessageContext};

@@ -231,7 +231,10 @@ impl ClientCalls {
         } else {
             OTHER_METHOD
         };
-        methods.entry(key.to_owned()).or_default().record(outcome, d);
+        methods
+            .entry(key.to_owned())
+            .or_default()
+            .record(outcome, d);
     }
 
     /// A copy of the table, for a scrape.

@@ -45,8 +45,18 @@ counters! {
     connections_refused,
     /// Connections closed because no link was admitted on them within the dial timeout.
     connections_timed_out,
-    /// Dials that failed.
+    /// Dials started.
+    dials_started,
+    /// Dials that failed (all reasons).
     dials_failed,
+    /// Dials the peer refused (secret, certificate, membership, shutting down).
+    dial_failures_refused,
+    /// Dials that timed out (connecting, or waiting for the peer's answer).
+    dial_failures_timeout,
+    /// Dials that could not connect or lost the connection during the handshake.
+    dial_failures_unreachable,
+    /// Dials that lost a simultaneous dial and whose peer's link never arrived.
+    dial_failures_simultaneous,
     /// RPC requests this node's handlers received.
     requests_received,
     /// Requests answered `Busy` (over the concurrency limit).
@@ -92,10 +102,106 @@ counters! {
     closes_dropped,
     /// Streams open now (a gauge, not a counter).
     streams_active,
+    /// Requests sent on links (this node's and relayed ones).
+    envelopes_sent_request,
+    /// Responses sent on links.
+    envelopes_sent_response,
+    /// One-way messages sent on links.
+    envelopes_sent_message,
+    /// Stream envelopes (open, data, close) sent on links.
+    envelopes_sent_stream,
+    /// Approximate bytes of requests sent (payload, method, a fixed header).
+    bytes_sent_request,
+    /// Approximate bytes of responses sent.
+    bytes_sent_response,
+    /// Approximate bytes of messages sent.
+    bytes_sent_message,
+    /// Approximate bytes of stream envelopes sent.
+    bytes_sent_stream,
+    /// Requests received on links.
+    envelopes_received_request,
+    /// Responses received on links.
+    envelopes_received_response,
+    /// One-way messages received on links.
+    envelopes_received_message,
+    /// Stream envelopes received on links.
+    envelopes_received_stream,
+    /// Approximate bytes of requests received.
+    bytes_received_request,
+    /// Approximate bytes of responses received.
+    bytes_received_response,
+    /// Approximate bytes of messages received.
+    bytes_received_message,
+    /// Approximate bytes of stream envelopes received.
+    bytes_received_stream,
 }
 
 impl Stats {
     pub(crate) fn incr(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Which way a batch went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Direction {
+    Sent,
+    Received,
+}
+
+impl Stats {
+    /// Counts the envelopes and approximate bytes of one batch by kind: added up locally,
+    /// then at most eight atomic adds per batch.
+    pub(crate) fn count_batch(&self, dir: Direction, envelopes: &[crate::proto::Envelope]) {
+        use crate::proto::envelope::Body;
+        let mut n = [0u64; 4];
+        let mut b = [0u64; 4];
+        for env in envelopes {
+            let k = match &env.body {
+                Some(Body::Request(_)) => 0,
+                Some(Body::Response(_)) => 1,
+                Some(Body::Message(_)) => 2,
+                Some(Body::Open(_) | Body::Data(_) | Body::Close(_)) => 3,
+                _ => continue,
+            };
+            n[k] += 1;
+            b[k] += crate::proto::approx_size(&env.body) as u64;
+        }
+        let (envs, bytes) = match dir {
+            Direction::Sent => (
+                [
+                    &self.envelopes_sent_request,
+                    &self.envelopes_sent_response,
+                    &self.envelopes_sent_message,
+                    &self.envelopes_sent_stream,
+                ],
+                [
+                    &self.bytes_sent_request,
+                    &self.bytes_sent_response,
+                    &self.bytes_sent_message,
+                    &self.bytes_sent_stream,
+                ],
+            ),
+            Direction::Received => (
+                [
+                    &self.envelopes_received_request,
+                    &self.envelopes_received_response,
+                    &self.envelopes_received_message,
+                    &self.envelopes_received_stream,
+                ],
+                [
+                    &self.bytes_received_request,
+                    &self.bytes_received_response,
+                    &self.bytes_received_message,
+                    &self.bytes_received_stream,
+                ],
+            ),
+        };
+        for k in 0..4 {
+            if n[k] > 0 {
+                envs[k].fetch_add(n[k], Ordering::Relaxed);
+                bytes[k].fetch_add(b[k], Ordering::Relaxed);
+            }
+        }
     }
 }

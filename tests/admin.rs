@@ -130,6 +130,25 @@ async fn metrics_say_what_the_nodes_did_and_promtool_accepts_them() {
     );
     assert_eq!(v(r#"clustergo_requests_received_total{node="1.2.1"}"#), 9.0);
     assert_eq!(v(r#"clustergo_links_up{node="1.1.1"}"#), 1.0);
+    // Traffic by kind, each way: nine requests out of the client, nine answers back.
+    assert_eq!(
+        v(r#"clustergo_envelopes_sent_total{node="1.1.1",kind="request"}"#),
+        9.0
+    );
+    assert_eq!(
+        v(r#"clustergo_envelopes_received_total{node="1.2.1",kind="request"}"#),
+        9.0
+    );
+    assert_eq!(
+        v(r#"clustergo_envelopes_received_total{node="1.1.1",kind="response"}"#),
+        9.0
+    );
+    assert!(v(r#"clustergo_bytes_sent_total{node="1.1.1",kind="request"}"#) >= 9.0 * 2.0);
+    assert_eq!(v(r#"clustergo_dials_started_total{node="1.1.1"}"#), 1.0);
+    assert_eq!(
+        v(r#"clustergo_dial_failures_total{node="1.1.1",reason="refused"}"#),
+        0.0
+    );
     assert_eq!(
         v(r#"clustergo_members{node="1.1.1",state="available"}"#),
         2.0

@@ -778,6 +778,14 @@ async fn prometheus_scrapes_running_harbors() {
             prom.wait_for(&q, wait, |v| v == 1.0);
             let q = format!("clustergo_members{{node=\"{h}\",state=\"available\"}}");
             prom.wait_for(&q, wait, |v| v >= 3.0);
+            let q = format!("clustergo_membership_leases_held{{node=\"{h}\"}}");
+            prom.wait_for(&q, wait, |v| v == 1.0);
+        }
+        // Relayed by next hop: 2.255.1 sent the ten requests on to 1.255.1, and 1.255.1 the
+        // ten answers back to 2.255.1.
+        for (h, next) in [("2.255.1", "1.255.1"), ("1.255.1", "2.255.1")] {
+            let q = format!("clustergo_relayed_envelopes_total{{node=\"{h}\",peer=\"{next}\"}}");
+            prom.wait_for(&q, wait, |v| v >= 10.0);
         }
     })
     .await

@@ -233,6 +233,7 @@ pub(crate) async fn dial<H: Host>(
     backoff: Duration,
 ) {
     let links = host.links();
+    Stats::incr(&links.stats.dials_started);
     let attempt = tokio::select! {
         r = try_dial(links, host.net_addr(peer.addr), &peer) => r,
         // Shutdown fails whatever waits on this peer; nothing more to do here.
@@ -268,6 +269,18 @@ pub(crate) async fn dial<H: Host>(
         return;
     }
     Stats::incr(&links.stats.dials_failed);
+    Stats::incr(match &error {
+        RpcError::Refused { .. } => &links.stats.dial_failures_refused,
+        RpcError::PeerLost { cause, .. } if cause.starts_with("both nodes dialed") => {
+            &links.stats.dial_failures_simultaneous
+        }
+        RpcError::PeerLost { cause, .. }
+            if cause.contains("timed out") || cause.contains("in time") =>
+        {
+            &links.stats.dial_failures_timeout
+        }
+        _ => &links.stats.dial_failures_unreachable,
+    });
     let backoff = if backoff.is_zero() {
         links.config.redial_backoff
     } else {

@@ -155,7 +155,8 @@ pub(crate) fn link_up<H: Host>(
         async move {
             // Keeps the dialed connection open for the life of the link.
             let _channel = channel;
-            let why = reader::run(inbound, peer.clone(), tokens, host.clone()).await;
+            let stats = host.links().stats.clone();
+            let why = reader::run(inbound, peer.clone(), tokens, host.clone(), stats).await;
             link_down(&*host, &peer, link_gen, &why);
         },
         span,

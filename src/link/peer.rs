@@ -104,6 +104,10 @@ pub(crate) struct Peer<S> {
     up: AtomicBool,
     /// The peer left membership; its link is kept only for what is already under way.
     leaving: AtomicBool,
+    /// Envelopes of other nodes this node (a harbor) relayed toward this peer.
+    pub(crate) relayed: std::sync::atomic::AtomicU64,
+    /// Envelopes of other nodes not relayed toward this peer because its queue was full.
+    pub(crate) relay_queue_full: std::sync::atomic::AtomicU64,
     /// RPC handlers running here for this peer's own requests (its fair share is capped).
     pub(crate) serving: std::sync::atomic::AtomicUsize,
     /// Signalled on every state change.
@@ -145,6 +149,8 @@ impl<S: LinkStreams> Peer<S> {
             up: AtomicBool::new(false),
             leaving: AtomicBool::new(false),
             serving: Default::default(),
+            relayed: Default::default(),
+            relay_queue_full: Default::default(),
             changed: Notify::new(),
             redial_now: Notify::new(),
             redial_hint: AtomicBool::new(false),

@@ -37,6 +37,7 @@ pub(crate) async fn run<D: Deliver>(
     peer: Arc<Peer<D::Streams>>,
     tokens: LinkTokens,
     deliver: Arc<D>,
+    stats: Arc<crate::stats::Stats>,
 ) -> String {
     let kill = tokens.kill.cancelled();
     tokio::pin!(kill);
@@ -58,6 +59,7 @@ pub(crate) async fn run<D: Deliver>(
                 );
             }
             Ok(Some(batch)) => {
+                stats.count_batch(crate::stats::Direction::Received, &batch.envelopes);
                 for env in batch.envelopes {
                     // A link replaced or dropped mid-batch delivers nothing more: what waited
                     // on it has been failed already.

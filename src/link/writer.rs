@@ -65,31 +65,6 @@ impl<S: LinkStreams> Writer<S> {
     }
 }
 
-/// Rough wire size of an envelope, for the batch byte limit.
-pub(crate) fn approx_size(body: &Option<Body>) -> usize {
-    const HEADER: usize = 24;
-    HEADER
-        + match body {
-            Some(Body::Request(r)) => r.payload.len() + r.method.len(),
-            Some(Body::Response(r)) => match &r.result {
-                Some(crate::proto::response::Result::Payload(p)) => p.len(),
-                Some(crate::proto::response::Result::Error(e)) => e.message.len(),
-                None => 0,
-            },
-            Some(Body::Message(m)) => {
-                m.payload.len()
-                    + match &m.kind {
-                        Some(crate::proto::message::Kind::TypeName(t)) => t.len(),
-                        _ => 0,
-                    }
-            }
-            Some(Body::Data(d)) => d.data.len(),
-            Some(Body::Open(o)) => crate::proto::meta_wire_size(&o.meta),
-            Some(Body::Close(c)) => c.reason.len(),
-            _ => 0,
-        }
-}
-
 impl<S> Drop for Writer<S> {
     fn drop(&mut self) {
         // Taken from the queue but never written: the link ended under them. Waiting calls
@@ -125,7 +100,7 @@ impl<S: LinkStreams> Writer<S> {
         // Cut at the byte limit; the rest waits in `buf` for the next batch.
         let mut cut = self.buf.len();
         for (i, item) in self.buf.iter().enumerate() {
-            *bytes += approx_size(&item.env.body);
+            *bytes += crate::proto::approx_size(&item.env.body);
             if *bytes >= self.max_bytes {
                 cut = i + 1;
                 break;
@@ -209,6 +184,8 @@ impl<S: LinkStreams> Stream for Writer<S> {
                 return Poll::Ready(None);
             }
             if !envelopes.is_empty() {
+                this.stats
+                    .count_batch(crate::stats::Direction::Sent, &envelopes);
                 return Poll::Ready(Some(Batch {
                     envelopes,
                     ..Batch::default()

@@ -20,6 +20,7 @@
 //! skipped; it hides nothing else.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -108,6 +109,12 @@ struct Inner {
     /// Per node kept alive through this source (clones are shared by nodes): its lease, for
     /// `leave`, and whether it has left (after which no lease may be granted for it).
     leases: Mutex<std::collections::HashMap<LogicAddr, LeaseSlot>>,
+    /// Re-reads after a broken or cancelled watch.
+    resyncs: AtomicU64,
+    /// Leases lost.
+    leases_lost: AtomicU64,
+    /// Leases held now.
+    leases_held: AtomicU64,
 }
 
 impl std::fmt::Debug for Inner {
@@ -274,6 +281,9 @@ impl Inner {
             prefix: prefix.into().trim_end_matches('/').to_owned(),
             options,
             leases: Mutex::new(Default::default()),
+            resyncs: AtomicU64::new(0),
+            leases_lost: AtomicU64::new(0),
+            leases_held: AtomicU64::new(0),
         })
     }
 
@@ -340,6 +350,7 @@ impl Inner {
             let reason = match self.watch_once(&tx, &mut last_error, &mut loaded).await {
                 Ok(()) => return, // the node went away
                 Err(WatchEnd::Reset { progressed }) => {
+                    self.resyncs.fetch_add(1, Ordering::Relaxed);
                     // Read again soon after a compaction; a watch that etcd keeps cancelling
                     // before it delivered anything (a permanent reason) backs off like a
                     // failure, rather than re-reading the prefix every 100 ms forever.
@@ -354,7 +365,12 @@ impl Inner {
                     }
                     continue;
                 }
-                Err(WatchEnd::Failed(e)) => e,
+                Err(WatchEnd::Failed(e)) => {
+                    if loaded {
+                        self.resyncs.fetch_add(1, Ordering::Relaxed);
+                    }
+                    e
+                }
             };
             if last_error.as_deref() != Some(&reason.to_string()) {
                 if loaded {
@@ -460,6 +476,7 @@ impl Inner {
                 Ok(()) => backoff = Duration::ZERO,
                 Err(_) if self.slots().get(&me).is_some_and(|s| s.left) => return,
                 Err(e) => {
+                    self.leases_lost.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(node = %me, error = %e, "liveness lease lost; renewing");
                     backoff = self.next_backoff(backoff);
                 }
@@ -492,6 +509,15 @@ impl Inner {
             return Err(failed(&self.endpoints, "lease grant", "the node has left"));
         }
         self.put_alive(&mut client, me, lease).await?;
+        // Held from here until this function returns (the lease lost, or the node gone).
+        self.leases_held.fetch_add(1, Ordering::Relaxed);
+        struct Held<'a>(&'a AtomicU64);
+        impl Drop for Held<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        let _held = Held(&self.leases_held);
         let (mut keeper, mut responses) = self
             .timed("lease keep-alive", client.lease_keep_alive(lease))
             .await?;
@@ -702,6 +728,22 @@ impl From<DiscoveryError> for WatchEnd {
 }
 
 impl Discovery for EtcdDiscovery {
+    fn health(&self) -> crate::membership::DiscoveryHealth {
+        let sources = std::iter::once(&self.inner).chain(self.center.as_ref());
+        let mut h = crate::membership::DiscoveryHealth {
+            leases_held: Some(0),
+            ..Default::default()
+        };
+        for s in sources {
+            h.resyncs += s.resyncs.load(Ordering::Relaxed);
+            h.leases_lost += s.leases_lost.load(Ordering::Relaxed);
+            h.leases_held = h
+                .leases_held
+                .map(|n| n + s.leases_held.load(Ordering::Relaxed));
+        }
+        h
+    }
+
     fn subscribe(&self) -> MembershipStream {
         let cap = self.inner.options.channel.max(1);
         let (tx, rx) = mpsc::channel(cap);

@@ -115,6 +115,23 @@ pub trait Discovery: Send + Sync + 'static {
         let _ = me;
         Box::pin(async {})
     }
+
+    /// The source's health, for metrics. The default says nothing (no resyncs, no leases).
+    fn health(&self) -> DiscoveryHealth {
+        DiscoveryHealth::default()
+    }
+}
+
+/// What a membership source says about its own health (for metrics; see `clustergo::admin`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DiscoveryHealth {
+    /// Full re-reads of membership after a watch was cancelled (compaction) or broke.
+    pub resyncs: u64,
+    /// Liveness leases lost (and then renewed when the store was back).
+    pub leases_lost: u64,
+    /// Liveness leases held now; `None` for a source without leases.
+    pub leases_held: Option<u64>,
 }
 
 /// A boxed future a [`Discovery`] source hands to the node.
@@ -131,5 +148,9 @@ impl<D: Discovery + ?Sized> Discovery for std::sync::Arc<D> {
 
     fn leave(&self, me: LogicAddr) -> BoxFuture {
         (**self).leave(me)
+    }
+
+    fn health(&self) -> DiscoveryHealth {
+        (**self).health()
     }
 }

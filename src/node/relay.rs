@@ -160,8 +160,12 @@ impl Inner {
             if let Some(key) = noted_open {
                 self.relays.forget_stream(key);
             }
+            if let RpcError::QueueFull { .. } = e {
+                Stats::incr(&peer.relay_queue_full);
+            }
             return Err(e);
         }
+        Stats::incr(&peer.relayed);
         if let Some((key, until)) = track {
             self.relays.track(key, hop.addr(), until, came_by);
         }

@@ -22,3 +22,28 @@ pub(crate) fn meta_wire_size(meta: &[StreamMeta]) -> usize {
         .map(|m| m.key.len() + m.value.len() + META_ENTRY_OVERHEAD)
         .sum()
 }
+
+/// Rough wire size of an envelope, for the batch byte limit.
+pub(crate) fn approx_size(body: &Option<envelope::Body>) -> usize {
+    const HEADER: usize = 24;
+    HEADER
+        + match body {
+            Some(envelope::Body::Request(r)) => r.payload.len() + r.method.len(),
+            Some(envelope::Body::Response(r)) => match &r.result {
+                Some(response::Result::Payload(p)) => p.len(),
+                Some(response::Result::Error(e)) => e.message.len(),
+                None => 0,
+            },
+            Some(envelope::Body::Message(m)) => {
+                m.payload.len()
+                    + match &m.kind {
+                        Some(message::Kind::TypeName(t)) => t.len(),
+                        _ => 0,
+                    }
+            }
+            Some(envelope::Body::Data(d)) => d.data.len(),
+            Some(envelope::Body::Open(o)) => crate::proto::meta_wire_size(&o.meta),
+            Some(envelope::Body::Close(c)) => c.reason.len(),
+            _ => 0,
+        }
+}

@@ -275,7 +275,11 @@ impl ServerShared {
         let handler = handler.map(|(h, _)| h);
         let refuse = |code: ErrorCode, message: String| {
             if let Some(calls) = &self.calls {
-                calls.record(slot, crate::metrics::Outcome::of_code(code), started.elapsed());
+                calls.record(
+                    slot,
+                    crate::metrics::Outcome::of_code(code),
+                    started.elapsed(),
+                );
             }
             if !ctx.oneway {
                 self.respond(
