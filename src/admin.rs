@@ -57,6 +57,8 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Admin {
     registry: Registry,
     nodes: Arc<RwLock<Vec<Node>>>,
+    /// Set by [`AdminServer::set_draining`]: `/ready` says no from then on.
+    draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for Admin {
@@ -81,7 +83,11 @@ impl Admin {
         registry.register_collector(Box::new(NodeCollector {
             nodes: nodes.clone(),
         }));
-        Admin { registry, nodes }
+        Admin {
+            registry,
+            nodes,
+            draining: Default::default(),
+        }
     }
 
     /// Adds `node`: its metrics, its readiness and its status.
@@ -121,6 +127,9 @@ impl Admin {
 
     /// `Ok` when every node is ready (see the module docs), else why not.
     pub fn ready(&self) -> Result<(), String> {
+        if self.draining.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err("draining".into());
+        }
         let nodes = self.nodes();
         if nodes.is_empty() {
             return Err("no node".into());
@@ -154,11 +163,13 @@ impl Admin {
         let listener = TcpListener::bind(addr).await?;
         let local_addr = listener.local_addr()?;
         let stop = CancellationToken::new();
+        let draining = self.draining.clone();
         let admin = Arc::new(self);
         tokio::spawn(accept_loop(listener, admin, stop.clone()));
         Ok(AdminServer {
             local_addr,
             stop: stop.drop_guard(),
+            draining,
         })
     }
 }
@@ -168,12 +179,22 @@ impl Admin {
 pub struct AdminServer {
     local_addr: SocketAddr,
     stop: tokio_util::sync::DropGuard,
+    draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl AdminServer {
     /// The address it listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Makes `/ready` answer 503 ("draining") from now on, while the process still serves:
+    /// call it first thing on SIGTERM, so a load balancer stops sending new work before
+    /// anything closes (a node's own shutdown makes it unready too, but a process may have
+    /// its own work to close first, e.g. the gateway's clients).
+    pub fn set_draining(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Stops accepting; connections being served finish.

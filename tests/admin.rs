@@ -290,3 +290,21 @@ async fn an_unavailable_member_is_not_ready() {
     );
     node.shutdown().await;
 }
+
+/// A process that starts to drain its own work says so on `/ready` before its node stops.
+#[tokio::test]
+async fn set_draining_makes_ready_say_no_while_the_node_still_runs() {
+    let mut c = Cluster::new(&["1.1.1"]);
+    let node: Node = c.start("1.1.1", |b| b).await;
+    let server = Admin::new().node(&node).serve("127.0.0.1:0").await.unwrap();
+    let at = server.local_addr();
+    assert_eq!(get(at, "/ready").await.0, 200);
+    server.set_draining();
+    assert_eq!(
+        get(at, "/ready").await,
+        (503, "not ready: draining\n".into())
+    );
+    assert!(node.is_running());
+    assert_eq!(get(at, "/live").await.0, 200);
+    node.shutdown().await;
+}

@@ -218,6 +218,9 @@ async fn run(
         _ = tokio::signal::ctrl_c() => tracing::info!(gateway = %me, "interrupted: shutting down"),
         _ = node.closed() => {}
     }
+    if let Some(a) = &admin {
+        a.set_draining();
+    }
     let clients = gw.active();
     gw.shutdown.cancel();
     listeners.close();

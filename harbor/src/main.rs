@@ -106,6 +106,9 @@ async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         _ = tokio::signal::ctrl_c() => tracing::info!(harbor = %me, "interrupted: shutting down"),
         _ = node.closed() => {}
     }
+    if let Some(a) = &admin {
+        a.set_draining();
+    }
     node.shutdown().await;
     println!("harbor {me} stopped");
     Ok(())
