@@ -28,8 +28,10 @@
 //!   shut down is unready at once, before it leaves membership.
 //! - `/status`: a small JSON document per node: address, phase, members seen, links up.
 //!
-//! The listener is bounded: at most 32 connections at once (more wait in the kernel's
-//! backlog), 5 s to send the request head, one request per connection.
+//! The listener is bounded: at most 32 connections at once (more are closed at once, counted
+//! in a gated log line), 2 s to send the request head and 4 s in all, one request per
+//! connection. It has no authentication: bind it to an address only operators and their
+//! probes reach (a pod's own address, a private interface), never one that faces players.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
@@ -50,8 +52,8 @@ use crate::metrics::{CallStats, Histogram};
 
 /// Connections the admin listener serves at once.
 const MAX_CONNECTIONS: usize = 32;
-/// How long a client may take to send its request head.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client may take to send its request head (and, twice that, to be served).
+const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Metrics, readiness and status of the nodes of one process, for the admin listener.
 pub struct Admin {
@@ -80,22 +82,27 @@ impl Admin {
     pub fn new() -> Admin {
         let nodes = Arc::new(RwLock::new(Vec::new()));
         let mut registry = Registry::default();
+        let draining: Arc<std::sync::atomic::AtomicBool> = Default::default();
         registry.register_collector(Box::new(NodeCollector {
             nodes: nodes.clone(),
+            draining: draining.clone(),
         }));
         Admin {
             registry,
             nodes,
-            draining: Default::default(),
+            draining,
         }
     }
 
-    /// Adds `node`: its metrics, its readiness and its status.
+    /// Adds `node`: its metrics, its readiness and its status (a node already added, or
+    /// another with its address, is not added twice).
     pub fn node(self, node: &Node) -> Admin {
-        self.nodes
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(node.clone());
+        {
+            let mut nodes = self.nodes.write().unwrap_or_else(|e| e.into_inner());
+            if !nodes.iter().any(|n| n.addr() == node.addr()) {
+                nodes.push(node.clone());
+            }
+        }
         self
     }
 
@@ -139,6 +146,7 @@ impl Admin {
 
     /// What `/status` serves now.
     pub fn status_json(&self) -> String {
+        let draining = self.draining.load(std::sync::atomic::Ordering::Relaxed);
         let nodes: Vec<serde_json::Value> = self
             .nodes()
             .iter()
@@ -147,7 +155,7 @@ impl Admin {
                 serde_json::json!({
                     "addr": n.addr().to_string(),
                     "phase": format!("{:?}", n.inner_arc().phase()),
-                    "ready": n.readiness().is_ok(),
+                    "ready": n.readiness().is_ok() && !draining,
                     "members": members.len(),
                     "members_available": members.iter().filter(|m| m.available).count(),
                     "links_up": n.inner_arc().links.peer_list().iter().filter(|p| p.is_up()).count(),
@@ -165,7 +173,8 @@ impl Admin {
         let stop = CancellationToken::new();
         let draining = self.draining.clone();
         let admin = Arc::new(self);
-        tokio::spawn(accept_loop(listener, admin, stop.clone()));
+        let span = tracing::info_span!("admin", listen = %local_addr, task = "accept");
+        crate::task::spawn_untracked(span, accept_loop(listener, admin, stop.clone()));
         Ok(AdminServer {
             local_addr,
             stop: stop.drop_guard(),
@@ -206,11 +215,6 @@ impl AdminServer {
 async fn accept_loop(listener: TcpListener, admin: Arc<Admin>, stop: CancellationToken) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        // Wait for a free slot before accepting: the backlog holds the rest.
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            () = stop.cancelled() => return,
-        };
         let (io, _) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(c) => c,
@@ -222,8 +226,22 @@ async fn accept_loop(listener: TcpListener, admin: Arc<Admin>, stop: Cancellatio
             },
             () = stop.cancelled() => return,
         };
+        // Always accepted, and closed at once over the cap: connections held open by someone
+        // else cannot leave the kernel's backlog to fill up in front of a probe.
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            static OVER: crate::gate::LogGate = crate::gate::LogGate::new();
+            if let Some(held) = OVER.pass() {
+                tracing::warn!(
+                    held_back = held,
+                    "admin listener: {MAX_CONNECTIONS} connections open; closed one at once"
+                );
+            }
+            drop(io);
+            continue;
+        };
         let admin = admin.clone();
-        tokio::spawn(async move {
+        let span = tracing::debug_span!("admin", task = "connection");
+        crate::task::spawn_untracked(span, async move {
             let _permit = permit;
             let service = hyper::service::service_fn(move |req| {
                 let admin = admin.clone();
@@ -301,10 +319,15 @@ fn answer(admin: &Admin, req: &Request<Incoming>) -> Response<String> {
 /// OpenMetrics text as the Prometheus text format: counter families take their samples'
 /// `_total` name; `# UNIT` and `# EOF` go.
 fn to_prometheus_text(openmetrics: &str) -> String {
-    let counters: std::collections::HashSet<&str> = openmetrics
-        .lines()
-        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
-        .collect();
+    let typed = |kind: &'static str| -> std::collections::HashSet<&str> {
+        openmetrics
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(kind))
+            .collect()
+    };
+    // Families whose samples carry a suffix the 0.0.4 family name must carry too.
+    let counters = typed(" counter");
+    let infos = typed(" info");
     let mut out = String::with_capacity(openmetrics.len() + 64 * counters.len());
     for line in openmetrics.lines() {
         if line == "# EOF" || line.starts_with("# UNIT ") {
@@ -320,9 +343,16 @@ fn to_prometheus_text(openmetrics: &str) -> String {
                 out.push_str(name);
                 if counters.contains(name) {
                     out.push_str("_total");
+                } else if infos.contains(name) {
+                    out.push_str("_info");
                 }
                 out.push(' ');
-                out.push_str(tail);
+                // Types the 0.0.4 format lacks: an info is a gauge of 1, unknown is untyped.
+                out.push_str(match (prefix, tail) {
+                    ("# TYPE ", "info") => "gauge",
+                    ("# TYPE ", "unknown") => "untyped",
+                    _ => tail,
+                });
             }
             None => out.push_str(line),
         }
@@ -335,6 +365,7 @@ fn to_prometheus_text(openmetrics: &str) -> String {
 #[derive(Debug)]
 struct NodeCollector {
     nodes: Arc<RwLock<Vec<Node>>>,
+    draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 type Fmt = Result<(), std::fmt::Error>;
@@ -431,6 +462,7 @@ fn call_series<'a>(
 impl Collector for NodeCollector {
     fn encode(&self, mut enc: DescriptorEncoder<'_>) -> Fmt {
         let nodes = self.nodes.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let draining = self.draining.load(std::sync::atomic::Ordering::Relaxed);
         let inners: Vec<_> = nodes
             .iter()
             .map(|n| (n.addr().to_string(), n.inner_arc()))
@@ -492,7 +524,7 @@ impl Collector for NodeCollector {
                 .map(|n| {
                     (
                         label(&n.addr().to_string()),
-                        i64::from(n.readiness().is_ok()),
+                        i64::from(n.readiness().is_ok() && !draining),
                     )
                 })
                 .collect::<Vec<_>>(),
@@ -505,7 +537,7 @@ impl Collector for NodeCollector {
         )?;
         let health: Vec<_> = inners
             .iter()
-            .map(|(n, i)| (label(n), i.discovery.health()))
+            .map(|(n, i)| (label(n), i.discovery.health(i.addr)))
             .collect();
         counter_series(
             &mut enc,

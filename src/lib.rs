@@ -71,6 +71,7 @@ pub use router::route;
 mod rpc;
 mod stats;
 mod stream;
+mod task;
 mod typed;
 
 pub use addr::{AddrError, AddrField, HARBOR_TYPE, LogicAddr, MAX_CLUSTER, MAX_SERVER, MAX_TYPE};

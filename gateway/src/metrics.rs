@@ -15,8 +15,9 @@ use prometheus_client::metrics::histogram::Histogram;
 
 use crate::state::Gateway;
 
-/// The transports, as the `transport` label says them.
-pub(crate) const TRANSPORTS: [&str; 4] = ["tcp", "tls", "websocket", "kcp"];
+/// The transports, as the `transport` label says them (the names the listeners give their
+/// clients).
+pub(crate) const TRANSPORTS: [&str; 5] = ["tcp", "tls", "ws", "wss", "kcp"];
 
 /// How a session ended, as the `reason` label says it.
 #[derive(Debug, Clone, Copy)]
@@ -27,18 +28,30 @@ pub(crate) enum Ended {
     ServerFailed,
     Shutdown,
     Drained,
+    /// Past its handshake but over the gateway's or its address's client cap.
+    TurnedAway,
+    /// No game server could take it.
+    NoServer,
 }
 
-const ENDED: [(Ended, &str); 6] = [
+const ENDED: [(Ended, &str); 8] = [
     (Ended::ClientLeft, "client_left"),
     (Ended::ClientFault, "client_fault"),
     (Ended::ServerClosed, "server_ended"),
     (Ended::ServerFailed, "server_failed"),
     (Ended::Shutdown, "shutdown"),
     (Ended::Drained, "drained"),
+    (Ended::TurnedAway, "turned_away"),
+    (Ended::NoServer, "no_server"),
 ];
 
 fn transport_index(t: &str) -> usize {
+    // Every listener names its clients from TRANSPORTS; a new one must be added there (the
+    // gateway's metrics test covers each).
+    debug_assert!(
+        TRANSPORTS.contains(&t),
+        "transport {t:?} missing from TRANSPORTS"
+    );
     TRANSPORTS.iter().position(|x| *x == t).unwrap_or(0)
 }
 
@@ -86,7 +99,8 @@ impl Metrics {
         ClientGauge(c)
     }
 
-    /// A session ended (`lasted` is how long it had a game server, if it had one).
+    /// A session ended (`lasted`: from accept to now, for a session that reached a game
+    /// server).
     pub(crate) fn ended(&self, how: Ended, transport: &str, lasted: Option<Duration>) {
         self.ended[how as usize].fetch_add(1, Ordering::Relaxed);
         if let Some(d) = lasted {
@@ -197,7 +211,7 @@ impl Collector for GatewayCollector {
         )?;
         let d = enc.encode_descriptor(
             "clustergo_gateway_session_duration_seconds",
-            "How long sessions had a game server, by transport",
+            "How long sessions lasted, from accept to their end, for those that reached a game server; by transport",
             None,
             MetricType::Histogram,
         )?;

@@ -212,10 +212,11 @@ pub(crate) async fn serve<R: FrameRead, W: FrameWrite>(
         }
     };
     // A client now: trade the handshake's places for a client's.
-    let _counted = gw.metrics.client(info.transport);
     let _client = match handshake.promote(&gw.admission, info.peer) {
         Ok(c) => c,
         Err((code, reason)) => {
+            gw.metrics
+                .ended(crate::metrics::Ended::TurnedAway, info.transport, None);
             goodbye(&gw, &mut rd, &mut wr, code, reason).await;
             return;
         }
@@ -228,11 +229,14 @@ pub(crate) async fn serve<R: FrameRead, W: FrameWrite>(
         Ok(s) => s,
         Err((code, reason)) => {
             gw.stats.server_failures.fetch_add(1, Ordering::Relaxed);
+            gw.metrics
+                .ended(crate::metrics::Ended::NoServer, info.transport, None);
             tracing::info!(client = %info.peer, transport = info.transport, %reason, "client turned away");
             goodbye(&gw, &mut rd, &mut wr, code, &reason).await;
             return;
         }
     };
+    let _counted = gw.metrics.client(info.transport);
     let server = stream.peer();
     let drained = gw.drain_token(server);
     let (mut down, mut up) = stream.into_split();

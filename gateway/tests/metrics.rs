@@ -85,7 +85,8 @@ async fn prometheus_scrapes_the_gateway_and_sees_its_clients() {
 
     let (status, text) = get(&admin, "/metrics").await;
     assert_eq!(status, 200);
-    // The TCP client is still connected (it may idle out later, while Prometheus starts).
+    // The TCP client is still connected (it may idle out later, while Prometheus starts);
+    // the WebSocket client is counted as `ws`, never as `tcp`.
     assert!(
         text.contains("clustergo_gateway_clients{transport=\"tcp\"} 1\n"),
         "{text}"
@@ -114,14 +115,18 @@ async fn prometheus_scrapes_the_gateway_and_sees_its_clients() {
     tokio::task::spawn_blocking(move || {
         prom.wait_for("up", wait, |v| v == 1.0);
         // The closed clients are gone once the gateway has seen their close.
-        prom.wait_for(
-            r#"clustergo_gateway_clients{transport="websocket"}"#,
-            wait,
-            |v| v == 0.0,
-        );
+        prom.wait_for(r#"clustergo_gateway_clients{transport="ws"}"#, wait, |v| {
+            v == 0.0
+        });
         prom.wait_for(r#"clustergo_gateway_clients{transport="kcp"}"#, wait, |v| {
             v == 0.0
         });
+        // Each ended session is timed under its own transport.
+        prom.wait_for(
+            r#"clustergo_gateway_session_duration_seconds_count{transport="ws"}"#,
+            wait,
+            |v| v == 1.0,
+        );
         prom.wait_for(
             r#"clustergo_gateway_frames_total{direction="up"}"#,
             wait,

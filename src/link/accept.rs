@@ -88,18 +88,16 @@ pub(crate) fn accept<H: Host>(
     let mut resp = Response::new(stream);
     challenge.write(resp.metadata_mut(), &links.secret, &hello);
     let span = tracing::debug_span!(parent: None, "admit", node = %links.addr, peer = %hello.from);
-    links.tracker.spawn(tracing::Instrument::instrument(
-        admit(
-            host.clone(),
-            hello,
-            challenge,
-            req.into_inner(),
-            tokens,
-            tx,
-            conn,
-        ),
-        span,
-    ));
+    let admit = admit(
+        host.clone(),
+        hello,
+        challenge,
+        req.into_inner(),
+        tokens,
+        tx,
+        conn,
+    );
+    crate::task::spawn(&links.tracker, span, admit);
     Ok(resp)
 }
 

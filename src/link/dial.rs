@@ -70,17 +70,15 @@ pub(crate) fn ensure_link<H: Host>(
     // A root span: a dial started by a relay must not appear inside that link's span.
     let span =
         tracing::info_span!(parent: None, "dial", node = %links.addr, peer = %peer.addr, link_gen);
-    links.tracker.spawn(tracing::Instrument::instrument(
-        async move {
-            if let Some(until) = until
-                && !wait_to_redial(host.links(), &peer, link_gen, until).await
-            {
-                return;
-            }
-            dial(host, peer, link_gen, backoff).await
-        },
-        span,
-    ));
+    let tracker = links.tracker.clone();
+    crate::task::spawn(&tracker, span, async move {
+        if let Some(until) = until
+            && !wait_to_redial(host.links(), &peer, link_gen, until).await
+        {
+            return;
+        }
+        dial(host, peer, link_gen, backoff).await
+    });
     Ok(())
 }
 

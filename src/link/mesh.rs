@@ -151,16 +151,13 @@ pub(crate) fn link_up<H: Host>(
     let span =
         tracing::info_span!(parent: None, "link", node = %links.addr, peer = %peer.addr, link_gen);
     let tracker = links.tracker.clone();
-    tracker.spawn(tracing::Instrument::instrument(
-        async move {
-            // Keeps the dialed connection open for the life of the link.
-            let _channel = channel;
-            let stats = host.links().stats.clone();
-            let why = reader::run(inbound, peer.clone(), tokens, host.clone(), stats).await;
-            link_down(&*host, &peer, link_gen, &why);
-        },
-        span,
-    ));
+    crate::task::spawn(&tracker, span, async move {
+        // Keeps the dialed connection open for the life of the link.
+        let _channel = channel;
+        let stats = host.links().stats.clone();
+        let why = reader::run(inbound, peer.clone(), tokens, host.clone(), stats).await;
+        link_down(&*host, &peer, link_gen, &why);
+    });
 }
 
 /// Ends link `link_gen` of `peer` (if it is still the current one) and fails what waits on it.
@@ -213,7 +210,8 @@ pub(crate) fn peer_left<H: Host>(host: &Arc<H>, addr: LogicAddr) {
     peer.set_leaving();
     let host = host.clone();
     let linger = links.config.shutdown_grace;
-    links.tracker.spawn(async move {
+    let span = tracing::info_span!("node", node = %links.addr, task = "peer-left", peer = %addr);
+    crate::task::spawn(&links.tracker, span, async move {
         let until = Instant::now() + linger;
         loop {
             let changed = peer.changed.notified();

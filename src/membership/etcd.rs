@@ -111,10 +111,6 @@ struct Inner {
     leases: Mutex<std::collections::HashMap<LogicAddr, LeaseSlot>>,
     /// Re-reads after a broken or cancelled watch.
     resyncs: AtomicU64,
-    /// Leases lost.
-    leases_lost: AtomicU64,
-    /// Leases held now.
-    leases_held: AtomicU64,
 }
 
 impl std::fmt::Debug for Inner {
@@ -282,8 +278,6 @@ impl Inner {
             options,
             leases: Mutex::new(Default::default()),
             resyncs: AtomicU64::new(0),
-            leases_lost: AtomicU64::new(0),
-            leases_held: AtomicU64::new(0),
         })
     }
 
@@ -350,7 +344,6 @@ impl Inner {
             let reason = match self.watch_once(&tx, &mut last_error, &mut loaded).await {
                 Ok(()) => return, // the node went away
                 Err(WatchEnd::Reset { progressed }) => {
-                    self.resyncs.fetch_add(1, Ordering::Relaxed);
                     // Read again soon after a compaction; a watch that etcd keeps cancelling
                     // before it delivered anything (a permanent reason) backs off like a
                     // failure, rather than re-reading the prefix every 100 ms forever.
@@ -365,12 +358,7 @@ impl Inner {
                     }
                     continue;
                 }
-                Err(WatchEnd::Failed(e)) => {
-                    if loaded {
-                        self.resyncs.fetch_add(1, Ordering::Relaxed);
-                    }
-                    e
-                }
+                Err(WatchEnd::Failed(e)) => e,
             };
             if last_error.as_deref() != Some(&reason.to_string()) {
                 if loaded {
@@ -400,6 +388,10 @@ impl Inner {
     ) -> Result<(), WatchEnd> {
         let mut client = self.client().await?;
         let (mut state, revision) = self.load(&mut client).await?;
+        if *loaded {
+            // A full read after the first: the watch broke or was cancelled.
+            self.resyncs.fetch_add(1, Ordering::Relaxed);
+        }
         *loaded = true;
         if last_error.take().is_some() {
             tracing::info!("etcd membership available again");
@@ -476,7 +468,14 @@ impl Inner {
                 Ok(()) => backoff = Duration::ZERO,
                 Err(_) if self.slots().get(&me).is_some_and(|s| s.left) => return,
                 Err(e) => {
-                    self.leases_lost.fetch_add(1, Ordering::Relaxed);
+                    // A retry that never held a lease (etcd still down) loses nothing more.
+                    {
+                        let mut slots = self.slots();
+                        let slot = slots.entry(me).or_default();
+                        if std::mem::take(&mut slot.held) {
+                            slot.lost += 1;
+                        }
+                    }
                     tracing::warn!(node = %me, error = %e, "liveness lease lost; renewing");
                     backoff = self.next_backoff(backoff);
                 }
@@ -510,14 +509,7 @@ impl Inner {
         }
         self.put_alive(&mut client, me, lease).await?;
         // Held from here until this function returns (the lease lost, or the node gone).
-        self.leases_held.fetch_add(1, Ordering::Relaxed);
-        struct Held<'a>(&'a AtomicU64);
-        impl Drop for Held<'_> {
-            fn drop(&mut self) {
-                self.0.fetch_sub(1, Ordering::Relaxed);
-            }
-        }
-        let _held = Held(&self.leases_held);
+        self.slots().entry(me).or_default().held = true;
         let (mut keeper, mut responses) = self
             .timed("lease keep-alive", client.lease_keep_alive(lease))
             .await?;
@@ -710,6 +702,10 @@ async fn merge(
 struct LeaseSlot {
     lease: Option<(i64, Client)>,
     left: bool,
+    /// The alive key is up on a kept lease now.
+    held: bool,
+    /// Leases lost after they were held.
+    lost: u64,
 }
 
 enum WatchEnd {
@@ -728,7 +724,7 @@ impl From<DiscoveryError> for WatchEnd {
 }
 
 impl Discovery for EtcdDiscovery {
-    fn health(&self) -> crate::membership::DiscoveryHealth {
+    fn health(&self, me: LogicAddr) -> crate::membership::DiscoveryHealth {
         let sources = std::iter::once(&self.inner).chain(self.center.as_ref());
         let mut h = crate::membership::DiscoveryHealth {
             leases_held: Some(0),
@@ -736,10 +732,10 @@ impl Discovery for EtcdDiscovery {
         };
         for s in sources {
             h.resyncs += s.resyncs.load(Ordering::Relaxed);
-            h.leases_lost += s.leases_lost.load(Ordering::Relaxed);
-            h.leases_held = h
-                .leases_held
-                .map(|n| n + s.leases_held.load(Ordering::Relaxed));
+            if let Some(slot) = s.slots().get(&me) {
+                h.leases_lost += slot.lost;
+                h.leases_held = h.leases_held.map(|n| n + u64::from(slot.held));
+            }
         }
         h
     }
@@ -750,13 +746,14 @@ impl Discovery for EtcdDiscovery {
         let (main_tx, main_rx) = mpsc::channel(cap);
         // A node subscribes from `start`, on its runtime. Each task ends when the node drops
         // the stream: the merger sees `tx` closed, the watchers then see theirs closed.
-        tokio::spawn(self.inner.clone().watch_loop(main_tx));
+        let span = |task: &'static str| tracing::info_span!("membership", source = "etcd", task);
+        crate::task::spawn_untracked(span("watch"), self.inner.clone().watch_loop(main_tx));
         let center_rx = self.center.as_ref().map(|center| {
             let (c_tx, c_rx) = mpsc::channel(cap);
-            tokio::spawn(center.clone().watch_loop(c_tx));
+            crate::task::spawn_untracked(span("watch-center"), center.clone().watch_loop(c_tx));
             c_rx
         });
-        tokio::spawn(merge(main_rx, center_rx, tx));
+        crate::task::spawn_untracked(span("merge"), merge(main_rx, center_rx, tx));
         Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
     }
 
@@ -794,6 +791,7 @@ impl Inner {
             let mut slots = self.slots();
             let slot = slots.entry(me).or_default();
             slot.left = true;
+            slot.held = false;
             slot.lease.take()
         };
         if let Some((lease, mut client)) = held {

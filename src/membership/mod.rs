@@ -116,21 +116,26 @@ pub trait Discovery: Send + Sync + 'static {
         Box::pin(async {})
     }
 
-    /// The source's health, for metrics. The default says nothing (no resyncs, no leases).
-    fn health(&self) -> DiscoveryHealth {
+    /// The source's health as node `me` sees it, for metrics. The default says nothing (no
+    /// resyncs, no leases).
+    fn health(&self, me: LogicAddr) -> DiscoveryHealth {
+        let _ = me;
         DiscoveryHealth::default()
     }
 }
 
-/// What a membership source says about its own health (for metrics; see `clustergo::admin`).
+/// What a membership source says about its own health for one node (for metrics; see
+/// `clustergo::admin`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct DiscoveryHealth {
-    /// Full re-reads of membership after a watch was cancelled (compaction) or broke.
+    /// Full re-reads of membership after a watch was cancelled (compaction) or broke. Per
+    /// source: nodes sharing one source (clones of one `EtcdDiscovery`) share this count.
     pub resyncs: u64,
-    /// Liveness leases lost (and then renewed when the store was back).
+    /// The node's liveness leases lost after they were held (each is renewed when the
+    /// store is back).
     pub leases_lost: u64,
-    /// Liveness leases held now; `None` for a source without leases.
+    /// The node's liveness leases held now; `None` for a source without leases.
     pub leases_held: Option<u64>,
 }
 
@@ -150,7 +155,7 @@ impl<D: Discovery + ?Sized> Discovery for std::sync::Arc<D> {
         (**self).leave(me)
     }
 
-    fn health(&self) -> DiscoveryHealth {
-        (**self).health()
+    fn health(&self, me: LogicAddr) -> DiscoveryHealth {
+        (**self).health(me)
     }
 }

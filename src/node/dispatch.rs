@@ -191,6 +191,10 @@ impl Inner {
             method: r.method,
         };
         if self.phase() != Phase::Running {
+            if let Some(calls) = &self.server.calls {
+                let slot = self.rpcs.get(&ctx.method).map_or(0, |(_, s)| *s);
+                calls.record(slot, crate::metrics::Outcome::Shutdown, received.elapsed());
+            }
             if !ctx.oneway {
                 self.server.respond(
                     peer,

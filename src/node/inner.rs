@@ -3,7 +3,6 @@
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
-use bytes::Bytes;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -358,13 +357,7 @@ impl Inner {
     }
 
     pub(crate) fn envelope(&self, to: LogicAddr, body: Body) -> Envelope {
-        Envelope {
-            to: to.as_u32(),
-            from: self.addr.as_u32(),
-            hops: 0,
-            trace: Bytes::new(),
-            body: Some(body),
-        }
+        Envelope::originate(to.as_u32(), self.addr.as_u32(), body)
     }
 
     /// If the link went down between `link::ensure_link` and queueing, what was just queued

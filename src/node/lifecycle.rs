@@ -15,6 +15,7 @@ use super::inner::{Inner, Phase};
 use crate::error::{DiscoveryError, RpcError, StartError};
 use crate::link::LinkState;
 use crate::link::incoming::{Admission, PreProofLimit, incoming};
+use crate::task;
 
 /// HTTP/2 streams (link calls) one connection may have open at once.
 const MAX_CALLS_PER_CONNECTION: u32 = 4;
@@ -161,32 +162,27 @@ impl Inner {
                 self.accept_stop.clone().cancelled_owned(),
             );
         let root = self.root.clone();
-        self.tracker.spawn(async move {
+        let span = |name: &'static str| tracing::info_span!("node", %node, task = name);
+        task::spawn(&self.tracker, span("accept"), async move {
             tokio::select! {
                 r = serve => if let Err(e) = r { tracing::error!(%node, error = %e, "server failed") },
                 _ = root.cancelled() => {}
             }
         });
-        let span = |name: &'static str| tracing::info_span!("node", %node, task = name);
-        self.tracker.spawn(tracing::Instrument::instrument(
-            self.clone().local_loop(),
-            span("local"),
-        ));
-        self.tracker.spawn(tracing::Instrument::instrument(
-            self.clone().follow_membership(stream),
+        task::spawn(&self.tracker, span("local"), self.clone().local_loop());
+        task::spawn(
+            &self.tracker,
             span("membership"),
-        ));
+            self.clone().follow_membership(stream),
+        );
         if let Some(liveness) = self.discovery.keep_alive(node) {
             let stop = self.liveness_stop.clone();
-            self.tracker.spawn(tracing::Instrument::instrument(
-                async move {
-                    tokio::select! {
-                        _ = liveness => {}
-                        _ = stop.cancelled() => {}
-                    }
-                },
-                span("liveness"),
-            ));
+            task::spawn(&self.tracker, span("liveness"), async move {
+                tokio::select! {
+                    _ = liveness => {}
+                    _ = stop.cancelled() => {}
+                }
+            });
         }
         Ok(())
     }
@@ -230,7 +226,8 @@ impl Inner {
                 tracing::warn!(node = %self.addr, "shutting down: {why}");
                 let this = self.clone();
                 // Not tracked: shutdown waits for the tracked tasks, this one among them.
-                tokio::spawn(async move { this.shutdown().await });
+                let span = tracing::info_span!("node", node = %self.addr, task = "shutdown");
+                task::spawn_untracked(span, async move { this.shutdown().await });
                 return;
             }
             match change {

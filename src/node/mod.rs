@@ -175,7 +175,11 @@ impl Node {
         };
         let rt = self.inner.server.runtime.get().cloned();
         match rt.or_else(|| tokio::runtime::Handle::try_current().ok()) {
-            Some(rt) => drop(self.inner.tracker.spawn_on(fut, &rt)),
+            Some(rt) => {
+                let span =
+                    tracing::debug_span!("node", node = %self.inner.addr, task = "call", %to);
+                drop(crate::task::spawn_on(&self.inner.tracker, &rt, span, fut))
+            }
             // Not started and not on a runtime: the call failed before any await.
             None => futures_util::FutureExt::now_or_never(fut).unwrap_or(()),
         }

@@ -199,18 +199,16 @@ impl Inner {
             let Ok(next) = self.link_peer(lost.tell) else {
                 continue;
             };
-            let env = Envelope {
-                to: lost.to,
-                from: lost.from,
-                hops: 0,
-                trace: bytes::Bytes::new(),
-                body: Some(Body::Close(proto::StreamClose {
+            let env = Envelope::originate(
+                lost.to,
+                lost.from,
+                Body::Close(proto::StreamClose {
                     id: lost.id,
                     to_opener: lost.to_opener,
                     code: ErrorCode::PEER_LOST.0,
                     reason: format!("{error} (at {})", self.addr),
-                })),
-            };
+                }),
+            );
             next.try_send_close(env, &self.stats);
         }
     }
@@ -311,7 +309,8 @@ impl Inner {
                 // Bounded in time too: a layer that never finishes is given up at the call
                 // timeout, and at shutdown.
                 let wait = self.config.call_timeout;
-                self.tracker.spawn(async move {
+                let span = tracing::debug_span!("node", node = %self.addr, task = "relay");
+                crate::task::spawn(&self.tracker, span, async move {
                     let r = tokio::select! {
                         r = tokio::time::timeout(wait, fut) => r.unwrap_or_else(|_| {
                             Err("the relay stack did not finish within the call timeout".into())

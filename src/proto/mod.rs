@@ -47,3 +47,19 @@ pub(crate) fn approx_size(body: &Option<envelope::Body>) -> usize {
             _ => 0,
         }
 }
+
+impl Envelope {
+    /// An envelope this node originates from `from` to `to`: the one place envelopes are
+    /// built (relayed ones are forwarded as they came, with one more hop), so what every
+    /// envelope carries besides its body (the hop count, and the sender's trace context when
+    /// tracing is built) is set here alone.
+    pub(crate) fn originate(to: u32, from: u32, body: envelope::Body) -> Envelope {
+        Envelope {
+            to,
+            from,
+            hops: 0,
+            trace: bytes::Bytes::new(),
+            body: Some(body),
+        }
+    }
+}

@@ -200,16 +200,14 @@ impl ServerShared {
             }),
         };
         let item = Outbound {
-            env: Envelope {
-                to: to.as_u32(),
-                from: self.addr.as_u32(),
-                hops: 0,
-                trace: Bytes::new(),
-                body: Some(Body::Response(proto::Response {
+            env: Envelope::originate(
+                to.as_u32(),
+                self.addr.as_u32(),
+                Body::Response(proto::Response {
                     id,
                     result: Some(result),
-                })),
-            },
+                }),
+            ),
             deadline,
         };
         let done =
@@ -241,14 +239,12 @@ impl ServerShared {
         item.deadline = Some(deadline.map_or(until, |d| d.min(until)));
         let this = self.clone();
         let peer = peer.clone();
-        self.tracker.spawn_on(
-            async move {
-                let r = peer.enqueue(item, this.send_timeout).await;
-                this.waiting_replies.fetch_sub(1, Ordering::AcqRel);
-                done(&this, &peer, r.err());
-            },
-            rt,
-        );
+        let span = tracing::debug_span!("node", node = %self.addr, task = "reply", %to, id);
+        crate::task::spawn_on(&self.tracker, rt, span, async move {
+            let r = peer.enqueue(item, this.send_timeout).await;
+            this.waiting_replies.fetch_sub(1, Ordering::AcqRel);
+            done(&this, &peer, r.err());
+        });
     }
 
     fn reserve_waiting(&self) -> bool {
@@ -322,6 +318,15 @@ impl ServerShared {
             }
             RpcHandler::Async(f) => {
                 let from = ctx.from;
+                // Fields are formatted only if the span is enabled.
+                let span = tracing::debug_span!(
+                    "node",
+                    node = %self.addr,
+                    task = "rpc",
+                    method = %ctx.method,
+                    %from,
+                    id
+                );
                 let mut fut = match std::panic::catch_unwind(AssertUnwindSafe(|| f(ctx, payload))) {
                     Ok(fut) => fut,
                     Err(p) => return replyer.reply(Err(panicked(from, p))),
@@ -336,7 +341,7 @@ impl ServerShared {
                     Err(p) => return replyer.reply(Err(panicked(from, p))),
                 }
                 let cancel = self.cancel.clone();
-                self.tracker.spawn(async move {
+                crate::task::spawn(&self.tracker, span, async move {
                     // Biased: the handler is polled before the token is registered with.
                     let outcome = tokio::select! {
                         biased;

@@ -282,13 +282,7 @@ impl Shared {
         let mut st = self.lock();
         st.queued = false;
         let to_opener = !self.opened_here;
-        let env = |body| Envelope {
-            to: self.remote.as_u32(),
-            from: self.local.as_u32(),
-            hops: 0,
-            trace: Bytes::new(),
-            body: Some(body),
-        };
+        let env = |body| Envelope::originate(self.remote.as_u32(), self.local.as_u32(), body);
         // Per envelope: the writer's header estimate.
         const HEADER: usize = 24;
         if let Some((code, reason)) = st.reset_out.take() {
