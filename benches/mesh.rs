@@ -33,6 +33,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWrit
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc};
 
+#[path = "../tests/support/ports.rs"]
+mod ports;
 #[path = "mesh/streams.rs"]
 mod streams;
 
@@ -704,10 +706,9 @@ async fn run_mode(opts: &Opts, name: &str) -> Result<Row, String> {
 /// server 1.2.1, each in its own process; the raw baseline is the direct one of `rpc-c128`.
 async fn run_harbor_mode(opts: &Opts, listener: std::net::TcpListener) -> Result<Row, String> {
     let own = listener.local_addr().map_err(|e| e.to_string())?;
-    let free = || -> Result<String, String> {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
-        Ok(l.local_addr().map_err(|e| e.to_string())?.to_string())
-    };
+    // Ports for the peer processes to bind later: from below the ephemeral range, so no
+    // outgoing connection or `:0` listener takes one first (a peer then failed to start).
+    let free = || -> Result<String, String> { Ok(format!("127.0.0.1:{}", ports::free_port())) };
     let list = format!(
         "2.1.1={own},1.2.1={},1.255.1={},2.255.1={}",
         free()?,
