@@ -2,6 +2,8 @@
 //! own `promtool` accepts it), `/ready` turns unready when a node starts to drain, before it
 //! leaves membership.
 
+#[path = "support/prometheus.rs"]
+mod prometheus_server;
 mod support;
 
 use std::sync::{Arc, Mutex};
@@ -25,15 +27,8 @@ async fn get_accepting(addr: std::net::SocketAddr, path: &str, accept: &str) -> 
         s.write_all(head.as_bytes()).await.unwrap();
         let mut text = String::new();
         s.read_to_string(&mut text).await.unwrap();
-        let status = text
-            .split(' ')
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or_else(|| panic!("not an HTTP answer: {text:?}"));
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
+        let (status, body) = prometheus_server::parse_http(&text);
+        assert_ne!(status, 0, "not an HTTP answer: {text:?}");
         (status, body)
     })
     .await
@@ -45,20 +40,6 @@ fn value(metrics: &str, series: &str) -> Option<f64> {
         .lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .and_then(|v| v.split(' ').next()?.parse().ok())
-}
-
-fn promtool() -> std::path::PathBuf {
-    let found = std::env::var("PATH")
-        .unwrap_or_default()
-        .split(':')
-        .map(|d| std::path::Path::new(d).join("promtool"))
-        .find(|p| p.is_file());
-    found.unwrap_or_else(|| {
-        panic!(
-            "promtool not found: this test checks /metrics with Prometheus's own tool. Install \
-             it with `apt-get install -y prometheus` (the README's test command does)"
-        )
-    })
 }
 
 #[tokio::test]
@@ -172,21 +153,7 @@ async fn metrics_say_what_the_nodes_did_and_promtool_accepts_them() {
     );
 
     // Prometheus's own linter accepts the exposition.
-    let mut check = std::process::Command::new(promtool())
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(&mut check.stdin.take().unwrap(), text.as_bytes()).unwrap();
-    let out = check.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics failed:\n{}{}\n---\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    prometheus_server::promtool_check(&text);
 
     let (status, body) = get(at, "/status").await;
     assert_eq!(status, 200);

@@ -25,16 +25,7 @@ async fn get(addr: &str, path: &str) -> (u16, String) {
             .unwrap();
         let mut text = String::new();
         s.read_to_string(&mut text).await.unwrap();
-        let status = text
-            .split(' ')
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        (status, body)
+        prometheus_server::parse_http(&text)
     })
     .await
 }
@@ -91,21 +82,7 @@ async fn prometheus_scrapes_the_gateway_and_sees_its_clients() {
         text.contains("clustergo_gateway_clients{transport=\"tcp\"} 1\n"),
         "{text}"
     );
-    let mut check = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("promtool (apt-get install -y prometheus; the README's test command does)");
-    std::io::Write::write_all(&mut check.stdin.take().unwrap(), text.as_bytes()).unwrap();
-    let out = check.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics failed:\n{}{}\n---\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    prometheus_server::promtool_check(&text);
 
     let prom = prometheus_server::Prometheus::start(
         bed::etcd_server::free_port(),
