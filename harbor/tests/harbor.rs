@@ -767,6 +767,12 @@ async fn prometheus_scrapes_running_harbors() {
     let prom = prometheus_server::Prometheus::start(etcd_server::free_port(), &targets);
     let wait = Duration::from_secs(20);
     tokio::task::spawn_blocking(move || {
+        // What each harbor serves passes Prometheus's own linter.
+        for t in &targets {
+            let (status, text) = prometheus_server::http_get(t, "/metrics").unwrap();
+            assert_eq!(status, 200, "{text}");
+            prometheus_server::promtool_check(&text);
+        }
         prom.wait_for("sum(up)", wait, |v| v == 2.0);
         // Each call and its answer crossed both harbors: ten each way, at least.
         for h in ["1.255.1", "2.255.1"] {

@@ -45,7 +45,7 @@ pub fn parse_http(text: &str) -> (u16, String) {
 }
 
 /// One HTTP/1.0 GET on loopback: (status, body).
-fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = std::net::TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
