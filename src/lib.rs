@@ -72,6 +72,9 @@ mod rpc;
 mod stats;
 mod stream;
 mod task;
+#[cfg(feature = "telemetry")]
+pub mod telemetry;
+pub mod trace;
 mod typed;
 
 pub use addr::{AddrError, AddrField, HARBOR_TYPE, LogicAddr, MAX_CLUSTER, MAX_SERVER, MAX_TYPE};

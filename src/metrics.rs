@@ -67,6 +67,7 @@ impl Histogram {
     }
 
     /// (sum in seconds, count, per-bucket counts with their upper bounds; +Inf as `f64::MAX`).
+    #[cfg_attr(not(feature = "admin"), allow(dead_code))]
     pub(crate) fn read(&self) -> (f64, u64, Vec<(f64, u64)>) {
         let counts: Vec<u64> = self
             .buckets
@@ -183,6 +184,7 @@ impl CallStats {
     }
 
     /// The histograms with at least one call, by outcome.
+    #[cfg_attr(not(feature = "admin"), allow(dead_code))]
     pub(crate) fn each(&self) -> impl Iterator<Item = (Outcome, &Histogram)> {
         Outcome::ALL
             .iter()
@@ -234,6 +236,7 @@ impl ServerCalls {
         }
     }
 
+    #[cfg_attr(not(feature = "admin"), allow(dead_code))]
     pub(crate) fn each(&self) -> impl Iterator<Item = (&str, &CallStats)> {
         self.methods.iter().map(|(n, s)| (n.as_str(), s))
     }
@@ -269,6 +272,7 @@ impl ClientCalls {
     }
 
     /// A copy of the table, for a scrape.
+    #[cfg_attr(not(feature = "admin"), allow(dead_code))]
     pub(crate) fn each(&self) -> Vec<(String, Arc<CallStats>)> {
         let methods = self.methods.read().unwrap_or_else(|e| e.into_inner());
         let mut all: Vec<_> = methods

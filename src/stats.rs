@@ -26,6 +26,7 @@ macro_rules! counters {
 
         impl StatsSnapshot {
             /// Every counter: its name, its description, its value.
+            #[cfg_attr(not(feature = "admin"), allow(dead_code))]
             pub(crate) fn each(&self) -> Vec<(&'static str, &'static str, u64)> {
                 vec![$((stringify!($name), concat!($($doc, "\n",)*), self.$name),)*]
             }

@@ -54,12 +54,6 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -81,7 +75,15 @@ fn main() -> ExitCode {
 
 type Tls = Option<tokio_rustls::TlsAcceptor>;
 
-async fn run(
+async fn run(config: Config, tls: (Tls, Tls)) -> Result<(), Box<dyn std::error::Error>> {
+    // Logs (RUST_LOG), and traces when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    let telemetry = clustergo::telemetry::init(&format!("gateway-{}", config.addr))?;
+    let result = serve(config, tls).await;
+    telemetry.shutdown().await;
+    result
+}
+
+async fn serve(
     config: Config,
     (tcp_tls, ws_tls): (Tls, Tls),
 ) -> Result<(), Box<dyn std::error::Error>> {

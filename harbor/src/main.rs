@@ -25,12 +25,6 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -51,6 +45,14 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
+    // Logs (RUST_LOG), and traces when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    let telemetry = clustergo::telemetry::init(&format!("harbor-{}", config.addr))?;
+    let result = serve(config).await;
+    telemetry.shutdown().await;
+    result
+}
+
+async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let me = config.addr;
     let mut discovery = EtcdDiscovery::connect(
         config.endpoints.clone(),

@@ -233,7 +233,18 @@ fn start_harbor(etcd: &Etcd, addr: &str) -> HarborProc {
 
 /// A harbor process, with `config` (TOML) as its file if given.
 fn start_harbor_with(etcd: &Etcd, addr: &str, config: Option<&str>) -> HarborProc {
+    start_harbor_env(etcd, addr, config, &[])
+}
+
+/// As [`start_harbor_with`], with environment variables `env` too.
+fn start_harbor_env(
+    etcd: &Etcd,
+    addr: &str,
+    config: Option<&str>,
+    env: &[(&str, &str)],
+) -> HarborProc {
     let mut cmd = harbor();
+    cmd.envs(env.iter().copied());
     match config {
         // A short grace unless the file sets one (flags would override it).
         Some(c) if c.contains("shutdown_grace_secs") => {}
@@ -798,4 +809,224 @@ async fn prometheus_scrapes_running_harbors() {
     .unwrap();
     client.shutdown().await;
     server.shutdown().await;
+}
+
+/// An OTLP/gRPC trace receiver: what the processes under test export, by service name.
+#[derive(Default, Clone)]
+struct Receiver(Arc<std::sync::Mutex<Vec<(String, opentelemetry_proto::tonic::trace::v1::Span)>>>);
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
+    for Receiver
+{
+    async fn export(
+        &self,
+        request: tonic::Request<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+        >,
+    ) -> Result<
+        tonic::Response<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse,
+        >,
+        tonic::Status,
+    > {
+        let mut got = self.0.lock().unwrap();
+        for rs in request.into_inner().resource_spans {
+            let service = rs
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|kv| kv.key == "service.name")
+                .and_then(|kv| kv.value.as_ref())
+                .and_then(|v| match &v.value {
+                    Some(
+                        opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(s),
+                    ) => Some(s.clone()),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            for ss in rs.scope_spans {
+                for span in ss.spans {
+                    got.push((service.clone(), span));
+                }
+            }
+        }
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+fn traced_node() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples/traced_node");
+    assert!(
+        bin.exists(),
+        "example traced_node not built at {}",
+        bin.display()
+    );
+    bin
+}
+
+fn attr<'a>(span: &'a opentelemetry_proto::tonic::trace::v1::Span, key: &str) -> Option<&'a str> {
+    span.attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.as_ref())
+        .and_then(|v| match &v.value {
+            Some(opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(s)) => {
+                Some(s.as_str())
+            }
+            _ => None,
+        })
+}
+
+/// One call from 2.1.1 to 1.1.1 through harbors 2.255.1 and 1.255.1, four processes each
+/// exporting its spans to a real OTLP receiver: one trace, caller -> harbor -> harbor ->
+/// server, each span the child of the one before, the server's inside the caller's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_call_across_harbors_is_one_trace() {
+    let receiver = Receiver::default();
+    let otlp_port = etcd_server::free_port();
+    let server = tonic::transport::Server::builder()
+        .add_service(
+            opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer::new(
+                receiver.clone(),
+            ),
+        )
+        .serve(([127, 0, 0, 1], otlp_port).into());
+    let otlp = tokio::spawn(server);
+    let endpoint = format!("http://127.0.0.1:{otlp_port}");
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ("CLUSTERGO_SECRET", SECRET),
+    ];
+
+    let etcd = Etcd::start();
+    let members = [
+        Member::new(a("1.1.1"), free_port()).with_export(true),
+        Member::new(a("1.255.1"), free_port()),
+        Member::new(a("2.255.1"), free_port()),
+        Member::new(a("2.1.1"), free_port()),
+    ];
+    etcd.list(PREFIX, &members).await;
+    let _h1 = start_harbor_env(&etcd, "1.255.1", None, &env);
+    let _h2 = start_harbor_env(&etcd, "2.255.1", None, &env);
+    let node = |addr: &str, role: &[&str]| {
+        let mut cmd = Command::new(traced_node());
+        cmd.args([etcd.endpoint.as_str(), PREFIX, addr])
+            .args(role)
+            .envs(env)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        cmd
+    };
+    let mut served = HarborProc(node("1.1.1", &["serve"]).spawn().unwrap(), String::new());
+    let mut ready = String::new();
+    BufReader::new(served.0.stdout.take().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    assert_eq!(ready.trim(), "READY");
+    let mut call = node("2.1.1", &["call", "1.1.1"]);
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::task::spawn_blocking(move || call.output().unwrap()),
+    )
+    .await
+    .expect("the caller finished")
+    .unwrap();
+    assert!(
+        out.status.success()
+            && String::from_utf8_lossy(&out.stdout).contains("OK traced")
+            && String::from_utf8_lossy(&out.stdout).contains("STREAM hi"),
+        "caller: {out:?}"
+    );
+    // The server flushes its spans when it stops (stdin closed).
+    drop(served.0.stdin.take());
+    let status = tokio::task::spawn_blocking(move || served.0.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "server exited {status}");
+
+    // Harbors export every 100 ms: wait for the four spans of the request's path.
+    let spans = tokio::time::timeout(WAIT * 2, async {
+        loop {
+            let got = receiver.0.lock().unwrap().clone();
+            let client = got.iter().find(|(svc, s)| {
+                svc == "traced-2.1.1"
+                    && s.name == "echo"
+                    && s.status.as_ref().is_none_or(|st| st.code != 2)
+            });
+            if let Some((_, client)) = client {
+                let child_of = |svc: &str, parent: &[u8]| {
+                    got.iter()
+                        .find(|(s, span)| s == svc && span.parent_span_id == parent)
+                        .map(|(_, span)| span.clone())
+                };
+                let h2 = child_of("harbor-2.255.1", &client.span_id);
+                let h1 = h2
+                    .as_ref()
+                    .and_then(|h2| child_of("harbor-1.255.1", &h2.span_id));
+                let server = h1
+                    .as_ref()
+                    .and_then(|h1| child_of("traced-1.1.1", &h1.span_id));
+                // The stream open, traced the same way from the caller's span around it.
+                let opened = got
+                    .iter()
+                    .find(|(svc, s)| svc == "traced-2.1.1" && s.name == "open.demo");
+                let accepted = opened.and_then(|(_, open)| {
+                    let h2 = child_of("harbor-2.255.1", &open.span_id)?;
+                    let h1 = child_of("harbor-1.255.1", &h2.span_id)?;
+                    child_of("traced-1.1.1", &h1.span_id).filter(|s| s.name == "stream.accept")
+                });
+                if let (Some(h2), Some(h1), Some(server), Some(_)) = (h2, h1, server, accepted) {
+                    return (client.clone(), h2, h1, server);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let Ok((client, h2, h1, server)) = spans else {
+        let got = receiver.0.lock().unwrap().clone();
+        let names: Vec<_> = got
+            .iter()
+            .map(|(svc, s)| {
+                format!(
+                    "{svc}:{} id={:x?} parent={:x?}",
+                    s.name, s.span_id, s.parent_span_id
+                )
+            })
+            .collect();
+        panic!("no caller -> harbor -> harbor -> server chain among {names:#?}");
+    };
+    // One trace; kinds and attributes after the OpenTelemetry RPC conventions.
+    for s in [&h2, &h1, &server] {
+        assert_eq!(s.trace_id, client.trace_id);
+    }
+    use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+    assert_eq!(client.kind, SpanKind::Client as i32);
+    assert_eq!(server.kind, SpanKind::Server as i32);
+    assert_eq!(attr(&client, "rpc.system"), Some("clustergo"));
+    assert_eq!(attr(&client, "rpc.method"), Some("echo"));
+    assert_eq!(attr(&client, "clustergo.to"), Some("1.1.1"));
+    assert_eq!(attr(&server, "clustergo.from"), Some("2.1.1"));
+    assert_eq!(attr(&h2, "clustergo.harbor"), Some("2.255.1"));
+    assert_eq!(attr(&h1, "clustergo.harbor"), Some("1.255.1"));
+    // Timings: the server span lies inside the caller's.
+    assert!(
+        client.start_time_unix_nano <= server.start_time_unix_nano
+            && server.end_time_unix_nano <= client.end_time_unix_nano,
+        "client {}..{}, server {}..{}",
+        client.start_time_unix_nano,
+        client.end_time_unix_nano,
+        server.start_time_unix_nano,
+        server.end_time_unix_nano
+    );
+    otlp.abort();
 }

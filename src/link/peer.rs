@@ -160,6 +160,7 @@ impl<S: LinkStreams> Peer<S> {
     }
 
     /// Envelopes waiting in the queue now.
+    #[cfg_attr(not(feature = "admin"), allow(dead_code))]
     pub(crate) fn queued(&self) -> usize {
         self.capacity.saturating_sub(self.tx.capacity())
     }

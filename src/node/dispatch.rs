@@ -117,8 +117,8 @@ impl Deliver for Inner {
                     }
                 }
             }
-            Some(Body::Request(r)) => self.serve_request(peer, from, r),
-            Some(Body::Message(m)) => self.handle_message(from, m),
+            Some(Body::Request(r)) => self.serve_request(peer, from, r, &env.trace),
+            Some(Body::Message(m)) => self.handle_message(from, m, &env.trace),
             Some(
                 body @ (Body::Open(_)
                 | Body::Accept(_)
@@ -126,7 +126,7 @@ impl Deliver for Inner {
                 | Body::Window(_)
                 | Body::Close(_)),
             ) => {
-                self.deliver_stream(peer, from, body);
+                self.deliver_stream(peer, from, body, &env.trace);
             }
             None => Stats::incr(&self.stats.envelopes_misaddressed),
         }
@@ -176,8 +176,22 @@ impl Inner {
         peer: &Arc<Peer>,
         from: LogicAddr,
         r: crate::proto::Request,
+        trace: &[u8],
     ) {
         Stats::incr(&self.stats.requests_received);
+        // The caller's span is this one's parent (fields are formatted only if enabled).
+        let span = tracing::debug_span!(
+            target: crate::trace::TARGET,
+            "rpc.server",
+            otel.name = %r.method,
+            otel.kind = "server",
+            rpc.system = "clustergo",
+            rpc.method = %r.method,
+            clustergo.from = %from,
+            clustergo.to = %self.addr,
+        );
+        crate::trace::set_parent(&span, trace);
+        let _in_span = span.enter();
         // One clock read: the handler's deadline and the start of the call's duration.
         let received = Instant::now();
         let ctx = CallContext {
@@ -215,7 +229,17 @@ impl Inner {
             .serve(handler, peer, ctx, received, r.id, r.payload);
     }
 
-    fn handle_message(self: &Arc<Self>, from: LogicAddr, m: crate::proto::Message) {
+    fn handle_message(self: &Arc<Self>, from: LogicAddr, m: crate::proto::Message, trace: &[u8]) {
+        let span = tracing::debug_span!(
+            target: crate::trace::TARGET,
+            "message.receive",
+            otel.kind = "consumer",
+            rpc.system = "clustergo",
+            clustergo.from = %from,
+            clustergo.to = %self.addr,
+        );
+        crate::trace::set_parent(&span, trace);
+        let _in_span = span.enter();
         let handler = match &m.kind {
             Some(Kind::Cmd(c)) => self.messages.by_cmd.get(c),
             Some(Kind::TypeName(t)) => self.messages.by_type.get(t),

@@ -52,6 +52,31 @@ impl std::fmt::Debug for Node {
 #[cfg(feature = "admin")]
 pub(crate) type InnerRef = Arc<Inner>;
 
+/// The caller's span of a call (see `clustergo::trace`); fields are formatted only if it is
+/// enabled.
+fn call_span(from: LogicAddr, to: LogicAddr, method: &str) -> tracing::Span {
+    tracing::debug_span!(
+        target: crate::trace::TARGET,
+        "rpc.client",
+        otel.name = %method,
+        otel.kind = "client",
+        rpc.system = "clustergo",
+        rpc.method = %method,
+        clustergo.from = %from,
+        clustergo.to = %to,
+        otel.status_code = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+    )
+}
+
+/// Marks a call's span failed, with the error's kind.
+fn failed(span: &tracing::Span, e: &RpcError) {
+    if !span.is_disabled() {
+        span.record("otel.status_code", "ERROR");
+        span.record("error.type", crate::metrics::Outcome::of_error(e).as_str());
+    }
+}
+
 /// Why a one-way body was not queued at once.
 enum Pushback {
     /// The queue is full; the item to wait with.
@@ -143,8 +168,21 @@ impl Node {
         timeout: Duration,
     ) -> Result<Bytes, RpcError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let started = caller::begin(&self.inner, to, method, payload, timeout, deadline)?;
-        caller::finish(&self.inner, started, to, method, timeout, deadline).await
+        let span = call_span(self.inner.addr, to, method);
+        // The request is built inside the span, so it carries the span's context.
+        let started =
+            span.in_scope(|| caller::begin(&self.inner, to, method, payload, timeout, deadline));
+        let result = match started {
+            Ok(s) => {
+                let finish = caller::finish(&self.inner, s, to, method, timeout, deadline);
+                tracing::Instrument::instrument(finish, span.clone()).await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = &result {
+            failed(&span, e);
+        }
+        result
     }
 
     /// Calls `method` on `to` and runs `callback` with the outcome, for code that must not
@@ -163,14 +201,22 @@ impl Node {
     {
         // Queue the request now, so it keeps its place among this caller's other sends.
         let deadline = tokio::time::Instant::now() + timeout;
-        let started = caller::begin(&self.inner, to, method, payload, timeout, deadline);
+        let span = call_span(self.inner.addr, to, method);
+        let started =
+            span.in_scope(|| caller::begin(&self.inner, to, method, payload, timeout, deadline));
         let inner = self.inner.clone();
         let method = method.to_owned();
         let fut = async move {
             let result = match started {
-                Ok(s) => caller::finish(&inner, s, to, &method, timeout, deadline).await,
+                Ok(s) => {
+                    let finish = caller::finish(&inner, s, to, &method, timeout, deadline);
+                    tracing::Instrument::instrument(finish, span.clone()).await
+                }
                 Err(e) => Err(e),
             };
+            if let Err(e) = &result {
+                failed(&span, e);
+            }
             callback(result)
         };
         let rt = self.inner.server.runtime.get().cloned();

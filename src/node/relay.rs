@@ -234,7 +234,28 @@ impl Inner {
     /// the link it came by (a request with `NO_ROUTE`, or `HOP_BUSY` when the next hop's queue
     /// is full or the stack is at its limit; a stream with a close carrying the reason); a
     /// one-way message is dropped, counted and logged (gated).
-    pub(crate) fn forward(self: &Arc<Self>, came_by: &Arc<Peer>, env: Envelope) {
+    pub(crate) fn forward(self: &Arc<Self>, came_by: &Arc<Peer>, mut env: Envelope) {
+        // A traced envelope gets a span of this harbor's, the sender's child, whose context
+        // goes on in its place: the next hop's span is this one's child.
+        let span = if env.trace.is_empty() {
+            tracing::Span::none()
+        } else {
+            let span = tracing::debug_span!(
+                target: crate::trace::TARGET,
+                "relay",
+                otel.kind = "internal",
+                clustergo.from = env.from,
+                clustergo.to = env.to,
+                clustergo.hops = env.hops,
+                clustergo.harbor = %self.addr,
+            );
+            crate::trace::set_parent(&span, &env.trace);
+            if !span.is_disabled() {
+                env.trace = span.in_scope(crate::trace::current);
+            }
+            span
+        };
+        let _in_span = span.enter();
         let what = Unsent::of(&env);
         // Shutting down: answers and streams in progress still pass (that is what the drain
         // waits for), new calls are sent back to try another harbor.

@@ -102,7 +102,13 @@ impl Inner {
 
     /// Hands a stream envelope `from` a node (over the link to `peer`: the node itself, or a
     /// harbor on the way) to its stream.
-    pub(crate) fn deliver_stream(&self, peer: &Arc<Peer>, from: LogicAddr, body: Body) {
+    pub(crate) fn deliver_stream(
+        &self,
+        peer: &Arc<Peer>,
+        from: LogicAddr,
+        body: Body,
+        trace: &[u8],
+    ) {
         let find = |id: u64, to_opener: bool| {
             let key = stream::key(from, id, to_opener);
             // Relayed: after a failover the envelope may arrive by another harbor of this
@@ -129,7 +135,7 @@ impl Inner {
             found
         };
         match body {
-            Body::Open(o) => self.accept_stream(peer, from, o.id, o.window, o.meta),
+            Body::Open(o) => self.accept_stream(peer, from, o.id, o.window, o.meta, trace),
             Body::Accept(a) => {
                 if let Some(s) = find(a.id, true) {
                     s.on_accept(a.window)
@@ -164,6 +170,7 @@ impl Inner {
         id: u64,
         window: u32,
         meta: Vec<proto::StreamMeta>,
+        trace: &[u8],
     ) {
         let refuse = |code: ErrorCode, reason: String| {
             Stats::incr(&self.stats.streams_refused);
@@ -245,11 +252,25 @@ impl Inner {
         }
         Stats::incr(&self.stats.streams_accepted);
         peer.streams.push_ready(shared.clone());
-        let task = handler(Stream::new(shared));
-        let span =
-            tracing::debug_span!(parent: None, "stream", node = %self.addr, peer = %peer.addr, id);
-        self.tracker
-            .spawn(tracing::Instrument::instrument(task, span));
+        // The stream's task runs in a span that is the opener's child when the open was traced.
+        let traced = tracing::debug_span!(
+            target: crate::trace::TARGET,
+            parent: None,
+            "stream.accept",
+            otel.kind = "server",
+            rpc.system = "clustergo",
+            clustergo.from = %from,
+            clustergo.to = %self.addr,
+            clustergo.stream = id,
+        );
+        let span = if traced.is_disabled() {
+            tracing::debug_span!(parent: None, "stream", node = %self.addr, peer = %peer.addr, id)
+        } else {
+            crate::trace::set_parent(&traced, trace);
+            traced
+        };
+        let task = span.in_scope(|| handler(Stream::new(shared)));
+        crate::task::spawn(&self.tracker, span, task);
     }
 
     /// Shutdown: waits until every stream has closed, up to `grace_end`, then resets the rest.

@@ -58,7 +58,7 @@ impl Envelope {
             to,
             from,
             hops: 0,
-            trace: bytes::Bytes::new(),
+            trace: crate::trace::current(),
             body: Some(body),
         }
     }

@@ -95,6 +95,7 @@ impl Relays {
     }
 
     /// Relayed calls waiting for their answers here now.
+    #[cfg_attr(not(feature = "admin"), allow(dead_code))]
     pub(crate) fn calls_in_flight(&self) -> usize {
         lock(&self.calls).len()
     }

@@ -318,15 +318,21 @@ impl ServerShared {
             }
             RpcHandler::Async(f) => {
                 let from = ctx.from;
-                // Fields are formatted only if the span is enabled.
-                let span = tracing::debug_span!(
-                    "node",
-                    node = %self.addr,
-                    task = "rpc",
-                    method = %ctx.method,
-                    %from,
-                    id
-                );
+                // The task runs in the call's span (`rpc.server`, when traced), or one that
+                // names it (fields are formatted only if the span is enabled).
+                let current = tracing::Span::current();
+                let span = if current.is_disabled() {
+                    tracing::debug_span!(
+                        "node",
+                        node = %self.addr,
+                        task = "rpc",
+                        method = %ctx.method,
+                        %from,
+                        id
+                    )
+                } else {
+                    current
+                };
                 let mut fut = match std::panic::catch_unwind(AssertUnwindSafe(|| f(ctx, payload))) {
                     Ok(fut) => fut,
                     Err(p) => return replyer.reply(Err(panicked(from, p))),

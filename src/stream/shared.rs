@@ -68,6 +68,9 @@ struct State {
     queued: bool,
     /// Opener: the open still to send.
     open: Option<Vec<proto::StreamMeta>>,
+    /// The opener's trace context, for the open envelope (taken when the stream was opened:
+    /// the envelope itself is built later, by the link's writer).
+    open_trace: Bytes,
     /// Acceptor: the accept still to send.
     accept: bool,
     /// Window update still to send.
@@ -210,6 +213,7 @@ impl Shared {
         {
             let mut st = s.lock();
             st.open = Some(open);
+            st.open_trace = crate::trace::current();
             st.open_tx = Some(tx);
             st.queued = true;
         }
@@ -301,11 +305,13 @@ impl Shared {
         let mut bytes = 0;
         if let Some(meta) = st.open.take() {
             bytes += HEADER + super::wire_size(&meta);
-            out.push(env(Body::Open(proto::StreamOpen {
+            let mut open = env(Body::Open(proto::StreamOpen {
                 id: self.id,
                 window: self.window,
                 meta,
-            })));
+            }));
+            open.trace = std::mem::take(&mut st.open_trace);
+            out.push(open);
         }
         if std::mem::take(&mut st.accept) {
             bytes += HEADER;
