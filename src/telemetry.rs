@@ -117,6 +117,7 @@ pub fn init(service: &str) -> Result<Telemetry, TelemetryError> {
         .with(traces)
         .try_init()
         .map_err(|e| TelemetryError::AlreadySet(e.to_string()))?;
+    crate::trace::propagate(true);
     Ok(Telemetry {
         provider: Some(provider),
     })

@@ -3,8 +3,9 @@
 //! after a newline) in the envelope's `trace` field; the receiver's span is its child, and each
 //! harbor on the way adds a span of its own and passes its context on.
 //!
-//! Without the feature, or with no OpenTelemetry layer installed, the field stays empty: no
-//! allocation and no clock read on the hot path. The spans are `tracing` spans of target
+//! Without the feature, or until [`propagate`] turns it on (`clustergo::telemetry` does when
+//! it exports), the field stays empty: one relaxed load per envelope, no allocation and no
+//! clock read on the hot path. The spans are `tracing` spans of target
 //! [`TARGET`] at DEBUG level, named after the OpenTelemetry RPC conventions (`rpc.system`,
 //! `rpc.method`, `otel.kind`, `otel.status_code`, `error.type`) plus `clustergo.from`,
 //! `clustergo.to` and `clustergo.hops`; `clustergo::telemetry` exports them.
@@ -22,9 +23,26 @@ pub const TARGET: &str = "clustergo::otel";
 #[cfg_attr(not(feature = "otel"), allow(dead_code))]
 pub(crate) const MAX_TRACE: usize = 512;
 
+/// Whether outgoing envelopes carry the current span's context (see [`propagate`]).
+#[cfg(feature = "otel")]
+static PROPAGATE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Turns the propagation of trace context into outgoing envelopes on or off, for the whole
+/// process. `clustergo::telemetry::init` turns it on when it installs an exporter; call it
+/// yourself if you install a `tracing-opentelemetry` layer of your own. Off (the default),
+/// sending costs one relaxed atomic load per envelope and nothing else. Receiving always
+/// honours a context that arrives.
+#[cfg(feature = "otel")]
+pub fn propagate(on: bool) {
+    PROPAGATE.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// The current span's context as a `trace` field; empty when there is none to pass on.
 #[cfg(feature = "otel")]
 pub(crate) fn current() -> Bytes {
+    if !PROPAGATE.load(std::sync::atomic::Ordering::Relaxed) {
+        return Bytes::new();
+    }
     let span = tracing::Span::current();
     if span.is_disabled() {
         return Bytes::new();

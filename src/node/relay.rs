@@ -250,8 +250,10 @@ impl Inner {
                 clustergo.harbor = %self.addr,
             );
             crate::trace::set_parent(&span, &env.trace);
-            if !span.is_disabled() {
-                env.trace = span.in_scope(crate::trace::current);
+            // Passed on as it came unless this harbor's own span has a context to pass.
+            let own = span.in_scope(crate::trace::current);
+            if !own.is_empty() {
+                env.trace = own;
             }
             span
         };
