@@ -24,6 +24,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let endpoint = args.next().ok_or(usage)?;
     let prefix = args.next().ok_or(usage)?;
     let me: LogicAddr = args.next().ok_or(usage)?.parse()?;
+    // Logs, and traces when OTEL_EXPORTER_OTLP_ENDPOINT is set: a client's session at the
+    // gateway and this server's work for it are one trace.
+    let telemetry = clustergo::telemetry::init(&format!("game-server-{me}"))?;
     let discovery = EtcdDiscovery::connect(
         [endpoint],
         prefix,
@@ -45,6 +48,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         _ = node.closed() => {}
     }
     node.shutdown().await;
+    telemetry.shutdown().await;
     println!("game server {me} stopped");
     Ok(())
 }

@@ -45,6 +45,13 @@ const ENDED: [(Ended, &str); 8] = [
     (Ended::NoServer, "no_server"),
 ];
 
+impl Ended {
+    /// The `reason` label of this end.
+    pub(crate) fn as_str(self) -> &'static str {
+        ENDED[self as usize].1
+    }
+}
+
 fn transport_index(t: &str) -> usize {
     // Every listener names its clients from TRANSPORTS; a new one must be added there (the
     // gateway's metrics test covers each).

@@ -160,8 +160,30 @@ impl Rate {
     }
 }
 
-/// Serves one accepted client until either side ends; logs how it ended.
+/// Serves one accepted client until either side ends; logs how it ended. The session is one
+/// span (`gateway.session`, see `clustergo::trace`): its stream open is its child, so the game
+/// server's work for the client joins the same trace.
 pub(crate) async fn serve<R: FrameRead, W: FrameWrite>(
+    gw: Arc<Gateway>,
+    handshake: Handshake,
+    info: ClientInfo,
+    rd: R,
+    wr: W,
+) {
+    let span = tracing::debug_span!(
+        target: clustergo::trace::TARGET,
+        parent: None,
+        "gateway.session",
+        otel.kind = "server",
+        clustergo.transport = info.transport,
+        client.address = %info.peer,
+        clustergo.server = tracing::field::Empty,
+        clustergo.end = tracing::field::Empty,
+    );
+    tracing::Instrument::instrument(session(gw, handshake, info, rd, wr), span).await
+}
+
+async fn session<R: FrameRead, W: FrameWrite>(
     gw: Arc<Gateway>,
     handshake: Handshake,
     info: ClientInfo,
@@ -238,6 +260,7 @@ pub(crate) async fn serve<R: FrameRead, W: FrameWrite>(
     };
     let _counted = gw.metrics.client(info.transport);
     let server = stream.peer();
+    tracing::Span::current().record("clustergo.server", tracing::field::display(server));
     let drained = gw.drain_token(server);
     let (mut down, mut up) = stream.into_split();
     let mut up_buf = BytesMut::new();
@@ -554,6 +577,7 @@ fn log_end(gw: &Gateway, info: &ClientInfo, server: Option<LogicAddr>, end: &End
     let began = info.deadline.checked_sub(gw.limits.handshake_timeout);
     let lasted = server.and(began).map(|b| b.elapsed());
     gw.metrics.ended(how, info.transport, lasted);
+    tracing::Span::current().record("clustergo.end", how.as_str());
     let server = server.map(|s| s.to_string()).unwrap_or_else(|| "-".into());
     match end {
         End::Client(Fault::Eof) => {

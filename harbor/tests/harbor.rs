@@ -3,6 +3,8 @@
 
 #[path = "../../tests/support/etcd.rs"]
 mod etcd_server;
+#[path = "../../tests/support/otlp.rs"]
+mod otlp;
 #[path = "../../tests/support/prometheus.rs"]
 mod prometheus_server;
 
@@ -811,50 +813,6 @@ async fn prometheus_scrapes_running_harbors() {
     server.shutdown().await;
 }
 
-/// An OTLP/gRPC trace receiver: what the processes under test export, by service name.
-#[derive(Default, Clone)]
-struct Receiver(Arc<std::sync::Mutex<Vec<(String, opentelemetry_proto::tonic::trace::v1::Span)>>>);
-
-#[tonic::async_trait]
-impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
-    for Receiver
-{
-    async fn export(
-        &self,
-        request: tonic::Request<
-            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
-        >,
-    ) -> Result<
-        tonic::Response<
-            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse,
-        >,
-        tonic::Status,
-    > {
-        let mut got = self.0.lock().unwrap();
-        for rs in request.into_inner().resource_spans {
-            let service = rs
-                .resource
-                .iter()
-                .flat_map(|r| &r.attributes)
-                .find(|kv| kv.key == "service.name")
-                .and_then(|kv| kv.value.as_ref())
-                .and_then(|v| match &v.value {
-                    Some(
-                        opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(s),
-                    ) => Some(s.clone()),
-                    _ => None,
-                })
-                .unwrap_or_default();
-            for ss in rs.scope_spans {
-                for span in ss.spans {
-                    got.push((service.clone(), span));
-                }
-            }
-        }
-        Ok(tonic::Response::new(Default::default()))
-    }
-}
-
 fn traced_node() -> std::path::PathBuf {
     let exe = std::env::current_exe().unwrap();
     let bin = exe
@@ -871,35 +829,12 @@ fn traced_node() -> std::path::PathBuf {
     bin
 }
 
-fn attr<'a>(span: &'a opentelemetry_proto::tonic::trace::v1::Span, key: &str) -> Option<&'a str> {
-    span.attributes
-        .iter()
-        .find(|kv| kv.key == key)
-        .and_then(|kv| kv.value.as_ref())
-        .and_then(|v| match &v.value {
-            Some(opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(s)) => {
-                Some(s.as_str())
-            }
-            _ => None,
-        })
-}
-
 /// One call from 2.1.1 to 1.1.1 through harbors 2.255.1 and 1.255.1, four processes each
 /// exporting its spans to a real OTLP receiver: one trace, caller -> harbor -> harbor ->
 /// server, each span the child of the one before, the server's inside the caller's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_call_across_harbors_is_one_trace() {
-    let receiver = Receiver::default();
-    let otlp_port = etcd_server::free_port();
-    let server = tonic::transport::Server::builder()
-        .add_service(
-            opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer::new(
-                receiver.clone(),
-            ),
-        )
-        .serve(([127, 0, 0, 1], otlp_port).into());
-    let otlp = tokio::spawn(server);
-    let endpoint = format!("http://127.0.0.1:{otlp_port}");
+    let (receiver, endpoint, otlp) = otlp::Receiver::start(etcd_server::free_port());
     let env = [
         ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
         ("OTEL_BSP_SCHEDULE_DELAY", "100"),
@@ -956,7 +891,7 @@ async fn one_call_across_harbors_is_one_trace() {
     // Harbors export every 100 ms: wait for the four spans of the request's path.
     let spans = tokio::time::timeout(WAIT * 2, async {
         loop {
-            let got = receiver.0.lock().unwrap().clone();
+            let got = receiver.spans();
             let client = got.iter().find(|(svc, s)| {
                 svc == "traced-2.1.1"
                     && s.name == "echo"
@@ -993,7 +928,7 @@ async fn one_call_across_harbors_is_one_trace() {
     })
     .await;
     let Ok((client, h2, h1, server)) = spans else {
-        let got = receiver.0.lock().unwrap().clone();
+        let got = receiver.spans();
         let names: Vec<_> = got
             .iter()
             .map(|(svc, s)| {
@@ -1012,12 +947,12 @@ async fn one_call_across_harbors_is_one_trace() {
     use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
     assert_eq!(client.kind, SpanKind::Client as i32);
     assert_eq!(server.kind, SpanKind::Server as i32);
-    assert_eq!(attr(&client, "rpc.system"), Some("clustergo"));
-    assert_eq!(attr(&client, "rpc.method"), Some("echo"));
-    assert_eq!(attr(&client, "clustergo.to"), Some("1.1.1"));
-    assert_eq!(attr(&server, "clustergo.from"), Some("2.1.1"));
-    assert_eq!(attr(&h2, "clustergo.harbor"), Some("2.255.1"));
-    assert_eq!(attr(&h1, "clustergo.harbor"), Some("1.255.1"));
+    assert_eq!(otlp::attr(&client, "rpc.system"), Some("clustergo"));
+    assert_eq!(otlp::attr(&client, "rpc.method"), Some("echo"));
+    assert_eq!(otlp::attr(&client, "clustergo.to"), Some("1.1.1"));
+    assert_eq!(otlp::attr(&server, "clustergo.from"), Some("2.1.1"));
+    assert_eq!(otlp::attr(&h2, "clustergo.harbor"), Some("2.255.1"));
+    assert_eq!(otlp::attr(&h1, "clustergo.harbor"), Some("1.255.1"));
     // Timings: the server span lies inside the caller's.
     assert!(
         client.start_time_unix_nano <= server.start_time_unix_nano

@@ -152,10 +152,18 @@ pub fn free_port() -> String {
 }
 
 /// Starts game server `addr` (already listed) and waits until it is up.
+/// Environment for every process the bed starts (a test binary that sets it holds one test).
+pub static ENV: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
+
+fn bed_env() -> Vec<(String, String)> {
+    ENV.lock().unwrap().clone()
+}
+
 pub fn game_server(etcd: &Etcd, addr: &str) -> Proc {
     let mut child = Command::new(example("game_server"))
         .args([&etcd.endpoint, PREFIX, addr])
         .env("CLUSTERGO_SECRET", SECRET)
+        .envs(bed_env())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -250,6 +258,7 @@ pub fn gateway(etcd: &Etcd, extra: &str, tcp_extra: &str, ws_extra: &str) -> Gat
         .arg(&path)
         .env("CLUSTERGO_SECRET", SECRET)
         .env("RUST_LOG", "info")
+        .envs(bed_env())
         .env_remove("GATEWAY_ADDR")
         .env_remove("GATEWAY_ETCD")
         .stdout(Stdio::piped())
