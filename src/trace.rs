@@ -38,11 +38,20 @@ pub fn propagate(on: bool) {
 }
 
 /// The current span's context as a `trace` field; empty when there is none to pass on.
+/// Inlined check, out-of-line work: off, an envelope is built in place as without the feature.
 #[cfg(feature = "otel")]
+#[inline]
 pub(crate) fn current() -> Bytes {
     if !PROPAGATE.load(std::sync::atomic::Ordering::Relaxed) {
         return Bytes::new();
     }
+    current_span_context()
+}
+
+#[cfg(feature = "otel")]
+#[cold]
+#[inline(never)]
+fn current_span_context() -> Bytes {
     let span = tracing::Span::current();
     if span.is_disabled() {
         return Bytes::new();
