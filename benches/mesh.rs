@@ -16,7 +16,9 @@
 //! `--secs <f64>` (measured seconds per mode, default 3), `--smoke` (0.2 s per mode),
 //! `--mode <name>` (one mode only), `--tls` (links over mutual TLS, with a CA and certificates
 //! made for the run), `--no-call-metrics` (calls not timed into the duration histograms, in both
-//! processes). Unknown arguments (cargo's `--bench`) are ignored.
+//! processes), `--trace-export` (built with `--features telemetry`: every span exported at
+//! 100 % sampling over OTLP to a sink in the orchestrator, in both processes). Unknown
+//! arguments (cargo's `--bench`) are ignored.
 //!
 //! Peer process: `peer --listen-port 0 --other 127.0.0.1:PORT [--multi-thread] [--tls-dir DIR]`. It prints
 //! `READY <node port> <raw port>` and exits by itself when its stdin closes.
@@ -84,6 +86,10 @@ struct Opts {
     tls_dir: Option<std::path::PathBuf>,
     /// Calls not timed into the duration histograms (`NodeConfig::call_metrics(false)`).
     no_call_metrics: bool,
+    /// Spans exported (100 % sampled) over OTLP to this endpoint, in both processes.
+    trace_export: Option<String>,
+    /// `--trace-export`: the orchestrator runs a sink that discards what it receives.
+    trace_sink: bool,
 }
 
 fn parse(args: &[String]) -> Result<Opts, String> {
@@ -99,6 +105,8 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         run_as: None,
         tls_dir: None,
         no_call_metrics: false,
+        trace_export: None,
+        trace_sink: false,
     };
     let mut tls = false;
     let mut secs = None;
@@ -111,6 +119,8 @@ fn parse(args: &[String]) -> Result<Opts, String> {
             "--smoke" => smoke = true,
             "--tls" => tls = true,
             "--no-call-metrics" => o.no_call_metrics = true,
+            "--trace-export" => o.trace_sink = true,
+            "--trace-export-to" => o.trace_export = Some(value("--trace-export-to")?),
             "--tls-dir" => o.tls_dir = Some(value("--tls-dir")?.into()),
             "--secs" => {
                 let v = value("--secs")?;
@@ -216,11 +226,82 @@ pub(crate) fn entry(args: Vec<String>) -> Result<Vec<ModeOutcome>, String> {
             .build()
     }
     .map_err(|e| format!("runtime: {e}"))?;
-    if opts.peer {
-        rt.block_on(peer_main(opts))?;
-        return Ok(Vec::new());
+    let mut opts = opts;
+    #[cfg(feature = "telemetry")]
+    let telemetry = rt.block_on(trace_export(&mut opts))?;
+    #[cfg(not(feature = "telemetry"))]
+    rt.block_on(trace_export(&mut opts))?;
+    let out = if opts.peer {
+        rt.block_on(peer_main(opts)).map(|()| Vec::new())
+    } else {
+        Ok(rt.block_on(orchestrate(opts)))
+    };
+    #[cfg(feature = "telemetry")]
+    if let Some(t) = telemetry {
+        rt.block_on(t.shutdown());
     }
-    Ok(rt.block_on(orchestrate(opts)))
+    out
+}
+
+/// `--trace-export`: a sink that discards spans, and this process exporting to it (the peers
+/// get `--trace-export-to`): every call's spans are made, sampled and sent, so the run shows
+/// what tracing at 100 % costs.
+#[cfg(feature = "telemetry")]
+async fn trace_export(opts: &mut Opts) -> Result<Option<clustergo::telemetry::Telemetry>, String> {
+    if opts.trace_sink && opts.trace_export.is_none() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| format!("trace sink: {e}"))?;
+        let at = l.local_addr().map_err(|e| e.to_string())?;
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(
+                    opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer::new(Sink),
+                )
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)),
+        );
+        opts.trace_export = Some(format!("http://{at}"));
+        println!("traces: every span exported over OTLP to a sink at {at}");
+    }
+    let Some(endpoint) = &opts.trace_export else {
+        return Ok(None);
+    };
+    clustergo::telemetry::init_to(
+        if opts.peer { "bench-peer" } else { "bench" },
+        Some(endpoint),
+    )
+    .map(Some)
+    .map_err(|e| format!("--trace-export: {e}"))
+}
+
+#[cfg(not(feature = "telemetry"))]
+async fn trace_export(opts: &mut Opts) -> Result<(), String> {
+    match opts.trace_sink || opts.trace_export.is_some() {
+        true => Err("--trace-export needs the bench built with `--features telemetry`".into()),
+        false => Ok(()),
+    }
+}
+
+/// Receives spans and drops them.
+#[cfg(feature = "telemetry")]
+struct Sink;
+
+#[cfg(feature = "telemetry")]
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService for Sink {
+    async fn export(
+        &self,
+        _request: tonic::Request<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+        >,
+    ) -> Result<
+        tonic::Response<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse,
+        >,
+        tonic::Status,
+    > {
+        Ok(tonic::Response::new(Default::default()))
+    }
 }
 
 #[allow(dead_code)] // unused when this file is a module of the smoke test
@@ -553,6 +634,9 @@ async fn spawn_peer(opts: &Opts, args: &[String]) -> Result<(PeerProc, u16), Str
     }
     if opts.no_call_metrics {
         cmd.arg("--no-call-metrics");
+    }
+    if let Some(e) = &opts.trace_export {
+        cmd.arg("--trace-export-to").arg(e);
     }
     let mut child = cmd.spawn().map_err(|e| format!("spawn peer: {e}"))?;
     let stdin = child.stdin.take();

@@ -83,11 +83,19 @@ fn set(name: &str) -> bool {
 /// Installs the global `tracing` subscriber: log output, plus trace export when an OTLP
 /// endpoint is configured (see the module docs). Call it inside a Tokio runtime.
 pub fn init(service: &str) -> Result<Telemetry, TelemetryError> {
+    init_to(service, None)
+}
+
+/// As [`init`], exporting to `endpoint` (e.g. `http://127.0.0.1:4317`) when given, whatever
+/// the environment says; `None` reads `OTEL_EXPORTER_OTLP_ENDPOINT` as [`init`] does.
+pub fn init_to(service: &str, endpoint: Option<&str>) -> Result<Telemetry, TelemetryError> {
     let logs = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")));
-    let endpoint = set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT");
-    if !endpoint {
+    let exporting = endpoint.is_some()
+        || set("OTEL_EXPORTER_OTLP_ENDPOINT")
+        || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT");
+    if !exporting {
         tracing_subscriber::registry()
             .with(logs)
             .try_init()
@@ -97,8 +105,12 @@ pub fn init(service: &str) -> Result<Telemetry, TelemetryError> {
     let filter = std::env::var("CLUSTERGO_TRACE_FILTER")
         .unwrap_or_else(|_| format!("{}=debug,info", crate::trace::TARGET));
     let filter = EnvFilter::try_new(&filter).map_err(|e| TelemetryError::Filter(e.to_string()))?;
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_tonic()
+    let mut builder = opentelemetry_otlp::SpanExporter::builder().with_tonic();
+    if let Some(e) = endpoint {
+        use opentelemetry_otlp::WithExportConfig as _;
+        builder = builder.with_endpoint(e);
+    }
+    let exporter = builder
         .build()
         .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
     let mut resource = Resource::builder();
