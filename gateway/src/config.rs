@@ -6,7 +6,7 @@
 //! backend_type = 1          # clients go to available nodes of this type
 //! policy = "random"         # or "sticky": the client's first frame picks the server
 //! shutdown_grace_secs = 10
-//! # admin_listen = "0.0.0.0:9100"  # /metrics, /live, /ready, /status (see clustergo::admin)
+//! admin_listen = "127.0.0.1:9101"   # /metrics, /live, /ready, /status (clustergo::admin); omit to turn off
 //!
 //! [etcd]                    # or, without etcd: members_file = "members.toml"
 //! endpoints = ["http://127.0.0.1:2379"]
