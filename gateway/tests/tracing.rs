@@ -6,7 +6,6 @@ mod bed;
 #[path = "../../tests/support/otlp.rs"]
 mod otlp;
 
-use std::time::Duration;
 
 use bed::{TEST_LIMITS, WAIT, bed};
 use clustergo_client::Client;
@@ -33,9 +32,8 @@ async fn a_client_session_and_the_game_servers_work_for_it_are_one_trace() {
 
     // Both processes export every 100 ms: wait for the session and the game server's
     // stream span under it.
-    let found = timeout(WAIT * 2, async {
-        loop {
-            let got = receiver.spans();
+    let found = receiver
+        .wait_for(WAIT * 2, |got| {
             let session = got.iter().find(|(svc, s)| {
                 svc == "gateway-1.100.1"
                     && s.name == "gateway.session"
@@ -48,15 +46,13 @@ async fn a_client_session_and_the_game_servers_work_for_it_are_one_trace() {
                         && s.parent_span_id == session.span_id
                 });
                 if let Some((_, served)) = served {
-                    return (session.clone(), served.clone());
+                    return Some((session.clone(), served.clone()));
                 }
             }
-            // The exporters send in batches: look again shortly.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
-    let Ok((session, served)) = found else {
+            None
+        })
+        .await;
+    let Some((session, served)) = found else {
         let names: Vec<_> = receiver
             .spans()
             .iter()

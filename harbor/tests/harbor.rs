@@ -553,9 +553,6 @@ async fn killing_the_harbor_in_use_moves_traffic_to_the_other() {
     server.shutdown().await;
 }
 
-/// Mutual TLS on links binds every node to its address, so a harbor configured with it may
-/// start without a secret; TLS without client certificates may not; unreadable files are
-/// named.
 /// A harbor process's relay policy (`[relay] deny`): calls from cluster 2 to cluster 1 are
 /// refused at the harbor that applies it, at once and with the policy's reason; traffic the
 /// other way still flows.
@@ -693,6 +690,9 @@ async fn a_stopping_harbor_lets_the_answers_it_waits_for_pass() {
     client.shutdown().await;
 }
 
+/// Mutual TLS on links binds every node to its address, so a harbor configured with it may
+/// start without a secret; TLS without client certificates may not; unreadable files are
+/// named.
 #[test]
 fn mutual_tls_lets_a_harbor_start_without_a_secret() {
     let dir = std::env::temp_dir().join(format!("harbor-mtls-{}", std::process::id()));
@@ -889,9 +889,8 @@ async fn one_call_across_harbors_is_one_trace() {
     assert!(status.success(), "server exited {status}");
 
     // Harbors export every 100 ms: wait for the four spans of the request's path.
-    let spans = tokio::time::timeout(WAIT * 2, async {
-        loop {
-            let got = receiver.spans();
+    let spans = receiver
+        .wait_for(WAIT * 2, |got| {
             let client = got.iter().find(|(svc, s)| {
                 svc == "traced-2.1.1"
                     && s.name == "echo"
@@ -920,14 +919,13 @@ async fn one_call_across_harbors_is_one_trace() {
                     child_of("traced-1.1.1", &h1.span_id).filter(|s| s.name == "stream.accept")
                 });
                 if let (Some(h2), Some(h1), Some(server), Some(_)) = (h2, h1, server, accepted) {
-                    return (client.clone(), h2, h1, server);
+                    return Some((client.clone(), h2, h1, server));
                 }
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
-    let Ok((client, h2, h1, server)) = spans else {
+            None
+        })
+        .await;
+    let Some((client, h2, h1, server)) = spans else {
         let got = receiver.spans();
         let names: Vec<_> = got
             .iter()

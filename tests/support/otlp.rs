@@ -13,9 +13,10 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::trace::v1::Span;
 
-/// Spans received, with the `service.name` of the process that sent each.
+/// Spans received, with the `service.name` of the process that sent each; waiters are woken
+/// by each export.
 #[derive(Default, Clone)]
-pub struct Receiver(Arc<Mutex<Vec<(String, Span)>>>);
+pub struct Receiver(Arc<Mutex<Vec<(String, Span)>>>, Arc<tokio::sync::Notify>);
 
 impl Receiver {
     /// Serves on `port` (free; see `ports.rs`): the receiver, the endpoint URL for
@@ -36,6 +37,25 @@ impl Receiver {
     /// Everything received so far.
     pub fn spans(&self) -> Vec<(String, Span)> {
         self.0.lock().unwrap().clone()
+    }
+
+    /// Waits (up to `within`) until `found` finds what it looks for in the spans received,
+    /// checking again after each export; `None` if it never does.
+    pub async fn wait_for<T>(
+        &self,
+        within: std::time::Duration,
+        found: impl Fn(&[(String, Span)]) -> Option<T>,
+    ) -> Option<T> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let exported = self.1.notified();
+            tokio::pin!(exported);
+            exported.as_mut().enable();
+            if let Some(t) = found(&self.spans()) {
+                return Some(t);
+            }
+            tokio::time::timeout_at(deadline, exported).await.ok()?;
+        }
     }
 }
 
@@ -63,6 +83,8 @@ impl TraceService for Receiver {
                 }
             }
         }
+        drop(got);
+        self.1.notify_waiters();
         Ok(tonic::Response::new(Default::default()))
     }
 }

@@ -141,6 +141,8 @@ impl Prometheus {
                 Instant::now() < deadline,
                 "prometheus not ready within 30 s"
             );
+            // Another process's HTTP API, which tells nobody when it is ready: the condition
+            // is polled (bounded by the deadline above), not waited out.
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -168,7 +170,8 @@ impl Prometheus {
             if let Some(v) = value {
                 return v;
             }
-            // Prometheus scrapes once a second: ask again a little later.
+            // Prometheus scrapes once a second and pushes nothing: the query is polled, bounded
+            // by `within`.
             std::thread::sleep(Duration::from_millis(200));
         }
         panic!("no sample of {promql} passed within {within:?}; last answer: {last:?}");
