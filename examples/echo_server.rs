@@ -5,7 +5,8 @@
 //!
 //! With membership in etcd instead of a file: `echo_server etcd://127.0.0.1:2379/clustergo/demo`
 //! (the node must be listed under that prefix, e.g. with `clusterctl`); the liveness lease TTL
-//! comes from `CLUSTERGO_LEASE_TTL_SECS` (default 5).
+//! comes from `CLUSTERGO_LEASE_TTL_SECS` (default 5). With etcd, the address may be `1.2.auto`:
+//! the lowest free server id of cluster 1, type 2 is claimed under the node's lease.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,8 +43,16 @@ impl EchoServer for Echo {
 
 /// `etcd://host:port/prefix` or a membership file.
 fn membership(spec: &str) -> Result<Arc<dyn Discovery>, Box<dyn std::error::Error>> {
+    match etcd_of(spec)? {
+        Some(etcd) => Ok(Arc::new(etcd)),
+        None => Ok(Arc::new(FileDiscovery::open(spec)?)),
+    }
+}
+
+/// The etcd source an `etcd://host:port/prefix` spec names; `None` for a file.
+fn etcd_of(spec: &str) -> Result<Option<EtcdDiscovery>, Box<dyn std::error::Error>> {
     let Some(rest) = spec.strip_prefix("etcd://") else {
-        return Ok(Arc::new(FileDiscovery::open(spec)?));
+        return Ok(None);
     };
     let (host, prefix) = rest.split_once('/').ok_or("etcd://host:port/prefix")?;
     let ttl = std::env::var("CLUSTERGO_LEASE_TTL_SECS")
@@ -51,7 +60,7 @@ fn membership(spec: &str) -> Result<Arc<dyn Discovery>, Box<dyn std::error::Erro
         .and_then(|s| s.parse().ok())
         .unwrap_or(5);
     let options = EtcdOptions::default().lease_ttl(Duration::from_secs(ttl));
-    Ok(Arc::new(EtcdDiscovery::connect(
+    Ok(Some(EtcdDiscovery::connect(
         [format!("http://{host}")],
         format!("/{prefix}"),
         options,
@@ -64,10 +73,32 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let members = args
         .next()
         .unwrap_or_else(|| "examples/members.toml".into());
-    let me: LogicAddr = args.next().as_deref().unwrap_or("1.2.1").parse()?;
-
-    let builder = Node::builder(me)
-        .discovery(membership(&members)?)
+    let addr = args.next().unwrap_or_else(|| "1.2.1".into());
+    let discovery = membership(&members)?;
+    // `c.t.auto`: claim the lowest free server id from etcd, listening on a free port.
+    let (me, listener) = match addr.strip_suffix(".auto") {
+        None => (addr.parse::<LogicAddr>()?, None),
+        Some(head) => {
+            let probe: LogicAddr = format!("{head}.1").parse()?;
+            let etcd = etcd_of(&members)?.ok_or("an auto address needs etcd membership")?;
+            let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+            let me = etcd
+                .claim(
+                    probe.cluster(),
+                    probe.node_type(),
+                    listener.local_addr()?.to_string(),
+                    false,
+                )
+                .await?;
+            (me, Some((listener, etcd)))
+        }
+    };
+    let builder = match listener {
+        None => Node::builder(me).discovery(discovery),
+        // The node follows the claimed lease: it is built on the source that claimed.
+        Some((l, etcd)) => Node::builder(me).discovery(etcd).listener(l),
+    };
+    let builder = builder
         .config(NodeConfig::default().secret("echo-example-secret"))
         .on_message(move |ctx, line: ChatLine| {
             println!(

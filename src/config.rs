@@ -64,6 +64,13 @@ pub struct NodeConfig {
     /// calls it relayed). Also how long a link to a peer that left membership is kept for what
     /// is under way on it (answers, streams already open; nothing new). Default 5 s.
     pub shutdown_grace: Duration,
+    /// At shutdown, with a membership source that tracks liveness (etcd): after leaving
+    /// membership, the node keeps serving everything that arrives until nothing new has
+    /// arrived for this long (or the grace period ends). Peers learn that the node left
+    /// through their own watch, a little later; a call one of them sent in that gap is served
+    /// rather than failed. Zero turns the wait off. Default 500 ms. (Sources without liveness,
+    /// such as files, cannot tell peers that the node leaves, so there is nothing to wait for.)
+    pub drain_quiet: Duration,
     /// Whether calls are timed into the duration histograms by method and outcome (see
     /// `clustergo::admin`): a clock read at each end and a few relaxed atomic adds per call on
     /// each side (about 5 % of the throughput of empty handlers at 128 calls in flight; see
@@ -153,6 +160,7 @@ impl Default for NodeConfig {
             redial_backoff_max: Duration::from_secs(2),
             start_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(5),
+            drain_quiet: Duration::from_millis(500),
             call_metrics: true,
             peer_queue: 8192,
             max_envelope: 1 << 20,
@@ -188,6 +196,7 @@ impl std::fmt::Debug for NodeConfig {
             .field("redial_backoff_max", &self.redial_backoff_max)
             .field("start_timeout", &self.start_timeout)
             .field("shutdown_grace", &self.shutdown_grace)
+            .field("drain_quiet", &self.drain_quiet)
             .field("peer_queue", &self.peer_queue)
             .field("max_envelope", &self.max_envelope)
             .field("batch_bytes", &self.batch_bytes)
@@ -242,6 +251,8 @@ setters! {
     start_timeout: Duration;
     /// Sets [`NodeConfig::shutdown_grace`].
     shutdown_grace: Duration;
+    /// Sets [`NodeConfig::drain_quiet`].
+    drain_quiet: Duration;
     /// Sets [`NodeConfig::call_metrics`].
     call_metrics: bool;
     /// Sets [`NodeConfig::peer_queue`].

@@ -428,6 +428,16 @@ pub enum DiscoveryError {
     /// The source ended.
     #[error("membership source ended")]
     Ended,
+    /// No server id could be claimed (`EtcdDiscovery::claim`).
+    #[error("cannot claim a server id for {cluster}.{node_type}.auto: {reason}")]
+    Claim {
+        /// The cluster asked for.
+        cluster: u16,
+        /// The node type asked for.
+        node_type: u8,
+        /// Why: an invalid cluster or type, every id taken, or too many lost races.
+        reason: String,
+    },
 }
 
 /// Why no node could be selected.

@@ -41,6 +41,7 @@
 //! - `message`: one-way message handlers.
 //! - `stream`: flow-controlled byte streams between nodes, many per link.
 //! - `node`: the public handle; start, dispatch, links, shutdown.
+//! - `app` (feature `app`): what a binary does around its node: exit codes, `auto` ids, SIGTERM drain.
 //! - `router`: next hops (direct, harbors), sticky paths, and the forwarding layer harbors run.
 //! - `relay`: a harbor's relay stack as its tower middleware sees it.
 //! - `rendezvous`: the rendezvous hashing every pick uses (harbors, sticky targets, the
@@ -54,6 +55,8 @@
 mod addr;
 #[cfg(feature = "admin")]
 pub mod admin;
+#[cfg(feature = "app")]
+pub mod app;
 mod config;
 mod error;
 mod gate;
@@ -92,7 +95,7 @@ pub mod relay {
 #[cfg(feature = "tls")]
 pub use link::tls::{LinkTls, LinkTlsFiles, TlsError};
 pub use membership::{
-    Discovery, DiscoveryHealth, FileDiscovery, Member, MembershipEvent, MemoryDiscovery,
+    Discovery, DiscoveryHealth, DrainProgress, FileDiscovery, Member, MembershipEvent, MemoryDiscovery,
 };
 #[cfg(feature = "etcd")]
 pub use membership::{EtcdDiscovery, EtcdOptions};

@@ -549,3 +549,134 @@ async fn a_deleted_alive_key_is_restored_while_the_node_runs() {
         deleted.elapsed()
     );
 }
+
+/// Claims an id of `1.2.auto` on a fresh source and starts a node on it, serving "echo".
+async fn start_auto_node(etcd: &Etcd) -> Node {
+    let (l, net) = bind();
+    let d = discovery(etcd);
+    let addr = within(d.claim(1, 2, net, false)).await.unwrap();
+    let node = Node::builder(addr)
+        .discovery(d)
+        .config(test_config())
+        .listener(l)
+        .rpc("echo", |_, p| async move { Ok::<_, HandlerError>(p) })
+        .build();
+    within(node.start()).await.unwrap();
+    node
+}
+
+/// Whether `addr`'s member entry exists in etcd.
+async fn listed(c: &mut Client, addr: LogicAddr) -> bool {
+    c.get(member_key(PREFIX, addr), None)
+        .await
+        .unwrap()
+        .count()
+        > 0
+}
+
+#[tokio::test]
+async fn twenty_nodes_starting_at_once_claim_twenty_distinct_ids() {
+    let etcd = Etcd::start();
+    let mut c = client(&etcd).await;
+    // Listed by an operator: id 1 is never claimed.
+    put_member(&mut c, &Member::new(a("1.2.1"), "127.0.0.1:9")).await;
+    let mut starts = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let etcd_endpoint = etcd.endpoint.clone();
+        starts.spawn(async move {
+            let (l, net) = bind();
+            let d = EtcdDiscovery::connect([etcd_endpoint], PREFIX, options());
+            let addr = d.claim(1, 2, net, false).await.unwrap();
+            let node = Node::builder(addr)
+                .discovery(d)
+                .config(test_config())
+                .listener(l)
+                .rpc("echo", |_, p| async move { Ok::<_, HandlerError>(p) })
+                .build();
+            node.start().await.unwrap();
+            node
+        });
+    }
+    let nodes: Vec<Node> = within(starts.join_all()).await;
+    let mut ids: Vec<u16> = nodes.iter().map(|n| n.addr().server()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, (2..=21).collect::<Vec<u16>>(), "the lowest free ids, each once");
+    // They see each other and talk: the claimed entries are real members.
+    let (first, last) = (&nodes[0], &nodes[19]);
+    assert!(
+        first
+            .wait_for_member(last.addr(), |m| m.is_some_and(|m| m.available), WAIT)
+            .await
+    );
+    let reply = first
+        .call(last.addr(), "echo", Bytes::from_static(b"hi"))
+        .await
+        .unwrap();
+    assert_eq!(&reply[..], b"hi");
+    // A node that stops releases its id at the end of its shutdown; the next claim takes it.
+    let gone = nodes[7].addr();
+    nodes[7].shutdown().await;
+    assert!(!listed(&mut c, gone).await, "{gone} still listed after its shutdown");
+    let next = start_auto_node(&etcd).await;
+    assert_eq!(next.addr(), gone);
+    let stops = nodes.iter().chain([&next]).map(|n| n.shutdown());
+    within(futures_util::future::join_all(stops)).await;
+}
+
+#[tokio::test]
+async fn a_killed_nodes_claimed_id_is_free_only_after_its_lease_expires() {
+    let etcd = Etcd::start();
+    let mut c = client(&etcd).await;
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples/echo_server");
+    let spec = format!(
+        "etcd://{}{PREFIX}",
+        etcd.endpoint.trim_start_matches("http://")
+    );
+    // The node runs as a separate process, so it can be killed without any goodbye.
+    let mut child = Command::new(&bin)
+        .args([&spec, "1.2.auto"])
+        .env("CLUSTERGO_LEASE_TTL_SECS", "2")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
+    let first = out.next().expect("the echo server printed nothing").unwrap();
+    // "echo server 1.2.1 listening on ..."
+    let claimed: LogicAddr = first
+        .split_whitespace()
+        .nth(2)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {first:?}"));
+    assert_eq!(claimed, a("1.2.1"));
+    assert!(listed(&mut c, claimed).await);
+    child.kill().unwrap(); // SIGKILL, by our own child's handle
+    child.wait().unwrap();
+    let killed = Instant::now();
+    // While its lease lives, the id is not given out again.
+    let other = start_auto_node(&etcd).await;
+    assert_eq!(other.addr(), a("1.2.2"));
+    assert!(killed.elapsed() < Duration::from_millis(1200), "the check came too late to mean anything");
+    assert!(listed(&mut c, claimed).await, "the id was freed before its lease could expire");
+    // Then the lease expires (renewed every third of the 2 s TTL: 1.3 to 2 s after the kill).
+    let freed = within(async {
+        while listed(&mut c, claimed).await {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        killed.elapsed()
+    })
+    .await;
+    eprintln!("killed node's id free after {freed:?} (lease TTL 2 s)");
+    assert!(freed >= Duration::from_millis(1200), "{freed:?}");
+    assert!(freed <= Duration::from_millis(3500), "{freed:?}");
+    let again = start_auto_node(&etcd).await;
+    assert_eq!(again.addr(), claimed, "the freed id is the lowest free one again");
+    other.shutdown().await;
+    again.shutdown().await;
+}

@@ -41,6 +41,21 @@ enum Command {
     /// List, add, change and remove members.
     #[command(subcommand)]
     Members(Members),
+    /// Mark a node unavailable, so gateways and `get_addr_by_type` stop picking it (gateways
+    /// move its clients), then wait until it reports it is idle: no streams (clients), no
+    /// calls in flight. Exits 1 if the deadline passes first (the node stays unavailable).
+    Drain {
+        /// The node, `c.t.s`.
+        addr: LogicAddr,
+        /// How long to wait, seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout_secs: u64,
+    },
+    /// Mark a drained node available again.
+    Undrain {
+        /// The node, `c.t.s`.
+        addr: LogicAddr,
+    },
     /// Explain the path from one node to another under the current membership.
     Route {
         /// Sending node, `c.t.s`.
@@ -149,6 +164,10 @@ async fn run(cli: Cli) -> Result<String, String> {
         Command::Members(Members::Import { file }) => store.import(&file).await,
         Command::Members(Members::Export { file }) => store.export(file.as_deref()).await,
         Command::Route { from, to } => store.route(from, to).await,
+        Command::Drain { addr, timeout_secs } => {
+            store.drain(addr, Duration::from_secs(timeout_secs)).await
+        }
+        Command::Undrain { addr } => store.undrain(addr).await,
     }
 }
 

@@ -7,7 +7,9 @@ use std::time::Duration;
 use clustergo::membership::{encode_member, format_members, member_key, parse_members};
 use clustergo::route;
 use clustergo::{LogicAddr, Member};
-use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
+use clustergo::DrainProgress;
+use clustergo::membership::alive_key;
+use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
 
 pub(crate) struct Store {
     client: Client,
@@ -119,6 +121,97 @@ impl Store {
             .map(|_| ())
     }
 
+    /// Sets `available` over the value just read (keeping a claimed member's lease); returns
+    /// the revision of the write.
+    async fn set_available(&mut self, addr: LogicAddr, available: bool) -> Result<i64, String> {
+        let (mut m, revision) = self.get(addr).await?;
+        m.available = available;
+        let key = member_key(&self.prefix, addr);
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key.clone(), CompareOp::Equal, revision)])
+            .and_then([TxnOp::put(
+                key,
+                encode_member(&m),
+                Some(PutOptions::new().with_ignore_lease()),
+            )]);
+        let mut kv = self.client.clone();
+        let resp = self.timed(kv.txn(txn)).await?;
+        if !resp.succeeded() {
+            return Err(format!(
+                "member {addr} changed while this command ran (or was removed); run it again"
+            ));
+        }
+        Ok(resp.header().map_or(0, |h| h.revision()))
+    }
+
+    /// Marks `addr` unavailable, then waits (printing each change of its figures) until the
+    /// node reports it is idle, stops, or `deadline` passes.
+    pub(crate) async fn drain(
+        &mut self,
+        addr: LogicAddr,
+        deadline: Duration,
+    ) -> Result<String, String> {
+        let started = tokio::time::Instant::now();
+        let written = self.set_available(addr, false).await?;
+        println!("{addr} marked unavailable: gateways and get_addr_by_type stop picking it");
+        let mut last: Option<DrainProgress> = None;
+        let mut waiting_said = false;
+        loop {
+            let mut kv = self.client.clone();
+            let resp = self.timed(kv.get(alive_key(&self.prefix, addr), None)).await?;
+            let Some(alive) = resp.kvs().first() else {
+                return Ok(format!(
+                    "{addr} is not running (no alive key): nothing left to wait for ({:.1} s)\n",
+                    started.elapsed().as_secs_f64()
+                ));
+            };
+            // Only what the node wrote after this drain counts.
+            let progress = (alive.mod_revision() > written)
+                .then(|| DrainProgress::from_json(alive.value()))
+                .flatten();
+            match progress {
+                Some(p) if p.is_idle() => {
+                    return Ok(format!(
+                        "{addr} drained: idle after {:.1} s (stop it now; `clusterctl undrain {addr}` once it runs again)\n",
+                        started.elapsed().as_secs_f64()
+                    ));
+                }
+                Some(p) if last != Some(p) => {
+                    println!(
+                        "draining {addr}: {} streams (clients), {} calls in flight ({:.0} s left)",
+                        p.streams,
+                        p.calls,
+                        deadline.saturating_sub(started.elapsed()).as_secs_f64()
+                    );
+                    last = Some(p);
+                }
+                Some(_) => {}
+                None if !waiting_said && started.elapsed() > Duration::from_secs(2) => {
+                    println!("waiting for {addr} to report its drain");
+                    waiting_said = true;
+                }
+                None => {}
+            }
+            if started.elapsed() >= deadline {
+                let left = match last {
+                    Some(p) => format!("{} streams, {} calls in flight", p.streams, p.calls),
+                    None => "it never reported its drain".into(),
+                };
+                return Err(format!(
+                    "{addr} not idle after {} s: {left}; it stays unavailable",
+                    deadline.as_secs()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Marks `addr` available again.
+    pub(crate) async fn undrain(&mut self, addr: LogicAddr) -> Result<String, String> {
+        self.set_available(addr, true).await?;
+        Ok(format!("{addr} available again\n"))
+    }
+
     pub(crate) async fn list(&mut self) -> Result<String, String> {
         let listed = self.load().await?;
         let mut out = String::new();
@@ -195,7 +288,12 @@ impl Store {
                 CompareOp::Equal,
                 revision,
             )])
-            .and_then([TxnOp::put(key, encode_member(&m), None)]);
+            // A member claimed under a node's lease keeps that lease.
+            .and_then([TxnOp::put(
+                key,
+                encode_member(&m),
+                Some(PutOptions::new().with_ignore_lease()),
+            )]);
         let mut kv = self.client.clone();
         if !self.timed(kv.txn(txn)).await?.succeeded() {
             return Err(format!(

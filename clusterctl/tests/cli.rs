@@ -282,3 +282,103 @@ net_addr = "127.0.0.1:7006"
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_waits_for_the_nodes_streams_and_undrain_brings_it_back() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let etcd = Etcd::start();
+    let ep = etcd.endpoint.clone();
+    let (l1, n1) = free_net_addr();
+    let (l2, n2) = free_net_addr();
+    ok(&ep, &["members", "add", "1.1.1", &n1]);
+    ok(&ep, &["members", "add", "1.2.1", &n2]);
+    let caller = node(&etcd, "1.1.1", l1).await;
+    let discovery = EtcdDiscovery::connect(
+        [etcd.endpoint.clone()],
+        PREFIX,
+        EtcdOptions::default().lease_ttl(Duration::from_secs(2)),
+    );
+    let server = Node::builder(a("1.2.1"))
+        .discovery(discovery)
+        .config(NodeConfig::default().secret("cli-test"))
+        .listener(l2)
+        .on_stream(|mut stream| async move {
+            let mut buf = vec![0; 1024];
+            while let Ok(n @ 1..) = stream.read(&mut buf).await {
+                if stream.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+            let _ = stream.shutdown().await;
+        })
+        .build();
+    tokio::time::timeout(WAIT, server.start())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        caller
+            .wait_for_member(a("1.2.1"), |m| m.is_some_and(|m| m.available), WAIT)
+            .await
+    );
+    // A client's stream is open: the drain cannot finish.
+    let mut stream = caller.open_stream(a("1.2.1")).await.unwrap();
+    stream.write_all(b"ping").await.unwrap();
+    let mut echo = [0; 4];
+    stream.read_exact(&mut echo).await.unwrap();
+    let ctl_async = |args: Vec<&'static str>| {
+        let ep = ep.clone();
+        tokio::task::spawn_blocking(move || ctl(&ep, &args))
+    };
+    let (success, out, err) = ctl_async(vec!["drain", "1.2.1", "--timeout-secs", "2"])
+        .await
+        .unwrap();
+    assert!(!success, "drain succeeded with a stream open: {out}");
+    assert!(
+        out.contains("draining 1.2.1: 1 streams (clients), 0 calls in flight"),
+        "no progress shown: {out}"
+    );
+    assert!(err.contains("not idle after 2 s: 1 streams"), "{err}");
+    // Drained means not picked, while what is under way goes on.
+    assert!(
+        caller
+            .wait_for_member(a("1.2.1"), |m| m.is_some_and(|m| !m.available), WAIT)
+            .await
+    );
+    assert_eq!(
+        caller.get_addr_by_type(2),
+        Err(SelectError::NoneAvailable(2))
+    );
+    stream.write_all(b"pong").await.unwrap();
+    stream.read_exact(&mut echo).await.unwrap();
+    assert_eq!(&echo, b"pong");
+    assert!(server.readiness().is_err());
+    // The client leaves: the next drain finishes.
+    stream.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest).await.unwrap();
+    drop(stream);
+    let started = Instant::now();
+    let (success, out, err) = ctl_async(vec!["drain", "1.2.1", "--timeout-secs", "10"])
+        .await
+        .unwrap();
+    assert!(success, "drain failed: {err}");
+    assert!(out.contains("1.2.1 drained: idle after"), "{out}");
+    eprintln!("drain with nothing open took {:?}", started.elapsed());
+    // Undrained: picked again.
+    let (success, _, err) = ctl_async(vec!["undrain", "1.2.1"]).await.unwrap();
+    assert!(success, "{err}");
+    assert!(
+        caller
+            .wait_for_member(a("1.2.1"), |m| m.is_some_and(|m| m.available), WAIT)
+            .await
+    );
+    assert_eq!(caller.get_addr_by_type(2), Ok(a("1.2.1")));
+    assert!(server.readiness().is_ok());
+    // A node that is not running has nothing to wait for.
+    server.shutdown().await;
+    let (success, out, err) = ctl_async(vec!["drain", "1.2.1"]).await.unwrap();
+    assert!(success, "{err}");
+    assert!(out.contains("is not running"), "{out}");
+    caller.shutdown().await;
+}

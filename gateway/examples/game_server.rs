@@ -7,50 +7,107 @@
 //! - `kick:<reason>` → closes the client with that reason (a close frame on the stream);
 //! - `bye` → ends the session cleanly.
 //!
-//! Run: `cargo run -p gateway --example game_server -- http://127.0.0.1:2379 /clustergo 1.1.1`
-//! (the address must be listed under the prefix, e.g. with `clusterctl`). Stops on SIGTERM or
-//! Ctrl-C.
+//! Run: `cargo run -p gateway --example game_server -- --etcd http://127.0.0.1:2379 --addr 1.1.1`
+//! (a fixed address must be listed under the prefix, e.g. with `clusterctl`), or with
+//! `--addr 1.1.auto --listen 127.0.0.1:0` to claim the lowest free server id from etcd. Every
+//! flag also reads an environment variable (`GAME_ADDR`, `GAME_LISTEN`, `GAME_ADVERTISE`,
+//! `GAME_ETCD`, `GAME_PREFIX`, `GAME_LEASE_TTL_SECS`, `GAME_SHUTDOWN_GRACE_SECS`,
+//! `GAME_ADMIN_LISTEN`); the cluster secret comes from `CLUSTERGO_SECRET`. On SIGTERM or Ctrl-C
+//! it drains (see `clustergo::app`) and exits 0.
 
 use std::time::Duration;
 
 use bytes::BytesMut;
-use clustergo::{EtcdDiscovery, EtcdOptions, Frames, LogicAddr, Node, Stream};
+use clap::Parser;
+use clustergo::app::{AddrSpec, Placement};
+use clustergo::{EtcdDiscovery, EtcdOptions, Frames, LogicAddr, Node, NodeConfig, Stream};
 use tokio::io::AsyncWriteExt;
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let mut args = std::env::args().skip(1);
-    let usage = "usage: game_server <etcd endpoint> <prefix> <addr>";
-    let endpoint = args.next().ok_or(usage)?;
-    let prefix = args.next().ok_or(usage)?;
-    let me: LogicAddr = args.next().ok_or(usage)?.parse()?;
-    // Logs, and traces when OTEL_EXPORTER_OTLP_ENDPOINT is set: a client's session at the
-    // gateway and this server's work for it are one trace.
-    let telemetry = clustergo::telemetry::init(&format!("game-server-{me}"))?;
-    let discovery = EtcdDiscovery::connect(
-        [endpoint],
-        prefix,
-        EtcdOptions::default().lease_ttl(Duration::from_secs(2)),
-    );
-    let node = Node::builder(me)
-        .discovery(discovery)
-        .on_stream(move |stream| session(me, stream))
-        .build();
-    node.start().await?;
-    println!(
-        "game server {me} listening on {}",
-        node.local_addr().ok_or("no listener")?
-    );
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-        _ = node.closed() => {}
-    }
-    node.shutdown().await;
-    telemetry.shutdown().await;
-    println!("game server {me} stopped");
-    Ok(())
+/// A game server behind clustergo gateways (echo, with a few test commands).
+#[derive(Debug, Parser)]
+struct Args {
+    /// `cluster.type.server`, or `cluster.type.auto` (needs `--listen`).
+    #[arg(long, env = "GAME_ADDR")]
+    addr: AddrSpec,
+    /// Where to listen for links; default: the address membership lists.
+    #[arg(long, env = "GAME_LISTEN")]
+    listen: Option<std::net::SocketAddr>,
+    /// The `host:port` peers dial, written into membership for an `auto` address.
+    #[arg(long, env = "GAME_ADVERTISE")]
+    advertise: Option<String>,
+    /// etcd endpoint(s), comma-separated.
+    #[arg(long, env = "GAME_ETCD", value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+    etcd: Vec<String>,
+    /// Key prefix of the membership in etcd.
+    #[arg(long, env = "GAME_PREFIX", default_value = "/clustergo")]
+    prefix: String,
+    /// Liveness lease TTL, seconds.
+    #[arg(long, env = "GAME_LEASE_TTL_SECS", default_value_t = 2)]
+    lease_ttl_secs: u64,
+    /// How long a shutdown lets clients' streams and calls finish, seconds.
+    #[arg(long, env = "GAME_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
+    shutdown_grace_secs: u64,
+    /// Where the admin endpoints listen (`/metrics`, `/live`, `/ready`, `/status`).
+    #[arg(long, env = "GAME_ADMIN_LISTEN")]
+    admin_listen: Option<std::net::SocketAddr>,
+    /// Run on the public development secret when `CLUSTERGO_SECRET` is unset.
+    #[arg(long)]
+    insecure_dev: bool,
+}
+
+fn main() -> std::process::ExitCode {
+    clustergo::app::main(
+        "game_server",
+        || {
+            let args = Args::try_parse().map_err(|e| e.to_string())?;
+            let secret = clustergo::binary_secret(args.insecure_dev, false)?;
+            let placement = Placement {
+                addr: args.addr,
+                listen: args.listen,
+                advertise: args.advertise.clone(),
+                export: false,
+            };
+            placement.validate()?;
+            Ok((args, placement, secret))
+        },
+        // Logs, and traces when OTEL_EXPORTER_OTLP_ENDPOINT is set: a client's session at the
+        // gateway and this server's work for it are one trace.
+        |(args, _, _)| format!("game-server-{}", args.addr),
+        false,
+        |(args, placement, secret)| async move {
+            let discovery = EtcdDiscovery::connect(
+                args.etcd.clone(),
+                args.prefix.clone(),
+                EtcdOptions::default().lease_ttl(Duration::from_secs(args.lease_ttl_secs)),
+            );
+            let (me, listener) = placement.place(&discovery).await?;
+            let builder = Node::builder(me)
+                .discovery(discovery)
+                .config(
+                    NodeConfig::default()
+                        .secret(secret)
+                        .shutdown_grace(Duration::from_secs(args.shutdown_grace_secs)),
+                )
+                .on_stream(move |stream| session(me, stream));
+            let node = match listener {
+                Some(l) => builder.listener(l),
+                None => builder,
+            }
+            .build();
+            let admin = match args.admin_listen {
+                Some(at) => Some(clustergo::admin::Admin::new().node(&node).serve(at).await?),
+                None => None,
+            };
+            node.start().await?;
+            println!(
+                "game server {me} listening on {}",
+                node.local_addr().ok_or("no listener")?
+            );
+            clustergo::app::until_stopped(&node, admin.as_ref()).await;
+            println!("game server {me} stopped");
+            Ok(())
+        },
+    )
 }
 
 async fn session(me: LogicAddr, stream: Stream) {

@@ -49,7 +49,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use clustergo::LogicAddr;
+use clustergo::app::{AddrSpec, Placement};
 use serde::Deserialize;
 
 /// Command line (each flag also reads an environment variable).
@@ -68,9 +68,17 @@ pub(crate) struct Args {
     /// missing `CLUSTERGO_SECRET` stops the gateway before it starts.
     #[arg(long)]
     pub(crate) insecure_dev: bool,
-    /// The gateway's logical address, `cluster.type.server`.
+    /// The gateway's logical address, `cluster.type.server`, or `cluster.type.auto` for the
+    /// lowest free server id claimed from etcd (needs `--listen`).
     #[arg(long, env = "GATEWAY_ADDR")]
     pub(crate) addr: Option<String>,
+    /// Where the gateway's node listens for links (`host:port`); default: the address
+    /// membership lists.
+    #[arg(long, env = "GATEWAY_LISTEN")]
+    pub(crate) listen: Option<String>,
+    /// The `host:port` peers dial, written into membership for an `auto` address.
+    #[arg(long, env = "GATEWAY_ADVERTISE")]
+    pub(crate) advertise: Option<String>,
     /// etcd endpoint(s), `http://host:port` (repeat the flag or separate with commas).
     #[arg(long = "etcd", env = "GATEWAY_ETCD", value_delimiter = ',')]
     pub(crate) etcd: Vec<String>,
@@ -99,6 +107,8 @@ pub(crate) struct Args {
 #[serde(deny_unknown_fields)]
 struct File {
     addr: Option<String>,
+    listen: Option<String>,
+    advertise: Option<String>,
     admin_listen: Option<String>,
     backend_type: Option<u8>,
     policy: Option<String>,
@@ -253,7 +263,8 @@ pub(crate) struct Config {
     pub(crate) secret: Vec<u8>,
     /// TLS on links to the game servers (`[mesh_tls]`), loaded.
     pub(crate) mesh_tls: Option<clustergo::LinkTls>,
-    pub(crate) addr: LogicAddr,
+    /// The node's address (or `auto`), where it listens and what it advertises.
+    pub(crate) placement: Placement,
     pub(crate) backend_type: u8,
     pub(crate) policy: Policy,
     pub(crate) membership: Membership,
@@ -282,10 +293,10 @@ impl Config {
             .addr
             .or(file.addr)
             .ok_or("no gateway address: set `addr` in the config, GATEWAY_ADDR or --addr")?;
-        let addr: LogicAddr = addr_text
+        let addr: AddrSpec = addr_text
             .parse()
             .map_err(|e| format!("addr {addr_text:?}: {e}"))?;
-        if addr.is_harbor() {
+        if addr.node_type() == clustergo::HARBOR_TYPE {
             return Err(format!("addr {addr} is a harbor address (type 255)"));
         }
         let backend_type = args.backend_type.or(file.backend_type).ok_or(
@@ -392,11 +403,27 @@ impl Config {
             None => None,
         };
         let mutual = mesh_tls.as_ref().is_some_and(clustergo::LinkTls::is_mutual);
+        let listen = match args.listen.or(file.listen) {
+            Some(text) => Some(text.parse::<SocketAddr>().map_err(|e| {
+                format!("listen {text:?}: {e} (want host:port, e.g. 0.0.0.0:9000)")
+            })?),
+            None => None,
+        };
+        let placement = Placement {
+            addr,
+            listen,
+            advertise: args.advertise.or(file.advertise),
+            export: false,
+        };
+        placement.validate()?;
+        if matches!(addr, AddrSpec::Auto { .. }) && !matches!(membership, Membership::Etcd { .. }) {
+            return Err(format!("addr {addr}: an auto address is claimed from etcd; configure [etcd]"));
+        }
         let secret = clustergo::binary_secret(args.insecure_dev, mutual)?;
         Ok(Config {
             secret,
             mesh_tls,
-            addr,
+            placement,
             backend_type,
             policy,
             membership,

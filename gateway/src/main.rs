@@ -22,72 +22,39 @@ use std::sync::Arc;
 
 use clap::Parser;
 use clustergo::{Bytes, EtcdDiscovery, EtcdOptions, FileDiscovery, HandlerError, Node, NodeConfig};
+use clustergo::app::AddrSpec;
 use config::{Args, Config, Membership};
 use state::Gateway;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 fn main() -> ExitCode {
-    let config = match Config::load(Args::parse()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("gateway: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    // TLS files are part of the configuration: unreadable ones are a configuration error.
-    let tls = match (
-        config
-            .tcp
-            .as_ref()
-            .map(transport::framed::tls_acceptor)
-            .transpose(),
-        config
-            .websocket
-            .as_ref()
-            .map(transport::framed::tls_acceptor)
-            .transpose(),
-    ) {
-        (Ok(t), Ok(w)) => (t.flatten(), w.flatten()),
-        (Err(e), _) | (_, Err(e)) => {
-            eprintln!("gateway: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("gateway: cannot start a runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    match rt.block_on(run(config, tls)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("gateway: {e}");
-            ExitCode::from(1)
-        }
-    }
+    clustergo::app::main(
+        "gateway",
+        || {
+            let config = Config::load(Args::parse())?;
+            // TLS files are part of the configuration: unreadable ones are a configuration
+            // error.
+            let tcp = config.tcp.as_ref().map(transport::framed::tls_acceptor);
+            let ws = config.websocket.as_ref().map(transport::framed::tls_acceptor);
+            let tls = (
+                tcp.transpose()?.flatten(),
+                ws.transpose()?.flatten(),
+            );
+            Ok((config, tls))
+        },
+        |(c, _)| format!("gateway-{}", c.placement.addr),
+        true,
+        |(config, tls)| serve(config, tls),
+    )
 }
 
 type Tls = Option<tokio_rustls::TlsAcceptor>;
 
-async fn run(config: Config, tls: (Tls, Tls)) -> Result<(), Box<dyn std::error::Error>> {
-    // Logs (RUST_LOG), and traces when OTEL_EXPORTER_OTLP_ENDPOINT is set.
-    let telemetry = clustergo::telemetry::init(&format!("gateway-{}", config.addr))?;
-    let result = serve(config, tls).await;
-    telemetry.shutdown().await;
-    result
-}
-
 async fn serve(
     config: Config,
     (tcp_tls, ws_tls): (Tls, Tls),
-) -> Result<(), Box<dyn std::error::Error>> {
-    let me = config.addr;
+) -> Result<(), clustergo::app::BoxError> {
     // Bind the client listeners first: a taken port fails before the gateway joins membership.
     let bind = |what: &str, l: &config::Listen| format!("cannot bind {what} {}: ", l.addr);
     let tcp = match &config.tcp {
@@ -115,21 +82,44 @@ async fn serve(
         None => None,
     };
 
-    let discovery: Arc<dyn clustergo::Discovery> = match &config.membership {
-        Membership::Etcd {
-            endpoints,
-            prefix,
-            lease_ttl,
-        } => Arc::new(EtcdDiscovery::connect(
-            endpoints.clone(),
-            prefix.clone(),
-            EtcdOptions::default().lease_ttl(*lease_ttl),
-        )),
-        Membership::File(path) => Arc::new(FileDiscovery::open(path)?),
-    };
+    // The node's listener is bound (and an `auto` id claimed) before the node is built.
+    let (me, node_listener, discovery): (_, _, Arc<dyn clustergo::Discovery>) =
+        match &config.membership {
+            Membership::Etcd {
+                endpoints,
+                prefix,
+                lease_ttl,
+            } => {
+                let etcd = EtcdDiscovery::connect(
+                    endpoints.clone(),
+                    prefix.clone(),
+                    EtcdOptions::default().lease_ttl(*lease_ttl),
+                );
+                let (me, l) = config.placement.place(&etcd).await?;
+                (me, l, Arc::new(etcd))
+            }
+            Membership::File(path) => {
+                let AddrSpec::Fixed(me) = config.placement.addr else {
+                    return Err("an auto address needs etcd".into());
+                };
+                let l = config
+                    .placement
+                    .listen
+                    .map(|at| {
+                        std::net::TcpListener::bind(at)
+                            .map_err(|e| format!("cannot listen on {at}: {e}"))
+                    })
+                    .transpose()?;
+                (me, l, Arc::new(FileDiscovery::open(path)?))
+            }
+        };
     let status_of: Arc<std::sync::OnceLock<Arc<Gateway>>> = Arc::default();
     let status_handle = status_of.clone();
-    let node = Node::builder(me)
+    let builder = match node_listener {
+        Some(l) => Node::builder(me).listener(l),
+        None => Node::builder(me),
+    };
+    let node = builder
         .discovery(discovery)
         .config(with_tls(
             NodeConfig::default()
@@ -214,11 +204,9 @@ async fn serve(
     println!("{}", lines.join(", "));
     listeners.spawn(state::watch_backends(gw.clone()));
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!(gateway = %me, "SIGTERM: shutting down"),
-        _ = tokio::signal::ctrl_c() => tracing::info!(gateway = %me, "interrupted: shutting down"),
-        _ = node.closed() => {}
+    match clustergo::app::wait_for_stop(&node).await {
+        clustergo::app::Stop::Closed => {}
+        why => tracing::info!(gateway = %me, ?why, "shutting down"),
     }
     if let Some(a) = &admin {
         a.set_draining();

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use clustergo::LogicAddr;
+use clustergo::app::{AddrSpec, Placement};
 use serde::Deserialize;
 
 /// Command line (each flag also reads an environment variable).
@@ -24,9 +24,16 @@ pub(crate) struct Args {
     /// missing `CLUSTERGO_SECRET` stops the harbor before it starts.
     #[arg(long)]
     pub(crate) insecure_dev: bool,
-    /// This harbor's logical address, `cluster.255.server`.
+    /// This harbor's logical address, `cluster.255.server`, or `cluster.255.auto` for the
+    /// lowest free server id claimed from etcd (needs `--listen`).
     #[arg(long, env = "HARBOR_ADDR")]
     pub(crate) addr: Option<String>,
+    /// Where to listen for links (`host:port`); default: the address membership lists.
+    #[arg(long, env = "HARBOR_LISTEN")]
+    pub(crate) listen: Option<String>,
+    /// The `host:port` peers dial, written into membership for an `auto` address.
+    #[arg(long, env = "HARBOR_ADVERTISE")]
+    pub(crate) advertise: Option<String>,
     /// etcd endpoint(s), `http://host:port` (repeat the flag or separate with commas).
     #[arg(long = "etcd", env = "HARBOR_ETCD", value_delimiter = ',')]
     pub(crate) etcd: Vec<String>,
@@ -63,6 +70,8 @@ pub(crate) struct Args {
 #[serde(deny_unknown_fields)]
 struct File {
     addr: Option<String>,
+    listen: Option<String>,
+    advertise: Option<String>,
     admin_listen: Option<String>,
     shutdown_grace_secs: Option<u64>,
     max_envelope_bytes: Option<usize>,
@@ -104,8 +113,8 @@ struct EtcdFile {
 pub(crate) struct Config {
     /// The cluster secret (`CLUSTERGO_SECRET`, or the development one with `--insecure-dev`).
     pub(crate) secret: Vec<u8>,
-    /// The harbor's address (type 255).
-    pub(crate) addr: LogicAddr,
+    /// The harbor's address (type 255), where it listens and what it advertises.
+    pub(crate) placement: Placement,
     /// etcd endpoints.
     pub(crate) endpoints: Vec<String>,
     /// Membership key prefix.
@@ -151,16 +160,28 @@ impl Config {
             .addr
             .or(file.addr)
             .ok_or("no harbor address: set `addr` in the config, HARBOR_ADDR or --addr")?;
-        let addr: LogicAddr = addr_text
+        let addr: AddrSpec = addr_text
             .parse()
             .map_err(|e| format!("addr {addr_text:?}: {e}"))?;
-        if !addr.is_harbor() {
+        if addr.node_type() != clustergo::HARBOR_TYPE {
             return Err(format!(
-                "addr {addr} is not a harbor address: its type must be 255 (e.g. {}.255.{})",
+                "addr {addr} is not a harbor address: its type must be 255 (e.g. {}.255.1)",
                 addr.cluster(),
-                addr.server()
             ));
         }
+        let listen = match args.listen.or(file.listen) {
+            Some(text) => Some(text.parse::<std::net::SocketAddr>().map_err(|e| {
+                format!("listen {text:?}: {e} (want host:port, e.g. 0.0.0.0:9000)")
+            })?),
+            None => None,
+        };
+        let placement = Placement {
+            addr,
+            listen,
+            advertise: args.advertise.or(file.advertise),
+            export: true,
+        };
+        placement.validate()?;
         let endpoints = if args.etcd.is_empty() {
             etcd.endpoints
         } else {
@@ -265,7 +286,7 @@ impl Config {
             center,
             max_envelope,
             admin_listen,
-            addr,
+            placement,
             endpoints,
             prefix,
             lease_ttl: Duration::from_secs(ttl),

@@ -3,7 +3,9 @@
 //! Load config (file, env, flags) → validate → install logging → start the node with etcd
 //! membership → serve until SIGTERM / Ctrl-C (or until membership removes it) → leave
 //! membership and drain within the grace period. Exit codes: 0 after a clean stop, 1 when the
-//! node fails to start, 2 for a bad configuration (nothing was bound or connected).
+//! node fails to start, 2 for a bad configuration (nothing was bound or connected). The
+//! address may be `cluster.255.auto`: the lowest free harbor id is claimed from etcd (see
+//! `clustergo::app`).
 //!
 //! Besides forwarding, a harbor answers the RPC `harbor.status` with its view of every
 //! harbor: one line each, `addr net_addr available=… linked=…`.
@@ -18,42 +20,16 @@ use clustergo::{Bytes, EtcdDiscovery, EtcdOptions, HandlerError, Node, NodeConfi
 use config::{Args, Config};
 
 fn main() -> ExitCode {
-    let config = match Config::load(Args::parse()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("harbor: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("harbor: cannot start a runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    match rt.block_on(run(config)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("harbor: {e}");
-            ExitCode::from(1)
-        }
-    }
+    clustergo::app::main(
+        "harbor",
+        || Config::load(Args::parse()),
+        |c| format!("harbor-{}", c.placement.addr),
+        false,
+        serve,
+    )
 }
 
-async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
-    // Logs (RUST_LOG), and traces when OTEL_EXPORTER_OTLP_ENDPOINT is set.
-    let telemetry = clustergo::telemetry::init(&format!("harbor-{}", config.addr))?;
-    let result = serve(config).await;
-    telemetry.shutdown().await;
-    result
-}
-
-async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
-    let me = config.addr;
+async fn serve(config: Config) -> Result<(), clustergo::app::BoxError> {
     let mut discovery = EtcdDiscovery::connect(
         config.endpoints.clone(),
         config.prefix.clone(),
@@ -62,6 +38,8 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     if let Some((endpoints, prefix)) = &config.center {
         discovery = discovery.with_harbors_center(endpoints.clone(), prefix.clone());
     }
+    // The listener is bound (and an `auto` id claimed) before the node is built.
+    let (me, listener) = config.placement.place(&discovery).await?;
     let builder = Node::builder(me)
         .discovery(discovery)
         .config(with_tls(
@@ -75,6 +53,10 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             let text = status(ctx.node());
             async move { Ok::<_, HandlerError>(Bytes::from(text)) }
         });
+    let builder = match listener {
+        Some(l) => builder.listener(l),
+        None => builder,
+    };
     let policy = policy::Policy::new(config.deny.clone(), config.relay_rate);
     let builder = if policy.is_active() {
         builder.relay_layer(policy)
@@ -102,16 +84,7 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         "harbor {me} listening on {}{admin_text}",
         node.local_addr().ok_or("no listener")?
     );
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!(harbor = %me, "SIGTERM: shutting down"),
-        _ = tokio::signal::ctrl_c() => tracing::info!(harbor = %me, "interrupted: shutting down"),
-        _ = node.closed() => {}
-    }
-    if let Some(a) = &admin {
-        a.set_draining();
-    }
-    node.shutdown().await;
+    clustergo::app::until_stopped(&node, admin.as_ref()).await;
     println!("harbor {me} stopped");
     Ok(())
 }

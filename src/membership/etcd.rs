@@ -18,17 +18,40 @@
 //!
 //! A malformed value (bad JSON, or a key whose address disagrees with the value) is logged and
 //! skipped; it hides nothing else.
+//!
+//! ## Server ids leased from etcd
+//!
+//! A node may start with its cluster and type only (`1.2.auto`) and take the lowest free server
+//! id with [`EtcdDiscovery::claim`]: its member entry is created *under its own lease* (a
+//! transaction that succeeds only if the key does not exist), with its alive key on the same
+//! lease. An operator-listed member (no lease) holds its id for good; a claimed one holds it
+//! exactly as long as its lease lives: a graceful shutdown revokes the lease (at its very end,
+//! after the node has closed its links), a crash lets it expire after the TTL, and only then
+//! can another node claim the id. A node that cannot renew its claimed lease for a whole TTL
+//! (etcd unreachable) must assume the id is gone and shuts itself down, so one id is never
+//! served by two nodes for longer than that node's shutdown.
+//!
+//! ## Drain progress
+//!
+//! While a node's member entry says `available = false` (an operator's `clusterctl drain`), the
+//! node writes its progress into its alive key's value (same lease): `{"draining":true,
+//! "streams":N,"calls":M}`. Watchers treat any value of an alive key as alive, so this changes
+//! nothing for them; `clusterctl drain` reads it to wait until the node is idle.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions, EventType, GetOptions, PutOptions, WatchOptions};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
+    WatchOptions,
+};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
-use super::{BoxFuture, Discovery, Member, MembershipEvent, MembershipStream};
-use crate::addr::LogicAddr;
+use super::{BoxFuture, Discovery, DrainProgress, Member, MembershipEvent, MembershipStream};
+use crate::addr::{HARBOR_TYPE, LogicAddr, MAX_SERVER};
 use crate::error::DiscoveryError;
 
 /// Options of [`EtcdDiscovery`], with defaults.
@@ -127,6 +150,10 @@ impl std::fmt::Debug for Inner {
 pub fn member_key(prefix: &str, addr: LogicAddr) -> String {
     format!("{}/members/{addr}", prefix.trim_end_matches('/'))
 }
+
+/// Rounds of "read the taken ids, try the lowest free one" a claim makes before it gives up;
+/// each lost round means another node won an id, so N nodes claiming at once need at most N.
+const CLAIM_ROUNDS: usize = 512;
 
 /// The key of member `addr`'s liveness under `prefix`.
 pub fn alive_key(prefix: &str, addr: LogicAddr) -> String {
@@ -263,6 +290,34 @@ impl EtcdDiscovery {
     /// The prefix, without a trailing `/`.
     pub fn prefix(&self) -> &str {
         &self.inner.prefix
+    }
+
+    /// Claims the lowest free server id of `cluster.node_type` (from 1 up; `node_type` 255 for
+    /// a harbor) and lists the node there, at `net_addr`, under a lease of its own (see the
+    /// module docs). Returns the address to build the node with; build it with this same
+    /// source (or a clone) and start it within the lease TTL, so the node's liveness follows
+    /// the claimed lease. The lease is renewed from here on; a node that stops releases it.
+    ///
+    /// Errors: [`DiscoveryError::Claim`] when the cluster or type is invalid, every id is
+    /// taken, or the claim kept losing races; [`DiscoveryError::Unavailable`] when etcd
+    /// cannot be reached.
+    pub async fn claim(
+        &self,
+        cluster: u16,
+        node_type: u8,
+        net_addr: impl Into<String>,
+        export: bool,
+    ) -> Result<LogicAddr, DiscoveryError> {
+        if node_type == HARBOR_TYPE && self.center.is_some() {
+            return Err(DiscoveryError::Claim {
+                cluster,
+                node_type,
+                reason: "a harbor listed in a harbors center needs a fixed address".into(),
+            });
+        }
+        self.inner
+            .claim(cluster, node_type, net_addr.into(), export)
+            .await
     }
 }
 
@@ -462,7 +517,18 @@ impl Inner {
         let ttl = self.options.lease_ttl.as_secs().max(1) as i64;
         let mut backoff = Duration::ZERO;
         // A node (re)starting on this source is alive again.
-        self.slots().entry(me).or_default().left = false;
+        let claim = {
+            let mut slots = self.slots();
+            let slot = slots.entry(me).or_default();
+            slot.left = false;
+            slot.claim.clone()
+        };
+        // A claimed id lives on its own lease, renewed since the claim: the node is alive
+        // until that lease is lost, and then it must stop (this future ends).
+        if let Some(claim) = claim {
+            claim.lost.cancelled().await;
+            return;
+        }
         loop {
             match self.hold_lease(me, ttl).await {
                 Ok(()) => backoff = Duration::ZERO,
@@ -481,6 +547,220 @@ impl Inner {
                 }
             }
             tokio::time::sleep(backoff).await;
+        }
+    }
+
+    async fn claim(
+        self: &Arc<Self>,
+        cluster: u16,
+        node_type: u8,
+        net_addr: String,
+        export: bool,
+    ) -> Result<LogicAddr, DiscoveryError> {
+        let refuse = |reason: String| DiscoveryError::Claim {
+            cluster,
+            node_type,
+            reason,
+        };
+        let addr_of = |server: u16| {
+            if node_type == HARBOR_TYPE {
+                LogicAddr::harbor(cluster, server)
+            } else {
+                LogicAddr::new(cluster, node_type, server)
+            }
+            .map_err(|e| refuse(e.to_string()))
+        };
+        addr_of(1)?;
+        let ttl = self.options.lease_ttl.as_secs().max(1) as i64;
+        let mut client = self.client().await?;
+        let lease = self
+            .timed("lease grant", client.lease_grant(ttl, None))
+            .await?
+            .id();
+        let dir = format!("{}/members/{cluster}.{node_type}.", self.prefix);
+        let mut claimed = Err(refuse(format!(
+            "{CLAIM_ROUNDS} rounds lost races with other claims"
+        )));
+        for _ in 0..CLAIM_ROUNDS {
+            let listed = self
+                .timed(
+                    "get member ids",
+                    client.get(
+                        dir.clone(),
+                        Some(GetOptions::new().with_prefix().with_keys_only()),
+                    ),
+                )
+                .await;
+            let listed = match listed {
+                Ok(r) => r,
+                Err(e) => {
+                    claimed = Err(e);
+                    break;
+                }
+            };
+            let taken: BTreeSet<u16> = listed
+                .kvs()
+                .iter()
+                .filter_map(|kv| std::str::from_utf8(kv.key()).ok()?.strip_prefix(&dir)?.parse().ok())
+                .collect();
+            let Some(server) = (1..=MAX_SERVER).find(|s| !taken.contains(s)) else {
+                claimed = Err(refuse(format!("every server id 1..={MAX_SERVER} is taken")));
+                break;
+            };
+            let addr = addr_of(server)?;
+            let member = Member::new(addr, net_addr.clone()).with_export(export);
+            let key = member_key(&self.prefix, addr);
+            let on_lease = || Some(PutOptions::new().with_lease(lease));
+            let txn = Txn::new()
+                .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                .and_then([
+                    TxnOp::put(key, encode(&member), on_lease()),
+                    TxnOp::put(alive_key(&self.prefix, addr), "1", on_lease()),
+                ]);
+            match self.timed("claim", client.txn(txn)).await {
+                Ok(r) if r.succeeded() => {
+                    claimed = Ok(addr);
+                    break;
+                }
+                // Another node took that id between the read and the write: read again.
+                Ok(_) => continue,
+                Err(e) => {
+                    claimed = Err(e);
+                    break;
+                }
+            }
+        }
+        let addr = match claimed {
+            Ok(a) => a,
+            Err(e) => {
+                let _ = self.timed("lease revoke", client.lease_revoke(lease)).await;
+                return Err(e);
+            }
+        };
+        let claim = Arc::new(Claim {
+            lease,
+            lost: CancellationToken::new(),
+            released: CancellationToken::new(),
+        });
+        {
+            let mut slots = self.slots();
+            let slot = slots.entry(addr).or_default();
+            *slot = LeaseSlot {
+                lost: slot.lost,
+                held: true,
+                claim: Some(claim.clone()),
+                ..LeaseSlot::default()
+            };
+        }
+        tracing::info!(node = %addr, %net_addr, "claimed server id under its own lease");
+        let span = tracing::info_span!("membership", source = "etcd", task = "claim", node = %addr);
+        crate::task::spawn_untracked(span, self.clone().renew_claim(addr, claim, client));
+        Ok(addr)
+    }
+
+    /// Renews a claimed lease every third of its TTL until it is released, or until it must be
+    /// taken as lost: etcd said it expired, or no renewal succeeded for a whole TTL.
+    async fn renew_claim(self: Arc<Self>, me: LogicAddr, claim: Arc<Claim>, mut client: Client) {
+        let ttl = self.options.lease_ttl.max(Duration::from_secs(1));
+        let every = (ttl / 3).max(Duration::from_millis(300));
+        let mut last_ok = tokio::time::Instant::now();
+        let mut keeper = None;
+        let why = loop {
+            let renewed = async {
+                if keeper.is_none() {
+                    keeper = Some(
+                        self.timed("lease keep-alive", client.lease_keep_alive(claim.lease))
+                            .await?,
+                    );
+                }
+                let Some((k, responses)) = keeper.as_mut() else {
+                    unreachable!("set above")
+                };
+                self.timed("lease keep-alive", k.keep_alive()).await?;
+                let resp = self
+                    .timed("lease keep-alive", responses.message())
+                    .await?
+                    .ok_or_else(|| failed(&self.endpoints, "lease keep-alive", "stream ended"))?;
+                Ok::<_, DiscoveryError>(resp.ttl())
+            };
+            let pause = tokio::select! {
+                r = renewed => match r {
+                    Ok(t) if t > 0 => {
+                        last_ok = tokio::time::Instant::now();
+                        every
+                    }
+                    Ok(_) => break "etcd says the lease expired".to_owned(),
+                    Err(e) => {
+                        keeper = None;
+                        tracing::warn!(node = %me, error = %e, "cannot renew the claimed server id's lease; retrying");
+                        if let Ok(c) = self.client().await {
+                            client = c;
+                        }
+                        every.min(Duration::from_millis(500))
+                    }
+                },
+                () = claim.released.cancelled() => return,
+            };
+            if last_ok.elapsed() >= ttl {
+                break format!("no renewal succeeded for {ttl:?}, the lease's TTL");
+            }
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                () = claim.released.cancelled() => return,
+            }
+        };
+        tracing::error!(node = %me, reason = %why, "the claimed server id's lease is lost; the id may be given to another node, so this node stops");
+        {
+            let mut slots = self.slots();
+            let slot = slots.entry(me).or_default();
+            if std::mem::take(&mut slot.held) {
+                slot.lost += 1;
+            }
+        }
+        claim.lost.cancel();
+    }
+
+    /// Ends a claimed id's lease at once: its member entry and alive key go with it.
+    async fn release(self: Arc<Self>, me: LogicAddr) {
+        let claim = {
+            let mut slots = self.slots();
+            let slot = slots.entry(me).or_default();
+            slot.held = false;
+            slot.claim.take()
+        };
+        let Some(claim) = claim else { return };
+        claim.released.cancel();
+        let revoked = async {
+            let mut client = self.client().await?;
+            self.timed("lease revoke", client.lease_revoke(claim.lease))
+                .await
+        };
+        match revoked.await {
+            Ok(_) => tracing::info!(node = %me, "claimed server id released"),
+            Err(e) => {
+                tracing::warn!(node = %me, error = %e, "could not revoke the claimed id's lease; it expires by itself")
+            }
+        }
+    }
+
+    /// Writes `me`'s drain progress into its alive key, keeping the key's lease. Nothing is
+    /// written when the key is gone (the node left or its lease is being renewed).
+    async fn report_drain(self: Arc<Self>, me: LogicAddr, progress: DrainProgress) {
+        let value = progress.to_json();
+        let key = alive_key(&self.prefix, me);
+        let written = async {
+            let mut client = self.client().await?;
+            let txn = Txn::new()
+                .when([Compare::create_revision(key.clone(), CompareOp::Greater, 0)])
+                .and_then([TxnOp::put(
+                    key.clone(),
+                    value,
+                    Some(PutOptions::new().with_ignore_lease()),
+                )]);
+            self.timed("put drain progress", client.txn(txn)).await
+        };
+        if let Err(e) = written.await {
+            tracing::debug!(node = %me, error = %e, "drain progress not written");
         }
     }
 
@@ -706,6 +986,17 @@ struct LeaseSlot {
     held: bool,
     /// Leases lost after they were held.
     lost: u64,
+    /// The node's server id was claimed under this lease ([`EtcdDiscovery::claim`]).
+    claim: Option<Arc<Claim>>,
+}
+
+/// A server id claimed under its own lease.
+struct Claim {
+    lease: i64,
+    /// Cancelled when the lease is lost: the id may be someone else's now.
+    lost: CancellationToken,
+    /// Cancelled by `release`: renewing stops (the lease is being revoked).
+    released: CancellationToken,
 }
 
 enum WatchEnd {
@@ -770,6 +1061,14 @@ impl Discovery for EtcdDiscovery {
         }
     }
 
+    fn release(&self, me: LogicAddr) -> BoxFuture {
+        Box::pin(self.inner.clone().release(me))
+    }
+
+    fn report_drain(&self, me: LogicAddr, progress: DrainProgress) -> BoxFuture {
+        Box::pin(self.inner.clone().report_drain(me, progress))
+    }
+
     fn leave(&self, me: LogicAddr) -> BoxFuture {
         let main = self.inner.clone().leave(me);
         match (&self.center, me.is_harbor()) {
@@ -791,9 +1090,27 @@ impl Inner {
             let mut slots = self.slots();
             let slot = slots.entry(me).or_default();
             slot.left = true;
-            slot.held = false;
-            slot.lease.take()
+            if slot.claim.is_some() {
+                None
+            } else {
+                slot.held = false;
+                slot.lease.take()
+            }
         };
+        if self.slots().get(&me).is_some_and(|s| s.claim.is_some()) {
+            // A claimed id keeps its lease (and so its member entry, which peers need to keep
+            // their links) until `release`; only the alive key goes, so it is not picked.
+            let gone = async {
+                let mut client = self.client().await?;
+                self.timed("delete alive key", client.delete(alive_key(&self.prefix, me), None))
+                    .await
+            };
+            match gone.await {
+                Ok(_) => tracing::info!(node = %me, "alive key deleted; the claimed id is kept until the node has stopped"),
+                Err(e) => tracing::warn!(node = %me, error = %e, "could not delete the alive key"),
+            }
+            return;
+        }
         if let Some((lease, mut client)) = held {
             match self.timed("lease revoke", client.lease_revoke(lease)).await {
                 Ok(_) => tracing::info!(node = %me, "liveness lease revoked"),

@@ -116,6 +116,23 @@ pub trait Discovery: Send + Sync + 'static {
         Box::pin(async {})
     }
 
+    /// Node `me` has stopped serving (its links are closed): release what the source still
+    /// holds for it, e.g. a server id claimed under a lease. Called once, at the very end of
+    /// a graceful shutdown. The default does nothing.
+    fn release(&self, me: LogicAddr) -> BoxFuture {
+        let _ = me;
+        Box::pin(async {})
+    }
+
+    /// Node `me` is marked unavailable in membership while it runs (an operator drains it):
+    /// publish how much it still serves, for the operator's tools. Called when the drain is
+    /// seen and then whenever the figures change (at most twice a second). The default
+    /// publishes nothing.
+    fn report_drain(&self, me: LogicAddr, progress: DrainProgress) -> BoxFuture {
+        let _ = (me, progress);
+        Box::pin(async {})
+    }
+
     /// The source's health as node `me` sees it, for metrics. The default says nothing (no
     /// resyncs, no leases).
     fn health(&self, me: LogicAddr) -> DiscoveryHealth {
@@ -139,6 +156,65 @@ pub struct DiscoveryHealth {
     pub leases_held: Option<u64>,
 }
 
+/// How much a draining node still serves ([`Discovery::report_drain`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DrainProgress {
+    /// Always true: the value says the node is draining.
+    pub draining: bool,
+    /// Byte streams open to or from the node (behind a gateway, one per client).
+    pub streams: u64,
+    /// RPC handlers still running.
+    pub calls: u64,
+}
+
+impl DrainProgress {
+    /// A draining node's figures.
+    pub fn new(streams: u64, calls: u64) -> Self {
+        DrainProgress {
+            draining: true,
+            streams,
+            calls,
+        }
+    }
+
+    /// Nothing left to wait for.
+    pub fn is_idle(&self) -> bool {
+        self.streams == 0 && self.calls == 0
+    }
+
+    /// The JSON form written to membership stores: `{"draining":true,"streams":N,"calls":M}`.
+    pub fn to_json(&self) -> String {
+        format!(
+            "{{\"draining\":{},\"streams\":{},\"calls\":{}}}",
+            self.draining, self.streams, self.calls
+        )
+    }
+
+    /// Parses [`DrainProgress::to_json`]'s form; `None` for anything else (e.g. the plain
+    /// `"1"` of an alive key that is not draining).
+    pub fn from_json(text: &[u8]) -> Option<DrainProgress> {
+        let text = std::str::from_utf8(text).ok()?.trim();
+        let body = text.strip_prefix('{')?.strip_suffix('}')?;
+        let (mut draining, mut streams, mut calls) = (None, None, None);
+        for field in body.split(',') {
+            let (k, v) = field.split_once(':')?;
+            let v = v.trim();
+            match k.trim() {
+                "\"draining\"" => draining = Some(v.parse::<bool>().ok()?),
+                "\"streams\"" => streams = Some(v.parse::<u64>().ok()?),
+                "\"calls\"" => calls = Some(v.parse::<u64>().ok()?),
+                _ => {}
+            }
+        }
+        Some(DrainProgress {
+            draining: draining?,
+            streams: streams?,
+            calls: calls?,
+        })
+    }
+}
+
 /// A boxed future a [`Discovery`] source hands to the node.
 pub type BoxFuture = Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>>;
 
@@ -157,5 +233,13 @@ impl<D: Discovery + ?Sized> Discovery for std::sync::Arc<D> {
 
     fn health(&self, me: LogicAddr) -> DiscoveryHealth {
         (**self).health(me)
+    }
+
+    fn release(&self, me: LogicAddr) -> BoxFuture {
+        (**self).release(me)
+    }
+
+    fn report_drain(&self, me: LogicAddr, progress: DrainProgress) -> BoxFuture {
+        (**self).report_drain(me, progress)
     }
 }

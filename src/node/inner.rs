@@ -86,6 +86,10 @@ pub(crate) struct Inner {
     pub(crate) accept_stop: CancellationToken,
     /// Cancelled at the start of shutdown: stops keeping this node alive in membership.
     pub(crate) liveness_stop: CancellationToken,
+    /// The membership source keeps this node alive (it can tell peers that the node leaves).
+    pub(crate) has_liveness: std::sync::atomic::AtomicBool,
+    /// An operator's drain (this node marked unavailable while it runs) is being reported.
+    pub(crate) drain_reported: std::sync::atomic::AtomicBool,
     pub(crate) tracker: TaskTracker,
     pub(crate) closed: watch::Sender<bool>,
     pub(crate) listener: Mutex<Option<std::net::TcpListener>>,
@@ -190,6 +194,8 @@ impl Inner {
             root,
             accept_stop: CancellationToken::new(),
             liveness_stop: CancellationToken::new(),
+            has_liveness: Default::default(),
+            drain_reported: Default::default(),
             tracker,
             closed: watch::channel(false).0,
             listener: Mutex::new(listener),

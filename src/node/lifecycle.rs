@@ -176,11 +176,20 @@ impl Inner {
             self.clone().follow_membership(stream),
         );
         if let Some(liveness) = self.discovery.keep_alive(node) {
+            self.has_liveness.store(true, Ordering::Release);
             let stop = self.liveness_stop.clone();
+            let this = self.clone();
             task::spawn(&self.tracker, span("liveness"), async move {
                 tokio::select! {
-                    _ = liveness => {}
+                    biased;
                     _ = stop.cancelled() => {}
+                    // The source can no longer keep this node alive under its address (a
+                    // claimed server id's lease was lost): the address may be another node's
+                    // now, so this one stops.
+                    _ = liveness => {
+                        tracing::error!(node = %this.addr, "shutting down: membership can no longer keep this node alive under its address");
+                        this.spawn_shutdown();
+                    }
                 }
             });
         }
@@ -221,13 +230,14 @@ impl Inner {
                 let why = match change {
                     Change::Removed => "removed from membership",
                     Change::NetAddrChanged => "its network address changed in membership",
-                    _ => continue,
+                    Change::FlagsChanged => {
+                        self.own_flags_changed();
+                        continue;
+                    }
+                    Change::Added => continue,
                 };
                 tracing::warn!(node = %self.addr, "shutting down: {why}");
-                let this = self.clone();
-                // Not tracked: shutdown waits for the tracked tasks, this one among them.
-                let span = tracing::info_span!("node", node = %self.addr, task = "shutdown");
-                task::spawn_untracked(span, async move { this.shutdown().await });
+                self.spawn_shutdown();
                 return;
             }
             match change {
@@ -284,6 +294,89 @@ impl Inner {
         let _ = closed.wait_for(|c| *c).await;
     }
 
+    /// Shuts the node down from one of its own tasks.
+    fn spawn_shutdown(self: &Arc<Self>) {
+        let this = self.clone();
+        // Not tracked: shutdown waits for the tracked tasks, the caller among them.
+        let span = tracing::info_span!("node", node = %self.addr, task = "shutdown");
+        task::spawn_untracked(span, async move { this.shutdown().await });
+    }
+
+    /// This node's own flags changed in membership. Marked unavailable while running (an
+    /// operator's drain): report the drain's progress to the membership source until the node
+    /// is available again or stops.
+    fn own_flags_changed(self: &Arc<Self>) {
+        let unavailable = self.view().get(self.addr).is_some_and(|m| !m.available);
+        if !unavailable
+            || self.phase() != Phase::Running
+            || !self.has_liveness.load(Ordering::Acquire)
+            || self.drain_reported.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        tracing::info!(node = %self.addr, "unavailable in membership while running (drained by an operator, or its lease is being renewed): new picks go elsewhere, what arrives is still served");
+        let this = self.clone();
+        let span = tracing::info_span!("node", node = %self.addr, task = "drain-report");
+        task::spawn(&self.tracker, span, async move {
+            let mut last = None;
+            loop {
+                let still = this.view().get(this.addr).is_some_and(|m| !m.available);
+                if !still || this.phase() != Phase::Running {
+                    break;
+                }
+                let now = this.drain_progress();
+                if last != Some(now) {
+                    this.discovery.report_drain(this.addr, now).await;
+                    last = Some(now);
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    () = this.root.cancelled() => break,
+                }
+            }
+            this.drain_reported.store(false, Ordering::Release);
+            // Made available again meanwhile: the next drain is reported afresh.
+            if this.view().get(this.addr).is_some_and(|m| !m.available) {
+                this.own_flags_changed();
+            } else {
+                tracing::info!(node = %this.addr, "available again in membership");
+            }
+        });
+    }
+
+    /// What the node still serves.
+    pub(crate) fn drain_progress(&self) -> crate::membership::DrainProgress {
+        crate::membership::DrainProgress::new(
+            self.live_streams.active() as u64,
+            self.server.inflight.load(Ordering::Acquire) as u64,
+        )
+    }
+
+    /// Waits until nothing new has arrived for [`NodeConfig::drain_quiet`] (calls, messages,
+    /// streams), or `until`.
+    ///
+    /// [`NodeConfig::drain_quiet`]: crate::NodeConfig::drain_quiet
+    async fn wait_quiet(&self, until: Instant) {
+        let quiet = self.config.drain_quiet;
+        if quiet.is_zero() || !self.has_liveness.load(Ordering::Acquire) {
+            return;
+        }
+        let arrivals = || {
+            let s = &self.stats;
+            s.requests_received.load(Ordering::Relaxed)
+                + s.messages_received.load(Ordering::Relaxed)
+                + s.streams_accepted.load(Ordering::Relaxed)
+        };
+        loop {
+            let before = arrivals();
+            let end = (Instant::now() + quiet).min(until);
+            tokio::time::sleep_until(end).await;
+            if arrivals() == before || end >= until {
+                return;
+            }
+        }
+    }
+
     async fn drain(self: &Arc<Self>) {
         let grace_end = Instant::now() + self.config.shutdown_grace;
         tracing::info!(node = %self.addr, "shutting down");
@@ -293,6 +386,9 @@ impl Inner {
         if tokio::time::timeout_at(grace_end, leave).await.is_err() {
             tracing::warn!(node = %self.addr, "leaving membership did not finish within the grace period");
         }
+        // Peers learn of the leave a little later: what they send meanwhile is served (links
+        // are still accepted too: a peer may dial to send it).
+        self.wait_quiet(grace_end).await;
         self.accept_stop.cancel();
         loop {
             let drained = self.server.drained.notified();
@@ -333,6 +429,15 @@ impl Inner {
             if tokio::time::timeout_at(flush_end, changed).await.is_err() {
                 break;
             }
+        }
+        // Nothing is served any more: let the source release what it holds for this node
+        // (a claimed server id becomes free only now, not while peers still had links to it).
+        let release = self.discovery.release(self.addr);
+        if tokio::time::timeout(Duration::from_secs(5), release)
+            .await
+            .is_err()
+        {
+            tracing::warn!(node = %self.addr, "releasing membership did not finish within 5 s");
         }
         self.set_phase(Phase::Closed);
         self.root.cancel();

@@ -161,7 +161,7 @@ fn bed_env() -> Vec<(String, String)> {
 
 pub fn game_server(etcd: &Etcd, addr: &str) -> Proc {
     let mut child = Command::new(example("game_server"))
-        .args([&etcd.endpoint, PREFIX, addr])
+        .args(["--etcd", &etcd.endpoint, "--prefix", PREFIX, "--addr", addr])
         .env("CLUSTERGO_SECRET", SECRET)
         .envs(bed_env())
         .stdout(Stdio::piped())
