@@ -26,7 +26,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let node = Node::builder(me)
         .discovery(FileDiscovery::open(&members)?)
-        .config(NodeConfig::default().secret("echo-example-secret"))
+        // CLUSTERGO_SECRET when set (a deployment's), else the examples' own.
+        .config(NodeConfig::default().secret(
+            std::env::var(clustergo::SECRET_ENV).unwrap_or_else(|_| "echo-example-secret".into()),
+        ))
         .build();
     node.start().await?;
 

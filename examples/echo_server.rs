@@ -1,7 +1,8 @@
 //! The echo service, served through the API generated from `proto/examples/echo.proto`.
 //!
 //! Run: `cargo run --example echo_server -- examples/members.toml [1.2.1]`
-//! (then `cargo run --example echo_client -- examples/members.toml`). Stops on Ctrl-C.
+//! (then `cargo run --example echo_client -- examples/members.toml`). Stops (draining) on
+//! Ctrl-C or SIGTERM.
 //!
 //! With membership in etcd instead of a file: `echo_server etcd://127.0.0.1:2379/clustergo/demo`
 //! (the node must be listed under that prefix, e.g. with `clusterctl`); the liveness lease TTL
@@ -99,7 +100,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some((l, etcd)) => Node::builder(me).discovery(etcd).listener(l),
     };
     let builder = builder
-        .config(NodeConfig::default().secret("echo-example-secret"))
+        // CLUSTERGO_SECRET when set (a deployment's), else the examples' own.
+        .config(NodeConfig::default().secret(
+            std::env::var(clustergo::SECRET_ENV).unwrap_or_else(|_| "echo-example-secret".into()),
+        ))
         .on_message(move |ctx, line: ChatLine| {
             println!(
                 "[{me}] chat from {} ({}): {:?}",
@@ -115,8 +119,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         node.local_addr().ok_or("no listener")?
     );
 
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => node.shutdown().await,
+        _ = term.recv() => node.shutdown().await,
         _ = node.closed() => {}
     }
     println!("echo server {me} stopped");

@@ -4,6 +4,7 @@
 //! member's JSON configuration, `alive/<c.t.s>` exists while the node holds its lease.
 
 mod store;
+mod up;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -55,6 +56,13 @@ enum Command {
     Undrain {
         /// The node, `c.t.s`.
         addr: LogicAddr,
+    },
+    /// Run a whole deployment on this machine from a file (e.g. `deploy/local/cluster.toml`):
+    /// etcd, harbors, gateways, game servers and service nodes, each its own process with its
+    /// own log, until Ctrl-C; then everything drains and stops. Ignores `--endpoints`.
+    Up {
+        /// The deployment file.
+        file: PathBuf,
     },
     /// Explain the path from one node to another under the current membership.
     Route {
@@ -125,6 +133,9 @@ enum Members {
 }
 
 async fn run(cli: Cli) -> Result<String, String> {
+    if let Command::Up { file } = &cli.command {
+        return up::up(file).await;
+    }
     let mut store = Store::connect(
         &cli.endpoints,
         &cli.prefix,
@@ -168,6 +179,7 @@ async fn run(cli: Cli) -> Result<String, String> {
             store.drain(addr, Duration::from_secs(timeout_secs)).await
         }
         Command::Undrain { addr } => store.undrain(addr).await,
+        Command::Up { .. } => unreachable!("handled above"),
     }
 }
 

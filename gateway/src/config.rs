@@ -101,6 +101,9 @@ pub(crate) struct Args {
     /// `0.0.0.0:9100`; off when unset.
     #[arg(long, env = "GATEWAY_ADMIN_LISTEN")]
     pub(crate) admin_listen: Option<String>,
+    /// How long a shutdown lets clients close and their streams end, in seconds.
+    #[arg(long, env = "GATEWAY_SHUTDOWN_GRACE_SECS")]
+    pub(crate) shutdown_grace_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -375,7 +378,10 @@ impl Config {
             })?),
             None => None,
         };
-        let grace = file.shutdown_grace_secs.unwrap_or(10);
+        let grace = args
+            .shutdown_grace_secs
+            .or(file.shutdown_grace_secs)
+            .unwrap_or(10);
         if !(1..=600).contains(&grace) {
             return Err(format!(
                 "shutdown_grace_secs {grace} must be in 1..=600 (closing a client takes up to 2 s)"
