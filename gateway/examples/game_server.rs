@@ -7,6 +7,8 @@
 //! - `kick:<reason>` → closes the client with that reason (a close frame on the stream);
 //! - `bye` → ends the session cleanly.
 //!
+//! Other nodes may call the RPC `game.whoami` (answer: this server's address).
+//!
 //! Run: `cargo run -p gateway --example game_server -- --etcd http://127.0.0.1:2379 --addr 1.1.1`
 //! (a fixed address must be listed under the prefix, e.g. with `clusterctl`), or with
 //! `--addr 1.1.auto --listen 127.0.0.1:0` to claim the lowest free server id from etcd. Every
@@ -88,7 +90,11 @@ fn main() -> std::process::ExitCode {
                         .secret(secret)
                         .shutdown_grace(Duration::from_secs(args.shutdown_grace_secs)),
                 )
-                .on_stream(move |stream| session(me, stream));
+                .on_stream(move |stream| session(me, stream))
+                // For other nodes: answers with this server's address.
+                .rpc("game.whoami", move |_, _| async move {
+                    Ok::<_, clustergo::HandlerError>(bytes::Bytes::from(me.to_string()))
+                });
             let node = match listener {
                 Some(l) => builder.listener(l),
                 None => builder,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use super::inner::{Inner, Phase};
+use super::inner::Inner;
 use crate::addr::LogicAddr;
 use crate::error::{ErrorCode, HandlerError};
 use crate::link::{Outcome, reader::Deliver};
@@ -204,7 +204,7 @@ impl Inner {
             oneway: r.oneway,
             method: r.method,
         };
-        if self.phase() != Phase::Running {
+        if !self.takes_new() {
             if let Some(calls) = &self.server.calls {
                 let slot = self.rpcs.get(&ctx.method).map_or(0, |(_, s)| *s);
                 calls.record(slot, crate::metrics::Outcome::Shutdown, received.elapsed());
@@ -339,7 +339,7 @@ mod tests {
             .build();
         let inner = node.inner_arc();
         // Running, so stream opens are accepted (their handlers are spawned, never run).
-        inner.set_phase(Phase::Running);
+        inner.set_phase(super::super::inner::Phase::Running);
         let peer = inner.new_peer(peer_addr);
         // As if a link were up: streams may be added.
         peer.streams.reopen();

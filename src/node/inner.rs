@@ -90,6 +90,9 @@ pub(crate) struct Inner {
     pub(crate) has_liveness: std::sync::atomic::AtomicBool,
     /// An operator's drain (this node marked unavailable while it runs) is being reported.
     pub(crate) drain_reported: std::sync::atomic::AtomicBool,
+    /// Set once a shutdown has left membership and waited for quiet: from then on, new
+    /// requests, streams and links are refused (see [`Inner::takes_new`]).
+    pub(crate) refusing: std::sync::atomic::AtomicBool,
     pub(crate) tracker: TaskTracker,
     pub(crate) closed: watch::Sender<bool>,
     pub(crate) listener: Mutex<Option<std::net::TcpListener>>,
@@ -196,6 +199,7 @@ impl Inner {
             liveness_stop: CancellationToken::new(),
             has_liveness: Default::default(),
             drain_reported: Default::default(),
+            refusing: Default::default(),
             tracker,
             closed: watch::channel(false).0,
             listener: Mutex::new(listener),
@@ -208,6 +212,17 @@ impl Inner {
             sticky: Default::default(),
             client_calls: Default::default(),
         })
+    }
+
+    /// Whether new requests, streams and links are taken: while running, and in a shutdown
+    /// until the node has left membership and waited for quiet (peers may not have seen it
+    /// leave yet).
+    pub(crate) fn takes_new(&self) -> bool {
+        match self.phase() {
+            Phase::Running => true,
+            Phase::Draining => !self.refusing.load(std::sync::atomic::Ordering::Acquire),
+            _ => false,
+        }
     }
 
     pub(crate) fn phase(&self) -> Phase {
@@ -393,7 +408,7 @@ impl Host for Inner {
     }
 
     fn accepting(&self) -> bool {
-        self.phase() == Phase::Running
+        self.takes_new()
     }
 
     fn closing(&self) -> bool {

@@ -358,9 +358,13 @@ impl Inner {
     /// [`NodeConfig::drain_quiet`]: crate::NodeConfig::drain_quiet
     async fn wait_quiet(&self, until: Instant) {
         let quiet = self.config.drain_quiet;
-        if quiet.is_zero() || !self.has_liveness.load(Ordering::Acquire) {
-            return;
+        if !quiet.is_zero() && self.has_liveness.load(Ordering::Acquire) {
+            self.wait_quiet_inner(quiet, until).await;
         }
+        self.refusing.store(true, Ordering::Release);
+    }
+
+    async fn wait_quiet_inner(&self, quiet: Duration, until: Instant) {
         let arrivals = || {
             let s = &self.stats;
             s.requests_received.load(Ordering::Relaxed)

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use super::inner::{Inner, Phase};
+use super::inner::Inner;
 use crate::addr::LogicAddr;
 use crate::error::{ErrorCode, StreamError};
 use crate::proto::{self, envelope::Body};
@@ -193,7 +193,7 @@ impl Inner {
                 format!("{} accepts no streams (no stream handler)", self.addr),
             );
         };
-        if self.phase() != Phase::Running {
+        if !self.takes_new() {
             return refuse(
                 ErrorCode::SHUTDOWN,
                 format!("{} is shutting down", self.addr),
