@@ -200,7 +200,9 @@ impl Placement {
             }
         }
         if let Some(a) = &self.advertise {
-            if a.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()) {
+            if a.rsplit_once(':')
+                .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+            {
                 return Err(format!("advertise {a:?} must be host:port"));
             }
         }
@@ -218,7 +220,8 @@ impl Placement {
         self.validate()?;
         let listener = match self.listen {
             Some(at) => Some(
-                std::net::TcpListener::bind(at).map_err(|e| format!("cannot listen on {at}: {e}"))?,
+                std::net::TcpListener::bind(at)
+                    .map_err(|e| format!("cannot listen on {at}: {e}"))?,
             ),
             None => None,
         };
@@ -324,14 +327,23 @@ mod tests {
             advertise: advertise.map(Into::into),
             export: false,
         };
-        assert!(p(None, None).validate().unwrap_err().contains("needs `listen`"));
+        assert!(
+            p(None, None)
+                .validate()
+                .unwrap_err()
+                .contains("needs `listen`")
+        );
         assert!(
             p(Some("0.0.0.0:9000"), None)
                 .validate()
                 .unwrap_err()
                 .contains("set `advertise`")
         );
-        assert!(p(Some("0.0.0.0:9000"), Some("10.0.0.5:9000")).validate().is_ok());
+        assert!(
+            p(Some("0.0.0.0:9000"), Some("10.0.0.5:9000"))
+                .validate()
+                .is_ok()
+        );
         assert!(p(Some("127.0.0.1:9000"), None).validate().is_ok());
         assert!(p(Some("0.0.0.0:9000"), Some("nope")).validate().is_err());
     }

@@ -95,7 +95,8 @@ pub mod relay {
 #[cfg(feature = "tls")]
 pub use link::tls::{LinkTls, LinkTlsFiles, TlsError};
 pub use membership::{
-    Discovery, DiscoveryHealth, DrainProgress, FileDiscovery, Member, MembershipEvent, MemoryDiscovery,
+    Discovery, DiscoveryHealth, DrainProgress, FileDiscovery, Member, MembershipEvent,
+    MemoryDiscovery,
 };
 #[cfg(feature = "etcd")]
 pub use membership::{EtcdDiscovery, EtcdOptions};

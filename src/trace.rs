@@ -10,7 +10,7 @@
 //! `rpc.method`, `otel.kind`, `otel.status_code`, `error.type`) plus `clustergo.from`,
 //! `clustergo.to` and `clustergo.hops`; `clustergo::telemetry` exports them.
 //!
-//! A peer's `trace` field is hostile input: over [`MAX_TRACE`] bytes, not UTF-8, not a valid
+//! A peer's `trace` field is hostile input: over `MAX_TRACE` (512) bytes, not UTF-8, not a valid
 //! version-00 `traceparent`, or an all-zero id, it is ignored (the receiver's span then starts
 //! a trace of its own).
 

@@ -1264,34 +1264,23 @@ fn agones_fleet_holds_and_its_pod_template_validates() {
     );
 }
 
-/// The programs the deployment files run, built now (once per test process) so these tests
-/// never run stale ones: `name` → its path, for the names in [`BINARIES`]. Every binary and
-/// example of the workspace is built, so features unify as in `cargo test --workspace`, which
-/// has built them all already (this is then a no-op).
+/// The programs the deployment files run, as `cargo test --workspace` built them (every
+/// binary and example of the workspace, features unified): `name` → its path, for the names in
+/// [`BINARIES`]. Building them here would rebuild the workspace with other features (no
+/// dev-dependencies) and replace the binaries other tests run; a missing one is reported.
 fn program(name: &str) -> PathBuf {
-    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    let profile_dir = BUILT.get_or_init(|| {
-        let exe = std::env::current_exe().unwrap();
-        let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-        let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-        cmd.args(["build", "--quiet", "--workspace", "--bins", "--examples"])
-            .current_dir(repo());
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        let out = run(&mut cmd, None, "rustup (cargo)");
-        assert!(
-            out.status.success(),
-            "building the programs failed:\n{}",
-            text(&out)
-        );
-        profile_dir
-    });
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
     let bin = match name {
         "game_server" | "agones" => profile_dir.join("examples").join(name),
         _ => profile_dir.join(name),
     };
-    assert!(bin.is_file(), "no {name} at {}", bin.display());
+    assert!(
+        bin.is_file(),
+        "no {name} at {}: build the workspace's programs first (`cargo test --workspace` does; \
+         or `cargo build --workspace --bins --examples`)",
+        bin.display()
+    );
     bin
 }
 

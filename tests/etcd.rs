@@ -567,11 +567,7 @@ async fn start_auto_node(etcd: &Etcd) -> Node {
 
 /// Whether `addr`'s member entry exists in etcd.
 async fn listed(c: &mut Client, addr: LogicAddr) -> bool {
-    c.get(member_key(PREFIX, addr), None)
-        .await
-        .unwrap()
-        .count()
-        > 0
+    c.get(member_key(PREFIX, addr), None).await.unwrap().count() > 0
 }
 
 #[tokio::test]
@@ -600,7 +596,11 @@ async fn twenty_nodes_starting_at_once_claim_twenty_distinct_ids() {
     let nodes: Vec<Node> = within(starts.join_all()).await;
     let mut ids: Vec<u16> = nodes.iter().map(|n| n.addr().server()).collect();
     ids.sort_unstable();
-    assert_eq!(ids, (2..=21).collect::<Vec<u16>>(), "the lowest free ids, each once");
+    assert_eq!(
+        ids,
+        (2..=21).collect::<Vec<u16>>(),
+        "the lowest free ids, each once"
+    );
     // They see each other and talk: the claimed entries are real members.
     let (first, last) = (&nodes[0], &nodes[19]);
     assert!(
@@ -616,7 +616,10 @@ async fn twenty_nodes_starting_at_once_claim_twenty_distinct_ids() {
     // A node that stops releases its id at the end of its shutdown; the next claim takes it.
     let gone = nodes[7].addr();
     nodes[7].shutdown().await;
-    assert!(!listed(&mut c, gone).await, "{gone} still listed after its shutdown");
+    assert!(
+        !listed(&mut c, gone).await,
+        "{gone} still listed after its shutdown"
+    );
     let next = start_auto_node(&etcd).await;
     assert_eq!(next.addr(), gone);
     let stops = nodes.iter().chain([&next]).map(|n| n.shutdown());
@@ -647,7 +650,10 @@ async fn a_killed_nodes_claimed_id_is_free_only_after_its_lease_expires() {
         .spawn()
         .unwrap();
     let mut out = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
-    let first = out.next().expect("the echo server printed nothing").unwrap();
+    let first = out
+        .next()
+        .expect("the echo server printed nothing")
+        .unwrap();
     // "echo server 1.2.1 listening on ..."
     let claimed: LogicAddr = first
         .split_whitespace()
@@ -662,8 +668,14 @@ async fn a_killed_nodes_claimed_id_is_free_only_after_its_lease_expires() {
     // While its lease lives, the id is not given out again.
     let other = start_auto_node(&etcd).await;
     assert_eq!(other.addr(), a("1.2.2"));
-    assert!(killed.elapsed() < Duration::from_millis(1200), "the check came too late to mean anything");
-    assert!(listed(&mut c, claimed).await, "the id was freed before its lease could expire");
+    assert!(
+        killed.elapsed() < Duration::from_millis(1200),
+        "the check came too late to mean anything"
+    );
+    assert!(
+        listed(&mut c, claimed).await,
+        "the id was freed before its lease could expire"
+    );
     // Then the lease expires (renewed every third of the 2 s TTL: 1.3 to 2 s after the kill).
     let freed = within(async {
         while listed(&mut c, claimed).await {
@@ -676,7 +688,11 @@ async fn a_killed_nodes_claimed_id_is_free_only_after_its_lease_expires() {
     assert!(freed >= Duration::from_millis(1200), "{freed:?}");
     assert!(freed <= Duration::from_millis(3500), "{freed:?}");
     let again = start_auto_node(&etcd).await;
-    assert_eq!(again.addr(), claimed, "the freed id is the lowest free one again");
+    assert_eq!(
+        again.addr(),
+        claimed,
+        "the freed id is the lowest free one again"
+    );
     other.shutdown().await;
     again.shutdown().await;
 }

@@ -42,9 +42,11 @@ enum Command {
     /// List, add, change and remove members.
     #[command(subcommand)]
     Members(Members),
-    /// Mark a node unavailable, so gateways and `get_addr_by_type` stop picking it (gateways
-    /// move its clients), then wait until it reports it is idle: no streams (clients), no
-    /// calls in flight. Exits 1 if the deadline passes first (the node stays unavailable).
+    /// Mark a node unavailable and wait until it is idle.
+    ///
+    /// Gateways and `get_addr_by_type` stop picking it (gateways move its clients); then wait,
+    /// showing progress, until it reports no streams (clients) and no calls in flight. Exits 1
+    /// if the deadline passes first (the node stays unavailable).
     Drain {
         /// The node, `c.t.s`.
         addr: LogicAddr,
@@ -57,9 +59,11 @@ enum Command {
         /// The node, `c.t.s`.
         addr: LogicAddr,
     },
-    /// Run a whole deployment on this machine from a file (e.g. `deploy/local/cluster.toml`):
-    /// etcd, harbors, gateways, game servers and service nodes, each its own process with its
-    /// own log, until Ctrl-C; then everything drains and stops. Ignores `--endpoints`.
+    /// Run a whole deployment on this machine until Ctrl-C.
+    ///
+    /// From a file (e.g. `deploy/local/cluster.toml`): etcd, harbors, gateways, game servers
+    /// and service nodes, each its own process with its own log; Ctrl-C drains and stops them
+    /// all. Ignores `--endpoints`.
     Up {
         /// The deployment file.
         file: PathBuf,

@@ -4,11 +4,11 @@ use std::fmt::Write;
 use std::path::Path;
 use std::time::Duration;
 
+use clustergo::DrainProgress;
+use clustergo::membership::alive_key;
 use clustergo::membership::{encode_member, format_members, member_key, parse_members};
 use clustergo::route;
 use clustergo::{LogicAddr, Member};
-use clustergo::DrainProgress;
-use clustergo::membership::alive_key;
 use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
 
 pub(crate) struct Store {
@@ -128,7 +128,11 @@ impl Store {
         m.available = available;
         let key = member_key(&self.prefix, addr);
         let txn = Txn::new()
-            .when([Compare::mod_revision(key.clone(), CompareOp::Equal, revision)])
+            .when([Compare::mod_revision(
+                key.clone(),
+                CompareOp::Equal,
+                revision,
+            )])
             .and_then([TxnOp::put(
                 key,
                 encode_member(&m),
@@ -158,7 +162,9 @@ impl Store {
         let mut waiting_said = false;
         loop {
             let mut kv = self.client.clone();
-            let resp = self.timed(kv.get(alive_key(&self.prefix, addr), None)).await?;
+            let resp = self
+                .timed(kv.get(alive_key(&self.prefix, addr), None))
+                .await?;
             let Some(alive) = resp.kvs().first() else {
                 return Ok(format!(
                     "{addr} is not running (no alive key): nothing left to wait for ({:.1} s)\n",

@@ -32,8 +32,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clustergo::LogicAddr;
-use clustergo::membership::{alive_key, encode_member, member_key};
 use clustergo::Member;
+use clustergo::membership::{alive_key, encode_member, member_key};
 use serde::Deserialize;
 
 /// The deployment file.
@@ -309,8 +309,12 @@ fn command(d: &Deployment, n: &NodeSpec, bins: &Path, etcd: &str) -> Result<Comm
         Kind::Service => {
             // The echo service example: membership from etcd, its address.
             let mut c = Command::new(find("examples/echo_server")?);
-            c.arg(format!("etcd://{}{}", etcd.trim_start_matches("http://"), d.prefix))
-                .arg(&addr);
+            c.arg(format!(
+                "etcd://{}{}",
+                etcd.trim_start_matches("http://"),
+                d.prefix
+            ))
+            .arg(&addr);
             c
         }
     };
@@ -439,14 +443,24 @@ async fn status(client: &mut etcd_client::Client, prefix: &str, procs: &mut [Pro
     let alive: Vec<LogicAddr> = match client
         .get(
             alive_dir.as_str(),
-            Some(etcd_client::GetOptions::new().with_prefix().with_keys_only()),
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_keys_only(),
+            ),
         )
         .await
     {
         Ok(r) => r
             .kvs()
             .iter()
-            .filter_map(|kv| std::str::from_utf8(kv.key()).ok()?.strip_prefix(&alive_dir)?.parse().ok())
+            .filter_map(|kv| {
+                std::str::from_utf8(kv.key())
+                    .ok()?
+                    .strip_prefix(&alive_dir)?
+                    .parse()
+                    .ok()
+            })
             .collect(),
         Err(_) => return "etcd does not answer".into(),
     };
@@ -457,7 +471,9 @@ async fn status(client: &mut etcd_client::Client, prefix: &str, procs: &mut [Pro
             exited.push(format!("{} exited ({status})", p.name));
         }
         if let (Some(kind), Some(addr)) = (p.kind, p.addr) {
-            let e = by_kind.entry(format!("{kind:?}").to_lowercase()).or_default();
+            let e = by_kind
+                .entry(format!("{kind:?}").to_lowercase())
+                .or_default();
             e.1 += 1;
             e.0 += usize::from(alive.contains(&addr));
         }

@@ -55,21 +55,32 @@ fn new_addr(moved: &[(String, String)], old: &str) -> String {
 
 fn alive(pid: u32) -> bool {
     // A reaped child has no /proc entry; a zombie would still say so in its status.
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .is_ok_and(|s| !s.lines().any(|l| l.starts_with("State:") && l.contains("Z")))
+    std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
+        !s.lines()
+            .any(|l| l.starts_with("State:") && l.contains("Z"))
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_serves_clients_and_cross_cluster_calls_and_ctrl_c_leaves_nothing() {
     let bin = Path::new(env!("CARGO_BIN_EXE_clusterctl"));
-    for part in ["harbor", "gateway", "examples/game_server", "examples/echo_server"] {
+    for part in [
+        "harbor",
+        "gateway",
+        "examples/game_server",
+        "examples/echo_server",
+    ] {
         assert!(
             bin.with_file_name(part).is_file(),
             "{part} is not built beside clusterctl: cargo build -p clustergo -p harbor -p gateway --bins --examples \
              (the workspace's `cargo test` builds them)"
         );
     }
-    let dir = std::env::temp_dir().join(format!("cg-up-{}-{}", std::process::id(), ports::free_port()));
+    let dir = std::env::temp_dir().join(format!(
+        "cg-up-{}-{}",
+        std::process::id(),
+        ports::free_port()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     let (file, moved) = localized(&dir);
     let mut up = Command::new(bin)
@@ -84,7 +95,9 @@ async fn up_serves_clients_and_cross_cluster_calls_and_ctrl_c_leaves_nothing() {
     struct Stop(u32);
     impl Drop for Stop {
         fn drop(&mut self) {
-            let _ = Command::new("kill").args(["-INT", &self.0.to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-INT", &self.0.to_string()])
+                .status();
         }
     }
     let _stop = Stop(up_pid);
@@ -121,7 +134,11 @@ async fn up_serves_clients_and_cross_cluster_calls_and_ctrl_c_leaves_nothing() {
             l[at..].split(')').next()?.parse().ok()
         })
         .collect();
-    assert_eq!(pids.len(), 9, "etcd, 4 harbors, a service, 2 game servers, a gateway: {lines:#?}");
+    assert_eq!(
+        pids.len(),
+        9,
+        "etcd, 4 harbors, a service, 2 game servers, a gateway: {lines:#?}"
+    );
     assert!(pids.iter().all(|p| alive(*p)));
 
     // A client echoes through the gateway, over TCP and over WebSocket.
@@ -133,7 +150,10 @@ async fn up_serves_clients_and_cross_cluster_calls_and_ctrl_c_leaves_nothing() {
             .unwrap()
             .unwrap_or_else(|e| panic!("{url}: {e}"));
         client.send(Bytes::from_static(b"hello")).await.unwrap();
-        let echo = tokio::time::timeout(WAIT, client.recv()).await.unwrap().unwrap();
+        let echo = tokio::time::timeout(WAIT, client.recv())
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(&echo[..], b"hello", "{url}");
         client.close("done").await.unwrap();
     }
@@ -196,10 +216,7 @@ async fn up_serves_clients_and_cross_cluster_calls_and_ctrl_c_leaves_nothing() {
     let exit = up.wait().unwrap();
     assert!(exit.success(), "clusterctl up exited {exit}: {rest:#?}");
     // Each node drained and exited by itself (none had to be killed).
-    assert!(
-        !rest.iter().any(|l| l.contains("killed")),
-        "{rest:#?}"
-    );
+    assert!(!rest.iter().any(|l| l.contains("killed")), "{rest:#?}");
     let left: Vec<u32> = pids.iter().copied().filter(|p| alive(*p)).collect();
     assert!(left.is_empty(), "processes left behind: {left:?}");
     let logs = std::fs::read_dir(dir.join("run/logs")).unwrap().count();

@@ -38,7 +38,12 @@ struct Args {
     #[arg(long, env = "GAME_ADVERTISE")]
     advertise: Option<String>,
     /// etcd endpoint(s), comma-separated.
-    #[arg(long, env = "GAME_ETCD", value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+    #[arg(
+        long,
+        env = "GAME_ETCD",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379"
+    )]
     etcd: Vec<String>,
     /// Key prefix of the membership in etcd.
     #[arg(long, env = "GAME_PREFIX", default_value = "/clustergo")]

@@ -2,7 +2,10 @@
 //! the one before), validated before anything binds or connects.
 //!
 //! ```toml
-//! addr = "1.100.1"          # the gateway's own node address (any type but 255)
+//! addr = "1.100.1"          # the gateway's own node address (any type but 255), or
+//!                           # "1.100.auto": the lowest free id, claimed from etcd
+//! # listen = "0.0.0.0:9000"   # the node's link listener (default: its net_addr); auto needs it
+//! # advertise = "10.0.0.5:9000"  # what peers dial, written into membership for auto
 //! backend_type = 1          # clients go to available nodes of this type
 //! policy = "random"         # or "sticky": the client's first frame picks the server
 //! shutdown_grace_secs = 10
@@ -423,7 +426,9 @@ impl Config {
         };
         placement.validate()?;
         if matches!(addr, AddrSpec::Auto { .. }) && !matches!(membership, Membership::Etcd { .. }) {
-            return Err(format!("addr {addr}: an auto address is claimed from etcd; configure [etcd]"));
+            return Err(format!(
+                "addr {addr}: an auto address is claimed from etcd; configure [etcd]"
+            ));
         }
         let secret = clustergo::binary_secret(args.insecure_dev, mutual)?;
         Ok(Config {

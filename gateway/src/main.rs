@@ -21,8 +21,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use clustergo::{Bytes, EtcdDiscovery, EtcdOptions, FileDiscovery, HandlerError, Node, NodeConfig};
 use clustergo::app::AddrSpec;
+use clustergo::{Bytes, EtcdDiscovery, EtcdOptions, FileDiscovery, HandlerError, Node, NodeConfig};
 use config::{Args, Config, Membership};
 use state::Gateway;
 use tokio_util::sync::CancellationToken;
@@ -36,11 +36,11 @@ fn main() -> ExitCode {
             // TLS files are part of the configuration: unreadable ones are a configuration
             // error.
             let tcp = config.tcp.as_ref().map(transport::framed::tls_acceptor);
-            let ws = config.websocket.as_ref().map(transport::framed::tls_acceptor);
-            let tls = (
-                tcp.transpose()?.flatten(),
-                ws.transpose()?.flatten(),
-            );
+            let ws = config
+                .websocket
+                .as_ref()
+                .map(transport::framed::tls_acceptor);
+            let tls = (tcp.transpose()?.flatten(), ws.transpose()?.flatten());
             Ok((config, tls))
         },
         |(c, _)| format!("gateway-{}", c.placement.addr),

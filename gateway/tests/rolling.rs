@@ -45,7 +45,10 @@ async fn client_loop(url: String, id: usize, stop: Arc<AtomicBool>, seen: Arc<Mu
                 Ok(Ok(echo)) if echo == frame.as_bytes() => seen.lock().await.echoed += 1,
                 Ok(Ok(other)) => {
                     let other = String::from_utf8_lossy(&other).into_owned();
-                    seen.lock().await.faults.push(format!("sent {frame}, got {other}"));
+                    seen.lock()
+                        .await
+                        .faults
+                        .push(format!("sent {frame}, got {other}"));
                     return;
                 }
                 // Told why, before its frame was dropped: reconnect, as a game client does.
@@ -58,7 +61,10 @@ async fn client_loop(url: String, id: usize, stop: Arc<AtomicBool>, seen: Arc<Mu
                     return;
                 }
                 Err(_) => {
-                    seen.lock().await.faults.push(format!("{frame}: no answer within {WAIT:?}"));
+                    seen.lock()
+                        .await
+                        .faults
+                        .push(format!("{frame}: no answer within {WAIT:?}"));
                     return;
                 }
             }
@@ -82,7 +88,10 @@ async fn a_rolling_restart_fails_no_call_and_loses_no_client_frame_silently() {
     bed.etcd
         .list(
             PREFIX,
-            &[Member::new(caller_addr, listener.local_addr().unwrap().to_string())],
+            &[Member::new(
+                caller_addr,
+                listener.local_addr().unwrap().to_string(),
+            )],
         )
         .await;
     let caller = Node::builder(caller_addr)
@@ -108,8 +117,12 @@ async fn a_rolling_restart_fails_no_call_and_loses_no_client_frame_silently() {
     let calls_ok = Arc::new(AtomicU64::new(0));
     let call_failures = Arc::new(Mutex::new(Vec::<String>::new()));
     let calling = {
-        let (caller, stop, ok, failures) =
-            (caller.clone(), stop.clone(), calls_ok.clone(), call_failures.clone());
+        let (caller, stop, ok, failures) = (
+            caller.clone(),
+            stop.clone(),
+            calls_ok.clone(),
+            call_failures.clone(),
+        );
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 let result = match caller.get_addr_by_type(1) {
@@ -145,7 +158,9 @@ async fn a_rolling_restart_fails_no_call_and_loses_no_client_frame_silently() {
             }
         }
     };
-    tokio::time::timeout(WAIT, warm).await.expect("clients did not start echoing");
+    tokio::time::timeout(WAIT, warm)
+        .await
+        .expect("clients did not start echoing");
 
     // The rolling restart: each server drains on SIGTERM, stops, and starts again.
     for (i, s) in servers.iter().enumerate() {
@@ -187,7 +202,11 @@ async fn a_rolling_restart_fails_no_call_and_loses_no_client_frame_silently() {
     let failures = call_failures.lock().await;
     let calls = calls_ok.load(Ordering::Relaxed);
     eprintln!("calls: {calls} answered, {} failed", failures.len());
-    assert!(failures.is_empty(), "failed calls: {:?}", &failures[..failures.len().min(10)]);
+    assert!(
+        failures.is_empty(),
+        "failed calls: {:?}",
+        &failures[..failures.len().min(10)]
+    );
     let mut moved = 0;
     let mut echoed = 0;
     for (i, s) in seen.iter().enumerate() {

@@ -6,7 +6,6 @@ mod bed;
 #[path = "../../tests/support/otlp.rs"]
 mod otlp;
 
-
 use bed::{TEST_LIMITS, WAIT, bed};
 use clustergo_client::Client;
 use tokio::time::timeout;

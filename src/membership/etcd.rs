@@ -601,7 +601,13 @@ impl Inner {
             let taken: BTreeSet<u16> = listed
                 .kvs()
                 .iter()
-                .filter_map(|kv| std::str::from_utf8(kv.key()).ok()?.strip_prefix(&dir)?.parse().ok())
+                .filter_map(|kv| {
+                    std::str::from_utf8(kv.key())
+                        .ok()?
+                        .strip_prefix(&dir)?
+                        .parse()
+                        .ok()
+                })
                 .collect();
             let Some(server) = (1..=MAX_SERVER).find(|s| !taken.contains(s)) else {
                 claimed = Err(refuse(format!("every server id 1..={MAX_SERVER} is taken")));
@@ -1102,11 +1108,16 @@ impl Inner {
             // their links) until `release`; only the alive key goes, so it is not picked.
             let gone = async {
                 let mut client = self.client().await?;
-                self.timed("delete alive key", client.delete(alive_key(&self.prefix, me), None))
-                    .await
+                self.timed(
+                    "delete alive key",
+                    client.delete(alive_key(&self.prefix, me), None),
+                )
+                .await
             };
             match gone.await {
-                Ok(_) => tracing::info!(node = %me, "alive key deleted; the claimed id is kept until the node has stopped"),
+                Ok(_) => {
+                    tracing::info!(node = %me, "alive key deleted; the claimed id is kept until the node has stopped")
+                }
                 Err(e) => tracing::warn!(node = %me, error = %e, "could not delete the alive key"),
             }
             return;

@@ -347,7 +347,7 @@ impl Inner {
     /// What the node still serves.
     pub(crate) fn drain_progress(&self) -> crate::membership::DrainProgress {
         crate::membership::DrainProgress::new(
-            self.live_streams.active() as u64,
+            self.live_streams.active(),
             self.server.inflight.load(Ordering::Acquire) as u64,
         )
     }
