@@ -34,8 +34,7 @@
 //!         }
 //!         let node = builder.build();
 //!         node.start().await?;
-//!         clustergo::app::until_stopped(&node, None).await;
-//!         Ok(())
+//!         clustergo::app::until_stopped(&node, None).await.into_result()
 //!     })
 //! }
 //! ```
@@ -254,6 +253,20 @@ pub enum Stop {
     Interrupted,
     /// The node closed by itself (removed from membership, or its claimed id lost).
     Closed,
+}
+
+impl Stop {
+    /// What a binary returns: `Ok` for a signal; an error for a node that stopped by itself,
+    /// so the process exits 1 and a supervisor (systemd's `Restart=on-failure`, Kubernetes)
+    /// starts it again.
+    pub fn into_result(self) -> Result<(), BoxError> {
+        match self {
+            Stop::Terminated | Stop::Interrupted => Ok(()),
+            Stop::Closed => Err("the node stopped by itself (removed from membership, its \
+                                 network address changed, or its claimed id's lease lost)"
+                .into()),
+        }
+    }
 }
 
 /// Serves until SIGTERM, Ctrl-C or the node closing by itself, then drains and stops it:

@@ -696,3 +696,29 @@ async fn a_killed_nodes_claimed_id_is_free_only_after_its_lease_expires() {
     other.shutdown().await;
     again.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_node_whose_claimed_lease_is_lost_stops_and_leaves_the_new_owner_alone() {
+    let etcd = Etcd::start();
+    let mut c = client(&etcd).await;
+    let old = start_auto_node(&etcd).await;
+    let id = old.addr();
+    assert_eq!(id, a("1.2.1"));
+    // The lease ends under it (as when etcd expired it during a partition).
+    let lease = c.get(member_key(PREFIX, id), None).await.unwrap().kvs()[0].lease();
+    c.lease_revoke(lease).await.unwrap();
+    // The id is free at once: another node claims it and starts.
+    let new = start_auto_node(&etcd).await;
+    assert_eq!(new.addr(), id);
+    // The old node learns its claim is lost and stops by itself...
+    within(old.closed()).await;
+    // ...without touching the new owner's alive key.
+    let alive = c.get(alive_key(PREFIX, id), None).await.unwrap();
+    let kv = alive
+        .kvs()
+        .first()
+        .expect("the new owner's alive key is gone");
+    assert_ne!(kv.lease(), lease);
+    assert!(new.readiness().is_ok(), "{:?}", new.readiness());
+    new.shutdown().await;
+}

@@ -114,11 +114,21 @@ impl Store {
         Ok((m, value.mod_revision()))
     }
 
+    /// Writes `m`; an entry that exists keeps its lease (a claimed member stays claimed: its
+    /// id is freed when its node's lease ends, not made permanent by an import).
     async fn put(&mut self, m: &Member) -> Result<(), String> {
+        let key = member_key(&self.prefix, m.addr);
+        let value = encode_member(m);
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Greater, 0)])
+            .and_then([TxnOp::put(
+                key.clone(),
+                value.clone(),
+                Some(PutOptions::new().with_ignore_lease()),
+            )])
+            .or_else([TxnOp::put(key, value, None)]);
         let mut kv = self.client.clone();
-        self.timed(kv.put(member_key(&self.prefix, m.addr), encode_member(m), None))
-            .await
-            .map(|_| ())
+        self.timed(kv.txn(txn)).await.map(|_| ())
     }
 
     /// Sets `available` over the value just read (keeping a claimed member's lease); returns

@@ -145,16 +145,31 @@ pub(crate) async fn up(file: &Path) -> Result<String, String> {
             .and_then(|e| e.parent().map(Path::to_path_buf))
             .ok_or("cannot tell where clusterctl is: set bin_dir")?,
     };
+    // Ctrl-C and SIGTERM are watched from the start: one during start-up stops what has
+    // started so far.
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| format!("cannot watch for SIGTERM: {e}"))?;
+    let watcher = tokio::spawn(async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        let _ = stop_tx.send(true);
+    });
     let mut procs: Vec<Proc> = Vec::new();
-    let result = run(&d, &run_dir, &logs, &bins, &mut procs).await;
+    let result = run(&d, &run_dir, &logs, &bins, &mut procs, stop).await;
+    watcher.abort();
     // Stop in reverse order of start: clients' doors first, membership last.
     println!("stopping (each node drains first)...");
     let mut lines = Vec::new();
     while let Some(mut p) = procs.pop() {
+        // A gateway closes its clients within its grace, then its node drains within its
+        // own: both default to 10 s or less.
         let grace = if p.kind.is_some() {
-            Duration::from_secs(20)
+            Duration::from_secs(40)
         } else {
-            Duration::from_secs(5)
+            Duration::from_secs(10)
         };
         let line = p.stop(grace).await;
         println!("  {line}");
@@ -190,12 +205,38 @@ fn check(d: &Deployment) -> Result<(), String> {
     Ok(())
 }
 
+/// Bound of one etcd request.
+const ETCD_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// An etcd request under [`ETCD_TIMEOUT`].
+async fn timed<T>(
+    what: &str,
+    fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(ETCD_TIMEOUT, fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(format!("etcd: {what}: {e}")),
+        Err(_) => Err(format!("etcd: {what}: no answer within {ETCD_TIMEOUT:?}")),
+    }
+}
+
+type StopRx = tokio::sync::watch::Receiver<bool>;
+
+fn stopping(stop: &StopRx) -> Result<(), String> {
+    if *stop.borrow() {
+        Err("interrupted during start-up".into())
+    } else {
+        Ok(())
+    }
+}
+
 async fn run(
     d: &Deployment,
     run_dir: &Path,
     logs: &Path,
     bins: &Path,
     procs: &mut Vec<Proc>,
+    mut stop: StopRx,
 ) -> Result<(), String> {
     let endpoint = format!("http://{}", d.etcd.client);
     // etcd first.
@@ -216,30 +257,37 @@ async fn run(
     )
     .map_err(|e| format!("{e} (install etcd: apt-get install etcd-server)"))?;
     procs.push(etcd);
-    let mut client = connect_etcd(&endpoint, procs).await?;
+    let mut client = connect_etcd(&endpoint, procs, &stop).await?;
     println!("etcd on {endpoint} (pid {})", procs[0].pid());
-    // Membership: every node at its listen address.
+    // Membership: what an earlier run left under the prefix goes (etcd's data persists in
+    // run_dir), then every node at its listen address.
+    let all = format!("{}/", d.prefix.trim_end_matches('/'));
+    timed(
+        "clearing the prefix",
+        client.delete(all, Some(etcd_client::DeleteOptions::new().with_prefix())),
+    )
+    .await?;
     for n in &d.nodes {
         let m = Member::new(n.addr, n.listen.clone()).with_export(n.export || n.addr.is_harbor());
-        client
-            .put(member_key(&d.prefix, n.addr), encode_member(&m), None)
-            .await
-            .map_err(|e| format!("writing membership: {e}"))?;
+        timed(
+            "writing membership",
+            client.put(member_key(&d.prefix, n.addr), encode_member(&m), None),
+        )
+        .await?;
     }
     let mut order: Vec<&NodeSpec> = d.nodes.iter().collect();
     order.sort_by_key(|n| n.kind);
     for n in order {
+        stopping(&stop)?;
         let mut cmd = command(d, n, bins, &endpoint)?;
         cmd.env("CLUSTERGO_SECRET", &d.secret);
         let name = format!("{:?}-{}", n.kind, n.addr).to_lowercase();
         let p = spawn(&name, Some(n.addr), Some(n.kind), &mut cmd, logs)?;
         println!("started {name} (pid {}), log {}", p.pid(), p.log.display());
         procs.push(p);
-        wait_alive(&mut client, &d.prefix, n.addr, procs).await?;
+        wait_alive(&mut client, &d.prefix, n.addr, procs, &stop).await?;
     }
     println!("{}", where_to_connect(d));
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| format!("cannot watch for SIGTERM: {e}"))?;
     let tty = std::io::stdout().is_terminal();
     let mut last = String::new();
     loop {
@@ -251,9 +299,11 @@ async fn run(
             println!("{line}");
         }
         last = line;
+        if *stop.borrow() {
+            break;
+        }
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
-            _ = term.recv() => break,
+            _ = stop.changed() => break,
             () = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }
@@ -351,9 +401,14 @@ fn spawn(
     })
 }
 
-async fn connect_etcd(endpoint: &str, procs: &mut [Proc]) -> Result<etcd_client::Client, String> {
+async fn connect_etcd(
+    endpoint: &str,
+    procs: &mut [Proc],
+    stop: &StopRx,
+) -> Result<etcd_client::Client, String> {
     let end = Instant::now() + Duration::from_secs(20);
     loop {
+        stopping(stop)?;
         if let Some(status) = procs[0].exited() {
             return Err(format!(
                 "etcd exited ({status}); see {}",
@@ -381,10 +436,12 @@ async fn wait_alive(
     prefix: &str,
     addr: LogicAddr,
     procs: &mut [Proc],
+    stop: &StopRx,
 ) -> Result<(), String> {
     let end = Instant::now() + Duration::from_secs(30);
     let key = alive_key(prefix, addr);
     loop {
+        stopping(stop)?;
         let p = procs.last_mut().ok_or("no process")?;
         if let Some(status) = p.exited() {
             return Err(format!(
@@ -393,8 +450,7 @@ async fn wait_alive(
                 p.log.display()
             ));
         }
-        if client
-            .get(key.as_str(), None)
+        if timed("reading liveness", client.get(key.as_str(), None))
             .await
             .is_ok_and(|r| r.count() > 0)
         {
@@ -440,17 +496,19 @@ fn where_to_connect(d: &Deployment) -> String {
 /// One line: which parts run and which nodes are alive in membership.
 async fn status(client: &mut etcd_client::Client, prefix: &str, procs: &mut [Proc]) -> String {
     let alive_dir = format!("{}/alive/", prefix.trim_end_matches('/'));
-    let alive: Vec<LogicAddr> = match client
-        .get(
+    let listed = timed(
+        "reading liveness",
+        client.get(
             alive_dir.as_str(),
             Some(
                 etcd_client::GetOptions::new()
                     .with_prefix()
                     .with_keys_only(),
             ),
-        )
-        .await
-    {
+        ),
+    )
+    .await;
+    let alive: Vec<LogicAddr> = match listed {
         Ok(r) => r
             .kvs()
             .iter()

@@ -66,7 +66,8 @@ fn main() -> std::process::ExitCode {
     clustergo::app::main(
         "game_server",
         || {
-            let args = Args::try_parse().map_err(|e| e.to_string())?;
+            // `--help` and bad flags exit here, with clap's own codes.
+            let args = Args::parse();
             let secret = clustergo::binary_secret(args.insecure_dev, false)?;
             let placement = Placement {
                 addr: args.addr,
@@ -114,9 +115,9 @@ fn main() -> std::process::ExitCode {
                 "game server {me} listening on {}",
                 node.local_addr().ok_or("no listener")?
             );
-            clustergo::app::until_stopped(&node, admin.as_ref()).await;
+            let stop = clustergo::app::until_stopped(&node, admin.as_ref()).await;
             println!("game server {me} stopped");
-            Ok(())
+            stop.into_result()
         },
     )
 }

@@ -204,9 +204,9 @@ async fn serve(
     println!("{}", lines.join(", "));
     listeners.spawn(state::watch_backends(gw.clone()));
 
-    match clustergo::app::wait_for_stop(&node).await {
-        clustergo::app::Stop::Closed => {}
-        why => tracing::info!(gateway = %me, ?why, "shutting down"),
+    let stop = clustergo::app::wait_for_stop(&node).await;
+    if stop != clustergo::app::Stop::Closed {
+        tracing::info!(gateway = %me, why = ?stop, "shutting down");
     }
     if let Some(a) = &admin {
         a.set_draining();
@@ -227,7 +227,7 @@ async fn serve(
     }
     node.shutdown().await;
     println!("gateway {me} stopped ({clients} clients closed)");
-    Ok(())
+    stop.into_result()
 }
 
 /// The node's configuration with TLS on links, if `[mesh_tls]` configured it.

@@ -247,6 +247,12 @@ impl Config {
                 Some((c.endpoints, prefix))
             }
         };
+        if center.is_some() && matches!(placement.addr, AddrSpec::Auto { .. }) {
+            return Err(format!(
+                "addr {}: a harbor listed in a harbors center needs a fixed address",
+                placement.addr
+            ));
+        }
         // Last, so a configuration's own mistakes are reported first.
         let relay = file.relay.unwrap_or_default();
         let relay_rate = match relay.max_per_sec {

@@ -84,9 +84,9 @@ async fn serve(config: Config) -> Result<(), clustergo::app::BoxError> {
         "harbor {me} listening on {}{admin_text}",
         node.local_addr().ok_or("no listener")?
     );
-    clustergo::app::until_stopped(&node, admin.as_ref()).await;
+    let stop = clustergo::app::until_stopped(&node, admin.as_ref()).await;
     println!("harbor {me} stopped");
-    Ok(())
+    stop.into_result()
 }
 
 /// One line per harbor this one sees.

@@ -23,13 +23,15 @@
 //!
 //! A node may start with its cluster and type only (`1.2.auto`) and take the lowest free server
 //! id with [`EtcdDiscovery::claim`]: its member entry is created *under its own lease* (a
-//! transaction that succeeds only if the key does not exist), with its alive key on the same
-//! lease. An operator-listed member (no lease) holds its id for good; a claimed one holds it
+//! transaction that succeeds only if neither its member key nor its alive key exists); the
+//! node puts its alive key on the same lease when it starts, so it is picked only once it
+//! serves. An operator-listed member (no lease) holds its id for good; a claimed one holds it
 //! exactly as long as its lease lives: a graceful shutdown revokes the lease (at its very end,
 //! after the node has closed its links), a crash lets it expire after the TTL, and only then
-//! can another node claim the id. A node that cannot renew its claimed lease for a whole TTL
-//! (etcd unreachable) must assume the id is gone and shuts itself down, so one id is never
-//! served by two nodes for longer than that node's shutdown.
+//! can another node claim the id. A node whose renewals go unanswered gives the claim up
+//! before the lease can have expired (counting from when the last answered renewal was sent,
+//! with a fifth of the TTL to spare) and shuts itself down, taking nothing new and touching no
+//! key it may no longer own; so one id is never served by two nodes.
 //!
 //! ## Drain progress
 //!
@@ -526,6 +528,18 @@ impl Inner {
         // A claimed id lives on its own lease, renewed since the claim: the node is alive
         // until that lease is lost, and then it must stop (this future ends).
         if let Some(claim) = claim {
+            let put = async {
+                let mut client = self.client().await?;
+                self.put_alive(&mut client, me, claim.lease).await
+            };
+            tokio::select! {
+                r = put => if let Err(e) = r {
+                    // Not alive, so not picked; the lease (and the id) stay held. A node that
+                    // cannot reach etcd for a TTL loses the claim and stops.
+                    tracing::warn!(node = %me, error = %e, "could not put the alive key of the claimed id");
+                },
+                () = claim.lost.cancelled() => return,
+            }
             claim.lost.cancelled().await;
             return;
         }
@@ -573,42 +587,48 @@ impl Inner {
         addr_of(1)?;
         let ttl = self.options.lease_ttl.as_secs().max(1) as i64;
         let mut client = self.client().await?;
-        let lease = self
+        let granted_at = tokio::time::Instant::now();
+        let granted = self
             .timed("lease grant", client.lease_grant(ttl, None))
-            .await?
-            .id();
+            .await?;
+        let lease = granted.id();
+        // What etcd granted (it may raise a TTL below its minimum), counted from the request.
+        let ttl = Duration::from_secs(granted.ttl().max(1) as u64);
         let dir = format!("{}/members/{cluster}.{node_type}.", self.prefix);
+        let alive_dir = format!("{}/alive/{cluster}.{node_type}.", self.prefix);
         let mut claimed = Err(refuse(format!(
             "{CLAIM_ROUNDS} rounds lost races with other claims"
         )));
         for _ in 0..CLAIM_ROUNDS {
-            let listed = self
-                .timed(
-                    "get member ids",
-                    client.get(
-                        dir.clone(),
-                        Some(GetOptions::new().with_prefix().with_keys_only()),
-                    ),
-                )
-                .await;
-            let listed = match listed {
-                Ok(r) => r,
-                Err(e) => {
-                    claimed = Err(e);
-                    break;
+            // Taken: a member entry, or an alive key without one (a node still running under
+            // that id after its entry was removed).
+            let mut taken = BTreeSet::new();
+            let mut failed = None;
+            for d in [&dir, &alive_dir] {
+                let listed = self
+                    .timed(
+                        "get taken ids",
+                        client.get(
+                            d.as_str(),
+                            Some(GetOptions::new().with_prefix().with_keys_only()),
+                        ),
+                    )
+                    .await;
+                match listed {
+                    Ok(r) => taken.extend(r.kvs().iter().filter_map(|kv| {
+                        std::str::from_utf8(kv.key())
+                            .ok()?
+                            .strip_prefix(d.as_str())?
+                            .parse::<u16>()
+                            .ok()
+                    })),
+                    Err(e) => failed = Some(e),
                 }
-            };
-            let taken: BTreeSet<u16> = listed
-                .kvs()
-                .iter()
-                .filter_map(|kv| {
-                    std::str::from_utf8(kv.key())
-                        .ok()?
-                        .strip_prefix(&dir)?
-                        .parse()
-                        .ok()
-                })
-                .collect();
+            }
+            if let Some(e) = failed {
+                claimed = Err(e);
+                break;
+            }
             let Some(server) = (1..=MAX_SERVER).find(|s| !taken.contains(s)) else {
                 claimed = Err(refuse(format!("every server id 1..={MAX_SERVER} is taken")));
                 break;
@@ -616,13 +636,18 @@ impl Inner {
             let addr = addr_of(server)?;
             let member = Member::new(addr, net_addr.clone()).with_export(export);
             let key = member_key(&self.prefix, addr);
-            let on_lease = || Some(PutOptions::new().with_lease(lease));
+            // The member entry only: the node is picked once it has started and put its alive
+            // key (on this same lease), not before.
             let txn = Txn::new()
-                .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-                .and_then([
-                    TxnOp::put(key, encode(&member), on_lease()),
-                    TxnOp::put(alive_key(&self.prefix, addr), "1", on_lease()),
-                ]);
+                .when([
+                    Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+                    Compare::create_revision(alive_key(&self.prefix, addr), CompareOp::Equal, 0),
+                ])
+                .and_then([TxnOp::put(
+                    key,
+                    encode(&member),
+                    Some(PutOptions::new().with_lease(lease)),
+                )]);
             match self.timed("claim", client.txn(txn)).await {
                 Ok(r) if r.succeeded() => {
                     claimed = Ok(addr);
@@ -645,6 +670,8 @@ impl Inner {
         };
         let claim = Arc::new(Claim {
             lease,
+            ttl,
+            granted_at,
             lost: CancellationToken::new(),
             released: CancellationToken::new(),
         });
@@ -665,51 +692,59 @@ impl Inner {
     }
 
     /// Renews a claimed lease every third of its TTL until it is released, or until it must be
-    /// taken as lost: etcd said it expired, or no renewal succeeded for a whole TTL.
+    /// taken as lost: etcd said it expired, or no renewal can have reached etcd in time. etcd
+    /// expires a lease one TTL after it processed the last renewal, which is after that
+    /// renewal was sent; so the lease surely lives until `sent + TTL` of the last renewal
+    /// answered, and every attempt must finish before that instant minus a margin. When one
+    /// cannot, the node stops while etcd may still hold the lease — before another node could
+    /// claim the id.
     async fn renew_claim(self: Arc<Self>, me: LogicAddr, claim: Arc<Claim>, mut client: Client) {
-        let ttl = self.options.lease_ttl.max(Duration::from_secs(1));
+        let ttl = claim.ttl;
         let every = (ttl / 3).max(Duration::from_millis(300));
-        let mut last_ok = tokio::time::Instant::now();
+        let margin = (ttl / 5).max(Duration::from_millis(200));
+        // The lease lives at least until this instant.
+        let mut lives_until = claim.granted_at + ttl;
         let mut keeper = None;
         let why = loop {
+            let must_end = lives_until.checked_sub(margin).unwrap_or(lives_until);
+            if tokio::time::Instant::now() >= must_end {
+                break format!("no renewal was answered in time (TTL {ttl:?})");
+            }
+            let sent = tokio::time::Instant::now();
             let renewed = async {
                 if keeper.is_none() {
-                    keeper = Some(
-                        self.timed("lease keep-alive", client.lease_keep_alive(claim.lease))
-                            .await?,
-                    );
+                    keeper = Some(client.lease_keep_alive(claim.lease).await?);
                 }
                 let Some((k, responses)) = keeper.as_mut() else {
                     unreachable!("set above")
                 };
-                self.timed("lease keep-alive", k.keep_alive()).await?;
-                let resp = self
-                    .timed("lease keep-alive", responses.message())
-                    .await?
-                    .ok_or_else(|| failed(&self.endpoints, "lease keep-alive", "stream ended"))?;
-                Ok::<_, DiscoveryError>(resp.ttl())
+                k.keep_alive().await?;
+                let resp = responses.message().await?;
+                Ok::<_, etcd_client::Error>(resp.map(|r| r.ttl()))
             };
             let pause = tokio::select! {
-                r = renewed => match r {
-                    Ok(t) if t > 0 => {
-                        last_ok = tokio::time::Instant::now();
+                r = tokio::time::timeout_at(must_end, renewed) => match r {
+                    Ok(Ok(Some(t))) if t > 0 => {
+                        lives_until = sent + ttl;
                         every
                     }
-                    Ok(_) => break "etcd says the lease expired".to_owned(),
-                    Err(e) => {
+                    Ok(Ok(Some(_))) => break "etcd says the lease expired".to_owned(),
+                    other => {
                         keeper = None;
-                        tracing::warn!(node = %me, error = %e, "cannot renew the claimed server id's lease; retrying");
-                        if let Ok(c) = self.client().await {
+                        let error = match other {
+                            Ok(Err(e)) => e.to_string(),
+                            Ok(Ok(None)) => "the keep-alive stream ended".into(),
+                            _ => "timed out".into(),
+                        };
+                        tracing::warn!(node = %me, %error, "cannot renew the claimed server id's lease; retrying");
+                        if let Ok(Ok(c)) = tokio::time::timeout_at(must_end, self.client()).await {
                             client = c;
                         }
-                        every.min(Duration::from_millis(500))
+                        Duration::from_millis(100)
                     }
                 },
                 () = claim.released.cancelled() => return,
             };
-            if last_ok.elapsed() >= ttl {
-                break format!("no renewal succeeded for {ttl:?}, the lease's TTL");
-            }
             tokio::select! {
                 () = tokio::time::sleep(pause) => {}
                 () = claim.released.cancelled() => return,
@@ -999,6 +1034,10 @@ struct LeaseSlot {
 /// A server id claimed under its own lease.
 struct Claim {
     lease: i64,
+    /// The TTL etcd granted.
+    ttl: Duration,
+    /// When the grant was asked for: the lease lives at least until this plus `ttl`.
+    granted_at: tokio::time::Instant,
     /// Cancelled when the lease is lost: the id may be someone else's now.
     lost: CancellationToken,
     /// Cancelled by `release`: renewing stops (the lease is being revoked).
@@ -1103,16 +1142,22 @@ impl Inner {
                 slot.lease.take()
             }
         };
-        if self.slots().get(&me).is_some_and(|s| s.claim.is_some()) {
+        let claim = self.slots().get(&me).and_then(|s| s.claim.clone());
+        if let Some(claim) = claim {
+            if claim.lost.is_cancelled() {
+                // The id may be another node's now: nothing under it is touched.
+                return;
+            }
             // A claimed id keeps its lease (and so its member entry, which peers need to keep
-            // their links) until `release`; only the alive key goes, so it is not picked.
+            // their links) until `release`; only the alive key goes, so it is not picked. Only
+            // while it is on this node's lease: never another node's key.
             let gone = async {
                 let mut client = self.client().await?;
-                self.timed(
-                    "delete alive key",
-                    client.delete(alive_key(&self.prefix, me), None),
-                )
-                .await
+                let key = alive_key(&self.prefix, me);
+                let txn = Txn::new()
+                    .when([Compare::lease(key.clone(), CompareOp::Equal, claim.lease)])
+                    .and_then([TxnOp::delete(key, None)]);
+                self.timed("delete alive key", client.txn(txn)).await
             };
             match gone.await {
                 Ok(_) => {

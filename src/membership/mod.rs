@@ -103,7 +103,9 @@ pub trait Discovery: Send + Sync + 'static {
     fn subscribe(&self) -> MembershipStream;
 
     /// Keeps node `me` alive in this source for as long as the returned future runs (a
-    /// started node runs it until shutdown). Sources without liveness return `None`.
+    /// started node runs it until shutdown). Sources without liveness return `None`. A future
+    /// that *ends* means the source can no longer keep the node alive under its address (a
+    /// claimed id's lease was lost): the node then shuts down, taking nothing new.
     fn keep_alive(&self, me: LogicAddr) -> Option<BoxFuture> {
         let _ = me;
         None

@@ -188,6 +188,8 @@ impl Inner {
                     // now, so this one stops.
                     _ = liveness => {
                         tracing::error!(node = %this.addr, "shutting down: membership can no longer keep this node alive under its address");
+                        // The address may be someone else's: nothing new is taken under it.
+                        this.refusing.store(true, Ordering::Release);
                         this.spawn_shutdown();
                     }
                 }
@@ -275,6 +277,10 @@ impl Inner {
             changed.as_mut().enable();
             match self.phase() {
                 Phase::Created if self.transition(Phase::Created, Phase::Closed) => {
+                    // Never started (or its start failed): what the source holds for it (a
+                    // claimed id) is released all the same.
+                    let release = self.discovery.release(self.addr);
+                    let _ = tokio::time::timeout(Duration::from_secs(5), release).await;
                     self.closed.send_replace(true);
                     return;
                 }
@@ -318,16 +324,18 @@ impl Inner {
         let this = self.clone();
         let span = tracing::info_span!("node", node = %self.addr, task = "drain-report");
         task::spawn(&self.tracker, span, async move {
-            let mut last = None;
+            let mut last: Option<(crate::membership::DrainProgress, Instant)> = None;
             loop {
                 let still = this.view().get(this.addr).is_some_and(|m| !m.available);
                 if !still || this.phase() != Phase::Running {
                     break;
                 }
+                // When the figures change, and every 2 s regardless: a write that failed, or a
+                // value replaced (a lease renewed, a drain asked again), is written anew.
                 let now = this.drain_progress();
-                if last != Some(now) {
+                if last.is_none_or(|(p, at)| p != now || at.elapsed() >= Duration::from_secs(2)) {
                     this.discovery.report_drain(this.addr, now).await;
-                    last = Some(now);
+                    last = Some((now, Instant::now()));
                 }
                 tokio::select! {
                     () = tokio::time::sleep(Duration::from_millis(500)) => {}
@@ -356,9 +364,14 @@ impl Inner {
     /// streams), or `until`.
     ///
     /// [`NodeConfig::drain_quiet`]: crate::NodeConfig::drain_quiet
-    async fn wait_quiet(&self, until: Instant) {
+    async fn wait_quiet(&self, grace_end: Instant) {
         let quiet = self.config.drain_quiet;
-        if !quiet.is_zero() && self.has_liveness.load(Ordering::Acquire) {
+        let refusing = self.refusing.load(Ordering::Acquire);
+        if !quiet.is_zero() && !refusing && self.has_liveness.load(Ordering::Acquire) {
+            // At most half the grace period: what was taken needs the rest to finish (a peer
+            // that keeps sending by address, not by pick, would otherwise hold it all).
+            let now = Instant::now();
+            let until = grace_end.min(now + grace_end.saturating_duration_since(now) / 2);
             self.wait_quiet_inner(quiet, until).await;
         }
         self.refusing.store(true, Ordering::Release);
@@ -370,6 +383,7 @@ impl Inner {
             s.requests_received.load(Ordering::Relaxed)
                 + s.messages_received.load(Ordering::Relaxed)
                 + s.streams_accepted.load(Ordering::Relaxed)
+                + s.envelopes_forwarded.load(Ordering::Relaxed)
         };
         loop {
             let before = arrivals();

@@ -404,7 +404,9 @@ impl Node {
         node_type: u8,
         pick: impl FnOnce(&crate::membership::view::View) -> Option<LogicAddr>,
     ) -> Result<LogicAddr, SelectError> {
-        if self.inner.phase() != Phase::Running {
+        // Handlers finishing during a shutdown may still pick peers (save a player to a
+        // database node); a node not started or closed has no view to pick from.
+        if !matches!(self.inner.phase(), Phase::Running | Phase::Draining) {
             return Err(SelectError::NotRunning(self.inner.addr));
         }
         pick(&self.inner.view()).ok_or(SelectError::NoneAvailable(node_type))

@@ -260,10 +260,9 @@ impl Inner {
         let _in_span = span.enter();
         let what = Unsent::of(&env);
         // Shutting down: answers and streams in progress still pass (that is what the drain
-        // waits for), new calls are sent back to try another harbor.
-        if matches!(what.kind, UnsentKind::Request(_))
-            && self.phase() == super::inner::Phase::Draining
-        {
+        // waits for); new calls too until the harbor has left membership and been quiet
+        // (peers may not have seen it leave), then they are sent back to try another harbor.
+        if matches!(what.kind, UnsentKind::Request(_)) && !self.takes_new() {
             let e: crate::router::BoxError = Box::new(RpcError::Shutdown { node: self.addr });
             return self.unsent(came_by, what, &e);
         }
