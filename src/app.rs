@@ -180,6 +180,30 @@ pub struct Placement {
 }
 
 impl Placement {
+    /// A placement from configuration text: `listen` as `host:port`, checked with
+    /// [`Placement::validate`].
+    pub fn from_config(
+        addr: AddrSpec,
+        listen: Option<&str>,
+        advertise: Option<String>,
+        export: bool,
+    ) -> Result<Placement, String> {
+        let listen = match listen {
+            Some(text) => Some(text.parse::<SocketAddr>().map_err(|e| {
+                format!("listen {text:?}: {e} (want host:port, e.g. 0.0.0.0:9000)")
+            })?),
+            None => None,
+        };
+        let p = Placement {
+            addr,
+            listen,
+            advertise,
+            export,
+        };
+        p.validate()?;
+        Ok(p)
+    }
+
     /// Checks what can be checked before binding anything: an `auto` address needs `listen`,
     /// and a peer-dialable address (`advertise`, or a specific `listen` IP).
     pub fn validate(&self) -> Result<(), String> {

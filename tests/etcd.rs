@@ -58,6 +58,22 @@ async fn put_alive(c: &mut Client, addr: LogicAddr) -> i64 {
     lease
 }
 
+/// The `echo_server` example (built with these tests) and its membership argument for `etcd`.
+fn echo_server(etcd: &Etcd) -> (std::path::PathBuf, String) {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples/echo_server");
+    let spec = format!(
+        "etcd://{}{PREFIX}",
+        etcd.endpoint.trim_start_matches("http://")
+    );
+    (bin, spec)
+}
+
 /// Binds a port for `addr`, lists it in etcd, and returns a started node serving "echo".
 async fn start_node(etcd: &Etcd, c: &mut Client, addr: &str) -> Node {
     let (l, net) = bind();
@@ -383,17 +399,7 @@ async fn a_killed_node_stops_being_picked_within_the_lease_ttl_and_returns_when_
     let net = format!("127.0.0.1:{}", etcd_server::free_port());
     let server = a("1.2.1");
     put_member(&mut c, &Member::new(server, net)).await;
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples/echo_server");
-    let spec = format!(
-        "etcd://{}{PREFIX}",
-        etcd.endpoint.trim_start_matches("http://")
-    );
+    let (bin, spec) = echo_server(&etcd);
     let spawn = || {
         Command::new(&bin)
             .args([&spec, "1.2.1"])
@@ -581,7 +587,9 @@ async fn twenty_nodes_starting_at_once_claim_twenty_distinct_ids() {
         let etcd_endpoint = etcd.endpoint.clone();
         starts.spawn(async move {
             let (l, net) = bind();
-            let d = EtcdDiscovery::connect([etcd_endpoint], PREFIX, options());
+            // Twenty watches and claims at once on a loaded machine: patient requests.
+            let patient = options().request_timeout(Duration::from_secs(10));
+            let d = EtcdDiscovery::connect([etcd_endpoint], PREFIX, patient);
             let addr = d.claim(1, 2, net, false).await.unwrap();
             let node = Node::builder(addr)
                 .discovery(d)
@@ -630,17 +638,7 @@ async fn twenty_nodes_starting_at_once_claim_twenty_distinct_ids() {
 async fn a_killed_nodes_claimed_id_is_free_only_after_its_lease_expires() {
     let etcd = Etcd::start();
     let mut c = client(&etcd).await;
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples/echo_server");
-    let spec = format!(
-        "etcd://{}{PREFIX}",
-        etcd.endpoint.trim_start_matches("http://")
-    );
+    let (bin, spec) = echo_server(&etcd);
     // The node runs as a separate process, so it can be killed without any goodbye.
     let mut child = Command::new(&bin)
         .args([&spec, "1.2.auto"])

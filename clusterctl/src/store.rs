@@ -136,7 +136,14 @@ impl Store {
     async fn set_available(&mut self, addr: LogicAddr, available: bool) -> Result<i64, String> {
         let (mut m, revision) = self.get(addr).await?;
         m.available = available;
-        let key = member_key(&self.prefix, addr);
+        self.write_over(&m, revision).await
+    }
+
+    /// Writes `m` only over the value read at `revision` (a concurrent change is reported, not
+    /// overwritten), keeping the entry's lease (a claimed member stays claimed); returns the
+    /// revision of the write.
+    async fn write_over(&mut self, m: &Member, revision: i64) -> Result<i64, String> {
+        let key = member_key(&self.prefix, m.addr);
         let txn = Txn::new()
             .when([Compare::mod_revision(
                 key.clone(),
@@ -145,14 +152,15 @@ impl Store {
             )])
             .and_then([TxnOp::put(
                 key,
-                encode_member(&m),
+                encode_member(m),
                 Some(PutOptions::new().with_ignore_lease()),
             )]);
         let mut kv = self.client.clone();
         let resp = self.timed(kv.txn(txn)).await?;
         if !resp.succeeded() {
             return Err(format!(
-                "member {addr} changed while this command ran (or was removed); run it again"
+                "member {} changed while this command ran (or was removed); run it again",
+                m.addr
             ));
         }
         Ok(resp.header().map_or(0, |h| h.revision()))
@@ -296,26 +304,7 @@ impl Store {
         if let Some(a) = available {
             m.available = a;
         }
-        // Only over the value just read: a concurrent change is reported, not overwritten.
-        let key = member_key(&self.prefix, addr);
-        let txn = Txn::new()
-            .when([Compare::mod_revision(
-                key.clone(),
-                CompareOp::Equal,
-                revision,
-            )])
-            // A member claimed under a node's lease keeps that lease.
-            .and_then([TxnOp::put(
-                key,
-                encode_member(&m),
-                Some(PutOptions::new().with_ignore_lease()),
-            )]);
-        let mut kv = self.client.clone();
-        if !self.timed(kv.txn(txn)).await?.succeeded() {
-            return Err(format!(
-                "member {addr} changed while this command ran (or was removed); run it again"
-            ));
-        }
+        self.write_over(&m, revision).await?;
         Ok(format!(
             "updated {addr}: net_addr {}, export {}, available {}\n",
             m.net_addr, m.export, m.available

@@ -53,6 +53,19 @@ fn new_addr(moved: &[(String, String)], old: &str) -> String {
     moved.iter().find(|(o, _)| o == old).unwrap().1.clone()
 }
 
+/// The lines `up` prints until one contains `marker` (true) or nothing comes for [`WAIT`].
+fn read_until(rx: &mpsc::Receiver<String>, marker: &str) -> (bool, Vec<String>) {
+    let mut lines = Vec::new();
+    while let Ok(line) = rx.recv_timeout(WAIT) {
+        let done = line.contains(marker);
+        lines.push(line);
+        if done {
+            return (true, lines);
+        }
+    }
+    (false, lines)
+}
+
 fn alive(pid: u32) -> bool {
     // A reaped child has no /proc entry; a zombie would still say so in its status.
     std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
@@ -112,19 +125,7 @@ async fn up_serves_clients_and_cross_cluster_calls_and_ctrl_c_leaves_nothing() {
             }
         }
     });
-    let mut lines = Vec::new();
-    let ready = loop {
-        match rx.recv_timeout(WAIT) {
-            Ok(line) => {
-                let done = line.contains("Ctrl-C stops everything");
-                lines.push(line);
-                if done {
-                    break true;
-                }
-            }
-            Err(_) => break false,
-        }
-    };
+    let (ready, lines) = read_until(&rx, "Ctrl-C stops everything");
     assert!(ready, "the deployment did not come up: {lines:#?}");
     // Every process it started, by pid.
     let pids: Vec<u32> = lines
@@ -199,19 +200,7 @@ async fn up_serves_clients_and_cross_cluster_calls_and_ctrl_c_leaves_nothing() {
         .status()
         .unwrap();
     assert!(status.success());
-    let mut rest = Vec::new();
-    let stopped = loop {
-        match rx.recv_timeout(WAIT) {
-            Ok(line) => {
-                let done = line.contains("stopped; logs in");
-                rest.push(line);
-                if done {
-                    break true;
-                }
-            }
-            Err(_) => break false,
-        }
-    };
+    let (stopped, rest) = read_until(&rx, "stopped; logs in");
     assert!(stopped, "no clean stop: {rest:#?}");
     let exit = up.wait().unwrap();
     assert!(exit.success(), "clusterctl up exited {exit}: {rest:#?}");

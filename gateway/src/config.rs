@@ -412,19 +412,12 @@ impl Config {
             None => None,
         };
         let mutual = mesh_tls.as_ref().is_some_and(clustergo::LinkTls::is_mutual);
-        let listen = match args.listen.or(file.listen) {
-            Some(text) => Some(text.parse::<SocketAddr>().map_err(|e| {
-                format!("listen {text:?}: {e} (want host:port, e.g. 0.0.0.0:9000)")
-            })?),
-            None => None,
-        };
-        let placement = Placement {
+        let placement = Placement::from_config(
             addr,
-            listen,
-            advertise: args.advertise.or(file.advertise),
-            export: false,
-        };
-        placement.validate()?;
+            args.listen.or(file.listen).as_deref(),
+            args.advertise.or(file.advertise),
+            false,
+        )?;
         if matches!(addr, AddrSpec::Auto { .. }) && !matches!(membership, Membership::Etcd { .. }) {
             return Err(format!(
                 "addr {addr}: an auto address is claimed from etcd; configure [etcd]"

@@ -169,19 +169,12 @@ impl Config {
                 addr.cluster(),
             ));
         }
-        let listen = match args.listen.or(file.listen) {
-            Some(text) => Some(text.parse::<std::net::SocketAddr>().map_err(|e| {
-                format!("listen {text:?}: {e} (want host:port, e.g. 0.0.0.0:9000)")
-            })?),
-            None => None,
-        };
-        let placement = Placement {
+        let placement = Placement::from_config(
             addr,
-            listen,
-            advertise: args.advertise.or(file.advertise),
-            export: true,
-        };
-        placement.validate()?;
+            args.listen.or(file.listen).as_deref(),
+            args.advertise.or(file.advertise),
+            true,
+        )?;
         let endpoints = if args.etcd.is_empty() {
             etcd.endpoints
         } else {

@@ -136,6 +136,8 @@ struct Inner {
     leases: Mutex<std::collections::HashMap<LogicAddr, LeaseSlot>>,
     /// Re-reads after a broken or cancelled watch.
     resyncs: AtomicU64,
+    /// The client drain reports go through.
+    reports: Mutex<Option<Client>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -335,6 +337,7 @@ impl Inner {
             options,
             leases: Mutex::new(Default::default()),
             resyncs: AtomicU64::new(0),
+            reports: Mutex::new(None),
         })
     }
 
@@ -790,7 +793,17 @@ impl Inner {
         let value = progress.to_json();
         let key = alive_key(&self.prefix, me);
         let written = async {
-            let mut client = self.client().await?;
+            // One client for the reports of a drain (a new one only after a failure).
+            let cached = self
+                .reports
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            let mut client = match cached {
+                Some(c) => c,
+                None => self.client().await?,
+            };
+            *self.reports.lock().unwrap_or_else(|e| e.into_inner()) = Some(client.clone());
             let txn = Txn::new()
                 .when([Compare::create_revision(key.clone(), CompareOp::Greater, 0)])
                 .and_then([TxnOp::put(
@@ -801,6 +814,7 @@ impl Inner {
             self.timed("put drain progress", client.txn(txn)).await
         };
         if let Err(e) = written.await {
+            *self.reports.lock().unwrap_or_else(|e| e.into_inner()) = None;
             tracing::debug!(node = %me, error = %e, "drain progress not written");
         }
     }
