@@ -88,8 +88,6 @@ pub(crate) struct Inner {
     pub(crate) liveness_stop: CancellationToken,
     /// The membership source keeps this node alive (it can tell peers that the node leaves).
     pub(crate) has_liveness: std::sync::atomic::AtomicBool,
-    /// An operator's drain (this node marked unavailable while it runs) is being reported.
-    pub(crate) drain_reported: std::sync::atomic::AtomicBool,
     /// Set once a shutdown has left membership and waited for quiet: from then on, new
     /// requests, streams and links are refused (see [`Inner::takes_new`]).
     pub(crate) refusing: std::sync::atomic::AtomicBool,
@@ -198,7 +196,6 @@ impl Inner {
             accept_stop: CancellationToken::new(),
             liveness_stop: CancellationToken::new(),
             has_liveness: Default::default(),
-            drain_reported: Default::default(),
             refusing: Default::default(),
             tracker,
             closed: watch::channel(false).0,

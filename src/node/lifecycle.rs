@@ -177,6 +177,11 @@ impl Inner {
         );
         if let Some(liveness) = self.discovery.keep_alive(node) {
             self.has_liveness.store(true, Ordering::Release);
+            task::spawn(
+                &self.tracker,
+                span("drain-report"),
+                self.clone().report_drains(),
+            );
             let stop = self.liveness_stop.clone();
             let this = self.clone();
             task::spawn(&self.tracker, span("liveness"), async move {
@@ -232,11 +237,7 @@ impl Inner {
                 let why = match change {
                     Change::Removed => "removed from membership",
                     Change::NetAddrChanged => "its network address changed in membership",
-                    Change::FlagsChanged => {
-                        self.own_flags_changed();
-                        continue;
-                    }
-                    Change::Added => continue,
+                    Change::FlagsChanged | Change::Added => continue,
                 };
                 tracing::warn!(node = %self.addr, "shutting down: {why}");
                 self.spawn_shutdown();
@@ -308,48 +309,46 @@ impl Inner {
         task::spawn_untracked(span, async move { this.shutdown().await });
     }
 
-    /// This node's own flags changed in membership. Marked unavailable while running (an
-    /// operator's drain): report the drain's progress to the membership source until the node
-    /// is available again or stops.
-    fn own_flags_changed(self: &Arc<Self>) {
-        let unavailable = self.view().get(self.addr).is_some_and(|m| !m.available);
-        if !unavailable
-            || self.phase() != Phase::Running
-            || !self.has_liveness.load(Ordering::Acquire)
-            || self.drain_reported.swap(true, Ordering::AcqRel)
-        {
-            return;
+    /// While the node runs with a liveness-tracking source: whenever membership says it is
+    /// unavailable (an operator's drain), reports the drain's progress to the source — when
+    /// the figures change, and every 2 s regardless (a write that failed, or a value replaced
+    /// by a lease renewal or a repeated drain, is written anew). It follows the *state*, looked
+    /// at on every view change and twice a second, not the changes: a source may fold several
+    /// (alive, then drained) into one, so a drain need not show as a change of this node.
+    async fn report_drains(self: Arc<Self>) {
+        let mut last: Option<(crate::membership::DrainProgress, Instant)> = None;
+        // Polls in a row that found the node unavailable: a node is unavailable for a moment
+        // while its alive key is first put, which is not a drain to speak of.
+        let mut polls = 0u32;
+        loop {
+            let changed = self.view_changed.notified();
+            tokio::select! {
+                () = changed => {}
+                () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                () = self.root.cancelled() => return,
+            }
+            if self.phase() != Phase::Running {
+                return;
+            }
+            let unavailable = self.view().get(self.addr).is_some_and(|m| !m.available);
+            if !unavailable {
+                if polls >= 2 {
+                    tracing::info!(node = %self.addr, "available again in membership");
+                }
+                polls = 0;
+                last = None;
+                continue;
+            }
+            polls += 1;
+            if polls == 2 {
+                tracing::info!(node = %self.addr, "unavailable in membership while running (drained by an operator, or its lease is being renewed): new picks go elsewhere, what arrives is still served");
+            }
+            let now = self.drain_progress();
+            if last.is_none_or(|(p, at)| p != now || at.elapsed() >= Duration::from_secs(2)) {
+                self.discovery.report_drain(self.addr, now).await;
+                last = Some((now, Instant::now()));
+            }
         }
-        tracing::info!(node = %self.addr, "unavailable in membership while running (drained by an operator, or its lease is being renewed): new picks go elsewhere, what arrives is still served");
-        let this = self.clone();
-        let span = tracing::info_span!("node", node = %self.addr, task = "drain-report");
-        task::spawn(&self.tracker, span, async move {
-            let mut last: Option<(crate::membership::DrainProgress, Instant)> = None;
-            loop {
-                let still = this.view().get(this.addr).is_some_and(|m| !m.available);
-                if !still || this.phase() != Phase::Running {
-                    break;
-                }
-                // When the figures change, and every 2 s regardless: a write that failed, or a
-                // value replaced (a lease renewed, a drain asked again), is written anew.
-                let now = this.drain_progress();
-                if last.is_none_or(|(p, at)| p != now || at.elapsed() >= Duration::from_secs(2)) {
-                    this.discovery.report_drain(this.addr, now).await;
-                    last = Some((now, Instant::now()));
-                }
-                tokio::select! {
-                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
-                    () = this.root.cancelled() => break,
-                }
-            }
-            this.drain_reported.store(false, Ordering::Release);
-            // Made available again meanwhile: the next drain is reported afresh.
-            if this.view().get(this.addr).is_some_and(|m| !m.available) {
-                this.own_flags_changed();
-            } else {
-                tracing::info!(node = %this.addr, "available again in membership");
-            }
-        });
     }
 
     /// What the node still serves.
