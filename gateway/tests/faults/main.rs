@@ -1,0 +1,582 @@
+//! Fault injection with every process on a host of its own (network namespaces; see
+//! `net.rs`). Needs root: without it, this prints that it did not run and why, and counts
+//! nothing as passed. Each scenario asserts what a user would notice and prints its figures.
+//!
+//! Re-executed inside a host as the load driver (environment `CG_FAULT_ROLE=driver`): a node
+//! that calls game servers back to back and prints one line per call.
+
+mod net;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use net::{Error, Host, Net, Proc};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A scenario: its figures, or why it failed.
+type Scenario = fn() -> Result<String, Error>;
+const PREFIX: &str = "/cg-faults";
+const SECRET: &str = "fault-test-secret";
+
+fn main() {
+    if std::env::var("CG_FAULT_ROLE").as_deref() == Ok("driver") {
+        if let Err(e) = driver() {
+            eprintln!("driver: {e}");
+            std::process::exit(2);
+        }
+        return;
+    }
+    // cargo's test arguments (filters) select scenarios by name.
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let scenarios: [(&str, Scenario); 3] = [
+        (
+            "etcd_partitioned_from_a_node_fails_no_call_and_the_node_comes_back",
+            etcd_partition,
+        ),
+        (
+            "a_paused_game_server_times_out_its_callers_at_their_deadlines",
+            paused_server,
+        ),
+        (
+            "a_killed_and_restarted_node_is_called_again_at_once",
+            killed_and_restarted,
+        ),
+    ];
+    let chosen: Vec<_> = scenarios
+        .iter()
+        .filter(|(name, _)| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str())))
+        .collect();
+    if let Some(why) = net::unsupported() {
+        println!(
+            "faults: NOT RUN ({} scenarios): {why}. They run as root, as `.ci/run` does.",
+            chosen.len()
+        );
+        return;
+    }
+    let mut failed = 0;
+    for (name, scenario) in &chosen {
+        let started = Instant::now();
+        println!("faults: {name} ...");
+        match scenario() {
+            Ok(figures) => println!(
+                "faults: {name} ok in {:.1} s: {figures}",
+                started.elapsed().as_secs_f64()
+            ),
+            Err(e) => {
+                failed += 1;
+                println!("faults: {name} FAILED: {e}");
+            }
+        }
+    }
+    println!(
+        "faults: {} passed, {failed} failed, {} not selected",
+        chosen.len() - failed,
+        scenarios.len() - chosen.len()
+    );
+    if failed > 0 {
+        std::process::exit(1);
+    }
+}
+
+/// The programs the scenarios run, as the workspace's test build made them.
+fn program(name: &str) -> Result<PathBuf, Error> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().and_then(Path::parent).ok_or("no target dir")?;
+    let p = match name {
+        "game_server" => dir.join("examples").join(name),
+        _ => dir.join(name),
+    };
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(format!(
+            "{} not built (cargo test --workspace builds it)",
+            p.display()
+        )
+        .into())
+    }
+}
+
+fn etcd_binary() -> PathBuf {
+    std::env::var_os("CLUSTERGO_ETCD").map_or_else(|| "etcd".into(), PathBuf::from)
+}
+
+/// etcd on `host`; returns its client endpoint.
+fn start_etcd(net: &Net, host: &Host) -> Result<(Proc, String), Error> {
+    let client = format!("http://{}:2379", host.ip);
+    let peer = format!("http://{}:2380", host.ip);
+    let data = net.dir.join(format!("etcd-{}", host.name));
+    let args: Vec<String> = [
+        "--name",
+        "f",
+        "--data-dir",
+        &data.display().to_string(),
+        "--listen-client-urls",
+        &client,
+        "--advertise-client-urls",
+        &client,
+        "--listen-peer-urls",
+        &peer,
+        "--initial-advertise-peer-urls",
+        &peer,
+        "--initial-cluster",
+        &format!("f={peer}"),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let p = host.spawn("etcd", &etcd_binary(), &args, &[])?;
+    Ok((p, client))
+}
+
+/// Lists `addr` at `net_addr` in etcd, with clusterctl run on `host`.
+fn list(host: &Host, etcd: &str, addr: &str, net_addr: &str) -> Result<(), Error> {
+    let ctl = program("clusterctl")?;
+    let end = Instant::now() + WAIT;
+    loop {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &host.ns])
+            .arg(&ctl)
+            .args([
+                "--endpoints",
+                etcd,
+                "--prefix",
+                PREFIX,
+                "members",
+                "add",
+                addr,
+                net_addr,
+            ])
+            .output()?;
+        if out.status.success() {
+            return Ok(());
+        }
+        // etcd may still be starting: a readiness wait, bounded.
+        if Instant::now() > end {
+            return Err(format!(
+                "clusterctl members add {addr}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+            .into());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A game server at fixed `addr` on `host` (listed already), up and serving.
+fn game_server(host: &Host, etcd: &str, addr: &str) -> Result<Proc, Error> {
+    let args: Vec<String> = [
+        "--addr",
+        addr,
+        "--etcd",
+        etcd,
+        "--prefix",
+        PREFIX,
+        "--lease-ttl-secs",
+        "2",
+        "--shutdown-grace-secs",
+        "2",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let p = host.spawn(
+        addr,
+        &program("game_server")?,
+        &args,
+        &[("CLUSTERGO_SECRET", SECRET)],
+    )?;
+    p.out
+        .wait_for("listening on", WAIT)
+        .ok_or_else(|| format!("game server {addr} did not start"))?;
+    Ok(p)
+}
+
+/// The load driver on `host`: node `addr` (listed already) calling `targets` in turn, each
+/// call with `deadline`, for `run`.
+fn driver_on(
+    host: &Host,
+    etcd: &str,
+    addr: &str,
+    targets: &[&str],
+    deadline: Duration,
+    run: Duration,
+) -> Result<Proc, Error> {
+    let exe = std::env::current_exe()?;
+    let targets_text = targets.join(",");
+    let env = [
+        ("CG_FAULT_ROLE", "driver"),
+        ("CLUSTERGO_SECRET", SECRET),
+        ("CG_ETCD", etcd),
+        ("CG_ADDR", addr),
+        ("CG_TARGETS", &targets_text),
+        ("CG_DEADLINE_MS", &deadline.as_millis().to_string()),
+        ("CG_RUN_MS", &run.as_millis().to_string()),
+    ];
+    let p = host.spawn("driver", &exe, &[], &env)?;
+    p.out
+        .wait_for("ready", WAIT)
+        .ok_or("the driver did not get ready")?;
+    Ok(p)
+}
+
+/// One call as the driver reported it.
+#[derive(Debug)]
+struct Call {
+    /// Milliseconds since the driver's start.
+    at: u64,
+    to: String,
+    ok: bool,
+    took_ms: u64,
+    /// The error's kind (`Timeout`, `LinkLost`, …), empty when ok.
+    kind: String,
+}
+
+fn calls(p: &Proc) -> Vec<Call> {
+    p.out
+        .all()
+        .iter()
+        .filter_map(|l| {
+            // call <at> <to> <ok|err> <took> [kind]
+            let mut f = l.strip_prefix("call ")?.split(' ');
+            Some(Call {
+                at: f.next()?.parse().ok()?,
+                to: f.next()?.into(),
+                ok: f.next()? == "ok",
+                took_ms: f.next()?.parse().ok()?,
+                kind: f.next().unwrap_or("").into(),
+            })
+        })
+        .collect()
+}
+
+/// `(at_ms, available)` of each change of `addr` in the driver's view.
+fn views(p: &Proc, addr: &str) -> Vec<(u64, bool)> {
+    p.out
+        .all()
+        .iter()
+        .filter_map(|l| {
+            let mut f = l.strip_prefix("view ")?.split(' ');
+            let at = f.next()?.parse().ok()?;
+            (f.next()? == addr).then_some(())?;
+            Some((at, f.next()? == "true"))
+        })
+        .collect()
+}
+
+/// Scenario 3: etcd cut off from one game server for 30 s. Calls between live nodes go on
+/// with no failure; the cut-off node's lease expires, so its peers see it unavailable (not
+/// picked) while it is gone; healed, it is available again by itself.
+fn etcd_partition() -> Result<String, Error> {
+    let net = Net::new("etcd")?;
+    let (etcd_host, a, b, d) = (
+        net.host("etcd")?,
+        net.host("a")?,
+        net.host("b")?,
+        net.host("drv")?,
+    );
+    let (_etcd, ep) = start_etcd(&net, &etcd_host)?;
+    list(&d, &ep, "1.1.1", &format!("{}:9000", a.ip))?;
+    list(&d, &ep, "1.1.2", &format!("{}:9000", b.ip))?;
+    list(&d, &ep, "1.50.1", &format!("{}:9000", d.ip))?;
+    let _pa = game_server(&a, &ep, "1.1.1")?;
+    let _pb = game_server(&b, &ep, "1.1.2")?;
+    let deadline = Duration::from_millis(1000);
+    let run = Duration::from_secs(42);
+    let mut drv = driver_on(&d, &ep, "1.50.1", &["1.1.1", "1.1.2"], deadline, run)?;
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
+    net.cut(&a, &etcd_host, true)?;
+    let cut_at = t0.elapsed().as_millis() as u64;
+    std::thread::sleep(Duration::from_secs(30));
+    net.mend(&a, &etcd_host, true)?;
+    let healed_at = t0.elapsed().as_millis() as u64;
+    driver_done(&mut drv, run)?;
+    let all = calls(&drv);
+    let failed: Vec<&Call> = all.iter().filter(|c| !c.ok).collect();
+    if !failed.is_empty() {
+        return Err(format!(
+            "{} of {} calls failed while only etcd was cut off, e.g. {:?}",
+            failed.len(),
+            all.len(),
+            failed[0]
+        )
+        .into());
+    }
+    let seen = views(&drv, "1.1.1");
+    let gone = seen
+        .iter()
+        .find(|(at, up)| !up && *at > cut_at)
+        .map(|(at, _)| at - cut_at)
+        .ok_or(format!(
+            "the cut-off node was never seen unavailable: {seen:?}"
+        ))?;
+    let back = seen
+        .iter()
+        .find(|(at, up)| *up && *at > healed_at)
+        .map(|(at, _)| at - healed_at)
+        .ok_or(format!(
+            "the node did not come back after the heal: {seen:?}"
+        ))?;
+    // Its 2 s lease expires within 2 s of its last renewal; after the heal it renews (the
+    // retry backs off to at most 2 s) and is alive again.
+    if gone > 3_000 {
+        return Err(format!("unavailable only {gone} ms after the cut (lease TTL 2 s)").into());
+    }
+    if back > 5_000 {
+        return Err(format!("available again only {back} ms after the heal").into());
+    }
+    Ok(format!(
+        "{} calls, 0 failed; the cut-off node unavailable {gone} ms after the cut (lease TTL 2 s), available again {back} ms after the heal",
+        all.len()
+    ))
+}
+
+/// Waits for the driver to finish its run and exit cleanly.
+fn driver_done(p: &mut Proc, run: Duration) -> Result<(), Error> {
+    p.out
+        .wait_for("done", run + WAIT)
+        .ok_or("the driver did not finish")?;
+    match p.wait_exit(WAIT) {
+        Some(s) if s.success() => Ok(()),
+        other => Err(format!("the driver exited {other:?}").into()),
+    }
+}
+
+/// Scenario 4: a game server frozen (SIGSTOP) for 15 s. Its callers get timeouts at their
+/// deadlines, not a pile-up; calls to the other server never fail or slow down; after it
+/// resumes it answers again; every call ends answered or with a typed error.
+fn paused_server() -> Result<String, Error> {
+    let net = Net::new("pause")?;
+    let (etcd_host, a, b, d) = (
+        net.host("etcd")?,
+        net.host("a")?,
+        net.host("b")?,
+        net.host("drv")?,
+    );
+    let (_etcd, ep) = start_etcd(&net, &etcd_host)?;
+    list(&d, &ep, "1.1.1", &format!("{}:9000", a.ip))?;
+    list(&d, &ep, "1.1.2", &format!("{}:9000", b.ip))?;
+    list(&d, &ep, "1.50.1", &format!("{}:9000", d.ip))?;
+    let pa = game_server(&a, &ep, "1.1.1")?;
+    let _pb = game_server(&b, &ep, "1.1.2")?;
+    let deadline = Duration::from_millis(1000);
+    let run = Duration::from_secs(25);
+    let mut drv = driver_on(&d, &ep, "1.50.1", &["1.1.1", "1.1.2"], deadline, run)?;
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
+    let paused_at = t0.elapsed();
+    pa.pause()?;
+    std::thread::sleep(Duration::from_secs(15));
+    pa.resume()?;
+    let resumed_at = t0.elapsed();
+    driver_done(&mut drv, run)?;
+    let all = calls(&drv);
+    let slack = 300;
+    let late: Vec<&Call> = all
+        .iter()
+        .filter(|c| c.took_ms > deadline.as_millis() as u64 + slack)
+        .collect();
+    if !late.is_empty() {
+        return Err(format!(
+            "{} calls waited past their deadline, e.g. {:?}",
+            late.len(),
+            late[0]
+        )
+        .into());
+    }
+    let other_failed: Vec<&Call> = all.iter().filter(|c| c.to == "1.1.2" && !c.ok).collect();
+    if !other_failed.is_empty() {
+        return Err(format!(
+            "{} calls to the running server failed, e.g. {:?}",
+            other_failed.len(),
+            other_failed[0]
+        )
+        .into());
+    }
+    let to_paused: Vec<&Call> = all.iter().filter(|c| c.to == "1.1.1").collect();
+    let timeouts = to_paused.iter().filter(|c| c.kind == "Timeout").count();
+    let other_errors: Vec<_> = to_paused
+        .iter()
+        .filter(|c| !c.ok && c.kind != "Timeout")
+        .map(|c| c.kind.clone())
+        .collect();
+    if timeouts == 0 {
+        return Err("no call to the paused server timed out: was it paused?".into());
+    }
+    // Answered again after the resume (the driver's clock starts about when it got ready).
+    let resumed_ms = resumed_at.as_millis() as u64;
+    let back = to_paused
+        .iter()
+        .find(|c| c.ok && c.at > resumed_ms)
+        .map(|c| c.at.saturating_sub(resumed_ms));
+    let Some(back) = back else {
+        return Err("the paused server never answered after it resumed".into());
+    };
+    let ok_other = all.iter().filter(|c| c.to == "1.1.2" && c.ok).count();
+    Ok(format!(
+        "paused at {:.1} s for 15 s; to the paused server: {} calls, {timeouts} timeouts at the 1 s deadline, other errors {:?}, answering again {back} ms after resume; to the other: {ok_other} calls, 0 failed; longest call {} ms",
+        paused_at.as_secs_f64(),
+        to_paused.len(),
+        other_errors,
+        all.iter().map(|c| c.took_ms).max().unwrap_or(0)
+    ))
+}
+
+/// Scenario 5: a node killed with SIGKILL and restarted at the same address under load. No
+/// call waits past its deadline; once the new process listens, calls reach it at once (its
+/// peers replace the link to the dead one).
+fn killed_and_restarted() -> Result<String, Error> {
+    let net = Net::new("kill")?;
+    let (etcd_host, a, d) = (net.host("etcd")?, net.host("a")?, net.host("drv")?);
+    let (_etcd, ep) = start_etcd(&net, &etcd_host)?;
+    list(&d, &ep, "1.1.1", &format!("{}:9000", a.ip))?;
+    list(&d, &ep, "1.50.1", &format!("{}:9000", d.ip))?;
+    let mut pa = game_server(&a, &ep, "1.1.1")?;
+    let deadline = Duration::from_millis(1000);
+    let run = Duration::from_secs(12);
+    let mut drv = driver_on(&d, &ep, "1.50.1", &["1.1.1"], deadline, run)?;
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
+    pa.kill()?;
+    let killed_at = t0.elapsed();
+    std::thread::sleep(Duration::from_secs(2));
+    let _pa2 = game_server(&a, &ep, "1.1.1")?;
+    let listening_at = t0.elapsed();
+    driver_done(&mut drv, run)?;
+    let all = calls(&drv);
+    let late: Vec<&Call> = all
+        .iter()
+        .filter(|c| c.took_ms > deadline.as_millis() as u64 + 300)
+        .collect();
+    if !late.is_empty() {
+        return Err(format!(
+            "{} calls waited past their deadline, e.g. {:?}",
+            late.len(),
+            late[0]
+        )
+        .into());
+    }
+    let listening_ms = listening_at.as_millis() as u64;
+    let back = all
+        .iter()
+        .find(|c| c.ok && c.at > listening_ms)
+        .map(|c| c.at - listening_ms)
+        .ok_or("no call reached the restarted node")?;
+    // The restart is seen through etcd (its alive key) and the dial backoff is at most 2 s.
+    if back > 2_500 {
+        return Err(
+            format!("the restarted node was reached only {back} ms after it listened").into(),
+        );
+    }
+    let killed_ms = killed_at.as_millis() as u64;
+    let failed: Vec<&Call> = all.iter().filter(|c| !c.ok).collect();
+    let mut kinds: Vec<String> = failed.iter().map(|c| c.kind.clone()).collect();
+    kinds.sort();
+    kinds.dedup();
+    let before_kill_failed = failed
+        .iter()
+        .filter(|c| c.at + c.took_ms < killed_ms)
+        .count();
+    if before_kill_failed > 0 {
+        return Err(format!("{before_kill_failed} calls failed before the kill").into());
+    }
+    Ok(format!(
+        "killed at {:.1} s, listening again at {:.1} s; {} calls, {} failed while it was down ({kinds:?}), none past the 1 s deadline; called again {back} ms after it listened",
+        killed_at.as_secs_f64(),
+        listening_at.as_secs_f64(),
+        all.len(),
+        failed.len()
+    ))
+}
+
+/// The driver role: a node calling `CG_TARGETS` in turn (`game.whoami`), each call with
+/// `CG_DEADLINE_MS`, for `CG_RUN_MS`; prints `call <at_ms> <to> <ok|err> <took_ms> [kind]`
+/// per call, then `done`.
+fn driver() -> Result<(), Error> {
+    let var = |k: &str| std::env::var(k).map_err(|_| format!("{k} not set"));
+    let etcd = var("CG_ETCD")?;
+    let me: clustergo::LogicAddr = var("CG_ADDR")?.parse()?;
+    let targets: Vec<clustergo::LogicAddr> = var("CG_TARGETS")?
+        .split(',')
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    let deadline = Duration::from_millis(var("CG_DEADLINE_MS")?.parse()?);
+    let run = Duration::from_millis(var("CG_RUN_MS")?.parse()?);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let discovery = clustergo::EtcdDiscovery::connect(
+            [etcd],
+            PREFIX,
+            clustergo::EtcdOptions::default().lease_ttl(Duration::from_secs(2)),
+        );
+        let node = clustergo::Node::builder(me)
+            .discovery(discovery)
+            .config(clustergo::NodeConfig::default().secret(SECRET))
+            .build();
+        node.start().await?;
+        for t in &targets {
+            if !node
+                .wait_for_member(*t, |m| m.is_some_and(|m| m.available), WAIT)
+                .await
+            {
+                return Err(format!("{t} never became available").into());
+            }
+        }
+        println!("ready");
+        let t0 = tokio::time::Instant::now();
+        // Whether each target is available in this node's view: a line at each change.
+        let watcher = {
+            let node = node.clone();
+            let targets = targets.clone();
+            tokio::spawn(async move {
+                let mut last: Vec<Option<bool>> = vec![None; targets.len()];
+                loop {
+                    for (i, t) in targets.iter().enumerate() {
+                        let now = node.member(*t).map(|m| m.available);
+                        if now != last[i] {
+                            println!(
+                                "view {} {t} {}",
+                                t0.elapsed().as_millis(),
+                                now.unwrap_or(false)
+                            );
+                            last[i] = now;
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+        };
+        let mut i = 0usize;
+        while t0.elapsed() < run {
+            let to = targets[i % targets.len()];
+            i += 1;
+            let at = t0.elapsed().as_millis();
+            let started = tokio::time::Instant::now();
+            let r = node
+                .call_timeout(to, "game.whoami", clustergo::Bytes::new(), deadline)
+                .await;
+            let took = started.elapsed().as_millis();
+            match r {
+                Ok(_) => println!("call {at} {to} ok {took}"),
+                Err(e) => {
+                    let kind = format!("{e:?}");
+                    let kind = kind.split([' ', '{', '(']).next().unwrap_or("?").to_owned();
+                    println!("call {at} {to} err {took} {kind}");
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        watcher.abort();
+        println!("done");
+        node.shutdown().await;
+        Ok::<(), Error>(())
+    })
+}
