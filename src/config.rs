@@ -93,9 +93,16 @@ pub struct NodeConfig {
     /// RPC handlers running at once; a request over the limit is answered `Busy` at once.
     /// Default 10 000.
     pub max_concurrent_requests: usize,
-    /// Interval of HTTP/2 keepalive pings on links. Default 10 s.
+    /// Interval of HTTP/2 keepalive pings on links. Default 3 s.
+    ///
+    /// With [`NodeConfig::keepalive_timeout`], the bound on noticing a peer that stopped
+    /// answering while still listed (cut off by the network, frozen): its link is closed
+    /// after about interval + timeout (measured: 10 s with the defaults, the first ping going
+    /// out once the link has been quiet for an interval), so its streams end and a gateway
+    /// moves its clients. (It was 10 s + 20 s: a game server cut off from its gateway for 20 s left its
+    /// clients stalled for all of it; see `gateway/tests/faults`.)
     pub keepalive_interval: Duration,
-    /// A link whose ping is not answered within this is closed. Default 20 s.
+    /// A link whose ping is not answered within this is closed. Default 5 s.
     pub keepalive_timeout: Duration,
     /// Connections accepted but not yet admitted as links, in all. Over it, new connections
     /// are closed at once (counted in `connections_refused`). Each must be admitted within
@@ -167,8 +174,8 @@ impl Default for NodeConfig {
             batch_bytes: 64 << 10,
             batch_envelopes: 1024,
             max_concurrent_requests: 10_000,
-            keepalive_interval: Duration::from_secs(10),
-            keepalive_timeout: Duration::from_secs(20),
+            keepalive_interval: Duration::from_secs(3),
+            keepalive_timeout: Duration::from_secs(5),
             max_pending_connections: 1024,
             max_pending_per_source: 64,
             max_requests_per_caller: 2500,

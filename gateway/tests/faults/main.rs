@@ -20,19 +20,32 @@ const PREFIX: &str = "/cg-faults";
 const SECRET: &str = "fault-test-secret";
 
 fn main() {
-    if std::env::var("CG_FAULT_ROLE").as_deref() == Ok("driver") {
-        if let Err(e) = driver() {
-            eprintln!("driver: {e}");
-            std::process::exit(2);
+    match std::env::var("CG_FAULT_ROLE").as_deref() {
+        Ok("driver") | Ok("clients") => {
+            let role = std::env::var("CG_FAULT_ROLE").unwrap_or_default();
+            let r = if role == "driver" {
+                driver()
+            } else {
+                clients()
+            };
+            if let Err(e) = r {
+                eprintln!("{role}: {e}");
+                std::process::exit(2);
+            }
+            return;
         }
-        return;
+        _ => {}
     }
     // cargo's test arguments (filters) select scenarios by name.
     let filter: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with('-'))
         .collect();
-    let scenarios: [(&str, Scenario); 3] = [
+    let scenarios: [(&str, Scenario); 4] = [
+        (
+            "a_game_server_cut_off_from_its_gateway_moves_only_its_clients",
+            gateway_cut,
+        ),
         (
             "etcd_partitioned_from_a_node_fails_no_call_and_the_node_comes_back",
             etcd_partition,
@@ -579,4 +592,264 @@ fn driver() -> Result<(), Error> {
         node.shutdown().await;
         Ok::<(), Error>(())
     })
+}
+
+/// Scenario 1: a game server cut off from its gateway for 20 s (both still reach etcd) while
+/// 100 clients echo through the gateway. The clients of that server are closed with a reason
+/// within the link's keepalive bound and reconnect to the other server; the other clients see
+/// no error and no stall.
+fn gateway_cut() -> Result<String, Error> {
+    let net = Net::new("gw")?;
+    let (etcd_host, a, b, gw, cli) = (
+        net.host("etcd")?,
+        net.host("a")?,
+        net.host("b")?,
+        net.host("gw")?,
+        net.host("cli")?,
+    );
+    let (_etcd, ep) = start_etcd(&net, &etcd_host)?;
+    list(&cli, &ep, "1.1.1", &format!("{}:9000", a.ip))?;
+    list(&cli, &ep, "1.1.2", &format!("{}:9000", b.ip))?;
+    list(&cli, &ep, "1.100.1", &format!("{}:9000", gw.ip))?;
+    let _pa = game_server(&a, &ep, "1.1.1")?;
+    let _pb = game_server(&b, &ep, "1.1.2")?;
+    let tcp = format!("{}:7000", gw.ip);
+    let args: Vec<String> = [
+        "--addr",
+        "1.100.1",
+        "--etcd",
+        &ep,
+        "--prefix",
+        PREFIX,
+        "--backend-type",
+        "1",
+        "--tcp",
+        &tcp,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let pg = gw.spawn(
+        "gateway",
+        &program("gateway")?,
+        &args,
+        &[("CLUSTERGO_SECRET", SECRET)],
+    )?;
+    pg.out
+        .wait_for("tcp on", WAIT)
+        .ok_or("the gateway did not start")?;
+    let run = Duration::from_secs(40);
+    let env = [
+        ("CG_FAULT_ROLE", "clients"),
+        ("CG_URL", &format!("tcp://{tcp}") as &str),
+        ("CG_CLIENTS", "100"),
+        ("CG_RUN_MS", &run.as_millis().to_string()),
+    ];
+    let mut pc = cli.spawn("clients", &std::env::current_exe()?, &[], &env)?;
+    pc.out
+        .wait_for("ready", WAIT)
+        .ok_or("the clients did not get ready")?;
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
+    net.cut(&gw, &a, true)?;
+    let cut_at = t0.elapsed().as_millis() as u64;
+    std::thread::sleep(Duration::from_secs(20));
+    net.mend(&gw, &a, true)?;
+    pc.out
+        .wait_for("done", run + WAIT)
+        .ok_or("the clients did not finish")?;
+    let lines = pc.out.all();
+    let field = |l: &str, i: usize| l.split(' ').nth(i).map(str::to_owned);
+    // closed <at> <client> <server> <reason...>
+    let closed: Vec<(u64, String, String)> = lines
+        .iter()
+        .filter(|l| l.starts_with("closed "))
+        .filter_map(|l| {
+            let at = field(l, 1)?.parse().ok()?;
+            let server = field(l, 3)?;
+            let reason = l.splitn(5, ' ').nth(4)?.to_owned();
+            Some((at, server, reason))
+        })
+        .collect();
+    let faults: Vec<&String> = lines.iter().filter(|l| l.starts_with("fault ")).collect();
+    // gap <client> <server> <max gap between echoes in ms>
+    let gaps: Vec<(String, u64)> = lines
+        .iter()
+        .filter(|l| l.starts_with("gap "))
+        .filter_map(|l| Some((field(l, 2)?, field(l, 3)?.parse().ok()?)))
+        .collect();
+    let other_closed = closed.iter().filter(|(_, s, _)| s == "1.1.2").count();
+    let worst_other = gaps
+        .iter()
+        .filter(|(s, _)| s == "1.1.2")
+        .map(|(_, g)| *g)
+        .max()
+        .unwrap_or(0);
+    let moved: Vec<&(u64, String, String)> =
+        closed.iter().filter(|(_, s, _)| s == "1.1.1").collect();
+    let first_told = moved
+        .iter()
+        .map(|(at, _, _)| at.saturating_sub(cut_at))
+        .min();
+    let last_told = moved
+        .iter()
+        .map(|(at, _, _)| at.saturating_sub(cut_at))
+        .max();
+    let figures = format!(
+        "{} clients of the cut-off server closed with a reason ({:?}), {first_told:?}..{last_told:?} ms after the cut; clients of the other server: {other_closed} closed, longest gap between echoes {worst_other} ms; faults {}",
+        moved.len(),
+        moved.first().map(|m| m.2.clone()),
+        faults.len()
+    );
+    if !faults.is_empty() {
+        return Err(format!("{figures}; e.g. {}", faults[0]).into());
+    }
+    if other_closed > 0 || worst_other > 1_000 {
+        return Err(format!("the other server's clients were disturbed: {figures}").into());
+    }
+    if moved.is_empty() {
+        return Err(format!("no client of the cut-off server was told: {figures}").into());
+    }
+    // The link's keepalive (3 s + 5 s; measured about 10 s) bounds how long they wait, with
+    // a margin for a loaded machine.
+    if last_told.unwrap_or(0) > 14_000 {
+        return Err(format!("clients were told too late: {figures}").into());
+    }
+    // Told clients came back, to a server that answers.
+    let reconnected = lines
+        .iter()
+        .filter(|l| l.starts_with("conn "))
+        .filter_map(|l| l.split(' ').nth(1)?.parse::<u64>().ok())
+        .filter(|at| *at > cut_at)
+        .count();
+    if reconnected < moved.len() {
+        return Err(format!("only {reconnected} reconnected: {figures}").into());
+    }
+    let _ = pc.wait_exit(WAIT);
+    Ok(figures)
+}
+
+/// The clients role: `CG_CLIENTS` clients of the gateway at `CG_URL`, each echoing a frame
+/// every 100 ms for `CG_RUN_MS`, reconnecting when closed. Prints `conn`, `closed <at> <id>
+/// <server> <reason>` and `fault <at> <id> <what>` lines, then `gap <id> <server> <ms>` (the
+/// longest wait for an echo) per connection, then `done`.
+fn clients() -> Result<(), Error> {
+    use clustergo_client::{Client, ClientError};
+    let var = |k: &str| std::env::var(k).map_err(|_| format!("{k} not set"));
+    let url = var("CG_URL")?;
+    let n: usize = var("CG_CLIENTS")?.parse()?;
+    let run = Duration::from_millis(var("CG_RUN_MS")?.parse()?);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let t0 = tokio::time::Instant::now();
+        let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(n);
+        let mut tasks = Vec::new();
+        for id in 0..n {
+            let url = url.clone();
+            let ready = ready_tx.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut ready = Some(ready);
+                let mut seq = 0u64;
+                // As game clients do: spread out, and back off (with jitter) before a retry.
+                let jitter = Duration::from_millis((id as u64 * 37) % 1000);
+                tokio::time::sleep(Duration::from_millis(id as u64 * 20)).await;
+                while t0.elapsed() < run {
+                    let mut attempt = 0;
+                    let (mut c, server) = loop {
+                        attempt += 1;
+                        let conn = tokio::time::timeout(WAIT, Client::connect(&url)).await;
+                        let r = match conn {
+                            Ok(Ok(mut c)) => ask(&mut c, b"whoami").await.map(|s| (c, s)),
+                            Ok(Err(e)) => Err(e.into()),
+                            Err(_) => Err("connect timed out".into()),
+                        };
+                        match r {
+                            Ok(v) => break v,
+                            Err(e) if attempt < 10 => {
+                                println!("retry {} {id} {e}", t0.elapsed().as_millis());
+                                tokio::time::sleep(jitter + Duration::from_millis(200)).await;
+                            }
+                            Err(e) => {
+                                println!("fault {} {id} connect: {e}", t0.elapsed().as_millis());
+                                return;
+                            }
+                        }
+                    };
+                    println!("conn {} {id} {server}", t0.elapsed().as_millis());
+                    if let Some(r) = ready.take() {
+                        let _ = r.send(()).await;
+                    }
+                    let mut gap = 0u128;
+                    let end = loop {
+                        if t0.elapsed() >= run {
+                            break None;
+                        }
+                        seq += 1;
+                        let frame = format!("c{id}-{seq}");
+                        let sent = tokio::time::Instant::now();
+                        if let Err(e) = c.send(bytes::Bytes::from(frame.clone())).await {
+                            break Some(Err(e));
+                        }
+                        match tokio::time::timeout(Duration::from_secs(60), c.recv()).await {
+                            Ok(Ok(echo)) if echo == frame.as_bytes() => {
+                                gap = gap.max(sent.elapsed().as_millis());
+                            }
+                            Ok(Ok(other)) => {
+                                println!(
+                                    "fault {} {id} sent {frame}, got {other:?}",
+                                    t0.elapsed().as_millis()
+                                );
+                                return;
+                            }
+                            Ok(Err(e)) => break Some(Err(e)),
+                            Err(_) => {
+                                println!(
+                                    "fault {} {id} no echo within 60 s",
+                                    t0.elapsed().as_millis()
+                                );
+                                return;
+                            }
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    };
+                    println!("gap {id} {server} {gap}");
+                    match end {
+                        None => {
+                            let _ = c.close("done").await;
+                            return;
+                        }
+                        Some(Err(ClientError::Closed { reason, .. })) => {
+                            println!("closed {} {id} {server} {reason}", t0.elapsed().as_millis());
+                            tokio::time::sleep(jitter).await;
+                        }
+                        Some(Err(e)) => {
+                            println!("fault {} {id} {e}", t0.elapsed().as_millis());
+                            return;
+                        }
+                        Some(Ok(())) => return,
+                    }
+                }
+            }));
+        }
+        drop(ready_tx);
+        for _ in 0..n {
+            ready_rx.recv().await;
+        }
+        println!("ready");
+        for t in tasks {
+            let _ = t.await;
+        }
+        println!("done");
+        Ok::<(), Error>(())
+    })
+}
+
+/// Sends `frame` and returns the answer as text.
+async fn ask(c: &mut clustergo_client::Client, frame: &[u8]) -> Result<String, Error> {
+    c.send(bytes::Bytes::copy_from_slice(frame)).await?;
+    let answer = tokio::time::timeout(WAIT, c.recv()).await??;
+    Ok(String::from_utf8_lossy(&answer).into_owned())
 }
