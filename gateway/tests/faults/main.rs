@@ -41,10 +41,14 @@ fn main() {
         .skip(1)
         .filter(|a| !a.starts_with('-'))
         .collect();
-    let scenarios: [(&str, Scenario); 4] = [
+    let scenarios: [(&str, Scenario); 5] = [
         (
             "a_game_server_cut_off_from_its_gateway_moves_only_its_clients",
             gateway_cut,
+        ),
+        (
+            "a_partitioned_harbor_fails_over_within_the_lease",
+            harbor_partition,
         ),
         (
             "etcd_partitioned_from_a_node_fails_no_call_and_the_node_comes_back",
@@ -148,6 +152,17 @@ fn start_etcd(net: &Net, host: &Host) -> Result<(Proc, String), Error> {
 
 /// Lists `addr` at `net_addr` in etcd, with clusterctl run on `host`.
 fn list(host: &Host, etcd: &str, addr: &str, net_addr: &str) -> Result<(), Error> {
+    list_with(host, etcd, addr, net_addr, &[])
+}
+
+/// [`list`] with `members add` flags (e.g. `--export`).
+fn list_with(
+    host: &Host,
+    etcd: &str,
+    addr: &str,
+    net_addr: &str,
+    flags: &[&str],
+) -> Result<(), Error> {
     let ctl = program("clusterctl")?;
     let end = Instant::now() + WAIT;
     loop {
@@ -164,6 +179,7 @@ fn list(host: &Host, etcd: &str, addr: &str, net_addr: &str) -> Result<(), Error
                 addr,
                 net_addr,
             ])
+            .args(flags)
             .output()?;
         if out.status.success() {
             return Ok(());
@@ -852,4 +868,113 @@ async fn ask(c: &mut clustergo_client::Client, frame: &[u8]) -> Result<String, E
     c.send(bytes::Bytes::copy_from_slice(frame)).await?;
     let answer = tokio::time::timeout(WAIT, c.recv()).await??;
     Ok(String::from_utf8_lossy(&answer).into_owned())
+}
+
+/// Scenario 2: one of the two harbors of the callers' cluster cut off (from everything) for
+/// 20 s under cross-cluster calls. Calls in flight through it end with a typed error at their
+/// deadline, never later; callers fail over once its lease expires (2 s here); after that no
+/// call fails, through the heal too.
+fn harbor_partition() -> Result<String, Error> {
+    let net = Net::new("hb")?;
+    let hosts: Vec<Host> = ["etcd", "h11", "h12", "h21", "s2", "drv"]
+        .iter()
+        .map(|n| net.host(n))
+        .collect::<Result<_, _>>()?;
+    let [etcd_host, h11, h12, h21, s2, d] = &hosts[..] else {
+        return Err("six hosts".into());
+    };
+    let (_etcd, ep) = start_etcd(&net, etcd_host)?;
+    for (addr, host) in [("1.255.1", h11), ("1.255.2", h12), ("2.255.1", h21)] {
+        list(d, &ep, addr, &format!("{}:9000", host.ip))?;
+    }
+    list_with(d, &ep, "2.1.1", &format!("{}:9000", s2.ip), &["--export"])?;
+    list(d, &ep, "1.50.1", &format!("{}:9000", d.ip))?;
+    let harbor = |host: &Host, addr: &str| -> Result<Proc, Error> {
+        let args: Vec<String> = [
+            "--addr",
+            addr,
+            "--etcd",
+            &ep,
+            "--prefix",
+            PREFIX,
+            "--lease-ttl-secs",
+            "2",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let p = host.spawn(
+            addr,
+            &program("harbor")?,
+            &args,
+            &[("CLUSTERGO_SECRET", SECRET)],
+        )?;
+        p.out
+            .wait_for("listening on", WAIT)
+            .ok_or_else(|| format!("harbor {addr} did not start"))?;
+        Ok(p)
+    };
+    let _h = [
+        harbor(h11, "1.255.1")?,
+        harbor(h12, "1.255.2")?,
+        harbor(h21, "2.255.1")?,
+    ];
+    let _s = game_server(s2, &ep, "2.1.1")?;
+    let deadline = Duration::from_millis(1000);
+    let run = Duration::from_secs(32);
+    let mut drv = driver_on(d, &ep, "1.50.1", &["2.1.1"], deadline, run)?;
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
+    net.partition(h11)?;
+    let cut_at = t0.elapsed().as_millis() as u64;
+    std::thread::sleep(Duration::from_secs(20));
+    net.heal(h11)?;
+    let healed_at = t0.elapsed().as_millis() as u64;
+    driver_done(&mut drv, run)?;
+    let all = calls(&drv);
+    let late: Vec<&Call> = all
+        .iter()
+        .filter(|c| c.took_ms > deadline.as_millis() as u64 + 300)
+        .collect();
+    if !late.is_empty() {
+        return Err(format!(
+            "{} calls waited past their deadline, e.g. {:?}",
+            late.len(),
+            late[0]
+        )
+        .into());
+    }
+    let failed: Vec<&Call> = all.iter().filter(|c| !c.ok).collect();
+    if failed.iter().any(|c| c.at + c.took_ms < cut_at) {
+        return Err("calls failed before the partition".into());
+    }
+    // The pair's path (rendezvous on the addresses) goes through 1.255.1: the call in flight
+    // at the cut is lost with it. Without a failure, the partition missed the path and the
+    // scenario tested nothing.
+    if failed.is_empty() {
+        return Err("no call went through the partitioned harbor".into());
+    }
+    // Failover: the last failure ends within the lease (2 s) plus a deadline (1 s) of the
+    // cut; 2 s of margin for a loaded machine.
+    let last_fail = failed
+        .iter()
+        .map(|c| (c.at + c.took_ms).saturating_sub(cut_at))
+        .max()
+        .unwrap_or(0);
+    if last_fail > 5_000 {
+        return Err(format!(
+            "calls still failed {last_fail} ms after the cut: {:?}",
+            failed.last()
+        )
+        .into());
+    }
+    let mut kinds: Vec<String> = failed.iter().map(|c| c.kind.clone()).collect();
+    kinds.sort();
+    kinds.dedup();
+    let after_heal = all.iter().filter(|c| c.at > healed_at).count();
+    Ok(format!(
+        "{} calls across clusters; {} failed ({kinds:?}), the last ending {last_fail} ms after the cut, none past its 1 s deadline; {after_heal} calls after the heal, 0 failed",
+        all.len(),
+        failed.len()
+    ))
 }
