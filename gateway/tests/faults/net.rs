@@ -70,6 +70,22 @@ pub fn unsupported() -> Option<String> {
     }
 }
 
+/// Delays everything `host` sends by `ms` (netem). `Err` names why when the kernel has no
+/// netem (the fault then cannot be injected here).
+pub fn slow_link(host: &Host, ms: u32) -> Result<(), Error> {
+    let out = Command::new("ip")
+        .args([
+            "netns", "exec", &host.ns, "tc", "qdisc", "add", "dev", &host.dev,
+        ])
+        .args(["root", "netem", "delay", &format!("{ms}ms")])
+        .output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("tc netem: {}", String::from_utf8_lossy(&out.stderr).trim()).into())
+    }
+}
+
 /// A private network of hosts; everything it made goes when it is dropped.
 pub struct Net {
     tag: String,
@@ -91,6 +107,8 @@ pub struct Host {
     pub ip: String,
     /// The veth end on the bridge (taking it down partitions the host).
     port: String,
+    /// The host's own interface (on which a slow link would be set).
+    pub dev: String,
     procs: Arc<Mutex<Vec<u32>>>,
     dir: PathBuf,
 }
@@ -150,6 +168,7 @@ impl Net {
             ns,
             ip: ip_addr,
             port,
+            dev: inner,
             procs: self.procs.clone(),
             dir: self.dir.clone(),
         })
