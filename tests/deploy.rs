@@ -706,6 +706,26 @@ fn kubernetes_validation_rejects_a_broken_object() {
 }
 
 /// `GET path` on a local listener: the status code, if it answered.
+/// Waits up to `limit` for `child` to exit (a blocking wait on a helper thread, no polling);
+/// kills it when the time is up and returns `None`.
+fn wait_exit(child: &mut std::process::Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let pid = child.id().to_string();
+    std::thread::scope(|s| {
+        let (tx, rx) = mpsc::channel();
+        s.spawn(move || {
+            let _ = tx.send(child.wait());
+        });
+        match rx.recv_timeout(limit) {
+            Ok(Ok(status)) => Some(status),
+            _ => {
+                // The helper's wait returns once the process is gone.
+                let _ = Command::new("kill").args(["-KILL", &pid]).status();
+                None
+            }
+        }
+    })
+}
+
 fn http_status(addr: &str, path: &str) -> Option<u16> {
     let mut conn =
         std::net::TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_secs(1)).ok()?;
@@ -780,6 +800,7 @@ fn run_nodes(dir: &Path, nodes: Vec<NodeRun<'_>>) {
                 "{name} not ready within 30 s:\n{}",
                 log_of(log)
             );
+            // `/ready` is a probe: polled, as Kubernetes does, under the deadline above.
             std::thread::sleep(Duration::from_millis(100));
         }
         assert_eq!(http_status(admin, "/live"), Some(200), "{name} /live");
@@ -788,14 +809,8 @@ fn run_nodes(dir: &Path, nodes: Vec<NodeRun<'_>>) {
         let pid = child.0.id().to_string();
         let out = run(Command::new("kill").args(["-TERM", &pid]), None, "procps");
         assert!(out.status.success(), "kill -TERM: {}", text(&out));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let status = loop {
-            if let Some(s) = child.0.try_wait().unwrap() {
-                break s;
-            }
-            assert!(Instant::now() < deadline, "{name} did not stop on SIGTERM");
-            std::thread::sleep(Duration::from_millis(50));
-        };
+        let status = wait_exit(&mut child.0, Duration::from_secs(30))
+            .unwrap_or_else(|| panic!("{name} did not stop on SIGTERM"));
         assert!(status.success(), "{name} exited {status}:\n{}", log_of(log));
     }
 }
@@ -1398,16 +1413,11 @@ fn agones_lifecycle(args: &[&str], check_running: impl FnOnce(&str)) -> String {
         }
         assert_eq!(call, "POST /health", "unexpected SDK call before Shutdown");
     }
-    let status = loop {
-        if let Some(s) = child.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the example did not exit after Shutdown"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = wait_exit(
+        &mut child.0,
+        deadline.saturating_duration_since(Instant::now()),
+    )
+    .expect("the example did not exit after Shutdown");
     let mut rest = String::new();
     stdout.read_to_string(&mut rest).unwrap();
     let mut err = String::new();

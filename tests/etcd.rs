@@ -674,12 +674,33 @@ async fn a_killed_nodes_claimed_id_is_free_only_after_its_lease_expires() {
         listed(&mut c, claimed).await,
         "the id was freed before its lease could expire"
     );
-    // Then the lease expires (renewed every third of the 2 s TTL: 1.3 to 2 s after the kill).
+    // Then the lease expires (renewed every third of the 2 s TTL: 1.3 to 2 s after the kill):
+    // watched from the revision just read, so the deletion cannot be missed.
+    let read = c.get(member_key(PREFIX, claimed), None).await.unwrap();
+    assert_eq!(
+        read.count(),
+        1,
+        "the id was freed before its lease could expire"
+    );
+    let from = read.header().unwrap().revision() + 1;
+    let mut events = c
+        .watch(
+            member_key(PREFIX, claimed),
+            Some(etcd_client::WatchOptions::new().with_start_revision(from)),
+        )
+        .await
+        .unwrap();
     let freed = within(async {
-        while listed(&mut c, claimed).await {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        loop {
+            let resp = events.message().await.unwrap().expect("the watch ended");
+            if resp
+                .events()
+                .iter()
+                .any(|e| e.event_type() == etcd_client::EventType::Delete)
+            {
+                return killed.elapsed();
+            }
         }
-        killed.elapsed()
     })
     .await;
     eprintln!("killed node's id free after {freed:?} (lease TTL 2 s)");

@@ -355,16 +355,24 @@ impl Proc {
         self.signal("-TERM")
     }
 
-    /// Waits up to `limit` for it to exit.
+    /// Waits up to `limit` for it to exit (a blocking wait on a helper thread); kills it
+    /// when the time is up and returns `None`.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
-        let end = Instant::now() + limit;
-        while Instant::now() < end {
-            if let Ok(Some(s)) = self.child.try_wait() {
-                return Some(s);
+        let pid = self.child.id().to_string();
+        let child = &mut self.child;
+        std::thread::scope(|s| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            s.spawn(move || {
+                let _ = tx.send(child.wait());
+            });
+            match rx.recv_timeout(limit) {
+                Ok(Ok(status)) => Some(status),
+                _ => {
+                    let _ = Command::new("kill").args(["-KILL", &pid]).status();
+                    None
+                }
             }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
+        })
     }
 }
 
