@@ -218,33 +218,37 @@ fn list_with(
     }
 }
 
-/// A game server at fixed `addr` on `host` (listed already), up and serving.
-fn game_server(host: &Host, etcd: &str, addr: &str) -> Result<Proc, Error> {
-    let args: Vec<String> = [
-        "--addr",
-        addr,
-        "--etcd",
-        etcd,
-        "--prefix",
-        PREFIX,
-        "--lease-ttl-secs",
-        "2",
-        "--shutdown-grace-secs",
-        "2",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+/// Binary `program` as node `addr` on `host` (listed already) with membership in `etcd` and
+/// `extra` flags; returns once it printed `ready_line`.
+fn node_process(
+    host: &Host,
+    program_name: &str,
+    addr: &str,
+    etcd: &str,
+    extra: &[&str],
+    ready_line: &str,
+) -> Result<Proc, Error> {
+    let mut args: Vec<String> = ["--addr", addr, "--etcd", etcd, "--prefix", PREFIX]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
     let p = host.spawn(
         addr,
-        &program("game_server")?,
+        &program(program_name)?,
         &args,
         &[("CLUSTERGO_SECRET", SECRET)],
     )?;
     p.out
-        .wait_for("listening on", WAIT)
-        .ok_or_else(|| format!("game server {addr} did not start"))?;
+        .wait_for(ready_line, WAIT)
+        .ok_or_else(|| format!("{program_name} {addr} did not start"))?;
     Ok(p)
+}
+
+/// A game server at fixed `addr` on `host` (listed already), up and serving.
+fn game_server(host: &Host, etcd: &str, addr: &str) -> Result<Proc, Error> {
+    let extra = ["--lease-ttl-secs", "2", "--shutdown-grace-secs", "2"];
+    node_process(host, "game_server", addr, etcd, &extra, "listening on")
 }
 
 /// The load driver on `host`: node `addr` (listed already) calling `targets` in turn, each
@@ -319,74 +323,6 @@ fn views(p: &Proc, addr: &str) -> Vec<(u64, bool)> {
         .collect()
 }
 
-/// Scenario 3: etcd cut off from one game server for 30 s. Calls between live nodes go on
-/// with no failure; the cut-off node's lease expires, so its peers see it unavailable (not
-/// picked) while it is gone; healed, it is available again by itself.
-fn etcd_partition() -> Result<String, Error> {
-    let net = Net::new("etcd")?;
-    let (etcd_host, a, b, d) = (
-        net.host("etcd")?,
-        net.host("a")?,
-        net.host("b")?,
-        net.host("drv")?,
-    );
-    let (_etcd, ep) = start_etcd(&net, &etcd_host)?;
-    list(&d, &ep, "1.1.1", &format!("{}:9000", a.ip))?;
-    list(&d, &ep, "1.1.2", &format!("{}:9000", b.ip))?;
-    list(&d, &ep, "1.50.1", &format!("{}:9000", d.ip))?;
-    let _pa = game_server(&a, &ep, "1.1.1")?;
-    let _pb = game_server(&b, &ep, "1.1.2")?;
-    let deadline = Duration::from_millis(1000);
-    let run = Duration::from_secs(42);
-    let mut drv = driver_on(&d, &ep, "1.50.1", &["1.1.1", "1.1.2"], deadline, run)?;
-    let t0 = Instant::now();
-    std::thread::sleep(Duration::from_secs(3));
-    net.cut(&a, &etcd_host, true)?;
-    let cut_at = t0.elapsed().as_millis() as u64;
-    std::thread::sleep(Duration::from_secs(30));
-    net.mend(&a, &etcd_host, true)?;
-    let healed_at = t0.elapsed().as_millis() as u64;
-    driver_done(&mut drv, run)?;
-    let all = calls(&drv);
-    let failed: Vec<&Call> = all.iter().filter(|c| !c.ok).collect();
-    if !failed.is_empty() {
-        return Err(format!(
-            "{} of {} calls failed while only etcd was cut off, e.g. {:?}",
-            failed.len(),
-            all.len(),
-            failed[0]
-        )
-        .into());
-    }
-    let seen = views(&drv, "1.1.1");
-    let gone = seen
-        .iter()
-        .find(|(at, up)| !up && *at > cut_at)
-        .map(|(at, _)| at - cut_at)
-        .ok_or(format!(
-            "the cut-off node was never seen unavailable: {seen:?}"
-        ))?;
-    let back = seen
-        .iter()
-        .find(|(at, up)| *up && *at > healed_at)
-        .map(|(at, _)| at - healed_at)
-        .ok_or(format!(
-            "the node did not come back after the heal: {seen:?}"
-        ))?;
-    // Its 2 s lease expires within 2 s of its last renewal; after the heal it renews (the
-    // retry backs off to at most 2 s) and is alive again.
-    if gone > 3_000 {
-        return Err(format!("unavailable only {gone} ms after the cut (lease TTL 2 s)").into());
-    }
-    if back > 5_000 {
-        return Err(format!("available again only {back} ms after the heal").into());
-    }
-    Ok(format!(
-        "{} calls, 0 failed; the cut-off node unavailable {gone} ms after the cut (lease TTL 2 s), available again {back} ms after the heal",
-        all.len()
-    ))
-}
-
 /// Waits for the driver to finish its run and exit cleanly.
 fn driver_done(p: &mut Proc, run: Duration) -> Result<(), Error> {
     p.out
@@ -396,153 +332,6 @@ fn driver_done(p: &mut Proc, run: Duration) -> Result<(), Error> {
         Some(s) if s.success() => Ok(()),
         other => Err(format!("the driver exited {other:?}").into()),
     }
-}
-
-/// Scenario 4: a game server frozen (SIGSTOP) for 15 s. Its callers get timeouts at their
-/// deadlines, not a pile-up; calls to the other server never fail or slow down; after it
-/// resumes it answers again; every call ends answered or with a typed error.
-fn paused_server() -> Result<String, Error> {
-    let net = Net::new("pause")?;
-    let (etcd_host, a, b, d) = (
-        net.host("etcd")?,
-        net.host("a")?,
-        net.host("b")?,
-        net.host("drv")?,
-    );
-    let (_etcd, ep) = start_etcd(&net, &etcd_host)?;
-    list(&d, &ep, "1.1.1", &format!("{}:9000", a.ip))?;
-    list(&d, &ep, "1.1.2", &format!("{}:9000", b.ip))?;
-    list(&d, &ep, "1.50.1", &format!("{}:9000", d.ip))?;
-    let pa = game_server(&a, &ep, "1.1.1")?;
-    let _pb = game_server(&b, &ep, "1.1.2")?;
-    let deadline = Duration::from_millis(1000);
-    let run = Duration::from_secs(25);
-    let mut drv = driver_on(&d, &ep, "1.50.1", &["1.1.1", "1.1.2"], deadline, run)?;
-    let t0 = Instant::now();
-    std::thread::sleep(Duration::from_secs(3));
-    let paused_at = t0.elapsed();
-    pa.pause()?;
-    std::thread::sleep(Duration::from_secs(15));
-    pa.resume()?;
-    let resumed_at = t0.elapsed();
-    driver_done(&mut drv, run)?;
-    let all = calls(&drv);
-    let slack = 300;
-    let late: Vec<&Call> = all
-        .iter()
-        .filter(|c| c.took_ms > deadline.as_millis() as u64 + slack)
-        .collect();
-    if !late.is_empty() {
-        return Err(format!(
-            "{} calls waited past their deadline, e.g. {:?}",
-            late.len(),
-            late[0]
-        )
-        .into());
-    }
-    let other_failed: Vec<&Call> = all.iter().filter(|c| c.to == "1.1.2" && !c.ok).collect();
-    if !other_failed.is_empty() {
-        return Err(format!(
-            "{} calls to the running server failed, e.g. {:?}",
-            other_failed.len(),
-            other_failed[0]
-        )
-        .into());
-    }
-    let to_paused: Vec<&Call> = all.iter().filter(|c| c.to == "1.1.1").collect();
-    let timeouts = to_paused.iter().filter(|c| c.kind == "Timeout").count();
-    let other_errors: Vec<_> = to_paused
-        .iter()
-        .filter(|c| !c.ok && c.kind != "Timeout")
-        .map(|c| c.kind.clone())
-        .collect();
-    if timeouts == 0 {
-        return Err("no call to the paused server timed out: was it paused?".into());
-    }
-    // Answered again after the resume (the driver's clock starts about when it got ready).
-    let resumed_ms = resumed_at.as_millis() as u64;
-    let back = to_paused
-        .iter()
-        .find(|c| c.ok && c.at > resumed_ms)
-        .map(|c| c.at.saturating_sub(resumed_ms));
-    let Some(back) = back else {
-        return Err("the paused server never answered after it resumed".into());
-    };
-    let ok_other = all.iter().filter(|c| c.to == "1.1.2" && c.ok).count();
-    Ok(format!(
-        "paused at {:.1} s for 15 s; to the paused server: {} calls, {timeouts} timeouts at the 1 s deadline, other errors {:?}, answering again {back} ms after resume; to the other: {ok_other} calls, 0 failed; longest call {} ms",
-        paused_at.as_secs_f64(),
-        to_paused.len(),
-        other_errors,
-        all.iter().map(|c| c.took_ms).max().unwrap_or(0)
-    ))
-}
-
-/// Scenario 5: a node killed with SIGKILL and restarted at the same address under load. No
-/// call waits past its deadline; once the new process listens, calls reach it at once (its
-/// peers replace the link to the dead one).
-fn killed_and_restarted() -> Result<String, Error> {
-    let net = Net::new("kill")?;
-    let (etcd_host, a, d) = (net.host("etcd")?, net.host("a")?, net.host("drv")?);
-    let (_etcd, ep) = start_etcd(&net, &etcd_host)?;
-    list(&d, &ep, "1.1.1", &format!("{}:9000", a.ip))?;
-    list(&d, &ep, "1.50.1", &format!("{}:9000", d.ip))?;
-    let mut pa = game_server(&a, &ep, "1.1.1")?;
-    let deadline = Duration::from_millis(1000);
-    let run = Duration::from_secs(12);
-    let mut drv = driver_on(&d, &ep, "1.50.1", &["1.1.1"], deadline, run)?;
-    let t0 = Instant::now();
-    std::thread::sleep(Duration::from_secs(3));
-    pa.kill()?;
-    let killed_at = t0.elapsed();
-    std::thread::sleep(Duration::from_secs(2));
-    let _pa2 = game_server(&a, &ep, "1.1.1")?;
-    let listening_at = t0.elapsed();
-    driver_done(&mut drv, run)?;
-    let all = calls(&drv);
-    let late: Vec<&Call> = all
-        .iter()
-        .filter(|c| c.took_ms > deadline.as_millis() as u64 + 300)
-        .collect();
-    if !late.is_empty() {
-        return Err(format!(
-            "{} calls waited past their deadline, e.g. {:?}",
-            late.len(),
-            late[0]
-        )
-        .into());
-    }
-    let listening_ms = listening_at.as_millis() as u64;
-    let back = all
-        .iter()
-        .find(|c| c.ok && c.at > listening_ms)
-        .map(|c| c.at - listening_ms)
-        .ok_or("no call reached the restarted node")?;
-    // The restart is seen through etcd (its alive key) and the dial backoff is at most 2 s.
-    if back > 2_500 {
-        return Err(
-            format!("the restarted node was reached only {back} ms after it listened").into(),
-        );
-    }
-    let killed_ms = killed_at.as_millis() as u64;
-    let failed: Vec<&Call> = all.iter().filter(|c| !c.ok).collect();
-    let mut kinds: Vec<String> = failed.iter().map(|c| c.kind.clone()).collect();
-    kinds.sort();
-    kinds.dedup();
-    let before_kill_failed = failed
-        .iter()
-        .filter(|c| c.at + c.took_ms < killed_ms)
-        .count();
-    if before_kill_failed > 0 {
-        return Err(format!("{before_kill_failed} calls failed before the kill").into());
-    }
-    Ok(format!(
-        "killed at {:.1} s, listening again at {:.1} s; {} calls, {} failed while it was down ({kinds:?}), none past the 1 s deadline; called again {back} ms after it listened",
-        killed_at.as_secs_f64(),
-        listening_at.as_secs_f64(),
-        all.len(),
-        failed.len()
-    ))
 }
 
 /// The driver role: a node calling `CG_TARGETS` in turn (`game.whoami`), each call with
@@ -657,30 +446,14 @@ fn gateway_cut() -> Result<String, Error> {
     let _pa = game_server(&a, &ep, "1.1.1")?;
     let _pb = game_server(&b, &ep, "1.1.2")?;
     let tcp = format!("{}:7000", gw.ip);
-    let args: Vec<String> = [
-        "--addr",
-        "1.100.1",
-        "--etcd",
-        &ep,
-        "--prefix",
-        PREFIX,
-        "--backend-type",
-        "1",
-        "--tcp",
-        &tcp,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let pg = gw.spawn(
+    let _pg = node_process(
+        &gw,
         "gateway",
-        &program("gateway")?,
-        &args,
-        &[("CLUSTERGO_SECRET", SECRET)],
+        "1.100.1",
+        &ep,
+        &["--backend-type", "1", "--tcp", &tcp],
+        "tcp on",
     )?;
-    pg.out
-        .wait_for("tcp on", WAIT)
-        .ok_or("the gateway did not start")?;
     let run = Duration::from_secs(40);
     let env = [
         ("CG_FAULT_ROLE", "clients"),
@@ -916,30 +689,15 @@ fn harbor_partition() -> Result<String, Error> {
     }
     list_with(d, &ep, "2.1.1", &format!("{}:9000", s2.ip), &["--export"])?;
     list(d, &ep, "1.50.1", &format!("{}:9000", d.ip))?;
-    let harbor = |host: &Host, addr: &str| -> Result<Proc, Error> {
-        let args: Vec<String> = [
-            "--addr",
+    let harbor = |host: &Host, addr: &str| {
+        node_process(
+            host,
+            "harbor",
             addr,
-            "--etcd",
             &ep,
-            "--prefix",
-            PREFIX,
-            "--lease-ttl-secs",
-            "2",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let p = host.spawn(
-            addr,
-            &program("harbor")?,
-            &args,
-            &[("CLUSTERGO_SECRET", SECRET)],
-        )?;
-        p.out
-            .wait_for("listening on", WAIT)
-            .ok_or_else(|| format!("harbor {addr} did not start"))?;
-        Ok(p)
+            &["--lease-ttl-secs", "2"],
+            "listening on",
+        )
     };
     let _h = [
         harbor(h11, "1.255.1")?,
@@ -947,9 +705,8 @@ fn harbor_partition() -> Result<String, Error> {
         harbor(h21, "2.255.1")?,
     ];
     let _s = game_server(s2, &ep, "2.1.1")?;
-    let deadline = Duration::from_millis(1000);
     let run = Duration::from_secs(32);
-    let mut drv = driver_on(d, &ep, "1.50.1", &["2.1.1"], deadline, run)?;
+    let mut drv = driver_on(d, &ep, "1.50.1", &["2.1.1"], DEADLINE, run)?;
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs(3));
     net.partition(h11)?;
@@ -959,18 +716,7 @@ fn harbor_partition() -> Result<String, Error> {
     let healed_at = t0.elapsed().as_millis() as u64;
     driver_done(&mut drv, run)?;
     let all = calls(&drv);
-    let late: Vec<&Call> = all
-        .iter()
-        .filter(|c| c.took_ms > deadline.as_millis() as u64 + 300)
-        .collect();
-    if !late.is_empty() {
-        return Err(format!(
-            "{} calls waited past their deadline, e.g. {:?}",
-            late.len(),
-            late[0]
-        )
-        .into());
-    }
+    within_deadlines(&all)?;
     let failed: Vec<&Call> = all.iter().filter(|c| !c.ok).collect();
     if failed.iter().any(|c| c.at + c.took_ms < cut_at) {
         return Err("calls failed before the partition".into());
@@ -995,9 +741,7 @@ fn harbor_partition() -> Result<String, Error> {
         )
         .into());
     }
-    let mut kinds: Vec<String> = failed.iter().map(|c| c.kind.clone()).collect();
-    kinds.sort();
-    kinds.dedup();
+    let kinds = error_kinds(&all);
     let after_heal = all.iter().filter(|c| c.at > healed_at).count();
     Ok(format!(
         "{} calls across clusters; {} failed ({kinds:?}), the last ending {last_fail} ms after the cut, none past its 1 s deadline; {after_heal} calls after the heal, 0 failed",
@@ -1015,48 +759,252 @@ fn stat(p: &Proc, name: &str) -> Option<u64> {
     })
 }
 
+/// Every call's deadline in these scenarios.
+const DEADLINE: Duration = Duration::from_millis(1000);
+
+/// The common topology: etcd, game servers each on a host of their own, and a driver host
+/// (node `1.50.1`); everyone listed.
+struct Bed {
+    net: Net,
+    etcd_host: Host,
+    _etcd: Proc,
+    ep: String,
+    /// `(host, address, process)` per game server.
+    servers: Vec<(Host, &'static str, Proc)>,
+    drv: Host,
+}
+
+fn bed(tag: &str, servers: &[&'static str]) -> Result<Bed, Error> {
+    let net = Net::new(tag)?;
+    let etcd_host = net.host("etcd")?;
+    let hosts: Vec<Host> = (0..servers.len())
+        .map(|i| net.host(&format!("s{i}")))
+        .collect::<Result<_, _>>()?;
+    let drv = net.host("drv")?;
+    let (etcd, ep) = start_etcd(&net, &etcd_host)?;
+    for (addr, host) in servers.iter().zip(&hosts) {
+        list(&drv, &ep, addr, &format!("{}:9000", host.ip))?;
+    }
+    list(&drv, &ep, "1.50.1", &format!("{}:9000", drv.ip))?;
+    let mut started = Vec::new();
+    for (addr, host) in servers.iter().zip(hosts) {
+        let p = game_server(&host, &ep, addr)?;
+        started.push((host, *addr, p));
+    }
+    Ok(Bed {
+        net,
+        etcd_host,
+        _etcd: etcd,
+        ep,
+        servers: started,
+        drv,
+    })
+}
+
+impl Bed {
+    /// The driver calling `targets` in turn for `run`.
+    fn driver(&self, targets: &[&str], run: Duration) -> Result<Proc, Error> {
+        driver_on(&self.drv, &self.ep, "1.50.1", targets, DEADLINE, run)
+    }
+}
+
+/// No call waited past its deadline (300 ms of slack for a loaded machine).
+fn within_deadlines(all: &[Call]) -> Result<(), Error> {
+    let late: Vec<&Call> = all
+        .iter()
+        .filter(|c| c.took_ms > DEADLINE.as_millis() as u64 + 300)
+        .collect();
+    match late.first() {
+        None => Ok(()),
+        Some(c) => Err(format!(
+            "{} calls waited past their deadline, e.g. {c:?}",
+            late.len()
+        )
+        .into()),
+    }
+}
+
+/// The distinct error kinds of `calls`' failures.
+fn error_kinds<'a>(calls: impl IntoIterator<Item = &'a Call>) -> Vec<String> {
+    let mut kinds: Vec<String> = calls
+        .into_iter()
+        .filter(|c| !c.ok)
+        .map(|c| c.kind.clone())
+        .collect();
+    kinds.sort();
+    kinds.dedup();
+    kinds
+}
+
+/// Scenario 3: etcd cut off from one game server for 30 s. Calls between live nodes go on
+/// with no failure; the cut-off node's lease expires, so its peers see it unavailable (not
+/// picked) while it is gone; healed, it is available again by itself.
+fn etcd_partition() -> Result<String, Error> {
+    let b = bed("etcd", &["1.1.1", "1.1.2"])?;
+    let a = &b.servers[0].0;
+    let run = Duration::from_secs(42);
+    let mut drv = b.driver(&["1.1.1", "1.1.2"], run)?;
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
+    b.net.cut(a, &b.etcd_host, true)?;
+    let cut_at = t0.elapsed().as_millis() as u64;
+    std::thread::sleep(Duration::from_secs(30));
+    b.net.mend(a, &b.etcd_host, true)?;
+    let healed_at = t0.elapsed().as_millis() as u64;
+    driver_done(&mut drv, run)?;
+    let all = calls(&drv);
+    let failed: Vec<&Call> = all.iter().filter(|c| !c.ok).collect();
+    if let Some(c) = failed.first() {
+        return Err(format!(
+            "{} of {} calls failed while only etcd was cut off, e.g. {c:?}",
+            failed.len(),
+            all.len()
+        )
+        .into());
+    }
+    let seen = views(&drv, "1.1.1");
+    let gone = seen
+        .iter()
+        .find(|(at, up)| !up && *at > cut_at)
+        .map(|(at, _)| at - cut_at)
+        .ok_or(format!(
+            "the cut-off node was never seen unavailable: {seen:?}"
+        ))?;
+    let back = seen
+        .iter()
+        .find(|(at, up)| *up && *at > healed_at)
+        .map(|(at, _)| at - healed_at)
+        .ok_or(format!(
+            "the node did not come back after the heal: {seen:?}"
+        ))?;
+    // Its 2 s lease expires within 2 s of its last renewal; after the heal it renews (the
+    // retry backs off to at most 2 s) and is alive again.
+    if gone > 3_000 {
+        return Err(format!("unavailable only {gone} ms after the cut (lease TTL 2 s)").into());
+    }
+    if back > 5_000 {
+        return Err(format!("available again only {back} ms after the heal").into());
+    }
+    Ok(format!(
+        "{} calls, 0 failed; the cut-off node unavailable {gone} ms after the cut (lease TTL 2 s), available again {back} ms after the heal",
+        all.len()
+    ))
+}
+
+/// Scenario 4: a game server frozen (SIGSTOP) for 15 s. Its callers get timeouts at their
+/// deadlines, not a pile-up; calls to the other server never fail or slow down; after it
+/// resumes it answers again; every call ends answered or with a typed error.
+fn paused_server() -> Result<String, Error> {
+    let b = bed("pause", &["1.1.1", "1.1.2"])?;
+    let run = Duration::from_secs(25);
+    let mut drv = b.driver(&["1.1.1", "1.1.2"], run)?;
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
+    let paused_at = t0.elapsed();
+    b.servers[0].2.pause()?;
+    std::thread::sleep(Duration::from_secs(15));
+    b.servers[0].2.resume()?;
+    let resumed_ms = t0.elapsed().as_millis() as u64;
+    driver_done(&mut drv, run)?;
+    let all = calls(&drv);
+    within_deadlines(&all)?;
+    let other_failed: Vec<&Call> = all.iter().filter(|c| c.to == "1.1.2" && !c.ok).collect();
+    if let Some(c) = other_failed.first() {
+        return Err(format!(
+            "{} calls to the running server failed, e.g. {c:?}",
+            other_failed.len()
+        )
+        .into());
+    }
+    let to_paused: Vec<&Call> = all.iter().filter(|c| c.to == "1.1.1").collect();
+    let timeouts = to_paused.iter().filter(|c| c.kind == "Timeout").count();
+    if timeouts == 0 {
+        return Err("no call to the paused server timed out: was it paused?".into());
+    }
+    // Answered again after the resume (the driver's clock starts about when it got ready).
+    let back = to_paused
+        .iter()
+        .find(|c| c.ok && c.at > resumed_ms)
+        .map(|c| c.at.saturating_sub(resumed_ms))
+        .ok_or("the paused server never answered after it resumed")?;
+    let ok_other = all.iter().filter(|c| c.to == "1.1.2" && c.ok).count();
+    Ok(format!(
+        "paused at {:.1} s for 15 s; to the paused server: {} calls, {timeouts} timeouts at the 1 s deadline, errors {:?}, answering again {back} ms after resume; to the other: {ok_other} calls, 0 failed; longest call {} ms",
+        paused_at.as_secs_f64(),
+        to_paused.len(),
+        error_kinds(to_paused.iter().copied()),
+        all.iter().map(|c| c.took_ms).max().unwrap_or(0)
+    ))
+}
+
+/// Scenario 5: a node killed with SIGKILL and restarted at the same address under load. No
+/// call waits past its deadline; once the new process listens, calls reach it at once (its
+/// peers replace the link to the dead one).
+fn killed_and_restarted() -> Result<String, Error> {
+    let mut b = bed("kill", &["1.1.1"])?;
+    let run = Duration::from_secs(12);
+    let mut drv = b.driver(&["1.1.1"], run)?;
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
+    b.servers[0].2.kill()?;
+    let killed_ms = t0.elapsed().as_millis() as u64;
+    std::thread::sleep(Duration::from_secs(2));
+    b.servers[0].2 = game_server(&b.servers[0].0, &b.ep, "1.1.1")?;
+    let listening_ms = t0.elapsed().as_millis() as u64;
+    driver_done(&mut drv, run)?;
+    let all = calls(&drv);
+    within_deadlines(&all)?;
+    let back = all
+        .iter()
+        .find(|c| c.ok && c.at > listening_ms)
+        .map(|c| c.at - listening_ms)
+        .ok_or("no call reached the restarted node")?;
+    // The restart is seen through etcd (its alive key) and the dial backoff is at most 2 s.
+    if back > 2_500 {
+        return Err(
+            format!("the restarted node was reached only {back} ms after it listened").into(),
+        );
+    }
+    let failed: Vec<&Call> = all.iter().filter(|c| !c.ok).collect();
+    if failed.iter().any(|c| c.at + c.took_ms < killed_ms) {
+        return Err("calls failed before the kill".into());
+    }
+    Ok(format!(
+        "killed at {:.1} s, listening again at {:.1} s; {} calls, {} failed while it was down ({:?}), none past the 1 s deadline; called again {back} ms after it listened",
+        killed_ms as f64 / 1000.0,
+        listening_ms as f64 / 1000.0,
+        all.len(),
+        failed.len(),
+        error_kinds(&all)
+    ))
+}
+
 /// Scenario 6: an asymmetric partition for 20 s: the game server cannot send to its caller
 /// (the caller's packets still arrive). Calls end at their deadlines with typed errors; the
 /// caller does not redial in a tight loop (its dials back off), its dial failures show in its
 /// counters; mended, it calls the server again.
 fn asymmetric() -> Result<String, Error> {
-    let net = Net::new("asym")?;
-    let (etcd_host, a, d) = (net.host("etcd")?, net.host("a")?, net.host("drv")?);
-    let (_etcd, ep) = start_etcd(&net, &etcd_host)?;
-    list(&d, &ep, "1.1.1", &format!("{}:9000", a.ip))?;
-    list(&d, &ep, "1.50.1", &format!("{}:9000", d.ip))?;
-    let _pa = game_server(&a, &ep, "1.1.1")?;
-    let deadline = Duration::from_millis(1000);
+    let b = bed("asym", &["1.1.1"])?;
+    let a = &b.servers[0].0;
     let run = Duration::from_secs(32);
-    let mut drv = driver_on(&d, &ep, "1.50.1", &["1.1.1"], deadline, run)?;
+    let mut drv = b.driver(&["1.1.1"], run)?;
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs(3));
-    net.cut(&a, &d, false)?;
+    b.net.cut(a, &b.drv, false)?;
     let cut_at = t0.elapsed().as_millis() as u64;
     std::thread::sleep(Duration::from_secs(20));
-    net.mend(&a, &d, false)?;
+    b.net.mend(a, &b.drv, false)?;
     let mended_at = t0.elapsed().as_millis() as u64;
     driver_done(&mut drv, run)?;
     let all = calls(&drv);
-    let late: Vec<&Call> = all
+    within_deadlines(&all)?;
+    let during = all
         .iter()
-        .filter(|c| c.took_ms > deadline.as_millis() as u64 + 300)
-        .collect();
-    if !late.is_empty() {
-        return Err(format!(
-            "{} calls waited past their deadline, e.g. {:?}",
-            late.len(),
-            late[0]
-        )
-        .into());
-    }
-    let failed: Vec<&Call> = all.iter().filter(|c| !c.ok).collect();
-    if failed.is_empty() {
+        .filter(|c| !c.ok && c.at >= cut_at && c.at <= mended_at)
+        .count();
+    if during == 0 {
         return Err("no call failed: the partition did not take".into());
     }
-    let mut kinds: Vec<String> = failed.iter().map(|c| c.kind.clone()).collect();
-    kinds.sort();
-    kinds.dedup();
     let back = all
         .iter()
         .find(|c| c.ok && c.at > mended_at)
@@ -1075,34 +1023,24 @@ fn asymmetric() -> Result<String, Error> {
     if timeouts == 0 {
         return Err("the dial failures do not show in the counters".into());
     }
-    let during = failed
-        .iter()
-        .filter(|c| c.at >= cut_at && c.at <= mended_at)
-        .count();
     Ok(format!(
-        "{} calls; {} failed during the 20 s cut ({kinds:?}), none past its 1 s deadline; {dials} dials in all ({timeouts} timed out, counted); called again {back} ms after the mend",
+        "{} calls; {during} failed during the 20 s cut ({:?}), none past its 1 s deadline; {dials} dials in all ({timeouts} timed out, counted); called again {back} ms after the mend",
         all.len(),
-        during
+        error_kinds(&all)
     ))
 }
 
-/// A slow link (netem, 100 ms each way on the caller's side): calls are slower and none fails.
+/// A slow link (netem, 100 ms on the caller's side): calls are slower and none fails.
 /// Reported as not run where the kernel has no netem.
 fn slow_link() -> Result<String, Error> {
-    let net = Net::new("slow")?;
-    let (etcd_host, a, d) = (net.host("etcd")?, net.host("a")?, net.host("drv")?);
-    if let Err(e) = net::slow_link(&d, 100) {
+    let b = bed("slow", &["1.1.1"])?;
+    if let Err(e) = net::slow_link(&b.drv, 100) {
         return Err(Box::new(NotRun(format!(
             "this kernel cannot slow a link ({e}); the other faults do not need it"
         ))));
     }
-    let (_etcd, ep) = start_etcd(&net, &etcd_host)?;
-    list(&d, &ep, "1.1.1", &format!("{}:9000", a.ip))?;
-    list(&d, &ep, "1.50.1", &format!("{}:9000", d.ip))?;
-    let _pa = game_server(&a, &ep, "1.1.1")?;
-    let deadline = Duration::from_millis(1000);
     let run = Duration::from_secs(5);
-    let mut drv = driver_on(&d, &ep, "1.50.1", &["1.1.1"], deadline, run)?;
+    let mut drv = b.driver(&["1.1.1"], run)?;
     driver_done(&mut drv, run)?;
     let all = calls(&drv);
     let failed = all.iter().filter(|c| !c.ok).count();
