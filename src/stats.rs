@@ -76,6 +76,11 @@ counters! {
     envelopes_expired,
     /// Envelopes dropped when their link went down or their peer left membership.
     envelopes_lost,
+    /// Envelopes written on a link that ended before the peer confirmed receiving them (each
+    /// side acknowledges what it received with its own traffic, or every 100 ms when it has
+    /// none): they may or may not have arrived. Callers of requests among them were told
+    /// (`PeerLost`); messages among them may be lost.
+    envelopes_unconfirmed,
     /// Envelopes dropped as misaddressed (wrong `to`, or `from` not the link's peer).
     envelopes_misaddressed,
     /// Envelopes this harbor forwarded for other nodes.

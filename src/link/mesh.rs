@@ -110,6 +110,7 @@ impl<S: LinkStreams> Links<S> {
             kill: self.root.child_token(),
             close: CancellationToken::new(),
             fault: Default::default(),
+            counts: Default::default(),
         }
     }
 
@@ -155,8 +156,17 @@ pub(crate) fn link_up<H: Host>(
         // Keeps the dialed connection open for the life of the link.
         let _channel = channel;
         let stats = host.links().stats.clone();
-        let why = reader::run(inbound, peer.clone(), tokens, host.clone(), stats).await;
+        let counts = tokens.counts.clone();
+        let why = reader::run(inbound, peer.clone(), tokens, host.clone(), stats.clone()).await;
         link_down(&*host, &peer, link_gen, &why);
+        // What this side wrote that the peer never confirmed: it may have died with it.
+        let unconfirmed = counts.unconfirmed();
+        if unconfirmed > 0 {
+            stats
+                .envelopes_unconfirmed
+                .fetch_add(unconfirmed, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(peer = %peer.addr, link_gen, unconfirmed, reason = %why, "link ended with envelopes the peer had not confirmed; they may not have arrived");
+        }
     });
 }
 

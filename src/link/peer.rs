@@ -42,6 +42,41 @@ pub(crate) struct LinkTokens {
     /// Why the peer broke the protocol, if it did: the acceptor ends the call with this
     /// status instead of OK, so the dialer can tell why its link ended.
     pub(crate) fault: Arc<std::sync::OnceLock<tonic::Status>>,
+    /// What each side of the link wrote and what the other confirmed.
+    pub(crate) counts: Arc<LinkCounts>,
+}
+
+/// How often a side that received envelopes and has nothing of its own to send tells the
+/// other side so (its own batches carry the count anyway).
+pub(crate) const ACK_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Delivery accounting of one link. Each side counts the envelopes it received and tells the
+/// other in its batches ([`Batch::received`](crate::proto::Batch::received)); when the link
+/// ends, what this side wrote past the last count the peer confirmed is counted as
+/// unconfirmed (it may or may not have arrived), so nothing a dead link swallows goes
+/// uncounted.
+#[derive(Debug, Default)]
+pub(crate) struct LinkCounts {
+    /// Envelopes this side wrote on the link.
+    pub(crate) written: std::sync::atomic::AtomicU64,
+    /// The most the peer said it received.
+    pub(crate) confirmed: std::sync::atomic::AtomicU64,
+    /// Envelopes this side's reader received.
+    pub(crate) received: std::sync::atomic::AtomicU64,
+    /// The count this side's writer last told the peer.
+    pub(crate) told: std::sync::atomic::AtomicU64,
+    /// The writer, woken when there is something new to acknowledge.
+    pub(crate) writer: futures_util::task::AtomicWaker,
+}
+
+impl LinkCounts {
+    /// Envelopes written that the peer has not confirmed.
+    pub(crate) fn unconfirmed(&self) -> u64 {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.written
+            .load(Relaxed)
+            .saturating_sub(self.confirmed.load(Relaxed))
+    }
 }
 
 /// What a link needs of the streams it carries. The stream layer implements it (its table of

@@ -1,6 +1,7 @@
 //! The reader half of a link: decodes batches and hands each envelope to the node.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 
 use tonic::{Code, Status, Streaming};
 
@@ -60,6 +61,19 @@ pub(crate) async fn run<D: Deliver>(
             }
             Ok(Some(batch)) => {
                 stats.count_batch(crate::stats::Direction::Received, &batch.envelopes);
+                let counts = &tokens.counts;
+                if batch.received > 0 {
+                    counts.confirmed.fetch_max(batch.received, Relaxed);
+                }
+                if !batch.envelopes.is_empty() {
+                    let n = batch.envelopes.len() as u64;
+                    let before = counts.received.fetch_add(n, Relaxed);
+                    // The first receipt since the writer last told the peer: wake it to arm its
+                    // acknowledgement (later ones ride along).
+                    if before == counts.told.load(Relaxed) {
+                        counts.writer.wake();
+                    }
+                }
                 for env in batch.envelopes {
                     // A link replaced or dropped mid-batch delivers nothing more: what waited
                     // on it has been failed already.

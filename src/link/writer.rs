@@ -7,6 +7,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::task::{Context, Poll, ready};
 
 use tokio::sync::oneshot;
@@ -14,7 +15,7 @@ use tokio::time::Instant;
 use tokio_stream::Stream;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
-use super::peer::{LinkStreams, LinkTokens, Outbound, Peer};
+use super::peer::{ACK_EVERY, LinkCounts, LinkStreams, LinkTokens, Outbound, Peer};
 use crate::proto::{Batch, envelope::Body};
 use crate::stats::Stats;
 
@@ -32,6 +33,10 @@ pub(crate) struct Writer<S> {
     buf: Vec<Outbound>,
     /// Which source fills the next batch first.
     streams_first: bool,
+    /// The link's delivery accounting (see [`LinkCounts`]).
+    counts: Arc<LinkCounts>,
+    /// When to acknowledge what the reader received, if nothing else carries the count first.
+    ack_due: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<S> std::fmt::Debug for Writer<S> {
@@ -61,6 +66,8 @@ impl<S: LinkStreams> Writer<S> {
             max_envelopes,
             buf: Vec::new(),
             streams_first: false,
+            counts: tokens.counts.clone(),
+            ack_due: None,
         }
     }
 }
@@ -116,6 +123,32 @@ impl<S: LinkStreams> Writer<S> {
             }
         }
         Poll::Ready(true)
+    }
+
+    /// An acknowledgement-only batch, when the reader received envelopes the peer has not
+    /// been told of and [`ACK_EVERY`] has passed since the first of them (at once when
+    /// `now`). Registers the waker for the next receipt otherwise.
+    fn ack(&mut self, cx: &mut Context<'_>, now: bool) -> Option<Batch> {
+        self.counts.writer.register(cx.waker());
+        let received = self.counts.received.load(Relaxed);
+        if received == self.counts.told.load(Relaxed) {
+            self.ack_due = None;
+            return None;
+        }
+        if !now {
+            let due = self
+                .ack_due
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(ACK_EVERY)));
+            if due.as_mut().poll(cx).is_pending() {
+                return None;
+            }
+        }
+        self.ack_due = None;
+        self.counts.told.store(received, Relaxed);
+        Some(Batch {
+            received,
+            ..Batch::default()
+        })
     }
 
     /// Pulls from streams with something to send until the batch is full; `Pending` when
@@ -186,14 +219,27 @@ impl<S: LinkStreams> Stream for Writer<S> {
             if !envelopes.is_empty() {
                 this.stats
                     .count_batch(crate::stats::Direction::Sent, &envelopes);
+                this.counts
+                    .written
+                    .fetch_add(envelopes.len() as u64, Relaxed);
+                // Every batch carries the receipt count: no acknowledgement of its own is due.
+                let received = this.counts.received.load(Relaxed);
+                this.counts.told.store(received, Relaxed);
+                this.ack_due = None;
                 return Poll::Ready(Some(Batch {
                     envelopes,
+                    received,
                     ..Batch::default()
                 }));
             }
             if queued.is_pending() && streams.is_pending() {
-                // Graceful close: end only once nothing is left to write.
-                if this.close.as_mut().poll(cx).is_ready() {
+                // Graceful close: end only once nothing is left to write, and what was
+                // received is acknowledged.
+                let closing = this.close.as_mut().poll(cx).is_ready();
+                if let Some(ack) = this.ack(cx, closing) {
+                    return Poll::Ready(Some(ack));
+                }
+                if closing {
                     return Poll::Ready(None);
                 }
                 return Poll::Pending;

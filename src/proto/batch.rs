@@ -25,6 +25,10 @@ pub struct Batch {
     /// The dialer's answer to the acceptor's challenge; only in the dialer's first batch
     /// (see `link::auth`).
     pub proof: Bytes,
+    /// How many envelopes the sender of this batch has received on this link so far: its
+    /// acknowledgement of the other side's traffic (0: nothing to say). See
+    /// [`StatsSnapshot::envelopes_unconfirmed`](crate::StatsSnapshot::envelopes_unconfirmed).
+    pub received: u64,
     /// Envelopes past [`MAX_BATCH_ENVELOPES`] that were skipped while decoding (not on the
     /// wire).
     pub over_limit: usize,
@@ -32,12 +36,16 @@ pub struct Batch {
 
 const ENVELOPES: u32 = 1;
 const PROOF: u32 = 2;
+const RECEIVED: u32 = 3;
 
 impl prost::Message for Batch {
     fn encode_raw(&self, buf: &mut impl BufMut) {
         message::encode_repeated(ENVELOPES, &self.envelopes, buf);
         if !self.proof.is_empty() {
             prost::encoding::bytes::encode(PROOF, &self.proof, buf);
+        }
+        if self.received != 0 {
+            prost::encoding::uint64::encode(RECEIVED, &self.received, buf);
         }
     }
 
@@ -55,6 +63,7 @@ impl prost::Message for Batch {
             }
             ENVELOPES => message::merge_repeated(wire_type, &mut self.envelopes, buf, ctx),
             PROOF => prost::encoding::bytes::merge(wire_type, &mut self.proof, buf, ctx),
+            RECEIVED => prost::encoding::uint64::merge(wire_type, &mut self.received, buf, ctx),
             _ => skip_field(wire_type, tag, buf, ctx),
         }
     }
@@ -66,11 +75,17 @@ impl prost::Message for Batch {
             } else {
                 prost::encoding::bytes::encoded_len(PROOF, &self.proof)
             }
+            + if self.received == 0 {
+                0
+            } else {
+                prost::encoding::uint64::encoded_len(RECEIVED, &self.received)
+            }
     }
 
     fn clear(&mut self) {
         self.envelopes.clear();
         self.proof.clear();
+        self.received = 0;
         self.over_limit = 0;
     }
 }
@@ -86,6 +101,7 @@ mod tests {
         let b = Batch {
             envelopes: vec![Envelope::default(); 3],
             proof: Bytes::from_static(b"p"),
+            received: 1 << 40,
             over_limit: 0,
         };
         assert_eq!(Batch::decode(&b.encode_to_vec()[..]).unwrap(), b);

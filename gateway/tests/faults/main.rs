@@ -6,6 +6,7 @@
 //! that calls game servers back to back and prints one line per call.
 
 mod net;
+mod roles;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -32,21 +33,18 @@ const PREFIX: &str = "/cg-faults";
 const SECRET: &str = "fault-test-secret";
 
 fn main() {
-    match std::env::var("CG_FAULT_ROLE").as_deref() {
-        Ok("driver") | Ok("clients") => {
-            let role = std::env::var("CG_FAULT_ROLE").unwrap_or_default();
-            let r = if role == "driver" {
-                driver()
-            } else {
-                clients()
-            };
-            if let Err(e) = r {
-                eprintln!("{role}: {e}");
-                std::process::exit(2);
-            }
-            return;
+    if let Ok(role) = std::env::var("CG_FAULT_ROLE") {
+        let r = match role.as_str() {
+            "driver" => roles::driver(),
+            "sink" => roles::sink(),
+            "clients" => clients(),
+            other => Err(format!("unknown role {other}").into()),
+        };
+        if let Err(e) = r {
+            eprintln!("{role}: {e}");
+            std::process::exit(2);
         }
-        _ => {}
+        return;
     }
     // cargo's test arguments (filters) select scenarios by name.
     let filter: Vec<String> = std::env::args()
@@ -251,8 +249,23 @@ fn game_server(host: &Host, etcd: &str, addr: &str) -> Result<Proc, Error> {
     node_process(host, "game_server", addr, etcd, &extra, "listening on")
 }
 
+/// A sink (see [`roles::sink`]) at fixed `addr` on `host` (listed already), up and serving:
+/// a game server that also checks the order of the driver's sequenced messages.
+fn sink(host: &Host, etcd: &str, addr: &str) -> Result<Proc, Error> {
+    let env = [
+        ("CG_FAULT_ROLE", "sink"),
+        ("CG_ETCD", etcd),
+        ("CG_ADDR", addr),
+    ];
+    let p = host.spawn(addr, &std::env::current_exe()?, &[], &env)?;
+    p.out
+        .wait_for("listening on", WAIT)
+        .ok_or_else(|| format!("sink {addr} did not start"))?;
+    Ok(p)
+}
+
 /// The load driver on `host`: node `addr` (listed already) calling `targets` in turn, each
-/// call with `deadline`, for `run`.
+/// call with `deadline`, for `run`; `extra` sets its options (see [`roles::driver`]).
 fn driver_on(
     host: &Host,
     etcd: &str,
@@ -260,18 +273,23 @@ fn driver_on(
     targets: &[&str],
     deadline: Duration,
     run: Duration,
+    extra: &[(&str, &str)],
 ) -> Result<Proc, Error> {
     let exe = std::env::current_exe()?;
     let targets_text = targets.join(",");
-    let env = [
+    let (deadline, run) = (
+        deadline.as_millis().to_string(),
+        run.as_millis().to_string(),
+    );
+    let mut env = vec![
         ("CG_FAULT_ROLE", "driver"),
-        ("CLUSTERGO_SECRET", SECRET),
         ("CG_ETCD", etcd),
         ("CG_ADDR", addr),
         ("CG_TARGETS", &targets_text),
-        ("CG_DEADLINE_MS", &deadline.as_millis().to_string()),
-        ("CG_RUN_MS", &run.as_millis().to_string()),
+        ("CG_DEADLINE_MS", &deadline),
+        ("CG_RUN_MS", &run),
     ];
+    env.extend_from_slice(extra);
     let p = host.spawn("driver", &exe, &[], &env)?;
     p.out
         .wait_for("ready", WAIT)
@@ -332,98 +350,6 @@ fn driver_done(p: &mut Proc, run: Duration) -> Result<(), Error> {
         Some(s) if s.success() => Ok(()),
         other => Err(format!("the driver exited {other:?}").into()),
     }
-}
-
-/// The driver role: a node calling `CG_TARGETS` in turn (`game.whoami`), each call with
-/// `CG_DEADLINE_MS`, for `CG_RUN_MS`; prints `call <at_ms> <to> <ok|err> <took_ms> [kind]`
-/// per call, then `done`.
-fn driver() -> Result<(), Error> {
-    let var = |k: &str| std::env::var(k).map_err(|_| format!("{k} not set"));
-    let etcd = var("CG_ETCD")?;
-    let me: clustergo::LogicAddr = var("CG_ADDR")?.parse()?;
-    let targets: Vec<clustergo::LogicAddr> = var("CG_TARGETS")?
-        .split(',')
-        .map(str::parse)
-        .collect::<Result<_, _>>()?;
-    let deadline = Duration::from_millis(var("CG_DEADLINE_MS")?.parse()?);
-    let run = Duration::from_millis(var("CG_RUN_MS")?.parse()?);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    rt.block_on(async move {
-        let discovery = clustergo::EtcdDiscovery::connect(
-            [etcd],
-            PREFIX,
-            clustergo::EtcdOptions::default().lease_ttl(Duration::from_secs(2)),
-        );
-        let node = clustergo::Node::builder(me)
-            .discovery(discovery)
-            .config(clustergo::NodeConfig::default().secret(SECRET))
-            .build();
-        node.start().await?;
-        for t in &targets {
-            if !node
-                .wait_for_member(*t, |m| m.is_some_and(|m| m.available), WAIT)
-                .await
-            {
-                return Err(format!("{t} never became available").into());
-            }
-        }
-        println!("ready");
-        let t0 = tokio::time::Instant::now();
-        // Whether each target is available in this node's view: a line at each change.
-        let watcher = {
-            let node = node.clone();
-            let targets = targets.clone();
-            tokio::spawn(async move {
-                let mut last: Vec<Option<bool>> = vec![None; targets.len()];
-                loop {
-                    for (i, t) in targets.iter().enumerate() {
-                        let now = node.member(*t).map(|m| m.available);
-                        if now != last[i] {
-                            println!(
-                                "view {} {t} {}",
-                                t0.elapsed().as_millis(),
-                                now.unwrap_or(false)
-                            );
-                            last[i] = now;
-                        }
-                    }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            })
-        };
-        let mut i = 0usize;
-        while t0.elapsed() < run {
-            let to = targets[i % targets.len()];
-            i += 1;
-            let at = t0.elapsed().as_millis();
-            let started = tokio::time::Instant::now();
-            let r = node
-                .call_timeout(to, "game.whoami", clustergo::Bytes::new(), deadline)
-                .await;
-            let took = started.elapsed().as_millis();
-            match r {
-                Ok(_) => println!("call {at} {to} ok {took}"),
-                Err(e) => {
-                    let kind = format!("{e:?}");
-                    let kind = kind.split([' ', '{', '(']).next().unwrap_or("?").to_owned();
-                    println!("call {at} {to} err {took} {kind}");
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        watcher.abort();
-        let st = node.stats();
-        println!(
-            "stats dials_started={} dials_failed={} dial_failures_timeout={} dial_failures_refused={} dial_failures_unreachable={}",
-            st.dials_started, st.dials_failed, st.dial_failures_timeout, st.dial_failures_refused, st.dial_failures_unreachable
-        );
-        println!("done");
-        node.shutdown().await;
-        Ok::<(), Error>(())
-    })
 }
 
 /// Scenario 1: a game server cut off from its gateway for 20 s (both still reach etcd) while
@@ -706,7 +632,7 @@ fn harbor_partition() -> Result<String, Error> {
     ];
     let _s = game_server(s2, &ep, "2.1.1")?;
     let run = Duration::from_secs(32);
-    let mut drv = driver_on(d, &ep, "1.50.1", &["2.1.1"], DEADLINE, run)?;
+    let mut drv = driver_on(d, &ep, "1.50.1", &["2.1.1"], DEADLINE, run, &[])?;
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs(3));
     net.partition(h11)?;
@@ -775,6 +701,19 @@ struct Bed {
 }
 
 fn bed(tag: &str, servers: &[&'static str]) -> Result<Bed, Error> {
+    bed_of(tag, servers, game_server)
+}
+
+/// [`bed`] with [`sink`]s for game servers.
+fn sink_bed(tag: &str, servers: &[&'static str]) -> Result<Bed, Error> {
+    bed_of(tag, servers, sink)
+}
+
+fn bed_of(
+    tag: &str,
+    servers: &[&'static str],
+    start: fn(&Host, &str, &str) -> Result<Proc, Error>,
+) -> Result<Bed, Error> {
     let net = Net::new(tag)?;
     let etcd_host = net.host("etcd")?;
     let hosts: Vec<Host> = (0..servers.len())
@@ -788,7 +727,7 @@ fn bed(tag: &str, servers: &[&'static str]) -> Result<Bed, Error> {
     list(&drv, &ep, "1.50.1", &format!("{}:9000", drv.ip))?;
     let mut started = Vec::new();
     for (addr, host) in servers.iter().zip(hosts) {
-        let p = game_server(&host, &ep, addr)?;
+        let p = start(&host, &ep, addr)?;
         started.push((host, *addr, p));
     }
     Ok(Bed {
@@ -804,7 +743,17 @@ fn bed(tag: &str, servers: &[&'static str]) -> Result<Bed, Error> {
 impl Bed {
     /// The driver calling `targets` in turn for `run`.
     fn driver(&self, targets: &[&str], run: Duration) -> Result<Proc, Error> {
-        driver_on(&self.drv, &self.ep, "1.50.1", targets, DEADLINE, run)
+        self.driver_with(targets, run, &[])
+    }
+
+    /// [`Bed::driver`] with options (see [`roles::driver`]).
+    fn driver_with(
+        &self,
+        targets: &[&str],
+        run: Duration,
+        extra: &[(&str, &str)],
+    ) -> Result<Proc, Error> {
+        driver_on(&self.drv, &self.ep, "1.50.1", targets, DEADLINE, run, extra)
     }
 }
 
@@ -891,13 +840,17 @@ fn etcd_partition() -> Result<String, Error> {
     ))
 }
 
-/// Scenario 4: a game server frozen (SIGSTOP) for 15 s. Its callers get timeouts at their
-/// deadlines, not a pile-up; calls to the other server never fail or slow down; after it
-/// resumes it answers again; every call ends answered or with a typed error.
+/// Scenario 4: a game server frozen (SIGSTOP) for 15 s while the driver calls both servers
+/// and sends each a sequenced message every 10 ms. Its callers get timeouts at their
+/// deadlines, not a pile-up; calls and messages to the other server never fail; the queue
+/// toward it stays bounded (the driver's queue-depth gauge); after it resumes it answers
+/// again; and every message sent to it arrived in order, without duplicates, or was refused
+/// at the send (`QueueFull`, `PeerLost`, …) or counted as dropped by the sender.
 fn paused_server() -> Result<String, Error> {
-    let b = bed("pause", &["1.1.1", "1.1.2"])?;
+    let b = sink_bed("pause", &["1.1.1", "1.1.2"])?;
     let run = Duration::from_secs(25);
-    let mut drv = b.driver(&["1.1.1", "1.1.2"], run)?;
+    let extra = [("CG_MSG_EVERY_MS", "10"), ("CG_REPORT", "1")];
+    let mut drv = b.driver_with(&["1.1.1", "1.1.2"], run, &extra)?;
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs(3));
     let paused_at = t0.elapsed();
@@ -928,13 +881,108 @@ fn paused_server() -> Result<String, Error> {
         .map(|c| c.at.saturating_sub(resumed_ms))
         .ok_or("the paused server never answered after it resumed")?;
     let ok_other = all.iter().filter(|c| c.to == "1.1.2" && c.ok).count();
+    // Messages: the running server got every one, in order.
+    let other = messages(&drv, "1.1.2")?;
+    if other.refused > 0
+        || other.missing > 0
+        || other.behind > 0
+        || other.received != other.accepted
+    {
+        return Err(format!("messages to the running server: {other:?}").into());
+    }
+    // The paused one: in order, no duplicates; what did not arrive was counted at the sender.
+    let paused = messages(&drv, "1.1.1")?;
+    // Dropped from a queue, expired in one, or written on a link that died before the
+    // server confirmed them: counted by the sender, with requests among them.
+    let dropped = [
+        "envelopes_lost",
+        "envelopes_expired",
+        "envelopes_unconfirmed",
+    ]
+    .iter()
+    .map(|n| stat(&drv, n).unwrap_or(0))
+    .sum::<u64>();
+    let not_arrived = paused.accepted - paused.received.min(paused.accepted);
+    if paused.behind > 0 || paused.received > paused.accepted {
+        return Err(
+            format!("messages to the paused server duplicated or reordered: {paused:?}").into(),
+        );
+    }
+    if not_arrived > dropped {
+        return Err(format!(
+            "{not_arrived} messages to the paused server neither arrived nor were counted as dropped ({dropped} envelopes counted): {paused:?}"
+        )
+        .into());
+    }
+    let depth = stat(&drv, "max_queue_depth").ok_or("no queue depth from the driver")?;
+    let bound = 8192; // NodeConfig::peer_queue's default
+    if depth > bound {
+        return Err(format!("the queue toward a peer reached {depth} (bound {bound})").into());
+    }
     Ok(format!(
-        "paused at {:.1} s for 15 s; to the paused server: {} calls, {timeouts} timeouts at the 1 s deadline, errors {:?}, answering again {back} ms after resume; to the other: {ok_other} calls, 0 failed; longest call {} ms",
+        "paused at {:.1} s for 15 s; to the paused server: {} calls, {timeouts} timeouts at the 1 s deadline, errors {:?}, answering again {back} ms after resume; messages to it: {} accepted, {} refused at the send ({:?}), {} arrived in order with 0 duplicates, {not_arrived} dropped and counted by the sender ({dropped} envelopes counted); deepest queue {depth} (bound {bound}); to the other: {ok_other} calls and {} messages, 0 failed, 0 lost; longest call {} ms",
         paused_at.as_secs_f64(),
         to_paused.len(),
         error_kinds(to_paused.iter().copied()),
+        paused.accepted,
+        paused.refused,
+        paused.refusals,
+        paused.received,
+        other.received,
         all.iter().map(|c| c.took_ms).max().unwrap_or(0)
     ))
+}
+
+/// The fate of the driver's sequenced messages to one target (with `CG_MSG_EVERY_MS` and
+/// `CG_REPORT`).
+#[derive(Debug)]
+struct Messages {
+    /// Sends the driver's node accepted.
+    accepted: u64,
+    /// Sends it refused at once, and why.
+    refused: u64,
+    refusals: Vec<String>,
+    /// What the target reported: arrivals, sequence numbers skipped, and arrivals behind one
+    /// already seen (duplicated or reordered).
+    received: u64,
+    missing: u64,
+    behind: u64,
+}
+
+fn messages(p: &Proc, to: &str) -> Result<Messages, Error> {
+    let lines = p.out.all();
+    let field = |l: &str, name: &str| -> Option<u64> {
+        l.split(' ')
+            .find_map(|kv| kv.strip_prefix(&format!("{name}="))?.parse().ok())
+    };
+    let accepted = lines
+        .iter()
+        .find(|l| l.starts_with(&format!("msgs {to} ")))
+        .and_then(|l| field(l, "accepted"))
+        .ok_or(format!("no message count for {to}"))?;
+    let mut refused = 0;
+    let mut refusals = Vec::new();
+    for l in lines
+        .iter()
+        .filter_map(|l| l.strip_prefix(&format!("msgfail {to} ")))
+    {
+        let (k, n) = l.split_once(' ').ok_or("bad msgfail line")?;
+        refused += n.parse::<u64>()?;
+        refusals.push(format!("{k} {n}"));
+    }
+    let report = lines
+        .iter()
+        .find_map(|l| l.strip_prefix(&format!("report {to} ")))
+        .ok_or(format!("no report from {to}"))?;
+    let get = |name| field(report, name).ok_or(format!("{to} reported {report}"));
+    Ok(Messages {
+        accepted,
+        refused,
+        refusals,
+        received: get("received")?,
+        missing: get("missing")?,
+        behind: get("behind")?,
+    })
 }
 
 /// Scenario 5: a node killed with SIGKILL and restarted at the same address under load. No
