@@ -587,6 +587,7 @@ impl Collector for NodeCollector {
 
         let mut members = Vec::new();
         let mut depth = Vec::new();
+        let mut unconfirmed = Vec::new();
         let mut relayed = Vec::new();
         let mut relay_full = Vec::new();
         for (n, i) in &inners {
@@ -616,6 +617,7 @@ impl Collector for NodeCollector {
                     relayed.push((labels.clone(), sent));
                     relay_full.push((labels.clone(), full));
                 }
+                unconfirmed.push((labels.clone(), p.unconfirmed() as i64));
                 depth.push((labels, p.queued() as i64));
             }
         }
@@ -630,6 +632,12 @@ impl Collector for NodeCollector {
             "clustergo_peer_queue_depth",
             "Envelopes queued toward each peer (bounded by peer_queue)",
             &depth,
+        )?;
+        gauge(
+            &mut enc,
+            "clustergo_peer_unconfirmed",
+            "Envelopes written on the link to each peer that the peer has not confirmed yet (it acknowledges within 100 ms); growing while a peer is frozen or unreachable, and counted in clustergo_envelopes_unconfirmed if the link dies",
+            &unconfirmed,
         )?;
         counter_series(
             &mut enc,

@@ -22,6 +22,15 @@ pub fn key_of(bytes: &[u8]) -> u64 {
     })
 }
 
+/// The key traffic between nodes `a` and `b` is routed by: the unordered pair, so both
+/// directions cross the same harbors. `pick(pair_key(a, b), harbors)` is the harbor of a
+/// cluster that a fresh pair takes (an active pair keeps the one it has; see the README's
+/// routing section); operators can predict a path with it.
+pub fn pair_key(a: LogicAddr, b: LogicAddr) -> u64 {
+    let (lo, hi) = (a.as_u32().min(b.as_u32()), a.as_u32().max(b.as_u32()));
+    (u64::from(lo) << 32) | u64::from(hi)
+}
+
 /// The candidate with the highest score for `key` (ties, which need equal scores, go to the
 /// higher address); `None` for no candidates. The order of `candidates` does not matter.
 pub fn pick(key: u64, candidates: impl IntoIterator<Item = LogicAddr>) -> Option<LogicAddr> {

@@ -111,6 +111,32 @@ async fn a_hundred_thousand_messages_arrive_in_order() {
         sender.stats().envelopes_lost + sender.stats().envelopes_expired,
         0
     );
+    // The receiver acknowledges every message although it sends nothing back (its sweep,
+    // every 100 ms): the sender's gauge of unconfirmed envelopes goes to 0 with the link up.
+    let admin = clustergo::admin::Admin::new().node(&sender);
+    let gauge = format!("clustergo_peer_unconfirmed{{node=\"1.1.1\",peer=\"{to}\"}} ");
+    let settled = within(async {
+        loop {
+            let text = admin.metrics_text();
+            let line = text
+                .lines()
+                .find(|l| l.starts_with(&gauge))
+                .map(str::to_owned);
+            if line.as_deref().is_some_and(|l| l.ends_with(" 0")) {
+                return line;
+            }
+            // A metric is read, not awaited: poll it.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(settled.is_some());
+    assert!(sender.is_linked(to));
+    // And when the receiver shuts down, the link ends with nothing unconfirmed.
+    receiver.shutdown().await;
+    assert!(sender.wait_linked(to, false, Duration::from_secs(10)).await);
+    assert_eq!(sender.stats().envelopes_unconfirmed, 0);
+    assert_eq!(sender.stats().links_closed, 1);
 }
 
 #[tokio::test]

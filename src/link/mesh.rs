@@ -15,7 +15,7 @@ use tokio_util::task::TaskTracker;
 use tonic::Streaming;
 use tonic::transport::Channel;
 
-use super::peer::{LinkState, LinkStreams, LinkTokens, Peer};
+use super::peer::{ACK_EVERY, LinkState, LinkStreams, LinkTokens, Peer};
 use super::reader::{self, Deliver};
 use super::writer::Writer;
 use crate::addr::LogicAddr;
@@ -131,6 +131,29 @@ impl<S: LinkStreams> Links<S> {
     }
 }
 
+impl<S: LinkStreams> Links<S> {
+    /// The acknowledgement sweep, for the life of the node: every [`ACK_EVERY`], each link
+    /// whose reader received envelopes its writer has not told the peer of (it sent nothing
+    /// since) sends the count in a batch of its own. Traffic both ways carries the counts
+    /// in its batches, so under load the sweep finds nothing to do; one task per node, not a
+    /// wake per request.
+    pub(crate) async fn acknowledge(&self) {
+        let mut tick = tokio::time::interval(ACK_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.root.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            for peer in self.peer_list() {
+                if let LinkState::Up { tokens, .. } = &*peer.state() {
+                    tokens.counts.ask_ack();
+                }
+            }
+        }
+    }
+}
+
 /// Starts the reader of link `link_gen`, now up; the link goes down when the reader ends.
 pub(crate) fn link_up<H: Host>(
     host: Arc<H>,
@@ -156,17 +179,19 @@ pub(crate) fn link_up<H: Host>(
         // Keeps the dialed connection open for the life of the link.
         let _channel = channel;
         let stats = host.links().stats.clone();
-        let counts = tokens.counts.clone();
+        let mine = tokens.clone();
         let why = reader::run(inbound, peer.clone(), tokens, host.clone(), stats.clone()).await;
-        link_down(&*host, &peer, link_gen, &why);
-        // What this side wrote that the peer never confirmed: it may have died with it.
-        let unconfirmed = counts.unconfirmed();
+        // What this side wrote that the peer never confirmed may have died with the link:
+        // counted once the writer is stopped, before anyone hears the link is down.
+        mine.kill.cancel();
+        let unconfirmed = mine.counts.unconfirmed();
         if unconfirmed > 0 {
             stats
                 .envelopes_unconfirmed
                 .fetch_add(unconfirmed, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!(peer = %peer.addr, link_gen, unconfirmed, reason = %why, "link ended with envelopes the peer had not confirmed; they may not have arrived");
         }
+        link_down(&*host, &peer, link_gen, &why);
     });
 }
 

@@ -46,8 +46,8 @@ pub(crate) struct LinkTokens {
     pub(crate) counts: Arc<LinkCounts>,
 }
 
-/// How often a side that received envelopes and has nothing of its own to send tells the
-/// other side so (its own batches carry the count anyway).
+/// How often a side that received envelopes and has sent nothing since tells the other side
+/// so (its own batches carry the count anyway).
 pub(crate) const ACK_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Delivery accounting of one link. Each side counts the envelopes it received and tells the
@@ -65,11 +65,22 @@ pub(crate) struct LinkCounts {
     pub(crate) received: std::sync::atomic::AtomicU64,
     /// The count this side's writer last told the peer.
     pub(crate) told: std::sync::atomic::AtomicU64,
-    /// The writer, woken when there is something new to acknowledge.
+    /// The node's acknowledgement sweep asks the writer for an acknowledgement-only batch.
+    pub(crate) asked: std::sync::atomic::AtomicBool,
+    /// The writer, woken by the sweep.
     pub(crate) writer: futures_util::task::AtomicWaker,
 }
 
 impl LinkCounts {
+    /// Asks the writer to acknowledge what the reader received, if the peer has not been told.
+    pub(crate) fn ask_ack(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.received.load(Relaxed) != self.told.load(Relaxed) {
+            self.asked.store(true, Relaxed);
+            self.writer.wake();
+        }
+    }
+
     /// Envelopes written that the peer has not confirmed.
     pub(crate) fn unconfirmed(&self) -> u64 {
         use std::sync::atomic::Ordering::Relaxed;
@@ -216,6 +227,15 @@ impl<S: LinkStreams> Peer<S> {
 
     pub(crate) fn state(&self) -> MutexGuard<'_, LinkState> {
         lock(&self.state)
+    }
+
+    /// Envelopes written on the current link that the peer has not confirmed (0 without a
+    /// link).
+    pub(crate) fn unconfirmed(&self) -> u64 {
+        match &*self.state() {
+            LinkState::Up { tokens, .. } => tokens.counts.unconfirmed(),
+            _ => 0,
+        }
     }
 
     /// Replaces the state; the caller holds the guard from [`Peer::state`].

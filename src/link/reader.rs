@@ -65,15 +65,11 @@ pub(crate) async fn run<D: Deliver>(
                 if batch.received > 0 {
                     counts.confirmed.fetch_max(batch.received, Relaxed);
                 }
-                if !batch.envelopes.is_empty() {
-                    let n = batch.envelopes.len() as u64;
-                    let before = counts.received.fetch_add(n, Relaxed);
-                    // The first receipt since the writer last told the peer: wake it to arm its
-                    // acknowledgement (later ones ride along).
-                    if before == counts.told.load(Relaxed) {
-                        counts.writer.wake();
-                    }
-                }
+                // Acknowledged with this side's next batch, or by the node's sweep (see
+                // `Links::acknowledge`): nothing here wakes the writer per batch.
+                counts
+                    .received
+                    .fetch_add(batch.envelopes.len() as u64, Relaxed);
                 for env in batch.envelopes {
                     // A link replaced or dropped mid-batch delivers nothing more: what waited
                     // on it has been failed already.

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use tokio_stream::Stream;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
-use super::peer::{ACK_EVERY, LinkCounts, LinkStreams, LinkTokens, Outbound, Peer};
+use super::peer::{LinkCounts, LinkStreams, LinkTokens, Outbound, Peer};
 use crate::proto::{Batch, envelope::Body};
 use crate::stats::Stats;
 
@@ -35,8 +35,6 @@ pub(crate) struct Writer<S> {
     streams_first: bool,
     /// The link's delivery accounting (see [`LinkCounts`]).
     counts: Arc<LinkCounts>,
-    /// When to acknowledge what the reader received, if nothing else carries the count first.
-    ack_due: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<S> std::fmt::Debug for Writer<S> {
@@ -67,7 +65,6 @@ impl<S: LinkStreams> Writer<S> {
             buf: Vec::new(),
             streams_first: false,
             counts: tokens.counts.clone(),
-            ack_due: None,
         }
     }
 }
@@ -126,24 +123,16 @@ impl<S: LinkStreams> Writer<S> {
     }
 
     /// An acknowledgement-only batch, when the reader received envelopes the peer has not
-    /// been told of and [`ACK_EVERY`] has passed since the first of them (at once when
-    /// `now`). Registers the waker for the next receipt otherwise.
+    /// been told of and the node's acknowledgement sweep asked for one (at most every
+    /// [`ACK_EVERY`](super::peer::ACK_EVERY): a writer that sends anything carries the count
+    /// anyway), or at once when `now`. Registers the waker for the sweep otherwise.
     fn ack(&mut self, cx: &mut Context<'_>, now: bool) -> Option<Batch> {
         self.counts.writer.register(cx.waker());
+        let asked = self.counts.asked.swap(false, Relaxed);
         let received = self.counts.received.load(Relaxed);
-        if received == self.counts.told.load(Relaxed) {
-            self.ack_due = None;
+        if (!asked && !now) || received == self.counts.told.load(Relaxed) {
             return None;
         }
-        if !now {
-            let due = self
-                .ack_due
-                .get_or_insert_with(|| Box::pin(tokio::time::sleep(ACK_EVERY)));
-            if due.as_mut().poll(cx).is_pending() {
-                return None;
-            }
-        }
-        self.ack_due = None;
         self.counts.told.store(received, Relaxed);
         Some(Batch {
             received,
@@ -225,7 +214,6 @@ impl<S: LinkStreams> Stream for Writer<S> {
                 // Every batch carries the receipt count: no acknowledgement of its own is due.
                 let received = this.counts.received.load(Relaxed);
                 this.counts.told.store(received, Relaxed);
-                this.ack_due = None;
                 return Poll::Ready(Some(Batch {
                     envelopes,
                     received,

@@ -170,6 +170,10 @@ impl Inner {
             }
         });
         task::spawn(&self.tracker, span("local"), self.clone().local_loop());
+        let this = self.clone();
+        task::spawn(&self.tracker, span("acks"), async move {
+            this.links.acknowledge().await
+        });
         task::spawn(
             &self.tracker,
             span("membership"),

@@ -76,8 +76,7 @@ pub(crate) enum RouteError {
 /// (each harbor on the way then sees answers go by, and can end both sides of a stream), and
 /// everything one node sends another takes one path, in order.
 pub(crate) fn route_key(a: LogicAddr, b: LogicAddr) -> u64 {
-    let (lo, hi) = (a.as_u32().min(b.as_u32()), a.as_u32().max(b.as_u32()));
-    (u64::from(lo) << 32) | u64::from(hi)
+    crate::rendezvous::pair_key(a, b)
 }
 
 /// The next hop from `me` to `to` over `view`, picking harbors by `key` (see [`route_key`]) and

@@ -2,8 +2,29 @@
 //! `net.rs`). Needs root: without it, this prints that it did not run and why, and counts
 //! nothing as passed. Each scenario asserts what a user would notice and prints its figures.
 //!
-//! Re-executed inside a host as the load driver (environment `CG_FAULT_ROLE=driver`): a node
-//! that calls game servers back to back and prints one line per call.
+//! Re-executed inside a host, this binary plays the other roles (`CG_FAULT_ROLE`, see
+//! `roles.rs`): the load driver (a node calling targets back to back and sending sequenced
+//! messages, one line per call), a sink (a node that checks the order of those messages),
+//! and the gateway's clients.
+//!
+//! A new scenario in a few lines: a function returning its figures, listed in `main` with
+//! the title its row has in the README's table (the test writes the row):
+//!
+//! ```text
+//! fn my_fault() -> Result<String, Error> {
+//!     let b = bed("mine", &["1.1.1", "1.1.2"])?; // etcd, two game servers, a driver host
+//!     let run = Duration::from_secs(20);
+//!     let mut drv = b.driver(&["1.1.1", "1.1.2"], run)?; // calls both, back to back
+//!     std::thread::sleep(Duration::from_secs(3));
+//!     b.net.partition(&b.servers[0].0)?; // the fault (or cut, kill, pause, ...)
+//!     std::thread::sleep(Duration::from_secs(10));
+//!     b.net.heal(&b.servers[0].0)?;
+//!     driver_done(&mut drv, run)?;
+//!     let all = calls(&drv);
+//!     within_deadlines(&all)?; // the promise under test
+//!     Ok(format!("{} calls, errors {:?}", all.len(), error_kinds(&all)))
+//! }
+//! ```
 
 mod net;
 mod roles;
@@ -51,36 +72,55 @@ fn main() {
         .skip(1)
         .filter(|a| !a.starts_with('-'))
         .collect();
-    let scenarios: [(&str, Scenario); 7] = [
+    // (test name, what the README's table calls it, the scenario)
+    let scenarios: [(&str, &str, Scenario); 7] = [
         (
             "an_asymmetric_partition_fails_calls_at_their_deadlines_without_flapping",
+            "an asymmetric partition for 20 s (the game server cannot send to its caller)",
             asymmetric,
         ),
-        ("a_slow_link_slows_calls_but_fails_none", slow_link),
+        (
+            "a_slow_link_slows_calls_but_fails_none",
+            "a slow link (netem, 100 ms one way)",
+            slow_link,
+        ),
         (
             "a_game_server_cut_off_from_its_gateway_moves_only_its_clients",
+            "a game server cut off from its gateway for 20 s (both still reach etcd), 100 clients echoing",
             gateway_cut,
         ),
         (
             "a_partitioned_harbor_fails_over_within_the_lease",
+            "one of the two harbors of the callers' cluster cut off for 20 s, calls and messages across clusters",
             harbor_partition,
         ),
         (
             "etcd_partitioned_from_a_node_fails_no_call_and_the_node_comes_back",
+            "etcd cut off from one game server for 30 s",
             etcd_partition,
         ),
         (
             "a_paused_game_server_times_out_its_callers_at_their_deadlines",
+            "a game server frozen (SIGSTOP) for 15 s, calls and messages to it and another",
             paused_server,
         ),
         (
             "a_killed_and_restarted_node_is_called_again_at_once",
+            "a node SIGKILLed and restarted at the same address 2 s later",
             killed_and_restarted,
         ),
     ];
+    let readme = Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
+    // Runs everywhere, root or not: the README's table has a row for each scenario.
+    if let Err(e) = table_matches(&readme, &scenarios.map(|s| s.1)) {
+        println!("faults: the README's table is out of date: {e}");
+        std::process::exit(1);
+    }
     let chosen: Vec<_> = scenarios
         .iter()
-        .filter(|(name, _)| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str())))
+        .filter(|(name, _, _)| {
+            filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()))
+        })
         .collect();
     if let Some(why) = net::unsupported() {
         println!(
@@ -91,17 +131,25 @@ fn main() {
     }
     let mut failed = 0;
     let mut not_run = 0;
-    for (name, scenario) in &chosen {
+    let mut rows = Vec::new();
+    for (name, title, scenario) in &chosen {
         let started = Instant::now();
         println!("faults: {name} ...");
         match scenario() {
-            Ok(figures) => println!(
-                "faults: {name} ok in {:.1} s: {figures}",
-                started.elapsed().as_secs_f64()
-            ),
+            Ok(figures) => {
+                println!(
+                    "faults: {name} ok in {:.1} s: {figures}",
+                    started.elapsed().as_secs_f64()
+                );
+                rows.push((*title, figures));
+            }
             Err(e) if e.downcast_ref::<NotRun>().is_some() => {
                 not_run += 1;
                 println!("faults: {name} NOT RUN: {e}");
+                rows.push((
+                    *title,
+                    format!("not run here: {e}; reported NOT RUN, never a pass"),
+                ));
             }
             Err(e) => {
                 failed += 1;
@@ -117,6 +165,72 @@ fn main() {
     if failed > 0 {
         std::process::exit(1);
     }
+    // The figures as the README's table: written next to the build, and into the README when
+    // asked (`CG_FAULTS_README=1`, with every scenario run).
+    let table = table(&rows);
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(dir) = exe.parent().and_then(Path::parent)
+    {
+        let out = dir.join("faults-table.md");
+        if std::fs::write(&out, &table).is_ok() {
+            println!("faults: figures written to {}", out.display());
+        }
+    }
+    if std::env::var_os("CG_FAULTS_README").is_some() && chosen.len() == scenarios.len() {
+        match write_table(&readme, &table) {
+            Ok(()) => println!("faults: the README's table updated"),
+            Err(e) => {
+                println!("faults: could not update the README: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
+}
+
+/// Where the generated table sits in the README.
+const TABLE_BEGIN: &str = "<!-- faults table: generated by gateway/tests/faults; do not edit -->";
+const TABLE_END: &str = "<!-- faults table end -->";
+
+/// A markdown table of `(scenario, figures)`.
+fn table(rows: &[(&str, String)]) -> String {
+    let mut t =
+        String::from("| scenario | what a user notices (measured by the test) |\n|---|---|\n");
+    for (title, figures) in rows {
+        t.push_str(&format!("| {title} | {} |\n", figures.replace('|', "/")));
+    }
+    t
+}
+
+/// The README's table: its rows' first cells.
+fn table_rows(readme: &Path) -> Result<(String, Vec<String>), Error> {
+    let text = std::fs::read_to_string(readme)?;
+    let start = text.find(TABLE_BEGIN).ok_or("no table start marker")?;
+    let end = text.find(TABLE_END).ok_or("no table end marker")?;
+    let rows = text[start..end]
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| scenario |"))
+        .filter_map(|l| Some(l.split(" | ").next()?.trim_start_matches("| ").to_owned()))
+        .collect();
+    Ok((text, rows))
+}
+
+/// Whether the README's table has exactly one row per scenario title, in order.
+fn table_matches(readme: &Path, titles: &[&str]) -> Result<(), Error> {
+    let (_, rows) = table_rows(readme)?;
+    if rows != titles {
+        return Err(format!("its rows are {rows:?}, the scenarios {titles:?}").into());
+    }
+    Ok(())
+}
+
+/// Replaces the README's table with `table`.
+fn write_table(readme: &Path, table: &str) -> Result<(), Error> {
+    let (text, _) = table_rows(readme)?;
+    let start = text.find(TABLE_BEGIN).ok_or("no table start marker")? + TABLE_BEGIN.len();
+    let end = text.find(TABLE_END).ok_or("no table end marker")?;
+    let new = format!("{}\n{table}{}", &text[..start], &text[end..]);
+    std::fs::write(readme, new)?;
+    Ok(())
 }
 
 /// The programs the scenarios run, as the workspace's test build made them.
@@ -243,9 +357,18 @@ fn node_process(
     Ok(p)
 }
 
-/// A game server at fixed `addr` on `host` (listed already), up and serving.
+/// A game server at fixed `addr` on `host` (listed already), up and serving, with its admin
+/// endpoints on port 9100.
 fn game_server(host: &Host, etcd: &str, addr: &str) -> Result<Proc, Error> {
-    let extra = ["--lease-ttl-secs", "2", "--shutdown-grace-secs", "2"];
+    let admin = format!("{}:9100", host.ip);
+    let extra = [
+        "--lease-ttl-secs",
+        "2",
+        "--shutdown-grace-secs",
+        "2",
+        "--admin-listen",
+        &admin,
+    ];
     node_process(host, "game_server", addr, etcd, &extra, "listening on")
 }
 
@@ -597,23 +720,44 @@ async fn ask(c: &mut clustergo_client::Client, frame: &[u8]) -> Result<String, E
 }
 
 /// Scenario 2: one of the two harbors of the callers' cluster cut off (from everything) for
-/// 20 s under cross-cluster calls. Calls in flight through it end with a typed error at their
-/// deadline, never later; callers fail over once its lease expires (2 s here); after that no
-/// call fails, through the heal too.
+/// 20 s under cross-cluster calls and sequenced messages. Calls in flight through it end
+/// with a typed error at their deadline, never later; callers fail over once its lease
+/// expires (2 s here); after that no call fails, through the heal too. After the heal the
+/// active pair stays on the harbor it failed over to (moving it could reorder its traffic:
+/// its messages arrive in order, without duplicates), while a pair that starts afterwards
+/// takes the healed harbor again: traffic is balanced again.
 fn harbor_partition() -> Result<String, Error> {
+    use clustergo::LogicAddr;
+    use clustergo::rendezvous::{pair_key, pick};
     let net = Net::new("hb")?;
-    let hosts: Vec<Host> = ["etcd", "h11", "h12", "h21", "s2", "drv"]
+    let hosts: Vec<Host> = ["etcd", "h11", "h12", "h21", "s2", "s3", "drv"]
         .iter()
         .map(|n| net.host(n))
         .collect::<Result<_, _>>()?;
-    let [etcd_host, h11, h12, h21, s2, d] = &hosts[..] else {
-        return Err("six hosts".into());
+    let [etcd_host, h11, h12, h21, s2, s3, d] = &hosts[..] else {
+        return Err("seven hosts".into());
     };
+    // The pairs: the driver and 2.1.1 go through 1.255.1 (the harbor to be cut), and so does
+    // the pair started after the heal (with a server picked for it).
+    let addr = |s: &str| s.parse::<LogicAddr>();
+    let (me, h1, h2) = (addr("1.50.1")?, addr("1.255.1")?, addr("1.255.2")?);
+    let harbor_of = |to: LogicAddr| pick(pair_key(me, to), [h1, h2]);
+    if harbor_of(addr("2.1.1")?) != Some(h1) {
+        return Err("the first pair does not go through 1.255.1: pick another server".into());
+    }
+    let late = (2..100)
+        .map(|i| addr(&format!("2.1.{i}")))
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .find(|a| harbor_of(*a) == Some(h1))
+        .ok_or("no server whose pair goes through 1.255.1")?
+        .to_string();
     let (_etcd, ep) = start_etcd(&net, etcd_host)?;
     for (addr, host) in [("1.255.1", h11), ("1.255.2", h12), ("2.255.1", h21)] {
         list(d, &ep, addr, &format!("{}:9000", host.ip))?;
     }
     list_with(d, &ep, "2.1.1", &format!("{}:9000", s2.ip), &["--export"])?;
+    list_with(d, &ep, &late, &format!("{}:9000", s3.ip), &["--export"])?;
     list(d, &ep, "1.50.1", &format!("{}:9000", d.ip))?;
     let harbor = |host: &Host, addr: &str| {
         node_process(
@@ -630,9 +774,18 @@ fn harbor_partition() -> Result<String, Error> {
         harbor(h12, "1.255.2")?,
         harbor(h21, "2.255.1")?,
     ];
-    let _s = game_server(s2, &ep, "2.1.1")?;
-    let run = Duration::from_secs(32);
-    let mut drv = driver_on(d, &ep, "1.50.1", &["2.1.1"], DEADLINE, run, &[])?;
+    let _s = [sink(s2, &ep, "2.1.1")?, sink(s3, &ep, &late)?];
+    let run = Duration::from_secs(36);
+    // The new pair starts 6 s after the heal (the healed harbor's lease is back by then).
+    let late_from = 29_000;
+    let late_opt = format!("{late_from}:{late}");
+    let extra = [
+        ("CG_MSG_EVERY_MS", "10"),
+        ("CG_REPORT", "1"),
+        ("CG_LINKS", "1.255.1,1.255.2"),
+        ("CG_LATE", &late_opt as &str),
+    ];
+    let mut drv = driver_on(d, &ep, "1.50.1", &["2.1.1"], DEADLINE, run, &extra)?;
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs(3));
     net.partition(h11)?;
@@ -647,9 +800,8 @@ fn harbor_partition() -> Result<String, Error> {
     if failed.iter().any(|c| c.at + c.took_ms < cut_at) {
         return Err("calls failed before the partition".into());
     }
-    // The pair's path (rendezvous on the addresses) goes through 1.255.1: the call in flight
-    // at the cut is lost with it. Without a failure, the partition missed the path and the
-    // scenario tested nothing.
+    // The call in flight at the cut is lost with the harbor. Without a failure, the
+    // partition missed the path and the scenario tested nothing.
     if failed.is_empty() {
         return Err("no call went through the partitioned harbor".into());
     }
@@ -667,12 +819,47 @@ fn harbor_partition() -> Result<String, Error> {
         )
         .into());
     }
+    // After the heal: the active pair stays where it is; the new one takes 1.255.1.
+    let relinked: Vec<u64> = drv
+        .out
+        .all()
+        .iter()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("linked ")?;
+            let (at, rest) = rest.split_once(' ')?;
+            (rest == "1.255.1 true").then(|| at.parse().ok())?
+        })
+        .filter(|at| *at > cut_at)
+        .collect();
+    if let Some(at) = relinked.iter().find(|at| **at < late_from) {
+        return Err(format!(
+            "the active pair went back to the healed harbor at {at} ms (healed at {healed_at} ms): its traffic could be reordered"
+        )
+        .into());
+    }
+    let rebalanced = relinked
+        .first()
+        .map(|at| at - late_from)
+        .ok_or("the pair started after the heal did not take the healed harbor")?;
+    let to_late = all.iter().filter(|c| c.to == late).count();
+    if to_late == 0 {
+        return Err("no call to the pair started after the heal".into());
+    }
+    let m = messages(&drv, "2.1.1")?;
+    if m.behind > 0 || m.received > m.accepted {
+        return Err(
+            format!("the active pair's messages were duplicated or reordered: {m:?}").into(),
+        );
+    }
     let kinds = error_kinds(&all);
     let after_heal = all.iter().filter(|c| c.at > healed_at).count();
     Ok(format!(
-        "{} calls across clusters; {} failed ({kinds:?}), the last ending {last_fail} ms after the cut, none past its 1 s deadline; {after_heal} calls after the heal, 0 failed",
+        "{} calls across clusters; {} failed ({kinds:?}), the last ending {last_fail} ms after the cut, none past its 1 s deadline; {after_heal} calls after the heal, 0 failed; the active pair stayed on the other harbor ({} messages, {} arrived in order, 0 duplicated; the {} in flight through the cut-off harbor were lost with it), a pair started after the heal took the healed harbor {rebalanced} ms later ({to_late} calls, 0 failed)",
         all.len(),
-        failed.len()
+        failed.len(),
+        m.accepted,
+        m.received,
+        m.accepted - m.received.min(m.accepted)
     ))
 }
 
@@ -787,17 +974,23 @@ fn error_kinds<'a>(calls: impl IntoIterator<Item = &'a Call>) -> Vec<String> {
 
 /// Scenario 3: etcd cut off from one game server for 30 s. Calls between live nodes go on
 /// with no failure; the cut-off node's lease expires, so its peers see it unavailable (not
-/// picked) while it is gone; healed, it is available again by itself.
+/// picked) while it is gone; healed, it is available again by itself. A member listed while
+/// it is cut off reaches its view when it heals (its `/status`, polled by the driver).
 fn etcd_partition() -> Result<String, Error> {
     let b = bed("etcd", &["1.1.1", "1.1.2"])?;
     let a = &b.servers[0].0;
     let run = Duration::from_secs(42);
-    let mut drv = b.driver(&["1.1.1", "1.1.2"], run)?;
+    let admin = format!("{}:9100", a.ip);
+    let mut drv = b.driver_with(&["1.1.1", "1.1.2"], run, &[("CG_WATCH", &admin)])?;
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs(3));
     b.net.cut(a, &b.etcd_host, true)?;
     let cut_at = t0.elapsed().as_millis() as u64;
-    std::thread::sleep(Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(5));
+    // A change while it is cut off: a new member.
+    list(&b.drv, &b.ep, "1.1.3", "10.0.0.1:9000")?;
+    let added_at = t0.elapsed().as_millis() as u64;
+    std::thread::sleep(Duration::from_secs(25));
     b.net.mend(a, &b.etcd_host, true)?;
     let healed_at = t0.elapsed().as_millis() as u64;
     driver_done(&mut drv, run)?;
@@ -834,8 +1027,51 @@ fn etcd_partition() -> Result<String, Error> {
     if back > 5_000 {
         return Err(format!("available again only {back} ms after the heal").into());
     }
+    // The cut-off node's member count, as its /status said over time.
+    let counts: Vec<(u64, u64)> = drv
+        .out
+        .all()
+        .iter()
+        .filter_map(|l| {
+            let mut f = l.strip_prefix("status ")?.splitn(3, ' ');
+            let at = f.next()?.parse().ok()?;
+            let json = f.nth(1)?;
+            let n = json.split("\"members\":").nth(1)?;
+            let n = n
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()?;
+            Some((at, n))
+        })
+        .collect();
+    let before = counts
+        .iter()
+        .take_while(|(at, _)| *at < added_at)
+        .last()
+        .map(|c| c.1)
+        .ok_or(format!("no /status of the cut-off node: {counts:?}"))?;
+    if let Some((at, n)) = counts
+        .iter()
+        .find(|(at, n)| *n != before && *at < healed_at)
+    {
+        return Err(format!(
+            "the cut-off node's view changed to {n} members at {at} ms, before the heal"
+        )
+        .into());
+    }
+    let applied = counts
+        .iter()
+        .find(|(at, n)| *n == before + 1 && *at >= healed_at)
+        .map(|(at, _)| at - healed_at)
+        .ok_or(format!(
+            "the member listed during the cut never reached the cut-off node: {counts:?}"
+        ))?;
+    if applied > 5_000 {
+        return Err(format!("the change reached it only {applied} ms after the heal").into());
+    }
     Ok(format!(
-        "{} calls, 0 failed; the cut-off node unavailable {gone} ms after the cut (lease TTL 2 s), available again {back} ms after the heal",
+        "{} calls, 0 failed; the cut-off node unavailable {gone} ms after the cut (lease TTL 2 s), available again {back} ms after the heal; a member listed during the cut reached its view {applied} ms after the heal",
         all.len()
     ))
 }
@@ -1073,8 +1309,26 @@ fn asymmetric() -> Result<String, Error> {
     if dial_failed == 0 {
         return Err("the dial failures do not show in the counters".into());
     }
+    // And in the caller's log: the link's end with its reason, and each failed dial once
+    // (the backoff gates the lines), never a line per call.
+    let log = drv.log_lines();
+    let about = |what: &str| {
+        log.iter()
+            .filter(|l| l.contains(what) && l.contains("peer=1.1.1"))
+            .count() as u64
+    };
+    let (downs, dial_lines) = (about("link down"), about("dial failed"));
+    if downs == 0 {
+        return Err("the lost link is not in the caller's log".into());
+    }
+    if dial_lines == 0 || dial_lines > dial_failed {
+        return Err(format!(
+            "{dial_lines} `dial failed` lines in the caller's log for {dial_failed} failed dials"
+        )
+        .into());
+    }
     Ok(format!(
-        "{} calls; {during} failed during the 20 s cut ({:?}), none past its 1 s deadline; {dials} dials in all ({dial_failed} failed, counted); called again {back} ms after the mend",
+        "{} calls; {during} failed during the 20 s cut ({:?}), none past its 1 s deadline; {dials} dials in all ({dial_failed} failed, counted); in the caller's log: {downs} `link down` and {dial_lines} `dial failed` lines; called again {back} ms after the mend",
         all.len(),
         error_kinds(&all)
     ))

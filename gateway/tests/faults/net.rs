@@ -9,14 +9,8 @@
 //! VM). Dropping the `Net` kills every process it started (by pid) and deletes every
 //! namespace, also when a test panics.
 //!
-//! A new fault test in a few lines:
-//!
-//! ```text
-//! let net = Net::new("mytest")?;
-//! let etcd = net.host("etcd")?;   let e = etcd.etcd()?;
-//! let a = net.host("a")?;         let pa = a.spawn("game", &game_server_cmd(&e, "1.1.auto"))?;
-//! net.partition(&a)?; ...; net.heal(&a)?;
-//! ```
+//! The scenarios in `main.rs` build on this (a bed of etcd, nodes and a load driver); how to
+//! write one is described there.
 
 #![allow(dead_code, unreachable_pub)]
 
@@ -277,6 +271,19 @@ pub struct Proc {
     pub name: String,
     child: Child,
     pub out: Lines,
+    /// Its log: stdout and stderr (a node's logs).
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// The lines of its log so far.
+    pub fn log_lines(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
 }
 
 impl Host {
@@ -289,7 +296,8 @@ impl Host {
         args: &[String],
         env: &[(&str, &str)],
     ) -> Result<Proc, Error> {
-        let log = std::fs::File::create(self.dir.join(format!("{}-{name}.log", self.name)))?;
+        let log_path = self.dir.join(format!("{}-{name}.log", self.name));
+        let log = std::fs::File::create(&log_path)?;
         let mut child = Command::new("ip")
             .args(["netns", "exec", &self.ns])
             .arg(program)
@@ -316,6 +324,7 @@ impl Host {
             name: name.into(),
             child,
             out,
+            log: log_path,
         })
     }
 }

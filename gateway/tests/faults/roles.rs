@@ -70,6 +70,7 @@ fn kind(e: &impl std::fmt::Debug) -> String {
 ///   never waiting for room (`try_send_cmd`, as a game loop does); prints `msgs <to>
 ///   accepted=N` and `msgfail <to> <kind> <count>` at the end;
 /// - `CG_GAP=<from_ms>+<len_ms>`: sends and calls nothing in that window (the pairs go idle);
+/// - `CG_LATE=<from_ms>:<addr,…>`: more targets, called in turn with the others from then on;
 /// - `CG_LINKS`: addresses whose link state is printed on change: `linked <at_ms> <addr> <up>`;
 /// - `CG_WATCH`: admin endpoints (`ip:port`) whose `/status` is printed when it changes:
 ///   `status <at_ms> <ip:port> <json>`;
@@ -92,6 +93,13 @@ pub(crate) fn driver() -> Result<(), Error> {
         }
         None => None,
     };
+    let late = match opt("CG_LATE") {
+        Some(l) => {
+            let (from, list) = l.split_once(':').ok_or("CG_LATE: <from_ms>:<addr,…>")?;
+            Some((from.parse::<u64>()?, addrs(list)?))
+        }
+        None => None,
+    };
     let links = opt("CG_LINKS")
         .map(|l| addrs(&l))
         .transpose()?
@@ -105,7 +113,8 @@ pub(crate) fn driver() -> Result<(), Error> {
         let _logs = clustergo::telemetry::init("fault-driver")?;
         let node = node(|b| b)?;
         node.start().await?;
-        for t in &targets {
+        let everyone = targets.iter().chain(late.iter().flat_map(|(_, l)| l));
+        for t in everyone {
             if !node
                 .wait_for_member(*t, |m| m.is_some_and(|m| m.available), WAIT)
                 .await
@@ -200,7 +209,14 @@ pub(crate) fn driver() -> Result<(), Error> {
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 continue;
             }
-            let to = targets[i % targets.len()];
+            let to = match &late {
+                Some((from, more)) if ms() >= *from => {
+                    let n = targets.len() + more.len();
+                    let k = i % n;
+                    if k < targets.len() { targets[k] } else { more[k - targets.len()] }
+                }
+                _ => targets[i % targets.len()],
+            };
             i += 1;
             let at = ms();
             let started = tokio::time::Instant::now();
