@@ -561,9 +561,11 @@ fn gateway_cut() -> Result<String, Error> {
         .map(|(at, _, _)| at.saturating_sub(cut_at))
         .max();
     let figures = format!(
-        "{} clients of the cut-off server closed with a reason ({:?}), {first_told:?}..{last_told:?} ms after the cut; clients of the other server: {other_closed} closed, longest gap between echoes {worst_other} ms; faults {}",
+        "{} clients of the cut-off server closed with a reason (\"{}\") {:.1}–{:.1} s after the cut (the link's keepalive: 3 s + 5 s), and all reconnected; clients of the other server: {other_closed} closed, longest wait for an echo {worst_other} ms; {} clients saw anything else",
         moved.len(),
-        moved.first().map(|m| m.2.clone()),
+        moved.first().map(|m| m.2.as_str()).unwrap_or("-"),
+        first_told.unwrap_or(0) as f64 / 1000.0,
+        last_told.unwrap_or(0) as f64 / 1000.0,
         faults.len()
     );
     if !faults.is_empty() {
@@ -760,14 +762,9 @@ fn harbor_partition() -> Result<String, Error> {
     list_with(d, &ep, &late, &format!("{}:9000", s3.ip), &["--export"])?;
     list(d, &ep, "1.50.1", &format!("{}:9000", d.ip))?;
     let harbor = |host: &Host, addr: &str| {
-        node_process(
-            host,
-            "harbor",
-            addr,
-            &ep,
-            &["--lease-ttl-secs", "2"],
-            "listening on",
-        )
+        let admin = format!("{}:9100", host.ip);
+        let flags = ["--lease-ttl-secs", "2", "--admin-listen", &admin];
+        node_process(host, "harbor", addr, &ep, &flags, "listening on")
     };
     let _h = [
         harbor(h11, "1.255.1")?,
@@ -779,11 +776,13 @@ fn harbor_partition() -> Result<String, Error> {
     // The new pair starts 6 s after the heal (the healed harbor's lease is back by then).
     let late_from = 29_000;
     let late_opt = format!("{late_from}:{late}");
+    let harbors_admin = [h11, h12, h21].map(|h| format!("{}:9100", h.ip)).join(",");
     let extra = [
         ("CG_MSG_EVERY_MS", "10"),
         ("CG_REPORT", "1"),
         ("CG_LINKS", "1.255.1,1.255.2"),
         ("CG_LATE", &late_opt as &str),
+        ("CG_METRICS", &harbors_admin),
     ];
     let mut drv = driver_on(d, &ep, "1.50.1", &["2.1.1"], DEADLINE, run, &extra)?;
     let t0 = Instant::now();
@@ -851,16 +850,61 @@ fn harbor_partition() -> Result<String, Error> {
             format!("the active pair's messages were duplicated or reordered: {m:?}").into(),
         );
     }
+    // What did not arrive was counted on the way: by the driver, or by a harbor.
+    let not_arrived = m.accepted - m.received.min(m.accepted);
+    let by_driver: u64 = [
+        "envelopes_lost",
+        "envelopes_expired",
+        "envelopes_unconfirmed",
+    ]
+    .iter()
+    .map(|n| stat(&drv, n).unwrap_or(0))
+    .sum();
+    let by_harbors = harbor_drops(&drv)?;
+    if not_arrived > by_driver + by_harbors {
+        return Err(format!(
+            "{not_arrived} messages neither arrived nor were counted (driver {by_driver}, harbors {by_harbors})"
+        )
+        .into());
+    }
     let kinds = error_kinds(&all);
     let after_heal = all.iter().filter(|c| c.at > healed_at).count();
     Ok(format!(
-        "{} calls across clusters; {} failed ({kinds:?}), the last ending {last_fail} ms after the cut, none past its 1 s deadline; {after_heal} calls after the heal, 0 failed; the active pair stayed on the other harbor ({} messages, {} arrived in order, 0 duplicated; the {} in flight through the cut-off harbor were lost with it), a pair started after the heal took the healed harbor {rebalanced} ms later ({to_late} calls, 0 failed)",
+        "{} calls across clusters; {} failed ({kinds:?}), the last ending {last_fail} ms after the cut, none past its 1 s deadline; {after_heal} calls after the heal, 0 failed; the active pair stayed on the other harbor ({} messages, {} arrived in order, 0 duplicated; the {} in flight through the cut-off harbor were lost with it, and counted: {by_driver} envelopes by the caller, {by_harbors} by the harbors), a pair started after the heal took the healed harbor {rebalanced} ms later ({to_late} calls, 0 failed)",
         all.len(),
         failed.len(),
         m.accepted,
         m.received,
         m.accepted - m.received.min(m.accepted)
     ))
+}
+
+/// Envelopes the harbors the driver read (`CG_METRICS`) dropped and counted: lost, expired,
+/// unconfirmed, unroutable or refused at a full hop.
+fn harbor_drops(p: &Proc) -> Result<u64, Error> {
+    let lines = p.out.all();
+    let samples: Vec<&str> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("metric "))
+        .collect();
+    if let Some(l) = samples.iter().find(|l| l.contains("unreachable")) {
+        return Err(format!("a harbor's metrics: {l}").into());
+    }
+    if samples.is_empty() {
+        return Err("no metrics from the harbors".into());
+    }
+    let dropped = ["lost", "expired", "unconfirmed", "unroutable", "hop_busy"];
+    Ok(samples
+        .iter()
+        .filter_map(|l| {
+            let (_, sample) = l.split_once(' ')?;
+            let name = sample.split(['{', ' ']).next()?;
+            dropped
+                .iter()
+                .any(|d| name.starts_with(&format!("clustergo_envelopes_{d}")))
+                .then(|| sample.rsplit(' ').next()?.parse::<f64>().ok())?
+        })
+        .sum::<f64>() as u64)
 }
 
 /// A driver's final counter `name` (from its `stats` line).
@@ -1156,7 +1200,7 @@ fn paused_server() -> Result<String, Error> {
         return Err(format!("the queue toward a peer reached {depth} (bound {bound})").into());
     }
     Ok(format!(
-        "paused at {:.1} s for 15 s; to the paused server: {} calls, {timeouts} timeouts at the 1 s deadline, errors {:?}, answering again {back} ms after resume; messages to it: {} accepted, {} refused at the send ({:?}), {} arrived in order with 0 duplicates, {not_arrived} dropped and counted by the sender ({dropped} envelopes counted); deepest queue {depth} (bound {bound}); to the other: {ok_other} calls and {} messages, 0 failed, 0 lost; longest call {} ms",
+        "paused at {:.1} s for 15 s; to the paused server: {} calls, {timeouts} timeouts at the 1 s deadline, errors {:?}, answering again {back} ms after resume; messages to it: {} accepted, {} refused at the send {:?}, {} arrived in order with 0 duplicates, {not_arrived} dropped and counted by the sender ({dropped} envelopes counted); deepest queue {depth} (bound {bound}); to the other: {ok_other} calls and {} messages, 0 failed, 0 lost; longest call {} ms",
         paused_at.as_secs_f64(),
         to_paused.len(),
         error_kinds(to_paused.iter().copied()),

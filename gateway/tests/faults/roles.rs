@@ -74,7 +74,9 @@ fn kind(e: &impl std::fmt::Debug) -> String {
 /// - `CG_LINKS`: addresses whose link state is printed on change: `linked <at_ms> <addr> <up>`;
 /// - `CG_WATCH`: admin endpoints (`ip:port`) whose `/status` is printed when it changes:
 ///   `status <at_ms> <ip:port> <json>`;
-/// - `CG_REPORT=1`: at the end, asks each target (a sink) for its report: `report <to> <text>`.
+/// - `CG_REPORT=1`: at the end, asks each target (a sink) for its report: `report <to> <text>`;
+/// - `CG_METRICS`: admin endpoints (`ip:port`) whose envelope counters are read at the end:
+///   `metric <ip:port> <line>` per `clustergo_envelopes_…` sample.
 ///
 /// Then prints its counters (`stats name=value …`, with the largest queue depth toward any
 /// peer it saw, sampled every 20 ms) and `done`. Logs go to stderr (the host's log file).
@@ -108,6 +110,9 @@ pub(crate) fn driver() -> Result<(), Error> {
         .map(|w| w.split(',').map(str::to_owned).collect())
         .unwrap_or_default();
     let report = opt("CG_REPORT").is_some();
+    let metrics: Vec<String> = opt("CG_METRICS")
+        .map(|w| w.split(',').map(str::to_owned).collect())
+        .unwrap_or_default();
     let rt = runtime()?;
     rt.block_on(async move {
         let _logs = clustergo::telemetry::init("fault-driver")?;
@@ -251,6 +256,15 @@ pub(crate) fn driver() -> Result<(), Error> {
                     .map(|b| String::from_utf8_lossy(&b).into_owned())
                     .unwrap_or_else(|e| format!("failed {e}"));
                 println!("report {t} {r}");
+            }
+        }
+        for at in &metrics {
+            match http_get(at, "/metrics").await {
+                Ok(text) => text
+                    .lines()
+                    .filter(|l| l.starts_with("clustergo_envelopes_"))
+                    .for_each(|l| println!("metric {at} {l}")),
+                Err(e) => println!("metric {at} unreachable: {e}"),
             }
         }
         let st = node.stats();
