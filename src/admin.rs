@@ -636,7 +636,7 @@ impl Collector for NodeCollector {
         gauge(
             &mut enc,
             "clustergo_peer_unconfirmed",
-            "Envelopes written on the link to each peer that the peer has not confirmed yet (it acknowledges within 100 ms); growing while a peer is frozen or unreachable, and counted in clustergo_envelopes_unconfirmed if the link dies",
+            "Envelopes written on the link to each peer that the peer has not confirmed yet (it acknowledges within about 100 ms; 0 for a peer that does not acknowledge); growing while a peer is frozen or unreachable, and counted in clustergo_envelopes_unconfirmed if the link dies",
             &unconfirmed,
         )?;
         counter_series(

@@ -77,9 +77,11 @@ counters! {
     /// Envelopes dropped when their link went down or their peer left membership.
     envelopes_lost,
     /// Envelopes written on a link that ended before the peer confirmed receiving them (each
-    /// side acknowledges what it received with its own traffic, or every 100 ms when it has
-    /// none): they may or may not have arrived. Callers of requests among them were told
-    /// (`PeerLost`); messages among them may be lost.
+    /// side acknowledges what it received with its own traffic, or within about 100 ms when it
+    /// has none; a link that ends in order confirms everything first): they may or may not
+    /// have arrived. Callers of two-way requests among them were told (`PeerLost`, or
+    /// `Shutdown`); one-way requests and messages among them may be lost. Never counted for a
+    /// peer that does not acknowledge (an older version).
     envelopes_unconfirmed,
     /// Envelopes dropped as misaddressed (wrong `to`, or `from` not the link's peer).
     envelopes_misaddressed,

@@ -382,3 +382,41 @@ async fn a_removed_node_gets_nothing_new_and_a_fresh_link_when_listed_again() {
     let r = within(n2.call(a("1.1.1"), "who", bytes::Bytes::new())).await;
     assert_eq!(&r.unwrap()[..], b"1.1.1");
 }
+
+/// A node that shuts down in order while another calls it back to back: its last answers
+/// are acknowledged before its links end, so it counts nothing as unconfirmed (which would
+/// say "may not have arrived" about answers that did).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orderly_shutdown_leaves_nothing_unconfirmed() {
+    for round in 0..10 {
+        let mut c = Cluster::new(&["1.1.1", "1.1.2"]);
+        let a = c
+            .start("1.1.1", |b| {
+                b.rpc("echo", |_, p| async move { Ok::<_, HandlerError>(p) })
+            })
+            .await;
+        let b = c.start("1.1.2", |b| b).await;
+        let (ok_tx, mut ok_rx) = mpsc::channel::<()>(1);
+        let caller = {
+            let (b, to) = (b.clone(), a.addr());
+            tokio::spawn(async move {
+                let mut ok = 0u64;
+                while b.call(to, "echo", n(1)).await.is_ok() {
+                    ok += 1;
+                    if ok == 200 {
+                        let _ = ok_tx.send(()).await;
+                    }
+                }
+                ok
+            })
+        };
+        within(ok_rx.recv()).await.expect("calls go through");
+        a.shutdown().await;
+        let calls = within(caller).await.unwrap();
+        b.shutdown().await;
+        assert!(calls >= 200);
+        assert_eq!(a.stats().envelopes_unconfirmed, 0, "round {round}: a");
+        // At most the caller's last request, sent as `a` was closing: its call failed.
+        assert!(b.stats().envelopes_unconfirmed <= 1, "round {round}: b");
+    }
+}

@@ -443,6 +443,34 @@ async fn a_batch_of_many_tiny_envelopes_is_refused() {
     assert_eq!(&reply[..], b"victim");
 }
 
+/// A member confirming more envelopes than were sent to it (which would hide what a dying
+/// link lost): the link ends with a status that says so; the node keeps serving.
+#[tokio::test]
+async fn a_peer_cannot_confirm_more_than_it_was_sent() {
+    support::init_tracing();
+    let mut c = support::Cluster::new(&["1.1.1", "1.1.2", "1.1.3"]);
+    let victim = c.start("1.1.1", who("victim")).await;
+    let peer = c.start("1.1.2", |b| b).await;
+    let net = victim.local_addr().unwrap().to_string();
+    let (inbound, tx) = member_link(&net, SECRET, a("1.1.3"), a("1.1.1"))
+        .await
+        .unwrap();
+    tx.send(Batch {
+        received: u64::MAX,
+        ..Batch::default()
+    })
+    .await
+    .unwrap();
+    let (_, status) = drain(inbound, Duration::from_secs(8)).await;
+    let status = status.expect("the link must end with a status");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("confirmed"), "{status:?}");
+    let reply = within(peer.call(victim.addr(), "who", Bytes::new()))
+        .await
+        .unwrap();
+    assert_eq!(&reply[..], b"victim");
+}
+
 /// One caller's slow requests take at most its share of the node's handlers: another caller
 /// is still served, and the greedy one hears `Busy` naming its share.
 #[tokio::test]

@@ -14,6 +14,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -80,6 +81,10 @@ pub(crate) fn accept<H: Host>(
     }
     let challenge = Challenge::new(links.incarnation);
     let tokens = links.tokens();
+    tokens
+        .counts
+        .peer_acks
+        .store(super::auth::acks(req.metadata()), Relaxed);
     let (tx, rx) = oneshot::channel();
     let stream: LinkStream = Box::pin(AcceptorStream::Waiting {
         admission: rx,

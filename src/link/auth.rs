@@ -32,6 +32,15 @@ const INCARNATION: &str = "cg-incarnation";
 const NONCE: &str = "cg-nonce";
 const PROOF: &str = "cg-proof";
 const VERSION: &str = "clustergo-link-v2";
+/// Sent by nodes whose batches acknowledge what they received (`Batch::received`); outside
+/// the proof's transcript, so nodes without it still link. A peer that does not send it is
+/// never counted as having left envelopes unconfirmed.
+const ACKS: &str = "cg-acks";
+
+/// Whether the other side's metadata says it acknowledges what it receives.
+pub(crate) fn acks(md: &MetadataMap) -> bool {
+    md.get(ACKS).is_some_and(|v| v.as_bytes() == b"1")
+}
 
 type Nonce = [u8; 16];
 
@@ -150,6 +159,7 @@ impl Hello {
         put(md, TO, self.to.as_u32().to_string());
         put(md, INCARNATION, self.incarnation.to_string());
         put(md, NONCE, hex(&self.nonce));
+        put(md, ACKS, "1".to_owned());
     }
 
     pub(crate) fn read(md: &MetadataMap) -> Result<Self, HelloError> {
@@ -198,6 +208,7 @@ impl Challenge {
         put(md, INCARNATION, self.incarnation.to_string());
         put(md, NONCE, hex(&self.nonce));
         put(md, PROOF, hex(&tag));
+        put(md, ACKS, "1".to_owned());
     }
 
     /// Reads the acceptor's answer to `hello` and checks its proof (dialer side).

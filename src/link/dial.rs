@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use tokio::sync::oneshot;
@@ -195,6 +196,10 @@ async fn try_dial<S: LinkStreams>(
     // Nothing is sent before the node at `net_addr` has proved it is the peer.
     let challenge = Challenge::read(resp.metadata(), &links.secret, &hello)
         .map_err(|e| refused(format!("the node at {net_addr}: {e}")))?;
+    tokens
+        .counts
+        .peer_acks
+        .store(super::auth::acks(resp.metadata()), Relaxed);
     let _ = proof_tx.send(Batch {
         proof: hello.prove(&links.secret, &challenge),
         ..Batch::default()

@@ -131,6 +131,10 @@ impl<S: LinkStreams> Links<S> {
     }
 }
 
+/// How long a link whose peer closed its side may take to write what is queued and its last
+/// acknowledgement; also how long a cut link's writer has to go.
+const CLOSE_FLUSH: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl<S: LinkStreams> Links<S> {
     /// The acknowledgement sweep, for the life of the node: every [`ACK_EVERY`], each link
     /// whose reader received envelopes its writer has not told the peer of (it sent nothing
@@ -181,9 +185,18 @@ pub(crate) fn link_up<H: Host>(
         let stats = host.links().stats.clone();
         let mine = tokens.clone();
         let why = reader::run(inbound, peer.clone(), tokens, host.clone(), stats.clone()).await;
+        if why == reader::PEER_CLOSED {
+            // The peer ended its side in order: ours ends in order too, with what is queued
+            // and an acknowledgement of all it received, so the peer counts nothing of its
+            // own as unconfirmed. Bounded: then it is cut.
+            mine.close.cancel();
+            mine.counts.writer_gone(CLOSE_FLUSH).await;
+        }
+        link_down(&*host, &peer, link_gen, &why);
         // What this side wrote that the peer never confirmed may have died with the link:
-        // counted once the writer is stopped, before anyone hears the link is down.
+        // counted once the writer is gone (or had its time), so the count is final.
         mine.kill.cancel();
+        mine.counts.writer_gone(CLOSE_FLUSH).await;
         let unconfirmed = mine.counts.unconfirmed();
         if unconfirmed > 0 {
             stats
@@ -191,7 +204,6 @@ pub(crate) fn link_up<H: Host>(
                 .fetch_add(unconfirmed, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!(peer = %peer.addr, link_gen, unconfirmed, reason = %why, "link ended with envelopes the peer had not confirmed; they may not have arrived");
         }
-        link_down(&*host, &peer, link_gen, &why);
     });
 }
 

@@ -67,11 +67,35 @@ pub(crate) struct LinkCounts {
     pub(crate) told: std::sync::atomic::AtomicU64,
     /// The node's acknowledgement sweep asks the writer for an acknowledgement-only batch.
     pub(crate) asked: std::sync::atomic::AtomicBool,
+    /// Whether the peer acknowledges (it said so in the handshake): without it, nothing it
+    /// left unconfirmed is counted.
+    pub(crate) peer_acks: std::sync::atomic::AtomicBool,
+    /// Set when the link's writer is gone: nothing more is written.
+    pub(crate) writer_done: std::sync::atomic::AtomicBool,
+    /// Signalled when the writer is gone.
+    pub(crate) writer_gone: tokio::sync::Notify,
     /// The writer, woken by the sweep.
     pub(crate) writer: futures_util::task::AtomicWaker,
 }
 
 impl LinkCounts {
+    /// Waits up to `limit` for the link's writer to be gone (so `written` is final).
+    pub(crate) async fn writer_gone(&self, limit: Duration) -> bool {
+        use std::sync::atomic::Ordering::Acquire;
+        let gone = async {
+            loop {
+                let n = self.writer_gone.notified();
+                tokio::pin!(n);
+                n.as_mut().enable();
+                if self.writer_done.load(Acquire) {
+                    return;
+                }
+                n.await;
+            }
+        };
+        tokio::time::timeout(limit, gone).await.is_ok()
+    }
+
     /// Asks the writer to acknowledge what the reader received, if the peer has not been told.
     pub(crate) fn ask_ack(&self) {
         use std::sync::atomic::Ordering::Relaxed;
@@ -84,6 +108,9 @@ impl LinkCounts {
     /// Envelopes written that the peer has not confirmed.
     pub(crate) fn unconfirmed(&self) -> u64 {
         use std::sync::atomic::Ordering::Relaxed;
+        if !self.peer_acks.load(Relaxed) {
+            return 0;
+        }
         self.written
             .load(Relaxed)
             .saturating_sub(self.confirmed.load(Relaxed))

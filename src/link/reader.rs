@@ -23,6 +23,9 @@ pub(crate) trait Deliver: Sized + Send + Sync + 'static {
     ) -> Result<(), Status>;
 }
 
+/// Why a link ended when the peer ended its side in order.
+pub(crate) const PEER_CLOSED: &str = "closed by the peer";
+
 /// Ends the link for a protocol violation: the status is kept for the acceptor's answer.
 fn fault(tokens: &LinkTokens, status: Status) -> String {
     let why = status.message().to_owned();
@@ -63,13 +66,20 @@ pub(crate) async fn run<D: Deliver>(
                 stats.count_batch(crate::stats::Direction::Received, &batch.envelopes);
                 let counts = &tokens.counts;
                 if batch.received > 0 {
+                    // Each envelope is counted as written before its batch goes out: a peer
+                    // confirming more is lying, and would hide what was lost.
+                    let written = counts.written.load(Relaxed);
+                    if batch.received > written {
+                        return fault(
+                            &tokens,
+                            Status::invalid_argument(format!(
+                                "{} confirmed {} envelopes of the {written} sent to it",
+                                peer.addr, batch.received
+                            )),
+                        );
+                    }
                     counts.confirmed.fetch_max(batch.received, Relaxed);
                 }
-                // Acknowledged with this side's next batch, or by the node's sweep (see
-                // `Links::acknowledge`): nothing here wakes the writer per batch.
-                counts
-                    .received
-                    .fetch_add(batch.envelopes.len() as u64, Relaxed);
                 for env in batch.envelopes {
                     // A link replaced or dropped mid-batch delivers nothing more: what waited
                     // on it has been failed already.
@@ -79,9 +89,13 @@ pub(crate) async fn run<D: Deliver>(
                     if let Err(status) = deliver.deliver(&peer, env) {
                         return fault(&tokens, status);
                     }
+                    // Acknowledged with this side's next batch, or by the node's sweep (see
+                    // `Links::acknowledge`); counted once handed on, so an envelope a dying
+                    // link drops mid-batch is never confirmed.
+                    counts.received.fetch_add(1, Relaxed);
                 }
             }
-            Ok(None) => return "closed by the peer".into(),
+            Ok(None) => return PEER_CLOSED.into(),
             // What tonic itself refused to decode: too large, or not a batch.
             Err(status) if status.code() == Code::OutOfRange => {
                 return fault(

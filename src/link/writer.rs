@@ -71,11 +71,17 @@ impl<S: LinkStreams> Writer<S> {
 
 impl<S> Drop for Writer<S> {
     fn drop(&mut self) {
+        self.counts
+            .writer_done
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.counts.writer_gone.notify_waiters();
         // Taken from the queue but never written: the link ended under them. Waiting calls
-        // among them are failed by the link's end; count the rest.
+        // among them are failed by the link's end; count the rest (one-way requests too).
         for item in self.buf.drain(..) {
-            if !matches!(item.env.body, Some(Body::Request(_))) {
-                Stats::incr(&self.stats.envelopes_lost);
+            match &item.env.body {
+                // The caller is told by the link's end.
+                Some(Body::Request(r)) if !r.oneway => {}
+                _ => Stats::incr(&self.stats.envelopes_lost),
             }
         }
     }
