@@ -416,10 +416,9 @@ async fn silent_connections_are_closed_and_capped() {
     assert!(stats.connections_refused >= 300 - 64, "{stats:?}");
 }
 
-/// One batch of 580,000 empty envelopes (1.16 MB): refused before it is decoded into
-/// envelopes, with a status that says why; the node keeps serving.
-#[tokio::test]
-async fn a_batch_of_many_tiny_envelopes_is_refused() {
+/// Sends `batch` on a member's link to a node: the link must end with `code` and a status
+/// that says `says`, and the node keep serving.
+async fn a_batch_ends_the_link(batch: Batch, code: tonic::Code, says: &str) {
     support::init_tracing();
     let mut c = support::Cluster::new(&["1.1.1", "1.1.2", "1.1.3"]);
     let victim = c.start("1.1.1", who("victim")).await;
@@ -428,47 +427,37 @@ async fn a_batch_of_many_tiny_envelopes_is_refused() {
     let (inbound, tx) = member_link(&net, SECRET, a("1.1.3"), a("1.1.1"))
         .await
         .unwrap();
-    let flood = Batch {
-        envelopes: vec![Envelope::default(); 580_000],
-        ..Batch::default()
-    };
-    tx.send(flood).await.unwrap();
+    tx.send(batch).await.unwrap();
     let (_, status) = drain(inbound, Duration::from_secs(8)).await;
     let status = status.expect("the link must end with a status");
-    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
-    assert!(status.message().contains("envelopes"), "{status:?}");
+    assert_eq!(status.code(), code, "{status:?}");
+    assert!(status.message().contains(says), "{status:?}");
     let reply = within(peer.call(victim.addr(), "who", Bytes::new()))
         .await
         .unwrap();
     assert_eq!(&reply[..], b"victim");
 }
 
+/// One batch of 580,000 empty envelopes (1.16 MB): refused before it is decoded into
+/// envelopes, with a status that says why; the node keeps serving.
+#[tokio::test]
+async fn a_batch_of_many_tiny_envelopes_is_refused() {
+    let flood = Batch {
+        envelopes: vec![Envelope::default(); 580_000],
+        ..Batch::default()
+    };
+    a_batch_ends_the_link(flood, tonic::Code::ResourceExhausted, "envelopes").await;
+}
+
 /// A member confirming more envelopes than were sent to it (which would hide what a dying
 /// link lost): the link ends with a status that says so; the node keeps serving.
 #[tokio::test]
 async fn a_peer_cannot_confirm_more_than_it_was_sent() {
-    support::init_tracing();
-    let mut c = support::Cluster::new(&["1.1.1", "1.1.2", "1.1.3"]);
-    let victim = c.start("1.1.1", who("victim")).await;
-    let peer = c.start("1.1.2", |b| b).await;
-    let net = victim.local_addr().unwrap().to_string();
-    let (inbound, tx) = member_link(&net, SECRET, a("1.1.3"), a("1.1.1"))
-        .await
-        .unwrap();
-    tx.send(Batch {
+    let lie = Batch {
         received: u64::MAX,
         ..Batch::default()
-    })
-    .await
-    .unwrap();
-    let (_, status) = drain(inbound, Duration::from_secs(8)).await;
-    let status = status.expect("the link must end with a status");
-    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
-    assert!(status.message().contains("confirmed"), "{status:?}");
-    let reply = within(peer.call(victim.addr(), "who", Bytes::new()))
-        .await
-        .unwrap();
-    assert_eq!(&reply[..], b"victim");
+    };
+    a_batch_ends_the_link(lie, tonic::Code::InvalidArgument, "confirmed").await;
 }
 
 /// One caller's slow requests take at most its share of the node's handlers: another caller
