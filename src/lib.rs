@@ -70,6 +70,7 @@ mod node;
 pub mod proto;
 pub mod rendezvous;
 mod router;
+pub mod session;
 pub use router::route;
 mod rpc;
 mod stats;

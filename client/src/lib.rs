@@ -33,8 +33,12 @@
 pub mod kcp;
 #[cfg(feature = "net")]
 mod net;
+#[cfg(feature = "net")]
+mod resume;
 pub mod session;
 pub mod wire;
 
 #[cfg(feature = "net")]
 pub use net::*;
+#[cfg(feature = "net")]
+pub use resume::{SessionClient, SessionClientConfig, SessionEvent};

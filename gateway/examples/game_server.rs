@@ -1,13 +1,16 @@
-//! A game server behind the gateway: each client arrives as one stream with its metadata, and
-//! game code reads and writes whole frames through [`Frames`].
+//! A game server behind the gateway: each client arrives as a session (with its stream's
+//! metadata), and game code reads and writes whole frames through it.
 //!
 //! Frames are echoed, except a few commands for trying things out:
 //! - `whoami` → this server's address;
 //! - `meta` → the stream's open metadata, `key=value` joined by spaces;
-//! - `kick:<reason>` → closes the client with that reason (a close frame on the stream);
+//! - `kick:<reason>` → ends the session: the client is closed with that reason;
 //! - `bye` → ends the session cleanly.
 //!
 //! Other nodes may call the RPC `game.whoami` (answer: this server's address).
+//!
+//! Clients get a session (`clustergo::session`): a session client resumes it across lost
+//! connections and gateway restarts; a version 1 client's session ends with its connection.
 //!
 //! Run: `cargo run -p gateway --example game_server -- --etcd http://127.0.0.1:2379 --addr 1.1.1`
 //! (a fixed address must be listed under the prefix, e.g. with `clusterctl`), or with
@@ -19,11 +22,10 @@
 
 use std::time::Duration;
 
-use bytes::BytesMut;
 use clap::Parser;
 use clustergo::app::{AddrSpec, Placement};
-use clustergo::{EtcdDiscovery, EtcdOptions, Frames, LogicAddr, Node, NodeConfig, Stream};
-use tokio::io::AsyncWriteExt;
+use clustergo::session::{Session, SessionConfig};
+use clustergo::{EtcdDiscovery, EtcdOptions, LogicAddr, Node, NodeConfig};
 
 /// A game server behind clustergo gateways (echo, with a few test commands).
 #[derive(Debug, Parser)]
@@ -96,7 +98,7 @@ fn main() -> std::process::ExitCode {
                         .secret(secret)
                         .shutdown_grace(Duration::from_secs(args.shutdown_grace_secs)),
                 )
-                .on_stream(move |stream| session(me, stream))
+                .on_session(SessionConfig::default(), move |s| session(me, s))
                 // For other nodes: answers with this server's address.
                 .rpc("game.whoami", move |_, _| async move {
                     Ok::<_, clustergo::HandlerError>(bytes::Bytes::from(me.to_string()))
@@ -122,44 +124,34 @@ fn main() -> std::process::ExitCode {
     )
 }
 
-async fn session(me: LogicAddr, stream: Stream) {
-    let mut frames = Frames::new(stream, 1 << 20);
+/// One player's session: it lives across the client's reconnections (a session client) or
+/// for one connection (a version 1 client).
+async fn session(me: LogicAddr, mut session: Session) {
     loop {
-        let frame = match frames.recv().await {
+        let frame = match session.recv().await {
             Ok(Some(f)) => f,
-            // The client left: the gateway ended the stream; end ours too.
-            Ok(None) => {
-                let _ = frames.close().await;
-                return;
-            }
-            // The stream failed (reset by the gateway, link lost).
-            Err(_) => return,
+            // The client ended the session, or it ended (resume window passed, …).
+            Ok(None) | Err(_) => return,
         };
         let reply = match &frame[..] {
             b"whoami" => me.to_string().into(),
-            b"meta" => frames
+            b"meta" => session
                 .metadata()
                 .iter()
                 .map(|(k, v)| format!("{k}={v}"))
                 .collect::<Vec<_>>()
                 .join(" ")
                 .into(),
-            b"bye" => {
-                let _ = frames.close().await;
-                return;
-            }
+            // Ends the session cleanly.
+            b"bye" => return,
             f if f.starts_with(b"kick:") => {
                 let reason = String::from_utf8_lossy(&f[5..]).into_owned();
-                let mut stream = frames.into_stream();
-                let mut close = BytesMut::new();
-                clustergo_client::wire::put_close(&mut close, &reason);
-                let _ = stream.write_all(&close).await;
-                let _ = stream.shutdown().await;
+                session.close(&reason).await;
                 return;
             }
             _ => frame,
         };
-        if frames.send(reply).await.is_err() {
+        if session.send(reply).await.is_err() {
             return;
         }
     }

@@ -148,6 +148,7 @@ async fn serve(
         stats: Default::default(),
         metrics: Default::default(),
         drains: Default::default(),
+        tokens: clustergo::session::TokenKey::from_secret(&config.secret),
     });
     let _ = status_of.set(gw.clone());
     // Up before the node starts: `/live` answers and `/ready` says why not while it starts.

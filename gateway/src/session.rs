@@ -243,9 +243,22 @@ async fn session<R: FrameRead, W: FrameWrite>(
             return;
         }
     };
+    // A session client's hello says where to go; a version 1 client's first frame is its
+    // routing key and goes to the game server as its first frame.
+    let route = match session_route(&gw, &first) {
+        Ok(r) => r,
+        Err((code, reason)) => {
+            gw.metrics
+                .ended(crate::metrics::Ended::TurnedAway, info.transport, None);
+            tracing::info!(client = %info.peer, transport = info.transport, %reason, "session refused");
+            goodbye(&gw, &mut rd, &mut wr, code, &reason).await;
+            return;
+        }
+    };
+    let v2 = !matches!(route, Route::V1);
     let stream = tokio::select! {
-        s = open(&gw, &info, &first) => s,
-        () = gw.shutdown.cancelled() => Err((close_code::GOING_AWAY, "gateway shutting down".into())),
+        s = open(&gw, &info, &first, &route) => s,
+        () = gw.shutdown.cancelled() => Err((close_code::GOING_AWAY, public(v2, close_code::GOING_AWAY, "gateway shutting down"))),
     };
     let stream = match stream {
         Ok(s) => s,
@@ -264,11 +277,13 @@ async fn session<R: FrameRead, W: FrameWrite>(
     let drained = gw.drain_token(server);
     let (mut down, mut up) = stream.into_split();
     let mut up_buf = BytesMut::new();
-    wire::put_frame(&mut up_buf, &first);
-    gw.stats.frames_up.fetch_add(1, Ordering::Relaxed);
-    gw.metrics
-        .bytes_up
-        .fetch_add(first.len() as u64, Ordering::Relaxed);
+    if !v2 {
+        wire::put_frame(&mut up_buf, &first);
+        gw.stats.frames_up.fetch_add(1, Ordering::Relaxed);
+        gw.metrics
+            .bytes_up
+            .fetch_add(first.len() as u64, Ordering::Relaxed);
+    }
 
     let owed = AtomicU32::new(0);
     let wake = Notify::new();
@@ -439,7 +454,7 @@ async fn session<R: FrameRead, W: FrameWrite>(
             let finish = wr.finish(said.is_some());
             let _ = timeout(limits.write_timeout.min(LINGER), finish).await;
         } else {
-            close_client(&gw, &mut rd, &mut wr, &end, Some(server)).await;
+            close_client(&gw, &mut rd, &mut wr, &end, Some(server), v2).await;
         }
     };
     tokio::join!(stream_end, client_end);
@@ -504,19 +519,54 @@ async fn finish_client<R: FrameRead, W: FrameWrite>(
     end: End,
 ) {
     log_end(gw, info, None, &end);
-    close_client(gw, rd, wr, &end, None).await;
+    close_client(gw, rd, wr, &end, None, false).await;
 }
 
 /// Tells the client why it is closed, then reads and drops what it still sends until it
 /// closes too (bounded): closing a socket with unread input makes the kernel reset the
-/// connection, and a reset can destroy the close frame before the client reads it.
+/// connection, and a reset can destroy the close frame before the client reads it. A session
+/// client (`v2`) is told a stable code and a public reason; what failed inside goes to the
+/// log only.
 async fn close_client<R: FrameRead, W: FrameWrite>(
     gw: &Gateway,
     rd: &mut R,
     wr: &mut W,
     end: &End,
     server: Option<LogicAddr>,
+    v2: bool,
 ) {
+    if v2 {
+        use clustergo_client::session::{code, parse_close};
+        let (c, text): (u16, String) = match end {
+            End::ClientLeft(_) => (code::NORMAL, "bye".into()),
+            End::Client(Fault::NotReading(_) | Fault::Eof | Fault::Io(_)) => return,
+            End::Client(fault) => (fault.code(), fault.to_string()),
+            End::ServerEnded => (code::NORMAL, "session ended".into()),
+            // The session layer's own close: already a code and a public reason.
+            End::ServerClosed(reason) => match parse_close(reason) {
+                (Some(c), text) => (c, text.to_owned()),
+                (None, _) => (code::NORMAL, "session ended".into()),
+            },
+            End::Server(_) => (
+                code::SERVER_UNAVAILABLE,
+                "game server unavailable, reconnect".into(),
+            ),
+            End::Shutdown => (code::GOING_AWAY, "gateway shutting down, reconnect".into()),
+            End::Drained => (
+                code::NO_SESSION,
+                "game server leaving, start a new session".into(),
+            ),
+        };
+        goodbye(
+            gw,
+            rd,
+            wr,
+            c,
+            &clustergo_client::session::close_reason(c, &text),
+        )
+        .await;
+        return;
+    }
     let (code, reason) = match end {
         End::ClientLeft(_) => (close_code::NORMAL, "bye".to_owned()),
         End::Client(Fault::NotReading(_) | Fault::Eof | Fault::Io(_)) => return,
@@ -614,11 +664,80 @@ fn stream_reason(e: &io::Error) -> String {
 }
 
 /// Opens the client's stream: up to `open_attempts` different game servers.
-async fn open(gw: &Gateway, info: &ClientInfo, first: &Bytes) -> Result<Stream, (u16, String)> {
+/// Where a client goes.
+#[derive(Debug)]
+enum Route {
+    /// A version 1 client: its first frame is the routing key, then goes to the server.
+    V1,
+    /// A new session, routed by this key.
+    New(Bytes),
+    /// A session resuming on the game server its token names.
+    Resume {
+        server: LogicAddr,
+        token: clustergo_client::session::Token,
+        received: u64,
+    },
+}
+
+/// Reads a first frame: a session hello (checked: its version, and a resume's token) or a
+/// version 1 client's frame.
+fn session_route(gw: &Gateway, first: &Bytes) -> Result<Route, (u16, String)> {
+    use clustergo_client::session::{Hello, SessionWireError, close_reason, code};
+    match Hello::decode(first) {
+        Ok(None) => Ok(Route::V1),
+        Ok(Some(Hello::New { key })) => Ok(Route::New(key)),
+        Ok(Some(Hello::Resume { token, received })) => {
+            if let Err(e) = gw.tokens.check(&token) {
+                return Err((e.code(), close_reason(e.code(), &e.to_string())));
+            }
+            let server = LogicAddr::from_u32(token.server).map_err(|_| {
+                let c = code::BAD_TOKEN;
+                (c, close_reason(c, "session token names no server"))
+            })?;
+            Ok(Route::Resume {
+                server,
+                token,
+                received,
+            })
+        }
+        Err(e @ SessionWireError::Version(_)) => {
+            Err((code::VERSION, close_reason(code::VERSION, &e.to_string())))
+        }
+        Err(e) => Err((code::PROTOCOL, close_reason(code::PROTOCOL, &e.to_string()))),
+    }
+}
+
+/// A close reason for a client: with its code first for a session client.
+fn public(v2: bool, code: u16, text: &str) -> String {
+    if v2 {
+        clustergo_client::session::close_reason(code, text)
+    } else {
+        text.to_owned()
+    }
+}
+
+async fn open(
+    gw: &Gateway,
+    info: &ClientInfo,
+    first: &Bytes,
+    route: &Route,
+) -> Result<Stream, (u16, String)> {
+    use clustergo::session::{META_RECEIVED, META_SESSION, META_TOKEN, hex};
+    let key = match route {
+        Route::New(key) => key,
+        _ => first,
+    };
     let mut tried: Vec<LogicAddr> = Vec::new();
     let mut last = String::new();
+    let v2 = !matches!(route, Route::V1);
     for _ in 0..gw.limits.open_attempts {
-        let Some(target) = pick(gw, first, &tried) else {
+        // A resume goes to its session's server, and only there.
+        let target = match route {
+            Route::Resume { server, .. } if tried.is_empty() => Some(*server),
+            Route::Resume { .. } => None,
+            _ => pick(gw, key, &tried),
+        };
+        let Some(target) = target else {
             break;
         };
         tried.push(target);
@@ -628,6 +747,17 @@ async fn open(gw: &Gateway, info: &ClientInfo, first: &Bytes) -> Result<Stream, 
             .with("gateway", gw.node.addr().to_string());
         if let Some(p) = &info.subprotocol {
             meta.insert("subprotocol", p.as_ref());
+        }
+        match route {
+            Route::V1 => {}
+            Route::New(_) => meta.insert(META_SESSION, "new"),
+            Route::Resume {
+                token, received, ..
+            } => {
+                meta.insert(META_SESSION, "resume");
+                meta.insert(META_TOKEN, hex(&token.to_bytes()));
+                meta.insert(META_RECEIVED, received.to_string());
+            }
         }
         match timeout(
             gw.limits.open_timeout,
@@ -641,15 +771,34 @@ async fn open(gw: &Gateway, info: &ClientInfo, first: &Bytes) -> Result<Stream, 
         }
         tracing::debug!(client = %info.peer, %target, reason = %last, "open failed; trying another server");
     }
+    if let Route::Resume { server, .. } = route {
+        // Its server may come back within the resume window: the client may try again.
+        tracing::info!(client = %info.peer, %server, reason = %last, "session cannot resume now");
+        let c = clustergo_client::session::code::SERVER_UNAVAILABLE;
+        return Err((c, public(v2, c, "game server unavailable, reconnect")));
+    }
     if tried.is_empty() {
         return Err((
             close_code::TRY_AGAIN,
-            format!("no game server of type {} available", gw.backend_type),
+            public(
+                v2,
+                close_code::TRY_AGAIN,
+                &format!("no game server of type {} available", gw.backend_type),
+            ),
         ));
     }
+    tracing::info!(client = %info.peer, reason = %last, "no game server took the client");
     Err((
         close_code::TRY_AGAIN,
-        format!("no game server took the client: {last}"),
+        if v2 {
+            public(
+                v2,
+                close_code::TRY_AGAIN,
+                "no game server took the client, try again later",
+            )
+        } else {
+            format!("no game server took the client: {last}")
+        },
     ))
 }
 

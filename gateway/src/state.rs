@@ -26,6 +26,8 @@ pub(crate) struct Gateway {
     pub(crate) metrics: crate::metrics::Metrics,
     /// Per game server, cancelled when it leaves: its clients are closed so they reconnect.
     pub(crate) drains: std::sync::Mutex<std::collections::HashMap<LogicAddr, CancellationToken>>,
+    /// Checks the tokens of sessions that resume (the cluster secret's session key).
+    pub(crate) tokens: clustergo::session::TokenKey,
 }
 
 /// Counters, reported by the `gateway.status` RPC.
@@ -172,6 +174,7 @@ mod tests {
             stats: Stats::default(),
             metrics: Default::default(),
             drains: Default::default(),
+            tokens: clustergo::session::TokenKey::from_secret(b"unit"),
         };
         assert!(gw.drain_token(server).is_cancelled());
         members.set_available(server, true);

@@ -43,6 +43,10 @@ pub struct NodeBuilder {
     stream_handler: Option<crate::stream::StreamHandler>,
     duplicates: Vec<String>,
     relay_layers: Option<crate::router::stack::RelayLayerFn>,
+    sessions: Option<(
+        crate::session::SessionConfig,
+        crate::session::SessionHandler,
+    )>,
 }
 
 impl std::fmt::Debug for NodeBuilder {
@@ -67,6 +71,7 @@ impl NodeBuilder {
             stream_handler: None,
             duplicates: Vec::new(),
             relay_layers: None,
+            sessions: None,
         }
     }
 
@@ -183,6 +188,37 @@ impl NodeBuilder {
         self
     }
 
+    /// Serves player sessions (see [`crate::session`]): `handler` runs once per session, as
+    /// its own task, with a [`Session`](crate::session::Session) that lives across the
+    /// client's reconnections and gateway restarts. It takes the place of
+    /// [`NodeBuilder::on_stream`] (registering both fails the start): gateways open their
+    /// streams to it, and a version 1 client gets a session that ends with its connection.
+    ///
+    /// ```no_run
+    /// # fn demo(builder: clustergo::NodeBuilder) -> clustergo::NodeBuilder {
+    /// use clustergo::session::SessionConfig;
+    /// builder.on_session(SessionConfig::default(), |mut session| async move {
+    ///     // Echo until the client ends the session (or it ends otherwise).
+    ///     while let Ok(Some(frame)) = session.recv().await {
+    ///         if session.send(frame).await.is_err() {
+    ///             return;
+    ///         }
+    ///     }
+    /// })
+    /// # }
+    /// ```
+    pub fn on_session<F, Fut>(mut self, config: crate::session::SessionConfig, handler: F) -> Self
+    where
+        F: Fn(crate::session::Session) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        if self.sessions.is_some() {
+            self.duplicates.push("session handler".into());
+        }
+        self.sessions = Some((config, Arc::new(move |s| Box::pin(handler(s)))));
+        self
+    }
+
     /// Middleware for what this node relays, if it is a harbor: `layer` wraps
     /// [`relay::Forward`](crate::relay::Forward) (route and queue toward the next hop), and
     /// every envelope the harbor forwards goes through the result, built once. Any
@@ -203,24 +239,39 @@ impl NodeBuilder {
     }
 
     /// Builds the node. It does nothing until [`Node::start`].
-    pub fn build(self) -> Node {
+    pub fn build(mut self) -> Node {
         let discovery = self
             .discovery
             .unwrap_or_else(|| Arc::new(MemoryDiscovery::default()));
-        Node {
-            inner: Inner::new(
-                self.addr,
-                self.config,
-                discovery,
-                self.listener,
-                Handlers {
-                    rpcs: self.rpcs,
-                    messages: self.messages,
-                    stream_handler: self.stream_handler,
-                    duplicates: self.duplicates,
-                    relay_layers: self.relay_layers,
-                },
-            ),
+        let mut sessions = None;
+        if let Some((config, handler)) = self.sessions.take() {
+            if self.stream_handler.is_some() {
+                self.duplicates
+                    .push("stream handler (on_stream and on_session)".into());
+            }
+            let (secret, _) = self.config.resolve_secret();
+            let s = crate::session::Sessions::new(config, &secret, self.addr);
+            sessions = Some(s.clone());
+            self.stream_handler = Some(Arc::new(move |stream| {
+                Box::pin(s.clone().accept(stream, handler.clone()))
+            }));
         }
+        let inner = Inner::new(
+            self.addr,
+            self.config,
+            discovery,
+            self.listener,
+            Handlers {
+                rpcs: self.rpcs,
+                messages: self.messages,
+                stream_handler: self.stream_handler,
+                duplicates: self.duplicates,
+                relay_layers: self.relay_layers,
+            },
+        );
+        if let Some(s) = sessions {
+            let _ = s.stop.set(inner.root.child_token());
+        }
+        Node { inner }
     }
 }

@@ -1,0 +1,846 @@
+//! Player sessions that survive a lost connection or a lost gateway: the game server's side.
+//!
+//! A gateway opens one stream per client connection. With [`NodeBuilder::on_session`]
+//! (instead of `on_stream`) the game code gets a [`Session`] per *player session* rather
+//! than per connection: when the client's connection drops, or its gateway is killed or
+//! rolled, the session waits (detached) for up to [`SessionConfig::resume_window`]; the client
+//! reconnects through any gateway with its token, a new stream reattaches the session, and
+//! each side sends again exactly what the other missed. The game code sees no interruption:
+//! `recv` and `send` go on across reattachments.
+//!
+//! The protocol is `clustergo_client::session`'s (the client keeps the other end of it). It
+//! runs end to end, client to game server; a gateway only reads the client's hello, checks a
+//! resume's token and routes it to the game server the token names, so gateways keep no
+//! per-session state and can be restarted at will. (The session lives with the game server,
+//! whose state it is; a game server that restarts has lost that state, and its clients are
+//! told their session no longer exists.)
+//!
+//! Everything is bounded: sessions per node ([`SessionConfig::max_sessions`]), frames the
+//! game has not read ([`SessionConfig::inbox`]), and what the client has not acknowledged
+//! ([`SessionConfig::max_replay_frames`], [`SessionConfig::max_replay_bytes`]: past either,
+//! the session ends with `4004`, never grows). A detached session holds only its replay
+//! buffer and its inbox.
+//!
+//! A client that speaks no session (version 1: its first frame is not a session hello) still
+//! gets a [`Session`], one that ends with its connection ([`Session::resumable`] is false).
+
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use clustergo_client::session::{Frame, Receipts, Replay, Token, close_reason, code};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::addr::LogicAddr;
+use crate::hash::FastMap;
+use crate::stream::{Frames, Stream, StreamMeta};
+
+/// Stream metadata a gateway sets on a session's stream: `new` or `resume`.
+pub const META_SESSION: &str = "cg-session";
+/// With `resume`: the token (hex).
+pub const META_TOKEN: &str = "cg-token";
+/// With `resume`: the data frames the client received so far (decimal).
+pub const META_RECEIVED: &str = "cg-received";
+
+/// Limits of a node's sessions.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct SessionConfig {
+    /// How long a detached session waits for its client to resume (default 60 s).
+    pub resume_window: Duration,
+    /// Data frames sent to the client and not acknowledged, at most (default 4,096).
+    pub max_replay_frames: usize,
+    /// Bytes of those, at most (default 1 MiB).
+    pub max_replay_bytes: usize,
+    /// Largest frame either way (default 1 MiB).
+    pub max_frame: usize,
+    /// How long a token is accepted (default 1 h); each reattachment gives a fresh one.
+    pub token_ttl: Duration,
+    /// Sessions per node, attached or not (default 100,000); over it a new one is refused
+    /// with `1013`.
+    pub max_sessions: usize,
+    /// Frames from the client the game has not read yet (default 64); beyond, the session
+    /// stops reading, and the stream's credit window holds the client back.
+    pub inbox: usize,
+    /// How long one write toward the client may wait before the connection counts as lost
+    /// (default 10 s).
+    pub write_timeout: Duration,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            resume_window: Duration::from_secs(60),
+            max_replay_frames: 4096,
+            max_replay_bytes: 1 << 20,
+            max_frame: 1 << 20,
+            token_ttl: Duration::from_secs(3600),
+            max_sessions: 100_000,
+            inbox: 64,
+            write_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl SessionConfig {
+    /// Sets [`SessionConfig::resume_window`].
+    pub fn resume_window(mut self, d: Duration) -> Self {
+        self.resume_window = d;
+        self
+    }
+    /// Sets [`SessionConfig::max_replay_frames`] and [`SessionConfig::max_replay_bytes`].
+    pub fn max_replay(mut self, frames: usize, bytes: usize) -> Self {
+        self.max_replay_frames = frames;
+        self.max_replay_bytes = bytes;
+        self
+    }
+    /// Sets [`SessionConfig::token_ttl`].
+    pub fn token_ttl(mut self, d: Duration) -> Self {
+        self.token_ttl = d;
+        self
+    }
+    /// Sets [`SessionConfig::max_sessions`].
+    pub fn max_sessions(mut self, n: usize) -> Self {
+        self.max_sessions = n;
+        self
+    }
+}
+
+/// Why a token is not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TokenError {
+    /// Its signature does not check out under the cluster's key.
+    #[error("session token is not one this cluster issued")]
+    Forged,
+    /// Its time is up.
+    #[error("session token expired")]
+    Expired,
+}
+
+impl TokenError {
+    /// The close code a client is told.
+    pub fn code(self) -> u16 {
+        match self {
+            TokenError::Forged => code::BAD_TOKEN,
+            TokenError::Expired => code::EXPIRED,
+        }
+    }
+}
+
+/// Signs and checks session tokens; derived from the cluster secret, so every gateway and
+/// game server of the mesh shares it.
+#[derive(Clone)]
+pub struct TokenKey([u8; 32]);
+
+impl std::fmt::Debug for TokenKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenKey(..)")
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl TokenKey {
+    /// The key for the cluster `secret` (a key of its own, not the secret itself).
+    pub fn from_secret(secret: &[u8]) -> TokenKey {
+        let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes any key length");
+        mac.update(b"clustergo session token v1");
+        TokenKey(mac.finalize().into_bytes().into())
+    }
+
+    fn mac(&self, token: &Token) -> [u8; 16] {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes any key length");
+        mac.update(&token.signed());
+        let full = mac.finalize().into_bytes();
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&full[..16]);
+        out
+    }
+
+    /// A token for session `id` on `server`, good for `ttl`.
+    pub fn issue(&self, id: [u8; 16], server: LogicAddr, ttl: Duration) -> Token {
+        let mut t = Token {
+            id,
+            server: server.as_u32(),
+            expires: now_secs().saturating_add(ttl.as_secs().max(1)),
+            mac: [0; 16],
+        };
+        t.mac = self.mac(&t);
+        t
+    }
+
+    /// Whether `token` was issued under this key and is still good.
+    pub fn check(&self, token: &Token) -> Result<(), TokenError> {
+        let want = self.mac(token);
+        // Constant time, as HMAC verification is.
+        let diff = want
+            .iter()
+            .zip(token.mac.iter())
+            .fold(0u8, |d, (a, b)| d | (a ^ b));
+        if diff != 0 {
+            return Err(TokenError::Forged);
+        }
+        if token.expires <= now_secs() {
+            return Err(TokenError::Expired);
+        }
+        Ok(())
+    }
+}
+
+/// A session's id: 16 random bytes, shown as hex.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SessionId(pub [u8; 16]);
+
+impl std::fmt::Display for SessionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+impl std::fmt::Debug for SessionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SessionId({self})")
+    }
+}
+
+/// How a session ended, for the game code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SessionError {
+    /// The session is over: a stable `code` (see `clustergo_client::session::code`) and a
+    /// reason.
+    #[error("session ended ({code}): {reason}")]
+    Ended {
+        /// The code the client is (or would be) told.
+        code: u16,
+        /// Why, for the logs.
+        reason: String,
+    },
+    /// A frame over [`SessionConfig::max_frame`] was offered to `send`.
+    #[error("frame of {size} bytes is over the session limit of {limit} bytes")]
+    TooLarge {
+        /// The frame's size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+}
+
+/// What the game asked of its session.
+enum Out {
+    Frame(Bytes),
+    Close(String),
+}
+
+/// A player's session, for the game code: frames from the client, frames to it, across
+/// reattachments. Dropping it ends the session (as [`Session::close`] with no reason).
+#[derive(Debug)]
+pub struct Session {
+    id: SessionId,
+    meta: StreamMeta,
+    resumable: bool,
+    max_frame: usize,
+    inbox: mpsc::Receiver<Bytes>,
+    out: mpsc::Sender<Out>,
+    end: Arc<OnceLock<(u16, String)>>,
+}
+
+impl std::fmt::Debug for Out {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Out::Frame(b) => write!(f, "Frame({} bytes)", b.len()),
+            Out::Close(r) => write!(f, "Close({r})"),
+        }
+    }
+}
+
+impl Session {
+    /// The session's id.
+    pub fn id(&self) -> SessionId {
+        self.id
+    }
+
+    /// The metadata of the stream that started it (the gateway's: `transport`, `client`, …).
+    pub fn metadata(&self) -> &StreamMeta {
+        &self.meta
+    }
+
+    /// Whether the session survives its connection (the client speaks sessions).
+    pub fn resumable(&self) -> bool {
+        self.resumable
+    }
+
+    fn ended(&self) -> SessionError {
+        let (code, reason) = self
+            .end
+            .get()
+            .cloned()
+            .unwrap_or((code::NO_SESSION, "session ended".into()));
+        SessionError::Ended { code, reason }
+    }
+
+    /// The next frame from the client; `Ok(None)` when the client ended the session (a bye,
+    /// or a version 1 client's connection ended cleanly). Waits across reattachments.
+    pub async fn recv(&mut self) -> Result<Option<Bytes>, SessionError> {
+        match self.inbox.recv().await {
+            Some(frame) => Ok(Some(frame)),
+            None => match self.end.get() {
+                Some((code::NORMAL, _)) => Ok(None),
+                _ => Err(self.ended()),
+            },
+        }
+    }
+
+    /// Sends a frame to the client: kept until the client acknowledges it, sent again after
+    /// a reattachment. Waits while the session is busy writing; fails once it ended.
+    pub async fn send(&self, frame: impl Into<Bytes>) -> Result<(), SessionError> {
+        let frame = frame.into();
+        if frame.len() > self.max_frame {
+            return Err(SessionError::TooLarge {
+                size: frame.len(),
+                limit: self.max_frame,
+            });
+        }
+        self.out
+            .send(Out::Frame(frame))
+            .await
+            .map_err(|_| self.ended())
+    }
+
+    /// Ends the session: the client is told `reason` (with code 1000) once what was sent
+    /// before is written.
+    pub async fn close(self, reason: &str) {
+        let _ = self.out.send(Out::Close(reason.to_owned())).await;
+    }
+}
+
+/// A reattachment: a new stream and what the client received.
+struct Attach {
+    frames: Frames,
+    received: u64,
+}
+
+/// A node's sessions.
+pub(crate) struct Sessions {
+    config: SessionConfig,
+    key: TokenKey,
+    me: LogicAddr,
+    table: Mutex<FastMap<[u8; 16], mpsc::Sender<Attach>>>,
+    /// Cancelled when the node stops: every session ends.
+    pub(crate) stop: OnceLock<CancellationToken>,
+}
+
+/// The game's handler of new sessions.
+pub(crate) type SessionHandler =
+    Arc<dyn Fn(Session) -> futures_util::future::BoxFuture<'static, ()> + Send + Sync>;
+
+impl Sessions {
+    pub(crate) fn new(config: SessionConfig, secret: &[u8], me: LogicAddr) -> Arc<Sessions> {
+        Arc::new(Sessions {
+            config,
+            key: TokenKey::from_secret(secret),
+            me,
+            table: Mutex::new(FastMap::default()),
+            stop: OnceLock::new(),
+        })
+    }
+
+    fn stop(&self) -> CancellationToken {
+        self.stop.get().cloned().unwrap_or_default()
+    }
+
+    /// Serves one stream a gateway opened: a new session, a resume, or a version 1 client.
+    pub(crate) async fn accept(self: Arc<Self>, stream: Stream, handler: SessionHandler) {
+        let meta = stream.metadata().clone();
+        let frames = Frames::new(stream, self.config.max_frame + 1);
+        match meta.get(META_SESSION) {
+            Some("resume") => self.resume(frames, &meta).await,
+            kind => {
+                let resumable = kind == Some("new");
+                self.start(frames, meta, resumable, handler).await
+            }
+        }
+    }
+
+    async fn start(
+        self: Arc<Self>,
+        frames: Frames,
+        meta: StreamMeta,
+        resumable: bool,
+        handler: SessionHandler,
+    ) {
+        let mut id = [0u8; 16];
+        if getrandom::fill(&mut id).is_err() {
+            id = fastrand::u128(..).to_le_bytes();
+        }
+        let (attach_tx, attach_rx) = mpsc::channel(1);
+        let full = {
+            let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+            let full = table.len() >= self.config.max_sessions;
+            if !full && resumable {
+                table.insert(id, attach_tx);
+            }
+            full
+        };
+        if full {
+            tracing::warn!(node = %self.me, max = self.config.max_sessions, "session refused: too many sessions");
+            refuse(frames, code::TRY_AGAIN, "game server full, try again later").await;
+            return;
+        }
+        let (in_tx, in_rx) = mpsc::channel(self.config.inbox.max(1));
+        let (out_tx, out_rx) = mpsc::channel(self.config.inbox.max(1));
+        let end = Arc::new(OnceLock::new());
+        let session = Session {
+            id: SessionId(id),
+            meta,
+            resumable,
+            max_frame: self.config.max_frame,
+            inbox: in_rx,
+            out: out_tx,
+            end: end.clone(),
+        };
+        let pump = Pump {
+            sessions: self.clone(),
+            id,
+            resumable,
+            replay: Replay::new(self.config.max_replay_frames, self.config.max_replay_bytes),
+            receipts: Receipts::default(),
+            end,
+        };
+        let run = pump.run(frames, out_rx, attach_rx, in_tx);
+        tokio::join!(run, handler(session));
+    }
+
+    async fn resume(self: Arc<Self>, frames: Frames, meta: &StreamMeta) {
+        let token = meta
+            .get(META_TOKEN)
+            .and_then(unhex)
+            .and_then(|b| Token::parse(&b));
+        let received = meta.get(META_RECEIVED).and_then(|r| r.parse::<u64>().ok());
+        let (Some(token), Some(received)) = (token, received) else {
+            return refuse(frames, code::PROTOCOL, "malformed resume").await;
+        };
+        if let Err(e) = self.key.check(&token) {
+            return refuse(frames, e.code(), &e.to_string()).await;
+        }
+        if token.server != self.me.as_u32() {
+            return refuse(
+                frames,
+                code::BAD_TOKEN,
+                "session token is for another server",
+            )
+            .await;
+        }
+        let attach = self
+            .table
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&token.id)
+            .cloned();
+        let sent = match attach {
+            Some(tx) => tx
+                .send(Attach { frames, received })
+                .await
+                .map_err(|e| e.0.frames),
+            None => Err(frames),
+        };
+        if let Err(frames) = sent {
+            refuse(frames, code::NO_SESSION, "session no longer exists").await;
+        }
+    }
+
+    fn forget(&self, id: &[u8; 16]) {
+        self.table
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+    }
+}
+
+/// Tells the client why (a close frame on the stream, which the gateway passes on: the code,
+/// then the public reason) and ends the stream.
+async fn refuse(frames: Frames, code: u16, text: &str) {
+    close_raw(frames, &close_reason(code, text)).await
+}
+
+/// A close frame with `reason` as it is, and the stream's end.
+async fn close_raw(frames: Frames, reason: &str) {
+    let mut stream = frames.into_stream();
+    let mut buf = bytes::BytesMut::new();
+    clustergo_client::wire::put_close(&mut buf, reason);
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        stream.write_all(&buf).await?;
+        stream.shutdown().await
+    })
+    .await;
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Hex of `b` (for a token in stream metadata).
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Drives one session: its current stream (if attached), the game's frames, the replay
+/// buffer and acknowledgements, reattachments and the resume window.
+struct Pump {
+    sessions: Arc<Sessions>,
+    id: [u8; 16],
+    resumable: bool,
+    replay: Replay,
+    receipts: Receipts,
+    end: Arc<OnceLock<(u16, String)>>,
+}
+
+/// What ended a connection of a session (not necessarily the session).
+enum Conn {
+    /// The stream went away: detach (or end, for a version 1 client).
+    Lost(String),
+    /// The session ends, and the client is told: code and public reason.
+    End(u16, String),
+    /// The game dropped its session.
+    GameGone,
+}
+
+impl Pump {
+    fn config(&self) -> &SessionConfig {
+        &self.sessions.config
+    }
+
+    async fn run(
+        mut self,
+        first: Frames,
+        mut out: mpsc::Receiver<Out>,
+        mut attach: mpsc::Receiver<Attach>,
+        inbox: mpsc::Sender<Bytes>,
+    ) {
+        // Frames for the game; dropped when the session ends.
+        let inbox = Some(inbox);
+        let stop = self.sessions.stop();
+        let mut stream = Some(first);
+        if self.resumable
+            && let Some(s) = stream.as_mut()
+            && self.welcome(s).await.is_err()
+        {
+            stream = None;
+        }
+        let mut detached_at = stream.is_none().then(Instant::now);
+        let mut ack_due: Option<Instant> = None;
+        // A frame from the client the game has no room for yet: nothing more is read from the
+        // stream until it has (the stream's window then holds the client back), while the
+        // game's own frames keep going out.
+        let mut pending_in: Option<Bytes> = None;
+        let (code, reason) = loop {
+            let window_end = detached_at.map(|t| t + self.config().resume_window);
+            let outcome: Result<(), Conn> = tokio::select! {
+                biased;
+                () = stop.cancelled() => break (code::NO_SESSION, "game server stopped".to_owned()),
+                a = attach.recv() => match a {
+                    Some(a) => {
+                        // A newer connection of the session: the old one is stale.
+                        if let Some(old) = stream.take() {
+                            refuse(old, code::REPLACED, "session resumed on another connection").await;
+                        }
+                        let mut s = a.frames;
+                        match self.reattach(&mut s, a.received).await {
+                            Ok(()) => {
+                                stream = Some(s);
+                                detached_at = None;
+                                ack_due = None;
+                                tracing::debug!(session = %SessionId(self.id), "session resumed");
+                                Ok(())
+                            }
+                            Err(Conn::End(c, r)) => {
+                                refuse(s, c, &r).await;
+                                break (c, r);
+                            }
+                            Err(_) => Ok(()),
+                        }
+                    }
+                    None => Ok(()),
+                },
+                // The game's frames first: its close wins over the client's late frames.
+                o = out.recv() => match o {
+                    Some(Out::Frame(f)) => self.to_client(f, &mut stream).await,
+                    Some(Out::Close(reason)) => Err(Conn::End(code::NORMAL, reason)),
+                    // Dropped by the game: ended, with no reason to tell.
+                    None => Err(Conn::End(code::NORMAL, String::new())),
+                },
+                p = reserve(&inbox, pending_in.is_some()) => match (p, pending_in.take()) {
+                    (Some(permit), Some(frame)) => {
+                        permit.send(frame);
+                        Ok(())
+                    }
+                    _ => Err(Conn::GameGone),
+                },
+                r = recv_if(&mut stream, pending_in.is_none()) => {
+                    match self.from_client(r, &mut stream, &mut ack_due).await {
+                        Ok(frame) => {
+                            pending_in = frame;
+                            Ok(())
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+                () = sleep_until(ack_due) => {
+                    ack_due = None;
+                    match (stream.as_mut(), self.receipts.ack()) {
+                        (Some(s), Some(ack)) => write(s, ack, self.config().write_timeout).await,
+                        _ => Ok(()),
+                    }
+                }
+                () = sleep_until(window_end) => break (code::NO_SESSION, "resume window passed".to_owned()),
+            };
+            let outcome = match outcome {
+                // The game dropped its session: what it sent before, then its close, if any.
+                Err(Conn::GameGone) => {
+                    let mut reason = String::new();
+                    while let Ok(o) = out.try_recv() {
+                        match o {
+                            Out::Frame(f) => {
+                                let _ = self.to_client(f, &mut stream).await;
+                            }
+                            Out::Close(r) => {
+                                reason = r;
+                                break;
+                            }
+                        }
+                    }
+                    Err(Conn::End(code::NORMAL, reason))
+                }
+                other => other,
+            };
+            match outcome {
+                Ok(()) => {}
+                Err(Conn::Lost(why)) => {
+                    stream = None;
+                    if !self.resumable {
+                        break (code::NORMAL, why);
+                    }
+                    if detached_at.is_none() {
+                        tracing::debug!(session = %SessionId(self.id), reason = %why, "session detached; waiting for a resume");
+                        detached_at = Some(Instant::now());
+                    }
+                }
+                Err(Conn::End(c, r)) => {
+                    if let Some(s) = stream.as_mut()
+                        && self.resumable
+                        && c == code::NORMAL
+                    {
+                        let _ = write(s, Frame::Bye.encode(), self.config().write_timeout).await;
+                    }
+                    break (c, r);
+                }
+                // Turned into an end above.
+                Err(Conn::GameGone) => break (code::NORMAL, String::new()),
+            }
+        };
+        // Ends the game's side: its recv sees the end, its sends fail.
+        let _ = self.end.set((code, reason.clone()));
+        drop(inbox);
+        self.sessions.forget(&self.id);
+        out.close();
+        match stream {
+            Some(s) if self.resumable => {
+                let text = if reason.is_empty() {
+                    "session ended"
+                } else {
+                    &reason
+                };
+                refuse(s, code, text).await;
+            }
+            // A version 1 client: a clean end, or a close frame with the game's own reason.
+            Some(s) if code == code::NORMAL && reason.is_empty() => {
+                let _ = tokio::time::timeout(Duration::from_secs(5), s.close()).await;
+            }
+            Some(s) => close_raw(s, &reason).await,
+            None => {}
+        }
+        tracing::debug!(session = %SessionId(self.id), code, %reason, "session ended");
+    }
+
+    /// The greeting on a connection: what the server received, and a fresh token.
+    async fn welcome(&mut self, s: &mut Frames) -> Result<(), Conn> {
+        let token = self
+            .sessions
+            .key
+            .issue(self.id, self.sessions.me, self.config().token_ttl);
+        self.receipts.told = self.receipts.received;
+        let w = Frame::Welcome {
+            received: self.receipts.received,
+            token,
+        };
+        write(s, w.encode(), self.config().write_timeout).await
+    }
+
+    /// A client reattached, having received `received`: welcome it and send again what it
+    /// missed.
+    async fn reattach(&mut self, s: &mut Frames, received: u64) -> Result<(), Conn> {
+        let again: Vec<Bytes> = match self.replay.after(received) {
+            Ok(frames) => frames.cloned().collect(),
+            Err(e) => {
+                return Err(Conn::End(code::NO_SESSION, format!("cannot resume: {e}")));
+            }
+        };
+        self.welcome(s).await?;
+        for f in again {
+            write(s, f, self.config().write_timeout).await?;
+        }
+        Ok(())
+    }
+
+    /// Handles a frame from the client; returns a payload for the game, if it carried one.
+    async fn from_client(
+        &mut self,
+        r: Result<Option<Bytes>, crate::FrameError>,
+        stream: &mut Option<Frames>,
+        ack_due: &mut Option<Instant>,
+    ) -> Result<Option<Bytes>, Conn> {
+        let frame = match r {
+            Ok(Some(f)) => f,
+            Ok(None) => return Err(Conn::Lost("the gateway ended the stream".into())),
+            Err(e) => return Err(Conn::Lost(e.to_string())),
+        };
+        if frame.len() > self.config().max_frame + 1 {
+            return Err(Conn::End(
+                code::PROTOCOL,
+                "frame over the session limit".into(),
+            ));
+        }
+        if !self.resumable {
+            return Ok(Some(frame));
+        }
+        match Frame::decode(frame) {
+            Ok(Frame::Data(p)) => {
+                if self.receipts.got() {
+                    if let (Some(s), Some(ack)) = (stream.as_mut(), self.receipts.ack()) {
+                        write(s, ack, self.config().write_timeout).await?;
+                    }
+                    *ack_due = None;
+                } else if ack_due.is_none() {
+                    *ack_due = Some(Instant::now() + clustergo_client::session::ACK_DELAY);
+                }
+                Ok(Some(p))
+            }
+            Ok(Frame::Ack(n)) => self
+                .replay
+                .ack(n)
+                .map(|()| None)
+                .map_err(|e| Conn::End(code::PROTOCOL, e.to_string())),
+            Ok(Frame::Bye) => Err(Conn::End(
+                code::NORMAL,
+                "the client ended the session".into(),
+            )),
+            Ok(Frame::Welcome { .. }) => {
+                Err(Conn::End(code::PROTOCOL, "a client sent a welcome".into()))
+            }
+            Err(e) => Err(Conn::End(code::PROTOCOL, e.to_string())),
+        }
+    }
+
+    async fn to_client(&mut self, frame: Bytes, stream: &mut Option<Frames>) -> Result<(), Conn> {
+        let wire = if self.resumable {
+            let f = Frame::data(&frame);
+            if let Err(full) = self.replay.push(f.clone()) {
+                tracing::warn!(session = %SessionId(self.id), error = %full, "session ended: replay buffer full");
+                return Err(Conn::End(code::REPLAY_FULL, "replay buffer full".into()));
+            }
+            f
+        } else {
+            frame
+        };
+        match stream.as_mut() {
+            Some(s) => write(s, wire, self.config().write_timeout).await,
+            // Detached: kept for the resume.
+            None => Ok(()),
+        }
+    }
+}
+
+/// Reads the current stream when `want`; never resolves while detached.
+async fn recv_if(
+    stream: &mut Option<Frames>,
+    want: bool,
+) -> Result<Option<Bytes>, crate::FrameError> {
+    match stream.as_mut() {
+        Some(s) if want => s.recv().await,
+        _ => std::future::pending().await,
+    }
+}
+
+/// Room in the game's inbox, when there is a frame for it; `None` when the game is gone.
+async fn reserve(
+    inbox: &Option<mpsc::Sender<Bytes>>,
+    want: bool,
+) -> Option<mpsc::Permit<'_, Bytes>> {
+    if !want {
+        return std::future::pending().await;
+    }
+    match inbox {
+        Some(tx) => tx.reserve().await.ok(),
+        None => None,
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn write(s: &mut Frames, frame: Bytes, limit: Duration) -> Result<(), Conn> {
+    match tokio::time::timeout(limit, s.send(frame)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(Conn::Lost(e.to_string())),
+        Err(_) => Err(Conn::Lost(format!("a write waited {limit:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_check_out_only_when_issued_and_unexpired() {
+        let key = TokenKey::from_secret(b"secret");
+        let server: LogicAddr = "1.1.1".parse().unwrap();
+        let t = key.issue([1; 16], server, Duration::from_secs(60));
+        assert_eq!(key.check(&t), Ok(()));
+        let mut forged = t;
+        forged.server += 1;
+        assert_eq!(key.check(&forged), Err(TokenError::Forged));
+        assert_eq!(
+            TokenKey::from_secret(b"other").check(&t),
+            Err(TokenError::Forged)
+        );
+        let mut old = key.issue([1; 16], server, Duration::from_secs(60));
+        old.expires = now_secs() - 1;
+        old.mac = key.mac(&old);
+        assert_eq!(key.check(&old), Err(TokenError::Expired));
+        assert_eq!(
+            unhex(&hex(&t.to_bytes())).as_deref(),
+            Some(&t.to_bytes()[..])
+        );
+        assert_eq!(unhex("zz"), None);
+    }
+}
