@@ -167,16 +167,21 @@ impl TokenKey {
         out
     }
 
-    /// A token for session `id` on `server`, good for `ttl`.
-    pub fn issue(&self, id: [u8; 16], server: LogicAddr, ttl: Duration) -> Token {
-        let mut t = Token {
+    /// Token `generation` of session `id` on `server`, good for `ttl`.
+    pub fn issue(&self, id: [u8; 16], server: LogicAddr, generation: u32, ttl: Duration) -> Token {
+        self.sign(Token {
             id,
             server: server.as_u32(),
+            generation,
             expires: now_secs().saturating_add(ttl.as_secs().max(1)),
             mac: [0; 16],
-        };
-        t.mac = self.mac(&t);
-        t
+        })
+    }
+
+    /// `token` with its signature set (for tools and tests: any id, server and expiry).
+    pub fn sign(&self, mut token: Token) -> Token {
+        token.mac = self.mac(&token);
+        token
     }
 
     /// Whether `token` was issued under this key and is still good.
@@ -324,11 +329,16 @@ impl Session {
     }
 }
 
-/// A reattachment: a new stream and what the client received.
+/// A reattachment: a new stream, what the client received, and the signature of the token
+/// it came with.
 struct Attach {
     frames: Frames,
     received: u64,
+    generation: u32,
 }
+
+/// Ended sessions remembered (for a resume to be told why), at most.
+const TOMBSTONES: usize = 4096;
 
 /// A node's sessions.
 pub(crate) struct Sessions {
@@ -336,6 +346,8 @@ pub(crate) struct Sessions {
     key: TokenKey,
     me: LogicAddr,
     table: Mutex<FastMap<[u8; 16], mpsc::Sender<Attach>>>,
+    /// The latest ended sessions and why, so a late resume is told the real reason.
+    ended: Mutex<std::collections::VecDeque<([u8; 16], u16, String)>>,
     /// Cancelled when the node stops: every session ends.
     pub(crate) stop: OnceLock<CancellationToken>,
 }
@@ -351,6 +363,7 @@ impl Sessions {
             key: TokenKey::from_secret(secret),
             me,
             table: Mutex::new(FastMap::default()),
+            ended: Mutex::new(std::collections::VecDeque::new()),
             stop: OnceLock::new(),
         })
     }
@@ -416,6 +429,7 @@ impl Sessions {
             replay: Replay::new(self.config.max_replay_frames, self.config.max_replay_bytes),
             receipts: Receipts::default(),
             end,
+            generation: 0,
         };
         let run = pump.run(frames, out_rx, attach_rx, in_tx);
         tokio::join!(run, handler(session));
@@ -441,29 +455,53 @@ impl Sessions {
             )
             .await;
         }
-        let attach = self
+        let attach_tx = self
             .table
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&token.id)
             .cloned();
-        let sent = match attach {
-            Some(tx) => tx
-                .send(Attach { frames, received })
-                .await
-                .map_err(|e| e.0.frames),
-            None => Err(frames),
+        let attach = Attach {
+            frames,
+            received,
+            generation: token.generation,
+        };
+        let sent = match attach_tx {
+            Some(tx) => tx.send(attach).await.map_err(|e| e.0.frames),
+            None => Err(attach.frames),
         };
         if let Err(frames) = sent {
-            refuse(frames, code::NO_SESSION, "session no longer exists").await;
+            let why = self
+                .ended
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .find(|(id, _, _)| *id == token.id)
+                .map(|(_, c, r)| (*c, r.clone()));
+            match why {
+                Some((c, r)) if c != code::NORMAL || !r.is_empty() => {
+                    let r = if r.is_empty() {
+                        "session ended".into()
+                    } else {
+                        r
+                    };
+                    refuse(frames, c, &format!("session ended: {r}")).await
+                }
+                _ => refuse(frames, code::NO_SESSION, "session no longer exists").await,
+            }
         }
     }
 
-    fn forget(&self, id: &[u8; 16]) {
+    fn forget(&self, id: &[u8; 16], code: u16, reason: &str) {
         self.table
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(id);
+        let mut ended = self.ended.lock().unwrap_or_else(|e| e.into_inner());
+        if ended.len() >= TOMBSTONES {
+            ended.pop_front();
+        }
+        ended.push_back((*id, code, reason.to_owned()));
     }
 }
 
@@ -509,6 +547,9 @@ struct Pump {
     replay: Replay,
     receipts: Receipts,
     end: Arc<OnceLock<(u16, String)>>,
+    /// The generation of the last token given: a resume must bring it or the one before
+    /// (the newest may have been lost with the connection that carried it).
+    generation: u32,
 }
 
 /// What ended a connection of a session (not necessarily the session).
@@ -555,23 +596,31 @@ impl Pump {
                 biased;
                 () = stop.cancelled() => break (code::NO_SESSION, "game server stopped".to_owned()),
                 a = attach.recv() => match a {
+                    // A token older than the last two this session gave (a copy someone kept):
+                    // refused; the session goes on.
+                    Some(a) if a.generation + 1 < self.generation => {
+                        refuse(a.frames, code::BAD_TOKEN, "session token was replaced by a newer one").await;
+                        Ok(())
+                    }
                     Some(a) => {
-                        // A newer connection of the session: the old one is stale.
-                        if let Some(old) = stream.take() {
-                            refuse(old, code::REPLACED, "session resumed on another connection").await;
-                        }
                         let mut s = a.frames;
                         match self.reattach(&mut s, a.received).await {
                             Ok(()) => {
-                                stream = Some(s);
+                                // A newer connection of the session: the old one is stale.
+                                if let Some(old) = stream.replace(s) {
+                                    refuse(old, code::REPLACED, "session resumed on another connection").await;
+                                }
                                 detached_at = None;
                                 ack_due = None;
                                 tracing::debug!(session = %SessionId(self.id), "session resumed");
                                 Ok(())
                             }
+                            // A count this session cannot serve (frames it needs were
+                            // acknowledged before): that connection is refused; the session
+                            // goes on as it was.
                             Err(Conn::End(c, r)) => {
                                 refuse(s, c, &r).await;
-                                break (c, r);
+                                Ok(())
                             }
                             Err(_) => Ok(()),
                         }
@@ -580,7 +629,7 @@ impl Pump {
                 },
                 // The game's frames first: its close wins over the client's late frames.
                 o = out.recv() => match o {
-                    Some(Out::Frame(f)) => self.to_client(f, &mut stream).await,
+                    Some(Out::Frame(f)) => self.send_to_client(f, &mut stream).await,
                     Some(Out::Close(reason)) => Err(Conn::End(code::NORMAL, reason)),
                     // Dropped by the game: ended, with no reason to tell.
                     None => Err(Conn::End(code::NORMAL, String::new())),
@@ -593,7 +642,7 @@ impl Pump {
                     _ => Err(Conn::GameGone),
                 },
                 r = recv_if(&mut stream, pending_in.is_none()) => {
-                    match self.from_client(r, &mut stream, &mut ack_due).await {
+                    match self.on_client_frame(r, &mut stream, &mut ack_due).await {
                         Ok(frame) => {
                             pending_in = frame;
                             Ok(())
@@ -617,7 +666,7 @@ impl Pump {
                     while let Ok(o) = out.try_recv() {
                         match o {
                             Out::Frame(f) => {
-                                let _ = self.to_client(f, &mut stream).await;
+                                let _ = self.send_to_client(f, &mut stream).await;
                             }
                             Out::Close(r) => {
                                 reason = r;
@@ -657,7 +706,7 @@ impl Pump {
         // Ends the game's side: its recv sees the end, its sends fail.
         let _ = self.end.set((code, reason.clone()));
         drop(inbox);
-        self.sessions.forget(&self.id);
+        self.sessions.forget(&self.id, code, &reason);
         out.close();
         match stream {
             Some(s) if self.resumable => {
@@ -680,10 +729,13 @@ impl Pump {
 
     /// The greeting on a connection: what the server received, and a fresh token.
     async fn welcome(&mut self, s: &mut Frames) -> Result<(), Conn> {
-        let token = self
-            .sessions
-            .key
-            .issue(self.id, self.sessions.me, self.config().token_ttl);
+        self.generation += 1;
+        let token = self.sessions.key.issue(
+            self.id,
+            self.sessions.me,
+            self.generation,
+            self.config().token_ttl,
+        );
         self.receipts.told = self.receipts.received;
         let w = Frame::Welcome {
             received: self.receipts.received,
@@ -698,7 +750,7 @@ impl Pump {
         let again: Vec<Bytes> = match self.replay.after(received) {
             Ok(frames) => frames.cloned().collect(),
             Err(e) => {
-                return Err(Conn::End(code::NO_SESSION, format!("cannot resume: {e}")));
+                return Err(Conn::End(code::PROTOCOL, format!("cannot resume: {e}")));
             }
         };
         self.welcome(s).await?;
@@ -709,7 +761,7 @@ impl Pump {
     }
 
     /// Handles a frame from the client; returns a payload for the game, if it carried one.
-    async fn from_client(
+    async fn on_client_frame(
         &mut self,
         r: Result<Option<Bytes>, crate::FrameError>,
         stream: &mut Option<Frames>,
@@ -757,7 +809,7 @@ impl Pump {
         }
     }
 
-    async fn to_client(&mut self, frame: Bytes, stream: &mut Option<Frames>) -> Result<(), Conn> {
+    async fn send_to_client(&mut self, frame: Bytes, stream: &mut Option<Frames>) -> Result<(), Conn> {
         let wire = if self.resumable {
             let f = Frame::data(&frame);
             if let Err(full) = self.replay.push(f.clone()) {
@@ -824,7 +876,7 @@ mod tests {
     fn tokens_check_out_only_when_issued_and_unexpired() {
         let key = TokenKey::from_secret(b"secret");
         let server: LogicAddr = "1.1.1".parse().unwrap();
-        let t = key.issue([1; 16], server, Duration::from_secs(60));
+        let t = key.issue([1; 16], server, 1, Duration::from_secs(60));
         assert_eq!(key.check(&t), Ok(()));
         let mut forged = t;
         forged.server += 1;
@@ -833,7 +885,7 @@ mod tests {
             TokenKey::from_secret(b"other").check(&t),
             Err(TokenError::Forged)
         );
-        let mut old = key.issue([1; 16], server, Duration::from_secs(60));
+        let mut old = key.issue([1; 16], server, 1, Duration::from_secs(60));
         old.expires = now_secs() - 1;
         old.mac = key.mac(&old);
         assert_eq!(key.check(&old), Err(TokenError::Expired));

@@ -33,9 +33,15 @@ pub struct SessionClientConfig {
 }
 
 impl Default for SessionClientConfig {
+    /// Resume on, within 60 s; the connection sends a heartbeat after 2 s of silence and
+    /// counts as lost after 6 s without a word (a session client notices a dead gateway, or a
+    /// KCP path that went silent, within seconds: it has a session to resume); replay bound
+    /// 4,096 frames / 1 MiB; backoff from 100 ms.
     fn default() -> Self {
         SessionClientConfig {
-            client: ClientConfig::default(),
+            client: ClientConfig::default()
+                .heartbeat(Some(Duration::from_secs(2)))
+                .idle_timeout(Some(Duration::from_secs(6))),
             resume: true,
             resume_window: Duration::from_secs(60),
             max_replay_frames: 4096,

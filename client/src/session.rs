@@ -205,6 +205,9 @@ pub struct Token {
     pub id: [u8; 16],
     /// The logical address (`u32`) of the game server holding the session.
     pub server: u32,
+    /// Which of the session's tokens this is (each connection gets the next one): a copy of
+    /// an older one is refused.
+    pub generation: u32,
     /// When the token stops being accepted, in seconds since the Unix epoch.
     pub expires: u64,
     /// The signature (HMAC-SHA256 under a key derived from the cluster secret, truncated).
@@ -213,22 +216,23 @@ pub struct Token {
 
 impl Token {
     /// Bytes on the wire.
-    pub const LEN: usize = 16 + 4 + 8 + 16;
+    pub const LEN: usize = 16 + 4 + 4 + 8 + 16;
 
-    /// The signed part: id, server, expiry.
-    pub fn signed(&self) -> [u8; 28] {
-        let mut b = [0u8; 28];
+    /// The signed part: id, server, generation, expiry.
+    pub fn signed(&self) -> [u8; 32] {
+        let mut b = [0u8; 32];
         b[..16].copy_from_slice(&self.id);
         b[16..20].copy_from_slice(&self.server.to_be_bytes());
-        b[20..].copy_from_slice(&self.expires.to_be_bytes());
+        b[20..24].copy_from_slice(&self.generation.to_be_bytes());
+        b[24..].copy_from_slice(&self.expires.to_be_bytes());
         b
     }
 
     /// The token as bytes.
     pub fn to_bytes(&self) -> [u8; Token::LEN] {
         let mut b = [0u8; Token::LEN];
-        b[..28].copy_from_slice(&self.signed());
-        b[28..].copy_from_slice(&self.mac);
+        b[..32].copy_from_slice(&self.signed());
+        b[32..].copy_from_slice(&self.mac);
         b
     }
 
@@ -240,13 +244,15 @@ impl Token {
         let mut t = Token {
             id: [0; 16],
             server: 0,
+            generation: 0,
             expires: 0,
             mac: [0; 16],
         };
         t.id.copy_from_slice(&b[..16]);
         t.server = u32::from_be_bytes(b[16..20].try_into().ok()?);
-        t.expires = u64::from_be_bytes(b[20..28].try_into().ok()?);
-        t.mac.copy_from_slice(&b[28..]);
+        t.generation = u32::from_be_bytes(b[20..24].try_into().ok()?);
+        t.expires = u64::from_be_bytes(b[24..32].try_into().ok()?);
+        t.mac.copy_from_slice(&b[32..]);
         Some(t)
     }
 }
@@ -498,6 +504,7 @@ mod tests {
         Token {
             id: [7; 16],
             server: 0x0101_0001,
+            generation: 3,
             expires: 1_800_000_000,
             mac: [9; 16],
         }

@@ -242,9 +242,20 @@ bytes_per_sec = 67108864
 /// all three listeners on free ports plus `extra` config (listener options go in `tcp_extra`
 /// and `ws_extra`, e.g. TLS files).
 pub fn gateway(etcd: &Etcd, extra: &str, tcp_extra: &str, ws_extra: &str) -> Gateway {
+    gateway_as(etcd, "1.100.1", extra, tcp_extra, ws_extra)
+}
+
+/// [`gateway`] at address `addr` (listed already).
+pub fn gateway_as(
+    etcd: &Etcd,
+    addr: &str,
+    extra: &str,
+    tcp_extra: &str,
+    ws_extra: &str,
+) -> Gateway {
     let dir = TempDir::new("cfg");
     let config = format!(
-        "addr = \"1.100.1\"\nbackend_type = 1\nshutdown_grace_secs = 3\n{extra}\n\
+        "addr = \"{addr}\"\nbackend_type = 1\nshutdown_grace_secs = 3\n{extra}\n\
          [etcd]\nendpoints = [\"{}\"]\nprefix = \"{PREFIX}\"\nlease_ttl_secs = 2\n\
          [tcp]\nlisten = \"127.0.0.1:0\"\n{tcp_extra}\n\
          [websocket]\nlisten = \"127.0.0.1:0\"\npath = \"/ws\"\n{ws_extra}\n\
