@@ -809,7 +809,11 @@ impl Pump {
         }
     }
 
-    async fn send_to_client(&mut self, frame: Bytes, stream: &mut Option<Frames>) -> Result<(), Conn> {
+    async fn send_to_client(
+        &mut self,
+        frame: Bytes,
+        stream: &mut Option<Frames>,
+    ) -> Result<(), Conn> {
         let wire = if self.resumable {
             let f = Frame::data(&frame);
             if let Err(full) = self.replay.push(f.clone()) {

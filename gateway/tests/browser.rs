@@ -1,6 +1,7 @@
 //! A real browser against the gateway: Debian's headless Chromium opens the example web client
 //! (`examples/browser/index.html`) as a `file://` page, which connects to the gateway's
-//! WebSocket listener and sends a frame. The test drives the page over the DevTools protocol
+//! WebSocket listener and sends a frame; and the session page (`examples/browser/session.html`,
+//! served over loopback HTTP with the browser session client) across a gateway's SIGKILL. The test drives the page over the DevTools protocol
 //! (a WebSocket carrying JSON), so it needs no Node.js or browser-automation package.
 
 mod bed;
@@ -143,6 +144,164 @@ async fn a_browser_page_gets_its_echo_keeps_alive_and_sees_the_kick() {
     .expect("timed out driving the browser");
 }
 
+/// The browser session client (`client/js/clustergo-session.js`, through
+/// `examples/browser/session.html`) survives a gateway's SIGKILL: 300 numbered frames, sent
+/// every 10 ms while the gateway it started on dies, all come back once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_session_survives_a_gateway_sigkill() {
+    use bed::etcd_server::Etcd;
+    use clustergo::Member;
+    let chromium = chromium();
+    let etcd = Etcd::start();
+    let members: Vec<Member> = ["1.100.1", "1.100.2", "1.1.1"]
+        .iter()
+        .map(|m| Member::new(bed::a(m), bed::free_port()))
+        .collect();
+    etcd.list(bed::PREFIX, &members).await;
+    let _server = bed::game_server(&etcd, "1.1.1");
+    let mut g1 = bed::gateway_as(&etcd, "1.100.1", TEST_LIMITS, "", "");
+    let g2 = bed::gateway_as(&etcd, "1.100.2", TEST_LIMITS, "", "");
+    for g in [&g1, &g2] {
+        g.log
+            .wait(&["game servers of type 1 available: [1.1.1]"])
+            .await;
+    }
+    let files = serve_files().await;
+    let url = format!(
+        "http://{files}/examples/browser/session.html?gw={}&gw={}",
+        percent_encode(&g1.url("ws"), b""),
+        percent_encode(&g2.url("ws"), b"")
+    );
+    timeout(WAIT, async {
+        let mut browser = Browser::launch(&chromium, &url);
+        let mut page = browser.open_page().await;
+        // Connected (its first frame, `whoami`, came back from 1.1.1), then the numbered run.
+        let first = page
+            .eval(
+                r#"(async () => {
+                    while (!window.sessionReady) await new Promise((r) => setTimeout(r, 10));
+                    await window.sessionReady;
+                    const s = window.session;
+                    const whoami = await new Promise((ok) => s.addEventListener("frame",
+                        (e) => ok(new TextDecoder().decode(e.detail)), { once: true }));
+                    window.echoes = [];
+                    s.addEventListener("frame", (e) => window.echoes.push(new TextDecoder().decode(e.detail)));
+                    window.sending = (async () => {
+                        for (let i = 1; i <= 300; i++) {
+                            s.send(`n${i}`);
+                            await new Promise((r) => setTimeout(r, 10));
+                        }
+                    })();
+                    return whoami;
+                })()"#,
+            )
+            .await;
+        assert_eq!(first, "1.1.1");
+        // Mid-run (some echoes back), its gateway dies.
+        page.eval(
+            r#"new Promise((ok) => { const t = setInterval(() => {
+                if (window.echoes.length >= 50) { clearInterval(t); ok(true); } }, 5); })"#,
+        )
+        .await;
+        g1.proc.kill();
+        let seen = page
+            .eval(
+                r#"new Promise((ok) => {
+                    const done = () => ok({
+                        echoes: window.echoes,
+                        events: window.sessionEvents.filter((e) => e.type !== "frame"),
+                    });
+                    const t = setInterval(() => {
+                        const ended = window.sessionEvents.some((e) => e.type === "ended");
+                        if (window.echoes.length >= 300 || ended) { clearInterval(t); done(); }
+                    }, 10);
+                })"#,
+            )
+            .await;
+        let echoes: Vec<&str> = seen["echoes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        let want: Vec<String> = (1..=300).map(|i| format!("n{i}")).collect();
+        assert_eq!(echoes, want, "events: {}", seen["events"]);
+        let events = seen["events"].as_array().unwrap();
+        let resumed = events
+            .iter()
+            .find(|e| e["type"] == "resumed")
+            .unwrap_or_else(|| panic!("no resume: {events:?}"));
+        assert_eq!(resumed["detail"]["url"], g2.url("ws"), "{resumed}");
+        println!(
+            "browser session: 300 frames back in order across a gateway SIGKILL; resumed in {} ms",
+            resumed["detail"]["afterMs"]
+        );
+    })
+    .await
+    .expect("the browser session test timed out");
+}
+
+/// Serves the repository's `examples/` and `client/js/` over HTTP on loopback (a page's ES
+/// modules do not load from `file://`); returns `host:port`. Bounded: one request per
+/// connection, requests of at most 8 KiB, only those two directories.
+async fn serve_files() -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = root.canonicalize().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let root = root.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut n = 0;
+                while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut buf[n..]).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => n += k,
+                    }
+                }
+                let head = String::from_utf8_lossy(&buf[..n]);
+                let path = head
+                    .split_whitespace()
+                    .nth(1)
+                    .unwrap_or("/")
+                    .split('?')
+                    .next()
+                    .unwrap_or("/")
+                    .to_owned();
+                let allowed = (path.starts_with("/examples/") || path.starts_with("/client/js/"))
+                    && !path.contains("..");
+                let file = allowed
+                    .then(|| std::fs::read(root.join(&path[1..])).ok())
+                    .flatten();
+                let reply = match file {
+                    Some(body) => {
+                        let kind = if path.ends_with(".js") {
+                            "text/javascript"
+                        } else {
+                            "text/html; charset=utf-8"
+                        };
+                        let mut r = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: {kind}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                            body.len()
+                        )
+                        .into_bytes();
+                        r.extend_from_slice(&body);
+                        r
+                    }
+                    None => {
+                        b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                            .to_vec()
+                    }
+                };
+                let _ = sock.write_all(&reply).await;
+            });
+        }
+    });
+    at
+}
+
 /// The `chromium` binary, installed with apt-get when missing.
 fn chromium() -> PathBuf {
     if let Some(path) = find_chromium() {
@@ -275,7 +434,10 @@ impl Browser {
             .as_array()
             .unwrap()
             .iter()
-            .find(|t| t["type"] == "page" && t["url"].as_str().unwrap().starts_with("file://"))
+            .find(|t| {
+                let url = t["url"].as_str().unwrap_or("");
+                t["type"] == "page" && (url.starts_with("file://") || url.starts_with("http://"))
+            })
             .unwrap_or_else(|| panic!("no page target in {list:#}"));
         let (ws, _) =
             tokio_tungstenite::connect_async(target["webSocketDebuggerUrl"].as_str().unwrap())
@@ -295,7 +457,7 @@ impl Browser {
                 let ctx = &p["context"];
                 ctx["origin"]
                     .as_str()
-                    .is_some_and(|o| o.starts_with("file://"))
+                    .is_some_and(|o| o.starts_with("file://") || o.starts_with("http://"))
                     && ctx["auxData"]["isDefault"] == true
             })
             .await;
