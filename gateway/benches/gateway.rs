@@ -4,7 +4,14 @@
 //! Modes:
 //! - `gateway-echo`: for each transport (TCP, WebSocket, KCP), 1 and then 100 clients, each
 //!   echoing one 64-byte frame at a time through the gateway and the game server; frames/s
-//!   and round-trip p50/p99.
+//!   and round-trip p50/p99. Each run twice in turn: plain clients (no session: version 1)
+//!   and session clients (`SessionClient`: sequence numbers, acknowledgements, replay
+//!   buffers), against the same game server (which serves sessions), so the cost of
+//!   resumable sessions reads as a ratio in the same run.
+//! - `gateway-session`: resume time (a session's connection dropped, from the drop until the
+//!   frame sent meanwhile comes back, which needs the resume and the replay) for `--clients`
+//!   sessions at once, p50/p99; and the game server's resident memory per session, attached
+//!   and detached, for 1,000 sessions (`--smoke`: 50).
 //! - `gateway-idle`: 10,000 TCP clients that each send one frame, read its echo and then stay
 //!   quiet; the gateway's (and the game server's) resident memory before and after, per
 //!   client.
@@ -20,13 +27,16 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use clustergo::{FileDiscovery, Frames, LogicAddr, Node, NodeConfig};
-use clustergo_client::{Client, ClientConfig, wire};
+use clustergo::session::SessionConfig;
+use clustergo::{FileDiscovery, LogicAddr, Node, NodeConfig};
+use clustergo_client::{
+    Client, ClientConfig, SessionClient, SessionClientConfig, SessionEvent, wire,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const SECRET: &str = "clustergo-gateway-bench";
 /// Every mode, in run order.
-pub(crate) const MODES: [&str; 2] = ["gateway-echo", "gateway-idle"];
+pub(crate) const MODES: [&str; 3] = ["gateway-echo", "gateway-session", "gateway-idle"];
 
 #[derive(Debug, Clone)]
 pub(crate) struct Opts {
@@ -58,10 +68,22 @@ pub(crate) struct Idle {
     pub(crate) gateway_after_large2: f64,
 }
 
+/// What `gateway-session` found.
+#[derive(Debug, Clone)]
+pub(crate) struct Sessions {
+    pub(crate) resumed: usize,
+    pub(crate) resume_p50_ms: f64,
+    pub(crate) resume_p99_ms: f64,
+    pub(crate) sessions: usize,
+    pub(crate) attached_bytes_per_session: f64,
+    pub(crate) detached_bytes_per_session: f64,
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct Report {
     pub(crate) rows: Vec<Row>,
     pub(crate) idle: Option<Idle>,
+    pub(crate) sessions: Option<Sessions>,
 }
 
 fn parse(args: &[String]) -> Result<Opts, String> {
@@ -135,14 +157,12 @@ async fn game_server(members: &str, addr: &str) -> Result<(), String> {
     let node = Node::builder(me)
         .discovery(FileDiscovery::open(members).map_err(|e| e.to_string())?)
         .config(NodeConfig::default().secret(SECRET).max_streams(50_000))
-        .on_stream(|stream| async move {
-            let mut frames = Frames::new(stream, 1 << 20);
-            while let Ok(Some(f)) = frames.recv().await {
-                if frames.send(f).await.is_err() {
+        .on_session(SessionConfig::default(), |mut session| async move {
+            while let Ok(Some(f)) = session.recv().await {
+                if session.send(f).await.is_err() {
                     return;
                 }
             }
-            let _ = frames.close().await;
         })
         .build();
     node.start().await.map_err(|e| e.to_string())?;
@@ -290,20 +310,49 @@ async fn run(opts: Opts) -> Result<Report, String> {
     let wants = |m: &str| opts.mode.as_deref().is_none_or(|x| x == m);
     if wants("gateway-echo") {
         println!(
-            "{:<22} | {:>12} | {:>9} | {:>9} | {:>10}",
-            "gateway-echo", "frames/s", "p50 µs", "p99 µs", "round trips"
+            "{:<22} | {:>12} | {:>9} | {:>9} | {:>10} | {:>7}",
+            "gateway-echo", "frames/s", "p50 µs", "p99 µs", "round trips", "÷ plain"
         );
-        println!("{}", "-".repeat(75));
+        println!("{}", "-".repeat(85));
         for (name, url) in [("tcp", &setup.tcp), ("ws", &setup.ws), ("kcp", &setup.kcp)] {
             for n in [1, opts.clients] {
-                let row = echo(&format!("{name}-c{n}"), url, n, opts.measure).await?;
-                println!(
-                    "{:<22} | {:>12.0} | {:>9.1} | {:>9.1} | {:>10}",
-                    row.name, row.per_sec, row.p50_us, row.p99_us, row.frames
-                );
-                report.rows.push(row);
+                let plain = echo(&format!("{name}-c{n}"), url, n, opts.measure, false).await?;
+                let session =
+                    echo(&format!("{name}-c{n}-session"), url, n, opts.measure, true).await?;
+                for (row, ratio) in [
+                    (&plain, None),
+                    (&session, Some(session.per_sec / plain.per_sec)),
+                ] {
+                    println!(
+                        "{:<22} | {:>12.0} | {:>9.1} | {:>9.1} | {:>10} | {:>7}",
+                        row.name,
+                        row.per_sec,
+                        row.p50_us,
+                        row.p99_us,
+                        row.frames,
+                        ratio.map(|r| format!("{r:.2}")).unwrap_or_default()
+                    );
+                }
+                report.rows.push(plain);
+                report.rows.push(session);
             }
         }
+    }
+    if wants("gateway-session") {
+        // 1,000 sessions for the memory figures (50 in a smoke run).
+        let m = if opts.idle < 1000 { 50 } else { 1000 };
+        let s = sessions(&setup, &setup.tcp, opts.clients, m).await?;
+        println!(
+            "gateway-session: {} sessions resumed at once over TCP: drop to first replayed frame p50 {:.1} ms, p99 {:.1} ms; \
+             game server memory per session: {:.0} bytes attached, {:.0} bytes detached ({} sessions)",
+            s.resumed,
+            s.resume_p50_ms,
+            s.resume_p99_ms,
+            s.attached_bytes_per_session,
+            s.detached_bytes_per_session,
+            s.sessions
+        );
+        report.sessions = Some(s);
     }
     if wants("gateway-idle") {
         let idle = idle(&setup, opts.idle).await?;
@@ -332,17 +381,67 @@ async fn probe(url: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// `n` clients on `url`, each echoing 64-byte frames one at a time: warm up for a third of
-/// `measure`, then count and time round trips for `measure`.
-async fn echo(name: &str, url: &str, n: usize, measure: Duration) -> Result<Row, String> {
+/// A plain client or a session client, echoing.
+enum EchoClient {
+    Plain(Client),
+    Session(Box<SessionClient>),
+}
+
+impl EchoClient {
+    async fn send(&mut self, b: Bytes) -> Result<(), String> {
+        match self {
+            EchoClient::Plain(c) => c.send(b).await.map_err(|e| e.to_string()),
+            EchoClient::Session(s) => s.send(b).await.map_err(|e| e.to_string()),
+        }
+    }
+
+    async fn recv(&mut self) -> Result<Bytes, String> {
+        match self {
+            EchoClient::Plain(c) => c.recv().await.map_err(|e| e.to_string()),
+            EchoClient::Session(s) => loop {
+                match s.recv().await.map_err(|e| e.to_string())? {
+                    SessionEvent::Frame(f) => return Ok(f),
+                    SessionEvent::Ended { reason, .. } => return Err(reason),
+                    _ => {}
+                }
+            },
+        }
+    }
+
+    async fn close(self) {
+        match self {
+            EchoClient::Plain(c) => drop(c.close("done").await),
+            EchoClient::Session(s) => drop(s.close().await),
+        }
+    }
+}
+
+/// `n` clients on `url` (session clients with `session`), each echoing 64-byte frames one at
+/// a time: warm up for a third of `measure`, then count and time round trips for `measure`.
+async fn echo(
+    name: &str,
+    url: &str,
+    n: usize,
+    measure: Duration,
+    session: bool,
+) -> Result<Row, String> {
     let config = ClientConfig::default().idle_timeout(None);
     let mut clients = Vec::with_capacity(n);
     for _ in 0..n {
-        clients.push(
-            Client::connect_with(url, config.clone())
-                .await
-                .map_err(|e| format!("{name}: {e}"))?,
-        );
+        clients.push(if session {
+            let c = SessionClientConfig::default().client(config.clone());
+            EchoClient::Session(Box::new(
+                SessionClient::connect(&[url], b"", c)
+                    .await
+                    .map_err(|e| format!("{name}: {e}"))?,
+            ))
+        } else {
+            EchoClient::Plain(
+                Client::connect_with(url, config.clone())
+                    .await
+                    .map_err(|e| format!("{name}: {e}"))?,
+            )
+        });
     }
     let warm_until = Instant::now() + measure / 3;
     let end = warm_until + measure;
@@ -356,11 +455,10 @@ async fn echo(name: &str, url: &str, n: usize, measure: Duration) -> Result<Row,
                 if t >= end {
                     break;
                 }
-                c.send(payload.clone()).await.map_err(|e| e.to_string())?;
+                c.send(payload.clone()).await?;
                 let echo = tokio::time::timeout(Duration::from_secs(5), c.recv())
                     .await
-                    .map_err(|_| "an echo took over 5 s".to_owned())?
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|_| "an echo took over 5 s".to_owned())??;
                 if echo.len() != 64 {
                     return Err(format!("echo of {} bytes", echo.len()));
                 }
@@ -368,7 +466,7 @@ async fn echo(name: &str, url: &str, n: usize, measure: Duration) -> Result<Row,
                     samples.push(t.elapsed().as_nanos().min(u128::from(u32::MAX)) as u32);
                 }
             }
-            let _ = c.close("done").await;
+            c.close().await;
             Ok::<_, String>(samples)
         });
     }
@@ -388,6 +486,80 @@ async fn echo(name: &str, url: &str, n: usize, measure: Duration) -> Result<Row,
         p50_us: pct(0.50),
         p99_us: pct(0.99),
     })
+}
+
+/// `gateway-session`: `resumers` sessions drop their connections at once and each sends a
+/// frame meanwhile: the time until its echo (resume, replay, echo); then `m` sessions, the
+/// game server's memory with them attached and detached.
+async fn sessions(setup: &Setup, url: &str, resumers: usize, m: usize) -> Result<Sessions, String> {
+    let mut tasks = tokio::task::JoinSet::new();
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(resumers));
+    for _ in 0..resumers {
+        let (url, barrier) = (url.to_owned(), barrier.clone());
+        tasks.spawn(async move {
+            let mut s = SessionClient::connect(&[&url], b"", SessionClientConfig::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            s.send("before").await.map_err(|e| e.to_string())?;
+            next_frame(&mut s).await?;
+            barrier.wait().await;
+            let t = Instant::now();
+            s.switch_to(&url);
+            s.send("meanwhile").await.map_err(|e| e.to_string())?;
+            let f = next_frame(&mut s).await?;
+            let took = t.elapsed();
+            if f != "meanwhile".as_bytes() {
+                return Err(format!("after the resume, got {f:?}"));
+            }
+            let _ = s.close().await;
+            Ok::<_, String>(took)
+        });
+    }
+    let mut took = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        took.push(r.map_err(|e| e.to_string())??);
+    }
+    took.sort_unstable();
+    let pct = |p: f64| took[((took.len() - 1) as f64 * p) as usize].as_secs_f64() * 1000.0;
+    let pid = setup.server.0.id();
+    let before = rss_bytes(pid)?;
+    let mut held = Vec::with_capacity(m);
+    for _ in 0..m {
+        let mut s = SessionClient::connect(&[url], b"", SessionClientConfig::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        s.send("hello").await.map_err(|e| e.to_string())?;
+        next_frame(&mut s).await?;
+        held.push(s);
+    }
+    let attached = rss_bytes(pid)?;
+    // Dropped without a bye: every session detaches and waits for its client.
+    drop(held);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let detached = rss_bytes(pid)?;
+    let per = |after: u64| (after.saturating_sub(before)) as f64 / m.max(1) as f64;
+    Ok(Sessions {
+        resumed: took.len(),
+        resume_p50_ms: pct(0.5),
+        resume_p99_ms: pct(0.99),
+        sessions: m,
+        attached_bytes_per_session: per(attached),
+        detached_bytes_per_session: per(detached),
+    })
+}
+
+async fn next_frame(s: &mut SessionClient) -> Result<Bytes, String> {
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(10), s.recv())
+            .await
+            .map_err(|_| "no frame in 10 s".to_owned())?
+            .map_err(|e| e.to_string())?;
+        match ev {
+            SessionEvent::Frame(f) => return Ok(f),
+            SessionEvent::Ended { reason, .. } => return Err(reason),
+            _ => {}
+        }
+    }
 }
 
 /// `n` raw TCP clients, each fully connected (one frame echoed through a game server stream),

@@ -25,9 +25,16 @@ fn main() {
         }
     };
     let mut failed = false;
-    if report.rows.len() != 6 {
-        eprintln!("bench smoke: {} echo runs, wanted 6", report.rows.len());
+    if report.rows.len() != 12 {
+        eprintln!("bench smoke: {} echo runs, wanted 12", report.rows.len());
         failed = true;
+    }
+    match &report.sessions {
+        Some(s) if s.resumed == 10 && s.sessions > 0 && s.resume_p50_ms > 0.0 => {}
+        other => {
+            eprintln!("bench smoke: session run: {other:?}");
+            failed = true;
+        }
     }
     for row in &report.rows {
         if row.frames == 0 || row.per_sec <= 0.0 {
@@ -46,7 +53,7 @@ fn main() {
         std::process::exit(1);
     }
     println!(
-        "bench smoke: {} echo runs and the idle run passed",
+        "bench smoke: {} echo runs, the session run and the idle run passed",
         report.rows.len()
     );
 }
