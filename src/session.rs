@@ -57,7 +57,8 @@ pub struct SessionConfig {
     pub max_replay_frames: usize,
     /// Bytes of those, at most (default 1 MiB).
     pub max_replay_bytes: usize,
-    /// Largest frame either way (default 1 MiB).
+    /// Largest frame either way (default 64 KiB − 1). A session frame is one byte longer on
+    /// the wire, so this must stay below the gateway's `max_frame` (64 KiB by default).
     pub max_frame: usize,
     /// How long a token is accepted (default 1 h); each reattachment gives a fresh one.
     pub token_ttl: Duration,
@@ -78,7 +79,7 @@ impl Default for SessionConfig {
             resume_window: Duration::from_secs(60),
             max_replay_frames: 4096,
             max_replay_bytes: 1 << 20,
-            max_frame: 1 << 20,
+            max_frame: (64 << 10) - 1,
             token_ttl: Duration::from_secs(3600),
             max_sessions: 100_000,
             inbox: 64,
@@ -337,6 +338,9 @@ struct Attach {
     generation: u32,
 }
 
+/// How many of a session's latest tokens a resume may bring.
+const KEEP_GENERATIONS: u32 = 3;
+
 /// Ended sessions remembered (for a resume to be told why), at most.
 const TOMBSTONES: usize = 4096;
 
@@ -430,6 +434,7 @@ impl Sessions {
             receipts: Receipts::default(),
             end,
             generation: 0,
+            issued: Instant::now(),
         };
         let run = pump.run(frames, out_rx, attach_rx, in_tx);
         tokio::join!(run, handler(session));
@@ -547,9 +552,23 @@ struct Pump {
     replay: Replay,
     receipts: Receipts,
     end: Arc<OnceLock<(u16, String)>>,
-    /// The generation of the last token given: a resume must bring it or the one before
-    /// (the newest may have been lost with the connection that carried it).
+    /// The generation of the last token given (see [`KEEP_GENERATIONS`]).
     generation: u32,
+    /// When it was given.
+    issued: Instant,
+}
+
+/// Removes a session from the table when dropped.
+struct Slot(Arc<Sessions>, [u8; 16]);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0
+            .table
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.1);
+    }
 }
 
 /// What ended a connection of a session (not necessarily the session).
@@ -577,6 +596,9 @@ impl Pump {
         // Frames for the game; dropped when the session ends.
         let inbox = Some(inbox);
         let stop = self.sessions.stop();
+        // Out of the table however this ends, a panic of the game's handler (same task)
+        // included.
+        let _slot = Slot(self.sessions.clone(), self.id);
         let mut stream = Some(first);
         if self.resumable
             && let Some(s) = stream.as_mut()
@@ -592,13 +614,20 @@ impl Pump {
         let mut pending_in: Option<Bytes> = None;
         let (code, reason) = loop {
             let window_end = detached_at.map(|t| t + self.config().resume_window);
+            // A long-attached session gets a fresh token before its current one expires.
+            let refresh_at = stream
+                .as_ref()
+                .map(|_| self.issued + self.config().token_ttl / 2);
+            // Not biased: a game that sends without pause must not starve the client's
+            // acknowledgements and input, nor the other way round (a close the game sent while
+            // client frames arrive still wins: see `GameGone`).
             let outcome: Result<(), Conn> = tokio::select! {
-                biased;
                 () = stop.cancelled() => break (code::NO_SESSION, "game server stopped".to_owned()),
                 a = attach.recv() => match a {
-                    // A token older than the last two this session gave (a copy someone kept):
-                    // refused; the session goes on.
-                    Some(a) if a.generation + 1 < self.generation => {
+                    // A token older than the last three this session gave (a copy someone
+                    // kept): refused; the session goes on. Three, as the newest may have been
+                    // lost with the connections that carried them.
+                    Some(a) if a.generation + KEEP_GENERATIONS <= self.generation => {
                         refuse(a.frames, code::BAD_TOKEN, "session token was replaced by a newer one").await;
                         Ok(())
                     }
@@ -627,7 +656,6 @@ impl Pump {
                     }
                     None => Ok(()),
                 },
-                // The game's frames first: its close wins over the client's late frames.
                 o = out.recv() => match o {
                     Some(Out::Frame(f)) => self.send_to_client(f, &mut stream).await,
                     Some(Out::Close(reason)) => Err(Conn::End(code::NORMAL, reason)),
@@ -642,7 +670,7 @@ impl Pump {
                     _ => Err(Conn::GameGone),
                 },
                 r = recv_if(&mut stream, pending_in.is_none()) => {
-                    match self.on_client_frame(r, &mut stream, &mut ack_due).await {
+                    match self.on_client_frame(r, &mut ack_due).await {
                         Ok(frame) => {
                             pending_in = frame;
                             Ok(())
@@ -657,6 +685,10 @@ impl Pump {
                         _ => Ok(()),
                     }
                 }
+                () = sleep_until(refresh_at) => match stream.as_mut() {
+                    Some(s) => self.welcome(s).await,
+                    None => Ok(()),
+                },
                 () = sleep_until(window_end) => break (code::NO_SESSION, "resume window passed".to_owned()),
             };
             let outcome = match outcome {
@@ -706,7 +738,9 @@ impl Pump {
         // Ends the game's side: its recv sees the end, its sends fail.
         let _ = self.end.set((code, reason.clone()));
         drop(inbox);
-        self.sessions.forget(&self.id, code, &reason);
+        if self.resumable {
+            self.sessions.forget(&self.id, code, &reason);
+        }
         out.close();
         match stream {
             Some(s) if self.resumable => {
@@ -730,6 +764,7 @@ impl Pump {
     /// The greeting on a connection: what the server received, and a fresh token.
     async fn welcome(&mut self, s: &mut Frames) -> Result<(), Conn> {
         self.generation += 1;
+        self.issued = Instant::now();
         let token = self.sessions.key.issue(
             self.id,
             self.sessions.me,
@@ -764,7 +799,6 @@ impl Pump {
     async fn on_client_frame(
         &mut self,
         r: Result<Option<Bytes>, crate::FrameError>,
-        stream: &mut Option<Frames>,
         ack_due: &mut Option<Instant>,
     ) -> Result<Option<Bytes>, Conn> {
         let frame = match r {
@@ -783,11 +817,10 @@ impl Pump {
         }
         match Frame::decode(frame) {
             Ok(Frame::Data(p)) => {
+                // The ack is written by the loop (at once when due): a failing write never
+                // takes the frame with it.
                 if self.receipts.got() {
-                    if let (Some(s), Some(ack)) = (stream.as_mut(), self.receipts.ack()) {
-                        write(s, ack, self.config().write_timeout).await?;
-                    }
-                    *ack_due = None;
+                    *ack_due = Some(Instant::now());
                 } else if ack_due.is_none() {
                     *ack_due = Some(Instant::now() + clustergo_client::session::ACK_DELAY);
                 }

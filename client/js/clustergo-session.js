@@ -171,7 +171,7 @@ export class SessionClient extends EventTarget {
         clearTimeout(timer);
         const { code, text } = parseClose(e.reason);
         const err = new Error(e.reason || `closed (${e.code})`);
-        err.code = code ?? e.code;
+        err.code = code; // null: the connection failed, not the session
         err.text = text;
         fail(err);
       };
@@ -205,7 +205,13 @@ export class SessionClient extends EventTarget {
         this.#emit("frame", b.subarray(1));
         return;
       case ACK:
-        if (b.length === 9) return this.#acked(readU64(b, 1));
+        if (b.length === 9) return void this.#acked(readU64(b, 1));
+        break;
+      case WELCOME: // a long-attached session's fresh token
+        if (b.length === 9 + TOKEN_LEN) {
+          if (this.#acked(readU64(b, 1))) this.token = b.slice(9);
+          return;
+        }
         break;
       case BYE:
         return this.#end(codes.NORMAL, "the game server ended the session");
@@ -254,7 +260,7 @@ export class SessionClient extends EventTarget {
       const url = this.urls[this.next++ % this.urls.length];
       try {
         const { ws, received, token } = await this.#greet(url, helloResume(this.received, this.token));
-        if (!this.#acked(received)) break;
+        if (this.ended || !this.#acked(received)) { ws.onclose = null; ws.close(); break; }
         this.token = token;
         this.#attach(ws);
         for (const f of this.replay) this.#write(f);
@@ -262,7 +268,8 @@ export class SessionClient extends EventTarget {
         this.#emit("resumed", { afterMs: Date.now() - this.lostAt, replayed: this.replay.length, url });
         return;
       } catch (e) {
-        if (e.code && !resumable(e.code) && e.code !== codes.TRY_AGAIN && e.code >= 4000) {
+        // A close with a session code that cannot be resumed: the session is over.
+        if (e.code !== null && !resumable(e.code) && e.code !== codes.TRY_AGAIN) {
           this.resuming = false;
           return this.#end(e.code, e.text || e.message);
         }

@@ -90,7 +90,7 @@ pub struct ClientConfig {
     connect_timeout: Duration,
     idle_timeout: Option<Duration>,
     heartbeat: Option<Duration>,
-    max_frame: usize,
+    pub(crate) max_frame: usize,
     roots: Vec<CertificateDer<'static>>,
     server_name: Option<String>,
 }

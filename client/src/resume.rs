@@ -240,7 +240,16 @@ impl SessionClient {
                 code: None,
             });
         }
-        let frame = Frame::data(&frame.into());
+        let frame = frame.into();
+        // One byte more on the wire: the connection's limit applies to that.
+        let limit = self.config.client.max_frame.saturating_sub(1);
+        if frame.len() > limit {
+            return Err(ClientError::TooLarge {
+                size: frame.len(),
+                limit,
+            });
+        }
+        let frame = Frame::data(&frame);
         if let Err(full) = self.replay.push(frame.clone()) {
             self.ended = true;
             self.conn = None;
@@ -307,13 +316,21 @@ impl SessionClient {
             match got {
                 Ok(bytes) => match Frame::decode(bytes) {
                     Ok(Frame::Data(p)) => {
+                        // The ack goes out from the next call (at once when due): returning
+                        // the frame never waits on a write, so `recv` stays cancel-safe.
                         if self.receipts.got() {
-                            self.ack_due = None;
-                            self.send_ack().await;
+                            self.ack_due = Some(Instant::now());
                         } else if self.ack_due.is_none() {
                             self.ack_due = Some(Instant::now() + ACK_DELAY);
                         }
                         return Ok(SessionEvent::Frame(p));
+                    }
+                    // A long-attached session's fresh token (and what the server received).
+                    Ok(Frame::Welcome { received, token }) => {
+                        if let Err(e) = self.replay.ack(received) {
+                            return Err(self.protocol(&e.to_string()));
+                        }
+                        self.token = token;
                     }
                     Ok(Frame::Ack(n)) => {
                         if let Err(e) = self.replay.ack(n) {
@@ -324,9 +341,7 @@ impl SessionClient {
                         code: Some(code::NORMAL),
                         reason: "the game server ended the session".into(),
                     }),
-                    Ok(Frame::Welcome { .. }) | Err(_) => {
-                        return Err(self.protocol("unexpected session frame"));
-                    }
+                    Err(_) => return Err(self.protocol("malformed session frame")),
                 },
                 Err(ClientError::Closed { reason, code: ws }) => {
                     let (c, text) = parse_close(&reason);

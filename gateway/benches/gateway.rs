@@ -383,7 +383,7 @@ async fn probe(url: &str) -> Result<(), String> {
 
 /// A plain client or a session client, echoing.
 enum EchoClient {
-    Plain(Client),
+    Plain(Box<Client>),
     Session(Box<SessionClient>),
 }
 
@@ -436,11 +436,11 @@ async fn echo(
                     .map_err(|e| format!("{name}: {e}"))?,
             ))
         } else {
-            EchoClient::Plain(
+            EchoClient::Plain(Box::new(
                 Client::connect_with(url, config.clone())
                     .await
                     .map_err(|e| format!("{name}: {e}"))?,
-            )
+            ))
         });
     }
     let warm_until = Instant::now() + measure / 3;

@@ -552,9 +552,11 @@ async fn close_client<R: FrameRead, W: FrameWrite>(
                 "game server unavailable, reconnect".into(),
             ),
             End::Shutdown => (code::GOING_AWAY, "gateway shutting down, reconnect".into()),
+            // The session lives on in the game server, detached: the client may resume it
+            // while the server is still there.
             End::Drained => (
-                code::NO_SESSION,
-                "game server leaving, start a new session".into(),
+                code::SERVER_UNAVAILABLE,
+                "game server unavailable, reconnect".into(),
             ),
         };
         goodbye(
@@ -690,10 +692,15 @@ fn session_route(gw: &Gateway, first: &Bytes) -> Result<Route, (u16, String)> {
             if let Err(e) = gw.tokens.check(&token) {
                 return Err((e.code(), close_reason(e.code(), &e.to_string())));
             }
-            let server = LogicAddr::from_u32(token.server).map_err(|_| {
-                let c = code::BAD_TOKEN;
-                (c, close_reason(c, "session token names no server"))
-            })?;
+            // Only to a game server of this gateway's type that membership lists: a token is
+            // never a way to reach any other node.
+            let server = LogicAddr::from_u32(token.server)
+                .ok()
+                .filter(|s| s.node_type() == gw.backend_type && gw.node.member(*s).is_some())
+                .ok_or_else(|| {
+                    let c = code::NO_SESSION;
+                    (c, close_reason(c, "session no longer exists"))
+                })?;
             Ok(Route::Resume {
                 server,
                 token,

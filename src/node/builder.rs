@@ -188,8 +188,9 @@ impl NodeBuilder {
         self
     }
 
-    /// Serves player sessions (see [`crate::session`]): `handler` runs once per session, as
-    /// its own task, with a [`Session`](crate::session::Session) that lives across the
+    /// Serves player sessions (see [`crate::session`]): `handler` runs once per session (in
+    /// the task of the stream that started it), with a
+    /// [`Session`](crate::session::Session) that lives across the
     /// client's reconnections and gateway restarts. It takes the place of
     /// [`NodeBuilder::on_stream`] (registering both fails the start): gateways open their
     /// streams to it, and a version 1 client gets a session that ends with its connection.
@@ -249,7 +250,10 @@ impl NodeBuilder {
                 self.duplicates
                     .push("stream handler (on_stream and on_session)".into());
             }
-            let (secret, _) = self.config.resolve_secret();
+            let (secret, dev) = self.config.resolve_secret();
+            if dev {
+                tracing::warn!(node = %self.addr, "sessions on the public development secret: anyone can forge their tokens (set NodeConfig::secret or CLUSTERGO_SECRET)");
+            }
             let s = crate::session::Sessions::new(config, &secret, self.addr);
             sessions = Some(s.clone());
             self.stream_handler = Some(Arc::new(move |stream| {
