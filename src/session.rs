@@ -612,12 +612,20 @@ impl Pump {
         // stream until it has (the stream's window then holds the client back), while the
         // game's own frames keep going out.
         let mut pending_in: Option<Bytes> = None;
+        // Three timers, each one entry reset when its deadline changes (not a new timer per
+        // frame: under load the ack deadline is set almost always).
+        let mut ack_timer = Timer::new();
+        let mut refresh_timer = Timer::new();
+        let mut window_timer = Timer::new();
         let (code, reason) = loop {
-            let window_end = detached_at.map(|t| t + self.config().resume_window);
+            window_timer.set(detached_at.map(|t| t + self.config().resume_window));
             // A long-attached session gets a fresh token before its current one expires.
-            let refresh_at = stream
-                .as_ref()
-                .map(|_| self.issued + self.config().token_ttl / 2);
+            refresh_timer.set(
+                stream
+                    .as_ref()
+                    .map(|_| self.issued + self.config().token_ttl / 2),
+            );
+            ack_timer.set(ack_due);
             // Not biased: a game that sends without pause must not starve the client's
             // acknowledgements and input, nor the other way round (a close the game sent while
             // client frames arrive still wins: see `GameGone`).
@@ -678,18 +686,18 @@ impl Pump {
                         Err(e) => Err(e),
                     }
                 }
-                () = sleep_until(ack_due) => {
+                () = ack_timer.wait() => {
                     ack_due = None;
                     match (stream.as_mut(), self.receipts.ack()) {
                         (Some(s), Some(ack)) => write(s, ack, self.config().write_timeout).await,
                         _ => Ok(()),
                     }
                 }
-                () = sleep_until(refresh_at) => match stream.as_mut() {
+                () = refresh_timer.wait() => match stream.as_mut() {
                     Some(s) => self.welcome(s).await,
                     None => Ok(()),
                 },
-                () = sleep_until(window_end) => break (code::NO_SESSION, "resume window passed".to_owned()),
+                () = window_timer.wait() => break (code::NO_SESSION, "resume window passed".to_owned()),
             };
             let outcome = match outcome {
                 // The game dropped its session: what it sent before, then its close, if any.
@@ -890,10 +898,36 @@ async fn reserve(
     }
 }
 
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(t) => tokio::time::sleep_until(t).await,
-        None => std::future::pending().await,
+/// A timer that is set, moved and cleared without a new timer entry each time.
+struct Timer {
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+    at: Option<Instant>,
+}
+
+impl Timer {
+    fn new() -> Timer {
+        Timer {
+            sleep: Box::pin(tokio::time::sleep(Duration::from_secs(86_400))),
+            at: None,
+        }
+    }
+
+    /// Fires at `at`; never, for `None`.
+    fn set(&mut self, at: Option<Instant>) {
+        if at != self.at {
+            if let Some(t) = at {
+                self.sleep.as_mut().reset(t);
+            }
+            self.at = at;
+        }
+    }
+
+    /// Resolves when the deadline set passes; never while none is.
+    async fn wait(&mut self) {
+        match self.at {
+            Some(_) => self.sleep.as_mut().await,
+            None => std::future::pending().await,
+        }
     }
 }
 

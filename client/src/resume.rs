@@ -138,6 +138,9 @@ pub struct SessionClient {
     replay: Replay,
     receipts: Receipts,
     ack_due: Option<Instant>,
+    /// Fires at `ack_due`: one timer entry, reset when the deadline moves.
+    ack_timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    ack_armed: Option<Instant>,
     lost_at: Option<Instant>,
     events: VecDeque<SessionEvent>,
     ended: bool,
@@ -167,6 +170,8 @@ impl SessionClient {
                         replay: Replay::new(config.max_replay_frames, config.max_replay_bytes),
                         receipts: Receipts::default(),
                         ack_due: None,
+                        ack_timer: Box::pin(tokio::time::sleep(Duration::from_secs(86_400))),
+                        ack_armed: None,
                         lost_at: None,
                         events: VecDeque::new(),
                         ended: false,
@@ -304,10 +309,15 @@ impl SessionClient {
                 self.resume().await;
                 continue;
             };
-            let ack_due = self.ack_due;
+            if self.ack_due != self.ack_armed {
+                if let Some(t) = self.ack_due {
+                    self.ack_timer.as_mut().reset(t);
+                }
+                self.ack_armed = self.ack_due;
+            }
             let got = tokio::select! {
                 r = conn.recv() => r,
-                () = sleep_until(ack_due) => {
+                () = self.ack_timer.as_mut(), if self.ack_armed.is_some() => {
                     self.ack_due = None;
                     self.send_ack().await;
                     continue;
@@ -478,11 +488,4 @@ fn random() -> u64 {
     std::collections::hash_map::RandomState::new()
         .build_hasher()
         .finish()
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(t) => tokio::time::sleep_until(t).await,
-        None => std::future::pending().await,
-    }
 }
