@@ -92,12 +92,15 @@ async fn a_browser_page_gets_its_echo_keeps_alive_and_sees_the_kick() {
             .eval(
                 r#"new Promise((ok) => {
                     const socket = window.gatewaySocket;
+                    const sent = performance.now();
                     socket.addEventListener("close", (e) => {
+                        const afterMs = performance.now() - sent;
                         // Let the page's own close listener update #status first.
                         setTimeout(() => ok({
                             code: e.code,
                             reason: e.reason,
                             clean: e.wasClean,
+                            afterMs,
                             status: document.getElementById("status").textContent,
                         }));
                     });
@@ -108,6 +111,14 @@ async fn a_browser_page_gets_its_echo_keeps_alive_and_sees_the_kick() {
         assert_eq!(closed["code"], 1000, "{closed}");
         assert_eq!(closed["reason"], "bye from the server", "{closed}");
         assert_eq!(closed["clean"], true, "{closed}");
+        // The page learns of it at once: the gateway ends the connection as soon as the
+        // browser answers its close, not after a linger.
+        let after = closed["afterMs"].as_f64().unwrap();
+        assert!(
+            after < 300.0,
+            "the close reached the page {after} ms after the kick"
+        );
+        println!("the kick's close reached the page {after:.0} ms after it was asked for");
         let status = closed["status"].as_str().unwrap();
         assert!(
             status.contains("1000") && status.contains("bye from the server"),

@@ -27,17 +27,31 @@ pub(crate) struct WsRead<S> {
     ws: SplitStream<WebSocketStream<Metered<S>>>,
     /// The connection under the WebSocket layer, for draining it after a close.
     raw: Raw<S>,
+    /// The WebSocket layer failed on the client's input (a message over the limit, a
+    /// protocol error): after a close only the raw connection can be drained.
+    broken: bool,
 }
 
 /// Writes frames as WebSocket binary messages.
 pub(crate) struct WsWrite<S>(SplitSink<WebSocketStream<Metered<S>>, Message>);
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> FrameRead for WsRead<S> {
-    /// Drains the raw connection rather than the WebSocket layer: after a message over the
-    /// limit the layer only repeats its error, while the rest of that message still sits in
-    /// the socket, and closing a socket with unread input resets the connection — which can
-    /// destroy the close (1009 and its reason) before the client reads it.
+    /// Reads until the client answers the close, then returns at once, so the connection
+    /// ends right away: a browser reports a close only when the server has ended the TCP
+    /// connection, which otherwise waited for the linger (about 1 s late). After the
+    /// WebSocket layer failed (a message over the limit: the layer only repeats its error,
+    /// while the rest of that message still sits in the socket), the raw connection is
+    /// drained instead, since closing a socket with unread input resets the connection — which
+    /// can destroy the close (1009 and its reason) before the client reads it.
     async fn discard(&mut self) {
+        if !self.broken {
+            while let Some(Ok(m)) = self.ws.next().await {
+                if matches!(m, Message::Close(_)) {
+                    return;
+                }
+            }
+            return;
+        }
         let raw = self.raw.clone();
         std::future::poll_fn(move |cx| {
             let mut io = raw.lock().unwrap_or_else(|e| e.into_inner());
@@ -55,6 +69,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> FrameRead for WsRead<S> {
     }
 
     async fn recv(&mut self) -> Result<Item, Fault> {
+        let item = self.next_item().await;
+        if matches!(item, Err(Fault::TooLarge { .. } | Fault::Malformed(_))) {
+            self.broken = true;
+        }
+        item
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> WsRead<S> {
+    async fn next_item(&mut self) -> Result<Item, Fault> {
         let item = match self.ws.next().await {
             None => return Err(Fault::Eof),
             Some(Ok(Message::Binary(b))) if b.is_empty() => Inbound::Heartbeat,
@@ -261,7 +285,11 @@ async fn ws_session<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     };
     info.subprotocol = chosen.map(String::into_boxed_str);
     let (w, r) = ws.split();
-    let r = WsRead { ws: r, raw };
+    let r = WsRead {
+        ws: r,
+        raw,
+        broken: false,
+    };
     session::serve(gw, handshake, info, r, WsWrite(w)).await;
 }
 
