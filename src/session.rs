@@ -62,9 +62,14 @@ pub struct SessionConfig {
     pub max_frame: usize,
     /// How long a token is accepted (default 1 h); each reattachment gives a fresh one.
     pub token_ttl: Duration,
-    /// Sessions per node, attached or not (default 100,000); over it a new one is refused
-    /// with `1013`.
+    /// Sessions per node, attached or not, version 1 ones included (default 100,000); over
+    /// it a new one is refused with `1013`.
     pub max_sessions: usize,
+    /// Bytes of unacknowledged frames all the node's sessions hold together (default
+    /// 256 MiB): a send that would pass it ends its session with `4004`, so no number of
+    /// sessions can grow the node's memory past it (each is also bounded by
+    /// [`SessionConfig::max_replay_bytes`]).
+    pub max_replay_total: usize,
     /// Frames from the client the game has not read yet (default 64); beyond, the session
     /// stops reading, and the stream's credit window holds the client back.
     pub inbox: usize,
@@ -82,6 +87,7 @@ impl Default for SessionConfig {
             max_frame: (64 << 10) - 1,
             token_ttl: Duration::from_secs(3600),
             max_sessions: 100_000,
+            max_replay_total: 256 << 20,
             inbox: 64,
             write_timeout: Duration::from_secs(10),
         }
@@ -103,6 +109,11 @@ impl SessionConfig {
     /// Sets [`SessionConfig::token_ttl`].
     pub fn token_ttl(mut self, d: Duration) -> Self {
         self.token_ttl = d;
+        self
+    }
+    /// Sets [`SessionConfig::max_replay_total`].
+    pub fn max_replay_total(mut self, bytes: usize) -> Self {
+        self.max_replay_total = bytes;
         self
     }
     /// Sets [`SessionConfig::max_sessions`].
@@ -350,6 +361,10 @@ pub(crate) struct Sessions {
     key: TokenKey,
     me: LogicAddr,
     table: Mutex<FastMap<[u8; 16], mpsc::Sender<Attach>>>,
+    /// Sessions of version 1 clients (not in the table: they cannot be resumed).
+    plain: std::sync::atomic::AtomicUsize,
+    /// Bytes all replay buffers hold (see [`SessionConfig::max_replay_total`]).
+    replay_total: std::sync::atomic::AtomicUsize,
     /// The latest ended sessions and why, so a late resume is told the real reason.
     ended: Mutex<std::collections::VecDeque<([u8; 16], u16, String)>>,
     /// Cancelled when the node stops: every session ends.
@@ -367,6 +382,8 @@ impl Sessions {
             key: TokenKey::from_secret(secret),
             me,
             table: Mutex::new(FastMap::default()),
+            plain: Default::default(),
+            replay_total: Default::default(),
             ended: Mutex::new(std::collections::VecDeque::new()),
             stop: OnceLock::new(),
         })
@@ -402,10 +419,15 @@ impl Sessions {
         }
         let (attach_tx, attach_rx) = mpsc::channel(1);
         let full = {
+            use std::sync::atomic::Ordering::Relaxed;
             let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-            let full = table.len() >= self.config.max_sessions;
-            if !full && resumable {
-                table.insert(id, attach_tx);
+            let full = table.len() + self.plain.load(Relaxed) >= self.config.max_sessions;
+            if !full {
+                if resumable {
+                    table.insert(id, attach_tx);
+                } else {
+                    self.plain.fetch_add(1, Relaxed);
+                }
             }
             full
         };
@@ -427,6 +449,12 @@ impl Sessions {
             end: end.clone(),
         };
         let pump = Pump {
+            slot: Slot {
+                sessions: self.clone(),
+                id,
+                resumable,
+                held: 0,
+            },
             sessions: self.clone(),
             id,
             resumable,
@@ -546,6 +574,7 @@ pub fn hex(b: &[u8]) -> String {
 /// Drives one session: its current stream (if attached), the game's frames, the replay
 /// buffer and acknowledgements, reattachments and the resume window.
 struct Pump {
+    slot: Slot,
     sessions: Arc<Sessions>,
     id: [u8; 16],
     resumable: bool,
@@ -559,15 +588,30 @@ struct Pump {
 }
 
 /// Removes a session from the table when dropped.
-struct Slot(Arc<Sessions>, [u8; 16]);
+/// A session's place in the node: its table entry (or count) and its share of the replay
+/// budget, given back when dropped, however the session ends (a panic of the game's handler,
+/// which runs in the same task, included).
+struct Slot {
+    sessions: Arc<Sessions>,
+    id: [u8; 16],
+    resumable: bool,
+    /// Bytes of its replay buffer counted in the node's total.
+    held: usize,
+}
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0
-            .table
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.1);
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &self.sessions;
+        if self.resumable {
+            s.table
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&self.id);
+        } else {
+            s.plain.fetch_sub(1, Relaxed);
+        }
+        s.replay_total.fetch_sub(self.held, Relaxed);
     }
 }
 
@@ -596,9 +640,6 @@ impl Pump {
         // Frames for the game; dropped when the session ends.
         let inbox = Some(inbox);
         let stop = self.sessions.stop();
-        // Out of the table however this ends, a panic of the game's handler (same task)
-        // included.
-        let _slot = Slot(self.sessions.clone(), self.id);
         let mut stream = Some(first);
         if self.resumable
             && let Some(s) = stream.as_mut()
@@ -769,6 +810,19 @@ impl Pump {
         tracing::debug!(session = %SessionId(self.id), code, %reason, "session ended");
     }
 
+    /// Brings the node's replay total in line with this session's buffer.
+    fn sync_held(&mut self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = self.replay.bytes();
+        let total = &self.sessions.replay_total;
+        if now > self.slot.held {
+            total.fetch_add(now - self.slot.held, Relaxed);
+        } else {
+            total.fetch_sub(self.slot.held - now, Relaxed);
+        }
+        self.slot.held = now;
+    }
+
     /// The greeting on a connection: what the server received, and a fresh token.
     async fn welcome(&mut self, s: &mut Frames) -> Result<(), Conn> {
         self.generation += 1;
@@ -796,6 +850,7 @@ impl Pump {
                 return Err(Conn::End(code::PROTOCOL, format!("cannot resume: {e}")));
             }
         };
+        self.sync_held();
         self.welcome(s).await?;
         for f in again {
             write(s, f, self.config().write_timeout).await?;
@@ -834,11 +889,12 @@ impl Pump {
                 }
                 Ok(Some(p))
             }
-            Ok(Frame::Ack(n)) => self
-                .replay
-                .ack(n)
-                .map(|()| None)
-                .map_err(|e| Conn::End(code::PROTOCOL, e.to_string())),
+            Ok(Frame::Ack(n)) => {
+                let r = self.replay.ack(n);
+                self.sync_held();
+                r.map(|()| None)
+                    .map_err(|e| Conn::End(code::PROTOCOL, e.to_string()))
+            }
             Ok(Frame::Bye) => Err(Conn::End(
                 code::NORMAL,
                 "the client ended the session".into(),
@@ -857,10 +913,19 @@ impl Pump {
     ) -> Result<(), Conn> {
         let wire = if self.resumable {
             let f = Frame::data(&frame);
+            let total = self
+                .sessions
+                .replay_total
+                .load(std::sync::atomic::Ordering::Relaxed);
+            if total + f.len() > self.config().max_replay_total {
+                tracing::warn!(session = %SessionId(self.id), total, max = self.config().max_replay_total, "session ended: the node's replay budget is full");
+                return Err(Conn::End(code::REPLAY_FULL, "replay buffer full".into()));
+            }
             if let Err(full) = self.replay.push(f.clone()) {
                 tracing::warn!(session = %SessionId(self.id), error = %full, "session ended: replay buffer full");
                 return Err(Conn::End(code::REPLAY_FULL, "replay buffer full".into()));
             }
+            self.sync_held();
             f
         } else {
             frame

@@ -1,0 +1,153 @@
+//! The game server's session layer in process: a node plays the gateway, opening session
+//! streams and speaking the session wire, to check the node-wide bounds.
+
+mod support;
+
+use bytes::{Bytes, BytesMut};
+use clustergo::session::{META_SESSION, SessionConfig};
+use clustergo::{Node, Stream, StreamMeta};
+use clustergo_client::session::{Frame, parse_close};
+use clustergo_client::wire::{self, Inbound};
+use support::{Cluster, within};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A game whose session sends `fill:N` frames of 300 bytes on request, then echoes.
+fn game(config: SessionConfig) -> impl FnOnce(clustergo::NodeBuilder) -> clustergo::NodeBuilder {
+    move |b| {
+        b.on_session(config, |mut s| async move {
+            while let Ok(Some(f)) = s.recv().await {
+                let n = std::str::from_utf8(&f)
+                    .ok()
+                    .and_then(|t| t.strip_prefix("fill:"))
+                    .and_then(|n| n.parse::<usize>().ok());
+                match n {
+                    Some(n) => {
+                        for _ in 0..n {
+                            if s.send(Bytes::from(vec![7u8; 299])).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    None if s.send(f).await.is_err() => return,
+                    None => {}
+                }
+            }
+        })
+    }
+}
+
+/// One side of a session stream, as a gateway sees it: wire frames both ways.
+struct Conn {
+    stream: Stream,
+    buf: BytesMut,
+}
+
+impl Conn {
+    async fn open(gw: &Node, server: clustergo::LogicAddr, kind: Option<&str>) -> Conn {
+        let mut meta = StreamMeta::new();
+        if let Some(k) = kind {
+            meta.insert(META_SESSION, k);
+        }
+        let stream = within(gw.open_stream_with(server, meta)).await.unwrap();
+        Conn {
+            stream,
+            buf: BytesMut::new(),
+        }
+    }
+
+    async fn send(&mut self, payload: &[u8]) {
+        let mut b = BytesMut::new();
+        wire::put_frame(&mut b, payload);
+        self.stream.write_all(&b).await.unwrap();
+    }
+
+    async fn next(&mut self) -> Inbound {
+        within(async {
+            loop {
+                if let Some(u) = wire::decode(&mut self.buf, 1 << 20).unwrap() {
+                    return u;
+                }
+                if self.stream.read_buf(&mut self.buf).await.unwrap() == 0 {
+                    return Inbound::Close("end of stream".into());
+                }
+            }
+        })
+        .await
+    }
+
+    /// The next session frame (a data frame of the wire).
+    async fn frame(&mut self) -> Frame {
+        match self.next().await {
+            Inbound::Data(d) => Frame::decode(d).unwrap(),
+            other => panic!("wanted a session frame, got {other:?}"),
+        }
+    }
+}
+
+/// All sessions of a node together hold at most `max_replay_total` unacknowledged bytes: a
+/// session whose send would pass it ends with 4004, the others go on, and what an
+/// acknowledgement frees is usable again.
+#[tokio::test]
+async fn the_node_wide_replay_budget_holds() {
+    let mut c = Cluster::new(&["1.1.1", "1.100.1"]);
+    let config = SessionConfig::default().max_replay_total(1000);
+    let server = c.start("1.1.1", game(config)).await;
+    let gw = c.start("1.100.1", |b| b).await;
+    let mut a = Conn::open(&gw, server.addr(), Some("new")).await;
+    assert!(matches!(
+        a.frame().await,
+        Frame::Welcome { received: 0, .. }
+    ));
+    a.send(&Frame::data(b"fill:3")).await;
+    for _ in 0..3 {
+        assert!(matches!(a.frame().await, Frame::Data(d) if d.len() == 299));
+    }
+    // 900 bytes held for `a` (never acknowledged): `b`'s first 300 do not fit.
+    let mut b = Conn::open(&gw, server.addr(), Some("new")).await;
+    assert!(matches!(b.frame().await, Frame::Welcome { .. }));
+    b.send(&Frame::data(b"fill:1")).await;
+    match b.next().await {
+        Inbound::Close(reason) => assert_eq!(parse_close(&reason).0, Some(4004), "{reason}"),
+        other => panic!("wanted the session ended, got {other:?}"),
+    }
+    // `a` acknowledges; a new session fits again, and `a` still echoes.
+    a.send(&Frame::Ack(3).encode()).await;
+    a.send(&Frame::data(b"ping")).await;
+    assert_eq!(a.frame().await, Frame::Data(Bytes::from_static(b"ping")));
+    let mut c2 = Conn::open(&gw, server.addr(), Some("new")).await;
+    assert!(matches!(c2.frame().await, Frame::Welcome { .. }));
+    c2.send(&Frame::data(b"fill:1")).await;
+    assert!(matches!(c2.frame().await, Frame::Data(d) if d.len() == 299));
+}
+
+/// Version 1 sessions count against `max_sessions` too.
+#[tokio::test]
+async fn version_1_sessions_count_against_the_limit() {
+    let mut c = Cluster::new(&["1.1.1", "1.100.1"]);
+    let server = c
+        .start("1.1.1", game(SessionConfig::default().max_sessions(1)))
+        .await;
+    let gw = c.start("1.100.1", |b| b).await;
+    let mut v1 = Conn::open(&gw, server.addr(), None).await;
+    v1.send(b"hello").await;
+    assert_eq!(v1.next().await, Inbound::Data(Bytes::from_static(b"hello")));
+    let mut refused = Conn::open(&gw, server.addr(), Some("new")).await;
+    match refused.next().await {
+        Inbound::Close(reason) => assert_eq!(parse_close(&reason).0, Some(1013), "{reason}"),
+        other => panic!("wanted a refusal, got {other:?}"),
+    }
+    // The first one ends: its place is free again.
+    drop(v1);
+    let free = within(async {
+        loop {
+            let mut s = Conn::open(&gw, server.addr(), Some("new")).await;
+            if let Inbound::Data(_) = s.next().await {
+                return;
+            }
+            // Its end may not have reached the server yet: a session slot is read, not
+            // awaited.
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    });
+    free.await;
+}
