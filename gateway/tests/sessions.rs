@@ -323,3 +323,29 @@ async fn version_1_clients_still_work() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A game server that restarts has lost its sessions' state: its session clients try to
+/// resume and are told, with 4003, that the session no longer exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_game_server_tells_its_clients_their_session_is_gone() {
+    let (etcd, mut server, g1, _g2) = two_gateways().await;
+    let mut s = SessionClient::connect(&[&g1.url("tcp")], b"", SessionClientConfig::default())
+        .await
+        .unwrap();
+    echo_rounds(&mut s, 1, 1, 3, Duration::ZERO).await.unwrap();
+    server.kill();
+    let _restarted = game_server(&etcd, "1.1.1");
+    let mut disconnected = false;
+    let ended = loop {
+        match tokio::time::timeout(WAIT, s.recv()).await.unwrap() {
+            Ok(SessionEvent::Disconnected { .. }) => disconnected = true,
+            Ok(SessionEvent::Ended { code, reason }) => break (code, reason),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert!(disconnected);
+    assert_eq!(ended.0, Some(code::NO_SESSION), "{}", ended.1);
+    assert!(ended.1.contains("session no longer exists"), "{}", ended.1);
+    assert!(!ended.1.contains("1.1.1"), "internals in {}", ended.1);
+}
