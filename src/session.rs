@@ -454,6 +454,7 @@ impl Sessions {
                 id,
                 resumable,
                 held: 0,
+                released: false,
             },
             sessions: self.clone(),
             id,
@@ -597,11 +598,23 @@ struct Slot {
     resumable: bool,
     /// Bytes of its replay buffer counted in the node's total.
     held: usize,
+    released: bool,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        self.release();
+    }
+}
+
+impl Slot {
+    /// Gives the place and the bytes back (once).
+    fn release(&mut self) {
         use std::sync::atomic::Ordering::Relaxed;
+        if self.released {
+            return;
+        }
+        self.released = true;
         let s = &self.sessions;
         if self.resumable {
             s.table
@@ -762,10 +775,13 @@ impl Pump {
             match outcome {
                 Ok(()) => {}
                 Err(Conn::Lost(why)) => {
-                    stream = None;
+                    // A version 1 client's connection is its session: it ends, and the stream
+                    // is ended after the session has left the node (below).
                     if !self.resumable {
-                        break (code::NORMAL, why);
+                        tracing::debug!(session = %SessionId(self.id), reason = %why, "session ended with its connection");
+                        break (code::NORMAL, String::new());
                     }
+                    stream = None;
                     if detached_at.is_none() {
                         tracing::debug!(session = %SessionId(self.id), reason = %why, "session detached; waiting for a resume");
                         detached_at = Some(Instant::now());
@@ -791,6 +807,8 @@ impl Pump {
             self.sessions.forget(&self.id, code, &reason);
         }
         out.close();
+        // Out of the node before the stream ends: whoever sees the end can count on the place.
+        self.slot.release();
         match stream {
             Some(s) if self.resumable => {
                 let text = if reason.is_empty() {
