@@ -787,8 +787,9 @@ fn harbor_partition() -> Result<String, Error> {
     let mut drv = driver_on(d, &ep, "1.50.1", &["2.1.1"], DEADLINE, run, &extra)?;
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs(3));
-    net.partition(h11)?;
+    // Taken before the fault: calls may fail before the command returns.
     let cut_at = t0.elapsed().as_millis() as u64;
+    net.partition(h11)?;
     std::thread::sleep(Duration::from_secs(20));
     net.heal(h11)?;
     let healed_at = t0.elapsed().as_millis() as u64;
@@ -1274,8 +1275,9 @@ fn killed_and_restarted() -> Result<String, Error> {
     let mut drv = b.driver(&["1.1.1"], run)?;
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs(3));
-    b.servers[0].2.kill()?;
+    // Taken before the signal: calls may fail before `kill` returns (it also reaps).
     let killed_ms = t0.elapsed().as_millis() as u64;
+    b.servers[0].2.kill()?;
     std::thread::sleep(Duration::from_secs(2));
     b.servers[0].2 = game_server(&b.servers[0].0, &b.ep, "1.1.1")?;
     let listening_ms = t0.elapsed().as_millis() as u64;
