@@ -585,6 +585,73 @@ impl Collector for NodeCollector {
             &per_node(&|i| i.relays.calls_in_flight() as i64),
         )?;
 
+        // Player sessions, for the nodes that serve them.
+        let sessions: Vec<_> = inners
+            .iter()
+            .filter_map(|(n, i)| Some((n, i.sessions.as_ref()?.snapshot())))
+            .collect();
+        if !sessions.is_empty() {
+            let mut by_state = Vec::new();
+            let mut ended = Vec::new();
+            for (n, s) in &sessions {
+                for (state, v) in [
+                    ("attached", s.attached),
+                    ("detached", s.detached),
+                    ("plain", s.plain),
+                ] {
+                    by_state.push((
+                        vec![("node", (*n).clone()), ("state", state.to_owned())],
+                        v as i64,
+                    ));
+                }
+                for (code, v) in &s.ended {
+                    ended.push((vec![("node", (*n).clone()), ("code", code.to_string())], *v));
+                }
+            }
+            let each = |f: &dyn Fn(&crate::session::SessionSnapshot) -> i64| -> Vec<_> {
+                sessions.iter().map(|(n, s)| (label(n), f(s))).collect()
+            };
+            gauge(
+                &mut enc,
+                "clustergo_sessions",
+                "Player sessions now: attached (a connection), detached (waiting for a resume), plain (version 1 clients)",
+                &by_state,
+            )?;
+            gauge(
+                &mut enc,
+                "clustergo_session_replay_bytes",
+                "Bytes sent to session clients and not acknowledged yet, all sessions (bounded by max_replay_total)",
+                &each(&|s| s.replay_bytes as i64),
+            )?;
+            gauge(
+                &mut enc,
+                "clustergo_session_inbox_bytes",
+                "Bytes from session clients the game has not read yet, all sessions (bounded by max_inbox_total)",
+                &each(&|s| s.inbox_bytes as i64),
+            )?;
+            let each_count = |f: &dyn Fn(&crate::session::SessionSnapshot) -> u64| -> Vec<_> {
+                sessions.iter().map(|(n, s)| (label(n), f(s))).collect()
+            };
+            counter_series(
+                &mut enc,
+                "clustergo_sessions_started",
+                "Player sessions started",
+                &each_count(&|s| s.started),
+            )?;
+            counter_series(
+                &mut enc,
+                "clustergo_sessions_resumed",
+                "Reattachments of a session to a new connection (a resume)",
+                &each_count(&|s| s.resumed),
+            )?;
+            counter_series(
+                &mut enc,
+                "clustergo_sessions_ended",
+                "Player sessions ended, by the code their client was told (1000 by choice, 1012 the server shut down, 4003 the resume window passed, 4004 a replay buffer overran, ...)",
+                &ended,
+            )?;
+        }
+
         let mut members = Vec::new();
         let mut depth = Vec::new();
         let mut unconfirmed = Vec::new();

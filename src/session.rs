@@ -21,6 +21,18 @@
 //! the session ends with `4004`, never grows). A detached session holds only its replay
 //! buffer and its inbox.
 //!
+//! Input the game has not read is bounded per session ([`SessionConfig::inbox`],
+//! [`SessionConfig::inbox_bytes`]) and for the node ([`SessionConfig::max_inbox_total`]):
+//! past a bound a session stops reading its stream, whose credit window then holds the client
+//! back; nothing is dropped.
+//!
+//! When the node shuts down, its sessions end once the drain stops taking new work (the node
+//! has left membership and arrivals went quiet), each client told `1012 game server shutting
+//! down`; the game's handler sees [`Session::recv`] fail with that code and has what is left
+//! of the grace period to finish. (Ending them only when the node closes would leave clients
+//! to find out by a reset at the end of the grace period, and to try resuming a session that
+//! cannot come back.)
+//!
 //! A client that speaks no session (version 1: its first frame is not a session hello) still
 //! gets a [`Session`], one that ends with its connection ([`Session::resumable`] is false).
 
@@ -73,6 +85,14 @@ pub struct SessionConfig {
     /// Frames from the client the game has not read yet (default 64); beyond, the session
     /// stops reading, and the stream's credit window holds the client back.
     pub inbox: usize,
+    /// Bytes of those, at most (default 256 KiB; a larger frame is taken alone).
+    pub inbox_bytes: usize,
+    /// Bytes from clients the game has not read yet, all the node's sessions together
+    /// (default 64 MiB). When they reach it, sessions stop reading from their clients until
+    /// the game reads (their streams' credit windows hold the clients back): the node's
+    /// memory for client input stays bounded whatever the number of sessions, and no session
+    /// holds more than [`SessionConfig::inbox_bytes`] of it.
+    pub max_inbox_total: usize,
     /// How long one write toward the client may wait before the connection counts as lost
     /// (default 10 s).
     pub write_timeout: Duration,
@@ -89,6 +109,8 @@ impl Default for SessionConfig {
             max_sessions: 100_000,
             max_replay_total: 256 << 20,
             inbox: 64,
+            inbox_bytes: 256 << 10,
+            max_inbox_total: 64 << 20,
             write_timeout: Duration::from_secs(10),
         }
     }
@@ -120,6 +142,85 @@ impl SessionConfig {
     pub fn max_sessions(mut self, n: usize) -> Self {
         self.max_sessions = n;
         self
+    }
+    /// Sets [`SessionConfig::inbox`] (frames) and [`SessionConfig::inbox_bytes`].
+    pub fn inbox(mut self, frames: usize, bytes: usize) -> Self {
+        self.inbox = frames;
+        self.inbox_bytes = bytes;
+        self
+    }
+    /// Sets [`SessionConfig::max_inbox_total`].
+    pub fn max_inbox_total(mut self, bytes: usize) -> Self {
+        self.max_inbox_total = bytes;
+        self
+    }
+
+    /// What one frame of `len` bytes takes of the inbox budgets: its size, at least 1 (an
+    /// empty frame still takes a place) and at most what either budget holds (so a frame
+    /// larger than the budget is taken alone instead of waiting forever).
+    fn inbox_cost(&self, len: usize) -> u32 {
+        let cap = self
+            .inbox_bytes
+            .min(self.max_inbox_total)
+            .clamp(1, u32::MAX as usize);
+        len.clamp(1, cap) as u32
+    }
+}
+
+/// A frame from the client on its way to the game, holding its share of the inbox budgets
+/// until the game takes it (or it is dropped with the session).
+struct Inbound {
+    frame: Bytes,
+    _held: Held,
+}
+
+/// Budget a frame holds: given back when dropped, wherever that happens.
+struct Held {
+    budget: Arc<InboxBudget>,
+    n: u32,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.budget.mine.add_permits(self.n as usize);
+        self.budget.node.add_permits(self.n as usize);
+    }
+}
+
+/// A session's inbox budget ([`SessionConfig::inbox_bytes`]) and the node's
+/// ([`SessionConfig::max_inbox_total`]).
+struct InboxBudget {
+    mine: tokio::sync::Semaphore,
+    node: Arc<tokio::sync::Semaphore>,
+}
+
+impl InboxBudget {
+    /// Waits until `n` fits in both budgets. Cancel-safe: what was taken is given back.
+    ///
+    /// The node's budget is shared fairly (first come, first served): when the game leaves
+    /// that much unread, every session waits its turn, which is logged (rate-gated) and shown
+    /// by `clustergo_session_inbox_bytes`.
+    async fn take(self: &Arc<Self>, n: u32) -> Option<Held> {
+        let mine = self.mine.acquire_many(n).await.ok()?;
+        let node = match self.node.try_acquire_many(n) {
+            Ok(p) => p,
+            Err(_) => {
+                static FULL: crate::LogGate = crate::LogGate::new();
+                if let Some(more) = FULL.pass() {
+                    tracing::warn!(
+                        held_back = more,
+                        "sessions wait to read their clients: the game has not read max_inbox_total bytes of their input"
+                    );
+                }
+                self.node.acquire_many(n).await.ok()?
+            }
+        };
+        mine.forget();
+        node.forget();
+        Some(Held {
+            budget: self.clone(),
+            n,
+        })
     }
 }
 
@@ -267,7 +368,7 @@ pub struct Session {
     meta: StreamMeta,
     resumable: bool,
     max_frame: usize,
-    inbox: mpsc::Receiver<Bytes>,
+    inbox: mpsc::Receiver<Inbound>,
     out: mpsc::Sender<Out>,
     end: Arc<OnceLock<(u16, String)>>,
 }
@@ -308,9 +409,15 @@ impl Session {
 
     /// The next frame from the client; `Ok(None)` when the client ended the session (a bye,
     /// or a version 1 client's connection ended cleanly). Waits across reattachments.
+    ///
+    /// # Errors
+    /// [`SessionError::Ended`] once the session is over otherwise: its resume window passed
+    /// (4003), a replay buffer overran (4004), the client broke the protocol (4006), the node
+    /// is shutting down (1012), …
     pub async fn recv(&mut self) -> Result<Option<Bytes>, SessionError> {
         match self.inbox.recv().await {
-            Some(frame) => Ok(Some(frame)),
+            // Its budget is given back here.
+            Some(inbound) => Ok(Some(inbound.frame)),
             None => match self.end.get() {
                 Some((code::NORMAL, _)) => Ok(None),
                 _ => Err(self.ended()),
@@ -367,8 +474,47 @@ pub(crate) struct Sessions {
     replay_total: std::sync::atomic::AtomicUsize,
     /// The latest ended sessions and why, so a late resume is told the real reason.
     ended: Mutex<std::collections::VecDeque<([u8; 16], u16, String)>>,
-    /// Cancelled when the node stops: every session ends.
+    /// The node's inbox budget (see [`SessionConfig::max_inbox_total`]).
+    inbox_total: Arc<tokio::sync::Semaphore>,
+    /// What the sessions did, for the node's metrics.
+    counts: Counts,
+    /// Cancelled when the node's shutdown stops taking new work (once peers have seen it
+    /// leave): every session ends with [`code::SERVER_RESTART`], and its handler has what is
+    /// left of the grace period to finish.
     pub(crate) stop: OnceLock<CancellationToken>,
+}
+
+/// What a node's sessions did, counted as it happens.
+#[derive(Default)]
+struct Counts {
+    started: std::sync::atomic::AtomicU64,
+    resumed: std::sync::atomic::AtomicU64,
+    /// Resumable sessions waiting for their client now.
+    detached: std::sync::atomic::AtomicUsize,
+    /// Sessions ended, by the code their client was told (a handful of codes).
+    ended: Mutex<std::collections::BTreeMap<u16, u64>>,
+}
+
+/// A node's sessions now, for its metrics (`clustergo_sessions` and the rest, see `admin`).
+#[derive(Debug, Clone, Default)]
+#[cfg_attr(not(feature = "admin"), allow(dead_code))]
+pub(crate) struct SessionSnapshot {
+    /// Resumable sessions with a connection.
+    pub(crate) attached: usize,
+    /// Resumable sessions waiting for their client to resume.
+    pub(crate) detached: usize,
+    /// Sessions of version 1 clients.
+    pub(crate) plain: usize,
+    /// Bytes sent to clients and not acknowledged yet, all sessions.
+    pub(crate) replay_bytes: usize,
+    /// Bytes from clients the game has not read yet, all sessions.
+    pub(crate) inbox_bytes: usize,
+    /// Sessions started, in all.
+    pub(crate) started: u64,
+    /// Reattachments of a session to a new connection, in all.
+    pub(crate) resumed: u64,
+    /// Sessions ended, by code.
+    pub(crate) ended: Vec<(u16, u64)>,
 }
 
 /// The game's handler of new sessions.
@@ -378,15 +524,50 @@ pub(crate) type SessionHandler =
 impl Sessions {
     pub(crate) fn new(config: SessionConfig, secret: &[u8], me: LogicAddr) -> Arc<Sessions> {
         Arc::new(Sessions {
-            config,
             key: TokenKey::from_secret(secret),
             me,
             table: Mutex::new(FastMap::default()),
             plain: Default::default(),
             replay_total: Default::default(),
             ended: Mutex::new(std::collections::VecDeque::new()),
+            inbox_total: Arc::new(tokio::sync::Semaphore::new(
+                config
+                    .max_inbox_total
+                    .clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
+            )),
+            counts: Counts::default(),
+            config,
             stop: OnceLock::new(),
         })
+    }
+
+    /// What the node's sessions hold and did, now (for its metrics).
+    #[cfg_attr(not(feature = "admin"), allow(dead_code))]
+    pub(crate) fn snapshot(&self) -> SessionSnapshot {
+        use std::sync::atomic::Ordering::Relaxed;
+        let resumable = self.table.lock().unwrap_or_else(|e| e.into_inner()).len();
+        let detached = self.counts.detached.load(Relaxed).min(resumable);
+        let inbox_cap = self
+            .config
+            .max_inbox_total
+            .clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
+        SessionSnapshot {
+            attached: resumable - detached,
+            detached,
+            plain: self.plain.load(Relaxed),
+            replay_bytes: self.replay_total.load(Relaxed),
+            inbox_bytes: inbox_cap.saturating_sub(self.inbox_total.available_permits()),
+            started: self.counts.started.load(Relaxed),
+            resumed: self.counts.resumed.load(Relaxed),
+            ended: self
+                .counts
+                .ended
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .map(|(c, n)| (*c, *n))
+                .collect(),
+        }
     }
 
     fn stop(&self) -> CancellationToken {
@@ -413,6 +594,15 @@ impl Sessions {
         resumable: bool,
         handler: SessionHandler,
     ) {
+        if self.stop().is_cancelled() {
+            refuse(
+                frames,
+                code::TRY_AGAIN,
+                "game server shutting down, try again",
+            )
+            .await;
+            return;
+        }
         let mut id = [0u8; 16];
         if getrandom::fill(&mut id).is_err() {
             id = fastrand::u128(..).to_le_bytes();
@@ -431,6 +621,11 @@ impl Sessions {
             }
             full
         };
+        if !full {
+            self.counts
+                .started
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         if full {
             tracing::warn!(node = %self.me, max = self.config.max_sessions, "session refused: too many sessions");
             refuse(frames, code::TRY_AGAIN, "game server full, try again later").await;
@@ -454,8 +649,17 @@ impl Sessions {
                 id,
                 resumable,
                 held: 0,
+                detached: false,
                 released: false,
             },
+            budget: Arc::new(InboxBudget {
+                mine: tokio::sync::Semaphore::new(
+                    self.config
+                        .inbox_bytes
+                        .clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
+                ),
+                node: self.inbox_total.clone(),
+            }),
             sessions: self.clone(),
             id,
             resumable,
@@ -582,6 +786,8 @@ struct Pump {
     replay: Replay,
     receipts: Receipts,
     end: Arc<OnceLock<(u16, String)>>,
+    /// The inbox budgets frames for the game take.
+    budget: Arc<InboxBudget>,
     /// The generation of the last token given (see [`KEEP_GENERATIONS`]).
     generation: u32,
     /// When it was given.
@@ -598,6 +804,8 @@ struct Slot {
     resumable: bool,
     /// Bytes of its replay buffer counted in the node's total.
     held: usize,
+    /// Counted as detached.
+    detached: bool,
     released: bool,
 }
 
@@ -625,6 +833,24 @@ impl Slot {
             s.plain.fetch_sub(1, Relaxed);
         }
         s.replay_total.fetch_sub(self.held, Relaxed);
+        if self.detached {
+            s.counts.detached.fetch_sub(1, Relaxed);
+        }
+    }
+
+    /// Counts the session as detached (waiting for its client) or not.
+    fn set_detached(&mut self, detached: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.released || detached == self.detached {
+            return;
+        }
+        self.detached = detached;
+        let n = &self.sessions.counts.detached;
+        if detached {
+            n.fetch_add(1, Relaxed);
+        } else {
+            n.fetch_sub(1, Relaxed);
+        }
     }
 }
 
@@ -648,7 +874,7 @@ impl Pump {
         first: Frames,
         mut out: mpsc::Receiver<Out>,
         mut attach: mpsc::Receiver<Attach>,
-        inbox: mpsc::Sender<Bytes>,
+        inbox: mpsc::Sender<Inbound>,
     ) {
         // Frames for the game; dropped when the session ends.
         let inbox = Some(inbox);
@@ -661,6 +887,8 @@ impl Pump {
             stream = None;
         }
         let mut detached_at = stream.is_none().then(Instant::now);
+        self.slot.set_detached(detached_at.is_some());
+        let budget = self.budget.clone();
         let mut ack_due: Option<Instant> = None;
         // A frame from the client the game has no room for yet: nothing more is read from the
         // stream until it has (the stream's window then holds the client back), while the
@@ -680,11 +908,14 @@ impl Pump {
                     .map(|_| self.issued + self.config().token_ttl / 2),
             );
             ack_timer.set(ack_due);
+            let cost = pending_in
+                .as_ref()
+                .map(|f| self.config().inbox_cost(f.len()));
             // Not biased: a game that sends without pause must not starve the client's
             // acknowledgements and input, nor the other way round (a close the game sent while
             // client frames arrive still wins: see `GameGone`).
             let outcome: Result<(), Conn> = tokio::select! {
-                () = stop.cancelled() => break (code::NO_SESSION, "game server stopped".to_owned()),
+                () = stop.cancelled() => break (code::SERVER_RESTART, "game server shutting down".to_owned()),
                 a = attach.recv() => match a {
                     // A token older than the last three this session gave (a copy someone
                     // kept): refused; the session goes on. Three, as the newest may have been
@@ -702,6 +933,8 @@ impl Pump {
                                     refuse(old, code::REPLACED, "session resumed on another connection").await;
                                 }
                                 detached_at = None;
+                                self.slot.set_detached(false);
+                                self.sessions.counts.resumed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                                 ack_due = None;
                                 tracing::debug!(session = %SessionId(self.id), "session resumed");
                                 Ok(())
@@ -724,9 +957,9 @@ impl Pump {
                     // Dropped by the game: ended, with no reason to tell.
                     None => Err(Conn::End(code::NORMAL, String::new())),
                 },
-                p = reserve(&inbox, pending_in.is_some()) => match (p, pending_in.take()) {
-                    (Some(permit), Some(frame)) => {
-                        permit.send(frame);
+                p = reserve(&inbox, &budget, cost) => match (p, pending_in.take()) {
+                    (Some((permit, held)), Some(frame)) => {
+                        permit.send(Inbound { frame, _held: held });
                         Ok(())
                     }
                     _ => Err(Conn::GameGone),
@@ -785,6 +1018,7 @@ impl Pump {
                     if detached_at.is_none() {
                         tracing::debug!(session = %SessionId(self.id), reason = %why, "session detached; waiting for a resume");
                         detached_at = Some(Instant::now());
+                        self.slot.set_detached(true);
                     }
                 }
                 Err(Conn::End(c, r)) => {
@@ -806,6 +1040,14 @@ impl Pump {
         if self.resumable {
             self.sessions.forget(&self.id, code, &reason);
         }
+        *self
+            .sessions
+            .counts
+            .ended
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(code)
+            .or_default() += 1;
         out.close();
         // Out of the node before the stream ends: whoever sees the end can count on the place.
         self.slot.release();
@@ -967,18 +1209,20 @@ async fn recv_if(
     }
 }
 
-/// Room in the game's inbox, when there is a frame for it; `None` when the game is gone.
-async fn reserve(
-    inbox: &Option<mpsc::Sender<Bytes>>,
-    want: bool,
-) -> Option<mpsc::Permit<'_, Bytes>> {
-    if !want {
+/// Room in the game's inbox and budget for a frame that takes `cost`, when there is one
+/// (`None`: never resolves); `None` when the game is gone.
+async fn reserve<'a>(
+    inbox: &'a Option<mpsc::Sender<Inbound>>,
+    budget: &Arc<InboxBudget>,
+    cost: Option<u32>,
+) -> Option<(mpsc::Permit<'a, Inbound>, Held)> {
+    let Some(n) = cost else {
         return std::future::pending().await;
-    }
-    match inbox {
-        Some(tx) => tx.reserve().await.ok(),
-        None => None,
-    }
+    };
+    let tx = inbox.as_ref()?;
+    let held = budget.take(n).await?;
+    let permit = tx.reserve().await.ok()?;
+    Some((permit, held))
 }
 
 /// A timer that is set, moved and cleared without a new timer entry each time.

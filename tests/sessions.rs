@@ -143,3 +143,130 @@ async fn version_1_sessions_count_against_the_limit() {
     let mut next = Conn::open(&gw, server.addr(), Some("new")).await;
     assert!(matches!(next.frame().await, Frame::Welcome { .. }));
 }
+
+/// The value of `clustergo_<name>` for `labels` on `node`'s metrics, if shown.
+fn metric(admin: &clustergo::admin::Admin, name: &str, labels: &str) -> Option<f64> {
+    let prefix = format!("clustergo_{name}{{{labels}}} ");
+    admin
+        .metrics_text()
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix)?.parse().ok())
+}
+
+/// Waits until the metric reads `want` (a gauge is read, not awaited: it is polled).
+async fn metric_reaches(admin: &clustergo::admin::Admin, name: &str, labels: &str, want: f64) {
+    let mut last = None;
+    let reached = tokio::time::timeout(support::WAIT, async {
+        loop {
+            last = metric(admin, name, labels);
+            if last == Some(want) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(
+        reached.is_ok(),
+        "{name}{{{labels}}} is {last:?}, never {want}"
+    );
+}
+
+/// What the game has not read yet is bounded per session (`inbox_bytes`) and for all of the
+/// node's sessions (`max_inbox_total`): past its own bound a session stops reading its client
+/// (the stream's window holds the client back) while the others go on; past the node's, every
+/// session waits its turn. Nothing is dropped: once the game reads, everything arrives, in
+/// order, and the budget is whole again.
+#[tokio::test]
+async fn the_inbox_budgets_hold_input_the_game_has_not_read() {
+    let mut c = Cluster::new(&["1.1.1", "1.100.1"]);
+    let (release, held) = tokio::sync::watch::channel(false);
+    let config = SessionConfig::default()
+        .inbox(10_000, 8 << 10)
+        .max_inbox_total(12 << 10);
+    let server = c
+        .start("1.1.1", move |b| {
+            b.on_session(config, move |mut s| {
+                let mut held = held.clone();
+                async move {
+                    while let Ok(Some(f)) = s.recv().await {
+                        // A game stuck on this session until the test releases it.
+                        if &f[..] == b"hold" {
+                            let _ = held.wait_for(|r| *r).await;
+                        } else if s.send(f).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            })
+        })
+        .await;
+    let gw = c.start("1.100.1", |b| b).await;
+    let admin = clustergo::admin::Admin::new().node(&server);
+    let node = "node=\"1.1.1\"";
+    let inbox = |want: f64| metric_reaches(&admin, "session_inbox_bytes", node, want);
+    let mut live = Conn::open(&gw, server.addr(), Some("new")).await;
+    assert!(matches!(live.frame().await, Frame::Welcome { .. }));
+    // A stuck session, sent 100 frames of 1,000 bytes by a writer of its own, until its own
+    // bound (8 KiB) holds 8 of them.
+    let mut stuck = Vec::new();
+    let mut stick = async || {
+        let mut conn = Conn::open(&gw, server.addr(), Some("new")).await;
+        assert!(matches!(conn.frame().await, Frame::Welcome { .. }));
+        conn.send(&Frame::data(b"hold")).await;
+        let (rd, mut wr) = conn.stream.into_split();
+        let writer = tokio::spawn(async move {
+            for i in 0..100u8 {
+                let mut b = BytesMut::new();
+                wire::put_frame(&mut b, &Frame::data(&[i; 1000]));
+                wr.write_all(&b).await.unwrap();
+            }
+            wr
+        });
+        stuck.push((rd, conn.buf, writer));
+    };
+    stick().await;
+    inbox(8000.0).await;
+    // The others go on: the node has room.
+    live.send(&Frame::data(b"ping")).await;
+    assert_eq!(live.frame().await, Frame::Data(Bytes::from_static(b"ping")));
+    // A second one takes the rest of the node's bound (12 KiB: 4 frames held, the fifth
+    // waiting with what is left), and the node's sessions wait their turn.
+    stick().await;
+    inbox(f64::from(12 << 10)).await;
+    assert_eq!(
+        metric(&admin, "sessions", "node=\"1.1.1\",state=\"attached\""),
+        Some(3.0)
+    );
+    live.send(&Frame::data(b"after")).await;
+    // The game reads again: every frame comes back, once, in order.
+    release.send_replace(true);
+    assert_eq!(
+        live.frame().await,
+        Frame::Data(Bytes::from_static(b"after"))
+    );
+    for (mut rd, mut buf, writer) in stuck {
+        for i in 0..100u8 {
+            // The next data frame (the server's acknowledgements come in between).
+            let got = within(async {
+                loop {
+                    match wire::decode(&mut buf, 1 << 20).unwrap() {
+                        Some(Inbound::Data(d)) => match Frame::decode(d).unwrap() {
+                            Frame::Ack(_) => {}
+                            f => return f,
+                        },
+                        Some(other) => panic!("wanted a frame, got {other:?}"),
+                        None => {
+                            assert!(rd.read_buf(&mut buf).await.unwrap() > 0, "stream ended")
+                        }
+                    }
+                }
+            })
+            .await;
+            assert_eq!(got, Frame::Data(Bytes::from(vec![i; 1000])));
+        }
+        within(writer).await.unwrap();
+    }
+    inbox(0.0).await;
+    assert_eq!(metric(&admin, "sessions_started_total", node), Some(3.0));
+}

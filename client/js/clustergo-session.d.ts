@@ -5,7 +5,7 @@ export declare const VERSION: 2;
 
 /** Stable close codes: the first word of a close reason, and the WebSocket close code. */
 export declare const codes: Readonly<{
-  NORMAL: 1000; GOING_AWAY: 1001; SERVER_UNAVAILABLE: 1011; TRY_AGAIN: 1013;
+  NORMAL: 1000; GOING_AWAY: 1001; SERVER_UNAVAILABLE: 1011; SERVER_RESTART: 1012; TRY_AGAIN: 1013;
   BAD_TOKEN: 4001; EXPIRED: 4002; NO_SESSION: 4003; REPLAY_FULL: 4004;
   VERSION: 4005; PROTOCOL: 4006; REPLACED: 4007;
 }>;

@@ -18,7 +18,7 @@ const ACK_DELAY_MS = 100;
 
 /** Stable close codes (the first word of a close reason; the WebSocket close code). */
 export const codes = Object.freeze({
-  NORMAL: 1000, GOING_AWAY: 1001, SERVER_UNAVAILABLE: 1011, TRY_AGAIN: 1013,
+  NORMAL: 1000, GOING_AWAY: 1001, SERVER_UNAVAILABLE: 1011, SERVER_RESTART: 1012, TRY_AGAIN: 1013,
   BAD_TOKEN: 4001, EXPIRED: 4002, NO_SESSION: 4003, REPLAY_FULL: 4004,
   VERSION: 4005, PROTOCOL: 4006, REPLACED: 4007,
 });

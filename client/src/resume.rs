@@ -200,8 +200,17 @@ impl SessionClient {
         hello: Hello,
     ) -> Result<(Client, u64, Token), ClientError> {
         let mut conn = Client::connect_with(url, config.clone()).await?;
-        conn.send(hello.encode()).await?;
-        let first = conn.recv().await?;
+        // A refusal's code is the reason's first word on every transport (on WebSocket it is
+        // also the close code): the caller gets it either way.
+        let coded = |e: ClientError| match e {
+            ClientError::Closed { reason, code } => ClientError::Closed {
+                code: parse_close(&reason).0.or(code),
+                reason,
+            },
+            other => other,
+        };
+        conn.send(hello.encode()).await.map_err(coded)?;
+        let first = conn.recv().await.map_err(coded)?;
         match Frame::decode(first) {
             Ok(Frame::Welcome { received, token }) => Ok((conn, received, token)),
             _ => Err(ClientError::Closed {

@@ -71,6 +71,9 @@ pub mod code {
     pub const GOING_AWAY: u16 = 1001;
     /// The game server is unavailable: resume (or reconnect).
     pub const SERVER_UNAVAILABLE: u16 = 1011;
+    /// The game server is shutting down (a restart, a rolled pod): the session is over, as its
+    /// state was the game server's; start a new one (it goes to a server that stays).
+    pub const SERVER_RESTART: u16 = 1012;
     /// No game server could take a new session, or the gateway is full: try again later.
     pub const TRY_AGAIN: u16 = 1013;
     /// The token is not one the cluster issued (forged or damaged).

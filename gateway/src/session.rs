@@ -274,7 +274,16 @@ async fn session<R: FrameRead, W: FrameWrite>(
     let _counted = gw.metrics.client(info.transport);
     let server = stream.peer();
     tracing::Span::current().record("clustergo.server", tracing::field::display(server));
-    let drained = gw.drain_token(server);
+    // A version 1 client is closed when its game server leaves membership (its connection is
+    // its session: it reconnects elsewhere). A session client is not: its session lives in
+    // the game server, which ends it itself when its shutdown gets there (1012, passed on
+    // below), or the stream's loss tells the client to resume; cutting it here would only
+    // have it resume into the same leaving server.
+    let drained = if v2 {
+        tokio_util::sync::CancellationToken::new()
+    } else {
+        gw.drain_token(server)
+    };
     let (mut down, mut up) = stream.into_split();
     let mut up_buf = BytesMut::new();
     if !v2 {

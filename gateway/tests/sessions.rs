@@ -349,3 +349,86 @@ async fn a_restarted_game_server_tells_its_clients_their_session_is_gone() {
     assert!(ended.1.contains("session no longer exists"), "{}", ended.1);
     assert!(!ended.1.contains("1.1.1"), "internals in {}", ended.1);
 }
+
+/// A game server that shuts down (SIGTERM) ends its sessions itself once its drain stops
+/// taking new work: each client is told `1012 game server shutting down` (not cut off, not
+/// sent to resume into a leaving server), the server exits cleanly well within its grace
+/// period, and a new session goes to the server that stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_game_server_shutting_down_tells_its_session_clients() {
+    let etcd = Etcd::start();
+    let members: Vec<Member> = ["1.100.1", "1.1.1", "1.1.2"]
+        .iter()
+        .map(|m| Member::new(a(m), free_port()))
+        .collect();
+    etcd.list(PREFIX, &members).await;
+    let servers = [game_server(&etcd, "1.1.1"), game_server(&etcd, "1.1.2")];
+    let g = gateway_as(&etcd, "1.100.1", LIMITS, "", "");
+    g.log
+        .wait(&["game servers of type 1 available: [1.1.1, 1.1.2]"])
+        .await;
+    let whoami = async |s: &mut SessionClient| -> String {
+        s.send("whoami").await.unwrap();
+        match tokio::time::timeout(WAIT, s.recv()).await.unwrap() {
+            Ok(SessionEvent::Frame(f)) => String::from_utf8(f.to_vec()).unwrap(),
+            other => panic!("{other:?}"),
+        }
+    };
+    // Clients on both transports; the server most of them are on is the one stopped.
+    let mut clients = Vec::new();
+    for i in 0..6 {
+        let url = g.url(if i % 2 == 0 { "tcp" } else { "ws" });
+        let mut s = SessionClient::connect(
+            &[&url],
+            format!("k{i}").as_bytes(),
+            SessionClientConfig::default(),
+        )
+        .await
+        .unwrap();
+        let on = whoami(&mut s).await;
+        clients.push((s, on));
+    }
+    let stopped = clients[0].1.clone();
+    let [s1, s2] = servers;
+    let (mut server, _stays) = if s1.name == stopped {
+        (s1, s2)
+    } else {
+        (s2, s1)
+    };
+    let on_it: Vec<_> = clients
+        .iter_mut()
+        .filter(|(_, on)| *on == stopped)
+        .collect();
+    let started = std::time::Instant::now();
+    server.terminate();
+    for (s, _) in on_it {
+        // Told, not cut off: the next event is the end (no disconnection, no resume).
+        let ended = match tokio::time::timeout(WAIT, s.recv()).await.unwrap() {
+            Ok(SessionEvent::Ended { code, reason }) => (code, reason),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(ended.0, Some(code::SERVER_RESTART), "{}", ended.1);
+        assert!(ended.1.contains("game server shutting down"), "{}", ended.1);
+        assert!(!ended.1.contains(&stopped), "internals in {}", ended.1);
+    }
+    let told = started.elapsed();
+    // The server's grace period is 10 s: the clients were told as its drain got there (after
+    // it left membership and arrivals went quiet), not when the grace period ran out.
+    assert!(told < Duration::from_secs(5), "told after {told:?}");
+    let status = tokio::task::spawn_blocking(move || {
+        let status = server.child.wait();
+        (server, status)
+    });
+    let (_server, status) = tokio::time::timeout(WAIT, status).await.unwrap().unwrap();
+    assert!(status.unwrap().success());
+    // A new session goes to the server that stays.
+    let mut fresh = SessionClient::connect(&[&g.url("tcp")], b"k0", SessionClientConfig::default())
+        .await
+        .unwrap();
+    let on = whoami(&mut fresh).await;
+    assert_ne!(on, stopped);
+    // The others never noticed.
+    for (s, on) in clients.iter_mut().filter(|(_, on)| *on != stopped) {
+        assert_eq!(whoami(s).await, *on);
+    }
+}

@@ -271,10 +271,13 @@ impl NodeBuilder {
                 stream_handler: self.stream_handler,
                 duplicates: self.duplicates,
                 relay_layers: self.relay_layers,
+                sessions: sessions.clone(),
             },
         );
         if let Some(s) = sessions {
-            let _ = s.stop.set(inner.root.child_token());
+            // Sessions end when the shutdown stops taking new work, not when the node closes:
+            // their clients are told, and their handlers get the rest of the grace period.
+            let _ = s.stop.set(inner.accept_stop.child_token());
         }
         Node { inner }
     }

@@ -54,6 +54,8 @@ pub(crate) struct Handlers {
     pub(crate) duplicates: Vec<String>,
     /// The layers of a harbor's relay stack, if any.
     pub(crate) relay_layers: Option<crate::router::stack::RelayLayerFn>,
+    /// The player sessions it serves, if it serves them (see `NodeBuilder::on_session`).
+    pub(crate) sessions: Option<Arc<crate::session::Sessions>>,
 }
 
 pub(crate) struct Inner {
@@ -64,6 +66,9 @@ pub(crate) struct Inner {
     pub(crate) rpcs: FastMap<String, (RpcHandler, usize)>,
     pub(crate) messages: MsgHandlers,
     pub(crate) stream_handler: Option<crate::stream::StreamHandler>,
+    /// The player sessions it serves, if it serves them.
+    #[cfg_attr(not(feature = "admin"), allow(dead_code))]
+    pub(crate) sessions: Option<Arc<crate::session::Sessions>>,
     pub(crate) duplicates: Vec<String>,
     pub(crate) discovery: Arc<dyn Discovery>,
     phase: AtomicU8,
@@ -124,6 +129,7 @@ impl Inner {
             stream_handler,
             duplicates,
             relay_layers,
+            sessions,
         } = handlers;
         let (secret, dev_secret) = config.resolve_secret();
         let calls = crate::metrics::ServerCalls::new(rpcs.keys());
@@ -184,6 +190,7 @@ impl Inner {
             rpcs,
             messages,
             stream_handler,
+            sessions,
             duplicates,
             discovery,
             phase: AtomicU8::new(Phase::Created as u8),
