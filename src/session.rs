@@ -22,16 +22,20 @@
 //! buffer and its inbox.
 //!
 //! Input the game has not read is bounded per session ([`SessionConfig::inbox`],
-//! [`SessionConfig::inbox_bytes`]) and for the node ([`SessionConfig::max_inbox_total`]):
-//! past a bound a session stops reading its stream, whose credit window then holds the client
-//! back; nothing is dropped.
+//! [`SessionConfig::inbox_bytes`]) and for the node beyond one frame per session
+//! ([`SessionConfig::max_inbox_total`]): past a bound a session stops reading its stream,
+//! whose credit window then holds the client back; nothing is dropped. A session whose game
+//! keeps up is never held back by others (a shared pool that everyone waited on would let a
+//! few stuck sessions stop every player's input).
 //!
-//! When the node shuts down, its sessions end once the drain stops taking new work (the node
-//! has left membership and arrivals went quiet), each client told `1012 game server shutting
-//! down`; the game's handler sees [`Session::recv`] fail with that code and has what is left
-//! of the grace period to finish. (Ending them only when the node closes would leave clients
-//! to find out by a reset at the end of the grace period, and to try resuming a session that
-//! cannot come back.)
+//! When the node shuts down, its sessions end as soon as it has left membership, each client
+//! told `1012 game server shutting down` (what the game sent before goes first); the game's
+//! handler sees [`Session::recv`] fail with that code, and the shutdown waits for the
+//! handlers within its grace period before it closes its links, so they can still call other
+//! nodes (to save the player). New sessions are refused (`1013`) from then on. Ending them
+//! only when the node closes would leave clients to find out by a reset at the end of the
+//! grace period, and to try resuming a session that cannot come back. Version 1 sessions are
+//! left to the gateway, which closes them when it sees the node leave.
 //!
 //! A client that speaks no session (version 1: its first frame is not a session hello) still
 //! gets a [`Session`], one that ends with its connection ([`Session::resumable`] is false).
@@ -85,13 +89,17 @@ pub struct SessionConfig {
     /// Frames from the client the game has not read yet (default 64); beyond, the session
     /// stops reading, and the stream's credit window holds the client back.
     pub inbox: usize,
-    /// Bytes of those, at most (default 256 KiB; a larger frame is taken alone).
+    /// Bytes of those, at most (default 256 KiB; a larger frame is taken alone; 0 counts
+    /// as 1: one frame at a time).
     pub inbox_bytes: usize,
-    /// Bytes from clients the game has not read yet, all the node's sessions together
-    /// (default 64 MiB). When they reach it, sessions stop reading from their clients until
-    /// the game reads (their streams' credit windows hold the clients back): the node's
-    /// memory for client input stays bounded whatever the number of sessions, and no session
-    /// holds more than [`SessionConfig::inbox_bytes`] of it.
+    /// Bytes from clients the game has not read yet, all the node's sessions together,
+    /// beyond one frame each (default 64 MiB; 0 counts as 1). A session's first unread frame
+    /// is always its own; past that its frames take from this pool, and when the pool is
+    /// spent (the game has left that much unread) a session waits until its own game has read
+    /// what it holds, then goes on one frame at a time. So a session whose game keeps up is
+    /// never held back by others, and what the node holds for the game is at most this plus
+    /// one frame per session (each session's stream holds at most its credit window besides,
+    /// [`NodeConfig::stream_window`](crate::NodeConfig::stream_window)).
     pub max_inbox_total: usize,
     /// How long one write toward the client may wait before the connection counts as lost
     /// (default 10 s).
@@ -156,13 +164,10 @@ impl SessionConfig {
     }
 
     /// What one frame of `len` bytes takes of the inbox budgets: its size, at least 1 (an
-    /// empty frame still takes a place) and at most what either budget holds (so a frame
-    /// larger than the budget is taken alone instead of waiting forever).
+    /// empty frame still takes a place) and at most what the session's budget holds (so a
+    /// frame larger than the budget is taken alone instead of waiting forever).
     fn inbox_cost(&self, len: usize) -> u32 {
-        let cap = self
-            .inbox_bytes
-            .min(self.max_inbox_total)
-            .clamp(1, u32::MAX as usize);
+        let cap = self.inbox_bytes.clamp(1, u32::MAX as usize);
         len.clamp(1, cap) as u32
     }
 }
@@ -177,50 +182,105 @@ struct Inbound {
 /// Budget a frame holds: given back when dropped, wherever that happens.
 struct Held {
     budget: Arc<InboxBudget>,
-    n: u32,
+    /// Taken of the session's budget.
+    mine: u32,
+    /// Taken of the node's pool (0 for a session's first unread frame).
+    pooled: u32,
+    /// The frame's size, for the node's count of what the game has not read.
+    bytes: usize,
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
-        self.budget.mine.add_permits(self.n as usize);
-        self.budget.node.add_permits(self.n as usize);
+        use std::sync::atomic::Ordering::Relaxed;
+        self.budget.mine.add_permits(self.mine as usize);
+        self.budget.node.pool.add_permits(self.pooled as usize);
+        self.budget.node.held.fetch_sub(self.bytes, Relaxed);
     }
 }
 
-/// A session's inbox budget ([`SessionConfig::inbox_bytes`]) and the node's
+/// The node's share of the inbox budgets.
+struct NodeInbox {
+    /// [`SessionConfig::max_inbox_total`].
+    pool: tokio::sync::Semaphore,
+    /// Bytes of frames the game has not read, all sessions.
+    held: std::sync::atomic::AtomicUsize,
+}
+
+/// A session's inbox budget ([`SessionConfig::inbox_bytes`]) and the node's pool
 /// ([`SessionConfig::max_inbox_total`]).
 struct InboxBudget {
     mine: tokio::sync::Semaphore,
-    node: Arc<tokio::sync::Semaphore>,
+    /// The session's budget, whole (its semaphore's permits when it holds nothing).
+    cap: usize,
+    node: Arc<NodeInbox>,
 }
 
 impl InboxBudget {
-    /// Waits until `n` fits in both budgets. Cancel-safe: what was taken is given back.
-    ///
-    /// The node's budget is shared fairly (first come, first served): when the game leaves
-    /// that much unread, every session waits its turn, which is logged (rate-gated) and shown
-    /// by `clustergo_session_inbox_bytes`.
-    async fn take(self: &Arc<Self>, n: u32) -> Option<Held> {
-        let mine = self.mine.acquire_many(n).await.ok()?;
-        let node = match self.node.try_acquire_many(n) {
-            Ok(p) => p,
-            Err(_) => {
-                static FULL: crate::LogGate = crate::LogGate::new();
-                if let Some(more) = FULL.pass() {
-                    tracing::warn!(
-                        held_back = more,
-                        "sessions wait to read their clients: the game has not read max_inbox_total bytes of their input"
-                    );
-                }
-                self.node.acquire_many(n).await.ok()?
-            }
-        };
-        mine.forget();
-        node.forget();
-        Some(Held {
+    fn new(config: &SessionConfig, node: Arc<NodeInbox>) -> InboxBudget {
+        let cap = config.inbox_bytes.clamp(1, u32::MAX as usize);
+        InboxBudget {
+            mine: tokio::sync::Semaphore::new(cap),
+            cap,
+            node,
+        }
+    }
+
+    fn held(self: &Arc<Self>, mine: u32, pooled: u32, bytes: usize) -> Held {
+        self.node
+            .held
+            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        Held {
             budget: self.clone(),
-            n,
-        })
+            mine,
+            pooled,
+            bytes,
+        }
+    }
+
+    /// `n` of the session's budget (already taken) and of the pool, or of nothing when the
+    /// session holds nothing else (its first unread frame is its own); `None` when the pool
+    /// is spent.
+    fn pooled(&self, n: u32) -> Option<u32> {
+        if self.mine.available_permits() + n as usize >= self.cap {
+            return Some(0);
+        }
+        let p = self.node.pool.try_acquire_many(n).ok()?;
+        p.forget();
+        Some(n)
+    }
+
+    /// Budget for a frame of `bytes` costing `n`, if there is some now.
+    fn try_take(self: &Arc<Self>, n: u32, bytes: usize) -> Option<Held> {
+        let mine = self.mine.try_acquire_many(n).ok()?;
+        let pooled = self.pooled(n)?;
+        mine.forget();
+        Some(self.held(n, pooled, bytes))
+    }
+
+    /// Waits for budget for a frame of `bytes` costing `n`. Cancel-safe: what was taken is
+    /// given back. It never waits on the node's pool (whose waiters would queue behind one
+    /// another): when the pool is spent it waits for this session's own game to read what
+    /// the session holds, and then the frame is the session's own.
+    async fn take(self: &Arc<Self>, n: u32, bytes: usize) -> Option<Held> {
+        let mine = self.mine.acquire_many(n).await.ok()?;
+        if let Some(pooled) = self.pooled(n) {
+            mine.forget();
+            return Some(self.held(n, pooled, bytes));
+        }
+        drop(mine);
+        static SPENT: crate::LogGate = crate::LogGate::new();
+        if let Some(more) = SPENT.pass() {
+            tracing::warn!(
+                held_back = more,
+                "sessions read their clients one frame at a time: the game has left max_inbox_total bytes of their input unread"
+            );
+        }
+        // Everything back: the game has read all this session held.
+        let all = self.mine.acquire_many(self.cap as u32).await.ok()?;
+        all.forget();
+        self.mine.add_permits(self.cap - n as usize);
+        Some(self.held(n, 0, bytes))
     }
 }
 
@@ -474,13 +534,16 @@ pub(crate) struct Sessions {
     replay_total: std::sync::atomic::AtomicUsize,
     /// The latest ended sessions and why, so a late resume is told the real reason.
     ended: Mutex<std::collections::VecDeque<([u8; 16], u16, String)>>,
-    /// The node's inbox budget (see [`SessionConfig::max_inbox_total`]).
-    inbox_total: Arc<tokio::sync::Semaphore>,
+    /// The node's inbox pool (see [`SessionConfig::max_inbox_total`]).
+    inbox: Arc<NodeInbox>,
+    /// Game handlers running (a node's shutdown waits for them, within its grace period).
+    handlers: std::sync::atomic::AtomicUsize,
+    /// Told when the last handler ends.
+    handlers_done: tokio::sync::Notify,
     /// What the sessions did, for the node's metrics.
     counts: Counts,
-    /// Cancelled when the node's shutdown stops taking new work (once peers have seen it
-    /// leave): every session ends with [`code::SERVER_RESTART`], and its handler has what is
-    /// left of the grace period to finish.
+    /// Cancelled when the node's shutdown has left membership: every resumable session ends
+    /// with [`code::SERVER_RESTART`], and its handler has what is left of the grace period.
     pub(crate) stop: OnceLock<CancellationToken>,
 }
 
@@ -530,11 +593,16 @@ impl Sessions {
             plain: Default::default(),
             replay_total: Default::default(),
             ended: Mutex::new(std::collections::VecDeque::new()),
-            inbox_total: Arc::new(tokio::sync::Semaphore::new(
-                config
-                    .max_inbox_total
-                    .clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
-            )),
+            inbox: Arc::new(NodeInbox {
+                pool: tokio::sync::Semaphore::new(
+                    config
+                        .max_inbox_total
+                        .clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
+                ),
+                held: Default::default(),
+            }),
+            handlers: Default::default(),
+            handlers_done: tokio::sync::Notify::new(),
             counts: Counts::default(),
             config,
             stop: OnceLock::new(),
@@ -547,16 +615,12 @@ impl Sessions {
         use std::sync::atomic::Ordering::Relaxed;
         let resumable = self.table.lock().unwrap_or_else(|e| e.into_inner()).len();
         let detached = self.counts.detached.load(Relaxed).min(resumable);
-        let inbox_cap = self
-            .config
-            .max_inbox_total
-            .clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
         SessionSnapshot {
             attached: resumable - detached,
             detached,
             plain: self.plain.load(Relaxed),
             replay_bytes: self.replay_total.load(Relaxed),
-            inbox_bytes: inbox_cap.saturating_sub(self.inbox_total.available_permits()),
+            inbox_bytes: self.inbox.held.load(Relaxed),
             started: self.counts.started.load(Relaxed),
             resumed: self.counts.resumed.load(Relaxed),
             ended: self
@@ -652,14 +716,7 @@ impl Sessions {
                 detached: false,
                 released: false,
             },
-            budget: Arc::new(InboxBudget {
-                mine: tokio::sync::Semaphore::new(
-                    self.config
-                        .inbox_bytes
-                        .clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
-                ),
-                node: self.inbox_total.clone(),
-            }),
+            budget: Arc::new(InboxBudget::new(&self.config, self.inbox.clone())),
             sessions: self.clone(),
             id,
             resumable,
@@ -670,7 +727,32 @@ impl Sessions {
             issued: Instant::now(),
         };
         let run = pump.run(frames, out_rx, attach_rx, in_tx);
-        tokio::join!(run, handler(session));
+        let running = Running::start(&self);
+        let game = async move {
+            handler(session).await;
+            drop(running);
+        };
+        tokio::join!(run, game);
+    }
+
+    /// Waits until no game handler runs, or `until`; whether none does.
+    pub(crate) async fn handlers_ended(&self, until: Instant) -> bool {
+        loop {
+            let done = self.handlers_done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            if self.handlers.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(until, done).await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// Game handlers running now.
+    pub(crate) fn handlers_running(&self) -> usize {
+        self.handlers.load(std::sync::atomic::Ordering::Acquire)
     }
 
     async fn resume(self: Arc<Self>, frames: Frames, meta: &StreamMeta) {
@@ -794,7 +876,31 @@ struct Pump {
     issued: Instant,
 }
 
-/// Removes a session from the table when dropped.
+/// A game handler counted as running while it lives (a panic unwinding it included).
+struct Running(Arc<Sessions>);
+
+impl Running {
+    fn start(sessions: &Arc<Sessions>) -> Running {
+        sessions
+            .handlers
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Running(sessions.clone())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self
+            .0
+            .handlers
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            == 1
+        {
+            self.0.handlers_done.notify_waiters();
+        }
+    }
+}
+
 /// A session's place in the node: its table entry (or count) and its share of the replay
 /// budget, given back when dropped, however the session ends (a panic of the game's handler,
 /// which runs in the same task, included).
@@ -862,6 +968,8 @@ enum Conn {
     End(u16, String),
     /// The game dropped its session.
     GameGone,
+    /// The node is shutting down.
+    Stopped,
 }
 
 impl Pump {
@@ -878,7 +986,13 @@ impl Pump {
     ) {
         // Frames for the game; dropped when the session ends.
         let inbox = Some(inbox);
-        let stop = self.sessions.stop();
+        // A version 1 client's session is its connection: the gateway closes it when this
+        // node leaves membership (with a code that sends it elsewhere), not this.
+        let stop = if self.resumable {
+            self.sessions.stop()
+        } else {
+            CancellationToken::new()
+        };
         let mut stream = Some(first);
         if self.resumable
             && let Some(s) = stream.as_mut()
@@ -910,12 +1024,12 @@ impl Pump {
             ack_timer.set(ack_due);
             let cost = pending_in
                 .as_ref()
-                .map(|f| self.config().inbox_cost(f.len()));
+                .map(|f| (self.config().inbox_cost(f.len()), f.len()));
             // Not biased: a game that sends without pause must not starve the client's
             // acknowledgements and input, nor the other way round (a close the game sent while
             // client frames arrive still wins: see `GameGone`).
             let outcome: Result<(), Conn> = tokio::select! {
-                () = stop.cancelled() => break (code::SERVER_RESTART, "game server shutting down".to_owned()),
+                () = stop.cancelled() => Err(Conn::Stopped),
                 a = attach.recv() => match a {
                     // A token older than the last three this session gave (a copy someone
                     // kept): refused; the session goes on. Three, as the newest may have been
@@ -966,10 +1080,14 @@ impl Pump {
                 },
                 r = recv_if(&mut stream, pending_in.is_none()) => {
                     match self.on_client_frame(r, &mut ack_due).await {
-                        Ok(frame) => {
-                            pending_in = frame;
+                        // Straight to the game when there is room (the usual case), else it
+                        // waits its turn in the branch above.
+                        Ok(Some(frame)) => {
+                            let n = self.config().inbox_cost(frame.len());
+                            pending_in = try_deliver(&inbox, &budget, n, frame);
                             Ok(())
                         }
+                        Ok(None) => Ok(()),
                         Err(e) => Err(e),
                     }
                 }
@@ -987,6 +1105,28 @@ impl Pump {
                 () = window_timer.wait() => break (code::NO_SESSION, "resume window passed".to_owned()),
             };
             let outcome = match outcome {
+                // The node is shutting down: what the client sent is handed to the game
+                // (past the budgets: one frame), what the game sent goes out, then the end.
+                Err(Conn::Stopped) => {
+                    if let (Some(frame), Some(tx)) = (pending_in.take(), inbox.as_ref()) {
+                        let held = budget.held(0, 0, frame.len());
+                        if tx.try_send(Inbound { frame, _held: held }).is_err() {
+                            tracing::debug!(session = %SessionId(self.id), "a frame from the client dropped at shutdown: the game's inbox is full");
+                        }
+                    }
+                    while let Ok(o) = out.try_recv() {
+                        match o {
+                            Out::Frame(f) => {
+                                let _ = self.send_to_client(f, &mut stream).await;
+                            }
+                            Out::Close(_) => break,
+                        }
+                    }
+                    Err(Conn::End(
+                        code::SERVER_RESTART,
+                        "game server shutting down".into(),
+                    ))
+                }
                 // The game dropped its session: what it sent before, then its close, if any.
                 Err(Conn::GameGone) => {
                     let mut reason = String::new();
@@ -1031,7 +1171,7 @@ impl Pump {
                     break (c, r);
                 }
                 // Turned into an end above.
-                Err(Conn::GameGone) => break (code::NORMAL, String::new()),
+                Err(Conn::GameGone | Conn::Stopped) => break (code::NORMAL, String::new()),
             }
         };
         // Ends the game's side: its recv sees the end, its sends fail.
@@ -1051,15 +1191,18 @@ impl Pump {
         out.close();
         // Out of the node before the stream ends: whoever sees the end can count on the place.
         self.slot.release();
+        let text = if reason.is_empty() {
+            "session ended"
+        } else {
+            &reason
+        };
+        // Resumes that reached the session as it ended are told why, as later ones are.
+        attach.close();
+        while let Ok(a) = attach.try_recv() {
+            refuse(a.frames, code, text).await;
+        }
         match stream {
-            Some(s) if self.resumable => {
-                let text = if reason.is_empty() {
-                    "session ended"
-                } else {
-                    &reason
-                };
-                refuse(s, code, text).await;
-            }
+            Some(s) if self.resumable => refuse(s, code, text).await,
             // A version 1 client: a clean end, or a close frame with the game's own reason.
             Some(s) if code == code::NORMAL && reason.is_empty() => {
                 let _ = tokio::time::timeout(Duration::from_secs(5), s.close()).await;
@@ -1209,20 +1352,42 @@ async fn recv_if(
     }
 }
 
-/// Room in the game's inbox and budget for a frame that takes `cost`, when there is one
-/// (`None`: never resolves); `None` when the game is gone.
+/// Room in the game's inbox, then budget, for a frame that costs `cost.0` and is `cost.1`
+/// bytes, when there is one (`None`: never resolves); `None` when the game is gone.
+/// Cancel-safe (the loop makes it anew each turn; only this session waits on either).
 async fn reserve<'a>(
     inbox: &'a Option<mpsc::Sender<Inbound>>,
     budget: &Arc<InboxBudget>,
-    cost: Option<u32>,
+    cost: Option<(u32, usize)>,
 ) -> Option<(mpsc::Permit<'a, Inbound>, Held)> {
-    let Some(n) = cost else {
+    let Some((n, bytes)) = cost else {
         return std::future::pending().await;
     };
     let tx = inbox.as_ref()?;
-    let held = budget.take(n).await?;
     let permit = tx.reserve().await.ok()?;
+    let held = budget.take(n, bytes).await?;
     Some((permit, held))
+}
+
+/// Hands `frame` (costing `n`) to the game if there is room and budget now; gives it back if
+/// not (or if the game is gone: the waiting branch finds that out).
+fn try_deliver(
+    inbox: &Option<mpsc::Sender<Inbound>>,
+    budget: &Arc<InboxBudget>,
+    n: u32,
+    frame: Bytes,
+) -> Option<Bytes> {
+    let Some(tx) = inbox else {
+        return Some(frame);
+    };
+    let Ok(permit) = tx.try_reserve() else {
+        return Some(frame);
+    };
+    let Some(held) = budget.try_take(n, frame.len()) else {
+        return Some(frame);
+    };
+    permit.send(Inbound { frame, _held: held });
+    None
 }
 
 /// A timer that is set, moved and cleared without a new timer entry each time.

@@ -192,6 +192,9 @@ async fn the_inbox_budgets_hold_input_the_game_has_not_read() {
                     while let Ok(Some(f)) = s.recv().await {
                         // A game stuck on this session until the test releases it.
                         if &f[..] == b"hold" {
+                            if s.send("held").await.is_err() {
+                                return;
+                            }
                             let _ = held.wait_for(|r| *r).await;
                         } else if s.send(f).await.is_err() {
                             return;
@@ -214,6 +217,7 @@ async fn the_inbox_budgets_hold_input_the_game_has_not_read() {
         let mut conn = Conn::open(&gw, server.addr(), Some("new")).await;
         assert!(matches!(conn.frame().await, Frame::Welcome { .. }));
         conn.send(&Frame::data(b"hold")).await;
+        assert_eq!(conn.frame().await, Frame::Data(Bytes::from_static(b"held")));
         let (rd, mut wr) = conn.stream.into_split();
         let writer = tokio::spawn(async move {
             for i in 0..100u8 {
@@ -226,25 +230,28 @@ async fn the_inbox_budgets_hold_input_the_game_has_not_read() {
         stuck.push((rd, conn.buf, writer));
     };
     stick().await;
+    // Its first frame is its own, the other 7 come from the node's pool.
     inbox(8000.0).await;
-    // The others go on: the node has room.
     live.send(&Frame::data(b"ping")).await;
     assert_eq!(live.frame().await, Frame::Data(Bytes::from_static(b"ping")));
-    // A second one takes the rest of the node's bound (12 KiB: 4 frames held, the fifth
-    // waiting with what is left), and the node's sessions wait their turn.
+    // A second one: its own first frame, and the 5 more the pool (12 KiB) has room for.
     stick().await;
-    inbox(f64::from(12 << 10)).await;
+    inbox(14000.0).await;
     assert_eq!(
         metric(&admin, "sessions", "node=\"1.1.1\",state=\"attached\""),
         Some(3.0)
     );
-    live.send(&Frame::data(b"after")).await;
+    // The pool is spent, and a session whose game keeps up still goes on.
+    for _ in 0..20 {
+        live.send(&Frame::data(b"still")).await;
+        assert_eq!(
+            live.frame().await,
+            Frame::Data(Bytes::from_static(b"still"))
+        );
+    }
+    assert_eq!(metric(&admin, "session_inbox_bytes", node), Some(14000.0));
     // The game reads again: every frame comes back, once, in order.
     release.send_replace(true);
-    assert_eq!(
-        live.frame().await,
-        Frame::Data(Bytes::from_static(b"after"))
-    );
     for (mut rd, mut buf, writer) in stuck {
         for i in 0..100u8 {
             // The next data frame (the server's acknowledgements come in between).
@@ -269,4 +276,78 @@ async fn the_inbox_budgets_hold_input_the_game_has_not_read() {
     }
     inbox(0.0).await;
     assert_eq!(metric(&admin, "sessions_started_total", node), Some(3.0));
+}
+
+/// A node that shuts down ends its sessions at once, each client told `1012`, and waits
+/// (within its grace period) for their handlers, which can still call other nodes: a game
+/// saves its player after its session ended.
+#[tokio::test]
+async fn shutdown_ends_sessions_and_waits_for_their_handlers() {
+    use std::sync::{Arc, OnceLock};
+    let mut c = Cluster::new(&["1.1.1", "1.2.1", "1.100.1"]);
+    let (saved_tx, mut saved) = tokio::sync::mpsc::channel::<Bytes>(4);
+    let db = c
+        .start("1.2.1", move |b| {
+            b.rpc("db.save", move |_, p| {
+                let saved_tx = saved_tx.clone();
+                async move {
+                    let _ = saved_tx.send(p).await;
+                    Ok::<_, clustergo::HandlerError>(Bytes::new())
+                }
+            })
+        })
+        .await;
+    let db_addr = db.addr();
+    let me: Arc<OnceLock<Node>> = Arc::default();
+    let node = me.clone();
+    let server = c
+        .start("1.1.1", move |b| {
+            b.on_session(SessionConfig::default(), move |mut s| {
+                let node = node.clone();
+                async move {
+                    let end = loop {
+                        match s.recv().await {
+                            Ok(Some(f)) => {
+                                let _ = s.send(f).await;
+                            }
+                            Ok(None) => return,
+                            Err(e) => break e,
+                        }
+                    };
+                    // Some work after the end, then the save.
+                    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                    let Some(node) = node.get() else { return };
+                    let saved = node
+                        .call(db_addr, "db.save", Bytes::from(end.to_string()))
+                        .await;
+                    assert!(saved.is_ok(), "{saved:?}");
+                }
+            })
+        })
+        .await;
+    let _ = me.set(server.clone());
+    let gw = c.start("1.100.1", |b| b).await;
+    let mut conn = Conn::open(&gw, server.addr(), Some("new")).await;
+    assert!(matches!(conn.frame().await, Frame::Welcome { .. }));
+    conn.send(&Frame::data(b"ping")).await;
+    assert_eq!(conn.frame().await, Frame::Data(Bytes::from_static(b"ping")));
+    let stopping = tokio::spawn({
+        let server = server.clone();
+        async move { server.shutdown().await }
+    });
+    match conn.next().await {
+        Inbound::Close(reason) => {
+            assert_eq!(
+                parse_close(&reason),
+                (Some(1012), "game server shutting down")
+            )
+        }
+        other => panic!("wanted the session ended, got {other:?}"),
+    }
+    let save = within(saved.recv()).await.unwrap();
+    assert!(
+        std::str::from_utf8(&save).unwrap().contains("(1012)"),
+        "{save:?}"
+    );
+    within(stopping).await.unwrap();
 }

@@ -275,9 +275,10 @@ impl NodeBuilder {
             },
         );
         if let Some(s) = sessions {
-            // Sessions end when the shutdown stops taking new work, not when the node closes:
-            // their clients are told, and their handlers get the rest of the grace period.
-            let _ = s.stop.set(inner.accept_stop.child_token());
+            // Sessions end as soon as the shutdown has left membership, not when the node
+            // closes: their clients are told at once (while gateways still have their links
+            // to it), and their handlers get the rest of the grace period.
+            let _ = s.stop.set(inner.sessions_stop.clone());
         }
         Node { inner }
     }

@@ -67,7 +67,6 @@ pub(crate) struct Inner {
     pub(crate) messages: MsgHandlers,
     pub(crate) stream_handler: Option<crate::stream::StreamHandler>,
     /// The player sessions it serves, if it serves them.
-    #[cfg_attr(not(feature = "admin"), allow(dead_code))]
     pub(crate) sessions: Option<Arc<crate::session::Sessions>>,
     pub(crate) duplicates: Vec<String>,
     pub(crate) discovery: Arc<dyn Discovery>,
@@ -89,6 +88,8 @@ pub(crate) struct Inner {
     pub(crate) root: CancellationToken,
     /// Cancelled first in shutdown: stops accepting connections.
     pub(crate) accept_stop: CancellationToken,
+    /// Cancelled in shutdown once the node has left membership: its player sessions end.
+    pub(crate) sessions_stop: CancellationToken,
     /// Cancelled at the start of shutdown: stops keeping this node alive in membership.
     pub(crate) liveness_stop: CancellationToken,
     /// The membership source keeps this node alive (it can tell peers that the node leaves).
@@ -201,6 +202,7 @@ impl Inner {
             call_ids: crate::hash::SipKey::random(),
             root,
             accept_stop: CancellationToken::new(),
+            sessions_stop: CancellationToken::new(),
             liveness_stop: CancellationToken::new(),
             has_liveness: Default::default(),
             refusing: Default::default(),

@@ -407,6 +407,9 @@ impl Inner {
         if tokio::time::timeout_at(grace_end, leave).await.is_err() {
             tracing::warn!(node = %self.addr, "leaving membership did not finish within the grace period");
         }
+        // Player sessions end now, their clients told (1012): they cannot outlive the node,
+        // and new ones are refused (1013) while peers learn of the leave.
+        self.sessions_stop.cancel();
         // Peers learn of the leave a little later: what they send meanwhile is served (links
         // are still accepted too: a peer may dial to send it).
         self.wait_quiet(grace_end).await;
@@ -423,6 +426,12 @@ impl Inner {
                 tracing::warn!(node = %self.addr, in_flight = n, "grace period over with handlers still running");
                 break;
             }
+        }
+        // The game's session handlers finish too (saving what they must: links are still up).
+        if let Some(sessions) = &self.sessions
+            && !sessions.handlers_ended(grace_end).await
+        {
+            tracing::warn!(node = %self.addr, handlers = sessions.handlers_running(), "grace period over with session handlers still running");
         }
         // A harbor lets the answers of the calls it relayed pass before its links close; new
         // calls are sent back meanwhile (see `forward`).
