@@ -1008,20 +1008,21 @@ impl Pump {
         // stream until it has (the stream's window then holds the client back), while the
         // game's own frames keep going out.
         let mut pending_in: Option<Bytes> = None;
-        // Three timers, each one entry reset when its deadline changes (not a new timer per
-        // frame: under load the ack deadline is set almost always).
-        let mut ack_timer = Timer::new();
-        let mut refresh_timer = Timer::new();
-        let mut window_timer = Timer::new();
+        // One timer for three deadlines (the ack's, the token's refresh, the resume window's):
+        // one entry, reset when the earliest moves (not a new timer per frame, and one timer
+        // polled per turn, not three).
+        let mut timer = Timer::new();
         let (code, reason) = loop {
-            window_timer.set(detached_at.map(|t| t + self.config().resume_window));
+            if !self.receipts.owed() {
+                // Told already (an ack rode with a frame, or a welcome).
+                ack_due = None;
+            }
+            let window_at = detached_at.map(|t| t + self.config().resume_window);
             // A long-attached session gets a fresh token before its current one expires.
-            refresh_timer.set(
-                stream
-                    .as_ref()
-                    .map(|_| self.issued + self.config().token_ttl / 2),
-            );
-            ack_timer.set(ack_due);
+            let refresh_at = stream
+                .as_ref()
+                .map(|_| self.issued + self.config().token_ttl / 2);
+            timer.set([ack_due, refresh_at, window_at].into_iter().flatten().min());
             let cost = pending_in
                 .as_ref()
                 .map(|f| (self.config().inbox_cost(f.len()), f.len()));
@@ -1091,18 +1092,26 @@ impl Pump {
                         Err(e) => Err(e),
                     }
                 }
-                () = ack_timer.wait() => {
-                    ack_due = None;
-                    match (stream.as_mut(), self.receipts.ack()) {
-                        (Some(s), Some(ack)) => write(s, ack, self.config().write_timeout).await,
-                        _ => Ok(()),
+                () = timer.wait() => {
+                    let now = Instant::now();
+                    if window_at.is_some_and(|t| t <= now) {
+                        break (code::NO_SESSION, "resume window passed".to_owned());
                     }
+                    let mut r = Ok(());
+                    if ack_due.is_some_and(|t| t <= now) {
+                        ack_due = None;
+                        if let (Some(s), Some(ack)) = (stream.as_mut(), self.receipts.ack()) {
+                            r = write(s, ack, self.config().write_timeout).await;
+                        }
+                    }
+                    if r.is_ok()
+                        && refresh_at.is_some_and(|t| t <= now)
+                        && let Some(s) = stream.as_mut()
+                    {
+                        r = self.welcome(s).await;
+                    }
+                    r
                 }
-                () = refresh_timer.wait() => match stream.as_mut() {
-                    Some(s) => self.welcome(s).await,
-                    None => Ok(()),
-                },
-                () = window_timer.wait() => break (code::NO_SESSION, "resume window passed".to_owned()),
             };
             let outcome = match outcome {
                 // The node is shutting down: what the client sent is handed to the game
@@ -1256,7 +1265,7 @@ impl Pump {
         self.sync_held();
         self.welcome(s).await?;
         for f in again {
-            write(s, f, self.config().write_timeout).await?;
+            write_data(s, &f, self.config().write_timeout).await?;
         }
         Ok(())
     }
@@ -1285,8 +1294,10 @@ impl Pump {
             Ok(Frame::Data(p)) => {
                 // The ack is written by the loop (at once when due): a failing write never
                 // takes the frame with it.
+                // Due: it rides with the next frame to the client, or goes alone soon.
                 if self.receipts.got() {
-                    *ack_due = Some(Instant::now());
+                    let ride = Instant::now() + clustergo_client::session::ACK_RIDE;
+                    *ack_due = Some(ack_due.map_or(ride, |t| t.min(ride)));
                 } else if ack_due.is_none() {
                     *ack_due = Some(Instant::now() + clustergo_client::session::ACK_DELAY);
                 }
@@ -1314,27 +1325,36 @@ impl Pump {
         frame: Bytes,
         stream: &mut Option<Frames>,
     ) -> Result<(), Conn> {
-        let wire = if self.resumable {
-            let f = Frame::data(&frame);
-            let total = self
-                .sessions
-                .replay_total
-                .load(std::sync::atomic::Ordering::Relaxed);
-            if total + f.len() > self.config().max_replay_total {
-                tracing::warn!(session = %SessionId(self.id), total, max = self.config().max_replay_total, "session ended: the node's replay budget is full");
-                return Err(Conn::End(code::REPLAY_FULL, "replay buffer full".into()));
-            }
-            if let Err(full) = self.replay.push(f.clone()) {
-                tracing::warn!(session = %SessionId(self.id), error = %full, "session ended: replay buffer full");
-                return Err(Conn::End(code::REPLAY_FULL, "replay buffer full".into()));
-            }
-            self.sync_held();
-            f
-        } else {
-            frame
-        };
+        if !self.resumable {
+            return match stream.as_mut() {
+                Some(s) => write(s, frame, self.config().write_timeout).await,
+                None => Ok(()),
+            };
+        }
+        let total = self
+            .sessions
+            .replay_total
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if total + 1 + frame.len() > self.config().max_replay_total {
+            tracing::warn!(session = %SessionId(self.id), total, max = self.config().max_replay_total, "session ended: the node's replay budget is full");
+            return Err(Conn::End(code::REPLAY_FULL, "replay buffer full".into()));
+        }
+        // Kept as it is (no copy); the type byte is written with it.
+        if let Err(full) = self.replay.push(frame.clone()) {
+            tracing::warn!(session = %SessionId(self.id), error = %full, "session ended: replay buffer full");
+            return Err(Conn::End(code::REPLAY_FULL, "replay buffer full".into()));
+        }
+        self.sync_held();
         match stream.as_mut() {
-            Some(s) => write(s, wire, self.config().write_timeout).await,
+            Some(s) => {
+                // An ack that is due rides with the frame (one write for both).
+                if self.receipts.due()
+                    && let Some(ack) = self.receipts.ack()
+                {
+                    s.buffer(&ack);
+                }
+                write_data(s, &frame, self.config().write_timeout).await
+            }
             // Detached: kept for the resume.
             None => Ok(()),
         }
@@ -1423,8 +1443,25 @@ impl Timer {
     }
 }
 
+/// Writes a data frame of `payload`, bounded by `limit`.
+async fn write_data(s: &mut Frames, payload: &[u8], limit: Duration) -> Result<(), Conn> {
+    bounded(
+        s.send_tagged(clustergo_client::session::DATA, payload),
+        limit,
+    )
+    .await
+}
+
 async fn write(s: &mut Frames, frame: Bytes, limit: Duration) -> Result<(), Conn> {
-    match tokio::time::timeout(limit, s.send(frame)).await {
+    bounded(s.send(frame), limit).await
+}
+
+/// A write that takes longer than `limit` counts as the connection's loss.
+async fn bounded(
+    sent: impl std::future::Future<Output = Result<(), crate::FrameError>>,
+    limit: Duration,
+) -> Result<(), Conn> {
+    match tokio::time::timeout(limit, sent).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(Conn::Lost(e.to_string())),
         Err(_) => Err(Conn::Lost(format!("a write waited {limit:?}"))),

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
@@ -381,6 +381,46 @@ impl Client {
                 flush_framed(wr, wbuf).await?;
             }
             Conn::Ws(ws) => ws.send(Message::Binary(frame)).await.map_err(ws_error)?,
+        }
+        Ok(())
+    }
+
+    /// Queues one frame, unflushed: the next send carries it.
+    pub(crate) async fn buffer(&mut self, frame: Bytes) -> Result<(), ClientError> {
+        match &mut self.conn {
+            Conn::Framed { wbuf, .. } => wire::put_frame(wbuf, &frame),
+            Conn::Ws(ws) => ws.feed(Message::Binary(frame)).await.map_err(ws_error)?,
+        }
+        Ok(())
+    }
+
+    /// Sends one frame of `tag` then `payload`: on TCP, TLS and KCP written straight into the
+    /// write buffer (no frame of its own is built); on WebSocket, one message.
+    pub(crate) async fn send_tagged(&mut self, tag: u8, payload: &[u8]) -> Result<(), ClientError> {
+        let len = 1 + payload.len();
+        if len > self.config.max_frame {
+            return Err(ClientError::TooLarge {
+                size: len,
+                limit: self.config.max_frame,
+            });
+        }
+        self.last_sent = Instant::now();
+        match &mut self.conn {
+            Conn::Framed { wr, wbuf, .. } => {
+                wbuf.reserve(4 + len);
+                wbuf.put_u32(len as u32);
+                wbuf.put_u8(tag);
+                wbuf.put_slice(payload);
+                flush_framed(wr, wbuf).await?;
+            }
+            Conn::Ws(ws) => {
+                let mut m = BytesMut::with_capacity(len);
+                m.put_u8(tag);
+                m.put_slice(payload);
+                ws.send(Message::Binary(m.freeze()))
+                    .await
+                    .map_err(ws_error)?
+            }
         }
         Ok(())
     }

@@ -7,7 +7,8 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use crate::session::{
-    ACK_DELAY, Frame, Hello, Receipts, Replay, Token, close_reason, code, parse_close,
+    ACK_DELAY, ACK_RIDE, DATA, Frame, Hello, Receipts, Replay, Token, close_reason, code,
+    parse_close,
 };
 use crate::{Client, ClientConfig, ClientError};
 
@@ -263,7 +264,7 @@ impl SessionClient {
                 limit,
             });
         }
-        let frame = Frame::data(&frame);
+        // Kept as it is (no copy); the type byte is written with it.
         if let Err(full) = self.replay.push(frame.clone()) {
             self.ended = true;
             self.conn = None;
@@ -272,10 +273,25 @@ impl SessionClient {
                 code: Some(code::REPLAY_FULL),
             });
         }
-        if let Some(conn) = self.conn.as_mut()
-            && let Err(e) = conn.send(frame).await
-        {
-            self.lost(e.to_string());
+        if let Some(conn) = self.conn.as_mut() {
+            // An ack that is due rides with the frame (one write for both).
+            let ack = if self.receipts.due() {
+                self.receipts.ack()
+            } else {
+                None
+            };
+            let sent = match ack {
+                Some(ack) => match conn.buffer(ack).await {
+                    Ok(()) => conn.send_tagged(DATA, &frame).await,
+                    Err(e) => Err(e),
+                },
+                None => conn.send_tagged(DATA, &frame).await,
+            };
+            if let Err(e) = sent {
+                self.lost(e.to_string());
+            } else if !self.receipts.owed() {
+                self.ack_due = None;
+            }
         }
         Ok(())
     }
@@ -335,10 +351,12 @@ impl SessionClient {
             match got {
                 Ok(bytes) => match Frame::decode(bytes) {
                     Ok(Frame::Data(p)) => {
-                        // The ack goes out from the next call (at once when due): returning
-                        // the frame never waits on a write, so `recv` stays cancel-safe.
+                        // The ack goes out with the next frame sent, or from a later call
+                        // (soon when due): returning the frame never waits on a write, so
+                        // `recv` stays cancel-safe.
                         if self.receipts.got() {
-                            self.ack_due = Some(Instant::now());
+                            let ride = Instant::now() + ACK_RIDE;
+                            self.ack_due = Some(self.ack_due.map_or(ride, |t| t.min(ride)));
                         } else if self.ack_due.is_none() {
                             self.ack_due = Some(Instant::now() + ACK_DELAY);
                         }
@@ -430,7 +448,7 @@ impl SessionClient {
                     };
                     let mut ok = true;
                     for f in &again {
-                        if let Err(e) = conn.send(f.clone()).await {
+                        if let Err(e) = conn.send_tagged(DATA, f).await {
                             last = e.to_string();
                             ok = false;
                             break;

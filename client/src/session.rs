@@ -62,6 +62,11 @@ pub const ACK_EVERY: u64 = 32;
 /// acknowledges anyway.
 pub const ACK_DELAY: Duration = Duration::from_millis(100);
 
+/// How long an ack that is due (after [`ACK_EVERY`] frames) waits for a data frame going the
+/// other way to ride with: written in the same write, it costs no write (nor a gateway's
+/// read and write) of its own. A side that sends nothing meanwhile sends it alone.
+pub const ACK_RIDE: Duration = Duration::from_millis(10);
+
 /// Stable codes a session is ended with (the first word of the close reason; the WebSocket
 /// close code). 1000-1013 mean what they mean for WebSocket; 4000-4099 are the session's own.
 pub mod code {
@@ -278,7 +283,9 @@ pub enum Frame {
     Bye,
 }
 
-const DATA: u8 = 1;
+/// The type byte of a data frame (a sender may write it before the payload itself, instead
+/// of building the frame with [`Frame::data`]).
+pub const DATA: u8 = 1;
 const ACK: u8 = 2;
 const WELCOME: u8 = 3;
 const BYE: u8 = 4;
@@ -364,11 +371,23 @@ pub struct BadCount {
     pub kept_from: u64,
 }
 
+/// Payloads below this are copied into the replay buffer's own blocks.
+const COPY_BELOW: usize = 1024;
+/// The sizes of those blocks: twice what the buffer holds, within these.
+const MIN_BLOCK: usize = 128;
+const MAX_BLOCK: usize = 4096;
+
 /// What one side sent that the other has not acknowledged, in order, bounded.
+///
+/// It keeps the payloads, not encoded frames (the sender writes the data frame's type byte
+/// as it writes the frame, with no copy of its own), and counts each as its encoded size:
+/// one byte more.
 #[derive(Debug)]
 pub struct Replay {
-    /// Encoded data frames, the oldest first.
+    /// Payloads of data frames, the oldest first.
     frames: VecDeque<Bytes>,
+    /// Where small payloads are copied (see [`Replay::push`]).
+    block: BytesMut,
     /// Data frames sent in the session (the newest one's sequence number).
     sent: u64,
     bytes: usize,
@@ -381,6 +400,7 @@ impl Replay {
     pub fn new(max_frames: usize, max_bytes: usize) -> Replay {
         Replay {
             frames: VecDeque::new(),
+            block: BytesMut::new(),
             sent: 0,
             bytes: 0,
             max_frames,
@@ -388,10 +408,17 @@ impl Replay {
         }
     }
 
-    /// Keeps an encoded data frame (see [`Frame::data`]) until acknowledged; its sequence
-    /// number, or why it does not fit.
-    pub fn push(&mut self, frame: Bytes) -> Result<u64, ReplayFull> {
-        let (frames, bytes) = (self.frames.len() + 1, self.bytes + frame.len());
+    /// Keeps a data frame's payload until acknowledged; its sequence number, or why it does
+    /// not fit.
+    ///
+    /// A small payload (under 1 KiB) is copied into a block of the buffer's own (128 bytes to
+    /// 4 KiB as the buffer fills: one allocation for many frames, let go whenever the buffer
+    /// empties); a larger one is kept
+    /// as it is. Keeping a small frame itself would keep alive whatever it shares memory with
+    /// (the connection's read buffer, which then has to allocate anew: an allocation and a
+    /// free per frame).
+    pub fn push(&mut self, payload: Bytes) -> Result<u64, ReplayFull> {
+        let (frames, bytes) = (self.frames.len() + 1, self.bytes + 1 + payload.len());
         if frames > self.max_frames || bytes > self.max_bytes {
             return Err(ReplayFull {
                 frames,
@@ -401,7 +428,19 @@ impl Replay {
             });
         }
         self.bytes = bytes;
-        self.frames.push_back(frame);
+        let kept = if payload.len() < COPY_BELOW {
+            if self.block.capacity() - self.block.len() < payload.len() {
+                // Sized to what the buffer holds: a session that keeps one small frame holds a
+                // small block, a busy one few allocations.
+                let size = (2 * bytes).clamp(MIN_BLOCK, MAX_BLOCK).max(payload.len());
+                self.block = BytesMut::with_capacity(size);
+            }
+            self.block.extend_from_slice(&payload);
+            self.block.split().freeze()
+        } else {
+            payload
+        };
+        self.frames.push_back(kept);
         self.sent += 1;
         Ok(self.sent)
     }
@@ -419,17 +458,22 @@ impl Replay {
         }
         while self.kept_from() <= received {
             if let Some(f) = self.frames.pop_front() {
-                self.bytes -= f.len();
+                self.bytes -= 1 + f.len();
             }
         }
         if self.frames.is_empty() {
-            // Let a burst's allocation go.
-            self.frames.shrink_to(16);
+            // Nothing refers to the block any more: let it go (an idle session holds none).
+            self.block = BytesMut::new();
+            if self.frames.capacity() > 1024 {
+                // Let a burst's allocation go (not a small one: that would be freed and grown
+                // again between every two acknowledgements).
+                self.frames.shrink_to(16);
+            }
         }
         Ok(())
     }
 
-    /// The frames to send again to a side that received `received`: all after it, in order.
+    /// The payloads to send again to a side that received `received`: all after it, in order.
     /// An error when the count is beyond what was sent or some of them were already dropped
     /// (acknowledged before, so the count went back).
     pub fn after(&mut self, received: u64) -> Result<impl Iterator<Item = &Bytes>, BadCount> {
@@ -482,6 +526,11 @@ impl Receipts {
     /// One more data frame arrived; `true` when an ack is due at once ([`ACK_EVERY`]).
     pub fn got(&mut self) -> bool {
         self.received += 1;
+        self.received - self.told >= ACK_EVERY
+    }
+
+    /// Whether an ack is due at once ([`ACK_EVERY`] frames not acknowledged).
+    pub fn due(&self) -> bool {
         self.received - self.told >= ACK_EVERY
     }
 
@@ -571,28 +620,32 @@ mod tests {
     #[test]
     fn replay_keeps_what_is_unacknowledged_and_resends_exactly_the_rest() {
         let mut r = Replay::new(4, 100);
+        let p = |b: &[u8]| Bytes::copy_from_slice(b);
         for i in 1..=3u8 {
-            assert_eq!(r.push(Frame::data(&[i])).unwrap(), u64::from(i));
+            assert_eq!(r.push(p(&[i])).unwrap(), u64::from(i));
         }
         r.ack(1).unwrap();
         assert_eq!(r.len(), 2);
         // An old count (behind) is ignored; the other side may have acked late.
         r.ack(0).unwrap();
         let again: Vec<Bytes> = r.after(1).unwrap().cloned().collect();
-        assert_eq!(again, vec![Frame::data(&[2]), Frame::data(&[3])]);
+        assert_eq!(again, vec![p(&[2]), p(&[3])]);
         let again: Vec<Bytes> = r.after(2).unwrap().cloned().collect();
-        assert_eq!(again, vec![Frame::data(&[3])]);
+        assert_eq!(again, vec![p(&[3])]);
         // Frame 2 is gone: a side claiming it never got it cannot be served.
         assert!(r.after(1).is_err());
         assert!(r.ack(4).is_err());
-        r.push(Frame::data(&[4])).unwrap();
-        r.push(Frame::data(&[5])).unwrap();
-        r.push(Frame::data(&[6])).unwrap();
-        let full = r.push(Frame::data(&[7])).unwrap_err();
+        r.push(p(&[4])).unwrap();
+        r.push(p(&[5])).unwrap();
+        r.push(p(&[6])).unwrap();
+        let full = r.push(p(&[7])).unwrap_err();
         assert_eq!((full.frames, full.max_frames), (5, 4));
-        let mut small = Replay::new(100, 5);
-        small.push(Frame::data(b"abc")).unwrap();
-        assert!(small.push(Frame::data(b"d")).is_err());
+        // Counted as encoded: a byte more each.
+        let mut small = Replay::new(100, 6);
+        small.push(p(b"abc")).unwrap();
+        assert_eq!(small.bytes(), 4);
+        assert!(small.push(p(b"d")).is_ok());
+        assert!(small.push(p(b"")).is_err());
     }
 
     #[test]

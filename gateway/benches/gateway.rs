@@ -18,7 +18,10 @@
 //!
 //! Flags: `--mode <name>` (one mode), `--secs <f64>` (measured seconds per run, default 3),
 //! `--clients <n>` (the larger echo run, default 100), `--idle <n>` (idle clients, default
-//! 10,000), `--smoke` (0.2 s runs, 200 idle clients). Unknown arguments (cargo's `--bench`)
+//! 10,000), `--only <prefix>` (only the `gateway-echo` rows whose names start with it, e.g.
+//! `tcp-c100-session`, to profile one), `--rounds <n>` (each `gateway-echo` pair measured `n`
+//! times, plain and session in turn; the rows are the medians and the ratio is the median of
+//! the rounds' ratios: steadier on a noisy machine), `--smoke` (0.2 s runs, 200 idle clients). Unknown arguments (cargo's `--bench`)
 //! are ignored. Membership is a members file: no etcd needed.
 
 use std::io::{BufRead, BufReader};
@@ -44,6 +47,10 @@ pub(crate) struct Opts {
     measure: Duration,
     clients: usize,
     idle: usize,
+    /// Only the `gateway-echo` rows whose names start with this (for profiling one row).
+    only: Option<String>,
+    /// Plain and session runs of each `gateway-echo` pair, in turn.
+    rounds: usize,
 }
 
 /// One measured run.
@@ -92,6 +99,8 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         measure: Duration::from_secs(3),
         clients: 100,
         idle: 10_000,
+        only: None,
+        rounds: 1,
     };
     let mut it = args.iter().skip(1);
     while let Some(a) = it.next() {
@@ -120,6 +129,13 @@ fn parse(args: &[String]) -> Result<Opts, String> {
                 o.idle = value("--idle")?
                     .parse()
                     .map_err(|e| format!("--idle: {e}"))?
+            }
+            "--only" => o.only = Some(value("--only")?),
+            "--rounds" => {
+                o.rounds = value("--rounds")?
+                    .parse::<usize>()
+                    .map_err(|e| format!("--rounds: {e}"))?
+                    .max(1)
             }
             "--smoke" => {
                 o.measure = Duration::from_millis(200);
@@ -173,6 +189,13 @@ async fn game_server(members: &str, addr: &str) -> Result<(), String> {
     while matches!(stdin.read(&mut sink).await, Ok(n) if n > 0) {}
     node.shutdown().await;
     Ok(())
+}
+
+/// The run with the median frames/s.
+fn median_row(mut rows: Vec<Row>) -> Row {
+    rows.sort_by(|a, b| a.per_sec.total_cmp(&b.per_sec));
+    let mid = rows.len() / 2;
+    rows.swap_remove(mid)
 }
 
 /// A child killed (by its handle) when dropped.
@@ -316,13 +339,39 @@ async fn run(opts: Opts) -> Result<Report, String> {
         println!("{}", "-".repeat(85));
         for (name, url) in [("tcp", &setup.tcp), ("ws", &setup.ws), ("kcp", &setup.kcp)] {
             for n in [1, opts.clients] {
-                let plain = echo(&format!("{name}-c{n}"), url, n, opts.measure, false).await?;
-                let session =
-                    echo(&format!("{name}-c{n}-session"), url, n, opts.measure, true).await?;
-                for (row, ratio) in [
-                    (&plain, None),
-                    (&session, Some(session.per_sec / plain.per_sec)),
-                ] {
+                let (plain_name, session_name) =
+                    (format!("{name}-c{n}"), format!("{name}-c{n}-session"));
+                if let Some(only) = &opts.only {
+                    let wanted = |row: &str| row.starts_with(only.as_str());
+                    if !wanted(&plain_name) && !wanted(&session_name) {
+                        continue;
+                    }
+                    // One row alone (the other is not measured).
+                    let session = only.ends_with("-session");
+                    let (row, s) = if session {
+                        (&session_name, true)
+                    } else {
+                        (&plain_name, false)
+                    };
+                    let r = echo(row, url, n, opts.measure, s).await?;
+                    println!(
+                        "{:<22} | {:>12.0} | {:>9.1} | {:>9.1} | {:>10} |",
+                        r.name, r.per_sec, r.p50_us, r.p99_us, r.frames
+                    );
+                    continue;
+                }
+                let (mut plains, mut sessions, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+                for _ in 0..opts.rounds {
+                    let plain = echo(&plain_name, url, n, opts.measure, false).await?;
+                    let session = echo(&session_name, url, n, opts.measure, true).await?;
+                    ratios.push(session.per_sec / plain.per_sec);
+                    plains.push(plain);
+                    sessions.push(session);
+                }
+                let (plain, session) = (median_row(plains), median_row(sessions));
+                ratios.sort_by(f64::total_cmp);
+                let ratio = ratios[ratios.len() / 2];
+                for (row, ratio) in [(&plain, None), (&session, Some(ratio))] {
                     println!(
                         "{:<22} | {:>12.0} | {:>9.1} | {:>9.1} | {:>10} | {:>7}",
                         row.name,

@@ -139,6 +139,37 @@ impl Frames {
         self.inner.send(frame).await.map_err(FrameError::from)
     }
 
+    /// Puts one frame into the write buffer, unflushed: the next send carries it.
+    pub(crate) fn buffer(&mut self, frame: &[u8]) {
+        use bytes::BufMut;
+        let buf = self.inner.write_buffer_mut();
+        buf.reserve(4 + frame.len());
+        buf.put_u32(frame.len() as u32);
+        buf.put_slice(frame);
+    }
+
+    /// Sends one frame of `tag` then `payload` (and flushes it), written straight into the
+    /// write buffer: no frame of its own is built (a session's data frame is its payload
+    /// with a type byte before it).
+    pub(crate) async fn send_tagged(&mut self, tag: u8, payload: &[u8]) -> Result<(), FrameError> {
+        use bytes::BufMut;
+        let len = 1 + payload.len();
+        if len > self.limit {
+            return Err(FrameError::TooLarge {
+                size: len,
+                limit: self.limit,
+            });
+        }
+        let buf = self.inner.write_buffer_mut();
+        buf.reserve(4 + len);
+        buf.put_u32(len as u32);
+        buf.put_u8(tag);
+        buf.put_slice(payload);
+        SinkExt::<Bytes>::flush(&mut self.inner)
+            .await
+            .map_err(FrameError::from)
+    }
+
     /// Flushes what was sent and half-closes the stream: the peer reads every frame, then the
     /// end. Dropping `Frames` instead resets the stream, as dropping a [`Stream`] does.
     pub async fn close(mut self) -> Result<(), FrameError> {
