@@ -218,6 +218,9 @@ pub struct Client {
     last_sent: Instant,
     last_heard: Instant,
     last_heartbeat: Instant,
+    /// Where WebSocket messages of `send_tagged` are built: its memory is used again once
+    /// the message before was written (no allocation per message).
+    scratch: BytesMut,
 }
 
 impl fmt::Debug for Client {
@@ -349,6 +352,7 @@ impl Client {
                 last_sent: now,
                 last_heard: now,
                 last_heartbeat: now,
+                scratch: BytesMut::new(),
             };
             Ok(client)
         };
@@ -414,10 +418,11 @@ impl Client {
                 flush_framed(wr, wbuf).await?;
             }
             Conn::Ws(ws) => {
-                let mut m = BytesMut::with_capacity(len);
+                let m = &mut self.scratch;
+                m.reserve(len);
                 m.put_u8(tag);
                 m.put_slice(payload);
-                ws.send(Message::Binary(m.freeze()))
+                ws.send(Message::Binary(m.split().freeze()))
                     .await
                     .map_err(ws_error)?
             }
