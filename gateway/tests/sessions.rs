@@ -432,3 +432,57 @@ async fn a_game_server_shutting_down_tells_its_session_clients() {
         assert_eq!(whoami(s).await, *on);
     }
 }
+
+/// A session client written in Python from the README's description of the wire (and the C
+/// ikcp for KCP): it starts a session over TCP on one gateway, drops the connection with
+/// frames in flight, sends more while offline, resumes over KCP on the other gateway, sends
+/// again what the server did not get, and gets every echo once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_session_client_resumes_across_gateways_and_transports() {
+    let deps = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/pydeps");
+    let probe = std::process::Command::new("python3")
+        .args(["-c", "import kcp"])
+        .env("PYTHONPATH", &deps)
+        .status();
+    assert!(
+        probe.is_ok_and(|s| s.success()),
+        "PyPI kcp is not installed in {}: run the README's test command, which installs it",
+        deps.display()
+    );
+    let (_etcd, _server, g1, g2) = two_gateways().await;
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py_session_client.py");
+    let out = tokio::time::timeout(
+        WAIT * 3,
+        tokio::process::Command::new("python3")
+            .arg(&script)
+            .arg(&g1.tcp)
+            .arg(&g2.kcp)
+            .env("PYTHONPATH", &deps)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    // What the server had not received (the five sent offline, and any of the four sent
+    // before the drop that died with the connection) went again on the new connection.
+    let (had, again) = stdout
+        .lines()
+        .find_map(|l| {
+            let rest = l.strip_prefix("resumed over kcp: the server had ")?;
+            let (had, again) = rest.split_once(", sent again ")?;
+            Some((had.parse::<u32>().ok()?, again.parse::<u32>().ok()?))
+        })
+        .unwrap_or_else(|| panic!("no resume in {stdout}"));
+    assert!((41..=45).contains(&had) && had + again == 50, "{stdout}");
+    assert!(
+        stdout.contains("echoes: 60, in order, once each"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("close: 1000 "), "{stdout}");
+}
