@@ -1126,7 +1126,13 @@ impl Pump {
                     while let Ok(o) = out.try_recv() {
                         match o {
                             Out::Frame(f) => {
-                                let _ = self.send_to_client(f, &mut stream).await;
+                                // A write cut short leaves the stream mid-frame: nothing more
+                                // goes on it (the close below would be misread).
+                                if let Err(Conn::Lost(_)) =
+                                    self.send_to_client(f, &mut stream).await
+                                {
+                                    stream = None;
+                                }
                             }
                             Out::Close(_) => break,
                         }
@@ -1142,7 +1148,13 @@ impl Pump {
                     while let Ok(o) = out.try_recv() {
                         match o {
                             Out::Frame(f) => {
-                                let _ = self.send_to_client(f, &mut stream).await;
+                                // A write cut short leaves the stream mid-frame: nothing more
+                                // goes on it (the close below would be misread).
+                                if let Err(Conn::Lost(_)) =
+                                    self.send_to_client(f, &mut stream).await
+                                {
+                                    stream = None;
+                                }
                             }
                             Out::Close(r) => {
                                 reason = r;
@@ -1339,8 +1351,8 @@ impl Pump {
             tracing::warn!(session = %SessionId(self.id), total, max = self.config().max_replay_total, "session ended: the node's replay budget is full");
             return Err(Conn::End(code::REPLAY_FULL, "replay buffer full".into()));
         }
-        // Kept as it is (no copy); the type byte is written with it.
-        if let Err(full) = self.replay.push(frame.clone()) {
+        // A copy is kept (see `Replay::keep`); the type byte is written with the frame.
+        if let Err(full) = self.replay.keep(&frame) {
             tracing::warn!(session = %SessionId(self.id), error = %full, "session ended: replay buffer full");
             return Err(Conn::End(code::REPLAY_FULL, "replay buffer full".into()));
         }

@@ -145,6 +145,9 @@ pub struct SessionClient {
     lost_at: Option<Instant>,
     events: VecDeque<SessionEvent>,
     ended: bool,
+    /// A write is under way: still set at the next call, the call that made it was dropped
+    /// in the middle, and what the connection carried is unknown.
+    writing: bool,
 }
 
 impl SessionClient {
@@ -176,6 +179,7 @@ impl SessionClient {
                         lost_at: None,
                         events: VecDeque::new(),
                         ended: false,
+                        writing: false,
                         config,
                     };
                     if received != 0 {
@@ -248,6 +252,10 @@ impl SessionClient {
     /// Sends a frame: kept until the server acknowledges it, sent again after a resume.
     /// While the connection is down it is only kept (sent at the resume). Fails when the
     /// session ended or the replay buffer is full (which ends the session).
+    ///
+    /// Dropping the call while it writes (a `select!` that took another branch) loses
+    /// nothing: the frame is kept, and the next call treats the connection, whose state is
+    /// then unknown, as lost and resumes, so each side learns what the other received.
     pub async fn send(&mut self, frame: impl Into<Bytes>) -> Result<(), ClientError> {
         if self.ended {
             return Err(ClientError::Closed {
@@ -264,8 +272,9 @@ impl SessionClient {
                 limit,
             });
         }
-        // Kept as it is (no copy); the type byte is written with it.
-        if let Err(full) = self.replay.push(frame.clone()) {
+        // A copy is kept (see `Replay::keep`); the type byte is written with the frame.
+        self.check_writes();
+        if let Err(full) = self.replay.keep(&frame) {
             self.ended = true;
             self.conn = None;
             return Err(ClientError::Closed {
@@ -274,7 +283,9 @@ impl SessionClient {
             });
         }
         if let Some(conn) = self.conn.as_mut() {
-            // An ack that is due rides with the frame (one write for both).
+            self.writing = true;
+            // An ack that is due rides with the frame (one write for both on TCP, TLS and
+            // KCP; on WebSocket two messages go out back to back).
             let ack = if self.receipts.due() {
                 self.receipts.ack()
             } else {
@@ -287,6 +298,7 @@ impl SessionClient {
                 },
                 None => conn.send_tagged(DATA, &frame).await,
             };
+            self.writing = false;
             if let Err(e) = sent {
                 self.lost(e.to_string());
             } else if !self.receipts.owed() {
@@ -294,6 +306,14 @@ impl SessionClient {
             }
         }
         Ok(())
+    }
+
+    /// A write of an earlier call was cut short (the call was dropped): the connection is
+    /// treated as lost.
+    fn check_writes(&mut self) {
+        if std::mem::take(&mut self.writing) {
+            self.lost("a send was dropped in the middle of its write".into());
+        }
     }
 
     fn lost(&mut self, reason: String) {
@@ -316,6 +336,7 @@ impl SessionClient {
     /// the window), a resume, or the end of the session. Acknowledges what arrived as it
     /// goes. After [`SessionEvent::Ended`], every call fails.
     pub async fn recv(&mut self) -> Result<SessionEvent, ClientError> {
+        self.check_writes();
         loop {
             if let Some(ev) = self.events.pop_front() {
                 if matches!(ev, SessionEvent::Ended { .. }) {
@@ -406,10 +427,13 @@ impl SessionClient {
     }
 
     async fn send_ack(&mut self) {
-        if let (Some(conn), Some(ack)) = (self.conn.as_mut(), self.receipts.ack())
-            && let Err(e) = conn.send(ack).await
-        {
-            self.lost(e.to_string());
+        if let (Some(conn), Some(ack)) = (self.conn.as_mut(), self.receipts.ack()) {
+            self.writing = true;
+            let sent = conn.send(ack).await;
+            self.writing = false;
+            if let Err(e) = sent {
+                self.lost(e.to_string());
+            }
         }
     }
 
@@ -515,4 +539,68 @@ fn random() -> u64 {
     std::collections::hash_map::RandomState::new()
         .build_hasher()
         .finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A `send` dropped while its write waits (the server stopped reading, the socket's
+    /// buffers are full) loses nothing: the next call treats the connection as lost, so the
+    /// session resumes and each side learns what the other got, instead of writing on after
+    /// half a frame.
+    #[tokio::test]
+    async fn a_send_dropped_mid_write_makes_the_connection_count_as_lost() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("tcp://{}", listener.local_addr().unwrap());
+        // A server that welcomes the session, then never reads again.
+        let server = tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut hello = [0u8; 4];
+            sock.read_exact(&mut hello).await.unwrap();
+            let mut rest = vec![0u8; u32::from_be_bytes(hello) as usize];
+            sock.read_exact(&mut rest).await.unwrap();
+            let token = Token {
+                id: [1; 16],
+                server: 0x0101_0001,
+                generation: 1,
+                expires: u64::MAX,
+                mac: [0; 16],
+            };
+            let mut out = bytes::BytesMut::new();
+            crate::wire::put_frame(&mut out, &Frame::Welcome { received: 0, token }.encode());
+            sock.write_all(&out).await.unwrap();
+            std::future::pending::<()>().await;
+            drop(sock);
+        });
+        let config = SessionClientConfig {
+            max_replay_frames: 1 << 20,
+            max_replay_bytes: 1 << 30,
+            ..SessionClientConfig::default()
+        };
+        let mut s = SessionClient::connect(&[&url], b"", config).await.unwrap();
+        let frame = Bytes::from(vec![7u8; 60_000]);
+        let mut cut = false;
+        for _ in 0..10_000 {
+            if tokio::time::timeout(Duration::from_millis(100), s.send(frame.clone()))
+                .await
+                .is_err()
+            {
+                cut = true;
+                break;
+            }
+        }
+        assert!(cut, "the socket's buffers never filled");
+        let sent = s.unacknowledged();
+        match tokio::time::timeout(Duration::from_secs(5), s.recv()).await {
+            Ok(Ok(SessionEvent::Disconnected { reason })) => {
+                assert!(reason.contains("dropped in the middle"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // The frame of the dropped call is kept, to be sent again at the resume.
+        assert_eq!(s.unacknowledged(), sent);
+        server.abort();
+    }
 }

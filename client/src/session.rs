@@ -371,11 +371,14 @@ pub struct BadCount {
     pub kept_from: u64,
 }
 
-/// Payloads below this are copied into the replay buffer's own blocks.
-const COPY_BELOW: usize = 1024;
-/// The sizes of those blocks: twice what the buffer holds, within these.
+/// Payloads below this are copied into the replay buffer's own blocks; larger ones into an
+/// allocation of their own.
+const COPY_BELOW: usize = 512;
+/// The sizes of those blocks: twice what the buffer holds, within these. Frames are
+/// acknowledged in order, so the blocks alive are the oldest unacknowledged frame's to the
+/// current one: beyond the bytes counted, a buffer holds at most about two blocks.
 const MIN_BLOCK: usize = 128;
-const MAX_BLOCK: usize = 4096;
+const MAX_BLOCK: usize = 1024;
 
 /// What one side sent that the other has not acknowledged, in order, bounded.
 ///
@@ -408,16 +411,15 @@ impl Replay {
         }
     }
 
-    /// Keeps a data frame's payload until acknowledged; its sequence number, or why it does
-    /// not fit.
+    /// Keeps a copy of a data frame's payload (not the encoded frame: the sender writes the
+    /// type byte itself) until acknowledged; its sequence number, or why it does not fit.
     ///
-    /// A small payload (under 1 KiB) is copied into a block of the buffer's own (128 bytes to
-    /// 4 KiB as the buffer fills: one allocation for many frames, let go whenever the buffer
-    /// empties); a larger one is kept
-    /// as it is. Keeping a small frame itself would keep alive whatever it shares memory with
-    /// (the connection's read buffer, which then has to allocate anew: an allocation and a
-    /// free per frame).
-    pub fn push(&mut self, payload: Bytes) -> Result<u64, ReplayFull> {
+    /// It is always a copy, so what the buffer counts is what it holds (a `Bytes` kept as it
+    /// is would keep alive all the memory it shares: a connection's read buffer, a game's
+    /// large `Vec`). A small payload (under 512 bytes) is copied into a block of the
+    /// buffer's own (128 bytes to 1 KiB as the buffer fills: one allocation for many frames,
+    /// let go whenever the buffer empties), a larger one into an allocation of its own.
+    pub fn keep(&mut self, payload: &[u8]) -> Result<u64, ReplayFull> {
         let (frames, bytes) = (self.frames.len() + 1, self.bytes + 1 + payload.len());
         if frames > self.max_frames || bytes > self.max_bytes {
             return Err(ReplayFull {
@@ -435,10 +437,10 @@ impl Replay {
                 let size = (2 * bytes).clamp(MIN_BLOCK, MAX_BLOCK).max(payload.len());
                 self.block = BytesMut::with_capacity(size);
             }
-            self.block.extend_from_slice(&payload);
+            self.block.extend_from_slice(payload);
             self.block.split().freeze()
         } else {
-            payload
+            Bytes::copy_from_slice(payload)
         };
         self.frames.push_back(kept);
         self.sent += 1;
@@ -464,9 +466,10 @@ impl Replay {
         if self.frames.is_empty() {
             // Nothing refers to the block any more: let it go (an idle session holds none).
             self.block = BytesMut::new();
-            if self.frames.capacity() > 1024 {
-                // Let a burst's allocation go (not a small one: that would be freed and grown
-                // again between every two acknowledgements).
+            if self.frames.capacity() > 64 {
+                // Let a burst's allocation go (not the usual one, a little over
+                // `ACK_EVERY` frames: that would be freed and grown again between every two
+                // acknowledgements).
                 self.frames.shrink_to(16);
             }
         }
@@ -622,7 +625,7 @@ mod tests {
         let mut r = Replay::new(4, 100);
         let p = |b: &[u8]| Bytes::copy_from_slice(b);
         for i in 1..=3u8 {
-            assert_eq!(r.push(p(&[i])).unwrap(), u64::from(i));
+            assert_eq!(r.keep(&p(&[i])).unwrap(), u64::from(i));
         }
         r.ack(1).unwrap();
         assert_eq!(r.len(), 2);
@@ -635,17 +638,17 @@ mod tests {
         // Frame 2 is gone: a side claiming it never got it cannot be served.
         assert!(r.after(1).is_err());
         assert!(r.ack(4).is_err());
-        r.push(p(&[4])).unwrap();
-        r.push(p(&[5])).unwrap();
-        r.push(p(&[6])).unwrap();
-        let full = r.push(p(&[7])).unwrap_err();
+        r.keep(&p(&[4])).unwrap();
+        r.keep(&p(&[5])).unwrap();
+        r.keep(&p(&[6])).unwrap();
+        let full = r.keep(&p(&[7])).unwrap_err();
         assert_eq!((full.frames, full.max_frames), (5, 4));
         // Counted as encoded: a byte more each.
         let mut small = Replay::new(100, 6);
-        small.push(p(b"abc")).unwrap();
+        small.keep(&p(b"abc")).unwrap();
         assert_eq!(small.bytes(), 4);
-        assert!(small.push(p(b"d")).is_ok());
-        assert!(small.push(p(b"")).is_err());
+        assert!(small.keep(&p(b"d")).is_ok());
+        assert!(small.keep(&p(b"")).is_err());
     }
 
     #[test]

@@ -69,6 +69,8 @@ pub struct Frames {
 impl Frames {
     /// Frames over `stream`; frames longer than `max_frame` bytes are errors both ways.
     pub fn new(stream: Stream, max_frame: usize) -> Self {
+        // A length is a u32 on the wire.
+        let max_frame = max_frame.min(u32::MAX as usize);
         let (peer, meta) = (stream.peer(), stream.metadata().clone());
         let codec = LengthDelimitedCodec::builder()
             .length_field_type::<u32>()
