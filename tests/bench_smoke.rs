@@ -1,15 +1,25 @@
-//! Smoke test of the mesh benchmark: runs every mode for a fraction of a second in two
-//! processes and fails if a mode fails or measures nothing. When re-executed by the
-//! benchmark as its peer (first argument `peer`), it serves as the peer instead.
+//! Smoke test of the mesh and scale benchmarks: runs every mode for a fraction of a second
+//! in their processes and fails if a mode fails or measures nothing. When re-executed by a
+//! benchmark as one of its processes (first argument `peer`, `host` or `hub`), it plays that
+//! part instead.
 
 #[path = "../benches/mesh.rs"]
 mod mesh;
+#[path = "../benches/scale.rs"]
+mod scale;
 
 fn main() {
     let mut args: Vec<String> = std::env::args().collect();
     if args.get(1).is_some_and(|a| a == "peer") {
         if let Err(e) = mesh::entry(args) {
             eprintln!("bench smoke peer: {e}");
+            std::process::exit(2);
+        }
+        return;
+    }
+    if args.get(1).is_some_and(|a| a == "host" || a == "hub") {
+        if let Err(e) = scale::entry(args) {
+            eprintln!("bench smoke scale process: {e}");
             std::process::exit(2);
         }
         return;
@@ -63,6 +73,22 @@ fn main() {
                 failed += 1;
                 eprintln!("bench smoke: {mode} over TLS failed: {other:?}");
             }
+        }
+    }
+    // The scale benchmark, at two small sizes.
+    let args = ["smoke", "--smoke"].map(String::from);
+    match scale::entry(args.to_vec()) {
+        Ok(rows)
+            if rows.len() == 2
+                && rows
+                    .iter()
+                    .all(|r| r.link_ms > 0.0 && r.calls_per_sec > 0.0 && r.p50_us > 0.0) =>
+        {
+            passed += 1
+        }
+        other => {
+            failed += 1;
+            eprintln!("bench smoke: scale links failed or measured nothing: {other:?}");
         }
     }
     println!("bench smoke: took {:.1} s", started.elapsed().as_secs_f64());
