@@ -12,6 +12,12 @@
 //!   frame sent meanwhile comes back, which needs the resume and the replay) for `--clients`
 //!   sessions at once, p50/p99; and the game server's resident memory per session, attached
 //!   and detached, for 1,000 sessions (`--smoke`: 50).
+//! - `gateway-relay`: the gateway against a raw baseline in the same run. For TCP and
+//!   WebSocket, 1, 100 and 1,000 clients (`--smoke`: 1 and 10) echo 64-byte frames (plain
+//!   clients) through the gateway to the game server, and in turn through a plain tokio TCP
+//!   relay (`copy_bidirectional`, a process of its own) to a plain echo server (a process of
+//!   its own: bytes back on TCP, messages back on WebSocket); the ratio is gateway ÷ relay
+//!   (median of `--rounds`).
 //! - `gateway-idle`: 10,000 TCP clients that each send one frame, read its echo and then stay
 //!   quiet; the gateway's (and the game server's) resident memory before and after, per
 //!   client.
@@ -39,7 +45,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const SECRET: &str = "clustergo-gateway-bench";
 /// Every mode, in run order.
-pub(crate) const MODES: [&str; 3] = ["gateway-echo", "gateway-session", "gateway-idle"];
+pub(crate) const MODES: [&str; 4] = [
+    "gateway-echo",
+    "gateway-session",
+    "gateway-idle",
+    "gateway-relay",
+];
 
 #[derive(Debug, Clone)]
 pub(crate) struct Opts {
@@ -91,6 +102,8 @@ pub(crate) struct Report {
     pub(crate) rows: Vec<Row>,
     pub(crate) idle: Option<Idle>,
     pub(crate) sessions: Option<Sessions>,
+    /// `gateway-relay`: (through the gateway, through the raw relay, median ratio).
+    pub(crate) relay: Vec<(Row, Row, f64)>,
 }
 
 fn parse(args: &[String]) -> Result<Opts, String> {
@@ -150,6 +163,27 @@ fn parse(args: &[String]) -> Result<Opts, String> {
 
 /// Runs the benchmark (or, as `game-server <members> <addr>`, the game server).
 pub(crate) fn entry(args: Vec<String>) -> Result<Report, String> {
+    if args
+        .get(1)
+        .is_some_and(|a| a == "raw-echo" || a == "raw-relay")
+    {
+        let role = args[1].clone();
+        let arg = args.get(2).cloned().unwrap_or_default();
+        let rt = if role == "raw-relay" {
+            // As the gateway's: a worker per core.
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+        } else {
+            // As the game server's.
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+        }
+        .map_err(|e| e.to_string())?;
+        rt.block_on(raw_role(&role, &arg))?;
+        return Ok(Report::default());
+    }
     if args.get(1).is_some_and(|a| a == "game-server") {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -196,6 +230,132 @@ fn median_row(mut rows: Vec<Row>) -> Row {
     rows.sort_by(|a, b| a.per_sec.total_cmp(&b.per_sec));
     let mid = rows.len() / 2;
     rows.swap_remove(mid)
+}
+
+/// A raw baseline process: `raw-echo tcp|ws` (an echo server) or `raw-relay <host:port>` (a
+/// relay to it). Prints `READY <port>`; ends when its stdin closes.
+async fn raw_role(role: &str, arg: &str) -> Result<(), String> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| e.to_string())?;
+    println!(
+        "READY {}",
+        listener.local_addr().map_err(|e| e.to_string())?.port()
+    );
+    let (role, arg) = (role.to_owned(), arg.to_owned());
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let _ = s.set_nodelay(true);
+            let arg = arg.clone();
+            match role.as_str() {
+                "raw-relay" => tokio::spawn(async move {
+                    let Ok(mut up) = tokio::net::TcpStream::connect(&arg).await else {
+                        return;
+                    };
+                    let _ = up.set_nodelay(true);
+                    let mut s = s;
+                    let _ = tokio::io::copy_bidirectional(&mut s, &mut up).await;
+                }),
+                _ if arg == "ws" => tokio::spawn(async move {
+                    use futures_util::{SinkExt, StreamExt};
+                    let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else {
+                        return;
+                    };
+                    while let Some(Ok(m)) = ws.next().await {
+                        if m.is_binary() && ws.send(m).await.is_err() {
+                            return;
+                        }
+                    }
+                }),
+                _ => tokio::spawn(async move {
+                    let (mut r, mut w) = s.into_split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                }),
+            };
+        }
+    });
+    let mut stdin = tokio::io::stdin();
+    let mut sink = [0u8; 64];
+    while matches!(stdin.read(&mut sink).await, Ok(n) if n > 0) {}
+    Ok(())
+}
+
+/// Starts a raw baseline process; its port.
+fn raw_process(args: &[&str]) -> Result<(Proc, u16), String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut child = Command::new(exe)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("starting {args:?}: {e}"))?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().ok_or("no stdout")?)
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    let port = line
+        .strip_prefix("READY ")
+        .and_then(|p| p.trim().parse().ok())
+        .ok_or_else(|| format!("{args:?}: {line:?}"))?;
+    Ok((Proc(child), port))
+}
+
+/// `gateway-relay`: the gateway against the raw relay, per transport and client count.
+async fn relay(setup: &Setup, opts: &Opts) -> Result<Vec<(Row, Row, f64)>, String> {
+    let counts: &[usize] = if opts.clients < 100 {
+        &[1, 10]
+    } else {
+        &[1, 100, 1000]
+    };
+    println!(
+        "{:<22} | {:>12} | {:>9} | {:>9} | {:>10} | {:>7}",
+        "gateway-relay", "frames/s", "p50 µs", "p99 µs", "round trips", "÷ relay"
+    );
+    println!("{}", "-".repeat(85));
+    let mut out = Vec::new();
+    for (name, gw_url, kind, path) in [
+        ("tcp", &setup.tcp, "tcp", ""),
+        ("ws", &setup.ws, "ws", "/ws"),
+    ] {
+        let (_echo, echo_port) = raw_process(&["raw-echo", kind])?;
+        let upstream = format!("127.0.0.1:{echo_port}");
+        let (_relay, relay_port) = raw_process(&["raw-relay", &upstream])?;
+        let relay_url = format!("{kind}://127.0.0.1:{relay_port}{path}");
+        for &n in counts {
+            let (mut gws, mut raws, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..opts.rounds {
+                let gw = echo(&format!("{name}-c{n}"), gw_url, n, opts.measure, false).await?;
+                let raw = echo(
+                    &format!("{name}-c{n}-relay"),
+                    &relay_url,
+                    n,
+                    opts.measure,
+                    false,
+                )
+                .await?;
+                ratios.push(gw.per_sec / raw.per_sec);
+                gws.push(gw);
+                raws.push(raw);
+            }
+            let (gw, raw) = (median_row(gws), median_row(raws));
+            ratios.sort_by(f64::total_cmp);
+            let ratio = ratios[ratios.len() / 2];
+            for (row, r) in [(&gw, Some(ratio)), (&raw, None)] {
+                println!(
+                    "{:<22} | {:>12.0} | {:>9.1} | {:>9.1} | {:>10} | {:>7}",
+                    row.name,
+                    row.per_sec,
+                    row.p50_us,
+                    row.p99_us,
+                    row.frames,
+                    r.map(|r| format!("{r:.2}")).unwrap_or_default()
+                );
+            }
+            out.push((gw, raw, ratio));
+        }
+    }
+    Ok(out)
 }
 
 /// A child killed (by its handle) when dropped.
@@ -402,6 +562,9 @@ async fn run(opts: Opts) -> Result<Report, String> {
             s.sessions
         );
         report.sessions = Some(s);
+    }
+    if wants("gateway-relay") {
+        report.relay = relay(&setup, &opts).await?;
     }
     if wants("gateway-idle") {
         let idle = idle(&setup, opts.idle).await?;

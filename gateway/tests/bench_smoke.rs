@@ -8,7 +8,10 @@ mod bench;
 
 fn main() {
     let mut args: Vec<String> = std::env::args().collect();
-    if args.get(1).is_some_and(|a| a == "game-server") {
+    if args
+        .get(1)
+        .is_some_and(|a| a == "game-server" || a == "raw-echo" || a == "raw-relay")
+    {
         if let Err(e) = bench::entry(args) {
             eprintln!("bench smoke game server: {e}");
             std::process::exit(2);
@@ -42,6 +45,16 @@ fn main() {
             failed = true;
         }
     }
+    // Through the gateway and through the raw relay: TCP and WebSocket, 1 and 10 clients.
+    if report.relay.len() != 4
+        || report
+            .relay
+            .iter()
+            .any(|(gw, raw, ratio)| gw.frames == 0 || raw.frames == 0 || *ratio <= 0.0)
+    {
+        eprintln!("bench smoke: relay runs: {:?}", report.relay);
+        failed = true;
+    }
     match &report.idle {
         Some(idle) if idle.clients == 200 => {}
         other => {
@@ -53,7 +66,8 @@ fn main() {
         std::process::exit(1);
     }
     println!(
-        "bench smoke: {} echo runs, the session run and the idle run passed",
-        report.rows.len()
+        "bench smoke: {} echo runs, {} relay runs, the session run and the idle run passed",
+        report.rows.len(),
+        report.relay.len()
     );
 }
