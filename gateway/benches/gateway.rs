@@ -18,13 +18,16 @@
 //!   relay (`copy_bidirectional`, a process of its own) to a plain echo server (a process of
 //!   its own: bytes back on TCP, messages back on WebSocket); the ratio is gateway ÷ relay
 //!   (median of `--rounds`).
-//! - `gateway-idle`: 10,000 TCP clients that each send one frame, read its echo and then stay
-//!   quiet; the gateway's (and the game server's) resident memory before and after, per
-//!   client.
+//! - `gateway-idle`: 1,000, 10,000 and 50,000 TCP clients (`--idle`), each on a gateway and
+//!   game server of its own, that each send one frame, read its echo and then stay quiet; the
+//!   gateway's (and the game server's) resident memory before and after, per client. The
+//!   clients connect from several loopback addresses (one has about 28,000 ephemeral ports
+//!   toward one listener); the open-file limit is raised to 200,000 where allowed (as root),
+//!   else to the hard limit.
 //!
 //! Flags: `--mode <name>` (one mode), `--secs <f64>` (measured seconds per run, default 3),
-//! `--clients <n>` (the larger echo run, default 100), `--idle <n>` (idle clients, default
-//! 10,000), `--only <prefix>` (only the `gateway-echo` rows whose names start with it, e.g.
+//! `--clients <n>` (the larger echo run, default 100), `--idle <n,...>` (idle client counts, default
+//! 1,000,10,000,50,000), `--only <prefix>` (only the `gateway-echo` rows whose names start with it, e.g.
 //! `tcp-c100-session`, to profile one), `--rounds <n>` (each `gateway-echo` pair measured `n`
 //! times, plain and session in turn; the rows are the medians and the ratio is the median of
 //! the rounds' ratios: steadier on a noisy machine), `--smoke` (0.2 s runs, 200 idle clients). Unknown arguments (cargo's `--bench`)
@@ -57,7 +60,9 @@ pub(crate) struct Opts {
     mode: Option<String>,
     measure: Duration,
     clients: usize,
-    idle: usize,
+    idle: Vec<usize>,
+    /// This process's open-file limit (see `raise_open_files`).
+    open_files: u64,
     /// Only the `gateway-echo` rows whose names start with this (for profiling one row).
     only: Option<String>,
     /// Plain and session runs of each `gateway-echo` pair, in turn.
@@ -100,7 +105,7 @@ pub(crate) struct Sessions {
 #[derive(Debug, Default)]
 pub(crate) struct Report {
     pub(crate) rows: Vec<Row>,
-    pub(crate) idle: Option<Idle>,
+    pub(crate) idle: Vec<Idle>,
     pub(crate) sessions: Option<Sessions>,
     /// `gateway-relay`: (through the gateway, through the raw relay, median ratio).
     pub(crate) relay: Vec<(Row, Row, f64)>,
@@ -111,7 +116,8 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         mode: None,
         measure: Duration::from_secs(3),
         clients: 100,
-        idle: 10_000,
+        idle: vec![1_000, 10_000, 50_000],
+        open_files: 0,
         only: None,
         rounds: 1,
     };
@@ -140,8 +146,9 @@ fn parse(args: &[String]) -> Result<Opts, String> {
             }
             "--idle" => {
                 o.idle = value("--idle")?
-                    .parse()
-                    .map_err(|e| format!("--idle: {e}"))?
+                    .split(',')
+                    .map(|k| k.trim().parse().map_err(|e| format!("--idle: {e}")))
+                    .collect::<Result<_, _>>()?
             }
             "--only" => o.only = Some(value("--only")?),
             "--rounds" => {
@@ -152,7 +159,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
             }
             "--smoke" => {
                 o.measure = Duration::from_millis(200);
-                o.idle = 200;
+                o.idle = vec![200];
                 o.clients = 10;
             }
             _ => {}
@@ -192,7 +199,12 @@ pub(crate) fn entry(args: Vec<String>) -> Result<Report, String> {
         rt.block_on(game_server(&args[2], &args[3]))?;
         return Ok(Report::default());
     }
-    let opts = parse(&args)?;
+    let mut opts = parse(&args)?;
+    opts.open_files = raise_open_files();
+    println!(
+        "open-file limit: {} (this process and the gateway, game server and relays it starts)",
+        opts.open_files
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -206,7 +218,7 @@ async fn game_server(members: &str, addr: &str) -> Result<(), String> {
     let me: LogicAddr = addr.parse().map_err(|e| format!("{e}"))?;
     let node = Node::builder(me)
         .discovery(FileDiscovery::open(members).map_err(|e| e.to_string())?)
-        .config(NodeConfig::default().secret(SECRET).max_streams(50_000))
+        .config(NodeConfig::default().secret(SECRET).max_streams(60_000))
         .on_session(SessionConfig::default(), |mut session| async move {
             while let Ok(Some(f)) = session.recv().await {
                 if session.send(f).await.is_err() {
@@ -442,7 +454,7 @@ fn setup() -> Result<Setup, String> {
             "addr = \"1.100.1\"\nbackend_type = 1\nmembers_file = \"{}\"\n\
              [tcp]\nlisten = \"127.0.0.1:0\"\n[websocket]\nlisten = \"127.0.0.1:0\"\npath = \"/ws\"\n\
              [kcp]\nlisten = \"127.0.0.1:0\"\n\
-             [limits]\nmax_clients = 50000\nmax_handshakes_per_source = 1000000\nmax_clients_per_source = 1000000\nframes_per_sec = 1000000\nbytes_per_sec = 1073741824\n\
+             [limits]\nmax_clients = 60000\nmax_handshakes_per_source = 1000000\nmax_clients_per_source = 1000000\nframes_per_sec = 1000000\nbytes_per_sec = 1073741824\n\
              idle_timeout_ms = 600000\nhandshake_timeout_ms = 60000\n",
             members.display()
         ),
@@ -478,17 +490,32 @@ fn setup() -> Result<Setup, String> {
     })
 }
 
-async fn run(opts: Opts) -> Result<Report, String> {
+/// Raises the open-file limit (inherited by the processes this one starts): to 200,000 where
+/// allowed (root may raise the hard limit too), else to the hard limit. The limit now.
+fn raise_open_files() -> u64 {
+    const WANT: u64 = 200_000;
+    if rlimit::setrlimit(rlimit::Resource::NOFILE, WANT, WANT).is_ok() {
+        return WANT;
+    }
+    rlimit::increase_nofile_limit(WANT).unwrap_or(0)
+}
+
+/// A gateway and a game server, once a frame goes through (the gateway reads its members
+/// file at start).
+async fn ready_setup() -> Result<Setup, String> {
     let setup = setup()?;
-    // The gateway reads its members file at start; wait until a frame goes through.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         match probe(&setup.tcp).await {
-            Ok(()) => break,
+            Ok(()) => return Ok(setup),
             Err(e) if Instant::now() > deadline => return Err(format!("gateway not ready: {e}")),
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
+}
+
+async fn run(opts: Opts) -> Result<Report, String> {
+    let setup = ready_setup().await?;
     let mut report = Report::default();
     let wants = |m: &str| opts.mode.as_deref().is_none_or(|x| x == m);
     if wants("gateway-echo") {
@@ -549,7 +576,11 @@ async fn run(opts: Opts) -> Result<Report, String> {
     }
     if wants("gateway-session") {
         // 1,000 sessions for the memory figures (50 in a smoke run).
-        let m = if opts.idle < 1000 { 50 } else { 1000 };
+        let m = if opts.idle.iter().all(|k| *k < 1000) {
+            50
+        } else {
+            1000
+        };
         let s = sessions(&setup, &setup.tcp, opts.clients, m).await?;
         println!(
             "gateway-session: {} sessions resumed at once over TCP: drop to first replayed frame p50 {:.1} ms, p99 {:.1} ms; \
@@ -566,8 +597,23 @@ async fn run(opts: Opts) -> Result<Report, String> {
     if wants("gateway-relay") {
         report.relay = relay(&setup, &opts).await?;
     }
-    if wants("gateway-idle") {
-        let idle = idle(&setup, opts.idle).await?;
+    // Each count on a gateway and game server of its own: memory freed by one run would
+    // otherwise be reused by the next and hide its cost.
+    drop(setup);
+    for &asked in &opts.idle {
+        if !wants("gateway-idle") {
+            break;
+        }
+        // A client is a socket here and one in the gateway, besides what each process holds.
+        let limit = opts.open_files;
+        let k = asked.min((limit as usize).saturating_sub(1_000));
+        if k < asked {
+            println!(
+                "gateway-idle: {asked} clients need more open files than this machine's limit of {limit} per process allows; measuring {k}"
+            );
+        }
+        let setup = ready_setup().await?;
+        let idle = idle(&setup, k).await?;
         println!(
             "gateway-idle: {} idle TCP clients: gateway {:.0} bytes/client ({:.1} KiB), game server {:.0} bytes/client; \
              gateway after one 60 KB echo each: {:.0} bytes/client, after a second: {:.0}",
@@ -578,7 +624,7 @@ async fn run(opts: Opts) -> Result<Report, String> {
             idle.gateway_after_large,
             idle.gateway_after_large2
         );
-        report.idle = Some(idle);
+        report.idle.push(idle);
     }
     Ok(report)
 }
@@ -787,8 +833,19 @@ async fn idle(setup: &Setup, n: usize) -> Result<Idle, String> {
         let mut batch = tokio::task::JoinSet::new();
         for _ in (chunk * 500)..((chunk + 1) * 500).min(n) {
             let (addr, frame) = (addr.clone(), frame.clone());
+            // Past 20,000 clients, from other loopback addresses: one address has about 28,000
+            // ephemeral ports toward one listener.
+            let extra = socks.len() / 20_000;
             batch.spawn(async move {
-                let mut s = tokio::net::TcpStream::connect(&addr)
+                let to: std::net::SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+                let sock = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
+                if extra > 0 {
+                    let from = std::net::Ipv4Addr::new(127, 0, 0, 1 + extra as u8);
+                    sock.bind((from, 0).into())
+                        .map_err(|e| format!("bind {from}: {e}"))?;
+                }
+                let mut s = sock
+                    .connect(to)
                     .await
                     .map_err(|e| format!("connect: {e}"))?;
                 s.write_all(&frame).await.map_err(|e| e.to_string())?;

@@ -55,8 +55,8 @@ fn main() {
         eprintln!("bench smoke: relay runs: {:?}", report.relay);
         failed = true;
     }
-    match &report.idle {
-        Some(idle) if idle.clients == 200 => {}
+    match report.idle.as_slice() {
+        [idle] if idle.clients == 200 => {}
         other => {
             eprintln!("bench smoke: idle run: {other:?}");
             failed = true;
