@@ -36,6 +36,9 @@ use std::time::{Duration, Instant};
 
 use clustergo::{Bytes, HandlerError, LogicAddr, Member, MemoryDiscovery, Node, NodeConfig};
 
+#[path = "scale/plot.rs"]
+pub(crate) mod plot;
+
 const SECRET: &[u8] = b"clustergo-scale-bench";
 /// Every mode, in run order.
 pub(crate) const MODES: [&str; 1] = ["links"];
@@ -704,15 +707,81 @@ fn links(opts: &Opts) -> Result<Vec<LinksRow>, String> {
         rows.push(r);
     }
     // A smoke run's figures do not replace a real run's.
-    write_csv(
-        &rows,
-        if opts.smoke {
-            "links-smoke.csv"
-        } else {
-            "links.csv"
-        },
-    )?;
+    let prefix = if opts.smoke { "links-smoke" } else { "links" };
+    write_csv(&rows, &format!("{prefix}.csv"))?;
+    draw_links(&rows, prefix)?;
     Ok(rows)
+}
+
+/// The curves of `links`, as PNG files beside the CSV: cost per unit against N, N on a
+/// logarithmic scale (a flat curve is a cost that grows linearly; a rising one grows faster).
+fn draw_links(rows: &[LinksRow], prefix: &str) -> Result<(), String> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/scale");
+    let n = |r: &LinksRow| r.peers as f64;
+    let series = |name: &'static str, f: &dyn Fn(&LinksRow) -> f64| plot::Series {
+        name,
+        points: rows.iter().map(|r| (n(r), f(r))).collect(),
+    };
+    let charts: [(&str, plot::Chart<'_>, Vec<plot::Series<'_>>); 4] = [
+        (
+            "memory",
+            plot::Chart {
+                title: "Resident memory per idle link",
+                x_label: "links (peers of the hub)",
+                y_label: "KB per link",
+                log_x: true,
+            },
+            vec![
+                series("hub side", &|r| r.hub_bytes_per_link / 1e3),
+                series("peer side", &|r| r.peer_bytes_per_link / 1e3),
+            ],
+        ),
+        (
+            "link-time",
+            plot::Chart {
+                title: "Time to link, per link",
+                x_label: "links",
+                y_label: "ms per link",
+                log_x: true,
+            },
+            vec![series("hub", &|r| r.link_ms / n(r))],
+        ),
+        (
+            "idle-cpu",
+            plot::Chart {
+                title: "CPU at idle, per link (hub) and per node (hosts)",
+                x_label: "links",
+                y_label: "us of CPU per second",
+                log_x: true,
+            },
+            vec![
+                series("hub, per link", &|r| r.hub_idle_cpu_ms_per_s * 1e3 / n(r)),
+                series("hosts, per node", &|r| {
+                    r.hosts_idle_cpu_ms_per_s * 1e3 / n(r)
+                }),
+            ],
+        ),
+        (
+            "calls",
+            plot::Chart {
+                title: "rpc-c128 spread over all links",
+                x_label: "links",
+                y_label: "thousand calls per second",
+                log_x: true,
+            },
+            vec![
+                series("clustergo", &|r| r.calls_per_sec / 1e3),
+                series("raw TCP", &|r| r.raw_calls_per_sec / 1e3),
+            ],
+        ),
+    ];
+    for (name, chart, series) in charts {
+        let path = dir.join(format!("{prefix}-{name}.png"));
+        plot::draw(&path, &chart, &series)
+            .map_err(|e| format!("writing {}: {e}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
 }
 
 fn write_csv(rows: &[LinksRow], name: &str) -> Result<(), String> {

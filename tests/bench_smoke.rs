@@ -91,6 +91,21 @@ fn main() {
             eprintln!("bench smoke: scale links failed or measured nothing: {other:?}");
         }
     }
+    // Its curves: PNG files, checksums right.
+    let pngs = ["memory", "link-time", "idle-cpu", "calls"].map(|c| {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(format!("target/scale/links-smoke-{c}.png"))
+    });
+    let drawn = pngs.iter().all(|p| {
+        std::fs::read(p).is_ok_and(|b| b.starts_with(b"\x89PNG\r\n\x1a\n") && b.len() > 1000)
+    });
+    match scale::plot::self_check() {
+        Ok(()) if drawn => passed += 1,
+        other => {
+            failed += 1;
+            eprintln!("bench smoke: scale curves: {other:?}, drawn: {drawn}");
+        }
+    }
     println!("bench smoke: took {:.1} s", started.elapsed().as_secs_f64());
     println!("bench smoke: {passed} passed, {failed} failed");
     if failed > 0 {
