@@ -527,7 +527,9 @@ pub(crate) struct Sessions {
     config: SessionConfig,
     key: TokenKey,
     me: LogicAddr,
-    table: Mutex<FastMap<[u8; 16], mpsc::Sender<Attach>>>,
+    /// Reattachments go to a session boxed: a channel allocates its first slots at once, and
+    /// an unboxed `Attach` (a whole `Frames`) made that 7 KB per session.
+    table: Mutex<FastMap<[u8; 16], mpsc::Sender<Box<Attach>>>>,
     /// Sessions of version 1 clients (not in the table: they cannot be resumed).
     plain: std::sync::atomic::AtomicUsize,
     /// Bytes all replay buffers hold (see [`SessionConfig::max_replay_total`]).
@@ -787,7 +789,7 @@ impl Sessions {
             generation: token.generation,
         };
         let sent = match attach_tx {
-            Some(tx) => tx.send(attach).await.map_err(|e| e.0.frames),
+            Some(tx) => tx.send(Box::new(attach)).await.map_err(|e| e.0.frames),
             None => Err(attach.frames),
         };
         if let Err(frames) = sent {
@@ -981,7 +983,7 @@ impl Pump {
         mut self,
         first: Frames,
         mut out: mpsc::Receiver<Out>,
-        mut attach: mpsc::Receiver<Attach>,
+        mut attach: mpsc::Receiver<Box<Attach>>,
         inbox: mpsc::Sender<Inbound>,
     ) {
         // Frames for the game; dropped when the session ends.
