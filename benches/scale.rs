@@ -342,43 +342,21 @@ async fn hub(peers: usize, measure: Duration, idle: Duration) -> Result<(), Stri
     if step() != "RPC" {
         return Err("hub: expected RPC".into());
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut callers = Vec::new();
-    for c in 0..CALLERS {
-        let (node, targets, stop) = (node.clone(), targets.clone(), stop.clone());
-        callers.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            let mut i = c;
-            while !stop.load(Ordering::Relaxed) {
+    let (calls, elapsed, p50, p99) = {
+        let (node, targets) = (node.clone(), targets.clone());
+        spread(measure, move |i| {
+            let (node, targets) = (node.clone(), targets.clone());
+            async move {
                 let to = targets[i % targets.len()];
-                i += CALLERS;
-                let t = Instant::now();
                 node.call(to, "echo", Bytes::from_static(&[0x5a; 64]))
                     .await
-                    .map_err(|e| format!("calling {to}: {e}"))?;
-                lat.push(t.elapsed().as_nanos() as u64);
+                    .map(drop)
+                    .map_err(|e| format!("calling {to}: {e}"))
             }
-            Ok::<_, String>(lat)
-        }));
-    }
-    let started = Instant::now();
-    tokio::time::sleep(measure).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut lat = Vec::new();
-    for c in callers {
-        lat.extend(c.await.map_err(|e| e.to_string())??);
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    lat.sort_unstable();
-    let pick = |q: f64| lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1)));
-    let us = |v: Option<&u64>| v.map_or(0.0, |n| *n as f64 / 1e3);
-    println!(
-        "CALLED {} {:.3} {:.1} {:.1}",
-        lat.len(),
-        elapsed,
-        us(pick(0.5)),
-        us(pick(0.99))
-    );
+        })
+        .await?
+    };
+    println!("CALLED {calls} {elapsed:.3} {p50:.1} {p99:.1}");
 
     // The raw baseline: the same callers over plain TCP, one connection per peer (to the
     // raw echo server of the process that hosts it).
@@ -455,19 +433,32 @@ async fn raw_spread(ports: &[u16], measure: Duration) -> Result<(usize, f64, f64
         conns.push(RawConn::open(*p).await?);
     }
     let conns = Arc::new(conns);
+    spread(measure, move |i| {
+        let conns = conns.clone();
+        async move { conns[i % conns.len()].call().await }
+    })
+    .await
+}
+
+/// [`CALLERS`] callers for `measure`, caller `c` making its `k`-th call as `call(c + k ×
+/// CALLERS)` (so together they go round the peers): (calls, seconds, p50 µs, p99 µs).
+async fn spread<F, Fut>(measure: Duration, call: F) -> Result<(usize, f64, f64, f64), String>
+where
+    F: Fn(usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), String>> + Send,
+{
     let stop = Arc::new(AtomicBool::new(false));
     let mut callers = Vec::new();
     for c in 0..CALLERS {
-        let (conns, stop) = (conns.clone(), stop.clone());
+        let (call, stop) = (call.clone(), stop.clone());
         callers.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let mut i = c;
             while !stop.load(Ordering::Relaxed) {
-                let conn = &conns[i % conns.len()];
-                i += CALLERS;
                 let t = Instant::now();
-                conn.call().await?;
+                call(i).await?;
                 lat.push(t.elapsed().as_nanos() as u64);
+                i += CALLERS;
             }
             Ok::<_, String>(lat)
         }));

@@ -314,7 +314,8 @@ async fn shutdown_ends_sessions_and_waits_for_their_handlers() {
                             Err(e) => break e,
                         }
                     };
-                    // Some work after the end, then the save.
+                    // Work that takes a while after the end (what is under test: the shutdown
+                    // waits for it), then the save.
                     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
                     let Some(node) = node.get() else { return };
                     let saved = node

@@ -292,8 +292,8 @@ async fn raw_role(role: &str, arg: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Starts a raw baseline process; its port.
-fn raw_process(args: &[&str]) -> Result<(Proc, u16), String> {
+/// This binary again, in one of its parts (`args`), and the first line it printed.
+fn spawn_self(args: &[&str]) -> Result<(Proc, String), String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut child = Command::new(exe)
         .args(args)
@@ -302,15 +302,24 @@ fn raw_process(args: &[&str]) -> Result<(Proc, u16), String> {
         .stderr(Stdio::inherit())
         .spawn()
         .map_err(|e| format!("starting {args:?}: {e}"))?;
+    let out = child.stdout.take();
+    // Killed when dropped, also if its first line cannot be read.
+    let child = Proc(child);
     let mut line = String::new();
-    BufReader::new(child.stdout.take().ok_or("no stdout")?)
+    BufReader::new(out.ok_or("no stdout")?)
         .read_line(&mut line)
         .map_err(|e| e.to_string())?;
+    Ok((child, line))
+}
+
+/// Starts a raw baseline process; its port.
+fn raw_process(args: &[&str]) -> Result<(Proc, u16), String> {
+    let (child, line) = spawn_self(args)?;
     let port = line
         .strip_prefix("READY ")
         .and_then(|p| p.trim().parse().ok())
         .ok_or_else(|| format!("{args:?}: {line:?}"))?;
-    Ok((Proc(child), port))
+    Ok((child, port))
 }
 
 /// `gateway-relay`: the gateway against the raw relay, per transport and client count.
@@ -429,24 +438,11 @@ fn setup() -> Result<Setup, String> {
         ),
     )
     .map_err(|e| e.to_string())?;
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let mut server = Command::new(exe)
-        .arg("game-server")
-        .arg(&members)
-        .arg("1.1.1")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(|e| format!("starting the game server: {e}"))?;
-    let mut line = String::new();
-    BufReader::new(server.stdout.take().ok_or("no stdout")?)
-        .read_line(&mut line)
-        .map_err(|e| e.to_string())?;
+    let members_arg = members.display().to_string();
+    let (server, line) = spawn_self(&["game-server", &members_arg, "1.1.1"])?;
     if !line.starts_with("READY") {
         return Err(format!("game server: {line:?}"));
     }
-    let server = Proc(server);
     let config = dir.0.join("gateway.toml");
     std::fs::write(
         &config,

@@ -286,16 +286,7 @@ async fn reconnecting_from_the_same_udp_port_always_gets_a_new_session() {
 /// a frame and its close is answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_third_party_c_kcp_client_connects() {
-    let deps = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/pydeps");
-    let probe = std::process::Command::new("python3")
-        .args(["-c", "import kcp"])
-        .env("PYTHONPATH", &deps)
-        .status();
-    assert!(
-        probe.is_ok_and(|s| s.success()),
-        "PyPI kcp is not installed in {}: run the README's test command, which installs it",
-        deps.display()
-    );
+    let deps = bed::pydeps_with_kcp();
     let bed = bed(&["1.1.1"], TEST_LIMITS).await;
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/c_kcp_client.py");
     let out = within(

@@ -439,16 +439,7 @@ async fn a_game_server_shutting_down_tells_its_session_clients() {
 /// again what the server did not get, and gets every echo once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_python_session_client_resumes_across_gateways_and_transports() {
-    let deps = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/pydeps");
-    let probe = std::process::Command::new("python3")
-        .args(["-c", "import kcp"])
-        .env("PYTHONPATH", &deps)
-        .status();
-    assert!(
-        probe.is_ok_and(|s| s.success()),
-        "PyPI kcp is not installed in {}: run the README's test command, which installs it",
-        deps.display()
-    );
+    let deps = pydeps_with_kcp();
     let (_etcd, _server, g1, g2) = two_gateways().await;
     let script =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py_session_client.py");

@@ -349,3 +349,19 @@ pub async fn bed_with(servers: &[&str], extra: &str, tcp_extra: &str, ws_extra: 
         gateway,
     }
 }
+
+/// Where the README's test command installs the PyPI packages the tests use; fails, saying
+/// why, when `kcp` is not there.
+pub fn pydeps_with_kcp() -> PathBuf {
+    let deps = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/pydeps");
+    let probe = Command::new("python3")
+        .args(["-c", "import kcp"])
+        .env("PYTHONPATH", &deps)
+        .status();
+    assert!(
+        probe.is_ok_and(|s| s.success()),
+        "PyPI kcp is not installed in {}: run the README's test command, which installs it",
+        deps.display()
+    );
+    deps
+}
