@@ -81,19 +81,13 @@ async fn a_rolling_restart_fails_no_call_and_loses_no_client_frame_silently() {
     // handshake cap (which stops one address from filling the gateway) is lifted for them, as
     // if they came from many addresses, as players do.
     let limits = format!("{TEST_LIMITS}max_handshakes_per_source = 1000\n");
-    let mut bed = bed(&servers, &limits).await;
-    // The calling node, listed like the others.
+    // The calling node, listed like the others from the start (listed after the game servers
+    // started, its first link could reach a server whose view had not caught up, and be
+    // refused as no member).
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let caller_addr = a("1.50.1");
-    bed.etcd
-        .list(
-            PREFIX,
-            &[Member::new(
-                caller_addr,
-                listener.local_addr().unwrap().to_string(),
-            )],
-        )
-        .await;
+    let caller_member = Member::new(caller_addr, listener.local_addr().unwrap().to_string());
+    let mut bed = bed_listing(&servers, &limits, "", "", &[caller_member]).await;
     let caller = Node::builder(caller_addr)
         .discovery(EtcdDiscovery::connect(
             [bed.etcd.endpoint.clone()],

@@ -327,10 +327,24 @@ pub async fn bed(servers: &[&str], extra: &str) -> Bed {
 }
 
 pub async fn bed_with(servers: &[&str], extra: &str, tcp_extra: &str, ws_extra: &str) -> Bed {
+    bed_listing(servers, extra, tcp_extra, ws_extra, &[]).await
+}
+
+/// A bed whose membership also lists `also` (nodes of the test itself) from the start, so the
+/// game servers admit their links at once: listed later, a member is refused by a server
+/// whose view has not caught up yet.
+pub async fn bed_listing(
+    servers: &[&str],
+    extra: &str,
+    tcp_extra: &str,
+    ws_extra: &str,
+    also: &[Member],
+) -> Bed {
     let etcd = Etcd::start();
     let mut members = vec![Member::new(a("1.100.1"), free_port())];
     members.extend(servers.iter().map(|s| Member::new(a(s), free_port())));
     etcd.list(PREFIX, &members).await;
+    etcd.list(PREFIX, also).await;
     let procs = servers.iter().map(|s| game_server(&etcd, s)).collect();
     let gateway = gateway(&etcd, extra, tcp_extra, ws_extra);
     let mut sorted: Vec<&str> = servers.to_vec();
