@@ -36,12 +36,14 @@ use std::time::{Duration, Instant};
 
 use clustergo::{Bytes, HandlerError, LogicAddr, Member, MemoryDiscovery, Node, NodeConfig};
 
+#[path = "scale/members.rs"]
+pub(crate) mod members;
 #[path = "scale/plot.rs"]
 pub(crate) mod plot;
 
 const SECRET: &[u8] = b"clustergo-scale-bench";
 /// Every mode, in run order.
-pub(crate) const MODES: [&str; 1] = ["links"];
+pub(crate) const MODES: [&str; 2] = ["links", "members"];
 /// Concurrent callers of the spread `rpc-c128`.
 const CALLERS: usize = 128;
 /// Calls in flight while linking.
@@ -53,7 +55,9 @@ const IDLE: Duration = Duration::from_secs(3);
 
 #[derive(Debug, Clone)]
 pub(crate) struct Opts {
+    modes: Vec<&'static str>,
     sizes: Vec<usize>,
+    members: Vec<usize>,
     measure: Duration,
     idle: Duration,
     smoke: bool,
@@ -78,7 +82,9 @@ pub(crate) struct LinksRow {
 
 fn parse(args: &[String]) -> Result<Opts, String> {
     let mut o = Opts {
+        modes: Vec::new(),
         sizes: vec![10, 100, 500, 1000],
+        members: vec![100, 1_000, 10_000, 50_000],
         measure: Duration::from_secs(3),
         idle: IDLE,
         smoke: false,
@@ -89,9 +95,12 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         match a.as_str() {
             "--mode" => {
                 let m = value("--mode")?;
-                if !MODES.contains(&m.as_str()) {
-                    return Err(format!("unknown mode {m:?}; modes: {}", MODES.join(", ")));
-                }
+                let known = MODES.iter().find(|k| **k == m);
+                o.modes.push(
+                    known.ok_or_else(|| {
+                        format!("unknown mode {m:?}; modes: {}", MODES.join(", "))
+                    })?,
+                );
             }
             "--sizes" => {
                 o.sizes = value("--sizes")?
@@ -106,6 +115,19 @@ fn parse(args: &[String]) -> Result<Opts, String> {
                     return Err("--sizes: each between 1 and 60,000".into());
                 }
             }
+            "--members" => {
+                o.members = value("--members")?
+                    .split(',')
+                    .map(|n| {
+                        n.trim()
+                            .parse::<usize>()
+                            .map_err(|e| format!("--members: {e}"))
+                    })
+                    .collect::<Result<_, _>>()?;
+                if o.members.iter().any(|n| *n == 0 || *n > 52_000) {
+                    return Err("--members: each between 1 and 52,000".into());
+                }
+            }
             "--secs" => {
                 o.measure = Duration::from_secs_f64(
                     value("--secs")?
@@ -115,6 +137,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
             }
             "--smoke" => {
                 o.sizes = vec![10, 20];
+                o.members = vec![50, 200];
                 o.measure = Duration::from_millis(300);
                 o.idle = Duration::from_millis(300);
                 o.smoke = true;
@@ -122,11 +145,22 @@ fn parse(args: &[String]) -> Result<Opts, String> {
             _ => {}
         }
     }
+    if o.modes.is_empty() {
+        o.modes = MODES.to_vec();
+    }
     Ok(o)
 }
 
+/// What a run measured, by mode (empty: not run).
+#[derive(Debug, Default)]
+pub(crate) struct Report {
+    pub(crate) links: Vec<LinksRow>,
+    /// `None`: the mode was asked for but could not run here (no etcd).
+    pub(crate) members: Option<Vec<members::MembersRow>>,
+}
+
 /// Runs the benchmark, or one of its processes.
-pub(crate) fn entry(args: Vec<String>) -> Result<Vec<LinksRow>, String> {
+pub(crate) fn entry(args: Vec<String>) -> Result<Report, String> {
     raise_open_files();
     let runtime = || {
         tokio::runtime::Builder::new_multi_thread()
@@ -140,7 +174,7 @@ pub(crate) fn entry(args: Vec<String>) -> Result<Vec<LinksRow>, String> {
             let first = number(args.get(2))?;
             let count = number(args.get(3))?;
             runtime()?.block_on(host(first, count))?;
-            Ok(Vec::new())
+            Ok(Report::default())
         }
         Some("hub") => {
             let peers = number(args.get(2))?;
@@ -157,11 +191,26 @@ pub(crate) fn entry(args: Vec<String>) -> Result<Vec<LinksRow>, String> {
                 Duration::from_secs_f64(secs),
                 Duration::from_secs_f64(idle),
             ))?;
-            Ok(Vec::new())
+            Ok(Report::default())
+        }
+        Some("watchers") => {
+            members::process(&args)?;
+            Ok(Report::default())
         }
         _ => {
             let opts = parse(&args)?;
-            links(&opts)
+            let mut report = Report::default();
+            for mode in &opts.modes {
+                match *mode {
+                    "links" => report.links = links(&opts)?,
+                    "members" => {
+                        report.members =
+                            members::run(&opts.members, opts.measure.as_secs_f64(), opts.smoke)?
+                    }
+                    _ => unreachable!("modes are checked when parsed"),
+                }
+            }
+            Ok(report)
         }
     }
 }
@@ -707,7 +756,6 @@ fn links(opts: &Opts) -> Result<Vec<LinksRow>, String> {
 /// The curves of `links`, as PNG files beside the CSV: cost per unit against N, N on a
 /// logarithmic scale (a flat curve is a cost that grows linearly; a rising one grows faster).
 fn draw_links(rows: &[LinksRow], prefix: &str) -> Result<(), String> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/scale");
     let n = |r: &LinksRow| r.peers as f64;
     let series = |name: &'static str, f: &dyn Fn(&LinksRow) -> f64| plot::Series {
         name,
@@ -767,17 +815,39 @@ fn draw_links(rows: &[LinksRow], prefix: &str) -> Result<(), String> {
         ),
     ];
     for (name, chart, series) in charts {
-        let path = dir.join(format!("{prefix}-{name}.png"));
-        plot::draw(&path, &chart, &series)
-            .map_err(|e| format!("writing {}: {e}", path.display()))?;
-        println!("wrote {}", path.display());
+        draw_file(&format!("{prefix}-{name}.png"), &chart, &series)?;
     }
     Ok(())
 }
 
-fn write_csv(rows: &[LinksRow], name: &str) -> Result<(), String> {
+/// Where the figures go: `target/scale`.
+fn out_dir() -> Result<std::path::PathBuf, String> {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/scale");
-    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    Ok(dir)
+}
+
+/// Writes `target/scale/<name>`.
+fn write_file(name: &str, bytes: &[u8]) -> Result<(), String> {
+    let path = out_dir()?.join(name);
+    std::fs::write(&path, bytes).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
+
+/// Draws one chart as `target/scale/<name>`.
+fn draw_file(
+    name: &str,
+    chart: &plot::Chart<'_>,
+    series: &[plot::Series<'_>],
+) -> Result<(), String> {
+    let path = out_dir()?.join(name);
+    plot::draw(&path, chart, series).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
+
+fn write_csv(rows: &[LinksRow], name: &str) -> Result<(), String> {
     let mut out = String::from(
         "peers,link_ms,hub_bytes_per_link,peer_bytes_per_link,hub_idle_cpu_ms_per_s,hosts_idle_cpu_ms_per_s,calls_per_sec,p50_us,p99_us,raw_calls_per_sec,raw_p50_us\n",
     );
@@ -797,10 +867,7 @@ fn write_csv(rows: &[LinksRow], name: &str) -> Result<(), String> {
             r.raw_p50_us
         ));
     }
-    let path = dir.join(name);
-    std::fs::write(&path, out).map_err(|e| format!("writing {}: {e}", path.display()))?;
-    println!("wrote {}", path.display());
-    Ok(())
+    write_file(name, out.as_bytes())
 }
 
 #[allow(dead_code)]

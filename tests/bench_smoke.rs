@@ -1,7 +1,7 @@
 //! Smoke test of the mesh and scale benchmarks: runs every mode for a fraction of a second
 //! in their processes and fails if a mode fails or measures nothing. When re-executed by a
-//! benchmark as one of its processes (first argument `peer`, `host` or `hub`), it plays that
-//! part instead.
+//! benchmark as one of its processes (first argument `peer`, `host`, `hub` or `watchers`), it
+//! plays that part instead.
 
 #[path = "../benches/mesh.rs"]
 mod mesh;
@@ -17,7 +17,10 @@ fn main() {
         }
         return;
     }
-    if args.get(1).is_some_and(|a| a == "host" || a == "hub") {
+    if args
+        .get(1)
+        .is_some_and(|a| a == "host" || a == "hub" || a == "watchers")
+    {
         if let Err(e) = scale::entry(args) {
             eprintln!("bench smoke scale process: {e}");
             std::process::exit(2);
@@ -77,10 +80,11 @@ fn main() {
     }
     // The scale benchmark, at two small sizes.
     let args = ["smoke", "--smoke"].map(String::from);
-    match scale::entry(args.to_vec()) {
-        Ok(rows)
-            if rows.len() == 2
-                && rows
+    let report = scale::entry(args.to_vec());
+    match &report {
+        Ok(r)
+            if r.links.len() == 2
+                && r.links
                     .iter()
                     .all(|r| r.link_ms > 0.0 && r.calls_per_sec > 0.0 && r.p50_us > 0.0) =>
         {
@@ -91,10 +95,37 @@ fn main() {
             eprintln!("bench smoke: scale links failed or measured nothing: {other:?}");
         }
     }
+    // Membership in a real etcd (the README's test command installs it): every change
+    // reached all watchers.
+    match report.as_ref().map(|r| r.members.as_deref()) {
+        Ok(Some(rows))
+            if rows.len() == 2
+                && rows.iter().all(|r| {
+                    r.first_snapshot_ms > 0.0
+                        && r.changes.len() == scale::members::RATES.len()
+                        && r.changes.iter().all(|c| c.lost == 0 && c.p50_ms > 0.0)
+                }) =>
+        {
+            passed += 1
+        }
+        other => {
+            failed += 1;
+            eprintln!("bench smoke: scale members failed, did not run or lost changes: {other:?}");
+        }
+    }
     // Its curves: PNG files, checksums right.
-    let pngs = ["memory", "link-time", "idle-cpu", "calls"].map(|c| {
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join(format!("target/scale/links-smoke-{c}.png"))
+    let pngs = [
+        "links-smoke-memory",
+        "links-smoke-link-time",
+        "links-smoke-idle-cpu",
+        "links-smoke-calls",
+        "members-smoke-snapshot",
+        "members-smoke-memory",
+        "members-smoke-propagation",
+        "members-smoke-change-cpu",
+    ]
+    .map(|c| {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("target/scale/{c}.png"))
     });
     let drawn = pngs.iter().all(|p| {
         std::fs::read(p).is_ok_and(|b| b.starts_with(b"\x89PNG\r\n\x1a\n") && b.len() > 1000)
