@@ -36,6 +36,8 @@ use std::time::{Duration, Instant};
 
 use clustergo::{Bytes, HandlerError, LogicAddr, Member, MemoryDiscovery, Node, NodeConfig};
 
+#[path = "scale/clusters.rs"]
+pub(crate) mod clusters;
 #[path = "scale/members.rs"]
 pub(crate) mod members;
 #[path = "scale/plot.rs"]
@@ -43,7 +45,7 @@ pub(crate) mod plot;
 
 const SECRET: &[u8] = b"clustergo-scale-bench";
 /// Every mode, in run order.
-pub(crate) const MODES: [&str; 2] = ["links", "members"];
+pub(crate) const MODES: [&str; 3] = ["links", "members", "clusters"];
 /// Concurrent callers of the spread `rpc-c128`.
 const CALLERS: usize = 128;
 /// Calls in flight while linking.
@@ -58,6 +60,7 @@ pub(crate) struct Opts {
     modes: Vec<&'static str>,
     sizes: Vec<usize>,
     members: Vec<usize>,
+    clusters: Vec<usize>,
     measure: Duration,
     idle: Duration,
     smoke: bool,
@@ -85,6 +88,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         modes: Vec::new(),
         sizes: vec![10, 100, 500, 1000],
         members: vec![100, 1_000, 10_000, 50_000],
+        clusters: vec![10, 100, 1_000],
         measure: Duration::from_secs(3),
         idle: IDLE,
         smoke: false,
@@ -115,6 +119,19 @@ fn parse(args: &[String]) -> Result<Opts, String> {
                     return Err("--sizes: each between 1 and 60,000".into());
                 }
             }
+            "--clusters" => {
+                o.clusters = value("--clusters")?
+                    .split(',')
+                    .map(|n| {
+                        n.trim()
+                            .parse::<usize>()
+                            .map_err(|e| format!("--clusters: {e}"))
+                    })
+                    .collect::<Result<_, _>>()?;
+                if o.clusters.iter().any(|n| *n == 0 || *n > 4_000) {
+                    return Err("--clusters: each between 1 and 4,000".into());
+                }
+            }
             "--members" => {
                 o.members = value("--members")?
                     .split(',')
@@ -138,6 +155,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
             "--smoke" => {
                 o.sizes = vec![10, 20];
                 o.members = vec![50, 200];
+                o.clusters = vec![3, 6];
                 o.measure = Duration::from_millis(300);
                 o.idle = Duration::from_millis(300);
                 o.smoke = true;
@@ -157,6 +175,7 @@ pub(crate) struct Report {
     pub(crate) links: Vec<LinksRow>,
     /// `None`: the mode was asked for but could not run here (no etcd).
     pub(crate) members: Option<Vec<members::MembersRow>>,
+    pub(crate) clusters: Vec<clusters::ClustersRow>,
 }
 
 /// Runs the benchmark, or one of its processes.
@@ -171,22 +190,26 @@ pub(crate) fn entry(args: Vec<String>) -> Result<Report, String> {
     };
     match args.get(1).map(String::as_str) {
         Some("host") => {
-            let first = number(args.get(2))?;
-            let count = number(args.get(3))?;
-            runtime()?.block_on(host(first, count))?;
+            let list = addrs(args.get(2).ok_or("host: addresses")?)?;
+            runtime()?.block_on(host(list))?;
             Ok(Report::default())
         }
         Some("hub") => {
-            let peers = number(args.get(2))?;
+            let me: LogicAddr = args
+                .get(2)
+                .and_then(|s| s.parse().ok())
+                .ok_or("hub: address")?;
+            let peers = number(args.get(3))?;
             let secs: f64 = args
-                .get(3)
+                .get(4)
                 .and_then(|s| s.parse().ok())
                 .ok_or("hub: seconds")?;
             let idle: f64 = args
-                .get(4)
+                .get(5)
                 .and_then(|s| s.parse().ok())
                 .ok_or("hub: idle seconds")?;
             runtime()?.block_on(hub(
+                me,
                 peers,
                 Duration::from_secs_f64(secs),
                 Duration::from_secs_f64(idle),
@@ -207,6 +230,7 @@ pub(crate) fn entry(args: Vec<String>) -> Result<Report, String> {
                         report.members =
                             members::run(&opts.members, opts.measure.as_secs_f64(), opts.smoke)?
                     }
+                    "clusters" => report.clusters = clusters::run(&opts.clusters, &opts)?,
                     _ => unreachable!("modes are checked when parsed"),
                 }
             }
@@ -221,7 +245,7 @@ fn number(arg: Option<&String>) -> Result<usize, String> {
 }
 
 /// Raises this process's open-file limit to its hard limit; the limit it has now.
-fn raise_open_files() -> u64 {
+pub(crate) fn raise_open_files() -> u64 {
     rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0)
 }
 
@@ -288,7 +312,16 @@ async fn until_stdin_closes() {
     .await;
 }
 
-async fn host(first: usize, count: usize) -> Result<(), String> {
+/// Parses a comma-separated list of addresses.
+fn addrs(list: &str) -> Result<Vec<LogicAddr>, String> {
+    list.split(',')
+        .map(|a| a.parse().map_err(|e| format!("{a}: {e}")))
+        .collect()
+}
+
+/// Serves the nodes `addrs` (an echo server each; a harbor forwards).
+async fn host(addrs: Vec<LogicAddr>) -> Result<(), String> {
+    let count = addrs.len();
     // The raw baseline's echo server: one listener for all of this process's peers.
     let raw = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -305,10 +338,7 @@ async fn host(first: usize, count: usize) -> Result<(), String> {
     let (listeners, members) = bind_and_read_members(count)?;
     let discovery = MemoryDiscovery::new(members);
     let mut nodes = Vec::with_capacity(count);
-    for (i, l) in listeners.into_iter().enumerate() {
-        let me: LogicAddr = format!("1.1.{}", first + i)
-            .parse()
-            .map_err(|e| format!("{e}"))?;
+    for (me, l) in addrs.into_iter().zip(listeners) {
         let node = Node::builder(me)
             .discovery(discovery.clone())
             .listener(l)
@@ -323,14 +353,14 @@ async fn host(first: usize, count: usize) -> Result<(), String> {
     Ok(())
 }
 
-async fn hub(peers: usize, measure: Duration, idle: Duration) -> Result<(), String> {
+/// The hub `me`: it calls every listed node but itself and the harbors.
+async fn hub(me: LogicAddr, peers: usize, measure: Duration, idle: Duration) -> Result<(), String> {
     let (mut listeners, members) = bind_and_read_members(1)?;
-    let me: LogicAddr = "1.2.1".parse().map_err(|e| format!("{e}"))?;
     let targets: Arc<Vec<LogicAddr>> = Arc::new(
         members
             .iter()
             .map(|m| m.addr)
-            .filter(|a| *a != me)
+            .filter(|a| *a != me && !a.is_harbor())
             .collect(),
     );
     if targets.len() != peers {
@@ -630,7 +660,8 @@ fn links_at(n: usize, opts: &Opts) -> Result<LinksRow, String> {
     let mut first = 1;
     while first <= n {
         let count = per_host.min(n + 1 - first);
-        let mut p = Proc::spawn(&["host".into(), first.to_string(), count.to_string()])?;
+        let list: Vec<String> = (first..first + count).map(|i| format!("1.1.{i}")).collect();
+        let mut p = Proc::spawn(&["host".into(), list.join(",")])?;
         let raw = p.expect("RAW")?;
         raw_ports.extend(std::iter::repeat_n(raw, count));
         let ports = p.expect("PORTS")?;
@@ -642,6 +673,7 @@ fn links_at(n: usize, opts: &Opts) -> Result<LinksRow, String> {
     }
     let mut hub = Proc::spawn(&[
         "hub".into(),
+        "1.2.1".into(),
         n.to_string(),
         opts.measure.as_secs_f64().to_string(),
         opts.idle.as_secs_f64().to_string(),

@@ -113,6 +113,21 @@ fn main() {
             eprintln!("bench smoke: scale members failed, did not run or lost changes: {other:?}");
         }
     }
+    // Clusters behind harbors: calls went through, the harbors did work.
+    match report.as_ref().map(|r| &r.clusters) {
+        Ok(rows)
+            if rows.len() == 2
+                && rows.iter().all(|r| {
+                    r.link_ms > 0.0 && r.calls_per_sec > 0.0 && r.edge_cpu_us_per_call > 0.0
+                }) =>
+        {
+            passed += 1
+        }
+        other => {
+            failed += 1;
+            eprintln!("bench smoke: scale clusters failed or measured nothing: {other:?}");
+        }
+    }
     // Its curves: PNG files, checksums right.
     let pngs = [
         "links-smoke-memory",
@@ -123,6 +138,9 @@ fn main() {
         "members-smoke-memory",
         "members-smoke-propagation",
         "members-smoke-change-cpu",
+        "clusters-smoke-memory",
+        "clusters-smoke-forwarding",
+        "clusters-smoke-calls",
     ]
     .map(|c| {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("target/scale/{c}.png"))

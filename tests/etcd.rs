@@ -741,3 +741,79 @@ async fn a_node_whose_claimed_lease_is_lost_stops_and_leaves_the_new_owner_alone
     assert!(new.readiness().is_ok(), "{:?}", new.readiness());
     new.shutdown().await;
 }
+
+/// A store too large for one gRPC message (over 4 MiB: 6,000 members with 1,600-byte host names
+/// and their alive keys) still gives a node its whole membership: the prefix is read in
+/// pages at one revision, and a page still too large (4,000 such members) is asked for again
+/// smaller. A key just past the prefix (`<prefix>0…`) stays out of the view.
+#[tokio::test]
+async fn a_membership_larger_than_one_grpc_message_is_read_whole() {
+    use etcd_client::{Txn, TxnOp};
+    let etcd = Etcd::start();
+    let mut c = client(&etcd).await;
+    const MEMBERS: u16 = 6_000;
+    let host = "h".repeat(1_600);
+    let addr = |i: u16| LogicAddr::new(1, 2 + (i / 4_000) as u8, 1 + i % 4_000).unwrap();
+    let ids: Vec<u16> = (0..MEMBERS).collect();
+    for chunk in ids.chunks(64) {
+        let ops: Vec<TxnOp> = chunk
+            .iter()
+            .flat_map(|&i| {
+                let m = Member::new(addr(i), format!("{host}.example:{}", 1_000 + i));
+                [
+                    TxnOp::put(member_key(PREFIX, m.addr), encode_member(&m), None),
+                    TxnOp::put(alive_key(PREFIX, m.addr), "1", None),
+                ]
+            })
+            .collect();
+        c.txn(Txn::new().and_then(ops)).await.unwrap();
+    }
+    let total: usize = c
+        .get(
+            format!("{PREFIX}/"),
+            Some(GetOptions::new().with_prefix().with_keys_only()),
+        )
+        .await
+        .unwrap()
+        .kvs()
+        .len();
+    assert_eq!(total, 2 * MEMBERS as usize);
+    // A neighbouring prefix that a range read must not reach into.
+    let stray = Member::new(a("1.1.9"), "127.0.0.1:1");
+    c.put(
+        format!("{PREFIX}0/members/1.1.9"),
+        encode_member(&stray),
+        None,
+    )
+    .await
+    .unwrap();
+    let node = start_node(&etcd, &mut c, "1.1.1").await;
+    let members = node.members();
+    assert_eq!(
+        members.len(),
+        MEMBERS as usize + 1,
+        "every member and the node itself"
+    );
+    for i in [0, 3_999, 4_000, 4_999, 5_000, MEMBERS - 1] {
+        let m = node
+            .member(addr(i))
+            .unwrap_or_else(|| panic!("{} missing", addr(i)));
+        assert_eq!(m.net_addr, format!("{host}.example:{}", 1_000 + i));
+        assert!(m.available, "{} is alive", addr(i));
+    }
+    assert!(
+        node.member(a("1.1.9")).is_none(),
+        "a key of another prefix leaked in"
+    );
+    // And it follows changes from there (the watch starts at the revision read).
+    put_member(&mut c, &Member::new(addr(7), "127.0.0.1:7")).await;
+    assert!(
+        node.wait_for_member(
+            addr(7),
+            |m| m.is_some_and(|m| m.net_addr == "127.0.0.1:7"),
+            Duration::from_secs(5)
+        )
+        .await
+    );
+    node.shutdown().await;
+}

@@ -28,6 +28,9 @@ use etcd_client::{Client, Txn, TxnOp};
 
 use super::{Proc, config, cpu_nanos, number, rss_bytes, until_stdin_closes};
 
+// The tests' etcd (it brings the tests' port picker, which the mesh bench also loads: two
+// copies in the smoke test, each checking a port free when it hands it out).
+#[allow(clippy::duplicate_mod)]
 #[path = "../../tests/support/etcd.rs"]
 mod etcd;
 

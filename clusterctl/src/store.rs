@@ -59,28 +59,43 @@ impl Store {
     }
 
     /// Every member (malformed values reported on stderr and skipped) with its liveness.
+    ///
+    /// Read in pages of 1,000 keys at one revision, as nodes read it: one read of a large
+    /// membership would exceed the 4 MiB a gRPC client accepts in one message.
     async fn load(&mut self) -> Result<Vec<Listed>, String> {
         let mut kv = self.client.clone();
-        let resp = self
-            .timed(kv.get(
-                format!("{}/", self.prefix),
-                Some(GetOptions::new().with_prefix()),
-            ))
-            .await?;
         let members_dir = format!("{}/members/", self.prefix);
         let alive_dir = format!("{}/alive/", self.prefix);
         let mut members = Vec::new();
-        let mut alive = Vec::new();
-        for kv in resp.kvs() {
-            let key = String::from_utf8_lossy(kv.key());
-            if let Some(addr) = key.strip_prefix(&members_dir) {
-                match serde_json::from_slice::<Member>(kv.value()) {
-                    Ok(m) if m.addr.to_string() == addr => members.push(m),
-                    Ok(m) => eprintln!("clusterctl: skipping {key}: its value names {}", m.addr),
-                    Err(e) => eprintln!("clusterctl: skipping {key}: malformed value: {e}"),
+        let mut alive = std::collections::HashSet::new();
+        let mut from = format!("{}/", self.prefix).into_bytes();
+        let mut revision = 0;
+        loop {
+            let mut options = GetOptions::new()
+                .with_range(format!("{}0", self.prefix))
+                .with_limit(1_000);
+            if revision > 0 {
+                options = options.with_revision(revision);
+            }
+            let resp = self.timed(kv.get(from.clone(), Some(options))).await?;
+            revision = resp.header().map_or(0, |h| h.revision());
+            for kv in resp.kvs() {
+                let key = String::from_utf8_lossy(kv.key());
+                if let Some(addr) = key.strip_prefix(&members_dir) {
+                    match serde_json::from_slice::<Member>(kv.value()) {
+                        Ok(m) if m.addr.to_string() == addr => members.push(m),
+                        Ok(m) => {
+                            eprintln!("clusterctl: skipping {key}: its value names {}", m.addr)
+                        }
+                        Err(e) => eprintln!("clusterctl: skipping {key}: malformed value: {e}"),
+                    }
+                } else if let Some(addr) = key.strip_prefix(&alive_dir) {
+                    alive.insert(addr.to_owned());
                 }
-            } else if let Some(addr) = key.strip_prefix(&alive_dir) {
-                alive.push(addr.to_owned());
+            }
+            match resp.kvs().last() {
+                Some(last) if resp.more() => from = [last.key(), &[0][..]].concat(),
+                _ => break,
             }
         }
         members.sort_by_key(|m| m.addr);

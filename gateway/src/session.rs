@@ -820,15 +820,8 @@ async fn open(
 
 /// An available game server not tried yet: any (random) or the key's (sticky).
 fn pick(gw: &Gateway, first: &[u8], tried: &[LogicAddr]) -> Option<LogicAddr> {
-    let candidates: Vec<LogicAddr> = gw
-        .node
-        .members()
-        .into_iter()
-        .filter(|m| {
-            m.available && m.addr.node_type() == gw.backend_type && !tried.contains(&m.addr)
-        })
-        .map(|m| m.addr)
-        .collect();
+    let mut candidates = gw.node.available_of_type(gw.backend_type);
+    candidates.retain(|a| !tried.contains(a));
     match gw.policy {
         Policy::Random => {
             (!candidates.is_empty()).then(|| candidates[fastrand::usize(..candidates.len())])

@@ -99,18 +99,9 @@ pub(crate) fn status(gw: &Gateway) -> String {
 /// Logs the game servers clients can go to whenever that set changes, and drains the clients
 /// of servers that leave it.
 pub(crate) async fn watch_backends(gw: Arc<Gateway>) {
-    let backends = |members: &[clustergo::Member]| {
-        let mut v: Vec<_> = members
-            .iter()
-            .filter(|m| m.available && m.addr.node_type() == gw.backend_type)
-            .map(|m| m.addr)
-            .collect();
-        v.sort();
-        v
-    };
     let mut last: Option<Vec<clustergo::LogicAddr>> = None;
     loop {
-        let now = backends(&gw.node.members());
+        let now = gw.node.available_of_type(gw.backend_type);
         if last.as_ref() != Some(&now) {
             let list: Vec<String> = now.iter().map(|a| a.to_string()).collect();
             tracing::info!(
@@ -131,8 +122,9 @@ pub(crate) async fn watch_backends(gw: Arc<Gateway>) {
             }
             last = Some(now);
         }
-        let changed = gw.node.wait_members(
-            |m| Some(backends(m)) != last,
+        let changed = gw.node.wait_available_of_type(
+            gw.backend_type,
+            |now| last.as_deref() != Some(now),
             std::time::Duration::from_secs(3600),
         );
         tokio::select! {

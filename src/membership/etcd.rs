@@ -159,6 +159,10 @@ pub fn member_key(prefix: &str, addr: LogicAddr) -> String {
 /// each lost round means another node won an id, so N nodes claiming at once need at most N.
 const CLAIM_ROUNDS: usize = 512;
 
+/// Keys per page when a node reads the whole prefix (see `Inner::load`): about 1 MiB of
+/// ordinary members and alive keys.
+const LOAD_PAGE: i64 = 5_000;
+
 /// The key of member `addr`'s liveness under `prefix`.
 pub fn alive_key(prefix: &str, addr: LogicAddr) -> String {
     format!("{}/alive/{addr}", prefix.trim_end_matches('/'))
@@ -376,22 +380,61 @@ impl Inner {
     }
 
     /// Reads the whole prefix; returns the state and the revision it was read at.
+    ///
+    /// In pages of up to [`LOAD_PAGE`] keys, every page at the revision of the first, so the
+    /// result is one consistent state whatever its size. One read of everything would be one
+    /// gRPC message, and a client refuses messages over 4 MiB: about 25,000 members with
+    /// their alive keys. Pages are large because etcd (3.4) walks every key of the remaining
+    /// range for each page, limit or not: 50,000 members read in 20 pages rather than 100. A
+    /// page that is still over the limit (long values) is asked for again at a quarter of the
+    /// size. A revision compacted between two pages fails the read, which is retried from the
+    /// start as any failure is.
     async fn load(&self, client: &mut Client) -> Result<(State, i64), DiscoveryError> {
-        let resp = self
-            .timed(
-                "get",
-                client.get(
-                    format!("{}/", self.prefix),
-                    Some(GetOptions::new().with_prefix()),
-                ),
-            )
-            .await?;
-        let revision = resp.header().map_or(0, |h| h.revision());
+        let start = format!("{}/", self.prefix);
+        // The end of the range: the prefix's last byte (`/`) plus one.
+        let end = format!("{}0", self.prefix);
+        let mut key = start.into_bytes();
+        let mut revision = 0;
+        let mut page = LOAD_PAGE;
         let mut state = State::default();
-        for kv in resp.kvs() {
-            state.apply_put(&self.prefix, kv.key(), kv.value());
+        loop {
+            let mut options = GetOptions::new().with_range(end.clone()).with_limit(page);
+            if revision > 0 {
+                options = options.with_revision(revision);
+            }
+            let read = tokio::time::timeout(
+                self.options.request_timeout,
+                client.get(key.clone(), Some(options)),
+            )
+            .await
+            .map_err(|_| failed(&self.endpoints, "get", "timed out"))?;
+            let mut resp = match read {
+                Ok(r) => r,
+                Err(etcd_client::Error::GRpcStatus(s))
+                    if s.code() == tonic::Code::OutOfRange && page > 1 =>
+                {
+                    page = (page / 4).max(1);
+                    continue;
+                }
+                Err(e) => return Err(failed(&self.endpoints, "get", e)),
+            };
+            if revision == 0 {
+                revision = resp.header().map_or(0, |h| h.revision());
+            }
+            let kvs = resp.take_kvs();
+            for kv in &kvs {
+                state.apply_put(&self.prefix, kv.key(), kv.value());
+            }
+            match kvs.last() {
+                Some(last) if resp.more() => {
+                    // The next page starts just after the last key read.
+                    let mut next = last.key().to_vec();
+                    next.push(0);
+                    key = next;
+                }
+                _ => return Ok((state, revision)),
+            }
         }
-        Ok((state, revision))
     }
 
     /// Feeds `tx` until the merger drops its end.

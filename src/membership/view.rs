@@ -116,25 +116,67 @@ impl View {
     }
 
     /// The view after an upsert (a member not visible to `viewer` is dropped from it).
-    pub(crate) fn with_upsert(&self, viewer: LogicAddr, m: Member) -> View {
-        let mut v = self.clone();
-        if visible(viewer, &m) {
-            v.members.insert(m.addr, m);
-        } else {
-            v.members.remove(&m.addr);
+    /// Puts `m` into the view in place (or takes it out, if `viewer` may not see it); the
+    /// change it makes, if any. The cost is a map insert and a sorted insert into one index
+    /// list, whatever the size of the view: a change to one member of 50,000 must not cost
+    /// a copy of the other 49,999.
+    pub(crate) fn upsert(&mut self, viewer: LogicAddr, m: Member) -> Option<(LogicAddr, Change)> {
+        let addr = m.addr;
+        if !visible(viewer, &m) {
+            return self.remove(addr);
         }
-        v.reindex();
-        v
+        let change = match self.members.get(&addr) {
+            None => Change::Added,
+            Some(old) if old.net_addr != m.net_addr => Change::NetAddrChanged,
+            Some(old) if *old != m => Change::FlagsChanged,
+            Some(_) => return None,
+        };
+        self.unindex(addr);
+        if m.available {
+            let list = self.index_of(addr);
+            if let Err(at) = list.binary_search(&addr) {
+                list.insert(at, addr);
+            }
+        }
+        self.members.insert(addr, m);
+        Some((addr, change))
     }
 
-    pub(crate) fn with_remove(&self, addr: LogicAddr) -> View {
-        let mut v = self.clone();
-        v.members.remove(&addr);
-        v.reindex();
-        v
+    /// Takes `addr` out of the view in place; `Removed` if it was in.
+    pub(crate) fn remove(&mut self, addr: LogicAddr) -> Option<(LogicAddr, Change)> {
+        self.members.remove(&addr)?;
+        self.unindex(addr);
+        Some((addr, Change::Removed))
     }
 
-    /// A random available node of `node_type`.
+    /// The selection list `addr` belongs in when available.
+    fn index_of(&mut self, addr: LogicAddr) -> &mut Vec<LogicAddr> {
+        if addr.is_harbor() {
+            self.harbors.entry(addr.cluster()).or_default()
+        } else {
+            self.by_type.entry(addr.node_type()).or_default()
+        }
+    }
+
+    fn unindex(&mut self, addr: LogicAddr) {
+        let list = self.index_of(addr);
+        if let Ok(at) = list.binary_search(&addr) {
+            list.remove(at);
+        }
+        if list.is_empty() {
+            if addr.is_harbor() {
+                self.harbors.remove(&addr.cluster());
+            } else {
+                self.by_type.remove(&addr.node_type());
+            }
+        }
+    }
+
+    /// The available members of `node_type` (not harbors), in address order.
+    pub(crate) fn of_type(&self, node_type: u8) -> &[LogicAddr] {
+        self.by_type.get(&node_type).map_or(&[], Vec::as_slice)
+    }
+
     pub(crate) fn pick_random(&self, node_type: u8) -> Option<LogicAddr> {
         let list = self.by_type.get(&node_type)?;
         (!list.is_empty()).then(|| list[fastrand::usize(..list.len())])
@@ -214,7 +256,8 @@ mod tests {
                 .collect::<Vec<_>>()
         );
         let gone = a("1.2.3");
-        let v2 = v.with_remove(gone);
+        let mut v2 = v.clone();
+        assert_eq!(v2.remove(gone), Some((gone, Change::Removed)));
         for (k, was) in before.iter().enumerate() {
             let now = v2.pick_sticky(2, k as u64).unwrap();
             if *was != gone {
@@ -224,6 +267,45 @@ mod tests {
         // Spread: every node gets some keys.
         for m in &all {
             assert!(before.contains(&m.addr));
+        }
+    }
+
+    /// Changes applied in place give the view and indexes a rebuild would, and say what they
+    /// changed as `changes` between the two views does.
+    #[test]
+    fn changes_in_place_match_a_rebuild() {
+        let me = a("1.1.1");
+        let mut rng = fastrand::Rng::with_seed(7);
+        let mut truth: std::collections::BTreeMap<LogicAddr, Member> = Default::default();
+        let mut v = View::new(me, []);
+        for step in 0..5_000 {
+            let cluster = rng.u16(1..=3);
+            let server = rng.u16(1..=6);
+            let addr = if rng.u8(0..5) == 0 {
+                LogicAddr::harbor(cluster, server).unwrap()
+            } else {
+                LogicAddr::new(cluster, rng.u8(1..=3), server).unwrap()
+            };
+            let before = v.clone();
+            let said = if rng.u8(0..4) == 0 {
+                truth.remove(&addr);
+                v.remove(addr)
+            } else {
+                let m = Member::new(addr, format!("h:{}", rng.u8(0..3)))
+                    .with_available(rng.bool())
+                    .with_export(rng.bool());
+                truth.insert(addr, m.clone());
+                v.upsert(me, m)
+            };
+            let rebuilt = View::new(me, truth.values().cloned());
+            assert_eq!(v.members, rebuilt.members, "step {step}");
+            assert_eq!(v.by_type, rebuilt.by_type, "step {step}");
+            assert_eq!(v.harbors, rebuilt.harbors, "step {step}");
+            assert_eq!(
+                said.into_iter().collect::<Vec<_>>(),
+                before.changes(&rebuilt),
+                "step {step}"
+            );
         }
     }
 }

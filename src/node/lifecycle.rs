@@ -227,14 +227,29 @@ impl Inner {
     }
 
     fn apply(self: &Arc<Self>, event: MembershipEvent) {
-        let old = self.view();
-        let new = match event {
-            MembershipEvent::Snapshot(ms) => View::new(self.addr, ms),
-            MembershipEvent::Upsert(m) => old.with_upsert(self.addr, m),
-            MembershipEvent::Remove(a) => old.with_remove(a),
+        let changes = {
+            let mut view = self.view.write().unwrap_or_else(|e| e.into_inner());
+            match event {
+                MembershipEvent::Snapshot(ms) => {
+                    let new = View::new(self.addr, ms);
+                    let changes = view.changes(&new);
+                    *view = Arc::new(new);
+                    changes
+                }
+                // One member changes in place: readers hold the view only for a moment, so
+                // it is rarely shared here and rarely copied (a copy is the size of the view).
+                MembershipEvent::Upsert(m) => Arc::make_mut(&mut view)
+                    .upsert(self.addr, m)
+                    .into_iter()
+                    .collect(),
+                MembershipEvent::Remove(a) => {
+                    Arc::make_mut(&mut view).remove(a).into_iter().collect()
+                }
+            }
         };
-        let changes = old.changes(&new);
-        *self.view.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
+        if changes.is_empty() {
+            return;
+        }
         self.view_changed.notify_waiters();
         for (addr, change) in changes {
             if addr == self.addr {

@@ -446,6 +446,29 @@ impl Node {
         wait_until(&self.inner.view_changed, timeout, || check(&self.members())).await
     }
 
+    /// The available members of `node_type` (not harbors) this node sees now, in address
+    /// order: those [`Node::get_addr_by_type`] picks from. It copies addresses only, from
+    /// the view's index; [`Node::members`] copies every member.
+    pub fn available_of_type(&self, node_type: u8) -> Vec<LogicAddr> {
+        self.inner.view().of_type(node_type).to_vec()
+    }
+
+    /// Waits until `check` holds for [`Node::available_of_type`]`(node_type)`, up to
+    /// `timeout`; returns whether it did. It looks at the index only, so a gateway that
+    /// follows its game servers costs nothing per change of other members.
+    pub async fn wait_available_of_type(
+        &self,
+        node_type: u8,
+        check: impl Fn(&[LogicAddr]) -> bool,
+        timeout: Duration,
+    ) -> bool {
+        let inner = &self.inner;
+        wait_until(&inner.view_changed, timeout, || {
+            check(inner.view().of_type(node_type))
+        })
+        .await
+    }
+
     /// Whether a link to `peer` is up now.
     pub fn is_linked(&self, peer: LogicAddr) -> bool {
         self.inner
