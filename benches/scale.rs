@@ -417,29 +417,35 @@ async fn hub(me: LogicAddr, peers: usize, measure: Duration, idle: Duration) -> 
     let spent = cpu_nanos(std::process::id())?.saturating_sub(cpu);
     println!("IDLED {spent}");
 
-    // `rpc-c128`, spread over every peer.
-    if step() != "RPC" {
-        return Err("hub: expected RPC".into());
-    }
-    let (calls, elapsed, p50, p99) = {
-        let (node, targets) = (node.clone(), targets.clone());
-        spread(measure, move |i| {
+    // `rpc-c128`, spread over every peer (`RPC`) or over the first k (`RPC k`), as often as
+    // the parent asks.
+    let mut line = step();
+    while let Some(rest) = line.strip_prefix("RPC") {
+        let k = rest
+            .trim()
+            .parse()
+            .unwrap_or(targets.len())
+            .clamp(1, targets.len());
+        let (calls, elapsed, p50, p99) = {
             let (node, targets) = (node.clone(), targets.clone());
-            async move {
-                let to = targets[i % targets.len()];
-                node.call(to, "echo", Bytes::from_static(&[0x5a; 64]))
-                    .await
-                    .map(drop)
-                    .map_err(|e| format!("calling {to}: {e}"))
-            }
-        })
-        .await?
-    };
-    println!("CALLED {calls} {elapsed:.3} {p50:.1} {p99:.1}");
+            spread(measure, move |i| {
+                let (node, targets) = (node.clone(), targets.clone());
+                async move {
+                    let to = targets[i % k];
+                    node.call(to, "echo", Bytes::from_static(&[0x5a; 64]))
+                        .await
+                        .map(drop)
+                        .map_err(|e| format!("calling {to}: {e}"))
+                }
+            })
+            .await?
+        };
+        println!("CALLED {calls} {elapsed:.3} {p50:.1} {p99:.1}");
+        line = step();
+    }
 
     // The raw baseline: the same callers over plain TCP, one connection per peer (to the
     // raw echo server of the process that hosts it).
-    let line = step();
     let ports: Vec<u16> = line
         .strip_prefix("RAW ")
         .ok_or("hub: expected RAW")?

@@ -14,7 +14,9 @@
 //!   turn, 64-byte echo; calls/s, p50/p99, and the measured harbors' CPU per call (each call
 //!   is two envelopes through them: the request and its answer); and the raw baseline of
 //!   `links`: the same callers over plain TCP straight to an echo server in each hosting
-//!   process, one connection per server.
+//!   process, one connection per server;
+//! - **the same calls concentrated on 10 clusters** (with all C listed and linked): what C
+//!   costs by itself (the view, the idle links), apart from the fan-out.
 
 use std::time::Instant;
 
@@ -37,8 +39,15 @@ pub(crate) struct ClustersRow {
     pub(crate) p99_us: f64,
     /// The measured harbors' CPU per call forwarded (two envelopes).
     pub(crate) edge_cpu_us_per_call: f64,
+    /// The same callers, all calling the first [`NEAR`] clusters' servers only: C's own
+    /// cost (the view, the idle links) without the fan-out.
+    pub(crate) near_calls_per_sec: f64,
+    pub(crate) near_edge_cpu_us_per_call: f64,
     pub(crate) raw_calls_per_sec: f64,
 }
+
+/// Clusters the concentrated run calls.
+pub(crate) const NEAR: usize = 10;
 
 /// The remote clusters' nodes, in hosting order.
 fn remote_nodes(c: usize) -> Vec<String> {
@@ -115,10 +124,16 @@ fn clusters_at(c: usize, opts: &Opts) -> Result<ClustersRow, String> {
     let idle_secs = idle_started.elapsed().as_secs_f64();
     let edge_idle = cpu_nanos(edge.pid())?.saturating_sub(cpu) as f64;
 
-    let cpu = cpu_nanos(edge.pid())?;
-    hub.say("RPC")?;
-    let called = numbers(&hub.expect("CALLED")?);
-    let edge_rpc = cpu_nanos(edge.pid())?.saturating_sub(cpu) as f64;
+    // Returns the calls' figures and the measured harbors' CPU per call.
+    let mut rpc = |step: &str| -> Result<(Vec<f64>, f64), String> {
+        let cpu = cpu_nanos(edge.pid())?;
+        hub.say(step)?;
+        let called = numbers(&hub.expect("CALLED")?);
+        let spent = cpu_nanos(edge.pid())?.saturating_sub(cpu) as f64;
+        Ok((called.clone(), spent / 1e3 / called[0].max(1.0)))
+    };
+    let (called, edge_cpu_us_per_call) = rpc("RPC")?;
+    let (near, near_edge_cpu_us_per_call) = rpc(&format!("RPC {NEAR}"))?;
     hub.say(&format!("RAW {}", raw_ports.join(" ")))?;
     let raw = numbers(&hub.expect("RAWCALLED")?);
     Ok(ClustersRow {
@@ -130,7 +145,9 @@ fn clusters_at(c: usize, opts: &Opts) -> Result<ClustersRow, String> {
         calls_per_sec: called[0] / called[1].max(1e-9),
         p50_us: called[2],
         p99_us: called[3],
-        edge_cpu_us_per_call: edge_rpc / 1e3 / called[0].max(1.0),
+        edge_cpu_us_per_call,
+        near_calls_per_sec: near[0] / near[1].max(1e-9),
+        near_edge_cpu_us_per_call,
         raw_calls_per_sec: raw[0] / raw[1].max(1e-9),
     })
 }
@@ -140,7 +157,7 @@ pub(crate) fn run(sizes: &[usize], opts: &Opts) -> Result<Vec<ClustersRow>, Stri
     let limit = raise_open_files();
     println!("scale clusters: open-file limit {limit} in each process");
     println!(
-        "{:>8} | {:>8} | {:>14} | {:>14} | {:>10} | {:>9} | {:>8} | {:>8} | {:>11} | {:>9} | {:>6}",
+        "{:>8} | {:>8} | {:>14} | {:>14} | {:>10} | {:>9} | {:>8} | {:>8} | {:>11} | {:>9} | {:>6} | {:>10} | {:>11}",
         "clusters",
         "link ms",
         "harbors B/cl.",
@@ -151,9 +168,11 @@ pub(crate) fn run(sizes: &[usize], opts: &Opts) -> Result<Vec<ClustersRow>, Stri
         "p99 µs",
         "µs/call",
         "raw/s",
-        "÷ raw"
+        "÷ raw",
+        "10 cl. /s",
+        "10 cl. µs"
     );
-    println!("{}", "-".repeat(128));
+    println!("{}", "-".repeat(156));
     let mut rows = Vec::new();
     for &c in sizes {
         // A hosting process holds a listener per node and a link or two per node.
@@ -164,7 +183,7 @@ pub(crate) fn run(sizes: &[usize], opts: &Opts) -> Result<Vec<ClustersRow>, Stri
         }
         let r = clusters_at(c, opts)?;
         println!(
-            "{:>8} | {:>8.1} | {:>14.0} | {:>14.0} | {:>5.2} ms/s | {:>9.0} | {:>8.1} | {:>8.1} | {:>11.2} | {:>9.0} | {:>6.2}",
+            "{:>8} | {:>8.1} | {:>14.0} | {:>14.0} | {:>5.2} ms/s | {:>9.0} | {:>8.1} | {:>8.1} | {:>11.2} | {:>9.0} | {:>6.2} | {:>10.0} | {:>11.2}",
             r.clusters,
             r.link_ms,
             r.edge_bytes_per_cluster,
@@ -175,7 +194,9 @@ pub(crate) fn run(sizes: &[usize], opts: &Opts) -> Result<Vec<ClustersRow>, Stri
             r.p99_us,
             r.edge_cpu_us_per_call,
             r.raw_calls_per_sec,
-            r.calls_per_sec / r.raw_calls_per_sec.max(1e-9)
+            r.calls_per_sec / r.raw_calls_per_sec.max(1e-9),
+            r.near_calls_per_sec,
+            r.near_edge_cpu_us_per_call
         );
         rows.push(r);
     }
@@ -191,11 +212,11 @@ pub(crate) fn run(sizes: &[usize], opts: &Opts) -> Result<Vec<ClustersRow>, Stri
 
 fn write_csv(rows: &[ClustersRow], name: &str) -> Result<(), String> {
     let mut out = String::from(
-        "clusters,link_ms,edge_bytes_per_cluster,edge_total_bytes_per_cluster,edge_idle_cpu_ms_per_s,calls_per_sec,p50_us,p99_us,edge_cpu_us_per_call,raw_calls_per_sec\n",
+        "clusters,link_ms,edge_bytes_per_cluster,edge_total_bytes_per_cluster,edge_idle_cpu_ms_per_s,calls_per_sec,p50_us,p99_us,edge_cpu_us_per_call,near_calls_per_sec,near_edge_cpu_us_per_call,raw_calls_per_sec\n",
     );
     for r in rows {
         out.push_str(&format!(
-            "{},{:.1},{:.0},{:.0},{:.3},{:.0},{:.1},{:.1},{:.2},{:.0}\n",
+            "{},{:.1},{:.0},{:.0},{:.3},{:.0},{:.1},{:.1},{:.2},{:.0},{:.2},{:.0}\n",
             r.clusters,
             r.link_ms,
             r.edge_bytes_per_cluster,
@@ -205,6 +226,8 @@ fn write_csv(rows: &[ClustersRow], name: &str) -> Result<(), String> {
             r.p50_us,
             r.p99_us,
             r.edge_cpu_us_per_call,
+            r.near_calls_per_sec,
+            r.near_edge_cpu_us_per_call,
             r.raw_calls_per_sec
         ));
     }
@@ -239,7 +262,10 @@ fn draw(rows: &[ClustersRow], name: &str) -> Result<(), String> {
                 y_label: "us per call",
                 log_x: true,
             },
-            vec![series("cluster 1's harbors", &|r| r.edge_cpu_us_per_call)],
+            vec![
+                series("calls spread over all C", &|r| r.edge_cpu_us_per_call),
+                series("calls to 10 clusters", &|r| r.near_edge_cpu_us_per_call),
+            ],
         ),
         (
             "calls",
@@ -251,6 +277,7 @@ fn draw(rows: &[ClustersRow], name: &str) -> Result<(), String> {
             },
             vec![
                 series("through harbors", &|r| r.calls_per_sec / 1e3),
+                series("to 10 clusters only", &|r| r.near_calls_per_sec / 1e3),
                 series("raw TCP, direct", &|r| r.raw_calls_per_sec / 1e3),
             ],
         ),

@@ -32,8 +32,16 @@
 //! times, plain and session in turn; the rows are the medians and the ratio is the median of
 //! the rounds' ratios: steadier on a noisy machine), `--smoke` (0.2 s runs, 200 idle clients). Unknown arguments (cargo's `--bench`)
 //! are ignored. Membership is a members file: no etcd needed.
+//!
+//! The `gateway-relay` and `gateway-idle` figures are also written as CSV and drawn as PNG
+//! curves (the scale bench's drawer) in `target/scale/gateway-*` (`gateway-smoke-*` for a
+//! smoke run).
 
 use std::io::{BufRead, BufReader};
+
+// The scale bench's PNG drawer (only `draw` is used here).
+#[path = "../../benches/scale/plot.rs"]
+mod plot;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -67,6 +75,7 @@ pub(crate) struct Opts {
     only: Option<String>,
     /// Plain and session runs of each `gateway-echo` pair, in turn.
     rounds: usize,
+    smoke: bool,
 }
 
 /// One measured run.
@@ -120,6 +129,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         open_files: 0,
         only: None,
         rounds: 1,
+        smoke: false,
     };
     let mut it = args.iter().skip(1);
     while let Some(a) = it.next() {
@@ -161,6 +171,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
                 o.measure = Duration::from_millis(200);
                 o.idle = vec![200];
                 o.clients = 10;
+                o.smoke = true;
             }
             _ => {}
         }
@@ -622,7 +633,108 @@ async fn run(opts: Opts) -> Result<Report, String> {
         );
         report.idle.push(idle);
     }
+    figures(
+        &report,
+        if opts.smoke {
+            "gateway-smoke"
+        } else {
+            "gateway"
+        },
+    )?;
     Ok(report)
+}
+
+/// Writes the relay and idle figures as CSV and PNG curves in `target/scale`.
+fn figures(report: &Report, prefix: &str) -> Result<(), String> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/scale");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let write = |name: String, text: String| -> Result<(), String> {
+        let path = dir.join(name);
+        std::fs::write(&path, text).map_err(|e| format!("writing {}: {e}", path.display()))?;
+        println!("wrote {}", path.display());
+        Ok(())
+    };
+    let draw = |name: String, chart: plot::Chart<'_>, series: Vec<plot::Series<'_>>| {
+        let path = dir.join(name);
+        plot::draw(&path, &chart, &series)
+            .map_err(|e| format!("writing {}: {e}", path.display()))?;
+        println!("wrote {}", path.display());
+        Ok::<_, String>(())
+    };
+    if !report.relay.is_empty() {
+        let mut csv = String::from(
+            "run,gateway_frames_per_sec,gateway_p50_us,relay_frames_per_sec,relay_p50_us,ratio\n",
+        );
+        for (gw, raw, ratio) in &report.relay {
+            csv.push_str(&format!(
+                "{},{:.0},{:.1},{:.0},{:.1},{:.3}\n",
+                gw.name, gw.per_sec, gw.p50_us, raw.per_sec, raw.p50_us, ratio
+            ));
+        }
+        write(format!("{prefix}-relay.csv"), csv)?;
+        // Runs are named `<transport>-c<clients>`.
+        let points = |transport: &str, f: &dyn Fn(&(Row, Row, f64)) -> f64| -> Vec<(f64, f64)> {
+            report
+                .relay
+                .iter()
+                .filter_map(|r| {
+                    let n = r.0.name.strip_prefix(transport)?.strip_prefix("-c")?;
+                    Some((n.parse().ok()?, f(r)))
+                })
+                .collect()
+        };
+        let series = |name, transport, f: &dyn Fn(&(Row, Row, f64)) -> f64| plot::Series {
+            name,
+            points: points(transport, f),
+        };
+        draw(
+            format!("{prefix}-relay.png"),
+            plot::Chart {
+                title: "gateway-echo against a raw TCP relay",
+                x_label: "clients",
+                y_label: "thousand frames per second",
+                log_x: true,
+            },
+            vec![
+                series("gateway, TCP", "tcp", &|r| r.0.per_sec / 1e3),
+                series("relay, TCP", "tcp", &|r| r.1.per_sec / 1e3),
+                series("gateway, WebSocket", "ws", &|r| r.0.per_sec / 1e3),
+                series("relay, WebSocket", "ws", &|r| r.1.per_sec / 1e3),
+            ],
+        )?;
+    }
+    if !report.idle.is_empty() {
+        let mut csv = String::from("clients,gateway_bytes_per_client,server_bytes_per_client\n");
+        for i in &report.idle {
+            csv.push_str(&format!(
+                "{},{:.0},{:.0}\n",
+                i.clients, i.gateway_bytes_per_client, i.server_bytes_per_client
+            ));
+        }
+        write(format!("{prefix}-idle.csv"), csv)?;
+        let series = |name, f: &dyn Fn(&Idle) -> f64| plot::Series {
+            name,
+            points: report
+                .idle
+                .iter()
+                .map(|i| (i.clients as f64, f(i)))
+                .collect(),
+        };
+        draw(
+            format!("{prefix}-idle.png"),
+            plot::Chart {
+                title: "Memory per idle TCP client",
+                x_label: "clients",
+                y_label: "KB per client",
+                log_x: true,
+            },
+            vec![
+                series("gateway", &|i| i.gateway_bytes_per_client / 1e3),
+                series("game server", &|i| i.server_bytes_per_client / 1e3),
+            ],
+        )?;
+    }
+    Ok(())
 }
 
 async fn probe(url: &str) -> Result<(), String> {

@@ -201,7 +201,7 @@ async fn session<R: FrameRead, W: FrameWrite>(
                 Err(_) => Err(Fault::Handshake(limits.handshake_timeout)),
             },
             () = gw.shutdown.cancelled() => {
-                finish_client(&gw, &info, &mut rd, &mut wr, End::Shutdown).await;
+                Box::pin(finish_client(&gw, &info, &mut rd, &mut wr, End::Shutdown)).await;
                 return;
             }
         };
@@ -217,7 +217,7 @@ async fn session<R: FrameRead, W: FrameWrite>(
         match item {
             Ok(Inbound::Heartbeat) => {
                 if let Err(e) = bounded_send(&mut wr, 1, &[], limits).await {
-                    finish_client(&gw, &info, &mut rd, &mut wr, End::Client(e)).await;
+                    Box::pin(finish_client(&gw, &info, &mut rd, &mut wr, End::Client(e))).await;
                     return;
                 }
             }
@@ -228,7 +228,14 @@ async fn session<R: FrameRead, W: FrameWrite>(
                 return;
             }
             Err(fault) => {
-                finish_client(&gw, &info, &mut rd, &mut wr, End::Client(fault)).await;
+                Box::pin(finish_client(
+                    &gw,
+                    &info,
+                    &mut rd,
+                    &mut wr,
+                    End::Client(fault),
+                ))
+                .await;
                 return;
             }
         }
@@ -239,7 +246,7 @@ async fn session<R: FrameRead, W: FrameWrite>(
         Err((code, reason)) => {
             gw.metrics
                 .ended(crate::metrics::Ended::TurnedAway, info.transport, None);
-            goodbye(&gw, &mut rd, &mut wr, code, reason).await;
+            Box::pin(goodbye(&gw, &mut rd, &mut wr, code, reason)).await;
             return;
         }
     };
@@ -251,13 +258,13 @@ async fn session<R: FrameRead, W: FrameWrite>(
             gw.metrics
                 .ended(crate::metrics::Ended::TurnedAway, info.transport, None);
             tracing::info!(client = %info.peer, transport = info.transport, %reason, "session refused");
-            goodbye(&gw, &mut rd, &mut wr, code, &reason).await;
+            Box::pin(goodbye(&gw, &mut rd, &mut wr, code, &reason)).await;
             return;
         }
     };
     let v2 = !matches!(route, Route::V1);
     let stream = tokio::select! {
-        s = open(&gw, &info, &first, &route) => s,
+        s = Box::pin(open(&gw, &info, &first, &route)) => s,
         () = gw.shutdown.cancelled() => Err((close_code::GOING_AWAY, public(v2, close_code::GOING_AWAY, "gateway shutting down"))),
     };
     let stream = match stream {
@@ -267,7 +274,7 @@ async fn session<R: FrameRead, W: FrameWrite>(
             gw.metrics
                 .ended(crate::metrics::Ended::NoServer, info.transport, None);
             tracing::info!(client = %info.peer, transport = info.transport, %reason, "client turned away");
-            goodbye(&gw, &mut rd, &mut wr, code, &reason).await;
+            Box::pin(goodbye(&gw, &mut rd, &mut wr, code, &reason)).await;
             return;
         }
     };
@@ -432,41 +439,46 @@ async fn session<R: FrameRead, W: FrameWrite>(
         }
     };
     log_end(&gw, &info, Some(server), &end);
-    // The stream: a clean client exit (or shutdown, or drain) ends it cleanly, so the game
-    // server reads every frame and then the end; anything else resets it with the reason.
-    // The client is told at the same time.
-    let stream_end = async {
-        match &end {
-            End::ClientLeft(_) | End::Shutdown | End::Drained => {
-                let rest = unwritten.load(Ordering::Relaxed).min(up_buf.len());
-                let tail = &up_buf[up_buf.len() - rest..];
-                let ended = async {
-                    up.write_all(tail).await?;
-                    up.shutdown().await
-                };
-                if matches!(timeout(limits.write_timeout, ended).await, Ok(Ok(()))) {
-                    // Let the game server finish its side (its last frames are dropped: the
-                    // client is gone or being told to go), bounded.
-                    let drain = async {
-                        let mut sink = [0u8; 1024];
-                        while matches!(down.read(&mut sink).await, Ok(n) if n > 0) {}
+    // The ending, boxed: a client's task holds only what its idle phase needs, not the
+    // largest of its phases (a task's future is as large as its largest await point).
+    Box::pin(async {
+        // The stream: a clean client exit (or shutdown, or drain) ends it cleanly, so the game
+        // server reads every frame and then the end; anything else resets it with the reason.
+        // The client is told at the same time.
+        let stream_end = async {
+            match &end {
+                End::ClientLeft(_) | End::Shutdown | End::Drained => {
+                    let rest = unwritten.load(Ordering::Relaxed).min(up_buf.len());
+                    let tail = &up_buf[up_buf.len() - rest..];
+                    let ended = async {
+                        up.write_all(tail).await?;
+                        up.shutdown().await
                     };
-                    let _ = timeout(LINGER, drain).await;
+                    if matches!(timeout(limits.write_timeout, ended).await, Ok(Ok(()))) {
+                        // Let the game server finish its side (its last frames are dropped: the
+                        // client is gone or being told to go), bounded.
+                        let drain = async {
+                            let mut sink = [0u8; 1024];
+                            while matches!(down.read(&mut sink).await, Ok(n) if n > 0) {}
+                        };
+                        let _ = timeout(LINGER, drain).await;
+                    }
                 }
+                End::Client(fault) => up.reset(format!("client {}: {fault}", info.peer)),
+                End::ServerEnded | End::ServerClosed(_) | End::Server(_) => {}
             }
-            End::Client(fault) => up.reset(format!("client {}: {fault}", info.peer)),
-            End::ServerEnded | End::ServerClosed(_) | End::Server(_) => {}
-        }
-    };
-    let client_end = async {
-        if let End::ClientLeft(said) = &end {
-            let finish = wr.finish(said.is_some());
-            let _ = timeout(limits.write_timeout.min(LINGER), finish).await;
-        } else {
-            close_client(&gw, &mut rd, &mut wr, &end, Some(server), v2).await;
-        }
-    };
-    tokio::join!(stream_end, client_end);
+        };
+        let client_end = async {
+            if let End::ClientLeft(said) = &end {
+                let finish = wr.finish(said.is_some());
+                let _ = timeout(limits.write_timeout.min(LINGER), finish).await;
+            } else {
+                close_client(&gw, &mut rd, &mut wr, &end, Some(server), v2).await;
+            }
+        };
+        tokio::join!(stream_end, client_end);
+    })
+    .await;
 }
 
 /// Writes all of `buf`, keeping `unwritten` up to date after every write.

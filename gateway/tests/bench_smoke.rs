@@ -62,11 +62,21 @@ fn main() {
             failed = true;
         }
     }
+    // Their curves, drawn beside the CSV.
+    for name in ["gateway-smoke-relay", "gateway-smoke-idle"] {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/scale");
+        let png = std::fs::read(dir.join(format!("{name}.png"))).unwrap_or_default();
+        let csv = std::fs::read_to_string(dir.join(format!("{name}.csv"))).unwrap_or_default();
+        if !png.starts_with(b"\x89PNG\r\n\x1a\n") || csv.lines().count() < 2 {
+            eprintln!("bench smoke: {name}: no PNG or no CSV rows");
+            failed = true;
+        }
+    }
     if failed {
         std::process::exit(1);
     }
     println!(
-        "bench smoke: {} echo runs, {} relay runs, the session run and the idle run passed",
+        "bench smoke: {} echo runs, {} relay runs, the session run, the idle run and their curves passed",
         report.rows.len(),
         report.relay.len()
     );

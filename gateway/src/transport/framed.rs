@@ -189,8 +189,10 @@ pub(crate) async fn tcp(gw: Arc<Gateway>, listener: TcpListener, tls: Option<Tls
                 }
                 Some(tls) => {
                     let info = info(&g, "tls", peer);
-                    let Some(stream) = tls_handshake(&g, &tls, sock, peer, info.deadline).await
-                    else {
+                    // Boxed: a TLS handshake's state is large and a plain client's task would
+                    // otherwise hold room for it.
+                    let handshake = tls_handshake(&g, &tls, sock, peer, info.deadline);
+                    let Some(stream) = Box::pin(handshake).await else {
                         return;
                     };
                     let (r, w) = tokio::io::split(stream);
