@@ -1,5 +1,8 @@
-//! Scale benchmark: how a node's costs grow with the number of its links. Figures, not
-//! pass/fail; every run is bounded in time and stops by itself.
+//! Scale benchmark: how a node's costs grow with its links (`links`), with the membership it
+//! follows (`members`, in `scale/members.rs`) and with the clusters behind its harbors
+//! (`clusters`, in `scale/clusters.rs`). Figures, not pass/fail; every run is bounded in time
+//! and stops by itself. Each mode writes its figures as CSV and draws each curve as a PNG in
+//! `target/scale/` (`<mode>-smoke*` for a smoke run).
 //!
 //! Mode `links`: one node, the hub (`1.2.1`, a process of its own), links to N peers
 //! (`1.1.1`…, many nodes hosted in two other processes), for each N of `--sizes` (default
@@ -18,11 +21,15 @@
 //!
 //! It prints a table and writes `target/scale/links.csv` (a smoke run, `links-smoke.csv`).
 //!
-//! Flags: `--mode links`, `--sizes 10,100,...`, `--secs <f64>` (rpc seconds, default 3),
-//! `--smoke` (sizes 10 and 20, 0.3 s). Unknown arguments (cargo's `--bench`) are ignored.
+//! Flags: `--mode links|members|clusters` (repeatable; all by default), `--sizes 10,100,...`
+//! (links), `--members 100,...` (members), `--clusters 10,...` (clusters), `--secs <f64>` (rpc
+//! seconds, default 3), `--smoke` (small sizes, 0.3 s). Unknown arguments (cargo's `--bench`)
+//! are ignored.
 //!
-//! Processes (this binary re-executed): `host <first> <count>` serves nodes
-//! `1.1.<first>`…; `hub <peers> <secs>` is the hub. Each binds its listeners, prints
+//! Processes (this binary re-executed): `host <addr,addr,...>` serves those nodes (an echo
+//! server each, and a raw echo server for the process); `hub <addr> <peers> <secs> <idle>`
+//! is the hub, calling every listed node but itself and the harbors; `watchers` is the
+//! members mode's. Each binds its listeners, prints
 //! `PORTS …`, reads the membership (`MEMBERS addr=host:port …`) from stdin, starts its nodes
 //! and prints `READY`; the hub then runs the steps the parent sends it. Each exits when its
 //! stdin closes. Open-file limits are raised to the hard limit at start (each link is a
@@ -106,45 +113,9 @@ fn parse(args: &[String]) -> Result<Opts, String> {
                     })?,
                 );
             }
-            "--sizes" => {
-                o.sizes = value("--sizes")?
-                    .split(',')
-                    .map(|n| {
-                        n.trim()
-                            .parse::<usize>()
-                            .map_err(|e| format!("--sizes: {e}"))
-                    })
-                    .collect::<Result<_, _>>()?;
-                if o.sizes.iter().any(|n| *n == 0 || *n > 60_000) {
-                    return Err("--sizes: each between 1 and 60,000".into());
-                }
-            }
-            "--clusters" => {
-                o.clusters = value("--clusters")?
-                    .split(',')
-                    .map(|n| {
-                        n.trim()
-                            .parse::<usize>()
-                            .map_err(|e| format!("--clusters: {e}"))
-                    })
-                    .collect::<Result<_, _>>()?;
-                if o.clusters.iter().any(|n| *n == 0 || *n > 4_000) {
-                    return Err("--clusters: each between 1 and 4,000".into());
-                }
-            }
-            "--members" => {
-                o.members = value("--members")?
-                    .split(',')
-                    .map(|n| {
-                        n.trim()
-                            .parse::<usize>()
-                            .map_err(|e| format!("--members: {e}"))
-                    })
-                    .collect::<Result<_, _>>()?;
-                if o.members.iter().any(|n| *n == 0 || *n > 52_000) {
-                    return Err("--members: each between 1 and 52,000".into());
-                }
-            }
+            "--sizes" => o.sizes = counts("--sizes", &value("--sizes")?, 60_000)?,
+            "--clusters" => o.clusters = counts("--clusters", &value("--clusters")?, 4_000)?,
+            "--members" => o.members = counts("--members", &value("--members")?, 52_000)?,
             "--secs" => {
                 o.measure = Duration::from_secs_f64(
                     value("--secs")?
@@ -167,6 +138,22 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         o.modes = MODES.to_vec();
     }
     Ok(o)
+}
+
+/// A comma-separated list of counts for flag `name`, each from 1 to `max`.
+fn counts(name: &str, list: &str, max: usize) -> Result<Vec<usize>, String> {
+    let v = list
+        .split(',')
+        .map(|n| {
+            n.trim()
+                .parse::<usize>()
+                .map_err(|e| format!("{name}: {e}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if v.iter().any(|n| *n == 0 || *n > max) {
+        return Err(format!("{name}: each between 1 and {max}"));
+    }
+    Ok(v)
 }
 
 /// What a run measured, by mode (empty: not run).

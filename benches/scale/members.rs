@@ -6,12 +6,14 @@
 //! whole [`Node`] on an [`EtcdDiscovery`] of that prefix, and measures:
 //! - **time to the first snapshot**: `Node::start` of one node (reading the prefix, building
 //!   its view, taking its lease and putting its alive key), on an etcd nobody else reads;
-//! - **memory per member in a view**: that node's resident growth minus a node's own (one
-//!   started before it on a prefix listing only itself), over M;
-//! - **change propagation**: with 20 nodes watching, changes written at 10/s and at 100/s
-//!   (each a member's network address, a different member each time), the delay from the
-//!   start of the write until every one of the 20 has the new value in its view, p50/p99,
-//!   and the watchers' CPU per change per node.
+//! - **memory per member**: that node's resident growth minus a node's own (one started
+//!   before it on a prefix listing only itself), over M: the member's place in the source's
+//!   state, the merger's map and the node's view, and what the allocator kept from reading;
+//! - **change propagation**: with 20 nodes watching, changes written at 10/s and at 100/s for
+//!   10 s each (each a member's network address, a different member each time), the delay
+//!   from when the write was due until every one of the 20 has the new value in its view,
+//!   p50/p99/max; and the watching process's CPU per change per node, less what it spends
+//!   idle over as long (measured just before).
 //!
 //! Small M carry the fixed growth of a view (maps, indexes, pages of the allocator) over few
 //! members, as small N do in `links`. A change that a watcher has not applied within 10 s is
@@ -336,7 +338,8 @@ async fn watchers(endpoint: String, m: usize, secs: f64) -> Result<(), String> {
         .map_err(|e| format!("first node: {e}"))?;
     let first_ms = started.elapsed().as_secs_f64() * 1e3;
     let rss2 = rss_bytes(me)?;
-    let per_member = ((rss2 - rss1) as f64 - (rss1 - rss0) as f64) / m as f64;
+    let (rss0, rss1, rss2) = (rss0 as i64, rss1 as i64, rss2 as i64);
+    let per_member = ((rss2 - rss1) - (rss1 - rss0)) as f64 / m as f64;
     println!("FIRST {first_ms:.2} {per_member:.1}");
     let starts = rest.iter().map(|n| n.start());
     for r in futures_util::future::join_all(starts).await {
@@ -347,7 +350,7 @@ async fn watchers(endpoint: String, m: usize, secs: f64) -> Result<(), String> {
     let nodes = std::sync::Arc::new(nodes);
     // The watches start after each node's first snapshot; the first change after that also
     // waits for them to be set up. One change first, not counted.
-    if change(kv.clone(), nodes.clone(), p.clone(), 0, m)
+    if change(kv.clone(), nodes.clone(), p.clone(), 0, m, Instant::now())
         .await?
         .is_none()
     {
@@ -356,13 +359,20 @@ async fn watchers(endpoint: String, m: usize, secs: f64) -> Result<(), String> {
     let mut serial = 0usize;
     for rate in RATES {
         let count = ((rate as f64 * secs).ceil() as usize).max(5);
+        // What the 20 nodes cost doing nothing over as long, to take from the figure.
+        let cpu0 = cpu_nanos(me)?;
+        tokio::time::sleep(Duration::from_secs_f64(count as f64 / rate as f64)).await;
+        let idle = cpu_nanos(me)? - cpu0;
         let cpu0 = cpu_nanos(me)?;
         let t0 = tokio::time::Instant::now();
         let mut pending = tokio::task::JoinSet::new();
         for k in 0..count {
-            tokio::time::sleep_until(t0 + Duration::from_secs_f64(k as f64 / rate as f64)).await;
+            let due = t0 + Duration::from_secs_f64(k as f64 / rate as f64);
+            tokio::time::sleep_until(due).await;
             serial += 1;
-            pending.spawn(change(kv.clone(), nodes.clone(), p.clone(), serial, m));
+            // Timed from when it was due, not from when its task ran: a late start is delay.
+            let due = due.into_std();
+            pending.spawn(change(kv.clone(), nodes.clone(), p.clone(), serial, m, due));
         }
         let mut delays = Vec::new();
         let mut lost = 0;
@@ -372,7 +382,8 @@ async fn watchers(endpoint: String, m: usize, secs: f64) -> Result<(), String> {
                 None => lost += 1,
             }
         }
-        let cpu = (cpu_nanos(me)? - cpu0) as f64 / 1e3 / count as f64 / WATCHERS as f64;
+        let spent = (cpu_nanos(me)? - cpu0).saturating_sub(idle);
+        let cpu = spent as f64 / 1e3 / count as f64 / WATCHERS as f64;
         delays.sort_by(f64::total_cmp);
         let at = |q: f64| {
             delays
@@ -396,18 +407,19 @@ async fn watchers(endpoint: String, m: usize, secs: f64) -> Result<(), String> {
     Ok(())
 }
 
-/// Change number `serial`: a new network address for one member; the time from the start of
-/// the write until every node has it (`None`: some node did not within [`LOST_AFTER`]).
+/// Change number `serial`: a new network address for one member; the time from `start` (when
+/// the write was due) until every node has it (`None`: some node did not within
+/// [`LOST_AFTER`]).
 async fn change(
     mut kv: Client,
     nodes: std::sync::Arc<Vec<Node>>,
     prefix: String,
     serial: usize,
     m: usize,
+    start: Instant,
 ) -> Result<Option<Duration>, String> {
     let addr = member_addr(serial % m);
     let net = format!("127.0.0.2:{}", 1 + serial % 65_000);
-    let start = Instant::now();
     let waits = nodes.iter().map(|n| {
         let net = net.clone();
         n.wait_for_member(

@@ -78,7 +78,11 @@ impl Store {
                 options = options.with_revision(revision);
             }
             let resp = self.timed(kv.get(from.clone(), Some(options))).await?;
-            revision = resp.header().map_or(0, |h| h.revision());
+            // Every header carries the store's current revision: the first page's is the one
+            // the whole read is pinned to.
+            if revision == 0 {
+                revision = resp.header().map_or(0, |h| h.revision());
+            }
             for kv in resp.kvs() {
                 let key = String::from_utf8_lossy(kv.key());
                 if let Some(addr) = key.strip_prefix(&members_dir) {

@@ -15,7 +15,7 @@ use tokio_util::task::TaskTracker;
 use tonic::Streaming;
 use tonic::transport::Channel;
 
-use super::peer::{ACK_EVERY, LinkState, LinkStreams, LinkTokens, Peer};
+use super::peer::{ACK_EVERY, AckDue, LinkState, LinkStreams, LinkTokens, Peer};
 use super::reader::{self, Deliver};
 use super::writer::Writer;
 use crate::addr::LogicAddr;
@@ -57,6 +57,8 @@ pub(crate) struct Links<S> {
     /// Cancelled last in shutdown: ends every link and dial.
     pub(crate) root: CancellationToken,
     pub(crate) tracker: TaskTracker,
+    /// Set by the links' readers; what the acknowledgement sweep waits for.
+    pub(crate) ack_due: Arc<AckDue>,
 }
 
 impl<S: LinkStreams> Links<S> {
@@ -79,6 +81,7 @@ impl<S: LinkStreams> Links<S> {
             stats,
             root,
             tracker,
+            ack_due: Default::default(),
         }
     }
 
@@ -111,6 +114,7 @@ impl<S: LinkStreams> Links<S> {
             close: CancellationToken::new(),
             fault: Default::default(),
             counts: Default::default(),
+            ack_due: self.ack_due.clone(),
         }
     }
 
@@ -136,18 +140,26 @@ impl<S: LinkStreams> Links<S> {
 const CLOSE_FLUSH: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl<S: LinkStreams> Links<S> {
-    /// The acknowledgement sweep, for the life of the node: every [`ACK_EVERY`], each link
-    /// whose reader received envelopes its writer has not told the peer of (it sent nothing
-    /// since) sends the count in a batch of its own. Traffic both ways carries the counts
-    /// in its batches, so under load the sweep finds nothing to do; one task per node, not a
-    /// wake per request.
+    /// The acknowledgement sweep, for the life of the node: [`ACK_EVERY`] after a link's
+    /// reader received envelopes, each link whose reader received envelopes its writer has
+    /// not told the peer of (it sent nothing since) sends the count in a batch of its own.
+    /// Traffic both ways carries the counts in its batches, so under load the sweep finds
+    /// nothing to do; one task per node, not a wake per request. A node that receives nothing
+    /// sleeps here until it does: idle, its links cost it no periodic wake-ups (there used to
+    /// be ten a second per node, traffic or not).
     pub(crate) async fn acknowledge(&self) {
-        let mut tick = tokio::time::interval(ACK_EVERY);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            if !self.ack_due.take() {
+                tokio::select! {
+                    _ = self.root.cancelled() => return,
+                    () = self.ack_due.marked() => {}
+                }
+                continue;
+            }
+            // Time for the writers to carry the count with traffic of their own.
             tokio::select! {
                 _ = self.root.cancelled() => return,
-                _ = tick.tick() => {}
+                () = tokio::time::sleep(ACK_EVERY) => {}
             }
             for peer in self.peer_list() {
                 if let LinkState::Up { tokens, .. } = &*peer.state() {

@@ -44,6 +44,39 @@ pub(crate) struct LinkTokens {
     pub(crate) fault: Arc<std::sync::OnceLock<tonic::Status>>,
     /// What each side of the link wrote and what the other confirmed.
     pub(crate) counts: Arc<LinkCounts>,
+    /// The node's: told when the link's reader received envelopes.
+    pub(crate) ack_due: Arc<AckDue>,
+}
+
+/// Whether any of a node's links received envelopes since its acknowledgement sweep last
+/// looked. The sweep sleeps on it, so a node without traffic does no periodic work for its
+/// links (their keepalives aside).
+#[derive(Debug, Default)]
+pub(crate) struct AckDue {
+    pending: std::sync::atomic::AtomicBool,
+    wake: tokio::sync::Notify,
+}
+
+impl AckDue {
+    /// A reader received envelopes (after counting them).
+    pub(crate) fn mark(&self) {
+        use std::sync::atomic::Ordering::{AcqRel, Relaxed};
+        // Under load it is set already: a load, no write to the shared line.
+        if !self.pending.load(Relaxed) && !self.pending.swap(true, AcqRel) {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Takes the mark: whether anything was received since the last take.
+    pub(crate) fn take(&self) -> bool {
+        self.pending
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+    }
+
+    /// Waits for the next mark (at once if one came since the last take).
+    pub(crate) async fn marked(&self) {
+        self.wake.notified().await
+    }
 }
 
 /// How often a side that received envelopes and has sent nothing since tells the other side

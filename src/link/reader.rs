@@ -80,6 +80,7 @@ pub(crate) async fn run<D: Deliver>(
                     }
                     counts.confirmed.fetch_max(batch.received, Relaxed);
                 }
+                let mut received = false;
                 for env in batch.envelopes {
                     // A link replaced or dropped mid-batch delivers nothing more: what waited
                     // on it has been failed already.
@@ -93,6 +94,10 @@ pub(crate) async fn run<D: Deliver>(
                     // `Links::acknowledge`); counted once handed on, so an envelope a dying
                     // link drops mid-batch is never confirmed.
                     counts.received.fetch_add(1, Relaxed);
+                    received = true;
+                }
+                if received {
+                    tokens.ack_due.mark();
                 }
             }
             Ok(None) => return PEER_CLOSED.into(),

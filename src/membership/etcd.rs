@@ -159,7 +159,7 @@ pub fn member_key(prefix: &str, addr: LogicAddr) -> String {
 /// each lost round means another node won an id, so N nodes claiming at once need at most N.
 const CLAIM_ROUNDS: usize = 512;
 
-/// Keys per page when a node reads the whole prefix (see `Inner::load`): about 1 MiB of
+/// Keys per page when a node reads the whole prefix (see `Inner::load`): about 0.5 MiB of
 /// ordinary members and alive keys.
 const LOAD_PAGE: i64 = 5_000;
 
@@ -384,12 +384,12 @@ impl Inner {
     /// In pages of up to [`LOAD_PAGE`] keys, every page at the revision of the first, so the
     /// result is one consistent state whatever its size. One read of everything would be one
     /// gRPC message, and a client refuses messages over 4 MiB: about 25,000 members with
-    /// their alive keys. Pages are large because etcd (3.4) walks every key of the remaining
-    /// range for each page, limit or not: 50,000 members read in 20 pages rather than 100. A
-    /// page that is still over the limit (long values) is asked for again at a quarter of the
-    /// size. A revision compacted between two pages fails the read, which is retried from the
-    /// start as any failure is.
-    async fn load(&self, client: &mut Client) -> Result<(State, i64), DiscoveryError> {
+    /// their alive keys. Pages are large because etcd walks every key of the remaining range
+    /// for each page, limit or not: 50,000 members read in 20 pages rather than 100. A page
+    /// that is still over the limit (long values) is asked for again at a quarter of the size
+    /// (and the size grows back after). A revision compacted between two pages ends the read
+    /// as a compaction ends a watch: it starts again at once.
+    async fn load(&self, client: &mut Client) -> Result<(State, i64), WatchEnd> {
         let start = format!("{}/", self.prefix);
         // The end of the range: the prefix's last byte (`/`) plus one.
         let end = format!("{}0", self.prefix);
@@ -410,14 +410,22 @@ impl Inner {
             .map_err(|_| failed(&self.endpoints, "get", "timed out"))?;
             let mut resp = match read {
                 Ok(r) => r,
-                Err(etcd_client::Error::GRpcStatus(s))
-                    if s.code() == tonic::Code::OutOfRange && page > 1 =>
-                {
-                    page = (page / 4).max(1);
-                    continue;
+                Err(etcd_client::Error::GRpcStatus(s)) if s.code() == tonic::Code::OutOfRange => {
+                    if s.message().contains("compacted") {
+                        return Err(WatchEnd::Reset { progressed: true });
+                    }
+                    if s.message().contains("too large") && page > 1 {
+                        page = (page / 4).max(1);
+                        continue;
+                    }
+                    return Err(
+                        failed(&self.endpoints, "get", etcd_client::Error::GRpcStatus(s)).into(),
+                    );
                 }
-                Err(e) => return Err(failed(&self.endpoints, "get", e)),
+                Err(e) => return Err(failed(&self.endpoints, "get", e).into()),
             };
+            // Every page's header carries the store's current revision; the first page's is
+            // the one the whole read is pinned to.
             if revision == 0 {
                 revision = resp.header().map_or(0, |h| h.revision());
             }
@@ -431,6 +439,15 @@ impl Inner {
                     let mut next = last.key().to_vec();
                     next.push(0);
                     key = next;
+                    page = (page * 2).min(LOAD_PAGE);
+                }
+                None if resp.more() => {
+                    return Err(failed(
+                        &self.endpoints,
+                        "get",
+                        "a page said more keys follow but held none",
+                    )
+                    .into());
                 }
                 _ => return Ok((state, revision)),
             }

@@ -12,6 +12,7 @@ use tokio_stream::StreamExt;
 
 use super::dispatch::MeshService;
 use super::inner::{Inner, Phase};
+use crate::addr::LogicAddr;
 use crate::error::{DiscoveryError, RpcError, StartError};
 use crate::link::LinkState;
 use crate::link::incoming::{Admission, PreProofLimit, incoming};
@@ -227,25 +228,17 @@ impl Inner {
     }
 
     fn apply(self: &Arc<Self>, event: MembershipEvent) {
-        let changes = {
-            let mut view = self.view.write().unwrap_or_else(|e| e.into_inner());
-            match event {
-                MembershipEvent::Snapshot(ms) => {
-                    let new = View::new(self.addr, ms);
-                    let changes = view.changes(&new);
-                    *view = Arc::new(new);
-                    changes
-                }
-                // One member changes in place: readers hold the view only for a moment, so
-                // it is rarely shared here and rarely copied (a copy is the size of the view).
-                MembershipEvent::Upsert(m) => Arc::make_mut(&mut view)
-                    .upsert(self.addr, m)
-                    .into_iter()
-                    .collect(),
-                MembershipEvent::Remove(a) => {
-                    Arc::make_mut(&mut view).remove(a).into_iter().collect()
-                }
+        // Only this node's membership task applies events, so the view cannot change
+        // between the reads and the swap below; readers keep the view they hold.
+        let changes = match event {
+            MembershipEvent::Snapshot(ms) => {
+                let new = View::new(self.addr, ms);
+                let changes = self.view().changes(&new);
+                *self.view.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
+                changes
             }
+            MembershipEvent::Upsert(m) => self.edit_view(|v| v.upsert(self.addr, m)),
+            MembershipEvent::Remove(a) => self.edit_view(|v| v.remove(a)),
         };
         if changes.is_empty() {
             return;
@@ -288,6 +281,27 @@ impl Inner {
                 }
             }
         }
+    }
+
+    /// Changes one member of the view: in place when no reader holds the view (the usual
+    /// case: readers hold it for a moment), so a change costs the same at 50,000 members as
+    /// at 10; else on a copy made outside the lock, then swapped in.
+    fn edit_view(
+        &self,
+        edit: impl FnOnce(&mut View) -> Option<(LogicAddr, Change)>,
+    ) -> Vec<(LogicAddr, Change)> {
+        let shared = {
+            let mut view = self.view.write().unwrap_or_else(|e| e.into_inner());
+            match Arc::get_mut(&mut view) {
+                Some(v) => return edit(v).into_iter().collect(),
+                None => view.clone(),
+            }
+        };
+        let mut copy = (*shared).clone();
+        drop(shared);
+        let change = edit(&mut copy);
+        *self.view.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(copy);
+        change.into_iter().collect()
     }
 
     pub(crate) async fn shutdown(self: &Arc<Self>) {

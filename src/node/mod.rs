@@ -454,8 +454,8 @@ impl Node {
     }
 
     /// Waits until `check` holds for [`Node::available_of_type`]`(node_type)`, up to
-    /// `timeout`; returns whether it did. It looks at the index only, so a gateway that
-    /// follows its game servers costs nothing per change of other members.
+    /// `timeout`; returns whether it did. It looks at that type's index only: a gateway that
+    /// follows its game servers compares their list on each change, not every member.
     pub async fn wait_available_of_type(
         &self,
         node_type: u8,
