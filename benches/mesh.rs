@@ -2,7 +2,8 @@
 //! re-executed copy of this binary (the peer), and every mode is compared with a raw tokio TCP
 //! baseline that does the same work with `u32` big-endian length-prefixed frames.
 //!
-//! Modes:
+//! Modes (each also against one bare tonic bidi call where it applies, `mesh/bare.rs`: the
+//! transport's floor beside the physical limit):
 //! - `rpc-c1`: echo RPC of 64 bytes, one caller in a closed loop.
 //! - `rpc-c128`: the same with 128 concurrent callers.
 //! - `rpc-c128-harbor`: the same from another cluster, through two harbors (four processes:
@@ -21,7 +22,7 @@
 //! arguments (cargo's `--bench`) are ignored.
 //!
 //! Peer process: `peer --listen-port 0 --other 127.0.0.1:PORT [--multi-thread] [--tls-dir DIR]`. It prints
-//! `READY <node port> <raw port>` and exits by itself when its stdin closes.
+//! `READY <node port> <raw port> <bare tonic port>` and exits by itself when its stdin closes.
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -35,6 +36,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWrit
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc};
 
+#[path = "mesh/bare.rs"]
+pub(crate) mod bare;
 #[path = "../tests/support/ports.rs"]
 mod ports;
 #[path = "mesh/streams.rs"]
@@ -183,6 +186,8 @@ pub(crate) struct Row {
     pub(crate) mesh: Measure,
     /// Through raw TCP.
     pub(crate) raw: Measure,
+    /// Through one bare tonic bidi call (modes `bare::covers`).
+    pub(crate) bare: Option<Measure>,
 }
 
 /// The outcome of one mode.
@@ -498,6 +503,14 @@ async fn peer_main(opts: Opts) -> Result<(), String> {
         .await
         .map_err(|e| format!("peer: bind raw: {e}"))?;
     let raw_port = raw_listener.local_addr().map_err(|e| e.to_string())?.port();
+    let bare_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| format!("peer: bind bare: {e}"))?;
+    let bare_port = bare_listener
+        .local_addr()
+        .map_err(|e| e.to_string())?
+        .port();
+    bare::serve(bare_listener);
 
     let sink = Arc::new(SinkStats::new());
     let (s_data, s_reset, s_stats) = (sink.clone(), sink.clone(), sink.clone());
@@ -525,7 +538,7 @@ async fn peer_main(opts: Opts) -> Result<(), String> {
         .map_err(|e| format!("peer: start: {e}"))?;
 
     let mut out = std::io::stdout().lock();
-    writeln!(out, "READY {node_port} {raw_port}").map_err(|e| e.to_string())?;
+    writeln!(out, "READY {node_port} {raw_port} {bare_port}").map_err(|e| e.to_string())?;
     out.flush().map_err(|e| e.to_string())?;
     drop(out);
 
@@ -615,6 +628,8 @@ struct PeerProc {
     child: tokio::process::Child,
     stdin: Option<tokio::process::ChildStdin>,
     raw: SocketAddr,
+    /// The bare tonic server.
+    bare: SocketAddr,
 }
 
 async fn spawn_peer(opts: &Opts, args: &[String]) -> Result<(PeerProc, u16), String> {
@@ -645,6 +660,7 @@ async fn spawn_peer(opts: &Opts, args: &[String]) -> Result<(PeerProc, u16), Str
         child,
         stdin,
         raw: SocketAddr::from(([127, 0, 0, 1], 0)),
+        bare: SocketAddr::from(([127, 0, 0, 1], 0)),
     };
     let mut lines = BufReader::new(stdout).lines();
     let line = match tokio::time::timeout(Duration::from_secs(20), lines.next_line()).await {
@@ -662,11 +678,12 @@ async fn spawn_peer(opts: &Opts, args: &[String]) -> Result<(PeerProc, u16), Str
                 .collect()
         })
         .unwrap_or_default();
-    let [node_port, raw_port] = ports[..] else {
+    let [node_port, raw_port, bare_port] = ports[..] else {
         stop_peer(&mut proc).await;
         return Err(format!("bad READY line from peer: {line:?}"));
     };
     proc.raw = SocketAddr::from(([127, 0, 0, 1], raw_port));
+    proc.bare = SocketAddr::from(([127, 0, 0, 1], bare_port));
     Ok((proc, node_port))
 }
 
@@ -696,10 +713,20 @@ async fn orchestrate(opts: Opts) -> Vec<ModeOutcome> {
         opts.warmup.as_secs_f64()
     );
     println!(
-        "{:<20} | {:>10} | {:>6} | {:>6} | {:>10} | {:>7} | {:>7} | {:>5}",
-        "mode", "ops/s", "p50 µs", "p99 µs", "raw ops/s", "raw p50", "raw p99", "ratio"
+        "{:<20} | {:>10} | {:>6} | {:>6} | {:>10} | {:>7} | {:>7} | {:>5} | {:>10} | {:>8} | {:>7}",
+        "mode",
+        "ops/s",
+        "p50 µs",
+        "p99 µs",
+        "raw ops/s",
+        "raw p50",
+        "raw p99",
+        "ratio",
+        "tonic op/s",
+        "tonic p50",
+        "÷ tonic"
     );
-    println!("{}", "-".repeat(97));
+    println!("{}", "-".repeat(136));
     let mut outcomes = Vec::new();
     for name in MODES {
         if opts.mode.as_deref().is_some_and(|m| m != name) {
@@ -712,7 +739,7 @@ async fn orchestrate(opts: Opts) -> Vec<ModeOutcome> {
         };
         match &result {
             Ok(row) => println!(
-                "{:<20} | {:>10.0} | {:>6} | {:>6} | {:>10.0} | {:>7} | {:>7} | {:>5.2}",
+                "{:<20} | {:>10.0} | {:>6} | {:>6} | {:>10.0} | {:>7} | {:>7} | {:>5.2} | {:>10} | {:>8} | {:>7}",
                 name,
                 row.mesh.ops_per_sec,
                 us(row.mesh.p50_us),
@@ -721,6 +748,16 @@ async fn orchestrate(opts: Opts) -> Vec<ModeOutcome> {
                 us(row.raw.p50_us),
                 us(row.raw.p99_us),
                 row.mesh.ops_per_sec / row.raw.ops_per_sec.max(f64::MIN_POSITIVE),
+                row.bare
+                    .map_or_else(|| "-".into(), |b| format!("{:.0}", b.ops_per_sec)),
+                us(row.bare.and_then(|b| b.p50_us)),
+                row.bare.map_or_else(
+                    || "-".into(),
+                    |b| format!(
+                        "{:.2}",
+                        row.mesh.ops_per_sec / b.ops_per_sec.max(f64::MIN_POSITIVE)
+                    )
+                ),
             ),
             Err(e) => println!("{name:<20} | FAILED: {e}"),
         }
@@ -778,7 +815,11 @@ async fn run_mode(opts: &Opts, name: &str) -> Result<Row, String> {
             _ => streams::run(streams::Target::Raw(peer.raw), name, warmup, measure).await,
         }
         .map_err(|e| format!("raw: {e}"))?;
-        Ok(Row { mesh, raw })
+        let bare = bare::run(name, peer.bare, warmup, measure)
+            .await
+            .transpose()
+            .map_err(|e| format!("bare tonic: {e}"))?;
+        Ok(Row { mesh, raw, bare })
     }
     .await;
     stop_node(&node).await;
@@ -832,7 +873,11 @@ async fn run_harbor_mode(opts: &Opts, listener: std::net::TcpListener) -> Result
         let raw = raw_rpc_concurrent(raw_to, CONCURRENCY, opts.warmup, opts.measure)
             .await
             .map_err(|e| format!("raw: {e}"))?;
-        Ok(Row { mesh, raw })
+        Ok(Row {
+            mesh,
+            raw,
+            bare: None,
+        })
     }
     .await;
     stop_node(&node).await;

@@ -52,7 +52,9 @@ fn main() {
                 if row.mesh.ops > 0
                     && row.raw.ops > 0
                     && row.mesh.ops_per_sec > 0.0
-                    && row.raw.ops_per_sec > 0.0 =>
+                    && row.raw.ops_per_sec > 0.0
+                    && row.bare.map(|b| b.ops > 0 && b.ops_per_sec > 0.0)
+                        == mesh::bare::covers(o.name).then_some(true) =>
             {
                 passed += 1
             }
