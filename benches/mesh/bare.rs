@@ -5,14 +5,15 @@
 //!
 //! - `rpc-c1` and `stream-pingpong-s1`: one caller sends 64 bytes and awaits the answer
 //!   itself; the peer answers through its response stream (the request stream, echoed as it
-//!   is read).
+//!   is read). `stream-pingpong-s100`: 100 such calls on one connection.
+//! - `stream-pipe-s1` / `-s100`: 64-byte messages on 1 or 100 calls without waiting, counted
+//!   from their echoes; `stream-bulk`: 64 KiB messages to the sink on one call, MB/s.
 //! - `rpc-c128`: 128 callers share the one call; the peer answers in order, so a reader hands
 //!   each answer to the oldest waiting caller.
 //! - `msg`: 64-byte messages on a call of their own, counted by the peer as the raw baseline's
 //!   sink counts them (`R` resets, `Q` asks for the counts, answered on the response stream).
 //!
-//! The other stream modes have no bare row: many streams and bulk transfer are h2's own
-//! streams and windows, which the raw rows already bound.
+//! The harbor mode has no bare row (bare tonic has no harbors); its raw row is direct.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -29,9 +30,9 @@ type BoxStream = std::pin::Pin<
     Box<dyn futures_util::Stream<Item = Result<Bytes, tonic::Status>> + Send + 'static>,
 >;
 
-/// Whether `mode` has a bare row.
+/// Whether `mode` has a bare row: all but the harbor mode (bare tonic has no harbors).
 pub(crate) fn covers(mode: &str) -> bool {
-    matches!(mode, "rpc-c1" | "rpc-c128" | "msg" | "stream-pingpong-s1")
+    MODES.contains(&mode) && mode != "rpc-c128-harbor"
 }
 
 /// Mode `name` over one bare call to the peer's bare server at `to`; `None` if it has no bare
@@ -48,6 +49,10 @@ pub(crate) async fn run(
     Some(match name {
         "rpc-c128" => rpc_concurrent(to, CONCURRENCY, warmup, measure).await,
         "msg" => msg(to, warmup, measure).await,
+        "stream-pingpong-s100" => pingpong(to, 100, warmup, measure).await,
+        "stream-pipe-s1" => pipe(to, 1, warmup, measure).await,
+        "stream-pipe-s100" => pipe(to, 100, warmup, measure).await,
+        "stream-bulk" => bulk(to, warmup, measure).await,
         _ => rpc_c1(to, warmup, measure).await,
     })
 }
@@ -147,17 +152,21 @@ pub(crate) fn serve(listener: tokio::net::TcpListener) {
     });
 }
 
-/// One call to the peer at `to`: the sender of its requests and the stream of its answers.
-async fn open(
-    to: SocketAddr,
-    path: &'static str,
-) -> Result<(mpsc::Sender<Bytes>, tonic::Streaming<Bytes>), String> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{to}"))
+/// A connection to the peer's bare server at `to`.
+async fn connect(to: SocketAddr) -> Result<tonic::transport::Channel, String> {
+    tonic::transport::Endpoint::from_shared(format!("http://{to}"))
         .map_err(|e| e.to_string())?
         .tcp_nodelay(true)
         .connect()
         .await
-        .map_err(|e| format!("connect: {e}"))?;
+        .map_err(|e| format!("connect: {e}"))
+}
+
+/// One call on `channel`: the sender of its requests and the stream of its answers.
+async fn call(
+    channel: tonic::transport::Channel,
+    path: &'static str,
+) -> Result<(mpsc::Sender<Bytes>, tonic::Streaming<Bytes>), String> {
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.map_err(|e| format!("ready: {e}"))?;
     let (tx, rx) = mpsc::channel::<Bytes>(CONCURRENCY * 2);
@@ -174,33 +183,174 @@ async fn open(
     Ok((tx, answers))
 }
 
+/// One call on a connection of its own.
+async fn open(
+    to: SocketAddr,
+    path: &'static str,
+) -> Result<(mpsc::Sender<Bytes>, tonic::Streaming<Bytes>), String> {
+    call(connect(to).await?, path).await
+}
+
 /// `rpc-c1` / `stream-pingpong-s1`: one caller, one message in flight.
 async fn rpc_c1(to: SocketAddr, warmup: Duration, measure: Duration) -> Result<Measure, String> {
-    let (tx, mut answers) = open(to, ECHO).await?;
-    let payload = Bytes::from_static(&PAYLOAD);
+    pingpong(to, 1, warmup, measure).await
+}
+
+/// `n` calls on one connection (HTTP/2 streams, as the framework's streams share its link),
+/// each with one message in flight, its caller awaiting each answer.
+async fn pingpong(
+    to: SocketAddr,
+    n: usize,
+    warmup: Duration,
+    measure: Duration,
+) -> Result<Measure, String> {
+    let channel = connect(to).await?;
     let start = Instant::now() + warmup;
     let end = start + measure;
-    let mut lat = latency_vec(measure, 1);
-    loop {
-        let t0 = Instant::now();
-        if t0 >= end {
-            break;
-        }
-        tx.send(payload.clone())
-            .await
-            .map_err(|_| "the call ended".to_string())?;
-        match answers.message().await {
-            Ok(Some(a)) if a.len() == PAYLOAD.len() => {}
-            other => return Err(format!("bad echo: {other:?}")),
-        }
-        if t0 >= start {
-            lat.push(nanos(t0.elapsed()));
-        }
+    let mut tasks = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (tx, mut answers) = call(channel.clone(), ECHO).await?;
+        tasks.push(tokio::spawn(async move {
+            let payload = Bytes::from_static(&PAYLOAD);
+            let mut lat = latency_vec(measure, n);
+            loop {
+                let t0 = Instant::now();
+                if t0 >= end {
+                    return Ok::<_, String>(lat);
+                }
+                tx.send(payload.clone())
+                    .await
+                    .map_err(|_| "the call ended".to_string())?;
+                match answers.message().await {
+                    Ok(Some(a)) if a.len() == PAYLOAD.len() => {}
+                    other => return Err(format!("bad echo: {other:?}")),
+                }
+                if t0 >= start {
+                    lat.push(nanos(t0.elapsed()));
+                }
+            }
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.map_err(|e| e.to_string())??);
     }
     Ok(summarize(
-        lat,
+        all,
         Instant::now().saturating_duration_since(start),
     ))
+}
+
+/// `stream-pipe-s1` / `-s100`: on each of `n` calls, 64-byte messages without waiting; counted
+/// from the echoes that come back, as the raw and framework rows count.
+async fn pipe(
+    to: SocketAddr,
+    n: usize,
+    warmup: Duration,
+    measure: Duration,
+) -> Result<Measure, String> {
+    let channel = connect(to).await?;
+    let start = Instant::now() + warmup;
+    let end = start + measure;
+    let mut writers = Vec::with_capacity(n);
+    let mut readers = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (tx, mut answers) = call(channel.clone(), ECHO).await?;
+        writers.push(tokio::spawn(async move {
+            let payload = Bytes::from_static(&PAYLOAD);
+            let mut writes = 0u64;
+            loop {
+                if writes % 32 == 0 && Instant::now() >= end {
+                    // Dropping the sender ends the call's request side.
+                    return Ok::<_, String>(writes);
+                }
+                tx.send(payload.clone())
+                    .await
+                    .map_err(|_| "the call ended".to_string())?;
+                writes += 1;
+            }
+        }));
+        readers.push(tokio::spawn(async move {
+            // Echoes before the measured window, all echoes, and when the last came.
+            let (mut before, mut total, mut last) = (0u64, 0u64, Instant::now());
+            while let Some(m) = answers.message().await.map_err(|e| e.to_string())? {
+                if m.len() != PAYLOAD.len() {
+                    return Err(format!("an echo of {} bytes", m.len()));
+                }
+                total += 1;
+                last = Instant::now();
+                if last < start {
+                    before += 1;
+                }
+            }
+            Ok::<_, String>((before, total, last))
+        }));
+    }
+    let mut written = 0;
+    for t in writers {
+        written += t.await.map_err(|e| e.to_string())??;
+    }
+    let (mut echoed, mut total, mut last) = (0, 0, start);
+    for t in readers {
+        let (b, t, l) = t.await.map_err(|e| e.to_string())??;
+        echoed += t - b;
+        total += t;
+        last = last.max(l);
+    }
+    if total != written {
+        return Err(format!("{written} messages written, {total} echoed"));
+    }
+    let elapsed = last.saturating_duration_since(start);
+    Ok(Measure {
+        ops: echoed,
+        ops_per_sec: echoed as f64 / elapsed.as_secs_f64().max(1e-9),
+        p50_us: None,
+        p99_us: None,
+    })
+}
+
+/// `stream-bulk`: 64 KiB messages to the sink on one call; `ops_per_sec` is MB/s (10^6
+/// bytes), from the end of warm-up until the sink has answered its count.
+async fn bulk(to: SocketAddr, warmup: Duration, measure: Duration) -> Result<Measure, String> {
+    const WRITE: usize = 64 << 10;
+    let (tx, mut answers) = open(to, SINK).await?;
+    let chunk = Bytes::from(vec![0xa5u8; WRITE]);
+    let send_until = |end: Instant| {
+        let (tx, chunk) = (tx.clone(), chunk.clone());
+        async move {
+            let mut sent = 0u64;
+            while Instant::now() < end {
+                tx.send(chunk.clone())
+                    .await
+                    .map_err(|_| "the call ended".to_string())?;
+                sent += 1;
+            }
+            Ok::<_, String>(sent)
+        }
+    };
+    let closed = |_| "the call ended".to_string();
+    send_until(Instant::now() + warmup).await?;
+    tx.send(Bytes::from_static(b"R")).await.map_err(closed)?;
+    let start = Instant::now();
+    let sent = send_until(start + measure).await?;
+    tx.send(Bytes::from_static(b"Q")).await.map_err(closed)?;
+    let stats = tokio::time::timeout(Duration::from_secs(10), answers.next())
+        .await
+        .map_err(|_| "sink count timed out".to_string())?
+        .ok_or("the call ended")?
+        .map_err(|e| e.to_string())?;
+    let elapsed = start.elapsed();
+    let counted = receiver_measure(&stats)?.ops;
+    if counted != sent {
+        return Err(format!("{sent} writes sent, the sink counted {counted}"));
+    }
+    let bytes = sent * WRITE as u64;
+    Ok(Measure {
+        ops: bytes,
+        ops_per_sec: bytes as f64 / 1e6 / elapsed.as_secs_f64(),
+        p50_us: None,
+        p99_us: None,
+    })
 }
 
 /// `rpc-c128`: `callers` callers on one call; answers handed out in order.
