@@ -183,6 +183,20 @@ async fn call(
     Ok((tx, answers))
 }
 
+/// Sends `payload` on a call until `end` (the clock read every 32 sends); how many it sent.
+async fn send_until(tx: &mpsc::Sender<Bytes>, payload: Bytes, end: Instant) -> Result<u64, String> {
+    let mut sent = 0u64;
+    loop {
+        if sent % 32 == 0 && Instant::now() >= end {
+            return Ok(sent);
+        }
+        tx.send(payload.clone())
+            .await
+            .map_err(|_| "the call ended".to_string())?;
+        sent += 1;
+    }
+}
+
 /// One call on a connection of its own.
 async fn open(
     to: SocketAddr,
@@ -256,19 +270,9 @@ async fn pipe(
     let mut readers = Vec::with_capacity(n);
     for _ in 0..n {
         let (tx, mut answers) = call(channel.clone(), ECHO).await?;
+        // Dropping the sender at the end ends the call's request side.
         writers.push(tokio::spawn(async move {
-            let payload = Bytes::from_static(&PAYLOAD);
-            let mut writes = 0u64;
-            loop {
-                if writes % 32 == 0 && Instant::now() >= end {
-                    // Dropping the sender ends the call's request side.
-                    return Ok::<_, String>(writes);
-                }
-                tx.send(payload.clone())
-                    .await
-                    .map_err(|_| "the call ended".to_string())?;
-                writes += 1;
-            }
+            send_until(&tx, Bytes::from_static(&PAYLOAD), end).await
         }));
         readers.push(tokio::spawn(async move {
             // Echoes before the measured window, all echoes, and when the last came.
@@ -315,24 +319,11 @@ async fn bulk(to: SocketAddr, warmup: Duration, measure: Duration) -> Result<Mea
     const WRITE: usize = 64 << 10;
     let (tx, mut answers) = open(to, SINK).await?;
     let chunk = Bytes::from(vec![0xa5u8; WRITE]);
-    let send_until = |end: Instant| {
-        let (tx, chunk) = (tx.clone(), chunk.clone());
-        async move {
-            let mut sent = 0u64;
-            while Instant::now() < end {
-                tx.send(chunk.clone())
-                    .await
-                    .map_err(|_| "the call ended".to_string())?;
-                sent += 1;
-            }
-            Ok::<_, String>(sent)
-        }
-    };
     let closed = |_| "the call ended".to_string();
-    send_until(Instant::now() + warmup).await?;
+    send_until(&tx, chunk.clone(), Instant::now() + warmup).await?;
     tx.send(Bytes::from_static(b"R")).await.map_err(closed)?;
     let start = Instant::now();
-    let sent = send_until(start + measure).await?;
+    let sent = send_until(&tx, chunk, start + measure).await?;
     tx.send(Bytes::from_static(b"Q")).await.map_err(closed)?;
     let stats = tokio::time::timeout(Duration::from_secs(10), answers.next())
         .await
@@ -431,26 +422,10 @@ async fn rpc_concurrent(
 async fn msg(to: SocketAddr, warmup: Duration, measure: Duration) -> Result<Measure, String> {
     let (tx, mut answers) = open(to, SINK).await?;
     let payload = Bytes::from_static(&PAYLOAD);
-    let send_for = |d: Duration| {
-        let (tx, payload) = (tx.clone(), payload.clone());
-        async move {
-            let end = Instant::now() + d;
-            let mut sent = 0u64;
-            loop {
-                if sent % 32 == 0 && Instant::now() >= end {
-                    return Ok::<_, String>(sent);
-                }
-                tx.send(payload.clone())
-                    .await
-                    .map_err(|_| "the call ended".to_string())?;
-                sent += 1;
-            }
-        }
-    };
-    send_for(warmup).await?;
+    send_until(&tx, payload.clone(), Instant::now() + warmup).await?;
     let closed = |_| "the call ended".to_string();
     tx.send(Bytes::from_static(b"R")).await.map_err(closed)?;
-    let sent = send_for(measure).await?;
+    let sent = send_until(&tx, payload, Instant::now() + measure).await?;
     tx.send(Bytes::from_static(b"Q")).await.map_err(closed)?;
     let stats = tokio::time::timeout(Duration::from_secs(10), answers.next())
         .await
