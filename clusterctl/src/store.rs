@@ -5,11 +5,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use clustergo::DrainProgress;
-use clustergo::membership::alive_key;
+use clustergo::membership::{alive_key, read_prefix};
 use clustergo::membership::{encode_member, format_members, member_key, parse_members};
 use clustergo::route;
 use clustergo::{LogicAddr, Member};
-use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
+use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
 
 pub(crate) struct Store {
     client: Client,
@@ -60,48 +60,28 @@ impl Store {
 
     /// Every member (malformed values reported on stderr and skipped) with its liveness.
     ///
-    /// Read in pages of 1,000 keys at one revision, as nodes read it: one read of a large
-    /// membership would exceed the 4 MiB a gRPC client accepts in one message.
+    /// Read as nodes read it ([`read_prefix`]: in pages at one revision), since one read of
+    /// a large membership would exceed the 4 MiB a gRPC client accepts in one message.
     async fn load(&mut self) -> Result<Vec<Listed>, String> {
         let mut kv = self.client.clone();
         let members_dir = format!("{}/members/", self.prefix);
         let alive_dir = format!("{}/alive/", self.prefix);
         let mut members = Vec::new();
         let mut alive = std::collections::HashSet::new();
-        let mut from = format!("{}/", self.prefix).into_bytes();
-        let mut revision = 0;
-        loop {
-            let mut options = GetOptions::new()
-                .with_range(format!("{}0", self.prefix))
-                .with_limit(1_000);
-            if revision > 0 {
-                options = options.with_revision(revision);
-            }
-            let resp = self.timed(kv.get(from.clone(), Some(options))).await?;
-            // Every header carries the store's current revision: the first page's is the one
-            // the whole read is pinned to.
-            if revision == 0 {
-                revision = resp.header().map_or(0, |h| h.revision());
-            }
-            for kv in resp.kvs() {
-                let key = String::from_utf8_lossy(kv.key());
-                if let Some(addr) = key.strip_prefix(&members_dir) {
-                    match serde_json::from_slice::<Member>(kv.value()) {
-                        Ok(m) if m.addr.to_string() == addr => members.push(m),
-                        Ok(m) => {
-                            eprintln!("clusterctl: skipping {key}: its value names {}", m.addr)
-                        }
-                        Err(e) => eprintln!("clusterctl: skipping {key}: malformed value: {e}"),
-                    }
-                } else if let Some(addr) = key.strip_prefix(&alive_dir) {
-                    alive.insert(addr.to_owned());
+        read_prefix(&mut kv, &self.prefix, self.timeout, |key, value| {
+            let key = String::from_utf8_lossy(key);
+            if let Some(addr) = key.strip_prefix(&members_dir) {
+                match serde_json::from_slice::<Member>(value) {
+                    Ok(m) if m.addr.to_string() == addr => members.push(m),
+                    Ok(m) => eprintln!("clusterctl: skipping {key}: its value names {}", m.addr),
+                    Err(e) => eprintln!("clusterctl: skipping {key}: malformed value: {e}"),
                 }
+            } else if let Some(addr) = key.strip_prefix(&alive_dir) {
+                alive.insert(addr.to_owned());
             }
-            match resp.kvs().last() {
-                Some(last) if resp.more() => from = [last.key(), &[0][..]].concat(),
-                _ => break,
-            }
-        }
+        })
+        .await
+        .map_err(|e| format!("etcd at {}: {e}", self.endpoints))?;
         members.sort_by_key(|m| m.addr);
         Ok(members
             .into_iter()

@@ -159,9 +159,93 @@ pub fn member_key(prefix: &str, addr: LogicAddr) -> String {
 /// each lost round means another node won an id, so N nodes claiming at once need at most N.
 const CLAIM_ROUNDS: usize = 512;
 
-/// Keys per page when a node reads the whole prefix (see `Inner::load`): about 0.5 MiB of
-/// ordinary members and alive keys.
+/// Keys per page when the whole prefix is read ([`read_prefix`]): about 0.5 MiB of ordinary
+/// members and alive keys.
 const LOAD_PAGE: i64 = 5_000;
+
+/// Why [`read_prefix`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// A page did not come within the timeout.
+    #[error("a page of the read did not come within {0:?}")]
+    TimedOut(Duration),
+    /// The revision the read is pinned to was compacted between two pages; read again.
+    #[error("the revision read was compacted between two pages")]
+    Compacted,
+    /// A page said more keys follow but held none.
+    #[error("a page said more keys follow but held none")]
+    EmptyPage,
+    /// What etcd (or the gRPC client) answered.
+    #[error(transparent)]
+    Etcd(#[from] etcd_client::Error),
+}
+
+/// Reads every key under `prefix/` and hands each key and value to `each`, in key order;
+/// returns the revision the read was made at.
+///
+/// In pages of up to [`LOAD_PAGE`] keys, every page at the revision of the first, so what
+/// `each` sees is one consistent state whatever its size (a watch from the revision plus one
+/// misses nothing). One read of everything would be one gRPC message, and a client refuses
+/// messages over 4 MiB: about 25,000 members with their alive keys. Pages are large because
+/// etcd walks every key of the remaining range for each page, limit or not: 50,000 members
+/// read in 20 pages rather than 100. A page still over the limit (long values) is asked for
+/// again at a quarter of the size, and the size grows back after. `timeout` bounds each page.
+pub async fn read_prefix(
+    client: &mut Client,
+    prefix: &str,
+    timeout: Duration,
+    mut each: impl FnMut(&[u8], &[u8]),
+) -> Result<i64, ReadError> {
+    let prefix = prefix.trim_end_matches('/');
+    // The end of the range: the prefix's last byte (`/`) plus one.
+    let end = format!("{prefix}0");
+    let mut key = format!("{prefix}/").into_bytes();
+    let mut revision = 0;
+    let mut page = LOAD_PAGE;
+    loop {
+        let mut options = GetOptions::new().with_range(end.clone()).with_limit(page);
+        if revision > 0 {
+            options = options.with_revision(revision);
+        }
+        let read = tokio::time::timeout(timeout, client.get(key.clone(), Some(options)))
+            .await
+            .map_err(|_| ReadError::TimedOut(timeout))?;
+        let mut resp = match read {
+            Ok(r) => r,
+            Err(etcd_client::Error::GRpcStatus(s)) if s.code() == tonic::Code::OutOfRange => {
+                if s.message().contains("compacted") {
+                    return Err(ReadError::Compacted);
+                }
+                if s.message().contains("too large") && page > 1 {
+                    page = (page / 4).max(1);
+                    continue;
+                }
+                return Err(etcd_client::Error::GRpcStatus(s).into());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        // Every page's header carries the store's current revision; the first page's is the
+        // one the whole read is pinned to.
+        if revision == 0 {
+            revision = resp.header().map_or(0, |h| h.revision());
+        }
+        let kvs = resp.take_kvs();
+        for kv in &kvs {
+            each(kv.key(), kv.value());
+        }
+        match kvs.last() {
+            Some(last) if resp.more() => {
+                // The next page starts just after the last key read.
+                let mut next = last.key().to_vec();
+                next.push(0);
+                key = next;
+                page = (page * 2).min(LOAD_PAGE);
+            }
+            None if resp.more() => return Err(ReadError::EmptyPage),
+            _ => return Ok(revision),
+        }
+    }
+}
 
 /// The key of member `addr`'s liveness under `prefix`.
 pub fn alive_key(prefix: &str, addr: LogicAddr) -> String {
@@ -379,78 +463,24 @@ impl Inner {
         }
     }
 
-    /// Reads the whole prefix; returns the state and the revision it was read at.
-    ///
-    /// In pages of up to [`LOAD_PAGE`] keys, every page at the revision of the first, so the
-    /// result is one consistent state whatever its size. One read of everything would be one
-    /// gRPC message, and a client refuses messages over 4 MiB: about 25,000 members with
-    /// their alive keys. Pages are large because etcd walks every key of the remaining range
-    /// for each page, limit or not: 50,000 members read in 20 pages rather than 100. A page
-    /// that is still over the limit (long values) is asked for again at a quarter of the size
-    /// (and the size grows back after). A revision compacted between two pages ends the read
-    /// as a compaction ends a watch: it starts again at once.
+    /// Reads the whole prefix ([`read_prefix`]); returns the state and the revision it was
+    /// read at. A revision compacted between two pages ends the read as a compaction ends a
+    /// watch: it starts again at once.
     async fn load(&self, client: &mut Client) -> Result<(State, i64), WatchEnd> {
-        let start = format!("{}/", self.prefix);
-        // The end of the range: the prefix's last byte (`/`) plus one.
-        let end = format!("{}0", self.prefix);
-        let mut key = start.into_bytes();
-        let mut revision = 0;
-        let mut page = LOAD_PAGE;
         let mut state = State::default();
-        loop {
-            let mut options = GetOptions::new().with_range(end.clone()).with_limit(page);
-            if revision > 0 {
-                options = options.with_revision(revision);
-            }
-            let read = tokio::time::timeout(
-                self.options.request_timeout,
-                client.get(key.clone(), Some(options)),
-            )
-            .await
-            .map_err(|_| failed(&self.endpoints, "get", "timed out"))?;
-            let mut resp = match read {
-                Ok(r) => r,
-                Err(etcd_client::Error::GRpcStatus(s)) if s.code() == tonic::Code::OutOfRange => {
-                    if s.message().contains("compacted") {
-                        return Err(WatchEnd::Reset { progressed: true });
-                    }
-                    if s.message().contains("too large") && page > 1 {
-                        page = (page / 4).max(1);
-                        continue;
-                    }
-                    return Err(
-                        failed(&self.endpoints, "get", etcd_client::Error::GRpcStatus(s)).into(),
-                    );
-                }
-                Err(e) => return Err(failed(&self.endpoints, "get", e).into()),
-            };
-            // Every page's header carries the store's current revision; the first page's is
-            // the one the whole read is pinned to.
-            if revision == 0 {
-                revision = resp.header().map_or(0, |h| h.revision());
-            }
-            let kvs = resp.take_kvs();
-            for kv in &kvs {
-                state.apply_put(&self.prefix, kv.key(), kv.value());
-            }
-            match kvs.last() {
-                Some(last) if resp.more() => {
-                    // The next page starts just after the last key read.
-                    let mut next = last.key().to_vec();
-                    next.push(0);
-                    key = next;
-                    page = (page * 2).min(LOAD_PAGE);
-                }
-                None if resp.more() => {
-                    return Err(failed(
-                        &self.endpoints,
-                        "get",
-                        "a page said more keys follow but held none",
-                    )
-                    .into());
-                }
-                _ => return Ok((state, revision)),
-            }
+        let read = read_prefix(
+            client,
+            &self.prefix,
+            self.options.request_timeout,
+            |k, v| {
+                state.apply_put(&self.prefix, k, v);
+            },
+        )
+        .await;
+        match read {
+            Ok(revision) => Ok((state, revision)),
+            Err(ReadError::Compacted) => Err(WatchEnd::Reset { progressed: true }),
+            Err(e) => Err(failed(&self.endpoints, "get", e).into()),
         }
     }
 

@@ -22,7 +22,10 @@ use crate::addr::LogicAddr;
 use crate::error::DiscoveryError;
 
 #[cfg(feature = "etcd")]
-pub use etcd::{EtcdDiscovery, EtcdOptions, alive_key, encode as encode_member, member_key};
+pub use etcd::{
+    EtcdDiscovery, EtcdOptions, ReadError, alive_key, encode as encode_member, member_key,
+    read_prefix,
+};
 pub use file::{FileDiscovery, format_members, parse_members};
 pub use memory::MemoryDiscovery;
 
