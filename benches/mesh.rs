@@ -18,8 +18,10 @@
 //! `--mode <name>` (one mode only), `--tls` (links over mutual TLS, with a CA and certificates
 //! made for the run), `--no-call-metrics` (calls not timed into the duration histograms, in both
 //! processes), `--trace-export` (built with `--features telemetry`: every span exported at
-//! 100 % sampling over OTLP to a sink in the orchestrator, in both processes). Unknown
-//! arguments (cargo's `--bench`) are ignored.
+//! 100 % sampling over OTLP to a sink in the orchestrator, in both processes), `--only
+//! <clustergo|raw|tonic>` (run one side of each mode, for profiling under `perf` or callgrind:
+//! the other columns show `-`; the peer is given time to exit by itself so a profiler wrapping
+//! it can write its data). Unknown arguments (cargo's `--bench`) are ignored.
 //!
 //! Peer process: `peer --listen-port 0 --other 127.0.0.1:PORT [--multi-thread] [--tls-dir DIR]`. It prints
 //! `READY <node port> <raw port> <bare tonic port>` and exits by itself when its stdin closes.
@@ -93,6 +95,23 @@ struct Opts {
     trace_export: Option<String>,
     /// `--trace-export`: the orchestrator runs a sink that discards what it receives.
     trace_sink: bool,
+    /// `--only`: the one side measured (`clustergo`, `raw` or `tonic`); all when `None`.
+    only: Option<Side>,
+}
+
+/// One side of a row, for `--only`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Clustergo,
+    Raw,
+    Tonic,
+}
+
+impl Opts {
+    /// Whether `side` is measured in this run.
+    fn runs(&self, side: Side) -> bool {
+        self.only.is_none_or(|o| o == side)
+    }
 }
 
 fn parse(args: &[String]) -> Result<Opts, String> {
@@ -110,6 +129,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         no_call_metrics: false,
         trace_export: None,
         trace_sink: false,
+        only: None,
     };
     let mut tls = false;
     let mut secs = None;
@@ -136,6 +156,14 @@ fn parse(args: &[String]) -> Result<Opts, String> {
                 secs = Some(s);
             }
             "--mode" => o.mode = Some(value("--mode")?),
+            "--only" => {
+                o.only = Some(match value("--only")?.as_str() {
+                    "clustergo" => Side::Clustergo,
+                    "raw" => Side::Raw,
+                    "tonic" => Side::Tonic,
+                    v => return Err(format!("--only: clustergo, raw or tonic, not {v:?}")),
+                })
+            }
             "--other" => o.other = Some(value("--other")?),
             "--members" => o.members = Some(value("--members")?),
             "--as" => o.run_as = Some(value("--as")?),
@@ -177,6 +205,34 @@ pub(crate) struct Measure {
     pub(crate) p50_us: Option<f64>,
     /// 99th percentile latency in µs.
     pub(crate) p99_us: Option<f64>,
+}
+
+impl Measure {
+    /// A side not run (`--only`).
+    const SKIPPED: Measure = Measure {
+        ops: 0,
+        ops_per_sec: 0.0,
+        p50_us: None,
+        p99_us: None,
+    };
+
+    /// Operations per second for the table; `-` for a side not run.
+    fn rate(&self) -> String {
+        if self.ops == 0 {
+            "-".into()
+        } else {
+            format!("{:.0}", self.ops_per_sec)
+        }
+    }
+
+    /// `self` ÷ `base` for the table; `-` when either side was not run.
+    fn ratio(&self, base: &Measure) -> String {
+        if self.ops == 0 || base.ops == 0 {
+            "-".into()
+        } else {
+            format!("{:.2}", self.ops_per_sec / base.ops_per_sec)
+        }
+    }
 }
 
 /// One table row.
@@ -698,6 +754,8 @@ async fn stop_node(node: &Node) {
 
 async fn stop_peer(p: &mut PeerProc) {
     drop(p.stdin.take()); // the peer exits by itself on EOF ...
+    // ... given a moment to (a profiler wrapping it writes its data then) ...
+    let _ = tokio::time::timeout(Duration::from_secs(10), p.child.wait()).await;
     let _ = p.child.kill().await; // ... and is killed and reaped regardless
 }
 
@@ -739,25 +797,18 @@ async fn orchestrate(opts: Opts) -> Vec<ModeOutcome> {
         };
         match &result {
             Ok(row) => println!(
-                "{:<20} | {:>10.0} | {:>6} | {:>6} | {:>10.0} | {:>7} | {:>7} | {:>5.2} | {:>10} | {:>8} | {:>7}",
+                "{:<20} | {:>10} | {:>6} | {:>6} | {:>10} | {:>7} | {:>7} | {:>5} | {:>10} | {:>8} | {:>7}",
                 name,
-                row.mesh.ops_per_sec,
+                row.mesh.rate(),
                 us(row.mesh.p50_us),
                 us(row.mesh.p99_us),
-                row.raw.ops_per_sec,
+                row.raw.rate(),
                 us(row.raw.p50_us),
                 us(row.raw.p99_us),
-                row.mesh.ops_per_sec / row.raw.ops_per_sec.max(f64::MIN_POSITIVE),
-                row.bare
-                    .map_or_else(|| "-".into(), |b| format!("{:.0}", b.ops_per_sec)),
+                row.mesh.ratio(&row.raw),
+                row.bare.map_or_else(|| "-".into(), |b| b.rate()),
                 us(row.bare.and_then(|b| b.p50_us)),
-                row.bare.map_or_else(
-                    || "-".into(),
-                    |b| format!(
-                        "{:.2}",
-                        row.mesh.ops_per_sec / b.ops_per_sec.max(f64::MIN_POSITIVE)
-                    )
-                ),
+                row.bare.map_or_else(|| "-".into(), |b| row.mesh.ratio(&b)),
             ),
             Err(e) => println!("{name:<20} | FAILED: {e}"),
         }
@@ -801,24 +852,36 @@ async fn run_mode(opts: &Opts, name: &str) -> Result<Row, String> {
         node.start().await.map_err(|e| format!("start: {e}"))?;
         let to = addr("1.2.1");
         let (warmup, measure) = (opts.warmup, opts.measure);
-        let mesh = match name {
-            "rpc-c1" => mesh_rpc(&node, to, 1, warmup, measure).await,
-            "rpc-c128" => mesh_rpc(&node, to, CONCURRENCY, warmup, measure).await,
-            "msg" => mesh_msg(&node, to, warmup, measure).await,
-            _ => streams::run(streams::Target::Mesh(&node, to), name, warmup, measure).await,
-        }
-        .map_err(|e| format!("clustergo: {e}"))?;
-        let raw = match name {
-            "rpc-c1" => raw_rpc_c1(peer.raw, warmup, measure).await,
-            "rpc-c128" => raw_rpc_concurrent(peer.raw, CONCURRENCY, warmup, measure).await,
-            "msg" => raw_msg(peer.raw, warmup, measure).await,
-            _ => streams::run(streams::Target::Raw(peer.raw), name, warmup, measure).await,
-        }
-        .map_err(|e| format!("raw: {e}"))?;
-        let bare = bare::run(name, peer.bare, warmup, measure)
-            .await
-            .transpose()
-            .map_err(|e| format!("bare tonic: {e}"))?;
+        let mesh = if opts.runs(Side::Clustergo) {
+            match name {
+                "rpc-c1" => mesh_rpc(&node, to, 1, warmup, measure).await,
+                "rpc-c128" => mesh_rpc(&node, to, CONCURRENCY, warmup, measure).await,
+                "msg" => mesh_msg(&node, to, warmup, measure).await,
+                _ => streams::run(streams::Target::Mesh(&node, to), name, warmup, measure).await,
+            }
+            .map_err(|e| format!("clustergo: {e}"))?
+        } else {
+            Measure::SKIPPED
+        };
+        let raw = if opts.runs(Side::Raw) {
+            match name {
+                "rpc-c1" => raw_rpc_c1(peer.raw, warmup, measure).await,
+                "rpc-c128" => raw_rpc_concurrent(peer.raw, CONCURRENCY, warmup, measure).await,
+                "msg" => raw_msg(peer.raw, warmup, measure).await,
+                _ => streams::run(streams::Target::Raw(peer.raw), name, warmup, measure).await,
+            }
+            .map_err(|e| format!("raw: {e}"))?
+        } else {
+            Measure::SKIPPED
+        };
+        let bare = if opts.runs(Side::Tonic) {
+            bare::run(name, peer.bare, warmup, measure)
+                .await
+                .transpose()
+                .map_err(|e| format!("bare tonic: {e}"))?
+        } else {
+            None
+        };
         Ok(Row { mesh, raw, bare })
     }
     .await;
@@ -866,13 +929,21 @@ async fn run_harbor_mode(opts: &Opts, listener: std::net::TcpListener) -> Result
         .build();
     let result = async {
         node.start().await.map_err(|e| format!("start: {e}"))?;
-        let mesh = mesh_rpc(&node, addr("1.2.1"), CONCURRENCY, opts.warmup, opts.measure)
-            .await
-            .map_err(|e| format!("clustergo through harbors: {e}"))?;
+        let mesh = if opts.runs(Side::Clustergo) {
+            mesh_rpc(&node, addr("1.2.1"), CONCURRENCY, opts.warmup, opts.measure)
+                .await
+                .map_err(|e| format!("clustergo through harbors: {e}"))?
+        } else {
+            Measure::SKIPPED
+        };
         let raw_to = server_raw.ok_or("no server")?;
-        let raw = raw_rpc_concurrent(raw_to, CONCURRENCY, opts.warmup, opts.measure)
-            .await
-            .map_err(|e| format!("raw: {e}"))?;
+        let raw = if opts.runs(Side::Raw) {
+            raw_rpc_concurrent(raw_to, CONCURRENCY, opts.warmup, opts.measure)
+                .await
+                .map_err(|e| format!("raw: {e}"))?
+        } else {
+            Measure::SKIPPED
+        };
         Ok(Row {
             mesh,
             raw,
