@@ -12,6 +12,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Same protobuf wire, decoded from one contiguous buffer (see `proto::codec`).
+        .codec_path("crate::proto::codec::LinkCodec")
         .compile_with_config(config, &["proto/mesh.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto/mesh.proto");
     // The example service, through the same generator users run (`examples/` include it).

@@ -9,6 +9,7 @@
 tonic::include_proto!("clustergo.mesh.v1");
 
 mod batch;
+pub(crate) mod codec;
 pub use batch::{Batch, MAX_BATCH_ENVELOPES};
 
 /// Bytes counted per stream-open metadata entry on top of its key and value: at least what
