@@ -3,12 +3,23 @@
 //!
 //! Each poll takes everything queued (up to the batch limits) and yields it as one gRPC
 //! message. With one envelope queued, that envelope goes out at once: batching never waits.
+//!
+//! The writer waits on five sources: the peer's queue, the streams with something to send,
+//! the acknowledgement sweep, and the link's two cancellation tokens. Each is polled with a
+//! waker of its own that marks it as woken (see [`Woken`]), and a poll looks only at sources
+//! that were marked or still had more to give. The transport polls a writer several times per
+//! batch it sends (once for the batch, then until it is pending, and after each flow-control
+//! event); with one call outstanding, polling every source each time cost about 3,600
+//! instructions per call on each side, most of it for sources with nothing to say.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
-use std::task::{Context, Poll, ready};
+use std::sync::atomic::AtomicU8;
+use std::sync::atomic::Ordering::{AcqRel, Relaxed};
+use std::task::{Context, Poll, Wake, Waker, ready};
+
+use futures_util::task::AtomicWaker;
 
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -35,6 +46,53 @@ pub(crate) struct Writer<S> {
     streams_first: bool,
     /// The link's delivery accounting (see [`LinkCounts`]).
     counts: Arc<LinkCounts>,
+    /// Which sources woke the writer since it last looked.
+    woken: Arc<Woken>,
+    /// Each source's own waker, by bit number (see [`Woken`]).
+    wakers: Arc<[Waker; SOURCES]>,
+    /// Sources to look at next poll whether woken or not: they had more to give, or were not
+    /// reached.
+    carry: u8,
+    /// The close token fired: end once nothing is left to write.
+    closing: bool,
+}
+
+/// The sources a writer waits on, as bits of [`Woken::bits`].
+const QUEUE: u8 = 1;
+const STREAMS: u8 = 2;
+const ACK: u8 = 4;
+const KILL: u8 = 8;
+const CLOSE: u8 = 16;
+const SOURCES: usize = 5;
+const ALL: u8 = (1 << SOURCES) - 1;
+
+/// The sources that woke a writer, and the task to wake for them. A source is polled with a
+/// waker that sets its bit, then wakes the task, so a later poll can skip every source whose
+/// bit is clear: its own registration still stands, and it will set the bit when it has
+/// something. A source that answered without registering (it gave something, or was not
+/// polled) is carried over to the next poll instead.
+#[derive(Debug, Default)]
+struct Woken {
+    bits: AtomicU8,
+    task: AtomicWaker,
+}
+
+/// The waker a writer hands one source.
+struct SourceWaker {
+    woken: Arc<Woken>,
+    bit: u8,
+}
+
+impl Wake for SourceWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        // The bit is set before the task is woken, so the poll that follows sees it.
+        self.woken.bits.fetch_or(self.bit, AcqRel);
+        self.woken.task.wake();
+    }
 }
 
 impl<S> std::fmt::Debug for Writer<S> {
@@ -54,6 +112,7 @@ impl<S: LinkStreams> Writer<S> {
         max_bytes: usize,
         max_envelopes: usize,
     ) -> Self {
+        let woken = Arc::new(Woken::default());
         Writer {
             peer,
             stats,
@@ -65,6 +124,15 @@ impl<S: LinkStreams> Writer<S> {
             buf: Vec::new(),
             streams_first: false,
             counts: tokens.counts.clone(),
+            wakers: Arc::new([QUEUE, STREAMS, ACK, KILL, CLOSE].map(|bit| {
+                Waker::from(Arc::new(SourceWaker {
+                    woken: woken.clone(),
+                    bit,
+                }))
+            })),
+            woken,
+            carry: ALL,
+            closing: false,
         }
     }
 }
@@ -131,7 +199,7 @@ impl<S: LinkStreams> Writer<S> {
     /// An acknowledgement-only batch, when the reader received envelopes the peer has not
     /// been told of and the node's acknowledgement sweep asked for one (at most every
     /// [`ACK_EVERY`](super::peer::ACK_EVERY): a writer that sends anything carries the count
-    /// anyway), or at once when `now`. Registers the waker for the sweep otherwise.
+    /// anyway), or at once when `now`. Registers `cx`'s waker for the sweep.
     fn ack(&mut self, cx: &mut Context<'_>, now: bool) -> Option<Batch> {
         self.counts.writer.register(cx.waker());
         let asked = self.counts.asked.swap(false, Relaxed);
@@ -180,36 +248,75 @@ impl<S: LinkStreams> Stream for Writer<S> {
                 Err(_) => return Poll::Ready(None),
             }
         }
-        if this.kill.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(None);
+        // Registered before the bits are taken: a source that fires from here on wakes this
+        // task again.
+        this.woken.task.register(cx.waker());
+        let mut due = this.woken.bits.swap(0, AcqRel) | this.carry;
+        this.carry = 0;
+        let wakers = this.wakers.clone();
+        let source = |bit: u8| Context::from_waker(&wakers[bit.trailing_zeros() as usize]);
+        if due & KILL != 0 {
+            if this.kill.as_mut().poll(&mut source(KILL)).is_ready() {
+                return Poll::Ready(None);
+            }
+            due &= !KILL;
         }
-        loop {
+        if due & CLOSE != 0 {
+            this.closing = this.closing || this.close.as_mut().poll(&mut source(CLOSE)).is_ready();
+            due &= !CLOSE;
+        }
+        let result = loop {
             let mut envelopes = Vec::new();
             let mut bytes = 0;
+            // A source not polled is pending as far as this batch goes, and is looked at
+            // next time (`carry`); one polled and pending has its waker registered.
+            let mut queued = Poll::Pending;
+            let mut streams = Poll::Pending;
+            let take_queue = due & QUEUE != 0 || !this.buf.is_empty();
+            let take_streams = due & STREAMS != 0;
+            let (max_bytes, max_envelopes) = (this.max_bytes, this.max_envelopes);
+            let full = |envelopes: &Vec<_>, bytes: usize| {
+                bytes >= max_bytes || envelopes.len() >= max_envelopes
+            };
             // Alternate which source fills a batch first, so a flood on one (bulk streams, a
             // message storm) cannot starve the other.
             this.streams_first = !this.streams_first;
-            let (queued, streams) = if this.streams_first {
-                let streams = this.fill_streams(cx, &mut envelopes, &mut bytes);
-                let full = bytes >= this.max_bytes || envelopes.len() >= this.max_envelopes;
-                let queued = if full {
-                    Poll::Ready(true)
-                } else {
-                    this.fill_queued(cx, &mut envelopes, &mut bytes)
-                };
-                (queued, streams)
+            if this.streams_first {
+                if take_streams {
+                    streams = this.fill_streams(&mut source(STREAMS), &mut envelopes, &mut bytes);
+                }
+                if take_queue {
+                    queued = if full(&envelopes, bytes) {
+                        Poll::Ready(true)
+                    } else {
+                        this.fill_queued(&mut source(QUEUE), &mut envelopes, &mut bytes)
+                    };
+                }
             } else {
-                let queued = this.fill_queued(cx, &mut envelopes, &mut bytes);
-                let full = bytes >= this.max_bytes || envelopes.len() >= this.max_envelopes;
-                let streams = if full {
-                    Poll::Ready(())
-                } else {
-                    this.fill_streams(cx, &mut envelopes, &mut bytes)
-                };
-                (queued, streams)
-            };
+                if take_queue {
+                    queued = this.fill_queued(&mut source(QUEUE), &mut envelopes, &mut bytes);
+                }
+                if take_streams {
+                    streams = if full(&envelopes, bytes) {
+                        Poll::Ready(())
+                    } else {
+                        this.fill_streams(&mut source(STREAMS), &mut envelopes, &mut bytes)
+                    };
+                }
+            }
             if let Poll::Ready(false) = queued {
-                return Poll::Ready(None);
+                break Poll::Ready(None);
+            }
+            // A source that gave something may hold more; one not reached is still due.
+            if queued.is_ready() || (take_queue && !this.buf.is_empty()) {
+                due |= QUEUE;
+            } else if take_queue {
+                due &= !QUEUE;
+            }
+            if streams.is_ready() {
+                due |= STREAMS;
+            } else if take_streams {
+                due &= !STREAMS;
             }
             if !envelopes.is_empty() {
                 this.stats
@@ -220,26 +327,30 @@ impl<S: LinkStreams> Stream for Writer<S> {
                 // Every batch carries the receipt count: no acknowledgement of its own is due.
                 let received = this.counts.received.load(Relaxed);
                 this.counts.told.store(received, Relaxed);
-                return Poll::Ready(Some(Batch {
+                break Poll::Ready(Some(Batch {
                     envelopes,
                     received,
                     ..Batch::default()
                 }));
             }
-            if queued.is_pending() && streams.is_pending() {
+            if due & (QUEUE | STREAMS) == 0 {
                 // Graceful close: end only once nothing is left to write, and what was
                 // received is acknowledged.
-                let closing = this.close.as_mut().poll(cx).is_ready();
-                if let Some(ack) = this.ack(cx, closing) {
-                    return Poll::Ready(Some(ack));
+                if due & ACK != 0 || this.closing {
+                    due &= !ACK;
+                    if let Some(ack) = this.ack(&mut source(ACK), this.closing) {
+                        break Poll::Ready(Some(ack));
+                    }
                 }
-                if closing {
-                    return Poll::Ready(None);
+                if this.closing {
+                    break Poll::Ready(None);
                 }
-                return Poll::Pending;
+                break Poll::Pending;
             }
             // Everything taken had expired, or a stream had nothing left to say: look again.
-        }
+        };
+        this.carry = due;
+        result
     }
 }
 
