@@ -23,6 +23,23 @@ pub(crate) trait Deliver: Sized + Send + Sync + 'static {
     ) -> Result<(), Status>;
 }
 
+/// How many envelopes of one batch a reader hands on before it lets the other tasks of its
+/// thread run ([`tokio::task::yield_now`]).
+///
+/// Handing on an envelope is quick, and what it causes (answers queued by handlers inline,
+/// callers woken, relayed envelopes queued for the next hop) waits for the writers, which are
+/// tasks of the same thread. A reader that delivered a whole batch of a hundred requests
+/// before yielding made its writer send all hundred answers at the end, so the peer sat idle
+/// while this node worked and then this node sat idle while the peer did: two nodes on
+/// separate cores working in turn. Yielding every few dozen envelopes lets the writers send
+/// the first answers while the rest are delivered, and the two nodes work at the same time.
+/// Measured on `rpc-c128` (one thread per process): 0.50-0.61 of bare tonic's calls per
+/// second before, 0.82-0.91 after (p50 245 → 150 µs); through harbors +25 %;
+/// `stream-pingpong-s100` +85 %; one caller, messages and byte streams unchanged. 16, 32
+/// and 64 measured alike; 8 costs more than it gains. It also keeps one link's large batch
+/// (up to [`MAX_BATCH_ENVELOPES`]) from holding up the thread's other links.
+const DELIVER_RUN: usize = 32;
+
 /// Why a link ended when the peer ended its side in order.
 pub(crate) const PEER_CLOSED: &str = "closed by the peer";
 
@@ -81,7 +98,10 @@ pub(crate) async fn run<D: Deliver>(
                     counts.confirmed.fetch_max(batch.received, Relaxed);
                 }
                 let mut received = false;
-                for env in batch.envelopes {
+                for (i, env) in batch.envelopes.into_iter().enumerate() {
+                    if i > 0 && i % DELIVER_RUN == 0 {
+                        tokio::task::yield_now().await;
+                    }
                     // A link replaced or dropped mid-batch delivers nothing more: what waited
                     // on it has been failed already.
                     if tokens.kill.is_cancelled() {
