@@ -434,3 +434,211 @@ impl<S: LinkStreams> Stream for AcceptorStream<S> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The writer's wake-ups: every source it waits on wakes the task that polls it, so
+    //! nothing queued, pulled, asked for or cancelled waits for an unrelated wake.
+
+    use std::sync::Mutex;
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+    use crate::addr::LogicAddr;
+    use crate::error::StreamError;
+    use crate::proto::{Envelope, Message};
+
+    /// Streams that have `ready` envelopes to give, one per pull.
+    #[derive(Default)]
+    struct TestStreams {
+        ready: Mutex<Vec<Envelope>>,
+        waker: AtomicWaker,
+    }
+
+    impl LinkStreams for TestStreams {
+        fn pull_ready(&self, cx: &Context<'_>, out: &mut Vec<Envelope>) -> Option<usize> {
+            self.waker.register(cx.waker());
+            let env = self.ready.lock().unwrap().pop()?;
+            out.push(env);
+            Some(10)
+        }
+        fn fail_all(&self, _: &StreamError) {}
+        fn reopen(&self) {}
+    }
+
+    /// Counts the task's wake-ups.
+    #[derive(Default)]
+    struct Count(AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Relaxed);
+        }
+    }
+
+    fn message(n: u8) -> Envelope {
+        Envelope {
+            body: Some(Body::Message(Message {
+                payload: vec![n].into(),
+                ..Message::default()
+            })),
+            ..Envelope::default()
+        }
+    }
+
+    struct Rig {
+        peer: Arc<Peer<TestStreams>>,
+        tokens: LinkTokens,
+        writer: Writer<TestStreams>,
+        count: Arc<Count>,
+        waker: Waker,
+    }
+
+    impl Rig {
+        fn new() -> Rig {
+            let peer = Peer::new(LogicAddr::new(1, 2, 3).unwrap(), 64, TestStreams::default());
+            let tokens = LinkTokens::default();
+            let writer = Writer::new(peer.clone(), Arc::default(), &tokens, None, 1 << 20, 128);
+            let count = Arc::new(Count::default());
+            let waker = Waker::from(count.clone());
+            Rig {
+                peer,
+                tokens,
+                writer,
+                count,
+                waker,
+            }
+        }
+
+        fn poll(&mut self) -> Poll<Option<Batch>> {
+            let mut cx = Context::from_waker(&self.waker);
+            Pin::new(&mut self.writer).poll_next(&mut cx)
+        }
+
+        fn wakes(&self) -> usize {
+            self.count.0.load(Relaxed)
+        }
+
+        fn queue(&self, n: u8) {
+            let item = Outbound {
+                env: message(n),
+                deadline: None,
+            };
+            assert!(self.peer.try_enqueue(item).is_ok());
+        }
+    }
+
+    fn payloads(batch: &Batch) -> Vec<u8> {
+        batch
+            .envelopes
+            .iter()
+            .map(|e| match &e.body {
+                Some(Body::Message(m)) => m.payload[0],
+                other => panic!("not a message: {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_source_wakes_the_writer_and_is_taken_on_the_next_poll() {
+        let mut rig = Rig::new();
+        assert!(rig.poll().is_pending());
+
+        // The queue.
+        let before = rig.wakes();
+        rig.queue(1);
+        rig.queue(2);
+        assert!(rig.wakes() > before, "queueing did not wake the writer");
+        let Poll::Ready(Some(b)) = rig.poll() else {
+            panic!("queued envelopes not taken")
+        };
+        assert_eq!(payloads(&b), [1, 2]);
+        assert!(rig.poll().is_pending());
+
+        // Polls nobody asked for find nothing and take nothing.
+        assert!(rig.poll().is_pending());
+        assert!(rig.poll().is_pending());
+
+        // A stream with something to send.
+        let before = rig.wakes();
+        rig.peer.streams.ready.lock().unwrap().push(message(3));
+        rig.peer.streams.waker.wake();
+        assert!(
+            rig.wakes() > before,
+            "a ready stream did not wake the writer"
+        );
+        let Poll::Ready(Some(b)) = rig.poll() else {
+            panic!("the stream's envelope not taken")
+        };
+        assert_eq!(payloads(&b), [3]);
+        assert!(rig.poll().is_pending());
+
+        // The acknowledgement sweep, once the reader received envelopes.
+        rig.tokens.counts.received.store(5, Relaxed);
+        let before = rig.wakes();
+        rig.tokens.counts.ask_ack();
+        assert!(rig.wakes() > before, "the sweep did not wake the writer");
+        let Poll::Ready(Some(b)) = rig.poll() else {
+            panic!("no acknowledgement sent")
+        };
+        assert!(b.envelopes.is_empty());
+        assert_eq!(b.received, 5);
+        assert!(rig.poll().is_pending());
+
+        // A graceful close sends what is queued, then ends. (The queue's wake comes first;
+        // the close's finds the task woken already.)
+        rig.queue(4);
+        rig.tokens.close.cancel();
+        let Poll::Ready(Some(b)) = rig.poll() else {
+            panic!("what was queued before the close was not sent")
+        };
+        assert_eq!(payloads(&b), [4]);
+        assert!(matches!(rig.poll(), Poll::Ready(None)));
+    }
+
+    #[test]
+    fn closing_wakes_an_idle_writer_which_acknowledges_and_ends() {
+        let mut rig = Rig::new();
+        assert!(rig.poll().is_pending());
+        rig.tokens.counts.received.store(3, Relaxed);
+        let before = rig.wakes();
+        rig.tokens.close.cancel();
+        assert!(rig.wakes() > before, "closing did not wake the writer");
+        // What was received is acknowledged before the end, unasked.
+        let Poll::Ready(Some(b)) = rig.poll() else {
+            panic!("no acknowledgement before the end")
+        };
+        assert_eq!((b.envelopes.len(), b.received), (0, 3));
+        assert!(matches!(rig.poll(), Poll::Ready(None)));
+    }
+
+    #[test]
+    fn a_killed_writer_ends_at_once_and_leaves_the_queue_whole() {
+        let mut rig = Rig::new();
+        assert!(rig.poll().is_pending());
+        let before = rig.wakes();
+        rig.tokens.kill.cancel();
+        assert!(rig.wakes() > before, "the kill did not wake the writer");
+        rig.queue(1);
+        assert!(matches!(rig.poll(), Poll::Ready(None)));
+        // What was queued is left for the next link's writer.
+        assert_eq!(rig.peer.queued(), 1);
+    }
+
+    #[test]
+    fn a_batch_cut_at_the_envelope_limit_leaves_the_rest_for_the_next_poll() {
+        let mut rig = Rig::new();
+        let peer = rig.peer.clone();
+        rig.writer = Writer::new(peer, Arc::default(), &rig.tokens, None, 1 << 20, 2);
+        for n in 1..=5 {
+            rig.queue(n);
+        }
+        let mut got = Vec::new();
+        while let Poll::Ready(Some(b)) = rig.poll() {
+            assert!(b.envelopes.len() <= 2);
+            got.extend(payloads(&b));
+        }
+        // No wake came between these polls: the writer knew there was more.
+        assert_eq!(got, [1, 2, 3, 4, 5]);
+    }
+}
