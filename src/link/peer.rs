@@ -154,8 +154,16 @@ impl LinkCounts {
 /// one peer's streams), so links know streams only as a source of frames that ends with them.
 pub(crate) trait LinkStreams: Send + Sync + 'static {
     /// Appends the frames of one stream that has something to send and returns the bytes
-    /// appended; `None` when none has (the waker is registered).
-    fn pull_ready(&self, cx: &std::task::Context<'_>, out: &mut Vec<Envelope>) -> Option<usize>;
+    /// appended; `None` when none has (the waker is registered), or when `killed` is
+    /// cancelled (checked under the lock the waker is registered under, and nothing is
+    /// registered: the streams are the peer's, and a writer killed for a new link must not
+    /// take the registration from the new link's writer).
+    fn pull_ready(
+        &self,
+        cx: &std::task::Context<'_>,
+        out: &mut Vec<Envelope>,
+        killed: &tokio_util::sync::CancellationToken,
+    ) -> Option<usize>;
     /// The link ended: fails every stream on it.
     fn fail_all(&self, error: &StreamError);
     /// A new link is up: streams may be opened on it again.
@@ -266,7 +274,6 @@ impl<S: LinkStreams> Peer<S> {
     }
 
     /// Envelopes waiting in the queue now.
-    #[cfg_attr(not(feature = "admin"), allow(dead_code))]
     pub(crate) fn queued(&self) -> usize {
         self.capacity.saturating_sub(self.tx.capacity())
     }
@@ -291,6 +298,7 @@ impl<S: LinkStreams> Peer<S> {
 
     /// Envelopes written on the current link that the peer has not confirmed (0 without a
     /// link).
+    #[cfg_attr(not(feature = "admin"), allow(dead_code))]
     pub(crate) fn unconfirmed(&self) -> u64 {
         match &*self.state() {
             LinkState::Up { tokens, .. } => tokens.counts.unconfirmed(),

@@ -24,7 +24,7 @@ use futures_util::task::AtomicWaker;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_stream::Stream;
-use tokio_util::sync::WaitForCancellationFutureOwned;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::peer::{LinkCounts, LinkStreams, LinkTokens, Outbound, Peer};
 use crate::proto::{Batch, envelope::Body};
@@ -37,6 +37,9 @@ pub(crate) struct Writer<S> {
     /// must leave the queue whole for the link that wins.
     gate: Option<oneshot::Receiver<()>>,
     kill: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// The same token as `kill`, checked under the locks of the peer's queue and stream
+    /// table (see [`Writer::fill_queued`]).
+    killed: CancellationToken,
     close: Pin<Box<WaitForCancellationFutureOwned>>,
     max_bytes: usize,
     max_envelopes: usize,
@@ -118,6 +121,7 @@ impl<S: LinkStreams> Writer<S> {
             stats,
             gate,
             kill: Box::pin(tokens.kill.clone().cancelled_owned()),
+            killed: tokens.kill.clone(),
             close: Box::pin(tokens.close.clone().cancelled_owned()),
             max_bytes,
             max_envelopes,
@@ -156,8 +160,9 @@ impl<S> Drop for Writer<S> {
 }
 
 impl<S: LinkStreams> Writer<S> {
-    /// Moves queued envelopes into `out` until the batch is full. Returns false when the
-    /// queue is empty (the waker is registered), true when it may hold more.
+    /// Moves queued envelopes into `out` until the batch is full. `Ready(true)` when the queue
+    /// may hold more, `Pending` when it is empty (the waker is registered), `Ready(false)`
+    /// when the writer is done with it (the link was killed).
     fn fill_queued(
         &mut self,
         cx: &mut Context<'_>,
@@ -165,10 +170,19 @@ impl<S: LinkStreams> Writer<S> {
         bytes: &mut usize,
     ) -> Poll<bool> {
         if self.buf.is_empty() {
+            // The queue is the peer's, not the link's, and keeps one waker: the last writer
+            // to look registers. A writer killed for a new link must not look again, or it
+            // would take the registration from the new link's writer, which looks only when
+            // woken. A link is killed before the next one is up (under the peer's state
+            // lock), so checking under the queue's lock is enough.
+            let mut rx = self.peer.rx();
+            if self.killed.is_cancelled() {
+                return Poll::Ready(false);
+            }
             // One receive takes everything queued (up to the envelope limit) and returns the
             // queue's permits in one step.
             let room = self.max_envelopes.saturating_sub(out.len()).max(1);
-            match self.peer.rx().poll_recv_many(cx, &mut self.buf, room) {
+            match rx.poll_recv_many(cx, &mut self.buf, room) {
                 // The peer holds the sender, so the queue never closes while we live.
                 Poll::Ready(0) => return Poll::Ready(false),
                 Poll::Ready(_) => {}
@@ -224,7 +238,7 @@ impl<S: LinkStreams> Writer<S> {
     ) -> Poll<()> {
         let mut pulled = false;
         while *bytes < self.max_bytes && out.len() < self.max_envelopes {
-            match self.peer.streams.pull_ready(cx, out) {
+            match self.peer.streams.pull_ready(cx, out, &self.killed) {
                 Some(n) => {
                     *bytes += n;
                     pulled = true;
@@ -342,7 +356,9 @@ impl<S: LinkStreams> Stream for Writer<S> {
                         break Poll::Ready(Some(ack));
                     }
                 }
-                if this.closing {
+                // The queue can answer pending with envelopes in it, when the task's budget
+                // ran out (it has woken the task to look again): not the end yet.
+                if this.closing && this.peer.queued() == 0 {
                     break Poll::Ready(None);
                 }
                 break Poll::Pending;
@@ -456,7 +472,15 @@ mod tests {
     }
 
     impl LinkStreams for TestStreams {
-        fn pull_ready(&self, cx: &Context<'_>, out: &mut Vec<Envelope>) -> Option<usize> {
+        fn pull_ready(
+            &self,
+            cx: &Context<'_>,
+            out: &mut Vec<Envelope>,
+            killed: &CancellationToken,
+        ) -> Option<usize> {
+            if killed.is_cancelled() {
+                return None;
+            }
             self.waker.register(cx.waker());
             let env = self.ready.lock().unwrap().pop()?;
             out.push(env);
@@ -623,6 +647,58 @@ mod tests {
         assert!(matches!(rig.poll(), Poll::Ready(None)));
         // What was queued is left for the next link's writer.
         assert_eq!(rig.peer.queued(), 1);
+    }
+
+    /// The peer's queue and stream table outlive a link and keep one waker each. The old
+    /// link's writer, killed while inside a poll (its bits taken, the kill not yet seen),
+    /// then reaching the queue after the new link's writer registered there, must not take
+    /// the registration: the new writer would never be woken for the queue again.
+    #[test]
+    fn a_killed_writer_does_not_take_the_queue_from_the_next_links_writer() {
+        let mut old = Rig::new();
+        assert!(old.poll().is_pending());
+        old.tokens.kill.cancel();
+        // The next link's writer, on the same peer, registers with the queue and the streams.
+        let tokens = LinkTokens::default();
+        let mut new = Writer::new(
+            old.peer.clone(),
+            Arc::default(),
+            &tokens,
+            None,
+            1 << 20,
+            128,
+        );
+        let count = Arc::new(Count::default());
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert!(Pin::new(&mut new).poll_next(&mut cx).is_pending());
+        // The old writer, past its kill check, reaches the queue and the streams.
+        let (mut out, mut bytes) = (Vec::new(), 0);
+        let wakers = old.writer.wakers.clone();
+        let mut old_cx = Context::from_waker(&wakers[0]);
+        let _ = old.writer.fill_queued(&mut old_cx, &mut out, &mut bytes);
+        let _ = old.writer.fill_streams(&mut old_cx, &mut out, &mut bytes);
+        assert!(out.is_empty());
+        // What is queued now, and a stream that becomes ready, wake the new writer.
+        let before = count.0.load(Relaxed);
+        old.queue(7);
+        assert!(
+            count.0.load(Relaxed) > before,
+            "the queue woke the dead writer"
+        );
+        let Poll::Ready(Some(b)) = Pin::new(&mut new).poll_next(&mut cx) else {
+            panic!("the new writer did not take what was queued")
+        };
+        assert_eq!(payloads(&b), [7]);
+        assert!(Pin::new(&mut new).poll_next(&mut cx).is_pending());
+        let _ = old.writer.fill_streams(&mut old_cx, &mut out, &mut bytes);
+        let before = count.0.load(Relaxed);
+        old.peer.streams.ready.lock().unwrap().push(message(8));
+        old.peer.streams.waker.wake();
+        assert!(
+            count.0.load(Relaxed) > before,
+            "the stream woke the dead writer"
+        );
     }
 
     #[test]

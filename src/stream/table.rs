@@ -214,8 +214,16 @@ impl Table {
     }
 
     /// The next stream with something to send; registers `cx` to be woken when one arrives.
-    pub(crate) fn pop_ready(&self, cx: &std::task::Context<'_>) -> Option<Arc<Shared>> {
+    /// Nothing, and no registration, once `killed` (see `LinkStreams::pull_ready`).
+    pub(crate) fn pop_ready(
+        &self,
+        cx: &std::task::Context<'_>,
+        killed: &tokio_util::sync::CancellationToken,
+    ) -> Option<Arc<Shared>> {
         let mut ready = self.ready.lock().unwrap_or_else(|e| e.into_inner());
+        if killed.is_cancelled() {
+            return None;
+        }
         if ready.is_empty() {
             // Registered under the lock: a push after this check wakes us.
             self.writer.register(cx.waker());
@@ -229,8 +237,9 @@ impl crate::link::LinkStreams for Table {
         &self,
         cx: &std::task::Context<'_>,
         out: &mut Vec<crate::proto::Envelope>,
+        killed: &tokio_util::sync::CancellationToken,
     ) -> Option<usize> {
-        self.pop_ready(cx).map(|stream| stream.pull(out))
+        self.pop_ready(cx, killed).map(|stream| stream.pull(out))
     }
 
     fn fail_all(&self, error: &StreamError) {
