@@ -1,6 +1,6 @@
 //! Player sessions that survive a lost connection or a lost gateway: the game server's side.
 //!
-//! A gateway opens one stream per client connection. With [`NodeBuilder::on_session`]
+//! A gateway opens one stream per client connection. With [`crate::NodeBuilder::on_session`]
 //! (instead of `on_stream`) the game code gets a [`Session`] per *player session* rather
 //! than per connection: when the client's connection drops, or its gateway is killed or
 //! rolled, the session waits (detached) for up to [`SessionConfig::resume_window`]; the client

@@ -3,7 +3,7 @@
 //! after a newline) in the envelope's `trace` field; the receiver's span is its child, and each
 //! harbor on the way adds a span of its own and passes its context on.
 //!
-//! Without the feature, or until [`propagate`] turns it on (`clustergo::telemetry` does when
+//! Without the feature, or until `propagate` turns it on (`clustergo::telemetry` does when
 //! it exports), the field stays empty: one relaxed load per envelope, no allocation and no
 //! clock read on the hot path. The spans are `tracing` spans of target
 //! [`TARGET`] at DEBUG level, named after the OpenTelemetry RPC conventions (`rpc.system`,

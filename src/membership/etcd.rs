@@ -183,7 +183,7 @@ pub enum ReadError {
 /// Reads every key under `prefix/` and hands each key and value to `each`, in key order;
 /// returns the revision the read was made at.
 ///
-/// In pages of up to [`LOAD_PAGE`] keys, every page at the revision of the first, so what
+/// In pages of up to 5,000 keys, every page at the revision of the first, so what
 /// `each` sees is one consistent state whatever its size (a watch from the revision plus one
 /// misses nothing). One read of everything would be one gRPC message, and a client refuses
 /// messages over 4 MiB: about 25,000 members with their alive keys. Pages are large because
