@@ -15,7 +15,8 @@ use std::marker::PhantomData;
 use bytes::Buf;
 use prost::Message;
 use tonic::Status;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codec::{Codec, DecodeBuf, Decoder};
+use tonic_prost::ProstEncoder;
 
 /// Protobuf codec for the `Mesh` service (see the module docs); the generated client and
 /// server use it through `tonic_prost_build`'s `codec_path`.
@@ -35,30 +36,16 @@ where
 {
     type Encode = E;
     type Decode = D;
-    type Encoder = LinkEncoder<E>;
+    /// Encoding is tonic-prost's own.
+    type Encoder = ProstEncoder<E>;
     type Decoder = LinkDecoder<D>;
 
     fn encoder(&mut self) -> Self::Encoder {
-        LinkEncoder(PhantomData)
+        ProstEncoder::new(tonic::codec::BufferSettings::default())
     }
 
     fn decoder(&mut self) -> Self::Decoder {
         LinkDecoder(PhantomData)
-    }
-}
-
-/// Writes a message as protobuf into tonic's send buffer.
-#[derive(Debug)]
-pub struct LinkEncoder<E>(PhantomData<E>);
-
-impl<E: Message> Encoder for LinkEncoder<E> {
-    type Item = E;
-    type Error = Status;
-
-    fn encode(&mut self, item: E, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        // The buffer grows as needed: this cannot fail for want of room.
-        item.encode(buf)
-            .map_err(|e| Status::internal(format!("encoding a link message: {e}")))
     }
 }
 
