@@ -520,9 +520,18 @@ mod tests {
 
     impl Rig {
         fn new() -> Rig {
-            let peer = Peer::new(LogicAddr::new(1, 2, 3).unwrap(), 64, TestStreams::default());
+            Rig::sized(64, 128)
+        }
+
+        /// A rig whose queue holds `capacity` envelopes and whose batches hold `batch`.
+        fn sized(capacity: usize, batch: usize) -> Rig {
+            let peer = Peer::new(
+                LogicAddr::new(1, 2, 3).unwrap(),
+                capacity,
+                TestStreams::default(),
+            );
             let tokens = LinkTokens::default();
-            let writer = Writer::new(peer.clone(), Arc::default(), &tokens, None, 1 << 20, 128);
+            let writer = Writer::new(peer.clone(), Arc::default(), &tokens, None, 1 << 20, batch);
             let count = Arc::new(Count::default());
             let waker = Waker::from(count.clone());
             Rig {
@@ -698,6 +707,52 @@ mod tests {
         assert!(
             count.0.load(Relaxed) > before,
             "the stream woke the dead writer"
+        );
+    }
+
+    /// The queue answers pending with envelopes in it once the task's budget is spent (and
+    /// wakes the task to look again); a closing writer must not take that for an empty queue.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_closing_writer_out_of_budget_ends_only_once_the_queue_is_empty() {
+        let mut rig = Rig::sized(512, 1);
+        for n in 0..=255 {
+            rig.queue(n);
+        }
+        rig.tokens.close.cancel();
+        let mut sent = Vec::new();
+        let mut ended = false;
+        let mut pending = 0;
+        while !ended {
+            // One task poll: its budget (128 units) runs out before 256 receives.
+            std::future::poll_fn(|_| {
+                loop {
+                    match rig.poll() {
+                        Poll::Ready(Some(b)) => sent.extend(payloads(&b)),
+                        Poll::Ready(None) => {
+                            ended = true;
+                            return Poll::Ready(());
+                        }
+                        Poll::Pending => {
+                            pending += 1;
+                            return Poll::Ready(());
+                        }
+                    }
+                }
+            })
+            .await;
+            assert!(pending < 10, "the writer stopped taking from the queue");
+            // A new task poll, with a new budget.
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            sent.len(),
+            256,
+            "the writer ended with envelopes still queued"
+        );
+        assert_eq!(sent, (0..=255).collect::<Vec<u8>>());
+        assert!(
+            pending > 0,
+            "the budget never ran out: the test shows nothing"
         );
     }
 
