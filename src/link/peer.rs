@@ -154,10 +154,10 @@ impl LinkCounts {
 /// one peer's streams), so links know streams only as a source of frames that ends with them.
 pub(crate) trait LinkStreams: Send + Sync + 'static {
     /// Appends the frames of one stream that has something to send and returns the bytes
-    /// appended; `None` when none has (the waker is registered), or when `killed` is
-    /// cancelled (checked under the lock the waker is registered under, and nothing is
-    /// registered: the streams are the peer's, and a writer killed for a new link must not
-    /// take the registration from the new link's writer).
+    /// appended; `None` when none has (the waker is registered, unless `killed` is cancelled:
+    /// checked under the lock the waker is registered under, because the streams are the
+    /// peer's and a writer killed for a new link must not take the registration from the new
+    /// link's writer).
     fn pull_ready(
         &self,
         cx: &std::task::Context<'_>,

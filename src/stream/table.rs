@@ -214,17 +214,15 @@ impl Table {
     }
 
     /// The next stream with something to send; registers `cx` to be woken when one arrives.
-    /// Nothing, and no registration, once `killed` (see `LinkStreams::pull_ready`).
+    /// No registration once `killed` (see `LinkStreams::pull_ready`).
     pub(crate) fn pop_ready(
         &self,
         cx: &std::task::Context<'_>,
         killed: &tokio_util::sync::CancellationToken,
     ) -> Option<Arc<Shared>> {
         let mut ready = self.ready.lock().unwrap_or_else(|e| e.into_inner());
-        if killed.is_cancelled() {
-            return None;
-        }
-        if ready.is_empty() {
+        // Checked only before registering (a mutex of its own), not on every pull.
+        if ready.is_empty() && !killed.is_cancelled() {
             // Registered under the lock: a push after this check wakes us.
             self.writer.register(cx.waker());
         }
