@@ -352,6 +352,13 @@ async fn drain_waits_for_the_nodes_streams_and_undrain_brings_it_back() {
     stream.write_all(b"pong").await.unwrap();
     stream.read_exact(&mut echo).await.unwrap();
     assert_eq!(&echo, b"pong");
+    // The server reads its readiness from its own view of membership, which its own watch
+    // brings (after the caller's, or before): awaited, then asserted.
+    assert!(
+        server
+            .wait_for_member(a("1.2.1"), |m| m.is_some_and(|m| !m.available), WAIT)
+            .await
+    );
     assert!(server.readiness().is_err());
     // The client leaves: the next drain finishes.
     stream.shutdown().await.unwrap();
@@ -374,6 +381,11 @@ async fn drain_waits_for_the_nodes_streams_and_undrain_brings_it_back() {
             .await
     );
     assert_eq!(caller.get_addr_by_type(2), Ok(a("1.2.1")));
+    assert!(
+        server
+            .wait_for_member(a("1.2.1"), |m| m.is_some_and(|m| m.available), WAIT)
+            .await
+    );
     assert!(server.readiness().is_ok());
     // A node that is not running has nothing to wait for.
     server.shutdown().await;
